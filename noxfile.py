@@ -1,0 +1,68 @@
+"""Development tasks: ``nox -s tests lint typecheck`` before every commit.
+
+Sessions run with the interpreter that runs nox (Python 3.10+).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_venv = "yes"
+nox.options.error_on_external_run = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (asyncio and trio, virtual time; Redis for its tests)."""
+    session.install("-e", ".[dev]")
+    session.run(
+        "python", "-m", "pytest", *session.posargs,
+        env={"REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package, its tests and benchmarks."""
+    session.install("-e", ".[dev]")
+    session.run("mypy", "--strict")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Hot-path benchmarks against the peers, as ratios to a bare await."""
+    session.install("-e", ".[dev]")
+    session.install("-r", "benchmarks/requirements.txt")
+    session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site in strict mode (warnings are errors)."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """A short tour: a flaky call made reliable, in virtual time."""
+    session.install("-e", ".")
+    session.run("python", "-m", "stalwart", "demo", *session.posargs)
+
+
+@nox.session
+def tune(session: nox.Session) -> None:
+    """Simulate an outage against a grid of settings: ``python -m stalwart tune``."""
+    session.install("-e", ".[tune]")
+    session.run("python", "-m", "stalwart", "tune", *session.posargs)

@@ -1,0 +1,50 @@
+"""stalwart: resilience for async Python services.
+
+Retry, timeouts and deadlines, bulkheads, circuit breakers and idempotency
+keys, as composable decorators for ``async def`` code on asyncio and trio.
+
+    import stalwart as sw
+
+    @sw.Pipeline(sw.Timeout(10), sw.Retry(attempts=3), sw.Bulkhead(8))
+    async def fetch(url: str) -> bytes: ...
+"""
+
+from ._bulkhead import Bulkhead, BulkheadStatistics
+from ._errors import (
+    BulkheadFullError,
+    CircuitOpenError,
+    DeadlineExceeded,
+    IdempotencyConflict,
+    IdempotencyKeyReused,
+    StalwartError,
+)
+from ._pipeline import Pipeline
+from ._policy import Policy
+from ._retry import Backoff, Jitter, Retry
+from ._retry_budget import RetryBudget, RetryBudgetStatistics
+from ._telemetry import Telemetry
+from ._timeout import Timeout, deadline, remaining
+from ._version import __version__
+
+__all__ = [
+    "Backoff",
+    "Bulkhead",
+    "BulkheadFullError",
+    "BulkheadStatistics",
+    "CircuitOpenError",
+    "DeadlineExceeded",
+    "IdempotencyConflict",
+    "IdempotencyKeyReused",
+    "Jitter",
+    "Pipeline",
+    "Policy",
+    "Retry",
+    "RetryBudget",
+    "RetryBudgetStatistics",
+    "StalwartError",
+    "Telemetry",
+    "Timeout",
+    "__version__",
+    "deadline",
+    "remaining",
+]

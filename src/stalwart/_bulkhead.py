@@ -1,0 +1,227 @@
+"""Bounded concurrency with a bounded FIFO queue."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar, final
+
+import anyio
+from typing_extensions import ParamSpec
+
+from . import _validate
+from ._errors import BulkheadFullError
+from ._policy import Policy
+from ._telemetry import BulkheadStats, Telemetry, add_event, otel_probe, run_in_span
+
+__all__ = ["Bulkhead", "BulkheadStatistics"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Abandoned waiters are dropped lazily; rebuild the queue once they are most
+# of it, so cancelled callers never pile up.
+_COMPACT_AT: Final = 64
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class BulkheadStatistics:
+    """A snapshot of a `Bulkhead`."""
+
+    max_concurrent: int
+    max_queued: int | None
+    in_flight: int
+    queued: int
+
+
+class _Waiter:
+    __slots__ = ("abandoned", "event", "granted")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.granted = False
+        self.abandoned = False
+
+
+@final
+class Bulkhead(Policy):
+    """Run at most ``max_concurrent`` calls at once; queue a bounded few more.
+
+    A call that finds every slot taken waits in FIFO order, if fewer than
+    ``max_queued`` calls are already waiting (``None``: no limit), for at most
+    ``max_wait`` seconds (``None``: as long as its deadline allows). Anything
+    else fails at once with `BulkheadFullError`, which is the point: a slow
+    dependency then costs a bounded number of tasks, not the whole service.
+
+    A freed slot goes straight to the longest waiter, so newcomers never jump
+    the queue. Slots are given back whatever happens: success, error,
+    cancellation, or cancellation while still queued.
+
+    Example::
+
+        @sw.Bulkhead(8, max_queued=32, max_wait=0.5)
+        async def render_pdf(doc_id: str) -> bytes: ...
+    """
+
+    kind = "bulkhead"
+    __slots__ = ("_abandoned", "_in_flight", "_max", "_max_queued", "_max_wait", "_queued",
+                 "_stats", "_waiters")
+
+    def __init__(
+        self,
+        max_concurrent: int,
+        *,
+        max_queued: int | None = 0,
+        max_wait: float | None = None,
+        name: str = "bulkhead",
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        super().__init__(name=name, telemetry=telemetry)
+        self._max = _validate.count("max_concurrent", max_concurrent)
+        self._max_queued = _validate.optional_count("max_queued", max_queued, minimum=0)
+        self._max_wait = _validate.optional_duration("max_wait", max_wait)
+        self._in_flight = 0
+        self._queued = 0
+        self._abandoned = 0
+        self._waiters: deque[_Waiter] = deque()
+        self._stats = self._telemetry.stats("bulkhead", self._name, BulkheadStats)
+        self._stats.live.add(self)
+
+    @property
+    def max_concurrent(self) -> int:
+        return self._max
+
+    @property
+    def max_queued(self) -> int | None:
+        return self._max_queued
+
+    @property
+    def max_wait(self) -> float | None:
+        return self._max_wait
+
+    @property
+    def in_flight(self) -> int:
+        """Calls running now (slots taken)."""
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a slot now."""
+        return self._queued
+
+    def statistics(self) -> BulkheadStatistics:
+        return BulkheadStatistics(self._max, self._max_queued, self._in_flight, self._queued)
+
+    def _bind(
+        self,
+        fn: Callable[P, Coroutine[Any, Any, T]],
+        *,
+        origin: Callable[..., Any],
+        traced: bool,
+    ) -> Callable[P, Coroutine[Any, Any, T]]:
+        limit, waiters, acquire, hand_over = self._max, self._waiters, self._acquire, self._hand_over
+        bulkhead = self
+
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            # While any caller waits, every slot is taken (a freed slot is
+            # handed over, not released): this check alone keeps FIFO order.
+            if bulkhead._in_flight < limit:
+                bulkhead._in_flight += 1
+            else:
+                await acquire()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                if waiters:
+                    hand_over()
+                else:
+                    bulkhead._in_flight -= 1
+
+        if not traced:
+            return guarded
+        tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
+
+        async def traced_guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            if tel._tracer is not None or (
+                tel._follow_global and otel_probe._TRACER_PROVIDER is not None
+            ):
+                return await run_in_span(tel, span_name, attrs, guarded, args, kwargs)
+            if bulkhead._in_flight < limit:
+                bulkhead._in_flight += 1
+            else:
+                await acquire()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                if waiters:
+                    hand_over()
+                else:
+                    bulkhead._in_flight -= 1
+
+        return traced_guarded
+
+    async def _acquire(self) -> None:
+        """Wait for a slot, or raise `BulkheadFullError`."""
+        max_queued, max_wait = self._max_queued, self._max_wait
+        if (max_queued is not None and self._queued >= max_queued) or max_wait == 0.0:
+            self._reject()
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        self._queued += 1
+        try:
+            if max_wait is None:
+                await waiter.event.wait()
+            else:
+                with anyio.move_on_after(max_wait):
+                    await waiter.event.wait()
+        except BaseException:
+            if waiter.granted:
+                self._hand_over()  # granted as we were cancelled: pass it on
+            else:
+                self._abandon(waiter)
+            raise
+        if not waiter.granted:
+            self._abandon(waiter)
+            self._reject()
+
+    def _hand_over(self) -> None:
+        """Give a finishing call's slot to the longest waiter, else free it."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if waiter.abandoned:
+                self._abandoned -= 1
+                continue
+            waiter.granted = True
+            self._queued -= 1
+            waiter.event.set()
+            return
+        self._in_flight -= 1
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        waiter.abandoned = True
+        self._queued -= 1
+        self._abandoned += 1
+        waiters = self._waiters
+        if self._abandoned >= _COMPACT_AT and self._abandoned * 2 > len(waiters):
+            live = [w for w in waiters if not w.abandoned]
+            waiters.clear()
+            waiters.extend(live)
+            self._abandoned = 0
+
+    def _reject(self) -> None:
+        self._stats.rejected += 1
+        add_event("stalwart.bulkhead.rejected", self._span_attributes)
+        raise BulkheadFullError(
+            f"bulkhead {self._name!r} is full: {self._in_flight} of {self._max} slots "
+            f"taken, {self._queued} calls queued",
+            policy=self._name,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Bulkhead({self._max}, max_queued={self._max_queued}, max_wait={self._max_wait}, "
+            f"name={self._name!r})"
+        )

@@ -1,0 +1,85 @@
+"""The exceptions stalwart raises.
+
+Every error carries ``policy``: the ``name`` of the policy that raised it, so a
+handler (or a log line) can tell which of several breakers or bulkheads spoke.
+All of them can be pickled, so they survive process pools and task queues.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BulkheadFullError",
+    "CircuitOpenError",
+    "DeadlineExceeded",
+    "IdempotencyConflict",
+    "IdempotencyKeyReused",
+    "StalwartError",
+]
+
+
+class StalwartError(Exception):
+    """Base class of every error stalwart raises.
+
+    ``policy`` is the ``name`` of the policy (or deadline) that raised it.
+    """
+
+    policy: str
+
+    def __init__(self, message: str, *, policy: str) -> None:
+        super().__init__(message)
+        self.policy = policy
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[StalwartError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = Exception.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
+class CircuitOpenError(StalwartError):
+    """A circuit breaker rejected the call without running it.
+
+    ``retry_after`` is the number of seconds until the breaker will admit a
+    trial call (``0.0`` when it is half-open and its trial slots are taken).
+    `Retry` reads it as a server hint, so a retried call waits the breaker out
+    instead of hammering it, as far as the deadline and budget allow.
+    """
+
+    retry_after: float
+
+    def __init__(self, message: str, *, policy: str, retry_after: float) -> None:
+        super().__init__(message, policy=policy)
+        self.retry_after = retry_after
+
+
+class BulkheadFullError(StalwartError):
+    """A bulkhead had no free slot and no room (or time) left to queue for one."""
+
+
+class DeadlineExceeded(StalwartError, TimeoutError):
+    """A `Timeout` or `deadline` expired and the work under it was cancelled.
+
+    ``timeout`` is the limit that applied, in seconds: for a `Timeout` nested
+    in a nearer ambient deadline, the (shorter) time that was actually left.
+    It is also a built-in `TimeoutError`, so existing handlers keep working.
+    """
+
+    timeout: float
+
+    def __init__(self, message: str, *, policy: str, timeout: float) -> None:
+        super().__init__(message, policy=policy)
+        self.timeout = timeout
+
+
+class IdempotencyConflict(StalwartError):
+    """A call with the same idempotency key is in flight (``on_conflict="raise"``)."""
+
+
+class IdempotencyKeyReused(StalwartError):
+    """An idempotency key was reused with different arguments (another fingerprint)."""

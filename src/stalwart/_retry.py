@@ -1,0 +1,368 @@
+"""Retries with exponential backoff and jitter, within deadlines and budgets."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar, Union, final, get_args
+
+from typing_extensions import ParamSpec
+
+from . import _clock, _validate
+from ._policy import Policy
+from ._retry_budget import RetryBudget
+from ._telemetry import RetryStats, Telemetry, add_event, listening, otel_probe, run_in_span
+from ._timeout import _Scope, remaining
+
+__all__ = ["Backoff", "Jitter", "Retry"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+Jitter = Literal["full", "equal", "decorrelated", "none"]
+_JITTERS: Final = frozenset(get_args(Jitter))
+
+ExceptionMatcher = Union[
+    type[BaseException], tuple[type[BaseException], ...], Callable[[BaseException], bool]
+]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """How long to wait before each retry: exponential, capped, jittered.
+
+    The delay before retry *k* (k = 1 for the first retry) starts from
+    ``base = min(maximum, initial * multiplier**(k-1))`` and is then jittered:
+
+    * ``"full"`` (default): uniform(0, base), which spreads competing clients
+      best (AWS Architecture Blog, "Exponential Backoff And Jitter");
+    * ``"equal"``: base/2 + uniform(0, base/2), never much shorter than base;
+    * ``"decorrelated"``: min(maximum, uniform(initial, 3 x previous delay));
+    * ``"none"``: base exactly.
+
+    Args:
+        initial: first base delay in seconds, >= 0.
+        multiplier: growth per retry, >= 1.
+        maximum: cap on any delay in seconds, >= ``initial``.
+        jitter: ``"full"``, ``"equal"``, ``"decorrelated"`` or ``"none"``.
+    """
+
+    initial: float = 0.1
+    multiplier: float = 2.0
+    maximum: float = 10.0
+    jitter: Jitter = "full"
+
+    def __post_init__(self) -> None:
+        initial = _validate.duration("initial", self.initial)
+        multiplier = _validate.number("multiplier", self.multiplier, minimum=1.0)
+        maximum = _validate.duration("maximum", self.maximum)
+        if maximum < initial:
+            raise ValueError(f"maximum must be >= initial ({initial:g}), got {self.maximum!r}")
+        if self.jitter not in _JITTERS:
+            raise ValueError(
+                f"jitter must be one of {sorted(_JITTERS)}, got {self.jitter!r}"
+            )
+        object.__setattr__(self, "initial", initial)
+        object.__setattr__(self, "multiplier", multiplier)
+        object.__setattr__(self, "maximum", maximum)
+
+    def base(self, retry: int) -> float:
+        """The un-jittered delay before retry number ``retry`` (1-based)."""
+        if retry < 1:
+            raise ValueError(f"retry must be >= 1, got {retry!r}")
+        if self.initial == 0.0:
+            return 0.0
+        # Compare in log space: multiplier**(retry-1) overflows long before
+        # a retry loop would give up.
+        if (retry - 1) * math.log(self.multiplier) >= math.log(self.maximum / self.initial):
+            return self.maximum
+        return min(self.maximum, self.initial * self.multiplier ** (retry - 1))
+
+    def delay(
+        self, retry: int, previous: float | None = None, rng: random.Random | None = None
+    ) -> float:
+        """The delay before retry ``retry``; ``previous`` is the last delay used
+        (for ``"decorrelated"``; defaults to ``initial``)."""
+        uniform = random.uniform if rng is None else rng.uniform
+        jitter = self.jitter
+        if jitter == "decorrelated":
+            last = self.initial if previous is None else previous
+            return min(self.maximum, uniform(self.initial, max(self.initial, 3.0 * last)))
+        base = self.base(retry)
+        if jitter == "full":
+            return uniform(0.0, base)
+        if jitter == "equal":
+            half = base / 2.0
+            return half + uniform(0.0, half)
+        return base
+
+
+_DEFAULT_BACKOFF: Final = Backoff()
+
+
+class _TestingMode:
+    """Set by `stalwart.testing`: no waiting, optionally fewer attempts."""
+
+    __slots__ = ("attempts",)
+
+    def __init__(self, attempts: int | None) -> None:
+        self.attempts = attempts
+
+
+_testing: _TestingMode | None = None
+
+
+def _exception_matcher(on: Any) -> Callable[[BaseException], bool]:
+    if isinstance(on, type) and issubclass(on, BaseException):
+        return lambda exc: isinstance(exc, on)
+    if isinstance(on, tuple):
+        if not on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
+            raise TypeError("on must be an exception type, a non-empty tuple of them, or a predicate")
+        return lambda exc: isinstance(exc, on)
+    if callable(on):
+        return on  # type: ignore[no-any-return]
+    raise TypeError(
+        f"on must be an exception type, a tuple of them, or a predicate, not {type(on).__name__}"
+    )
+
+
+def _default_hint(outcome: object) -> float | None:
+    hint = getattr(outcome, "retry_after", None) if isinstance(outcome, BaseException) else None
+    return hint if isinstance(hint, (int, float)) else None
+
+
+@final
+class Retry(Policy):
+    """Retry a failing call with backoff, within deadlines and budgets.
+
+    Args:
+        attempts: total tries including the first, >= 1.
+        on: which exceptions to retry: a type, a tuple of types, or a
+            predicate ``exc -> bool``. Only `Exception` subclasses are ever
+            retried: cancellation, ``KeyboardInterrupt`` and ``SystemExit``
+            propagate at once, even with ``on=BaseException``.
+        on_result: ``result -> bool``, True to retry a returned value.
+        backoff: the delays between attempts (a `Backoff`).
+        timeout: seconds for all attempts and sleeps together; works like a
+            `deadline` around the whole retry.
+        budget: a shared `RetryBudget`; a retry it denies is not made.
+        retry_after: ``exc_or_result -> float | None``, a server's hint of
+            how long to wait. By default an exception's ``retry_after``
+            attribute (so a `CircuitOpenError` is waited out, not hammered).
+        rng: the ``random.Random`` jitter draws from (default: the ``random``
+            module's), for reproducible delays.
+
+    The delay before a retry is ``max(backoff delay, hint)``; when it would
+    end after the ambient deadline or the ``timeout``, no more attempts are
+    made. When retrying stops, the last exception propagates unchanged, or
+    for result-based retries the last result is returned.
+
+    Example::
+
+        @sw.Retry(attempts=4, on=httpx.TransportError, backoff=sw.Backoff(initial=0.2))
+        async def fetch(url: str) -> httpx.Response: ...
+    """
+
+    kind = "retry"
+    __slots__ = (
+        "_attempts",
+        "_backoff",
+        "_budget",
+        "_hint",
+        "_matches",
+        "_on",
+        "_on_result",
+        "_rng",
+        "_stats",
+        "_timeout",
+    )
+
+    def __init__(
+        self,
+        attempts: int = 3,
+        *,
+        on: ExceptionMatcher = Exception,
+        on_result: Callable[[Any], bool] | None = None,
+        backoff: Backoff = _DEFAULT_BACKOFF,
+        timeout: float | None = None,
+        budget: RetryBudget | None = None,
+        retry_after: Callable[[Any], float | None] | None = None,
+        name: str = "retry",
+        telemetry: Telemetry | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(name=name, telemetry=telemetry)
+        self._attempts = _validate.count("attempts", attempts)
+        self._on = on
+        self._matches = _exception_matcher(on)
+        if on_result is not None and not callable(on_result):
+            raise TypeError(f"on_result must be callable, not {type(on_result).__name__}")
+        self._on_result = on_result
+        if not isinstance(backoff, Backoff):
+            raise TypeError(f"backoff must be a stalwart.Backoff, not {type(backoff).__name__}")
+        self._backoff = backoff
+        self._timeout = _validate.optional_duration("timeout", timeout, positive=True)
+        if budget is not None and not isinstance(budget, RetryBudget):
+            raise TypeError(f"budget must be a stalwart.RetryBudget, not {type(budget).__name__}")
+        self._budget = budget
+        if retry_after is not None and not callable(retry_after):
+            raise TypeError(f"retry_after must be callable, not {type(retry_after).__name__}")
+        self._hint = _default_hint if retry_after is None else retry_after
+        if rng is not None and not isinstance(rng, random.Random):
+            raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
+        self._rng = rng
+        self._stats = self._telemetry.stats("retry", self._name, RetryStats)
+
+    @property
+    def attempts(self) -> int:
+        return self._attempts
+
+    @property
+    def backoff(self) -> Backoff:
+        return self._backoff
+
+    @property
+    def timeout(self) -> float | None:
+        return self._timeout
+
+    @property
+    def budget(self) -> RetryBudget | None:
+        return self._budget
+
+    def _retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, Exception) and bool(self._matches(exc))
+
+    def _bind(
+        self,
+        fn: Callable[P, Coroutine[Any, Any, T]],
+        *,
+        origin: Callable[..., Any],
+        traced: bool,
+    ) -> Callable[P, Coroutine[Any, Any, T]]:
+        retryable, again = self._retryable, self._again
+        tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
+
+        if self._on_result is not None or self._timeout is not None or self._budget is not None:
+            run = self._run
+
+            async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
+                return await run(fn, args, kwargs)
+
+        else:
+
+            async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
+                try:
+                    return await fn(*args, **kwargs)
+                except BaseException as exc:
+                    if not retryable(exc):
+                        raise
+                    failure = exc
+                # Retry outside the `except`, or every later error would
+                # carry this one as its __context__.
+                return await again(fn, args, kwargs, failure, True)
+
+        if not traced:
+            return retrying
+
+        async def traced_retrying(*args: P.args, **kwargs: P.kwargs) -> T:
+            if tel._tracer is not None or (
+                tel._follow_global and otel_probe._TRACER_PROVIDER is not None
+            ):
+                return await run_in_span(tel, span_name, attrs, retrying, args, kwargs)
+            return await retrying(*args, **kwargs)
+
+        return traced_retrying
+
+    async def _run(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        if self._budget is not None:
+            self._budget.deposit()
+        if self._timeout is None:
+            return await self._first(fn, args, kwargs)
+        with _Scope(self._timeout, self._name):
+            return await self._first(fn, args, kwargs)
+
+    async def _first(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            if not self._retryable(exc):
+                raise
+            failure: Any = exc
+        else:
+            if self._on_result is None or not self._on_result(result):
+                return result
+            return await self._again(fn, args, kwargs, result, False)
+        return await self._again(fn, args, kwargs, failure, True)
+
+    async def _again(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        failure: Any,
+        raised: bool,
+    ) -> T:
+        """Retry after a failed first attempt; ``raised``: failure is an exception."""
+        testing = _testing
+        attempts = self._attempts
+        if testing is not None and testing.attempts is not None:
+            attempts = min(attempts, testing.attempts)
+        backoff, rng, budget, on_result = self._backoff, self._rng, self._budget, self._on_result
+        attempt = 1
+        previous: float | None = None
+        while attempt < attempts:
+            delay = backoff.delay(attempt, previous, rng)
+            previous = delay
+            hint = self._hint(failure)
+            if isinstance(hint, (int, float)) and math.isfinite(hint) and hint > delay:
+                delay = float(hint)
+            if testing is not None:
+                delay = 0.0
+            left = remaining()
+            if left is not None and delay >= left:
+                break  # the sleep would outlive the deadline: fail now
+            if budget is not None and not budget.try_withdraw():
+                break
+            attempt += 1
+            self._stats.attempts += 1
+            if listening():
+                add_event(
+                    "stalwart.retry",
+                    {
+                        **self._span_attributes,
+                        "stalwart.attempt": attempt,
+                        "stalwart.delay": delay,
+                    },
+                )
+            await _clock.sleep(delay)
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                if not self._retryable(exc):
+                    raise
+                failure, raised = exc, True
+                continue
+            if on_result is not None and on_result(result):
+                failure, raised = result, False
+                continue
+            return result
+        self._stats.exhausted += 1
+        if raised:
+            raise failure
+        return failure  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"Retry({self._attempts}, backoff={self._backoff!r}, name={self._name!r})"

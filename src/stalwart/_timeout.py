@@ -1,0 +1,414 @@
+"""Timeouts and the ambient deadline.
+
+One deadline travels with each request: `deadline` sets it for a block (and
+every task started inside it inherits it), `remaining` reads it, and every
+policy respects it: `Timeout` never waits longer than it, `Retry` never sleeps
+past it, the httpx transport sends it downstream as a header.
+
+How a deadline cancels work depends on the backend:
+
+* asyncio (3.11+): one heap of expiry entries per event loop, drained by a
+  single loop timer, cancels the task with ``Task.cancel()`` and counts it
+  back with ``Task.uncancel()``, exactly as ``asyncio.timeout`` does but
+  without allocating a timer handle per call (that is most of its cost);
+* trio, and asyncio 3.10: an anyio ``CancelScope`` with a deadline.
+"""
+
+from __future__ import annotations
+
+import sys
+from asyncio import CancelledError, Task, current_task
+from collections.abc import Callable, Coroutine
+from contextvars import ContextVar, Token
+from heapq import heapify, heappop, heappush
+from types import TracebackType
+from typing import Any, Final, TypeVar, final
+from weakref import WeakKeyDictionary
+
+import anyio
+from typing_extensions import ParamSpec
+
+from . import _clock, _validate
+from ._errors import DeadlineExceeded
+from ._policy import Policy
+from ._telemetry import Telemetry, TimeoutStats, add_event, otel_probe, run_in_span
+
+__all__ = ["Timeout", "deadline", "remaining"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_NATIVE: Final = sys.version_info >= (3, 11)
+
+_current: ContextVar[_Scope | None] = ContextVar("stalwart_deadline", default=None)
+
+
+def remaining() -> float | None:
+    """Seconds left of the ambient deadline (>= 0.0), or None if there is none.
+
+    Example::
+
+        with sw.deadline(2.0):
+            left = sw.remaining()  # 2.0, less as time passes, never negative
+    """
+    scope = _current.get()
+    if scope is None:
+        return None
+    left = scope.when - _clock.now()
+    return left if left > 0.0 else 0.0
+
+
+def current_deadline() -> float | None:
+    """The ambient deadline as an absolute time on the loop's clock, or None."""
+    scope = _current.get()
+    return None if scope is None else scope.when
+
+
+def is_cancellation(exc_type: type[BaseException]) -> bool:
+    """Is this the running backend's cancellation exception?"""
+    if issubclass(exc_type, CancelledError):
+        return True
+    trio = sys.modules.get("trio")
+    return trio is not None and issubclass(exc_type, trio.Cancelled)
+
+
+def _task_token() -> object:
+    loop = _clock.running_asyncio_loop()
+    if loop is not None:
+        return current_task(loop)
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        return trio.lowlevel.current_task()
+    return anyio.get_current_task().id  # pragma: no cover - no third backend today
+
+
+class _Timers:
+    """The deadline expiries of one asyncio loop, behind a single loop timer.
+
+    Entries are ``[when, scope]`` lists, so the heap compares floats in C.
+    A scope that exits just clears its entry's slot (O(1)); cleared entries
+    are dropped when they reach the top, or all at once when they outnumber
+    the live ones, so the heap stays proportional to the calls in flight.
+    """
+
+    __slots__ = ("_armed_at", "_dead", "_handle", "_heap", "_loop")
+
+    def __init__(self, loop: Any) -> None:
+        self._loop = loop
+        self._heap: list[list[Any]] = []
+        self._dead = 0
+        self._handle: Any = None
+        self._armed_at = 0.0
+
+    def add(self, when: float, scope: _Scope) -> list[Any]:
+        entry = [when, scope]
+        heappush(self._heap, entry)
+        if self._handle is None or when < self._armed_at:
+            self._arm(when)
+        return entry
+
+    def discard(self, entry: list[Any]) -> None:
+        if entry[1] is not None:
+            entry[1] = None
+            self._dead += 1
+            if self._dead > 256 and self._dead * 2 > len(self._heap):
+                self._heap = [e for e in self._heap if e[1] is not None]
+                heapify(self._heap)
+                self._dead = 0
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed_at = when
+        self._handle = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        heap = self._heap
+        # The loop runs a timer once it is within its clock resolution of due.
+        limit = max(self._loop.time(), self._armed_at)
+        while heap:
+            entry = heap[0]
+            scope = entry[1]
+            if scope is None:
+                heappop(heap)
+                self._dead -= 1
+            elif entry[0] <= limit:
+                heappop(heap)
+                entry[1] = None
+                scope.expire()
+            else:
+                self._arm(entry[0])
+                break
+
+
+_timers_by_loop: WeakKeyDictionary[Any, _Timers] = WeakKeyDictionary()
+_last_timers: tuple[Any, _Timers | None] = (None, None)
+
+
+def _timers_for(loop: Any) -> _Timers:
+    global _last_timers
+    last_loop, timers = _last_timers
+    if last_loop is loop and timers is not None:
+        return timers
+    timers = _timers_by_loop.get(loop)
+    if timers is None:
+        timers = _timers_by_loop[loop] = _Timers(loop)
+    _last_timers = (loop, timers)
+    return timers
+
+
+class _Scope:
+    """One deadline scope: the ambient deadline inside it, and its canceller.
+
+    ``timeout`` is the effective limit (``seconds``, or less when an
+    enclosing deadline is nearer). A scope whose enclosing deadline is nearer
+    and lives in the same task arms nothing: that deadline cancels for both.
+    ``stats`` (a `Timeout`'s) makes the scope count and report expiries, and
+    also claim the enclosing deadline's expiry as its own, as the contract
+    asks of a `Timeout`.
+    """
+
+    __slots__ = (
+        "_cancel_scope",
+        "_cancelling",
+        "_entry",
+        "_expired",
+        "_outer",
+        "_task",
+        "_token",
+        "_attrs",
+        "policy",
+        "stats",
+        "timeout",
+        "when",
+    )
+
+    def __init__(
+        self,
+        seconds: float,
+        policy: str,
+        stats: TimeoutStats | None = None,
+        attrs: dict[str, Any] | None = None,
+    ) -> None:
+        self.timeout = seconds
+        self.policy = policy
+        self.stats = stats
+        self._attrs = attrs
+        self._expired = False
+        self._token: Token[_Scope | None] | None = None
+        self._cancel_scope: anyio.CancelScope | None = None
+        self._entry: list[Any] | None = None
+
+    def __enter__(self) -> _Scope:
+        now = _clock.now()
+        when = now + self.timeout
+        outer = _current.get()
+        self._outer = outer
+        loop = _clock.running_asyncio_loop() if _NATIVE else None
+        task: Any = current_task(loop) if loop is not None else _task_token()
+        if loop is not None and task is None:
+            raise RuntimeError("a stalwart deadline must be entered inside a task")
+        self._task = task
+        if outer is not None and outer.when <= when:
+            left = outer.when - now
+            self.timeout = left if left > 0.0 else 0.0
+            self.when = outer.when
+            if outer._task is task:
+                return self  # the enclosing deadline will cancel this block too
+        else:
+            self.when = when
+        self._token = _current.set(self)
+        if loop is not None:
+            self._cancelling = task.cancelling()
+            self._entry = _timers_for(loop).add(self.when, self)
+        else:
+            self._cancel_scope = anyio.CancelScope(deadline=self.when)
+            self._cancel_scope.__enter__()
+        return self
+
+    def expire(self) -> None:
+        """Called by the loop's timer heap when ``when`` has come."""
+        self._expired = True
+        self._task.cancel()
+
+    def expired(self) -> bool:
+        """Has this scope's deadline cancelled (or started cancelling) its block?"""
+        if self._cancel_scope is not None:
+            return self._cancel_scope.cancel_called
+        return self._expired
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        token = self._token
+        if token is None:
+            # Unarmed: the enclosing deadline did the cancelling. A Timeout
+            # still owns the outcome: its limit was that deadline's time left.
+            outer = self._outer
+            if (
+                self.stats is not None
+                and exc_type is not None
+                and outer is not None
+                and is_cancellation(exc_type)
+                and outer.expired()
+            ):
+                raise self._exceeded() from exc
+            return None
+        _current.reset(token)
+        cancel_scope = self._cancel_scope
+        if cancel_scope is None:
+            assert self._entry is not None
+            _timers_for(self._task.get_loop()).discard(self._entry)
+            if (
+                self._expired
+                and self._task.uncancel() <= self._cancelling
+                and exc_type is not None
+                and issubclass(exc_type, CancelledError)
+            ):
+                raise self._exceeded() from exc
+            return None
+        swallowed = cancel_scope.__exit__(exc_type, exc, tb)
+        if cancel_scope.cancelled_caught:
+            raise self._exceeded() from exc
+        return swallowed
+
+    def _exceeded(self) -> DeadlineExceeded:
+        stats = self.stats
+        if stats is not None:
+            stats.timeouts += 1
+            if self._attrs is not None:
+                add_event("stalwart.timeout", {**self._attrs, "stalwart.timeout": self.timeout})
+            return DeadlineExceeded(
+                f"{self.policy!r} timed out after {self.timeout:g}s",
+                policy=self.policy,
+                timeout=self.timeout,
+            )
+        return DeadlineExceeded(
+            f"deadline of {self.timeout:g}s exceeded", policy=self.policy, timeout=self.timeout
+        )
+
+
+@final
+class deadline:  # noqa: N801 - used like a function: `with sw.deadline(5):`
+    """Set the ambient deadline for a block; cancel the block when it passes.
+
+    ``with sw.deadline(seconds):`` makes `remaining` report the time left,
+    makes every stalwart policy inside respect it, and cancels the block with
+    `DeadlineExceeded` when the time is up. Deadlines only ever shorten: a
+    nested ``deadline(60)`` inside ``deadline(1)`` still ends after 1 second.
+    Tasks started inside the block inherit the deadline; those in a task group
+    opened inside the block are cancelled with it.
+
+    Args:
+        seconds: time allowed, >= 0 (0 cancels at the first ``await``).
+        name: reported as the error's ``policy``.
+
+    Example::
+
+        with sw.deadline(2.5):
+            await call_inventory()  # its Timeout/Retry see at most 2.5 s left
+    """
+
+    __slots__ = ("_name", "_scope", "_seconds")
+
+    def __init__(self, seconds: float, *, name: str = "deadline") -> None:
+        self._seconds = _validate.duration("seconds", seconds)
+        self._name = _validate.name(name)
+        self._scope: _Scope | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds
+
+    def __enter__(self) -> deadline:
+        if self._scope is not None:
+            raise RuntimeError("this deadline is already in use; create one per block")
+        scope = _Scope(self._seconds, self._name)
+        scope.__enter__()
+        self._scope = scope
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        scope = self._scope
+        assert scope is not None, "deadline exited without being entered"
+        return scope.__exit__(exc_type, exc, tb)
+
+    @property
+    def when(self) -> float:
+        """The absolute deadline on the loop's clock (after entering)."""
+        if self._scope is None:
+            raise RuntimeError("the deadline has not been entered yet")
+        return self._scope.when
+
+    def __repr__(self) -> str:
+        return f"deadline({self._seconds:g})"
+
+
+@final
+class Timeout(Policy):
+    """Cancel a call that takes longer than ``seconds``.
+
+    The limit is ``min(seconds, sw.remaining())``: a `Timeout` never outlives
+    the ambient deadline, and inside the call `remaining` reports it. When the
+    limit passes, the call is cancelled and `DeadlineExceeded` raised, its
+    ``timeout`` the limit that applied; ``stalwart_timeouts_total`` counts it
+    whether the Timeout's own limit or the ambient deadline was nearer.
+
+    Example::
+
+        @sw.Timeout(2.0)
+        async def get_price(sku: str) -> Decimal: ...
+    """
+
+    kind = "timeout"
+    __slots__ = ("_seconds", "_stats")
+
+    def __init__(
+        self, seconds: float, *, name: str = "timeout", telemetry: Telemetry | None = None
+    ) -> None:
+        super().__init__(name=name, telemetry=telemetry)
+        self._seconds = _validate.duration("seconds", seconds, positive=True)
+        self._stats = self._telemetry.stats("timeout", self._name, TimeoutStats)
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds
+
+    def _bind(
+        self,
+        fn: Callable[P, Coroutine[Any, Any, T]],
+        *,
+        origin: Callable[..., Any],
+        traced: bool,
+    ) -> Callable[P, Coroutine[Any, Any, T]]:
+        seconds, name, stats, attrs = self._seconds, self._name, self._stats, self._span_attributes
+
+        async def timed(*args: P.args, **kwargs: P.kwargs) -> T:
+            with _Scope(seconds, name, stats, attrs):
+                return await fn(*args, **kwargs)
+
+        if not traced:
+            return timed
+        tel, span_name = self._telemetry, self._span_name
+
+        async def traced_timed(*args: P.args, **kwargs: P.kwargs) -> T:
+            if tel._tracer is not None or (
+                tel._follow_global and otel_probe._TRACER_PROVIDER is not None
+            ):
+                return await run_in_span(tel, span_name, attrs, timed, args, kwargs)
+            with _Scope(seconds, name, stats, attrs):
+                return await fn(*args, **kwargs)
+
+        return traced_timed
+
+    def __repr__(self) -> str:
+        return f"Timeout({self._seconds:g}, name={self._name!r})"
