@@ -19,7 +19,10 @@ def tests(session: nox.Session) -> None:
     """Run the test suite (asyncio and trio, virtual time; Redis for its tests)."""
     session.install("-e", ".[dev]")
     session.run(
-        "python", "-m", "pytest", *session.posargs,
+        "python",
+        "-m",
+        "pytest",
+        *session.posargs,
         env={"REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")},
     )
 

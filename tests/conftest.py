@@ -69,3 +69,18 @@ def telemetry(registry: CollectorRegistry, spans: Spans) -> sw.Telemetry:
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
     return registry.get_sample_value(name, labels)
+
+
+def jump(seconds: float) -> None:
+    """Move the virtual clock forward without letting any task run."""
+    import asyncio
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        clock = trio.lowlevel.current_clock()
+        assert isinstance(clock, trio.testing.MockClock)
+        clock.jump(seconds)
+    else:
+        assert isinstance(loop, VirtualClockEventLoop)
+        loop.advance(seconds)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import random
 from collections.abc import Callable
@@ -190,7 +191,7 @@ async def test_backoff_delays_elapse_in_order() -> None:
 
     with pytest.raises(ValueError):
         await fn()
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert gaps == pytest.approx([1.0, 2.0, 4.0])
 
 
@@ -207,7 +208,7 @@ async def test_jitter_draws_from_the_injected_rng() -> None:
 
     with pytest.raises(ValueError):
         await fn()
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert gaps == pytest.approx(expected)
 
 
@@ -227,24 +228,24 @@ async def test_decorrelated_jitter_feeds_each_delay_into_the_next() -> None:
 
     with pytest.raises(ValueError):
         await fn()
-    assert [b - a for a, b in zip(stamps, stamps[1:])] == pytest.approx(expected)
+    assert [b - a for a, b in itertools.pairwise(stamps)] == pytest.approx(expected)
 
 
-class Throttled(Exception):
+class ThrottledError(Exception):
     def __init__(self, retry_after: object) -> None:
         super().__init__(f"retry after {retry_after}")
         self.retry_after = retry_after
 
 
 async def test_an_exceptions_retry_after_attribute_is_honoured() -> None:
-    fn = flaky(1, exc=lambda n: Throttled(5.0))
+    fn = flaky(1, exc=lambda n: ThrottledError(5.0))
     start = anyio.current_time()
     await sw.Retry(attempts=2, backoff=sw.Backoff(initial=0.1, jitter="none"))(fn)()
     assert anyio.current_time() - start == pytest.approx(5.0)
 
 
 async def test_a_hint_shorter_than_the_backoff_does_not_shorten_it() -> None:
-    fn = flaky(1, exc=lambda n: Throttled(0.5))
+    fn = flaky(1, exc=lambda n: ThrottledError(0.5))
     start = anyio.current_time()
     await sw.Retry(attempts=2, backoff=sw.Backoff(initial=2.0, jitter="none"))(fn)()
     assert anyio.current_time() - start == pytest.approx(2.0)
@@ -252,7 +253,7 @@ async def test_a_hint_shorter_than_the_backoff_does_not_shorten_it() -> None:
 
 @pytest.mark.parametrize("hint", [-3.0, math.nan, math.inf, "7", None])
 async def test_invalid_hints_are_ignored(hint: object) -> None:
-    fn = flaky(1, exc=lambda n: Throttled(hint))
+    fn = flaky(1, exc=lambda n: ThrottledError(hint))
     start = anyio.current_time()
     await sw.Retry(attempts=2, backoff=sw.Backoff(initial=1.0, jitter="none"))(fn)()
     assert anyio.current_time() - start == pytest.approx(1.0)
@@ -422,7 +423,7 @@ async def test_testing_mode_makes_retries_instant() -> None:
 
 
 async def test_testing_mode_ignores_server_hints() -> None:
-    fn = flaky(1, exc=lambda n: Throttled(60.0))
+    fn = flaky(1, exc=lambda n: ThrottledError(60.0))
     start = anyio.current_time()
     with instant_retries():
         await sw.Retry(attempts=2)(fn)()

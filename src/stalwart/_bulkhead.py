@@ -66,8 +66,16 @@ class Bulkhead(Policy):
     """
 
     kind = "bulkhead"
-    __slots__ = ("_abandoned", "_in_flight", "_max", "_max_queued", "_max_wait", "_queued",
-                 "_stats", "_waiters")
+    __slots__ = (
+        "_abandoned",
+        "_in_flight",
+        "_max",
+        "_max_queued",
+        "_max_wait",
+        "_queued",
+        "_stats",
+        "_waiters",
+    )
 
     def __init__(
         self,
@@ -121,7 +129,12 @@ class Bulkhead(Policy):
         origin: Callable[..., Any],
         traced: bool,
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        limit, waiters, acquire, hand_over = self._max, self._waiters, self._acquire, self._hand_over
+        limit, waiters, acquire, hand_over = (
+            self._max,
+            self._waiters,
+            self._acquire,
+            self._hand_over,
+        )
         bulkhead = self
 
         async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -144,9 +157,7 @@ class Bulkhead(Policy):
         tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
 
         async def traced_guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-            if tel._tracer is not None or (
-                tel._follow_global and otel_probe._TRACER_PROVIDER is not None
-            ):
+            if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
                 return await run_in_span(tel, span_name, attrs, guarded, args, kwargs)
             if bulkhead._in_flight < limit:
                 bulkhead._in_flight += 1

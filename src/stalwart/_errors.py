@@ -36,8 +36,8 @@ class StalwartError(Exception):
 
 
 def _rebuild(cls: type[StalwartError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
-    error = Exception.__new__(cls)
-    Exception.__init__(error, *args)
+    error = cls.__new__(cls, *args)
+    error.args = args
     error.__dict__.update(state)
     return error
 

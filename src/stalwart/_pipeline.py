@@ -69,12 +69,15 @@ class Pipeline(Policy):
             inner = policy._bind(inner, origin=origin, traced=False)
         if not traced:
             return inner
-        tel, span_name, attrs, chain = self._telemetry, self._span_name, self._span_attributes, inner
+        tel, span_name, attrs, chain = (
+            self._telemetry,
+            self._span_name,
+            self._span_attributes,
+            inner,
+        )
 
         async def traced_pipeline(*args: P.args, **kwargs: P.kwargs) -> T:
-            if tel._tracer is not None or (
-                tel._follow_global and otel_probe._TRACER_PROVIDER is not None
-            ):
+            if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
                 return await run_in_span(tel, span_name, attrs, chain, args, kwargs)
             return await chain(*args, **kwargs)
 

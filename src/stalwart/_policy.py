@@ -67,7 +67,14 @@ class Policy(ABC):
     """
 
     kind: ClassVar[str]
-    __slots__ = ("__weakref__", "_call_cache", "_name", "_span_attributes", "_span_name", "_telemetry")
+    __slots__ = (
+        "__weakref__",
+        "_call_cache",
+        "_name",
+        "_span_attributes",
+        "_span_name",
+        "_telemetry",
+    )
 
     def __init__(self, *, name: str, telemetry: Telemetry | None) -> None:
         self._name = _validate.name(name)
@@ -85,7 +92,9 @@ class Policy(ABC):
     def telemetry(self) -> Telemetry:
         return self._telemetry
 
-    def __call__(self, fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    def __call__(
+        self, fn: Callable[P, Coroutine[Any, Any, T]]
+    ) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate ``fn``; the result has ``fn``'s signature and metadata."""
         ensure_async(fn)
         wrapper = self._bind(fn, origin=fn, traced=True)
@@ -124,9 +133,8 @@ class Policy(ABC):
         return f"<{type(self).__name__} {self._name!r}>"
 
 
-def _wraps(wrapper: Callable[P, Coroutine[Any, Any, T]], fn: Callable[..., Any]) -> Callable[P, Coroutine[Any, Any, T]]:
-    try:
-        functools.update_wrapper(wrapper, fn)
-    except AttributeError:  # pragma: no cover - exotic callables without a __dict__
-        pass
+def _wraps(
+    wrapper: Callable[P, Coroutine[Any, Any, T]], fn: Callable[..., Any]
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    functools.update_wrapper(wrapper, fn)
     return wrapper

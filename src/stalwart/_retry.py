@@ -24,7 +24,7 @@ T = TypeVar("T")
 Jitter = Literal["full", "equal", "decorrelated", "none"]
 _JITTERS: Final = frozenset(get_args(Jitter))
 
-ExceptionMatcher = Union[
+ExceptionMatcher = Union[  # noqa: UP007 - a runtime alias: `|` needs 3.10 types on both sides
     type[BaseException], tuple[type[BaseException], ...], Callable[[BaseException], bool]
 ]
 
@@ -62,9 +62,7 @@ class Backoff:
         if maximum < initial:
             raise ValueError(f"maximum must be >= initial ({initial:g}), got {self.maximum!r}")
         if self.jitter not in _JITTERS:
-            raise ValueError(
-                f"jitter must be one of {sorted(_JITTERS)}, got {self.jitter!r}"
-            )
+            raise ValueError(f"jitter must be one of {sorted(_JITTERS)}, got {self.jitter!r}")
         object.__setattr__(self, "initial", initial)
         object.__setattr__(self, "multiplier", multiplier)
         object.__setattr__(self, "maximum", maximum)
@@ -120,7 +118,9 @@ def _exception_matcher(on: Any) -> Callable[[BaseException], bool]:
         return lambda exc: isinstance(exc, on)
     if isinstance(on, tuple):
         if not on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
-            raise TypeError("on must be an exception type, a non-empty tuple of them, or a predicate")
+            raise TypeError(
+                "on must be an exception type, a non-empty tuple of them, or a predicate"
+            )
         return lambda exc: isinstance(exc, on)
     if callable(on):
         return on  # type: ignore[no-any-return]
@@ -233,6 +233,9 @@ class Retry(Policy):
         return self._budget
 
     def _retryable(self, exc: BaseException) -> bool:
+        on = self._on
+        if isinstance(on, (type, tuple)):
+            return isinstance(exc, Exception) and isinstance(exc, on)
         return isinstance(exc, Exception) and bool(self._matches(exc))
 
     def _bind(
@@ -242,11 +245,10 @@ class Retry(Policy):
         origin: Callable[..., Any],
         traced: bool,
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        retryable, again = self._retryable, self._again
+        retryable, again, run = self._retryable, self._again, self._run
         tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
 
         if self._on_result is not None or self._timeout is not None or self._budget is not None:
-            run = self._run
 
             async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
                 return await run(fn, args, kwargs)
@@ -267,12 +269,25 @@ class Retry(Policy):
         if not traced:
             return retrying
 
-        async def traced_retrying(*args: P.args, **kwargs: P.kwargs) -> T:
-            if tel._tracer is not None or (
-                tel._follow_global and otel_probe._TRACER_PROVIDER is not None
-            ):
-                return await run_in_span(tel, span_name, attrs, retrying, args, kwargs)
-            return await retrying(*args, **kwargs)
+        if self._on_result is not None or self._timeout is not None or self._budget is not None:
+
+            async def traced_retrying(*args: P.args, **kwargs: P.kwargs) -> T:
+                if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
+                    return await run_in_span(tel, span_name, attrs, retrying, args, kwargs)
+                return await run(fn, args, kwargs)
+
+        else:
+            # The common case, inlined: one coroutine between caller and `fn`.
+            async def traced_retrying(*args: P.args, **kwargs: P.kwargs) -> T:
+                if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
+                    return await run_in_span(tel, span_name, attrs, retrying, args, kwargs)
+                try:
+                    return await fn(*args, **kwargs)
+                except BaseException as exc:
+                    if not retryable(exc):
+                        raise
+                    failure = exc
+                return await again(fn, args, kwargs, failure, True)
 
         return traced_retrying
 
@@ -321,13 +336,20 @@ class Retry(Policy):
         if testing is not None and testing.attempts is not None:
             attempts = min(attempts, testing.attempts)
         backoff, rng, budget, on_result = self._backoff, self._rng, self._budget, self._on_result
+        hint_of, stats, retryable = self._hint, self._stats, self._retryable
+        no_backoff = backoff.maximum == 0.0
         attempt = 1
         previous: float | None = None
         while attempt < attempts:
-            delay = backoff.delay(attempt, previous, rng)
+            delay = 0.0 if no_backoff else backoff.delay(attempt, previous, rng)
             previous = delay
-            hint = self._hint(failure)
-            if isinstance(hint, (int, float)) and math.isfinite(hint) and hint > delay:
+            hint = hint_of(failure)
+            if (
+                hint is not None
+                and isinstance(hint, (int, float))
+                and hint > delay
+                and math.isfinite(hint)
+            ):
                 delay = float(hint)
             if testing is not None:
                 delay = 0.0
@@ -337,7 +359,7 @@ class Retry(Policy):
             if budget is not None and not budget.try_withdraw():
                 break
             attempt += 1
-            self._stats.attempts += 1
+            stats.attempts += 1
             if listening():
                 add_event(
                     "stalwart.retry",
@@ -347,11 +369,12 @@ class Retry(Policy):
                         "stalwart.delay": delay,
                     },
                 )
-            await _clock.sleep(delay)
+            if delay > 0.0:
+                await _clock.sleep(delay)
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as exc:
-                if not self._retryable(exc):
+                if not retryable(exc):
                     raise
                 failure, raised = exc, True
                 continue
@@ -359,7 +382,7 @@ class Retry(Policy):
                 failure, raised = result, False
                 continue
             return result
-        self._stats.exhausted += 1
+        stats.exhausted += 1
         if raised:
             raise failure
         return failure  # type: ignore[no-any-return]

@@ -20,7 +20,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Iterator, Mapping
-from typing import Any, Final, Protocol, TypeVar, final
+from typing import Any, Final, Protocol, TypeVar, cast, final
 
 import opentelemetry.trace as _ot
 from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
@@ -56,7 +56,9 @@ class _SlowProbe:
 # ``opentelemetry.trace._TRACER_PROVIDER`` is None until an application calls
 # ``set_tracer_provider`` (which the API allows exactly once). Reading that
 # module attribute is the cheapest possible "is an SDK configured?" check.
-otel_probe: _ProviderProbe = _ot if hasattr(_ot, "_TRACER_PROVIDER") else _SlowProbe()
+otel_probe: _ProviderProbe = cast(
+    _ProviderProbe, _ot if hasattr(_ot, "_TRACER_PROVIDER") else _SlowProbe()
+)
 
 # True once any Telemetry was given an explicit, real tracer provider: events
 # must then be looked for even while the global provider is unset.
@@ -142,10 +144,12 @@ class Telemetry:
         return self._tracer_provider
 
     def tracing_gate(self) -> bool:
-        """Would a call be traced now? Hot paths inline this very expression."""
-        return self._tracer is not None or (
-            self._follow_global and otel_probe._TRACER_PROVIDER is not None
-        )
+        """Might a call be traced now? Hot paths inline this very expression.
+
+        True also for a policy switched off by an explicit no-op provider
+        while a global one is installed: `resolve_tracer` then says no.
+        """
+        return otel_probe._TRACER_PROVIDER is not None or self._tracer is not None
 
     def resolve_tracer(self) -> _ot.Tracer | None:
         """The tracer to use, or None when nobody listens."""
@@ -386,9 +390,7 @@ class _Collector:
         yield from (state, transitions, cb_rejected, replays, conflicts)
 
 
-_collectors: weakref.WeakKeyDictionary[CollectorRegistry, _Collector] = (
-    weakref.WeakKeyDictionary()
-)
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, _Collector] = weakref.WeakKeyDictionary()
 _collectors_lock = threading.Lock()
 
 
@@ -397,6 +399,6 @@ def _collector_for(registry: CollectorRegistry) -> _Collector:
         collector = _collectors.get(registry)
         if collector is None:
             collector = _Collector()
-            registry.register(collector)  # type: ignore[arg-type]
+            registry.register(collector)
             _collectors[registry] = collector
         return collector

@@ -17,7 +17,7 @@ How a deadline cancels work depends on the backend:
 from __future__ import annotations
 
 import sys
-from asyncio import CancelledError, Task, current_task
+from asyncio import CancelledError
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar, Token
 from heapq import heapify, heappop, heappush
@@ -73,9 +73,9 @@ def is_cancellation(exc_type: type[BaseException]) -> bool:
 
 
 def _task_token() -> object:
-    loop = _clock.running_asyncio_loop()
-    if loop is not None:
-        return current_task(loop)
+    info = _clock.asyncio_loop()
+    if info is not None:
+        return info.current_task()
     trio = sys.modules.get("trio")
     if trio is not None:
         return trio.lowlevel.current_task()
@@ -85,34 +85,37 @@ def _task_token() -> object:
 class _Timers:
     """The deadline expiries of one asyncio loop, behind a single loop timer.
 
-    Entries are ``[when, scope]`` lists, so the heap compares floats in C.
+    Entries are ``[when, seq, scope]`` lists, so the heap compares numbers in
+    C (``seq`` breaks ties between equal deadlines).
     A scope that exits just clears its entry's slot (O(1)); cleared entries
     are dropped when they reach the top, or all at once when they outnumber
     the live ones, so the heap stays proportional to the calls in flight.
     """
 
-    __slots__ = ("_armed_at", "_dead", "_handle", "_heap", "_loop")
+    __slots__ = ("_armed_at", "_dead", "_handle", "_heap", "_loop", "_seq")
 
     def __init__(self, loop: Any) -> None:
         self._loop = loop
+        self._seq = 0
         self._heap: list[list[Any]] = []
         self._dead = 0
         self._handle: Any = None
         self._armed_at = 0.0
 
     def add(self, when: float, scope: _Scope) -> list[Any]:
-        entry = [when, scope]
+        self._seq += 1
+        entry = [when, self._seq, scope]
         heappush(self._heap, entry)
         if self._handle is None or when < self._armed_at:
             self._arm(when)
         return entry
 
     def discard(self, entry: list[Any]) -> None:
-        if entry[1] is not None:
-            entry[1] = None
+        if entry[2] is not None:
+            entry[2] = None
             self._dead += 1
             if self._dead > 256 and self._dead * 2 > len(self._heap):
-                self._heap = [e for e in self._heap if e[1] is not None]
+                self._heap = [e for e in self._heap if e[2] is not None]
                 heapify(self._heap)
                 self._dead = 0
 
@@ -129,13 +132,13 @@ class _Timers:
         limit = max(self._loop.time(), self._armed_at)
         while heap:
             entry = heap[0]
-            scope = entry[1]
+            scope = entry[2]
             if scope is None:
                 heappop(heap)
                 self._dead -= 1
             elif entry[0] <= limit:
                 heappop(heap)
-                entry[1] = None
+                entry[2] = None
                 scope.expire()
             else:
                 self._arm(entry[0])
@@ -143,18 +146,15 @@ class _Timers:
 
 
 _timers_by_loop: WeakKeyDictionary[Any, _Timers] = WeakKeyDictionary()
-_last_timers: tuple[Any, _Timers | None] = (None, None)
 
 
-def _timers_for(loop: Any) -> _Timers:
-    global _last_timers
-    last_loop, timers = _last_timers
-    if last_loop is loop and timers is not None:
-        return timers
-    timers = _timers_by_loop.get(loop)
+def _timers_of(info: _clock.LoopInfo) -> _Timers:
+    timers: _Timers | None = info.timers
     if timers is None:
-        timers = _timers_by_loop[loop] = _Timers(loop)
-    _last_timers = (loop, timers)
+        timers = _timers_by_loop.get(info.loop)
+        if timers is None:
+            timers = _timers_by_loop[info.loop] = _Timers(info.loop)
+        info.timers = timers
     return timers
 
 
@@ -170,19 +170,27 @@ class _Scope:
     """
 
     __slots__ = (
+        "_attrs",
         "_cancel_scope",
         "_cancelling",
         "_entry",
         "_expired",
         "_outer",
         "_task",
+        "_timers",
         "_token",
-        "_attrs",
         "policy",
         "stats",
         "timeout",
         "when",
     )
+    when: float
+    timeout: float
+    policy: str
+    _task: Any
+    _outer: _Scope | None
+    _cancelling: int
+    _timers: _Timers
 
     def __init__(
         self,
@@ -201,14 +209,18 @@ class _Scope:
         self._entry: list[Any] | None = None
 
     def __enter__(self) -> _Scope:
-        now = _clock.now()
+        info = _clock.asyncio_loop() if _NATIVE else None
+        if info is not None:
+            now = info.time()
+            task: Any = info.current_task()
+            if task is None:
+                raise RuntimeError("a stalwart deadline must be entered inside a task")
+        else:
+            now = _clock.now()
+            task = _task_token()
         when = now + self.timeout
         outer = _current.get()
         self._outer = outer
-        loop = _clock.running_asyncio_loop() if _NATIVE else None
-        task: Any = current_task(loop) if loop is not None else _task_token()
-        if loop is not None and task is None:
-            raise RuntimeError("a stalwart deadline must be entered inside a task")
         self._task = task
         if outer is not None and outer.when <= when:
             left = outer.when - now
@@ -219,9 +231,13 @@ class _Scope:
         else:
             self.when = when
         self._token = _current.set(self)
-        if loop is not None:
+        if info is not None:
             self._cancelling = task.cancelling()
-            self._entry = _timers_for(loop).add(self.when, self)
+            if self.when <= now:
+                self.expire()  # already due: cancel at the first checkpoint
+            else:
+                self._timers = timers = _timers_of(info)
+                self._entry = timers.add(self.when, self)
         else:
             self._cancel_scope = anyio.CancelScope(deadline=self.when)
             self._cancel_scope.__enter__()
@@ -261,8 +277,8 @@ class _Scope:
         _current.reset(token)
         cancel_scope = self._cancel_scope
         if cancel_scope is None:
-            assert self._entry is not None
-            _timers_for(self._task.get_loop()).discard(self._entry)
+            if self._entry is not None:
+                self._timers.discard(self._entry)
             if (
                 self._expired
                 and self._task.uncancel() <= self._cancelling
@@ -401,9 +417,7 @@ class Timeout(Policy):
         tel, span_name = self._telemetry, self._span_name
 
         async def traced_timed(*args: P.args, **kwargs: P.kwargs) -> T:
-            if tel._tracer is not None or (
-                tel._follow_global and otel_probe._TRACER_PROVIDER is not None
-            ):
+            if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
                 return await run_in_span(tel, span_name, attrs, timed, args, kwargs)
             with _Scope(seconds, name, stats, attrs):
                 return await fn(*args, **kwargs)

@@ -74,7 +74,5 @@ def name(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"name must be a str, not {type(value).__name__}")
     if not value or len(value) > _NAME_MAX or not value.isprintable():
-        raise ValueError(
-            f"name must be 1-{_NAME_MAX} printable characters, got {value!r}"
-        )
+        raise ValueError(f"name must be 1-{_NAME_MAX} printable characters, got {value!r}")
     return value

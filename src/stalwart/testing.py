@@ -127,10 +127,14 @@ class VirtualClockEventLoop(asyncio.SelectorEventLoop):
     ``backend_options={"loop_factory": VirtualClockEventLoop}``.
     """
 
+    def __new__(cls, *, autojump_threshold: float = 0.0) -> VirtualClockEventLoop:
+        # Validate before the loop exists: a half-built loop complains when collected.
+        _validate.duration("autojump_threshold", autojump_threshold)
+        return super().__new__(cls)
+
     def __init__(self, *, autojump_threshold: float = 0.0) -> None:
         self._virtual_time = 0.0
-        threshold = _validate.duration("autojump_threshold", autojump_threshold)
-        super().__init__(selector=_AutojumpSelector(self, threshold))
+        super().__init__(selector=_AutojumpSelector(self, float(autojump_threshold)))
 
     def time(self) -> float:
         return self._virtual_time

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+import stalwart as sw
+
+CONTRACT = [
+    "StalwartError",
+    "CircuitOpenError",
+    "BulkheadFullError",
+    "DeadlineExceeded",
+    "IdempotencyConflict",
+    "IdempotencyKeyReused",
+    "Backoff",
+    "Retry",
+    "RetryBudget",
+    "Bulkhead",
+    "Timeout",
+    "deadline",
+    "remaining",
+    "Pipeline",
+    "Telemetry",
+]
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert sw.__all__ == sorted(sw.__all__)
+    for name in sw.__all__:
+        assert hasattr(sw, name), name
+    public = {n for n in dir(sw) if not n.startswith("_")} - {"testing"}
+    assert public <= set(sw.__all__) | {"annotations"}
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_the_contract_names_are_exported(name: str) -> None:
+    assert name in sw.__all__
+
+
+@pytest.mark.parametrize("name", [n for n in sw.__all__ if n != "__version__"])
+def test_every_public_name_is_documented(name: str) -> None:
+    obj = getattr(sw, name)
+    if inspect.isclass(obj) or inspect.isfunction(obj):
+        assert inspect.getdoc(obj), name
+
+
+def test_errors_have_the_contract_bases() -> None:
+    assert issubclass(sw.StalwartError, Exception)
+    for error in (
+        sw.CircuitOpenError,
+        sw.BulkheadFullError,
+        sw.DeadlineExceeded,
+        sw.IdempotencyConflict,
+        sw.IdempotencyKeyReused,
+    ):
+        assert issubclass(error, sw.StalwartError)
+    assert issubclass(sw.DeadlineExceeded, TimeoutError)
+
+
+def test_errors_carry_their_attributes_and_survive_pickling() -> None:
+    import pickle
+
+    errors = [
+        sw.StalwartError("x", policy="p"),
+        sw.CircuitOpenError("open", policy="cb", retry_after=1.5),
+        sw.DeadlineExceeded("late", policy="t", timeout=2.0),
+        sw.BulkheadFullError("full", policy="b"),
+    ]
+    for error in errors:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error)
+        assert str(copy) == str(error)
+        assert copy.__dict__ == error.__dict__
+    assert errors[1].retry_after == 1.5  # type: ignore[attr-defined]
+    assert errors[2].timeout == 2.0  # type: ignore[attr-defined]
+
+
+def test_testing_module_is_importable() -> None:
+    module = importlib.import_module("stalwart.testing")
+    assert module.__all__ == sorted(module.__all__)
+
+
+def test_version_is_a_string() -> None:
+    assert isinstance(sw.__version__, str)

@@ -1,0 +1,340 @@
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+from prometheus_client import CollectorRegistry
+
+import stalwart as sw
+
+from .conftest import Spans, jump, sample
+
+
+async def sleeper(seconds: float, result: Any = "done") -> Any:
+    await anyio.sleep(seconds)
+    return result
+
+
+# -- remaining() and deadline() ---------------------------------------------
+
+
+async def test_remaining_is_none_without_a_deadline() -> None:
+    assert sw.remaining() is None
+
+
+def test_remaining_is_none_outside_any_event_loop() -> None:
+    assert sw.remaining() is None
+
+
+async def test_remaining_counts_down_inside_a_deadline() -> None:
+    with sw.deadline(5.0):
+        assert sw.remaining() == 5.0
+        await anyio.sleep(2.0)
+        assert sw.remaining() == pytest.approx(3.0)
+    assert sw.remaining() is None
+
+
+async def test_remaining_never_goes_negative() -> None:
+    reached = False
+    with pytest.raises(sw.DeadlineExceeded), sw.deadline(1.0):
+        jump(3.0)  # time passes without a checkpoint: nothing cancelled yet
+        assert sw.remaining() == 0.0
+        await anyio.sleep(1.0)
+        reached = True
+    assert not reached
+
+
+async def test_a_deadline_cancels_its_block_when_it_passes() -> None:
+    reached = False
+    start = anyio.current_time()
+    with pytest.raises(sw.DeadlineExceeded) as info, sw.deadline(2.0):
+        await anyio.sleep(10.0)
+        reached = True
+    assert not reached
+    assert anyio.current_time() - start == pytest.approx(2.0)
+    assert info.value.timeout == 2.0
+    assert info.value.policy == "deadline"
+    assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value, sw.StalwartError)
+
+
+async def test_a_deadline_that_is_met_changes_nothing() -> None:
+    with sw.deadline(2.0):
+        assert await sleeper(1.0) == "done"
+
+
+async def test_a_deadline_can_be_named() -> None:
+    with pytest.raises(sw.DeadlineExceeded) as info, sw.deadline(1.0, name="request"):
+        await anyio.sleep(5)
+    assert info.value.policy == "request"
+
+
+async def test_a_zero_deadline_cancels_at_the_first_checkpoint() -> None:
+    with pytest.raises(sw.DeadlineExceeded), sw.deadline(0):
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_nested_deadlines_only_shorten() -> None:
+    start = anyio.current_time()
+    with pytest.raises(sw.DeadlineExceeded) as info, sw.deadline(1.0), sw.deadline(60.0):
+        assert sw.remaining() == 1.0
+        await anyio.sleep(10)
+    assert anyio.current_time() - start == pytest.approx(1.0)
+    assert info.value.timeout == 1.0
+
+
+async def test_a_nearer_nested_deadline_wins_and_the_outer_one_goes_on() -> None:
+    with sw.deadline(10.0):
+        with pytest.raises(sw.DeadlineExceeded) as info, sw.deadline(1.0):
+            await anyio.sleep(5)
+        assert info.value.timeout == 1.0
+        assert sw.remaining() == pytest.approx(9.0)
+        await anyio.sleep(2)  # the outer deadline still allows this
+
+
+async def test_child_tasks_inherit_the_deadline_and_are_cancelled_with_it() -> None:
+    seen: list[float | None] = []
+    finished: list[str] = []
+
+    async def child() -> None:
+        seen.append(sw.remaining())
+        await anyio.sleep(100)
+        finished.append("child")  # pragma: no cover
+
+    with pytest.raises(sw.DeadlineExceeded), sw.deadline(3.0):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(child)
+            tg.start_soon(child)
+    assert seen == [3.0, 3.0]
+    assert finished == []
+
+
+async def test_a_child_started_outside_the_block_still_respects_the_inherited_deadline() -> None:
+    outcome: list[object] = []
+
+    async def child() -> None:
+        try:
+            await sw.Timeout(100.0).call(sleeper, 50.0)
+        except sw.DeadlineExceeded as exc:
+            outcome.append(exc.timeout)
+
+    start = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        with sw.deadline(4.0):
+            tg.start_soon(child)  # the child runs in tg's scope, after this block
+    assert outcome == [4.0]
+    assert anyio.current_time() - start == pytest.approx(4.0)
+
+
+async def test_a_deadline_object_is_single_use() -> None:
+    scope = sw.deadline(1.0)
+    with scope:
+        pass
+    with pytest.raises(RuntimeError, match="already in use"), scope:
+        pass  # pragma: no cover
+
+
+async def test_deadline_exposes_its_absolute_time() -> None:
+    start = anyio.current_time()
+    with sw.deadline(2.5) as scope:
+        assert scope.when == pytest.approx(start + 2.5)
+        assert scope.seconds == 2.5
+
+
+def test_deadline_when_before_entering_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="not been entered"):
+        _ = sw.deadline(1).when
+
+
+async def test_an_external_cancellation_is_not_turned_into_a_deadline_error() -> None:
+    with anyio.move_on_after(1.0) as outer:
+        with sw.deadline(5.0):
+            await anyio.sleep(10)
+    assert outer.cancelled_caught
+
+
+async def test_a_deadline_inside_a_shorter_cancel_scope_lets_the_scope_win() -> None:
+    with anyio.move_on_after(1.0) as outer, sw.deadline(1.0):
+        await anyio.sleep(10)
+    # Both expire at t=1: either the scope caught it, or DeadlineExceeded was
+    # raised and would have propagated; here nothing propagated.
+    assert outer.cancel_called
+
+
+@pytest.mark.parametrize("seconds", [-1.0, math.nan, math.inf])
+def test_deadline_rejects_invalid_seconds(seconds: float) -> None:
+    with pytest.raises(ValueError, match="seconds"):
+        sw.deadline(seconds)
+
+
+def test_deadline_rejects_non_numbers() -> None:
+    with pytest.raises(TypeError, match="seconds"):
+        sw.deadline("5")  # type: ignore[arg-type]
+
+
+# -- Timeout -----------------------------------------------------------------
+
+
+async def test_a_fast_call_passes_through_a_timeout() -> None:
+    assert await sw.Timeout(5.0)(sleeper)(1.0, "x") == "x"
+
+
+async def test_a_slow_call_is_cancelled_with_deadline_exceeded() -> None:
+    start = anyio.current_time()
+    with pytest.raises(sw.DeadlineExceeded) as info:
+        await sw.Timeout(2.0, name="db")(sleeper)(10.0)
+    assert anyio.current_time() - start == pytest.approx(2.0)
+    assert info.value.timeout == 2.0
+    assert info.value.policy == "db"
+    assert "db" in str(info.value)
+
+
+async def test_the_call_sees_the_timeout_as_its_ambient_deadline() -> None:
+    @sw.Timeout(3.0)
+    async def fn() -> float | None:
+        return sw.remaining()
+
+    assert await fn() == 3.0
+
+
+async def test_a_nearer_ambient_deadline_sets_the_limit(registry: CollectorRegistry) -> None:
+    timeout = sw.Timeout(10.0, name="t", telemetry=sw.Telemetry(registry=registry))
+    start = anyio.current_time()
+    with sw.deadline(2.0):
+        with pytest.raises(sw.DeadlineExceeded) as info:
+            await timeout(sleeper)(30.0)
+        assert info.value.timeout == pytest.approx(2.0)
+        assert info.value.policy == "t"
+    assert anyio.current_time() - start == pytest.approx(2.0)
+    assert sample(registry, "stalwart_timeouts_total", policy="t") == 1
+
+
+async def test_a_nearer_ambient_deadline_reports_the_time_that_was_left() -> None:
+    with sw.deadline(5.0):
+        await anyio.sleep(4.0)
+        with pytest.raises(sw.DeadlineExceeded) as info:
+            await sw.Timeout(10.0).call(sleeper, 30.0)
+    assert info.value.timeout == pytest.approx(1.0)
+
+
+async def test_a_timeout_never_extends_the_ambient_deadline() -> None:
+    @sw.Timeout(60.0)
+    async def fn() -> float | None:
+        return sw.remaining()
+
+    with sw.deadline(2.0):
+        assert await fn() == 2.0
+
+
+async def test_timeouts_are_counted_and_reported(
+    registry: CollectorRegistry, telemetry: sw.Telemetry, spans: Spans
+) -> None:
+    timeout = sw.Timeout(1.0, name="counted", telemetry=telemetry)
+    assert sample(registry, "stalwart_timeouts_total", policy="counted") == 0
+    await timeout(sleeper)(0.5)
+    with pytest.raises(sw.DeadlineExceeded):
+        await timeout(sleeper)(5.0)
+    assert sample(registry, "stalwart_timeouts_total", policy="counted") == 1
+    ok, failed = spans.finished
+    assert ok.name == failed.name == "stalwart.timeout counted"
+    assert [e.name for e in ok.events] == []
+    events = [e for e in failed.events if e.name == "stalwart.timeout"]
+    assert len(events) == 1
+    assert events[0].attributes == {"stalwart.policy": "counted", "stalwart.timeout": 1.0}
+    assert failed.status.is_ok is False
+    assert failed.attributes is not None
+    assert failed.attributes["error.type"] == "stalwart._errors.DeadlineExceeded"
+
+
+async def test_an_external_cancellation_is_not_counted_as_a_timeout(
+    registry: CollectorRegistry,
+) -> None:
+    timeout = sw.Timeout(10.0, name="ext", telemetry=sw.Telemetry(registry=registry))
+    with anyio.move_on_after(1.0) as scope:
+        await timeout(sleeper)(5.0)
+    assert scope.cancelled_caught
+    assert sample(registry, "stalwart_timeouts_total", policy="ext") == 0
+
+
+async def test_a_timeout_error_raised_by_the_call_is_not_counted(
+    registry: CollectorRegistry,
+) -> None:
+    timeout = sw.Timeout(10.0, name="own", telemetry=sw.Telemetry(registry=registry))
+
+    @timeout
+    async def fn() -> None:
+        raise sw.DeadlineExceeded("from below", policy="other", timeout=1.0)
+
+    with pytest.raises(sw.DeadlineExceeded, match="from below"):
+        await fn()
+    assert sample(registry, "stalwart_timeouts_total", policy="own") == 0
+
+
+async def test_nested_timeouts_the_inner_nearer_one_fires() -> None:
+    inner = sw.Timeout(1.0, name="inner")
+    outer = sw.Timeout(5.0, name="outer")
+    with pytest.raises(sw.DeadlineExceeded) as info:
+        await outer(inner(sleeper))(3.0)
+    assert info.value.policy == "inner"
+
+
+async def test_nested_timeouts_the_outer_nearer_one_is_claimed_by_the_inner() -> None:
+    inner = sw.Timeout(5.0, name="inner")
+    outer = sw.Timeout(1.0, name="outer")
+    with pytest.raises(sw.DeadlineExceeded) as info:
+        await outer(inner(sleeper))(3.0)
+    # The inner Timeout's limit was min(5, 1 left): it reports it.
+    assert info.value.policy == "inner"
+    assert info.value.timeout == pytest.approx(1.0)
+
+
+async def test_many_sequential_timeouts_leave_no_timers_behind() -> None:
+    timeout = sw.Timeout(1000.0)
+    fn = timeout(sleeper)
+    for _ in range(2000):
+        await fn(0.001)
+    await anyio.lowlevel.checkpoint()
+    info = sw._clock.asyncio_loop()
+    if sys.version_info >= (3, 11) and info is not None:
+        from stalwart import _timeout
+
+        timers = _timeout._timers_of(info)
+        assert len(timers._heap) <= 600  # compacted: never all 2000 dead entries
+
+
+async def test_timeout_in_many_concurrent_tasks() -> None:
+    timeout = sw.Timeout(5.0)
+    outcomes: list[str] = []
+
+    async def run(i: int) -> None:
+        try:
+            await timeout.call(sleeper, float(i % 10))
+            outcomes.append("ok")
+        except sw.DeadlineExceeded:
+            outcomes.append("timeout")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(100):
+            tg.start_soon(run, i)
+    assert outcomes.count("ok") == 50  # sleeps 0..4 finish: half of them
+    assert outcomes.count("timeout") == 50
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, math.nan, math.inf])
+def test_timeout_rejects_invalid_seconds(seconds: float) -> None:
+    with pytest.raises(ValueError, match="seconds"):
+        sw.Timeout(seconds)
+
+
+def test_timeout_rejects_non_numbers() -> None:
+    with pytest.raises(TypeError, match="seconds"):
+        sw.Timeout(None)  # type: ignore[arg-type]
+
+
+def test_decorating_a_sync_function_with_a_timeout_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="async def"):
+        sw.Timeout(1.0)(lambda: None)  # type: ignore[arg-type,return-value]
