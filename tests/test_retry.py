@@ -543,3 +543,14 @@ def test_invalid_options_fail_at_construction_naming_the_parameter(
 ) -> None:
     with pytest.raises(error, match=param):
         sw.Retry(**kwargs)
+
+
+async def test_retries_disabled_lets_the_first_failure_through(registry: CollectorRegistry) -> None:
+    from stalwart._retry import retries_disabled
+
+    fn = flaky(1)
+    retry = sw.Retry(attempts=3, backoff=NO_WAIT, telemetry=sw.Telemetry(registry=registry))
+    with retries_disabled(), pytest.raises(ValueError):
+        await retry(fn)()
+    assert len(fn.raised) == 1
+    assert await retry(fn)() == "ok"  # outside the block, retrying is back

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar, Union, final, get_args
 
@@ -16,7 +18,7 @@ from ._retry_budget import RetryBudget
 from ._telemetry import RetryStats, Telemetry, add_event, listening, otel_probe, run_in_span
 from ._timeout import _Scope, remaining
 
-__all__ = ["Backoff", "Jitter", "Retry"]
+__all__ = ["Backoff", "Jitter", "Retry", "retries_disabled"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -111,6 +113,24 @@ class _TestingMode:
 
 
 _testing: _TestingMode | None = None
+
+_retries_allowed: ContextVar[bool] = ContextVar("stalwart_retries_allowed", default=True)
+
+
+@contextmanager
+def retries_disabled() -> Iterator[None]:
+    """Within this block, no `Retry` makes another attempt: failures propagate.
+
+    For work that is not safe to repeat, such as a non-idempotent HTTP request
+    sent through a user's policy: the other policies (breakers, timeouts,
+    bulkheads) still apply, only the retrying is switched off. Tasks started
+    inside the block inherit it.
+    """
+    token = _retries_allowed.set(False)
+    try:
+        yield
+    finally:
+        _retries_allowed.reset(token)
 
 
 def _exception_matcher(on: Any) -> Callable[[BaseException], bool]:
@@ -338,6 +358,8 @@ class Retry(Policy):
         backoff, rng, budget, on_result = self._backoff, self._rng, self._budget, self._on_result
         hint_of, stats, retryable = self._hint, self._stats, self._retryable
         no_backoff = backoff.maximum == 0.0
+        if not _retries_allowed.get():
+            attempts = 1
         attempt = 1
         previous: float | None = None
         while attempt < attempts:
