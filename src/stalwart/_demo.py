@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 from dataclasses import dataclass
 
 import anyio
@@ -38,7 +39,7 @@ class Tally:
         )
 
 
-def _downstream(rng: random.Random, tally: Tally) -> Callable[[], Awaitable[str]]:
+def _downstream(rng: random.Random, tally: Tally) -> Callable[[], Coroutine[Any, Any, str]]:
     """30% of calls fail fast, 5% hang for a minute, the rest take ~20 ms."""
 
     async def call() -> str:
@@ -57,7 +58,9 @@ def _downstream(rng: random.Random, tally: Tally) -> Callable[[], Awaitable[str]
 
 async def _drive(
     calls: int,
-    guard: Callable[[Callable[[], Awaitable[str]]], Callable[[], Awaitable[str]]],
+    guard: Callable[
+        [Callable[[], Coroutine[Any, Any, str]]], Callable[[], Coroutine[Any, Any, str]]
+    ],
     seed: int,
 ) -> Tally:
     tally = Tally(latencies=[])
