@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 import statistics
 from collections.abc import Callable, Coroutine
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from prometheus_client import CollectorRegistry
