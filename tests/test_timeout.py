@@ -67,6 +67,13 @@ async def test_a_deadline_that_is_met_changes_nothing() -> None:
         assert await sleeper(1.0) == "done"
 
 
+async def test_a_deadline_works_as_an_async_context_manager() -> None:
+    with pytest.raises(sw.DeadlineExceeded):
+        async with sw.deadline(1.0):
+            assert sw.remaining() == 1.0
+            await anyio.sleep(5)
+
+
 async def test_a_deadline_can_be_named() -> None:
     with pytest.raises(sw.DeadlineExceeded) as info, sw.deadline(1.0, name="request"):
         await anyio.sleep(5)

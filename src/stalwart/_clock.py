@@ -81,6 +81,7 @@ def _lookup() -> LoopInfo | None:
     global _cached
     loop = _get_running_loop()
     if loop is None:
+        _cached = None  # do not keep a finished loop alive
         return None
     info = _cached
     if info is None or info.loop is not loop or info.thread_id != get_ident():

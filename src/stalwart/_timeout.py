@@ -312,7 +312,7 @@ class _Scope:
 class deadline:  # noqa: N801 - used like a function: `with sw.deadline(5):`
     """Set the ambient deadline for a block; cancel the block when it passes.
 
-    ``with sw.deadline(seconds):`` makes `remaining` report the time left,
+    ``with sw.deadline(seconds):`` (or ``async with``) makes `remaining` report the time left,
     makes every stalwart policy inside respect it, and cancels the block with
     `DeadlineExceeded` when the time is up. Deadlines only ever shorten: a
     nested ``deadline(60)`` inside ``deadline(1)`` still ends after 1 second.
@@ -357,6 +357,17 @@ class deadline:  # noqa: N801 - used like a function: `with sw.deadline(5):`
         scope = self._scope
         assert scope is not None, "deadline exited without being entered"
         return scope.__exit__(exc_type, exc, tb)
+
+    async def __aenter__(self) -> deadline:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return self.__exit__(exc_type, exc, tb)
 
     @property
     def when(self) -> float:
