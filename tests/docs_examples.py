@@ -200,7 +200,7 @@ def _preload() -> None:
     import prometheus_client  # noqa: F401
     import trio  # noqa: F401
 
-    import stalwart  # noqa: F401
+    import stalwart
     import stalwart.testing  # noqa: F401
 
 

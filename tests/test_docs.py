@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import inspect
 import json
@@ -48,7 +49,9 @@ _README_XFAIL = pytest.mark.xfail(
 
 def _page_params(*, readme_xfail: bool) -> list[object]:
     return [
-        pytest.param(p, id=page_id(p), marks=[_README_XFAIL] if p == README and readme_xfail else [])
+        pytest.param(
+            p, id=page_id(p), marks=[_README_XFAIL] if p == README and readme_xfail else []
+        )
         for p in PAGES
     ]
 
@@ -59,7 +62,7 @@ def page_failures(request: pytest.FixtureRequest) -> dict[str, str | None]:
     selected = [
         item.callspec.params["page"]
         for item in request.session.items
-        if getattr(item, "originalname", None) == "test_page_examples_run"
+        if isinstance(item, pytest.Function) and item.originalname == "test_page_examples_run"
     ]
     done = subprocess.run(
         [sys.executable, "-m", "tests.docs_examples", "--json", *map(str, selected)],
@@ -189,9 +192,7 @@ def test_every_nav_entry_is_a_page() -> None:
 _LINK = re.compile(r"\]\((?!https?:|mailto:|#)([^)\s#]+\.md)(?:#[^)\s]*)?\)")
 
 
-@pytest.mark.parametrize(
-    "page", [p for p in PAGES if p != README], ids=page_id
-)
+@pytest.mark.parametrize("page", [p for p in PAGES if p != README], ids=page_id)
 def test_links_between_pages_resolve(page: Path) -> None:
     text = page.read_text(encoding="utf-8")
     broken = [t for t in _LINK.findall(text) if not (page.parent / t).resolve().is_file()]
@@ -277,10 +278,8 @@ def _assert_names_exist(paths: set[tuple[str, ...]], where: str) -> None:
         obj: object = stalwart
         for depth, part in enumerate(path[1:], start=1):
             if not hasattr(obj, part) and isinstance(obj, ModuleType):
-                try:
+                with contextlib.suppress(ImportError):
                     importlib.import_module(".".join(path[: depth + 1]))
-                except ImportError:
-                    pass
             assert hasattr(obj, part), f"{where}: {'.'.join(path[: depth + 1])} does not exist"
             obj = getattr(obj, part)
 
@@ -293,8 +292,5 @@ def test_docstrings_have_examples() -> None:
     ("where", "code"), _docstring_examples(), ids=[w for w, _ in _docstring_examples()]
 )
 def test_docstring_examples_compile_and_name_real_things(where: str, code: str) -> None:
-    tree = compile(
-        code, where, "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-    )
+    tree = compile(code, where, "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
     _assert_names_exist(_names_used(tree), where)
-
