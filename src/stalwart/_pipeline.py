@@ -36,6 +36,12 @@ class Pipeline(Policy):
         )
 
     Pipelines nest, and a pipeline is reusable like any policy.
+
+    Args:
+        *policies: the policies, outermost first.
+        name: the ``policy`` attribute of its span.
+        telemetry: where its span goes (``None``: the default `Telemetry`);
+            the members report their metrics to their own.
     """
 
     kind = "pipeline"
@@ -54,6 +60,7 @@ class Pipeline(Policy):
 
     @property
     def policies(self) -> tuple[Policy, ...]:
+        """The policies, outermost first."""
         return self._policies
 
     def _bind(
