@@ -148,7 +148,7 @@ def _same_output(printed: str, expected: str) -> bool:
 
 
 class ExampleFailed(Exception):
-    pass
+    """A block raised, or printed something other than its page says."""
 
 
 def run_page(path: Path) -> None:
