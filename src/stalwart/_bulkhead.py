@@ -59,6 +59,14 @@ class Bulkhead(Policy):
     the queue. Slots are given back whatever happens: success, error,
     cancellation, or cancellation while still queued.
 
+    Args:
+        max_concurrent: calls allowed to run at once, >= 1.
+        max_queued: calls allowed to wait for a slot, >= 0 (``None``: no limit).
+        max_wait: seconds a call may wait for a slot, >= 0 (``None``: until
+            its deadline, if any; ``0``: never wait).
+        name: the ``policy`` label of its metrics and attribute of its spans.
+        telemetry: where it reports (``None``: the default `Telemetry`).
+
     Example::
 
         @sw.Bulkhead(8, max_queued=32, max_wait=0.5)
@@ -99,14 +107,17 @@ class Bulkhead(Policy):
 
     @property
     def max_concurrent(self) -> int:
+        """Calls allowed to run at once."""
         return self._max
 
     @property
     def max_queued(self) -> int | None:
+        """Calls allowed to wait for a slot (None: no limit)."""
         return self._max_queued
 
     @property
     def max_wait(self) -> float | None:
+        """Seconds a call may wait for a slot (None: no limit of its own)."""
         return self._max_wait
 
     @property
@@ -120,6 +131,7 @@ class Bulkhead(Policy):
         return self._queued
 
     def statistics(self) -> BulkheadStatistics:
+        """A snapshot of the limits and of the calls running and waiting now."""
         return BulkheadStatistics(self._max, self._max_queued, self._in_flight, self._queued)
 
     def _bind(

@@ -31,12 +31,17 @@ class Pipeline(Policy):
         sw.Pipeline(
             sw.Timeout(10),          # the whole operation, retries included
             sw.Retry(attempts=3),    # retry what fails below
-            sw.CircuitBreaker(),     # stop calling a dependency that is down
             sw.Bulkhead(8),          # at most 8 calls in flight
             sw.Timeout(2),           # each single attempt
         )
 
     Pipelines nest, and a pipeline is reusable like any policy.
+
+    Args:
+        *policies: the policies, outermost first.
+        name: the ``policy`` attribute of its span.
+        telemetry: where its span goes (``None``: the default `Telemetry`);
+            the members report their metrics to their own.
     """
 
     kind = "pipeline"
@@ -55,6 +60,7 @@ class Pipeline(Policy):
 
     @property
     def policies(self) -> tuple[Policy, ...]:
+        """The policies, outermost first."""
         return self._policies
 
     def _bind(

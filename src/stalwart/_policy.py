@@ -90,6 +90,7 @@ class Policy(ABC):
 
     @property
     def telemetry(self) -> Telemetry:
+        """Where the policy reports its metrics and spans."""
         return self._telemetry
 
     def __call__(

@@ -24,6 +24,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 Jitter = Literal["full", "equal", "decorrelated", "none"]
+"""The jitter strategies of a `Backoff` (see `Backoff` for their formulas)."""
 _JITTERS: Final = frozenset(get_args(Jitter))
 
 ExceptionMatcher = Union[  # noqa: UP007 - a runtime alias: `|` needs 3.10 types on both sides
@@ -84,8 +85,12 @@ class Backoff:
     def delay(
         self, retry: int, previous: float | None = None, rng: random.Random | None = None
     ) -> float:
-        """The delay before retry ``retry``; ``previous`` is the last delay used
-        (for ``"decorrelated"``; defaults to ``initial``)."""
+        """A jittered delay before retry number ``retry`` (1-based).
+
+        ``previous`` is the delay used before the previous retry: only
+        ``"decorrelated"`` jitter needs it (``None``: ``initial``). Random
+        draws come from ``rng``, or the ``random`` module's generator.
+        """
         uniform = random.uniform if rng is None else rng.uniform
         jitter = self.jitter
         if jitter == "decorrelated":
@@ -174,6 +179,8 @@ class Retry(Policy):
             attribute (so a `CircuitOpenError` is waited out, not hammered).
         rng: the ``random.Random`` jitter draws from (default: the ``random``
             module's), for reproducible delays.
+        name: the ``policy`` label of its metrics and attribute of its spans.
+        telemetry: where it reports (``None``: the default `Telemetry`).
 
     The delay before a retry is ``max(backoff delay, hint)``; when it would
     end after the ambient deadline or the ``timeout``, no more attempts are
@@ -238,18 +245,22 @@ class Retry(Policy):
 
     @property
     def attempts(self) -> int:
+        """Total tries, the first included."""
         return self._attempts
 
     @property
     def backoff(self) -> Backoff:
+        """The delays between attempts."""
         return self._backoff
 
     @property
     def timeout(self) -> float | None:
+        """Seconds for all attempts and sleeps together, or None."""
         return self._timeout
 
     @property
     def budget(self) -> RetryBudget | None:
+        """The shared `RetryBudget`, or None."""
         return self._budget
 
     def _retryable(self, exc: BaseException) -> bool:

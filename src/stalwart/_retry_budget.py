@@ -39,8 +39,10 @@ class RetryBudget:
     the call fails with its last error.
 
     Under a total outage, a steady stream of calls makes at most about
-    ``1 + ratio`` attempts per call (plus the floor), instead of the
-    ``attempts``-fold load amplification that turns a blip into an outage.
+    ``1 + ratio`` attempts per call (plus ``min_per_second`` divided by the
+    calls per second, for the floor), instead of the ``attempts``-fold load
+    amplification that turns a blip into an outage. The floor is available
+    from the start: a new budget allows ``min_per_second * window`` retries.
 
     Args:
         ratio: retries earned per first attempt, >= 0 (may exceed 1).
@@ -81,14 +83,17 @@ class RetryBudget:
 
     @property
     def ratio(self) -> float:
+        """Retries earned per first attempt."""
         return self._ratio
 
     @property
     def min_per_second(self) -> float:
+        """Retries always allowed per second."""
         return self._min_per_second
 
     @property
     def window(self) -> float:
+        """Seconds over which attempts and retries are counted."""
         return self._window
 
     def _advance(self) -> int:

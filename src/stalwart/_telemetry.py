@@ -136,6 +136,7 @@ class Telemetry:
 
     @property
     def registry(self) -> CollectorRegistry:
+        """The Prometheus registry the policies' series are on."""
         return self._registry
 
     @property

@@ -338,6 +338,7 @@ class deadline:  # noqa: N801 - used like a function: `with sw.deadline(5):`
 
     @property
     def seconds(self) -> float:
+        """The time the block is allowed, before any nearer enclosing deadline."""
         return self._seconds
 
     def __enter__(self) -> deadline:
@@ -390,6 +391,11 @@ class Timeout(Policy):
     ``timeout`` the limit that applied; ``stalwart_timeouts_total`` counts it
     whether the Timeout's own limit or the ambient deadline was nearer.
 
+    Args:
+        seconds: the limit for each call, > 0.
+        name: the ``policy`` label of its metrics and attribute of its spans.
+        telemetry: where it reports (``None``: the default `Telemetry`).
+
     Example::
 
         @sw.Timeout(2.0)
@@ -408,6 +414,7 @@ class Timeout(Policy):
 
     @property
     def seconds(self) -> float:
+        """The limit for each call, before any nearer ambient deadline."""
         return self._seconds
 
     def _bind(
