@@ -39,21 +39,9 @@ from .docs_examples import ROOT, blocks, page_id
 PAGES = docs_examples.pages()
 README = ROOT / "README.md"
 
-# The README's opening example annotates `-> Price`, a name it never defines,
-# so it raises NameError when run. README.md outside its Contributing section
-# is not ours to edit: strict, so this marker must go once the example is fixed.
-_README_XFAIL = pytest.mark.xfail(
-    strict=True, reason="README.md's first example uses the undefined name `Price`"
-)
 
-
-def _page_params(*, readme_xfail: bool) -> list[object]:
-    return [
-        pytest.param(
-            p, id=page_id(p), marks=[_README_XFAIL] if p == README and readme_xfail else []
-        )
-        for p in PAGES
-    ]
+def _page_params() -> list[object]:
+    return [pytest.param(p, id=page_id(p)) for p in PAGES]
 
 
 @pytest.fixture(scope="session")
@@ -78,14 +66,14 @@ def page_failures(request: pytest.FixtureRequest) -> dict[str, str | None]:
     return results
 
 
-@pytest.mark.parametrize("page", _page_params(readme_xfail=True))
+@pytest.mark.parametrize("page", _page_params())
 def test_page_examples_run(page: Path, page_failures: dict[str, str | None]) -> None:
     error = page_failures[page_id(page)]
     if error is not None:
         pytest.fail(error, pytrace=False)
 
 
-@pytest.mark.parametrize("page", _page_params(readme_xfail=False))
+@pytest.mark.parametrize("page", _page_params())
 def test_page_examples_not_run_still_compile(page: Path) -> None:
     for block in blocks(page):
         if block.lang == "py":
