@@ -85,8 +85,9 @@ class RetryableStatusError(httpx.HTTPStatusError):
 
     Attributes:
         request: the caller's request.
-        response: the response, already read and closed (its body is in
-            memory, so it can still be returned and read).
+        response: the response, read into memory: ``response.content``,
+            ``.text`` and ``.json()`` work (its connection is already back
+            in the pool).
         retry_after: the server's ``Retry-After`` in seconds, or None.
     """
 
@@ -384,8 +385,6 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             body = b"".join([chunk async for chunk in stream])
         finally:
             await response.aclose()
-        # The raw (still encoded) body and the original headers: the client
-        # decodes it, if this response is the one it finally gets.
         kept = httpx.Response(
             response.status_code,
             headers=response.headers,
@@ -393,6 +392,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             extensions=response.extensions,
             request=request,
         )
+        try:
+            kept.read()  # so that `.content`, `.text` and `.json()` work in predicates
+        except httpx.DecodingError:
+            pass  # the caller meets the error if it reads this response in the end
         hint: float | None = None
         retry_after = response.headers.get("retry-after")
         if retry_after is not None:
