@@ -176,6 +176,16 @@ async def test_the_returned_response_can_be_streamed_and_is_decoded_by_the_clien
     assert b"".join(chunks) == b"still unavailable"
 
 
+async def test_a_body_that_does_not_decode_is_still_retried_and_returned() -> None:
+    upstream = Upstream(reply(503, {"content-encoding": "gzip"}, b"not gzip"))
+    async with upstream.client(retry(2)) as client:
+        with pytest.raises(httpx.DecodingError):
+            await client.get("/items")
+        async with client.stream("GET", "/items") as response:
+            assert response.status_code == 503
+    assert len(upstream.seen) == 4
+
+
 # -- Retry-After -----------------------------------------------------------------
 
 

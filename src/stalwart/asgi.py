@@ -163,15 +163,13 @@ class DeadlineMiddleware:
             value (> 0), or None to run them without a deadline. It is
             capped at ``max_timeout`` too.
         grpc_timeout: also read gRPC's ``grpc-timeout`` header.
-        name: the deadline's name, the ``policy`` of the
-            `~stalwart.DeadlineExceeded` the app sees.
 
     Example::
 
         app = DeadlineMiddleware(app, max_timeout=10.0, default_timeout=5.0)
     """
 
-    __slots__ = ("_app", "_default", "_grpc", "_header", "_max", "_name")
+    __slots__ = ("_app", "_default", "_grpc", "_header", "_max")
 
     def __init__(
         self,
@@ -181,7 +179,6 @@ class DeadlineMiddleware:
         max_timeout: float | None = 60.0,
         default_timeout: float | None = None,
         grpc_timeout: bool = False,
-        name: str = "http-deadline",
     ) -> None:
         if not callable(app):
             raise TypeError(f"app must be an ASGI application, not {type(app).__name__}")
@@ -195,7 +192,6 @@ class DeadlineMiddleware:
         if not isinstance(grpc_timeout, bool):
             raise TypeError(f"grpc_timeout must be a bool, not {type(grpc_timeout).__name__}")
         self._grpc = grpc_timeout
-        self._name = _validate.name(name)
 
     @property
     def app(self) -> ASGIApp:
@@ -237,7 +233,7 @@ class DeadlineMiddleware:
                 started = True
             await send(message)
 
-        scope_deadline = deadline(seconds, name=self._name)
+        scope_deadline = deadline(seconds, name="DeadlineMiddleware")
         try:
             with scope_deadline:
                 await self._app(scope, receive, watched_send)

@@ -29,6 +29,7 @@ What the transport adds to the policy:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import re
@@ -392,10 +393,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             extensions=response.extensions,
             request=request,
         )
-        try:
-            kept.read()  # so that `.content`, `.text` and `.json()` work in predicates
-        except httpx.DecodingError:
-            pass  # the caller meets the error if it reads this response in the end
+        # Read, so that `.content`, `.text` and `.json()` work in predicates; a
+        # body that does not decode is left for the caller to meet, if it must.
+        with contextlib.suppress(httpx.DecodingError):
+            kept.read()
         hint: float | None = None
         retry_after = response.headers.get("retry-after")
         if retry_after is not None:
