@@ -177,7 +177,12 @@ async def test_the_returned_response_can_be_streamed_and_is_decoded_by_the_clien
 
 
 async def test_a_body_that_does_not_decode_is_still_retried_and_returned() -> None:
-    upstream = Upstream(reply(503, {"content-encoding": "gzip"}, b"not gzip"))
+    def garbled() -> httpx.Response:
+        return httpx.Response(
+            503, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip")
+        )
+
+    upstream = Upstream(garbled)
     async with upstream.client(retry(2)) as client:
         with pytest.raises(httpx.DecodingError):
             await client.get("/items")
