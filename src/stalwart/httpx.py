@@ -29,7 +29,6 @@ What the transport adds to the policy:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import re
@@ -159,6 +158,17 @@ def _response_date(response: httpx.Response) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return when.timestamp()
+
+
+def _in_memory(response: httpx.Response, body: bytes, request: httpx.Request) -> httpx.Response:
+    """A copy of ``response`` whose (still encoded) body is ``body``."""
+    return httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=httpx.ByteStream(body),
+        extensions=response.extensions,
+        request=request,
+    )
 
 
 def _retry_statuses(value: Any) -> frozenset[int]:
@@ -386,17 +396,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             body = b"".join([chunk async for chunk in stream])
         finally:
             await response.aclose()
-        kept = httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=httpx.ByteStream(body),
-            extensions=response.extensions,
-            request=request,
-        )
-        # Read, so that `.content`, `.text` and `.json()` work in predicates; a
-        # body that does not decode is left for the caller to meet, if it must.
-        with contextlib.suppress(httpx.DecodingError):
-            kept.read()
+        kept = _in_memory(response, body, request)
+        try:
+            kept.read()  # so that `.content`, `.text` and `.json()` work in predicates
+        except httpx.DecodingError:
+            # Left unread for the caller to meet, if this is the response it gets.
+            kept = _in_memory(response, body, request)
         hint: float | None = None
         retry_after = response.headers.get("retry-after")
         if retry_after is not None:
