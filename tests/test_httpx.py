@@ -167,6 +167,13 @@ async def test_a_policy_that_does_not_retry_statuses_returns_the_first_response(
     assert len(upstream.seen) == 1
 
 
+async def test_the_returned_response_can_be_streamed_raw() -> None:
+    upstream = Upstream(reply(503, body=b"still unavailable"))
+    async with upstream.client(retry(2)) as client, client.stream("GET", "/items") as response:
+        chunks = [chunk async for chunk in response.aiter_raw()]
+    assert b"".join(chunks) == b"still unavailable"
+
+
 async def test_the_returned_response_can_be_streamed_and_is_decoded_by_the_client() -> None:
     body = gzip.compress(b"still unavailable")
     upstream = Upstream(reply(503, {"content-encoding": "gzip"}, body))

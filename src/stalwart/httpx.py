@@ -92,6 +92,7 @@ class RetryableStatusError(httpx.HTTPStatusError):
     """
 
     retry_after: float | None
+    _body: bytes | None = None  # the body as it came (still encoded), when the transport made it
 
     def __init__(
         self,
@@ -341,7 +342,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         except RetryableStatusError as exc:
             if exc.request is not request:
                 raise
-            return exc.response
+            if exc._body is None:
+                return exc.response
+            # A fresh copy, unread: the caller may stream it, raw or decoded.
+            return _in_memory(exc.response, exc._body, request)
 
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
         """One round trip: what the policy calls, retries and times."""
@@ -406,12 +410,14 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         retry_after = response.headers.get("retry-after")
         if retry_after is not None:
             hint = parse_retry_after(retry_after, now=_response_date(response))
-        return RetryableStatusError(
+        error = RetryableStatusError(
             f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}",
             request=request,
             response=kept,
             retry_after=hint,
         )
+        error._body = body
+        return error
 
     def _new_key(self) -> str:
         rng = self._rng
