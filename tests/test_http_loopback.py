@@ -81,7 +81,7 @@ async def read_body(receive: Receive) -> bytes:
     body = b""
     while True:
         message = await receive()
-        body += message.get("body", b"")
+        body += bytes(message.get("body", b""))
         if not message.get("more_body", False):
             return body
 
@@ -227,7 +227,7 @@ async def test_the_last_503_is_returned_after_the_last_attempt(server: Running) 
 
 async def test_a_429_with_retry_after_is_waited_out(server: Running) -> None:
     key = server.key()
-    params = {"key": key, "fail": 1, "status": 429, "retry_after": "0.1"}
+    params: dict[str, str | int] = {"key": key, "fail": 1, "status": 429, "retry_after": "0.1"}
     async with client(server) as http:
         start = anyio.current_time()
         response = await http.get("/flaky", params=params)
