@@ -63,7 +63,7 @@ _HEADERS = [(b"host", b"service"), (b"accept", b"*/*"), (b"x-request-timeout-ms"
 
 
 def _asgi(app: Any, *, by_hand: bool = False) -> Call:
-    scope = {"type": "http", "method": "GET", "path": "/", "headers": _HEADERS}
+    scope: dict[str, Any] = {"type": "http", "method": "GET", "path": "/", "headers": _HEADERS}
 
     if by_hand:
         # The least a hand-written equivalent does: find the header, trust it.
