@@ -23,6 +23,7 @@ from typing import Any, Final, final
 
 from . import _clock, _validate
 from ._errors import DeadlineExceeded
+from ._http import DEADLINE_HEADER, header_name
 from ._timeout import deadline
 
 __all__ = [
@@ -42,7 +43,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # At most 15 integer digits: longer values are not durations anyone means.
 _MILLISECONDS: Final = re.compile(rb"\s*(\d{1,15}(?:\.\d+)?)\s*")
 # gRPC over HTTP/2: "TimeoutValue TimeoutUnit", at most 8 digits.
@@ -122,14 +122,6 @@ async def _send_problem(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _header_name(param: str, value: Any) -> bytes:
-    if not isinstance(value, str):
-        raise TypeError(f"{param} must be a header name (str), not {type(value).__name__}")
-    if not _TOKEN.fullmatch(value):
-        raise ValueError(f"{param} must be a valid HTTP header name, got {value!r}")
-    return value.lower().encode("ascii")
-
-
 @final
 class DeadlineMiddleware:
     """Run each HTTP request under the deadline its caller sent.
@@ -177,7 +169,7 @@ class DeadlineMiddleware:
         self,
         app: ASGIApp,
         *,
-        header: str | None = "x-request-timeout-ms",
+        header: str | None = DEADLINE_HEADER,
         max_timeout: float | None = 60.0,
         default_timeout: float | None = None,
         grpc_timeout: bool = False,
@@ -185,7 +177,7 @@ class DeadlineMiddleware:
         if not callable(app):
             raise TypeError(f"app must be an ASGI application, not {type(app).__name__}")
         self._app = app
-        self._header = None if header is None else _header_name("header", header)
+        self._header = None if header is None else header_name("header", header).lower().encode()
         self._max = _validate.optional_duration("max_timeout", max_timeout, positive=True)
         default = _validate.optional_duration("default_timeout", default_timeout, positive=True)
         if default is not None and self._max is not None:

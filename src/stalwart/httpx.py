@@ -49,6 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import _validate
 from ._errors import DeadlineExceeded
+from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
 from ._policy import Policy
 from ._retry import Retry, retries_disabled
 from ._timeout import remaining
@@ -68,8 +69,6 @@ DEFAULT_RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 """Methods RFC 9110 defines as idempotent: repeating them is safe."""
 
-# Header field names are tokens (RFC 9110, section 5.1).
-_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _DELTA_SECONDS: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
 
 
@@ -136,27 +135,21 @@ def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
     if match is not None:
         seconds = float(match.group(1))
         return seconds if math.isfinite(seconds) else None
+    when = _http_date(value)
+    if when is None:
+        return None
+    # A date needs the wall clock: the event loop's clock has no epoch.
+    reference = time.time() if now is None else now
+    return max(0.0, when - reference)
+
+
+def _http_date(value: str) -> float | None:
+    """An HTTP date as a POSIX timestamp, or None if malformed."""
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:  # HTTP dates are always GMT
-        when = when.replace(tzinfo=timezone.utc)
-    # A date needs the wall clock: the event loop's clock has no epoch.
-    reference = time.time() if now is None else now
-    return max(0.0, when.timestamp() - reference)
-
-
-def _response_date(response: httpx.Response) -> float | None:
-    """The server's ``Date``, so an HTTP-date hint is immune to clock skew."""
-    date = response.headers.get("date")
-    if date is None:
-        return None
-    try:
-        when = parsedate_to_datetime(date)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return when.timestamp()
 
@@ -186,14 +179,6 @@ def _retry_statuses(value: Any) -> frozenset[int]:
         if not 100 <= status <= 599:
             raise ValueError(f"retry_statuses must hold status codes in 100-599, got {status!r}")
     return statuses
-
-
-def _header_name(param: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{param} must be a header name (str), not {type(value).__name__}")
-    if not _TOKEN.fullmatch(value):
-        raise ValueError(f"{param} must be a valid HTTP header name, got {value!r}")
-    return value.lower()
 
 
 @final
@@ -276,9 +261,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         retry_statuses: Iterable[int] = DEFAULT_RETRY_STATUSES,
-        deadline_header: str | None = "x-request-timeout-ms",
+        deadline_header: str | None = DEADLINE_HEADER,
         add_idempotency_keys: bool = False,
-        idempotency_header: str = "Idempotency-Key",
+        idempotency_header: str = IDEMPOTENCY_HEADER,
         name: str = "httpx",
         rng: random.Random | None = None,
     ) -> None:
@@ -299,14 +284,14 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._transport = transport
         self._retry_statuses = _retry_statuses(retry_statuses)
         self._deadline_header = (
-            None if deadline_header is None else _header_name("deadline_header", deadline_header)
+            None if deadline_header is None else header_name("deadline_header", deadline_header)
         )
         if not isinstance(add_idempotency_keys, bool):
             raise TypeError(
                 f"add_idempotency_keys must be a bool, not {type(add_idempotency_keys).__name__}"
             )
         self._add_keys = add_idempotency_keys
-        self._key_header = _header_name("idempotency_header", idempotency_header)
+        self._key_header = header_name("idempotency_header", idempotency_header)
         if rng is not None and not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
         self._rng = rng
@@ -409,7 +394,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         hint: float | None = None
         retry_after = response.headers.get("retry-after")
         if retry_after is not None:
-            hint = parse_retry_after(retry_after, now=_response_date(response))
+            # The server's own `Date`, when it sent one, makes an HTTP date immune
+            # to the skew between its clock and ours.
+            date = response.headers.get("date")
+            hint = parse_retry_after(retry_after, now=None if date is None else _http_date(date))
         error = RetryableStatusError(
             f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}",
             request=request,
