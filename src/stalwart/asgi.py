@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final, final
 
 from . import _clock, _validate
@@ -102,7 +102,6 @@ async def _send_problem(
     status: int,
     title: str,
     detail: str,
-    headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
     """Send a complete ``application/problem+json`` response (RFC 9457)."""
     body = json.dumps(
@@ -115,7 +114,6 @@ async def _send_problem(
             "headers": [
                 (b"content-type", b"application/problem+json"),
                 (b"content-length", str(len(body)).encode()),
-                *headers,
             ],
         }
     )
