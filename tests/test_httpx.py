@@ -160,6 +160,36 @@ async def test_a_retried_status_reaches_the_policy_as_a_retryable_status_error()
     assert failure.request.url == "http://upstream.test/items"
 
 
+class Recorder(sw.Policy):
+    """Records the outcome of every call it wraps, as a circuit breaker would count it."""
+
+    kind = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__(name="recorder", telemetry=None)
+        self.outcomes: list[object] = []
+
+    def _bind(self, fn: Any, *, origin: Any, traced: bool) -> Any:
+        async def recorded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                response = await fn(*args, **kwargs)
+            except Exception as exc:
+                self.outcomes.append(type(exc))
+                raise
+            self.outcomes.append(response.status_code)
+            return response
+
+        return recorded
+
+
+async def test_a_policy_inside_the_retry_sees_every_attempts_outcome() -> None:
+    recorder = Recorder()
+    upstream = Upstream(503, fail(), 200)
+    async with upstream.client(sw.Pipeline(retry(), recorder)) as client:
+        await client.get("/items")
+    assert recorder.outcomes == [RetryableStatusError, httpx.ConnectError, 200]
+
+
 async def test_a_policy_that_does_not_retry_statuses_returns_the_first_response() -> None:
     upstream = Upstream(503, 200)
     async with upstream.client(retry(on=httpx.TransportError)) as client:
