@@ -25,12 +25,15 @@ CONTRACT = [
     "Telemetry",
 ]
 
+# Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.
+INTEGRATIONS = {"asgi": ["DeadlineMiddleware"], "httpx": ["ResilientTransport"]}
+
 
 def test_all_is_sorted_and_complete() -> None:
     assert sw.__all__ == sorted(sw.__all__)
     for name in sw.__all__:
         assert hasattr(sw, name), name
-    public = {n for n in dir(sw) if not n.startswith("_")} - {"testing"}
+    public = {n for n in dir(sw) if not n.startswith("_")} - {"testing", *INTEGRATIONS}
     assert public <= set(sw.__all__) | {"annotations"}
 
 
@@ -84,3 +87,12 @@ def test_testing_module_is_importable() -> None:
 
 def test_version_is_a_string() -> None:
     assert isinstance(sw.__version__, str)
+
+
+@pytest.mark.parametrize("module", sorted(INTEGRATIONS))
+def test_the_integrations_export_their_contract_names(module: str) -> None:
+    imported = importlib.import_module(f"stalwart.{module}")
+    assert imported.__all__ == sorted(imported.__all__)
+    for name in INTEGRATIONS[module]:
+        assert name in imported.__all__
+        assert inspect.getdoc(getattr(imported, name)), name

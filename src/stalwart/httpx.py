@@ -1,0 +1,433 @@
+"""Make any ``httpx.AsyncClient`` resilient: `ResilientTransport`.
+
+Wrap the client's transport and every request it sends goes through a
+stalwart policy (a `~stalwart.Retry`, a `~stalwart.Pipeline`, any policy) as
+one logical call, each attempt a real round trip::
+
+    import httpx
+    import stalwart as sw
+    from stalwart.httpx import ResilientTransport
+
+    client = httpx.AsyncClient(
+        transport=ResilientTransport(sw.Pipeline(sw.Retry(attempts=4), sw.Timeout(2)))
+    )
+
+What the transport adds to the policy:
+
+* responses whose status is in ``retry_statuses`` (429, 502, 503, 504 by
+  default) fail the attempt with `RetryableStatusError`, so they are retried
+  and counted by breakers; when the policy gives up on one, the caller gets
+  that last response back, not an exception;
+* a ``Retry-After`` header (seconds or an HTTP date) becomes the error's
+  ``retry_after``, which `~stalwart.Retry` waits out;
+* only requests that are safe to repeat are retried: idempotent methods and
+  requests carrying an ``Idempotency-Key`` (which it can add for you);
+* under an ambient deadline (`~stalwart.deadline`) every attempt tells the
+  server how long it has left, in ``x-request-timeout-ms``, and never waits on
+  the network longer than that itself.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import timezone
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Final, final
+
+try:
+    import httpx
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "stalwart.httpx needs httpx: install it with `pip install stalwart[httpx]`"
+    ) from exc
+
+from . import _validate
+from ._errors import DeadlineExceeded
+from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
+from ._policy import Policy
+from ._retry import Retry, retries_disabled
+from ._timeout import remaining
+
+__all__ = [
+    "DEFAULT_RETRY_ON",
+    "DEFAULT_RETRY_STATUSES",
+    "IDEMPOTENT_METHODS",
+    "ResilientTransport",
+    "RetryableStatusError",
+    "parse_retry_after",
+]
+
+DEFAULT_RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
+"""Statuses that mean "try again later": rate limited, or a gateway's upstream failed."""
+
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+"""Methods RFC 9110 defines as idempotent: repeating them is safe."""
+
+_DELTA_SECONDS: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
+
+
+class RetryableStatusError(httpx.HTTPStatusError):
+    """An attempt got a response whose status is in ``retry_statuses``.
+
+    `ResilientTransport` raises it inside the policy, so a `~stalwart.Retry`
+    retries it and a circuit breaker counts it as a failure; it never reaches
+    the caller, who gets ``response`` back when the policy gives up. Name it in
+    a policy's options to single it out, for instance
+    ``Retry(on=(httpx.TransportError, RetryableStatusError))``. As an
+    ``httpx.HTTPStatusError`` it is also matched by ``on=httpx.HTTPError``.
+
+    Attributes:
+        request: the caller's request.
+        response: the response, read into memory: ``response.content``,
+            ``.text`` and ``.json()`` work (its connection is already back
+            in the pool).
+        retry_after: the server's ``Retry-After`` in seconds, or None.
+    """
+
+    retry_after: float | None
+    _body: bytes | None = None  # the body as it came (still encoded), when the transport made it
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request: httpx.Request,
+        response: httpx.Response,
+        retry_after: float | None,
+    ) -> None:
+        super().__init__(message, request=request, response=response)
+        self.retry_after = retry_after
+
+
+DEFAULT_RETRY_ON: Final[tuple[type[Exception], ...]] = (
+    httpx.TimeoutException,
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+    httpx.ProxyError,
+    RetryableStatusError,
+)
+"""What the default policy retries: every ``httpx.TransportError`` a retry can
+mend (not ``UnsupportedProtocol`` or ``LocalProtocolError``), and
+`RetryableStatusError`."""
+
+
+def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
+    """Seconds to wait according to a ``Retry-After`` value, or None.
+
+    ``value`` is delta-seconds (``"120"``; a decimal fraction is accepted) or
+    an HTTP date (``"Wed, 21 Oct 2015 07:28:00 GMT"``), which is compared to
+    ``now`` (a POSIX timestamp; default: the wall clock). A date in the past
+    gives 0.0. Anything malformed or negative gives None: a hint that cannot
+    be read is no hint.
+
+    Example::
+
+        parse_retry_after("3")  # 3.0
+        parse_retry_after("-1")  # None
+    """
+    match = _DELTA_SECONDS.fullmatch(value)
+    if match is not None:
+        seconds = float(match.group(1))
+        return seconds if math.isfinite(seconds) else None
+    when = _http_date(value)
+    if when is None:
+        return None
+    # A date needs the wall clock: the event loop's clock has no epoch.
+    reference = time.time() if now is None else now
+    return max(0.0, when - reference)
+
+
+def _http_date(value: str) -> float | None:
+    """An HTTP date as a POSIX timestamp, or None if malformed."""
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # HTTP dates are always GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def _in_memory(response: httpx.Response, body: bytes, request: httpx.Request) -> httpx.Response:
+    """A copy of ``response`` whose (still encoded) body is ``body``."""
+    return httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=httpx.ByteStream(body),
+        extensions=response.extensions,
+        request=request,
+    )
+
+
+def _retry_statuses(value: Any) -> frozenset[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"retry_statuses must be a collection of HTTP status codes, not {type(value).__name__}"
+        )
+    statuses = frozenset(value)
+    for status in statuses:
+        if not isinstance(status, int) or isinstance(status, bool):
+            raise TypeError(
+                f"retry_statuses must hold int status codes, got {type(status).__name__}"
+            )
+        if not 100 <= status <= 599:
+            raise ValueError(f"retry_statuses must hold status codes in 100-599, got {status!r}")
+    return statuses
+
+
+@final
+class ResilientTransport(httpx.AsyncBaseTransport):
+    """An httpx transport that sends each request through a stalwart policy.
+
+    Use it as any client's transport; it wraps another one (by default a new
+    ``httpx.AsyncHTTPTransport()``), delegates to it and closes it with itself::
+
+        async with httpx.AsyncClient(
+            transport=ResilientTransport(sw.Retry(attempts=4, timeout=10))
+        ) as client:
+            response = await client.get("https://inventory.internal/items/42")
+
+    Each request is one call of ``policy``, and each attempt one round trip to
+    the inner transport:
+
+    * A response whose status is in ``retry_statuses`` fails the attempt with
+      `RetryableStatusError` (after its body is read, so the connection goes
+      back to the pool). Its ``retry_after`` is the server's ``Retry-After``
+      (see `parse_retry_after`), which `~stalwart.Retry` honours as a minimum
+      delay, as far as the deadline allows. When the policy gives up on it,
+      the last response is returned, as it would be without the transport.
+    * ``httpx.TransportError`` (connection refused or reset, timeouts, ...)
+      fail the attempt too; after the last attempt the error propagates.
+    * Only requests safe to repeat are retried: the idempotent methods (GET,
+      HEAD, OPTIONS, PUT, DELETE, TRACE) and requests that carry an
+      ``Idempotency-Key`` header. With ``add_idempotency_keys=True`` every
+      other request gets a fresh random key (on the caller's request, so
+      ``response.request.headers["Idempotency-Key"]`` shows it), the same on
+      all its attempts. Any other request makes one attempt whatever the
+      policy says (`~stalwart.Retry` is switched off for it); breakers,
+      timeouts and bulkheads still apply.
+    * The request body is read into memory once, so every attempt sends the
+      same bytes, streamed bodies included.
+    * Under an ambient deadline (`~stalwart.deadline`, a ``Retry(timeout=)``,
+      a `~stalwart.Timeout`), every attempt carries ``deadline_header`` with
+      the whole milliseconds left, and its own httpx timeouts (connect, read,
+      write, pool) are cut to the time left. With less than a millisecond
+      left the request is not sent: `~stalwart.DeadlineExceeded` is raised.
+
+    Only ``handle_async_request`` runs under the policy: it returns when the
+    response's headers have arrived, so reading a large body later is not
+    retried (nor limited by a ``Timeout`` in the policy).
+
+    Args:
+        policy: the policy each request goes through. Default:
+            ``Retry(attempts=3, on=DEFAULT_RETRY_ON, name=name)``, which
+            retries transport failures and retryable statuses with the
+            default `~stalwart.Backoff`, but not errors that a retry cannot
+            mend (``httpx.UnsupportedProtocol``, ``httpx.LocalProtocolError``).
+        transport: the inner transport (an ``httpx.AsyncBaseTransport``).
+        retry_statuses: statuses that fail an attempt (may be empty).
+        deadline_header: the header carrying the deadline downstream, or None
+            to send none (timeouts are still narrowed).
+        add_idempotency_keys: give non-idempotent requests an
+            ``Idempotency-Key`` so that they can be retried.
+        idempotency_header: the name of that header.
+        name: reported as the ``policy`` of the transport's own errors, and
+            the name of the default policy.
+        rng: the ``random.Random`` keys are drawn from (default:
+            ``uuid.uuid4()``, from the operating system's randomness).
+    """
+
+    __slots__ = (
+        "_add_keys",
+        "_deadline_header",
+        "_key_header",
+        "_name",
+        "_policy",
+        "_retry_statuses",
+        "_rng",
+        "_send",
+        "_transport",
+    )
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retry_statuses: Iterable[int] = DEFAULT_RETRY_STATUSES,
+        deadline_header: str | None = DEADLINE_HEADER,
+        add_idempotency_keys: bool = False,
+        idempotency_header: str = IDEMPOTENCY_HEADER,
+        name: str = "httpx",
+        rng: random.Random | None = None,
+    ) -> None:
+        self._name = _validate.name(name)
+        if policy is None:
+            policy = Retry(attempts=3, on=DEFAULT_RETRY_ON, name=self._name)
+        elif not isinstance(policy, Policy):
+            raise TypeError(
+                f"policy must be a stalwart policy or None, not {type(policy).__name__}"
+            )
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport()
+        elif not isinstance(transport, httpx.AsyncBaseTransport):
+            raise TypeError(
+                f"transport must be an httpx.AsyncBaseTransport, not {type(transport).__name__}"
+            )
+        self._policy = policy
+        self._transport = transport
+        self._retry_statuses = _retry_statuses(retry_statuses)
+        self._deadline_header = (
+            None if deadline_header is None else header_name("deadline_header", deadline_header)
+        )
+        if not isinstance(add_idempotency_keys, bool):
+            raise TypeError(
+                f"add_idempotency_keys must be a bool, not {type(add_idempotency_keys).__name__}"
+            )
+        self._add_keys = add_idempotency_keys
+        self._key_header = header_name("idempotency_header", idempotency_header)
+        if rng is not None and not isinstance(rng, random.Random):
+            raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
+        self._rng = rng
+        # Bound once: the policy's per-function setup is not paid per request.
+        self._send = policy(self._attempt)
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def transport(self) -> httpx.AsyncBaseTransport:
+        """The inner transport."""
+        return self._transport
+
+    @property
+    def retry_statuses(self) -> frozenset[int]:
+        return self._retry_statuses
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` through the policy; see the class documentation."""
+        await request.aread()
+        headers = request.headers
+        retryable = request.method in IDEMPOTENT_METHODS or self._key_header in headers
+        if not retryable and self._add_keys:
+            headers[self._key_header] = self._new_key()
+            retryable = True
+        try:
+            if retryable:
+                return await self._send(request)
+            with retries_disabled():
+                return await self._send(request)
+        except RetryableStatusError as exc:
+            if exc.request is not request:
+                raise
+            if exc._body is None:
+                return exc.response
+            # A fresh copy, unread: the caller may stream it, raw or decoded.
+            return _in_memory(exc.response, exc._body, request)
+
+    async def _attempt(self, request: httpx.Request) -> httpx.Response:
+        """One round trip: what the policy calls, retries and times."""
+        left = remaining()
+        sent = request if left is None else self._under_deadline(request, left)
+        response = await self._transport.handle_async_request(sent)
+        if response.status_code in self._retry_statuses:
+            raise await self._failed(request, response)
+        return response
+
+    def _under_deadline(self, request: httpx.Request, left: float) -> httpx.Request:
+        """A copy of ``request`` that tells the server, and httpx, the time left."""
+        millis = int(left * 1000.0)
+        if millis < 1:
+            raise DeadlineExceeded(
+                f"no time left before the deadline: {request.method} {request.url} not sent",
+                policy=self._name,
+                timeout=left,
+            )
+        headers = request.headers.copy()
+        if self._deadline_header is not None:
+            headers[self._deadline_header] = str(millis)
+        extensions = dict(request.extensions)
+        timeouts: dict[str, float | None] = dict(extensions.get("timeout") or {})
+        for phase in ("connect", "read", "write", "pool"):
+            limit = timeouts.get(phase)
+            if limit is None or limit > left:
+                timeouts[phase] = left
+        extensions["timeout"] = timeouts
+        # `stream=` keeps the buffered body and adds no headers of its own.
+        return httpx.Request(
+            request.method,
+            request.url,
+            headers=headers,
+            stream=request.stream,
+            extensions=extensions,
+        )
+
+    async def _failed(
+        self, request: httpx.Request, response: httpx.Response
+    ) -> RetryableStatusError:
+        """Read and close a retryable response; the error that carries it.
+
+        ``request`` is the caller's: the error and the kept response name it,
+        whichever copy of it this attempt sent.
+        """
+        stream = response.stream
+        assert isinstance(stream, httpx.AsyncByteStream)  # as httpx.AsyncClient asserts
+        try:
+            # The stream itself, not `aiter_raw()`: a response built in memory
+            # (a MockTransport's) counts as consumed yet still yields its bytes.
+            body = b"".join([chunk async for chunk in stream])
+        finally:
+            await response.aclose()
+        kept = _in_memory(response, body, request)
+        try:
+            kept.read()  # so that `.content`, `.text` and `.json()` work in predicates
+        except httpx.DecodingError:
+            # Left unread for the caller to meet, if this is the response it gets.
+            kept = _in_memory(response, body, request)
+        hint: float | None = None
+        retry_after = response.headers.get("retry-after")
+        if retry_after is not None:
+            # The server's own `Date`, when it sent one, makes an HTTP date immune
+            # to the skew between its clock and ours.
+            date = response.headers.get("date")
+            hint = parse_retry_after(retry_after, now=None if date is None else _http_date(date))
+        error = RetryableStatusError(
+            f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}",
+            request=request,
+            response=kept,
+            retry_after=hint,
+        )
+        error._body = body
+        return error
+
+    def _new_key(self) -> str:
+        rng = self._rng
+        if rng is None:
+            return str(uuid.uuid4())
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+    async def __aenter__(self) -> ResilientTransport:
+        await self._transport.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self._transport.__aexit__(exc_type, exc_value, traceback)
+
+    async def aclose(self) -> None:
+        """Close the inner transport (and its connection pool)."""
+        await self._transport.aclose()
+
+    def __repr__(self) -> str:
+        return f"ResilientTransport({self._policy!r}, transport={self._transport!r})"
