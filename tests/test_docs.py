@@ -178,6 +178,20 @@ def test_every_nav_entry_is_a_page() -> None:
 
 
 _LINK = re.compile(r"\]\((?!https?:|mailto:|#)([^)\s#]+\.md)(?:#[^)\s]*)?\)")
+_ANCHOR_LINK = re.compile(r"\]\((?!https?:|mailto:)([^)\s#]*)#([^)\s]+)\)")
+_FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
+
+
+def _anchors(page: Path) -> set[str]:
+    """Heading ids as Python-Markdown's toc extension makes them (and attr_list ids)."""
+    text = _FENCE.sub("", page.read_text(encoding="utf-8"))
+    anchors = set(re.findall(r"\{[^}]*#([\w-]+)[^}]*\}", text))
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, re.MULTILINE):
+        heading = re.sub(r"\s*\{[^}]*\}$", "", heading)
+        heading = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+        slug = re.sub(r"[^\w\s-]", "", heading).strip().lower()
+        anchors.add(re.sub(r"[-\s]+", "-", slug))
+    return anchors
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if p != README], ids=page_id)
@@ -185,6 +199,19 @@ def test_links_between_pages_resolve(page: Path) -> None:
     text = page.read_text(encoding="utf-8")
     broken = [t for t in _LINK.findall(text) if not (page.parent / t).resolve().is_file()]
     assert not broken, f"{page_id(page)} links to missing pages: {broken}"
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p != README], ids=page_id)
+def test_links_to_headings_resolve(page: Path) -> None:
+    text = _FENCE.sub("", page.read_text(encoding="utf-8"))
+    broken = []
+    for target, anchor in _ANCHOR_LINK.findall(text):
+        linked = page if not target else (page.parent / target).resolve()
+        if linked.suffix != ".md" or not linked.is_file():
+            continue  # reference anchors (mkdocstrings) and missing pages are checked elsewhere
+        if anchor not in _anchors(linked):
+            broken.append(f"{target}#{anchor}")
+    assert not broken, f"{page_id(page)} links to missing headings: {broken}"
 
 
 # -- docstrings ------------------------------------------------------------------
