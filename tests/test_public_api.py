@@ -96,3 +96,11 @@ def test_the_integrations_export_their_contract_names(module: str) -> None:
     for name in INTEGRATIONS[module]:
         assert name in imported.__all__
         assert inspect.getdoc(getattr(imported, name)), name
+
+
+def test_errors_are_named_by_their_public_module() -> None:
+    assert sw.DeadlineExceeded.__module__ == "stalwart"
+    assert repr(sw.BulkheadFullError("full", policy="b")) == "BulkheadFullError('full')"
+    assert f"{sw.CircuitOpenError.__module__}.{sw.CircuitOpenError.__qualname__}" == (
+        "stalwart.CircuitOpenError"
+    )

@@ -392,6 +392,18 @@ async def test_giving_up_at_the_deadline_counts_as_exhausted(registry: Collector
     assert sample(registry, "stalwart_retry_exhausted_total", policy="dl") == 1
 
 
+async def test_a_timeout_budget_expiring_mid_attempt_counts_as_exhausted(
+    registry: CollectorRegistry,
+) -> None:
+    retry = sw.Retry(
+        attempts=5, timeout=2.0, name="budgeted", telemetry=sw.Telemetry(registry=registry)
+    )
+    with pytest.raises(sw.DeadlineExceeded) as info:
+        await retry.call(anyio.sleep, 10)
+    assert info.value.policy == "budgeted"
+    assert sample(registry, "stalwart_retry_exhausted_total", policy="budgeted") == 1
+
+
 async def test_each_retry_is_an_event_with_the_attempt_about_to_be_made(
     telemetry: sw.Telemetry, spans: Spans
 ) -> None:

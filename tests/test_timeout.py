@@ -254,7 +254,7 @@ async def test_timeouts_are_counted_and_reported(
     assert events[0].attributes == {"stalwart.policy": "counted", "stalwart.timeout": 1.0}
     assert failed.status.is_ok is False
     assert failed.attributes is not None
-    assert failed.attributes["error.type"] == "stalwart._errors.DeadlineExceeded"
+    assert failed.attributes["error.type"] == "stalwart.DeadlineExceeded"
 
 
 async def test_an_external_cancellation_is_not_counted_as_a_timeout(

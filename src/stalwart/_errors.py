@@ -83,3 +83,17 @@ class IdempotencyConflict(StalwartError):
 
 class IdempotencyKeyReused(StalwartError):
     """An idempotency key was reused with different arguments (another fingerprint)."""
+
+
+# Errors are part of the public API: name them by where users import them
+# from (tracebacks, reprs, pickles and the spans' error.type all show this).
+for _error in (
+    StalwartError,
+    CircuitOpenError,
+    BulkheadFullError,
+    DeadlineExceeded,
+    IdempotencyConflict,
+    IdempotencyKeyReused,
+):
+    _error.__module__ = "stalwart"
+del _error

@@ -13,6 +13,7 @@ from typing import Any, Final, Literal, TypeVar, Union, final, get_args
 from typing_extensions import ParamSpec
 
 from . import _clock, _validate
+from ._errors import DeadlineExceeded
 from ._policy import Policy
 from ._retry_budget import RetryBudget
 from ._telemetry import RetryStats, Telemetry, add_event, listening, otel_probe, run_in_span
@@ -332,7 +333,7 @@ class Retry(Policy):
             self._budget.deposit()
         if self._timeout is None:
             return await self._first(fn, args, kwargs)
-        with _Scope(self._timeout, self._name):
+        with _Scope(self._timeout, self._name, self):
             return await self._first(fn, args, kwargs)
 
     async def _first(
@@ -419,6 +420,17 @@ class Retry(Policy):
         if raised:
             raise failure
         return failure  # type: ignore[no-any-return]
+
+    @property
+    def claims_outer_deadline(self) -> bool:
+        return False
+
+    def deadline_exceeded(self, timeout: float) -> DeadlineExceeded:
+        """The ``timeout`` budget ran out mid-attempt: the retry gave up."""
+        self._stats.exhausted += 1
+        return DeadlineExceeded(
+            f"{self._name!r} ran out of its {timeout:g}s budget", policy=self._name, timeout=timeout
+        )
 
     def __repr__(self) -> str:
         return f"Retry({self._attempts}, backoff={self._backoff!r}, name={self._name!r})"

@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from contextvars import ContextVar, Token
 from heapq import heapify, heappop, heappush
 from types import TracebackType
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, Protocol, TypeVar, final
 from weakref import WeakKeyDictionary
 
 import anyio
@@ -158,19 +158,30 @@ def _timers_of(info: _clock.LoopInfo) -> _Timers:
     return timers
 
 
+class ScopeOwner(Protocol):
+    """A policy whose deadline scope reports to it when it expires."""
+
+    @property
+    def claims_outer_deadline(self) -> bool: ...
+
+    def deadline_exceeded(self, timeout: float) -> DeadlineExceeded:
+        """Count the expiry and build the error; ``timeout`` is the limit that applied."""
+        ...
+
+
 class _Scope:
     """One deadline scope: the ambient deadline inside it, and its canceller.
 
     ``timeout`` is the effective limit (``seconds``, or less when an
     enclosing deadline is nearer). A scope whose enclosing deadline is nearer
     and lives in the same task arms nothing: that deadline cancels for both.
-    ``stats`` (a `Timeout`'s) makes the scope count and report expiries, and
-    also claim the enclosing deadline's expiry as its own, as the contract
-    asks of a `Timeout`.
+    An ``owner`` (a `Timeout`, or a `Retry` with a ``timeout``) builds the
+    error and counts the expiry; one that ``claims_outer_deadline`` (a
+    `Timeout`) also reports the enclosing deadline's expiry as its own, as the
+    contract asks of a `Timeout`.
     """
 
     __slots__ = (
-        "_attrs",
         "_cancel_scope",
         "_cancelling",
         "_entry",
@@ -179,8 +190,8 @@ class _Scope:
         "_task",
         "_timers",
         "_token",
+        "owner",
         "policy",
-        "stats",
         "timeout",
         "when",
     )
@@ -192,17 +203,10 @@ class _Scope:
     _cancelling: int
     _timers: _Timers
 
-    def __init__(
-        self,
-        seconds: float,
-        policy: str,
-        stats: TimeoutStats | None = None,
-        attrs: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, seconds: float, policy: str, owner: ScopeOwner | None = None) -> None:
         self.timeout = seconds
         self.policy = policy
-        self.stats = stats
-        self._attrs = attrs
+        self.owner = owner
         self._expired = False
         self._token: Token[_Scope | None] | None = None
         self._cancel_scope: anyio.CancelScope | None = None
@@ -266,7 +270,8 @@ class _Scope:
             # still owns the outcome: its limit was that deadline's time left.
             outer = self._outer
             if (
-                self.stats is not None
+                self.owner is not None
+                and self.owner.claims_outer_deadline
                 and exc_type is not None
                 and outer is not None
                 and is_cancellation(exc_type)
@@ -293,16 +298,8 @@ class _Scope:
         return swallowed
 
     def _exceeded(self) -> DeadlineExceeded:
-        stats = self.stats
-        if stats is not None:
-            stats.timeouts += 1
-            if self._attrs is not None:
-                add_event("stalwart.timeout", {**self._attrs, "stalwart.timeout": self.timeout})
-            return DeadlineExceeded(
-                f"{self.policy!r} timed out after {self.timeout:g}s",
-                policy=self.policy,
-                timeout=self.timeout,
-            )
+        if self.owner is not None:
+            return self.owner.deadline_exceeded(self.timeout)
         return DeadlineExceeded(
             f"deadline of {self.timeout:g}s exceeded", policy=self.policy, timeout=self.timeout
         )
@@ -424,10 +421,10 @@ class Timeout(Policy):
         origin: Callable[..., Any],
         traced: bool,
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        seconds, name, stats, attrs = self._seconds, self._name, self._stats, self._span_attributes
+        seconds, name, attrs = self._seconds, self._name, self._span_attributes
 
         async def timed(*args: P.args, **kwargs: P.kwargs) -> T:
-            with _Scope(seconds, name, stats, attrs):
+            with _Scope(seconds, name, self):
                 return await fn(*args, **kwargs)
 
         if not traced:
@@ -437,10 +434,21 @@ class Timeout(Policy):
         async def traced_timed(*args: P.args, **kwargs: P.kwargs) -> T:
             if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
                 return await run_in_span(tel, span_name, attrs, timed, args, kwargs)
-            with _Scope(seconds, name, stats, attrs):
+            with _Scope(seconds, name, self):
                 return await fn(*args, **kwargs)
 
         return traced_timed
+
+    @property
+    def claims_outer_deadline(self) -> bool:
+        return True
+
+    def deadline_exceeded(self, timeout: float) -> DeadlineExceeded:
+        self._stats.timeouts += 1
+        add_event("stalwart.timeout", {**self._span_attributes, "stalwart.timeout": timeout})
+        return DeadlineExceeded(
+            f"{self._name!r} timed out after {timeout:g}s", policy=self._name, timeout=timeout
+        )
 
     def __repr__(self) -> str:
         return f"Timeout({self._seconds:g}, name={self._name!r})"
