@@ -1,0 +1,353 @@
+"""Where idempotency records live: the store protocol and the in-process store.
+
+The protocol is what `Idempotency`, the ASGI ``IdempotencyMiddleware`` and any
+shared store (``stalwart.redis.RedisStore``) agree on. It is small on purpose:
+one atomic *claim* that answers "run it", "here is the stored result" or
+"someone is running it"; *complete* and *release* for the claim's holder;
+*renew* to keep a claim alive; and *wait* for an in-flight call to end.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, Union, final, runtime_checkable
+
+import anyio
+
+from . import _clock, _validate
+from ._codec import Codec
+
+__all__ = [
+    "ClaimOutcome",
+    "Completed",
+    "IdempotencyStore",
+    "InFlight",
+    "Lease",
+    "MemoryStore",
+]
+
+DEFAULT_MAX_ENTRIES: Final = 10_000
+
+# Expired records are dropped when looked up, evicted, or swept from the
+# least recently used end a few at a time on each insert: enough to keep
+# stale results from lingering, never a scan of the whole store.
+_SWEEP_PER_INSERT: Final = 2
+
+
+@final
+@dataclass(slots=True, eq=False)
+class Lease:
+    """A claim on a key: its holder must run the call, then complete or release.
+
+    Returned by `IdempotencyStore.claim` when the key was free. Pass it back
+    to ``complete``, ``release`` and ``renew``; treat it as read-only.
+
+    Attributes:
+        scope: the scope the key was claimed in.
+        key: the idempotency key.
+        fingerprint: the claimer's fingerprint (others see it in `InFlight`).
+        token: an opaque string by which a shared store recognises the holder
+            (a random value unique to this claim). The in-process
+            `MemoryStore` recognises the `Lease` object itself and leaves it
+            empty.
+        duration: seconds the claim lasts unless renewed (the holder's
+            `Idempotency` renews it every ``duration / 3`` seconds while the
+            call runs), or ``None`` when it lasts until completed or
+            released, because its holder cannot vanish without the store
+            knowing (an in-process store).
+    """
+
+    scope: str
+    key: str
+    fingerprint: str | None
+    token: str = ""
+    duration: float | None = None
+
+
+@final
+@dataclass(slots=True)
+class Completed:
+    """A stored result: the key's call succeeded and ``value`` is what it returned.
+
+    ``fingerprint`` is the one the call was claimed with (``None`` if it had
+    none). A store built on a codec returns a freshly decoded ``value`` each
+    time; the in-process `MemoryStore` (without a codec) returns the very
+    object the call returned. Treat it as read-only.
+    """
+
+    value: Any
+    fingerprint: str | None
+
+
+@final
+@dataclass(slots=True)
+class InFlight:
+    """The key is claimed by a call still running; ``fingerprint`` is that call's."""
+
+    fingerprint: str | None
+
+
+ClaimOutcome = Union[Lease, Completed, InFlight]  # noqa: UP007 - a runtime alias on 3.10
+
+
+@runtime_checkable
+class IdempotencyStore(Protocol):
+    """What an idempotency store does; implement it to share records elsewhere.
+
+    Records live under a *scope* and a *key*, both opaque strings: ``scope``
+    says whose records they are (`Idempotency` uses its ``name`` and the
+    decorated function's module and qualified name; the ASGI middleware a
+    hash of the caller's credentials), ``key`` is the user's idempotency key
+    (1-255 printable characters, any of them: a store must keep every
+    (scope, key) pair apart, e.g. ``("a:b", "c")`` from ``("a", "b:c")``,
+    by escaping or hashing them, and a key must never be able to address
+    anything outside its own record).
+
+    A key is in one of three states: **free** (never claimed, released,
+    expired or evicted), **in flight** (claimed by a `Lease` holder), or
+    **completed** (a stored value, until its TTL runs out). Every method is
+    safe to call concurrently from many tasks and, for a shared store, from
+    many processes.
+
+    Values are whatever the caller passes to ``complete``; a store that keeps
+    them outside the process encodes them with a `Codec` (JSON by default,
+    never pickle) and raises the codec's `TypeError` from ``complete`` for a
+    value it cannot encode (the caller then releases the key).
+
+    Cancellation: callers run ``complete`` and ``release`` shielded from
+    cancellation (for at most a few seconds), so that a cancelled holder
+    still frees its key; a shared store should still bound its own network
+    waits. If ``release`` never gets through (the process died, the network
+    is down), the lease's ``duration`` is what frees the key.
+
+    Methods:
+
+    ``claim(scope, key, *, fingerprint, lease)``
+        Atomically: if the key is free, claim it and return a `Lease`
+        (recording ``fingerprint``, and lasting ``lease`` seconds unless
+        renewed, or until completed or released if the store can tell when
+        its holder is gone); if it holds an unexpired result, return
+        `Completed`; if it is claimed by a live lease, return `InFlight` with
+        the holder's fingerprint. Exactly one of many concurrent claims of a
+        free key gets the `Lease`. Does not check fingerprints: the caller
+        compares them.
+
+    ``complete(lease, value, *, ttl)``
+        Store ``value`` (with the lease's fingerprint) as the key's result
+        for ``ttl`` seconds and end the claim, waking waiters, if ``lease``
+        still holds the key: return True. If it does not (it expired or was
+        released, and the key may have been claimed by someone else since),
+        change nothing and return False.
+
+    ``release(lease)``
+        Free the key, waking waiters, if ``lease`` still holds it; else do
+        nothing. Never raises for a lease that is no longer held.
+
+    ``renew(lease)``
+        Extend the claim by ``lease.duration`` seconds from now if ``lease``
+        still holds the key: return True; else False. For a lease with
+        ``duration=None``: True while it holds the key.
+
+    ``wait(scope, key, *, timeout)``
+        Wait until the key stops being in flight (its holder completes or
+        releases it, or its lease expires) or ``timeout`` seconds pass,
+        whichever comes first, then return the key's `Completed` record if
+        it has one, else ``None`` (free, or still in flight at the timeout).
+        Returns at once if the key is not in flight. The caller claims again
+        after ``None``: when a failed holder frees a key, every waiter wakes
+        and the atomic claim picks the one that runs next. A store may wake
+        waiters by notification (in process; Redis pub/sub) or by polling at
+        a bounded interval, but must notice an expired lease by then.
+    """
+
+    async def claim(
+        self, scope: str, key: str, *, fingerprint: str | None, lease: float
+    ) -> Lease | Completed | InFlight:
+        """Claim a free key, or report its stored result or in-flight holder."""
+        ...
+
+    async def complete(self, lease: Lease, value: Any, *, ttl: float) -> bool:
+        """Store the result under the key for ``ttl`` seconds, if ``lease`` holds it."""
+        ...
+
+    async def release(self, lease: Lease) -> None:
+        """Free the key if ``lease`` holds it."""
+        ...
+
+    async def renew(self, lease: Lease) -> bool:
+        """Extend the claim by ``lease.duration``; False if it is no longer held."""
+        ...
+
+    async def wait(self, scope: str, key: str, *, timeout: float) -> Completed | None:
+        """Wait for the key's holder to finish (at most ``timeout`` s); its record or None."""
+        ...
+
+
+@final
+class MemoryStore:
+    """The in-process idempotency store: bounded, least recently used first out.
+
+    Holds at most ``max_entries`` stored results (least recently used evicted
+    first; a replay counts as a use) and drops each when its TTL has passed,
+    so memory stays flat however many distinct keys go through it. Calls in
+    flight are tracked separately and never evicted (there are as many as
+    calls running at once). Time is read from the running event loop's
+    clock, so TTLs follow virtual time in tests.
+
+    Without a ``codec`` (the default), results are kept as the Python objects
+    the calls returned, and every replay returns **that same object**: a
+    caller that mutates it changes what later replays see. Return immutable
+    values (or copies), or pass ``codec=sw.JSONCodec()``: results are then
+    encoded when stored and decoded on each replay, so each caller gets a
+    fresh copy, and a result that could not cross a shared store (Redis)
+    fails here too, early.
+
+    The store is not shared between processes: each replica of a service
+    has its own records, and a retry that reaches another replica runs
+    again (``stalwart.redis.RedisStore`` shares them). Use it from one event
+    loop thread.
+
+    Args:
+        max_entries: the most results kept, >= 1 (default 10,000).
+        codec: encode results (see above); default: keep the objects.
+
+    Example::
+
+        store = sw.MemoryStore(max_entries=50_000)
+        charge = sw.Idempotency(key="payment_id", store=store, ttl=3600)
+    """
+
+    __slots__ = ("_claims", "_codec", "_events", "_max", "_records")
+
+    def __init__(
+        self, max_entries: int = DEFAULT_MAX_ENTRIES, *, codec: Codec | None = None
+    ) -> None:
+        self._max = _validate.count("max_entries", max_entries)
+        if codec is not None and not (
+            callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))
+        ):
+            raise TypeError(
+                f"codec must have encode() and decode() methods, not {type(codec).__name__}"
+            )
+        self._codec = codec
+        # (scope, key) -> (expires, Completed); order = least recently used first.
+        self._records: OrderedDict[tuple[str, str], tuple[float, Completed]] = OrderedDict()
+        self._claims: dict[tuple[str, str], Lease] = {}
+        # Created only when someone waits on a key in flight.
+        self._events: dict[tuple[str, str], anyio.Event] = {}
+
+    @property
+    def max_entries(self) -> int:
+        return self._max
+
+    @property
+    def codec(self) -> Codec | None:
+        return self._codec
+
+    def __len__(self) -> int:
+        """Stored results (expired ones are dropped lazily and may still count)."""
+        return len(self._records)
+
+    def clear(self) -> None:
+        """Forget every stored result (calls in flight keep their claims)."""
+        self._records.clear()
+
+    # -- the protocol ---------------------------------------------------------
+
+    async def claim(
+        self, scope: str, key: str, *, fingerprint: str | None, lease: float
+    ) -> Lease | Completed | InFlight:
+        """See `IdempotencyStore`; ``lease`` is unused: claims here end with
+        their holder (``Lease.duration`` is None)."""
+        return self._claim_now(scope, key, fingerprint)
+
+    async def complete(self, lease: Lease, value: Any, *, ttl: float) -> bool:
+        """See `IdempotencyStore`."""
+        return self._complete_now(lease, value, ttl)
+
+    async def release(self, lease: Lease) -> None:
+        """See `IdempotencyStore`."""
+        self._release_now(lease)
+
+    async def renew(self, lease: Lease) -> bool:
+        """See `IdempotencyStore`: True while ``lease`` holds its key."""
+        return self._claims.get((lease.scope, lease.key)) is lease
+
+    async def wait(self, scope: str, key: str, *, timeout: float) -> Completed | None:
+        """See `IdempotencyStore`; woken by the holder's complete or release."""
+        slot = (scope, key)
+        if slot in self._claims:
+            event = self._events.get(slot)
+            if event is None:
+                event = self._events[slot] = anyio.Event()
+            with anyio.move_on_after(timeout):
+                await event.wait()
+        return self._record(slot, _clock.now())
+
+    # -- synchronous core: `Idempotency` calls these directly (no awaits) -----
+
+    def _claim_now(self, scope: str, key: str, fingerprint: str | None) -> ClaimOutcome:
+        slot = (scope, key)
+        found = self._records.get(slot)
+        if found is not None:
+            if _clock.now() < found[0]:
+                self._records.move_to_end(slot)
+                done = found[1]
+                if self._codec is None:
+                    return done
+                return Completed(self._codec.decode(done.value), done.fingerprint)
+            del self._records[slot]
+        holder = self._claims.get(slot)
+        if holder is not None:
+            return InFlight(holder.fingerprint)
+        lease = self._claims[slot] = Lease(scope, key, fingerprint)
+        return lease
+
+    def _complete_now(self, lease: Lease, value: Any, ttl: float) -> bool:
+        slot = (lease.scope, lease.key)
+        if self._claims.get(slot) is not lease:
+            return False
+        if self._codec is not None:
+            value = self._codec.encode(value)  # may raise: the caller releases
+        del self._claims[slot]
+        now = _clock.now()
+        records = self._records
+        records[slot] = (now + ttl, Completed(value, lease.fingerprint))
+        if len(records) > self._max:
+            records.popitem(last=False)
+        for _ in range(_SWEEP_PER_INSERT):
+            oldest = next(iter(records.values()))
+            if oldest[0] > now:
+                break
+            records.popitem(last=False)
+        if self._events:
+            event = self._events.pop(slot, None)
+            if event is not None:
+                event.set()
+        return True
+
+    def _release_now(self, lease: Lease) -> None:
+        slot = (lease.scope, lease.key)
+        if self._claims.get(slot) is lease:
+            del self._claims[slot]
+            event = self._events.pop(slot, None)
+            if event is not None:
+                event.set()
+
+    def _record(self, slot: tuple[str, str], now: float) -> Completed | None:
+        found = self._records.get(slot)
+        if found is None:
+            return None
+        if now >= found[0]:
+            del self._records[slot]
+            return None
+        self._records.move_to_end(slot)
+        done = found[1]
+        if self._codec is None:
+            return done
+        return Completed(self._codec.decode(done.value), done.fingerprint)
+
+    def __repr__(self) -> str:
+        codec = "" if self._codec is None else f", codec={self._codec!r}"
+        return f"MemoryStore(max_entries={self._max}{codec})"
