@@ -157,13 +157,12 @@ class Idempotency(Policy):
         # half-way; a shared store's cleanup must not be.
         self._shield = type(store) is not MemoryStore
         self._ttl = _validate.duration("ttl", ttl, positive=True)
-        if fingerprint is not None and fingerprint != "args" and not callable(fingerprint):
-            if isinstance(fingerprint, str):
-                raise ValueError(
-                    f"fingerprint must be None, 'args' or a callable, got {fingerprint!r}"
-                )
+        spec: object = fingerprint
+        if spec is not None and spec != "args" and not callable(spec):
+            if isinstance(spec, str):
+                raise ValueError(f"fingerprint must be None, 'args' or a callable, got {spec!r}")
             raise TypeError(
-                f"fingerprint must be None, 'args' or a callable, not {type(fingerprint).__name__}"
+                f"fingerprint must be None, 'args' or a callable, not {type(spec).__name__}"
             )
         self._fingerprint = fingerprint
         if on_conflict not in ("wait", "raise"):
