@@ -774,7 +774,8 @@ async def test_the_args_fingerprint_is_canonical_json_hashed_with_sha256() -> No
         return None
 
     await charge("p", 5, {"b": [1, (2, 3)], "a": True})
-    ((_, (_, record)),) = store._records.items()
+    record = await store.claim(f"idempotency:{_scope_of(charge)}", "p", fingerprint=None, lease=1)
+    assert isinstance(record, sw.Completed)
     canonical = '{"amount":5,"meta":{"a":true,"b":[1,[2,3]]},"note":"\\u00e9"}'
     assert record.fingerprint == hashlib.sha256(canonical.encode()).hexdigest()
     # Dict order, tuples or lists, positional or keyword: the same request.

@@ -13,7 +13,7 @@ from typing import Any, Final, Literal, TypeVar, Union, cast, final
 import anyio
 from typing_extensions import ParamSpec
 
-from . import _codec, _validate
+from . import _codec, _telemetry, _validate
 from ._errors import IdempotencyConflict, IdempotencyKeyReused
 from ._idempotency_store import (
     DEFAULT_MAX_ENTRIES,
@@ -231,6 +231,9 @@ class Idempotency(Policy):
                 f"got {len(key)} characters: {shown}"
             )
 
+        def reused() -> IdempotencyKeyReused:
+            return self._key_reused(label)
+
         def make(
             traced: bool, inner: Callable[P, Coroutine[Any, Any, T]] | None
         ) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -252,25 +255,30 @@ class Idempotency(Policy):
                 fp = None if fingerprint_of is None else fingerprint_of(args, kwargs)
                 outcome: ClaimOutcome
                 if memory is not None:
-                    outcome = memory._claim_now(scope, key, fp)
-                    if type(outcome) is Lease:
+                    slot = (scope, key)
+                    fast = memory._claim_now(slot, fp)
+                    if type(fast) is list:
                         try:
                             result = await fn(*args, **kwargs)
                         except BaseException:
-                            memory._release_now(outcome)
+                            memory._release_now(slot, fast)
                             raise
                         try:
-                            memory._complete_now(outcome, result, ttl)
+                            memory._complete_now(slot, fast, result, ttl)
                         except BaseException:
-                            memory._release_now(outcome)
+                            memory._release_now(slot, fast)
                             raise
                         return result
-                    if type(outcome) is Completed and (
-                        fp is None or outcome.fingerprint is None or outcome.fingerprint == fp
-                    ):
+                    if type(fast) is tuple:
+                        stored = fast[2]
+                        if fp is not None and stored is not None and stored != fp:
+                            raise reused()
                         stats.replays += 1
-                        add_event(REPLAYED_EVENT, attrs)
-                        return outcome.value  # type: ignore[no-any-return]
+                        if _telemetry._explicit_tracing or otel_probe._TRACER_PROVIDER is not None:
+                            add_event(REPLAYED_EVENT, attrs)
+                        return fast[1]  # type: ignore[no-any-return]
+                    assert type(fast) is InFlight
+                    outcome = fast
                 else:
                     outcome = await store.claim(scope, key, fingerprint=fp, lease=lease)
                 return await settle(fn, args, kwargs, scope, key, fp, outcome, label)
@@ -325,11 +333,14 @@ class Idempotency(Policy):
 
     def _check_fingerprint(self, stored: str | None, fp: str | None, label: str) -> None:
         if fp is not None and stored is not None and stored != fp:
-            raise IdempotencyKeyReused(
-                f"an idempotency key was reused for {label} with different arguments "
-                f"(policy {self._name!r}): a key must name one request",
-                policy=self._name,
-            )
+            raise self._key_reused(label)
+
+    def _key_reused(self, label: str) -> IdempotencyKeyReused:
+        return IdempotencyKeyReused(
+            f"an idempotency key was reused for {label} with different arguments "
+            f"(policy {self._name!r}): a key must name one request",
+            policy=self._name,
+        )
 
     async def _run_holding(
         self,

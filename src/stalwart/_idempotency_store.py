@@ -29,10 +29,8 @@ __all__ = [
 
 DEFAULT_MAX_ENTRIES: Final = 10_000
 
-# Expired records are dropped when looked up, evicted, or swept from the
-# least recently used end a few at a time on each insert: enough to keep
-# stale results from lingering, never a scan of the whole store.
-_SWEEP_PER_INSERT: Final = 2
+Slot = tuple[str, str]  # (scope, key)
+Record = tuple[float, Any, Union[str, None]]  # noqa: UP007 - (expires, value, fingerprint)
 
 
 @final
@@ -231,11 +229,16 @@ class MemoryStore:
                 f"codec must have encode() and decode() methods, not {type(codec).__name__}"
             )
         self._codec = codec
-        # (scope, key) -> (expires, Completed); order = least recently used first.
-        self._records: OrderedDict[tuple[str, str], tuple[float, Completed]] = OrderedDict()
-        self._claims: dict[tuple[str, str], Lease] = {}
+        # Plain tuples and lists, not `Completed`/`Lease` objects: building
+        # an object per call is a large share of a decorated call's budget.
+        # (scope, key) -> (expires, value, fingerprint); least recently used first.
+        self._records: OrderedDict[Slot, Record] = OrderedDict()
+        # (scope, key) -> the holder: a `Lease` (claimed through the
+        # protocol) or a one-item list of the fingerprint (claimed by
+        # `Idempotency` directly); either way recognised by identity.
+        self._claims: dict[Slot, Lease | list[str | None]] = {}
         # Created only when someone waits on a key in flight.
-        self._events: dict[tuple[str, str], anyio.Event] = {}
+        self._events: dict[Slot, anyio.Event] = {}
 
     @property
     def max_entries(self) -> int:
@@ -260,15 +263,23 @@ class MemoryStore:
     ) -> Lease | Completed | InFlight:
         """See `IdempotencyStore`; ``lease`` is unused: claims here end with
         their holder (``Lease.duration`` is None)."""
-        return self._claim_now(scope, key, fingerprint)
+        slot = (scope, key)
+        found = self._fresh(slot)
+        if found is not None:
+            return Completed(found[1], found[2])
+        holder = self._claims.get(slot)
+        if holder is not None:
+            return InFlight(_fingerprint_of(holder))
+        claimed = self._claims[slot] = Lease(scope, key, fingerprint)
+        return claimed
 
     async def complete(self, lease: Lease, value: Any, *, ttl: float) -> bool:
         """See `IdempotencyStore`."""
-        return self._complete_now(lease, value, ttl)
+        return self._complete_now((lease.scope, lease.key), lease, value, ttl)
 
     async def release(self, lease: Lease) -> None:
         """See `IdempotencyStore`."""
-        self._release_now(lease)
+        self._release_now((lease.scope, lease.key), lease)
 
     async def renew(self, lease: Lease) -> bool:
         """See `IdempotencyStore`: True while ``lease`` holds its key."""
@@ -283,71 +294,82 @@ class MemoryStore:
                 event = self._events[slot] = anyio.Event()
             with anyio.move_on_after(timeout):
                 await event.wait()
-        return self._record(slot, _clock.now())
+        found = self._fresh(slot)
+        return None if found is None else Completed(found[1], found[2])
 
     # -- synchronous core: `Idempotency` calls these directly (no awaits) -----
 
-    def _claim_now(self, scope: str, key: str, fingerprint: str | None) -> ClaimOutcome:
-        slot = (scope, key)
+    def _claim_now(self, slot: Slot, fingerprint: str | None) -> Record | InFlight | list[Any]:
+        """A fresh record (a replay), the holder's `InFlight`, or a new claim
+        (a one-item list holding ``fingerprint``: the claim's identity)."""
         found = self._records.get(slot)
         if found is not None:
             if _clock.now() < found[0]:
                 self._records.move_to_end(slot)
-                done = found[1]
                 if self._codec is None:
-                    return done
-                return Completed(self._codec.decode(done.value), done.fingerprint)
+                    return found
+                return (found[0], self._codec.decode(found[1]), found[2])
             del self._records[slot]
         holder = self._claims.get(slot)
         if holder is not None:
-            return InFlight(holder.fingerprint)
-        lease = self._claims[slot] = Lease(scope, key, fingerprint)
-        return lease
+            return InFlight(_fingerprint_of(holder))
+        claim = self._claims[slot] = [fingerprint]
+        return claim
 
-    def _complete_now(self, lease: Lease, value: Any, ttl: float) -> bool:
-        slot = (lease.scope, lease.key)
-        if self._claims.get(slot) is not lease:
+    def _complete_now(self, slot: Slot, holder: Lease | list[Any], value: Any, ttl: float) -> bool:
+        claims = self._claims
+        if claims.get(slot) is not holder:
             return False
         if self._codec is not None:
             value = self._codec.encode(value)  # may raise: the caller releases
-        del self._claims[slot]
+        del claims[slot]
         now = _clock.now()
         records = self._records
-        records[slot] = (now + ttl, Completed(value, lease.fingerprint))
+        records[slot] = (
+            now + ttl,
+            value,
+            holder[0] if type(holder) is list else holder.fingerprint,  # type: ignore[union-attr]
+        )
         if len(records) > self._max:
             records.popitem(last=False)
-        for _ in range(_SWEEP_PER_INSERT):
-            oldest = next(iter(records.values()))
-            if oldest[0] > now:
+        else:
+            # Not full: drop the least recently used record if it expired,
+            # so stale results do not linger until the store fills up.
+            for oldest in records.values():
+                if oldest[0] <= now:
+                    records.popitem(last=False)
                 break
-            records.popitem(last=False)
         if self._events:
             event = self._events.pop(slot, None)
             if event is not None:
                 event.set()
         return True
 
-    def _release_now(self, lease: Lease) -> None:
-        slot = (lease.scope, lease.key)
-        if self._claims.get(slot) is lease:
+    def _release_now(self, slot: Slot, holder: Lease | list[Any]) -> None:
+        if self._claims.get(slot) is holder:
             del self._claims[slot]
             event = self._events.pop(slot, None)
             if event is not None:
                 event.set()
 
-    def _record(self, slot: tuple[str, str], now: float) -> Completed | None:
+    def _fresh(self, slot: Slot) -> Record | None:
+        """The unexpired record for ``slot``, decoded (a use, for the LRU order)."""
         found = self._records.get(slot)
         if found is None:
             return None
-        if now >= found[0]:
+        if _clock.now() >= found[0]:
             del self._records[slot]
             return None
         self._records.move_to_end(slot)
-        done = found[1]
         if self._codec is None:
-            return done
-        return Completed(self._codec.decode(done.value), done.fingerprint)
+            return found
+        return (found[0], self._codec.decode(found[1]), found[2])
 
     def __repr__(self) -> str:
         codec = "" if self._codec is None else f", codec={self._codec!r}"
         return f"MemoryStore(max_entries={self._max}{codec})"
+
+
+def _fingerprint_of(holder: Lease | list[Any]) -> str | None:
+    fingerprint: str | None = holder.fingerprint if type(holder) is Lease else holder[0]
+    return fingerprint
