@@ -951,7 +951,7 @@ async def test_a_span_records_a_refused_call_as_an_error(
     span = spans.named("stalwart.idempotency pay")[-1]
     assert not span.status.is_ok
     assert span.attributes is not None
-    assert span.attributes["error.type"] == "stalwart._errors.IdempotencyKeyReused"
+    assert span.attributes["error.type"] == "stalwart.IdempotencyKeyReused"
 
 
 async def test_inside_a_pipeline_the_replay_is_an_event_on_the_pipelines_span(

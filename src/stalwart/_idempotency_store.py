@@ -91,94 +91,113 @@ ClaimOutcome = Union[Lease, Completed, InFlight]  # noqa: UP007 - a runtime alia
 
 @runtime_checkable
 class IdempotencyStore(Protocol):
-    """What an idempotency store does; implement it to share records elsewhere.
+    """Where idempotency records live; implement it to keep them elsewhere.
 
-    Records live under a *scope* and a *key*, both opaque strings: ``scope``
-    says whose records they are (`Idempotency` uses its ``name`` and the
-    decorated function's module and qualified name; the ASGI middleware a
-    hash of the caller's credentials), ``key`` is the user's idempotency key
-    (1-255 printable characters, any of them: a store must keep every
-    (scope, key) pair apart, e.g. ``("a:b", "c")`` from ``("a", "b:c")``,
-    by escaping or hashing them, and a key must never be able to address
-    anything outside its own record).
+    `Idempotency`, the ASGI ``IdempotencyMiddleware`` and
+    ``stalwart.redis.RedisStore`` all speak this protocol. Its methods are
+    specified precisely below; `MemoryStore` is the in-process reference,
+    and the project's ``tests/test_idempotency_store.py`` is a conformance
+    suite that any store can be run through.
 
-    A key is in one of three states: **free** (never claimed, released,
-    expired or evicted), **in flight** (claimed by a `Lease` holder), or
-    **completed** (a stored value, until its TTL runs out). Every method is
-    safe to call concurrently from many tasks and, for a shared store, from
-    many processes.
+    **Scopes and keys.** Records live under a *scope* and a *key*, both
+    opaque strings: ``scope`` says whose records they are (`Idempotency`
+    uses its ``name`` and the decorated function's module and qualified
+    name; the ASGI middleware a hash of the caller's credentials), ``key`` is
+    the user's idempotency key (1-255 printable characters, any of them). A
+    store must keep every (scope, key) pair apart, ``("a:b", "c")`` from
+    ``("a", "b:c")`` (escape or hash them), and no key may address anything
+    outside its own record.
 
-    Values are whatever the caller passes to ``complete``; a store that keeps
-    them outside the process encodes them with a `Codec` (JSON by default,
-    never pickle) and raises the codec's `TypeError` from ``complete`` for a
-    value it cannot encode (the caller then releases the key).
+    **States.** A key is **free** (never claimed, released, expired or
+    evicted), **in flight** (claimed by the holder of a `Lease`), or
+    **completed** (it holds a value, until its TTL runs out). Every method
+    is safe to call concurrently from many tasks and, for a shared store,
+    from many processes: ``claim`` in particular must be atomic.
 
-    Cancellation: callers run ``complete`` and ``release`` shielded from
-    cancellation (for at most a few seconds), so that a cancelled holder
+    **Values** are whatever the holder passes to ``complete``. A store that
+    keeps them outside the process encodes them with a `Codec` (JSON by
+    default, never pickle) and raises the codec's `TypeError` from
+    ``complete`` for a value it cannot encode, keeping the claim (the caller
+    then releases it). A store may keep the objects themselves (in process).
+
+    **Leases.** A claim made by a process that can die without telling the
+    store (anything shared) is a lease of ``lease`` seconds (reported as
+    `Lease.duration`): its holder renews it every third of that while the
+    call runs, and if the holder dies the key frees itself when the lease
+    runs out. A store that knows when its holders are gone (in process) may
+    grant claims that last until completed or released (``duration=None``).
+
+    **Cancellation.** Callers run ``complete`` and ``release`` shielded from
+    cancellation, for at most a few seconds, so that a cancelled holder
     still frees its key; a shared store should still bound its own network
     waits. If ``release`` never gets through (the process died, the network
-    is down), the lease's ``duration`` is what frees the key.
+    is down), the lease's expiry frees the key.
 
-    Methods:
-
-    ``claim(scope, key, *, fingerprint, lease)``
-        Atomically: if the key is free, claim it and return a `Lease`
-        (recording ``fingerprint``, and lasting ``lease`` seconds unless
-        renewed, or until completed or released if the store can tell when
-        its holder is gone); if it holds an unexpired result, return
-        `Completed`; if it is claimed by a live lease, return `InFlight` with
-        the holder's fingerprint. Exactly one of many concurrent claims of a
-        free key gets the `Lease`. Does not check fingerprints: the caller
-        compares them.
-
-    ``complete(lease, value, *, ttl)``
-        Store ``value`` (with the lease's fingerprint) as the key's result
-        for ``ttl`` seconds and end the claim, waking waiters, if ``lease``
-        still holds the key: return True. If it does not (it expired or was
-        released, and the key may have been claimed by someone else since),
-        change nothing and return False.
-
-    ``release(lease)``
-        Free the key, waking waiters, if ``lease`` still holds it; else do
-        nothing. Never raises for a lease that is no longer held.
-
-    ``renew(lease)``
-        Extend the claim by ``lease.duration`` seconds from now if ``lease``
-        still holds the key: return True; else False. For a lease with
-        ``duration=None``: True while it holds the key.
-
-    ``wait(scope, key, *, timeout)``
-        Wait until the key stops being in flight (its holder completes or
-        releases it, or its lease expires) or ``timeout`` seconds pass,
-        whichever comes first, then return the key's `Completed` record if
-        it has one, else ``None`` (free, or still in flight at the timeout).
-        Returns at once if the key is not in flight. The caller claims again
-        after ``None``: when a failed holder frees a key, every waiter wakes
-        and the atomic claim picks the one that runs next. A store may wake
-        waiters by notification (in process; Redis pub/sub) or by polling at
-        a bounded interval, but must notice an expired lease by then.
+    **Costs.** `Idempotency` makes one ``claim`` per call, plus one
+    ``complete`` (success) or ``release`` (failure) when it ran the call,
+    ``renew`` every ``lease / 3`` seconds while a call runs, and ``wait`` +
+    ``claim`` rounds while it waits for another call. A replay is therefore
+    one ``claim``: make it one round trip.
     """
 
     async def claim(
         self, scope: str, key: str, *, fingerprint: str | None, lease: float
     ) -> Lease | Completed | InFlight:
-        """Claim a free key, or report its stored result or in-flight holder."""
+        """Claim a free key, or report its stored result or its holder.
+
+        Atomically: if the key is free, claim it for the caller and return a
+        `Lease` (recording ``fingerprint``, lasting ``lease`` seconds unless
+        renewed, or until completed or released where the store can tell
+        that its holder is gone); if it holds an unexpired value, return
+        `Completed` (the value and the fingerprint it was claimed with); if a
+        live lease holds it, return `InFlight` with the holder's
+        fingerprint. Of many concurrent claims of a free key exactly one gets
+        the `Lease`. Fingerprints are not compared here: the caller does it.
+        """
         ...
 
     async def complete(self, lease: Lease, value: Any, *, ttl: float) -> bool:
-        """Store the result under the key for ``ttl`` seconds, if ``lease`` holds it."""
+        """Store the call's result under the key for ``ttl`` seconds, if ``lease`` holds it.
+
+        If ``lease`` still holds the key: store ``value`` with the lease's
+        fingerprint for ``ttl`` seconds, end the claim, wake the key's
+        waiters and return True. If it does not (it lapsed or was released,
+        and someone else may have claimed the key since): change nothing and
+        return False. A value the store's codec cannot encode raises
+        `TypeError` and changes nothing.
+        """
         ...
 
     async def release(self, lease: Lease) -> None:
-        """Free the key if ``lease`` holds it."""
+        """Free the key, if ``lease`` holds it: its call failed or was cancelled.
+
+        Ends the claim and wakes the key's waiters. Does nothing (and does
+        not raise) for a lease that no longer holds the key.
+        """
         ...
 
     async def renew(self, lease: Lease) -> bool:
-        """Extend the claim by ``lease.duration``; False if it is no longer held."""
+        """Extend the claim by ``lease.duration`` seconds from now, if ``lease`` holds it.
+
+        Returns True if it does, False otherwise (the holder has lost the key
+        and must not expect ``complete`` to succeed). For a lease whose
+        ``duration`` is None, just reports whether it still holds the key.
+        """
         ...
 
     async def wait(self, scope: str, key: str, *, timeout: float) -> Completed | None:
-        """Wait for the key's holder to finish (at most ``timeout`` s); its record or None."""
+        """Wait for the key's call in flight to end; its result, or None.
+
+        Returns when the key stops being in flight (its holder completed or
+        released it, or its lease lapsed) or ``timeout`` seconds have
+        passed, whichever comes first; at once if the key is not in flight.
+        Returns the key's `Completed` record if it has one, else None (free,
+        or still in flight at the timeout): the caller then claims again, and
+        when a failed holder frees a key, every waiter wakes and the atomic
+        ``claim`` picks the one that runs next. Waiters may be woken by
+        notification (in process; Redis pub/sub) or by polling at a bounded
+        interval, but a lapsed lease must be noticed by the next poll.
+        """
         ...
 
 
