@@ -782,6 +782,31 @@ async def test_the_args_fingerprint_is_canonical_json_hashed_with_sha256() -> No
     await charge(amount=5, meta={"a": True, "b": [1, [2, 3]]}, payment_id="p")
 
 
+async def test_the_args_fingerprint_keeps_var_keyword_arguments_apart_from_parameters() -> None:
+    @sw.Idempotency(key="key", fingerprint="args")
+    async def create(key: str, note: str = "", /, **fields: str) -> str:
+        return "created"
+
+    await create("k", "a", note="b")
+    with pytest.raises(sw.IdempotencyKeyReused):
+        await create("k", "b", note="a")
+    await create("k", "a", note="b")
+
+
+async def test_the_args_fingerprint_leaves_out_a_key_passed_into_var_keyword_arguments() -> None:
+    store = sw.MemoryStore()
+
+    @sw.Idempotency(key="request_id", fingerprint="args", store=store)
+    async def create(**fields: str) -> None:
+        return None
+
+    await create(request_id="r", size="L")
+    record = await store.claim(f"idempotency:{_scope_of(create)}", "r", fingerprint=None, lease=1)
+    assert isinstance(record, sw.Completed)
+    canonical = '{"fields":{"size":"L"}}'
+    assert record.fingerprint == hashlib.sha256(canonical.encode()).hexdigest()
+
+
 async def test_the_args_fingerprint_names_an_argument_it_cannot_encode() -> None:
     @sw.Idempotency(key="payment_id", fingerprint="args")
     async def charge(payment_id: str, items: list[Any]) -> None:

@@ -533,16 +533,23 @@ def _args_fingerprint(
     """
     signature = _signature(origin, "fingerprint='args'", label)
     positional: list[str] = []
-    varargs = "*"
+    by_name: set[str] = set()  # parameters a keyword argument may fill
+    varargs, varkw = "*", "**"
     defaults: dict[str, Any] = {}
     for param in signature.parameters.values():
         if param.kind in _POSITIONAL:
             positional.append(param.name)
+        if param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            by_name.add(param.name)
         elif param.kind is inspect.Parameter.VAR_POSITIONAL:
             varargs = param.name
+        elif param.kind is inspect.Parameter.VAR_KEYWORD:
+            varkw = param.name
         if param.default is not param.empty:
             defaults[param.name] = param.default
     skip = {key_param} if key_param else set()
+    # A key no parameter names arrives in **kwargs: leave it out there.
+    key_extra = key_param if key_param and key_param not in signature.parameters else None
     if positional and positional[0] in ("self", "cls"):
         skip.add(positional[0])
     count = len(positional)
@@ -554,7 +561,14 @@ def _args_fingerprint(
         bound.update(zip(positional, args, strict=False))
         if len(args) > count:
             bound[varargs] = args[count:]
-        bound.update(kwargs)
+        extra: dict[str, Any] = {}
+        for name, value in kwargs.items():
+            if name in by_name:
+                bound[name] = value
+            elif name != key_extra:  # collected by **kwargs: kept apart from parameters
+                extra[name] = value
+        if extra:
+            bound[varkw] = extra
         for name in skip:
             bound.pop(name, None)
         for name, value in bound.items():
