@@ -695,6 +695,17 @@ async def test_a_store_that_cannot_release_never_hides_the_calls_own_error(
     assert "could not release" in caplog.text
 
 
+class BrokenStore(SharedStore):
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        return "yes"
+
+
+async def test_a_store_that_breaks_the_protocol_is_named_in_the_error() -> None:
+    handle = idempotent(Recorder(), sw.Idempotency(key="key", store=BrokenStore()))
+    with pytest.raises(TypeError, match=r"claim\(\) returned 'yes': expected a Lease"):
+        await handle("k")
+
+
 async def test_a_shared_store_claims_and_completes_in_two_round_trips() -> None:
     store = SharedStore()
     handle = idempotent(Recorder(), sw.Idempotency(key="key", store=store))

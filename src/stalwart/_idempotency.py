@@ -93,7 +93,9 @@ class Idempotency(Policy):
 
     Records are scoped by ``name`` and by the decorated function's module
     and qualified name: two functions never share a record, even in one
-    store (name your policies apart to share a store between them safely).
+    store, while one function decorated alike in several processes shares
+    its records through a shared store. A replay from the default store
+    returns the very object the first call returned (see `MemoryStore`).
 
     Example::
 
