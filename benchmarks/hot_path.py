@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import sys
 
 import anyio
@@ -51,6 +53,22 @@ def handwritten_three_tries() -> Call:
 ZERO = sw.Backoff(initial=0.0, maximum=0.0)
 
 
+async def keyed(key: str) -> int:
+    return 1
+
+
+def idempotency_replay() -> Call:
+    """Every call replays: the harness's warm-up ran the one key once."""
+    return functools.partial(sw.Idempotency(key="key")(keyed), "order-1")
+
+
+def idempotency_first_execution() -> Call:
+    """Every call runs and stores: the keys come round again only long after
+    the default store (10,000 records) has evicted them."""
+    keys = itertools.cycle([f"order-{i}" for i in range(50_000)])
+    return sw.Idempotency(key=functools.partial(next, keys))(f)
+
+
 def cases() -> list[Case]:
     result = [
         Case("bare await f()", lambda: f),
@@ -69,6 +87,14 @@ def cases() -> list[Case]:
             lambda: sw.Retry(attempts=3, backoff=ZERO)(_fails_twice()),
             "hand-written 3-try loop",
             4,
+        ),
+        Case("Idempotency, replay", idempotency_replay, "bare await f()", 15),
+        Case(
+            "Idempotency, first execution",
+            idempotency_first_execution,
+            "bare await f()",
+            25,
+            note="a fresh key each call; the full store evicts one record per call",
         ),
     ]
     if sys.version_info >= (3, 11):

@@ -22,6 +22,7 @@ CONTRACT = [
     "deadline",
     "remaining",
     "Pipeline",
+    "Idempotency",
     "Telemetry",
 ]
 

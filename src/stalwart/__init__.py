@@ -10,6 +10,7 @@ keys, as composable decorators for ``async def`` code on asyncio and trio.
 """
 
 from ._bulkhead import Bulkhead, BulkheadStatistics
+from ._codec import Codec, JSONCodec
 from ._errors import (
     BulkheadFullError,
     CircuitOpenError,
@@ -18,6 +19,8 @@ from ._errors import (
     IdempotencyKeyReused,
     StalwartError,
 )
+from ._idempotency import Idempotency
+from ._idempotency_store import Completed, IdempotencyStore, InFlight, Lease, MemoryStore
 from ._pipeline import Pipeline
 from ._policy import Policy
 from ._retry import Backoff, Jitter, Retry
@@ -32,10 +35,18 @@ __all__ = [
     "BulkheadFullError",
     "BulkheadStatistics",
     "CircuitOpenError",
+    "Codec",
+    "Completed",
     "DeadlineExceeded",
+    "Idempotency",
     "IdempotencyConflict",
     "IdempotencyKeyReused",
+    "IdempotencyStore",
+    "InFlight",
+    "JSONCodec",
     "Jitter",
+    "Lease",
+    "MemoryStore",
     "Pipeline",
     "Policy",
     "Retry",
