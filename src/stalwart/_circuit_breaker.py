@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar, Union, final
 
+import anyio
 from typing_extensions import ParamSpec
 
 from . import _clock, _telemetry, _validate
@@ -632,7 +633,10 @@ class CircuitBreaker(Policy):
         store = self._store
         if kind == _NEITHER:
             if store is not None:
-                await store.release_trial(self._name, version, False)
+                # Often a cancelled trial: without a shield the permit would
+                # stay taken (fleet-wide) until the store let it lapse.
+                with anyio.CancelScope(shield=True):
+                    await store.release_trial(self._name, version, False)
             return
         if kind == _FAILURE or slow:
             await self._transition(version, _OPEN)

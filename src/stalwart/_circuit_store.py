@@ -117,10 +117,12 @@ class CircuitStore(Protocol):
       process can die holding a permit: a remote store should let permits
       lapse (for instance after the open period's length), so that a lost
       release cannot keep the circuit half-open forever.
-    * **Cancellation.** The breaker may call `release_trial` and `transition`
-      from a task that is being cancelled. An in-process store completes them
-      without suspending; a remote store cannot count on finishing an
-      ``await`` there, which is one more reason for permits to lapse.
+    * **Cancellation.** A trial that is cancelled gives its permit back with
+      `release_trial` from the cancelled task, inside a shielded cancel scope:
+      the call is not interrupted, so it must bound its own time (a remote
+      store's requests have short timeouts). Other calls to the store are not
+      shielded, and a cancelled caller may not see them through: the next
+      outcome that needs the transition asks again.
     * **Failure.** A store that cannot reach its backend must not hang the
       call: raise (the breaker lets the error through) or answer from what it
       knows (a refused permit, the record it has); the breaker keeps working
