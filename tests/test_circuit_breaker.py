@@ -455,6 +455,10 @@ async def test_trials_of_a_finished_half_open_period_do_not_count() -> None:
         assert cb.state is OPEN
     assert cb.state is OPEN  # the late success did not close it
     assert cb.statistics().time_until_half_open == pytest.approx(6.0)
+    await anyio.sleep(6.0)
+    assert cb.statistics().trial_calls == 0  # nor did it free a slot of the new period
+    await outcomes(fn, "ok")
+    assert cb.state is HALF_OPEN  # one success of two
 
 
 # -- classification ----------------------------------------------------------
