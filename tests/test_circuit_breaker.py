@@ -856,9 +856,8 @@ async def test_a_half_open_rejection_lets_retry_use_its_own_backoff() -> None:
 async def test_thousands_of_interleaved_calls_leave_exact_counts(
     window: sw.CountWindow | sw.TimeWindow,
 ) -> None:
-    cb = sw.CircuitBreaker(
-        window=window, minimum_calls=1, failure_rate=1.0, failure_on=Boom, ignore=Ignored
-    )
+    # Never trips (whatever order the calls end in): only the counting is tested.
+    cb = sw.CircuitBreaker(window=window, minimum_calls=10_000, failure_on=Boom, ignore=Ignored)
     _, fn = guard(cb)
     kinds = ["ok", "fail", "benign", "ignored", "cancel"]
     plan = [(kinds[i % 5], (i * 7919) % 97 / 10) for i in range(5000)]

@@ -1,10 +1,9 @@
 """The circuit breaker: stop calling a dependency that keeps failing, then probe it.
 
-States and transitions (see ``docs/explanation/circuit-breaker.md``)::
-
-    CLOSED --(a trigger fires)--> OPEN --(open_for passes)--> HALF_OPEN
-    HALF_OPEN --(half_open_calls trials succeed)--> CLOSED (empty window)
-    HALF_OPEN --(a trial fails or is slow)--> OPEN
+States and transitions (``docs/explanation/circuit-breaker.md`` has the
+diagram): CLOSED opens when a trigger fires; OPEN becomes HALF_OPEN once
+``open_for`` has passed; HALF_OPEN closes (with an empty window) after
+``half_open_calls`` successful trials, and opens again on a failed or slow one.
 
 How it stays cheap:
 
@@ -62,11 +61,6 @@ _DEFAULT_WINDOW: Final = 100
 # object directly (BaseException.__new__ sets ``args``); a test checks that
 # both ways give equal errors.
 _new_error: Final = CircuitOpenError.__new__
-_messages: dict[str, str] = {}
-
-
-def _open_message(name: str) -> str:
-    return _messages.setdefault(name, f"circuit breaker {name!r} is open")
 
 
 @final
@@ -254,6 +248,7 @@ class CircuitBreaker(Policy):
     kind = "circuit_breaker"
     __slots__ = (
         "_fast",
+        "_message",
         "_open_until",
         "_ring",
         "_rules",
@@ -322,6 +317,7 @@ class CircuitBreaker(Policy):
         self._ring: Ring = ring_for(window, slow=timing)
         self._timed = timing or isinstance(window, TimeWindow)
         self._fast = False
+        self._message: str | None = None  # made at the first rejection
         self._state = _CLOSED
         self._version = 0
         self._open_until = 0.0
@@ -532,11 +528,10 @@ class CircuitBreaker(Policy):
 
     def _rejected(self, retry_after: float, message: str | None = None) -> CircuitOpenError:
         """The error for a rejected call (counted and reported here)."""
-        name = self._name
         if message is None:
-            message = _messages.get(name) or _open_message(name)
+            message = self._message or self._open_message()
         error = _new_error(CircuitOpenError, message)
-        error.policy = name
+        error.policy = self._name
         error.retry_after = retry_after
         self._stats.rejected += 1
         if _telemetry._explicit_tracing or otel_probe._TRACER_PROVIDER is not None:
@@ -545,6 +540,10 @@ class CircuitBreaker(Policy):
                 {**self._span_attributes, "stalwart.retry_after": retry_after},
             )
         return error
+
+    def _open_message(self) -> str:
+        self._message = f"circuit breaker {self._name!r} is open"
+        return self._message
 
     def _trials_taken(self) -> CircuitOpenError:
         """The error for a call rejected while HALF_OPEN: every trial slot is taken."""
