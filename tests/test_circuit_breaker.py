@@ -230,6 +230,18 @@ async def test_a_time_window_forgets_calls_older_than_its_seconds() -> None:
     assert (stats.calls, stats.failures) == (1, 1)
 
 
+async def test_a_success_opens_a_time_window_whose_older_successes_left_it() -> None:
+    cb = breaker(window=sw.TimeWindow(4, buckets=4), minimum_calls=2, failure_rate=0.5)
+    _, fn = guard(cb)
+    await outcomes(fn, "ok", "ok", "ok")
+    await anyio.sleep(2.0)
+    await outcomes(fn, "fail", "fail")  # 2 of 5
+    assert cb.state is CLOSED
+    await anyio.sleep(2.5)  # the first three successes leave the window...
+    await outcomes(fn, "ok")  # ...so after this success, 2 of 3 calls failed
+    assert cb.state is OPEN
+
+
 async def test_a_time_window_can_be_a_fraction_of_a_second() -> None:
     cb = breaker(window=sw.TimeWindow(0.5), minimum_calls=3, failure_rate=1.0)
     _, fn = guard(cb)

@@ -511,7 +511,12 @@ class CircuitBreaker(Policy):
         if self._timed:
             now = _clock.now()
             threshold = rules.slow_call_duration
-            ring.record(failure, threshold is not None and now - start >= threshold, now)
+            slow = threshold is not None and now - start >= threshold
+            expired = ring.record(failure, slow, now)
+            if not (failure or slow or expired or ring.calls == rules.enough):
+                # A success, and nothing left the window but older outcomes
+                # it replaced: no rate went up, no run of failures grew.
+                return False
         else:
             ring.record(failure, False, 0.0)
         if rules.tripped(ring):
