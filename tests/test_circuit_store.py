@@ -383,6 +383,17 @@ async def test_closed_and_open_breakers_never_call_the_store() -> None:
     assert store.requests == requests
 
 
+async def test_a_burst_of_failures_asks_the_store_to_open_once() -> None:
+    store = SharedStore(Server())
+    cb = sw.CircuitBreaker(name="dep", consecutive_failures=1, store=store)
+    failing = cb(boom)
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(attempt, failing)
+    assert cb.state is OPEN
+    assert store.requests == 1
+
+
 async def test_a_store_that_fails_lets_the_error_through() -> None:
     class Down(SharedStore):
         async def acquire_trial(self, key: str, version: int, limit: int) -> bool:

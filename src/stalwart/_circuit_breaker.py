@@ -258,6 +258,7 @@ class CircuitBreaker(Policy):
         "_successes",
         "_timed",
         "_trials",
+        "_tripping",
         "_version",
     )
 
@@ -323,6 +324,7 @@ class CircuitBreaker(Policy):
         self._open_until = 0.0
         self._trials = 0
         self._successes = 0
+        self._tripping = -1  # the version a transition to OPEN is being asked from
         self._stats = self._telemetry.stats("circuit_breaker", self._name, CircuitStats)
         self._store = store
         if store is not None:
@@ -484,7 +486,15 @@ class CircuitBreaker(Policy):
         self._on_record(await store.transition(self._name, expected, state, self._rules.open_for))
 
     async def _trip(self) -> None:
-        await self._transition(self._version, _OPEN)
+        """Open through the store (asked once per version, however many calls fail)."""
+        version = self._version
+        if self._tripping == version:
+            return
+        self._tripping = version
+        try:
+            await self._transition(version, _OPEN)
+        finally:
+            self._tripping = -1
 
     # -- outcomes ------------------------------------------------------------
 
