@@ -18,6 +18,7 @@ from typing_extensions import assert_type
 
 import stalwart as sw
 from stalwart import CircuitState
+from stalwart.testing import VirtualClockEventLoop
 
 from .conftest import Spans, sample
 
@@ -857,6 +858,52 @@ async def test_a_half_open_rejection_lets_retry_use_its_own_backoff() -> None:
         with pytest.raises(sw.CircuitOpenError):
             await fn()
         assert anyio.current_time() - start == pytest.approx(0.5)  # one backoff, no hint
+
+
+# -- cost ----------------------------------------------------------------------
+
+
+class CountingLoop(VirtualClockEventLoop):
+    """Counts every read of its clock."""
+
+    reads = 0
+
+    def time(self) -> float:
+        self.reads += 1
+        return super().time()
+
+
+def test_a_closed_breaker_reads_no_clock_for_a_success() -> None:
+    loop = CountingLoop()
+    guarded = sw.CircuitBreaker(minimum_calls=5)(Dependency())
+
+    async def main() -> int:
+        for _ in range(5):  # until the window holds minimum_calls calls
+            await guarded()
+        before = loop.reads
+        for _ in range(1000):
+            await guarded()
+        return loop.reads - before
+
+    try:
+        assert loop.run_until_complete(main()) == 0
+    finally:
+        loop.close()
+
+
+def test_a_breaker_with_the_default_window_takes_at_most_400_bytes() -> None:
+    telemetry = sw.Telemetry(registry=CollectorRegistry())
+    kept = [sw.CircuitBreaker(telemetry=telemetry)]  # first-use caches are not the breaker's
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept += [sw.CircuitBreaker(telemetry=telemetry) for _ in range(1000)]
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown / 1000 <= 400
 
 
 # -- concurrency ---------------------------------------------------------------
