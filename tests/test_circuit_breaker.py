@@ -330,11 +330,12 @@ async def test_rejection_errors_equal_constructed_ones() -> None:
     with pytest.raises(sw.CircuitOpenError) as info:
         await fn()
     made = sw.CircuitOpenError(str(info.value), policy="quotes", retry_after=5.0)
-    assert type(info.value) is sw.CircuitOpenError
-    assert info.value.args == made.args
-    assert info.value.__dict__ == made.__dict__
-    copy = pickle.loads(pickle.dumps(info.value))
-    assert (copy.args, copy.__dict__) == (made.args, made.__dict__)
+
+    def seen(error: sw.CircuitOpenError) -> tuple[object, ...]:
+        return (type(error), error.args, error.policy, error.retry_after, vars(error))
+
+    assert seen(info.value) == seen(made)
+    assert seen(pickle.loads(pickle.dumps(info.value))) == seen(made)
 
 
 async def test_rejections_keep_no_memory() -> None:

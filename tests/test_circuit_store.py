@@ -110,21 +110,19 @@ class SharedStore:
             self.server.change(key, state, anyio.current_time() + open_for, forced=False)
         return self.server.record(key)
 
-    async def acquire_trial(self, key: str, version: int, limit: int) -> bool:
+    async def acquire_trial(self, key: str, version: int, limit: int) -> CircuitRecord | None:
         await self.round_trip()
         entry = self.server.entry(key)
-        if entry.version != version:
-            self.receive(key, self.server.record(key))
-            return False
         if (
-            entry.state is OPEN
+            entry.version == version
+            and entry.state is OPEN
             and not entry.forced
             and anyio.current_time() >= entry.open_until
             and entry.trials < limit
         ):
             entry.trials += 1
-            return True
-        return False
+            return None
+        return self.server.record(key)
 
     async def release_trial(self, key: str, version: int, succeeded: bool) -> int:
         await self.round_trip()
@@ -394,14 +392,45 @@ async def test_a_burst_of_failures_asks_the_store_to_open_once() -> None:
     assert store.requests == 1
 
 
-async def test_a_store_that_fails_lets_the_error_through() -> None:
-    class Down(SharedStore):
-        async def acquire_trial(self, key: str, version: int, limit: int) -> bool:
-            raise ConnectionError("store down")
+class Down(SharedStore):
+    """A store whose backend is unreachable: every request fails."""
 
-    cb = sw.CircuitBreaker(consecutive_failures=1, open_for=1.0, store=Down(Server()))
+    async def round_trip(self) -> None:
+        self.requests += 1
+        raise ConnectionError("store down")
+
+
+async def test_with_its_store_down_a_breaker_still_opens_and_closes_alone() -> None:
+    cb = sw.CircuitBreaker(name="dep", consecutive_failures=1, open_for=1.0, store=Down(Server()))
+    assert await attempt(cb(boom)) == "boom"  # the call's own error, not the store's
+    assert cb.state is OPEN
+    assert await attempt(cb(ok)) == "rejected"
+    await anyio.sleep(1.0)
+    assert await attempt(cb(ok)) == "ok"  # a trial under the local limit
+    assert cb.state is CLOSED
+
+
+async def test_with_its_store_down_a_cancelled_trial_still_gives_its_slot_back() -> None:
+    cb = sw.CircuitBreaker(name="dep", consecutive_failures=1, open_for=1.0, store=Down(Server()))
     await attempt(cb(boom))
     await anyio.sleep(1.0)
-    with pytest.raises(ConnectionError):
-        await cb(ok)()
-    assert cb.statistics().trial_calls == 0  # the local slot was given back
+    with anyio.move_on_after(0.5):
+        await cb(ok)(5.0)
+    assert cb.statistics().trial_calls == 0
+    assert await attempt(cb(ok)) == "ok"
+
+
+async def test_a_breaker_that_went_on_alone_comes_back_to_its_store() -> None:
+    server = Server()
+    flaky = SharedStore(server)
+    cb = sw.CircuitBreaker(name="dep", consecutive_failures=1, open_for=1.0, store=flaky)
+    healthy = flaky.round_trip
+    flaky.round_trip = Down.round_trip.__get__(flaky)  # type: ignore[method-assign]
+    await attempt(cb(boom))
+    assert cb.state is OPEN  # alone: the store never heard of it
+    flaky.round_trip = healthy  # type: ignore[method-assign]
+    assert server.entries["dep"].version == 0
+    await anyio.sleep(1.0)
+    assert await attempt(cb(ok)) == "rejected"  # the store refuses the trial...
+    assert cb.state is CLOSED  # ...and its answer brings the breaker back to it
+    assert await attempt(cb(ok)) == "ok"

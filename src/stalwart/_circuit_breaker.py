@@ -21,6 +21,7 @@ How it stays cheap:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -328,7 +329,7 @@ class CircuitBreaker(Policy):
         self._stats = self._telemetry.stats("circuit_breaker", self._name, CircuitStats)
         self._store = store
         if store is not None:
-            self._on_record(store.attach(self._name, self._on_record))
+            self._on_answer(store.attach(self._name, self._on_record))
 
     # -- options -------------------------------------------------------------
 
@@ -460,9 +461,25 @@ class CircuitBreaker(Policy):
             )
 
     def _on_record(self, record: CircuitRecord) -> None:
-        """Adopt a record from the store, if it is newer than ours."""
-        if record.version <= self._version:
-            return
+        """A record the store pushed: adopt it if it is newer than ours."""
+        if record.version > self._version:
+            self._adopt(record)
+
+    def _on_answer(self, record: CircuitRecord) -> None:
+        """A record the store answered a request with: it is the truth now.
+
+        Adopted unless it says what we hold, even if its version is older:
+        a breaker that went on alone while its store was unreachable may be
+        ahead of it, and must come back to it.
+        """
+        if (
+            record.version != self._version
+            or (record.state is _CLOSED) != (self._state is _CLOSED)
+            or record.forced != (self._open_until == math.inf)
+        ):
+            self._adopt(record)
+
+    def _adopt(self, record: CircuitRecord) -> None:
         if record.state is _CLOSED:
             self._install(_CLOSED, record.version, 0.0)
             return
@@ -478,12 +495,17 @@ class CircuitBreaker(Policy):
     async def _transition(self, expected: int, state: CircuitState) -> None:
         """Move from version ``expected`` to ``state`` (CLOSED or OPEN), through the store."""
         store = self._store
-        if store is None:
-            if self._version == expected:
-                until = _clock.now() + self._rules.open_for if state is _OPEN else 0.0
-                self._install(state, expected + 1, until)
-            return
-        self._on_record(await store.transition(self._name, expected, state, self._rules.open_for))
+        if store is not None:
+            try:
+                record = await store.transition(self._name, expected, state, self._rules.open_for)
+            except Exception:  # noqa: BLE001 - the caller's own outcome must not be masked
+                pass  # the store is unreachable: decide alone, catch up with its next push
+            else:
+                self._on_answer(record)
+                return
+        if self._version == expected:
+            until = _clock.now() + self._rules.open_for if state is _OPEN else 0.0
+            self._install(state, expected + 1, until)
 
     async def _trip(self) -> None:
         """Open through the store (asked once per version, however many calls fail)."""
@@ -609,12 +631,15 @@ class CircuitBreaker(Policy):
         if store is not None:
             try:
                 limit = self._rules.half_open_calls
-                granted = await store.acquire_trial(self._name, version, limit)
+                refused = await store.acquire_trial(self._name, version, limit)
+            except Exception:  # noqa: BLE001
+                refused = None  # the store is unreachable: the local limit alone applies
             except BaseException:
                 self._end_trial(version)
                 raise
-            if not granted:
+            if refused is not None:
                 self._end_trial(version)
+                self._on_answer(refused)
                 raise self._trials_taken()
             if self._version != version:
                 # The state moved on while we asked: this permit is void.
@@ -649,17 +674,17 @@ class CircuitBreaker(Policy):
             if store is not None:
                 # Often a cancelled trial: without a shield the permit would
                 # stay taken (fleet-wide) until the store let it lapse.
-                with anyio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await store.release_trial(self._name, version, False)
             return
         if kind == _FAILURE or slow:
             await self._transition(version, _OPEN)
             return
-        if store is None:
-            self._successes += 1
-            successes = self._successes
-        else:
-            successes = await store.release_trial(self._name, version, True)
+        self._successes += 1
+        successes = self._successes  # what counts if the store is unreachable
+        if store is not None:
+            with contextlib.suppress(Exception):
+                successes = await store.release_trial(self._name, version, True)
         if successes >= self._rules.half_open_calls:
             await self._transition(version, _CLOSED)
 

@@ -99,13 +99,17 @@ class CircuitStore(Protocol):
 
     Rules every implementation follows:
 
-    * **Pushes.** Whenever the record of a key changes (by this process or
-      another), the store calls every listener attached to that key with the
-      new record, from the event loop's thread, without blocking. A listener
-      ignores records whose version is not newer than its copy, so pushing
-      the same record twice, or out of order, is harmless. A remote store
-      should also re-read the records it follows now and then, so that a lost
-      message cannot leave a breaker stuck.
+    * **Pushes and answers.** Whenever the record of a key changes (by this
+      process or another), the store calls every listener attached to that
+      key with the new record, from the event loop's thread, without
+      blocking. A listener ignores pushed records whose version is not newer
+      than its copy, so pushing the same record twice, or out of order, is
+      harmless. A remote store should also re-read the records it follows
+      now and then, so that a lost message cannot leave a breaker stuck. The
+      records a store *returns* (from `attach`, `transition` and a refused
+      `acquire_trial`) are taken as the truth whatever their version: that
+      is how a breaker that went on alone while the store was unreachable
+      (see Failure) comes back to it.
     * **Time.** Open periods cross the protocol as durations (``open_for``,
       seconds left when delivered), never as timestamps: clocks differ between
       processes. A store keeps the end of each open period on a clock of its
@@ -124,9 +128,13 @@ class CircuitStore(Protocol):
       shielded, and a cancelled caller may not see them through: the next
       outcome that needs the transition asks again.
     * **Failure.** A store that cannot reach its backend must not hang the
-      call: raise (the breaker lets the error through) or answer from what it
-      knows (a refused permit, the record it has); the breaker keeps working
-      on its own copy and catches up with the next push.
+      call: it raises (any `Exception`) or answers from what it knows. The
+      breaker never lets a store's error replace the outcome of a call: when
+      `transition` raises it makes the transition alone, on its own copy (so
+      it still protects its process); when `acquire_trial` raises it grants
+      the trial under its own ``half_open_calls`` limit; when `release_trial`
+      raises it counts its own successes. It catches up with the store's
+      state at the next push of a newer version.
     """
 
     def attach(self, key: str, listener: Listener) -> CircuitRecord:
@@ -157,14 +165,13 @@ class CircuitStore(Protocol):
         """
         ...
 
-    async def acquire_trial(self, key: str, version: int, limit: int) -> bool:
-        """Take a half-open trial permit for ``version``; False if refused.
+    async def acquire_trial(self, key: str, version: int, limit: int) -> CircuitRecord | None:
+        """Take a half-open trial permit for ``version``: None if granted.
 
         Grant (and count) a permit only if ``version`` is the current one, the
         record is OPEN, not forced, its open period is over on the store's
-        clock, and fewer than ``limit`` permits are held. When refusing because
-        ``version`` is not the current one, push the current record to the
-        key's listeners (the caller is behind).
+        clock, and fewer than ``limit`` permits are held. Otherwise return the
+        current record: the caller is rejected, and adopts it.
         """
         ...
 
@@ -185,11 +192,12 @@ class CircuitStore(Protocol):
 
         For `CircuitBreaker.force_open` and `CircuitBreaker.reset`, which are
         plain methods: do not block. The new record gets a version newer than
-        the current one (and newer than the caller's, which has already
-        applied the change to its own copy with its version + 1), forced for
-        ``OPEN``, with permits and successes reset; push it to every listener.
-        A remote store writes it in the background, and must apply such
-        writes in the order they were made.
+        the current one, is forced for ``OPEN``, has its permits and successes
+        reset, and is pushed to every listener, the caller's included: the
+        caller has already applied the change to its own copy (at its own
+        version + 1, which the store's version then overtakes or equals). A
+        remote store writes it in the background, and must apply such writes
+        in the order they were made.
         """
         ...
 
@@ -293,20 +301,19 @@ class InProcessStore:
             return record
         return circuit.record(now)
 
-    async def acquire_trial(self, key: str, version: int, limit: int) -> bool:
+    async def acquire_trial(self, key: str, version: int, limit: int) -> CircuitRecord | None:
         circuit = self._circuit(key)
-        if circuit.version != version:
-            circuit.push(circuit.record(_clock.now()))
-            return False
+        now = _clock.now()
         if (
-            circuit.state is _OPEN
+            circuit.version == version
+            and circuit.state is _OPEN
             and not circuit.forced
-            and _clock.now() >= circuit.open_until
+            and now >= circuit.open_until
             and circuit.trials < limit
         ):
             circuit.trials += 1
-            return True
-        return False
+            return None
+        return circuit.record(now)
 
     async def release_trial(self, key: str, version: int, succeeded: bool) -> int:
         circuit = self._circuit(key)
