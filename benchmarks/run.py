@@ -35,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.machine()}, {os.cpu_count()} CPUs; {rounds} interleaved rounds of "
         f"{calls:,} calls, medians"
     )
-    report = f"{header}\n\n{_harness.table(cases)}\n"
+    memory = ["| item | bytes | budget | |", "|---|---:|---:|---|"]
+    for item, size, budget in hot_path.breaker_memory():
+        verdict = "" if budget is None else ("ok" if size <= budget else "**over**")
+        limit = "" if budget is None else f"≤ {budget:g}"
+        memory.append(f"| {item} | {size:,.0f} | {limit} | {verdict} |")
+    report = f"{header}\n\n{_harness.table(cases)}\n\nMemory (tracemalloc)\n\n" + (
+        "\n".join(memory) + "\n"
+    )
     print(report)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ keys, as composable decorators for ``async def`` code on asyncio and trio.
 """
 
 from ._bulkhead import Bulkhead, BulkheadStatistics
+from ._circuit_breaker import CircuitBreaker, CircuitBreakerStatistics, CircuitState
 from ._codec import Codec, JSONCodec
 from ._errors import (
     BulkheadFullError,
@@ -28,15 +29,20 @@ from ._retry_budget import RetryBudget, RetryBudgetStatistics
 from ._telemetry import Telemetry
 from ._timeout import Timeout, deadline, remaining
 from ._version import __version__
+from ._windows import CountWindow, TimeWindow
 
 __all__ = [
     "Backoff",
     "Bulkhead",
     "BulkheadFullError",
     "BulkheadStatistics",
+    "CircuitBreaker",
+    "CircuitBreakerStatistics",
     "CircuitOpenError",
+    "CircuitState",
     "Codec",
     "Completed",
+    "CountWindow",
     "DeadlineExceeded",
     "Idempotency",
     "IdempotencyConflict",
@@ -54,6 +60,7 @@ __all__ = [
     "RetryBudgetStatistics",
     "StalwartError",
     "Telemetry",
+    "TimeWindow",
     "Timeout",
     "__version__",
     "deadline",

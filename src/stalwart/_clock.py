@@ -91,10 +91,15 @@ def _lookup() -> LoopInfo | None:
 
 def now() -> float:
     """Seconds on the running event loop's clock (asyncio or trio)."""
-    info = asyncio_loop()
-    if info is not None:
-        return info.time()
-    return _trio_now()
+    # asyncio_loop(), inlined and cut to one test (a loop running in this
+    # thread is this thread's running loop): a breaker's rejection reads the
+    # clock, and must cost at most twice raising an exception.
+    info = _cached
+    if info is None or getattr(info.loop, "_thread_id", None) != get_ident():
+        info = _lookup()
+        if info is None:
+            return _trio_now()
+    return info.time()
 
 
 def _trio_now() -> float:

@@ -32,13 +32,19 @@ class StalwartError(Exception):
         self.policy = policy
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.args, self.__dict__))
+        state = dict(self.__dict__)
+        for cls in type(self).__mro__:
+            for slot in cls.__dict__.get("__slots__", ()):
+                if hasattr(self, slot):
+                    state[slot] = getattr(self, slot)
+        return (_rebuild, (type(self), self.args, state))
 
 
 def _rebuild(cls: type[StalwartError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
     error = cls.__new__(cls, *args)
     error.args = args
-    error.__dict__.update(state)
+    for name, value in state.items():
+        setattr(error, name, value)
     return error
 
 
@@ -51,6 +57,9 @@ class CircuitOpenError(StalwartError):
     instead of hammering it, as far as the deadline and budget allow.
     """
 
+    # Slots, not a __dict__: an open breaker builds one per rejected call, and
+    # its budget is twice the cost of raising a bare exception.
+    __slots__ = ("policy", "retry_after")
     retry_after: float
 
     def __init__(self, message: str, *, policy: str, retry_after: float) -> None:

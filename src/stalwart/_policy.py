@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar, Final, TypeVar
 
 from typing_extensions import ParamSpec
@@ -30,6 +31,14 @@ AsyncCallable = Callable[P, Coroutine[Any, Any, T]]
 # ``call()`` binds the function it is given; remembering a few bindings keeps
 # repeated ``policy.call(client.get, ...)`` from rebuilding the wrapper.
 _CALL_CACHE_SIZE: Final = 64
+
+# A policy only gets a cache of its own once ``call()`` is used.
+_NO_BINDINGS: Final[Mapping[Callable[..., Any], Callable[..., Any]]] = MappingProxyType({})
+
+# Span name and attributes per (kind, name): the same for every policy of that
+# kind and name, and never mutated, so they are shared rather than built per
+# policy (a service may build a policy per dependency, or per tenant).
+_span_naming: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
 
 
 def is_async_callable(fn: object) -> bool:
@@ -79,9 +88,14 @@ class Policy(ABC):
     def __init__(self, *, name: str, telemetry: Telemetry | None) -> None:
         self._name = _validate.name(name)
         self._telemetry = resolve(telemetry)
-        self._span_name = f"stalwart.{self.kind} {self._name}"
-        self._span_attributes = {POLICY_ATTRIBUTE: self._name}
-        self._call_cache: dict[Callable[..., Any], Callable[..., Any]] = {}
+        key = (self.kind, self._name)
+        naming = _span_naming.get(key)
+        if naming is None:
+            naming = _span_naming.setdefault(
+                key, (f"stalwart.{self.kind} {self._name}", {POLICY_ATTRIBUTE: self._name})
+            )
+        self._span_name, self._span_attributes = naming
+        self._call_cache: Mapping[Callable[..., Any], Callable[..., Any]] = _NO_BINDINGS
 
     @property
     def name(self) -> str:
@@ -110,6 +124,8 @@ class Policy(ABC):
             ensure_async(fn, "fn")
             bound = self._bind(fn, origin=fn, traced=True)
             cache = self._call_cache
+            if not isinstance(cache, dict):
+                cache = self._call_cache = {}
             if len(cache) >= _CALL_CACHE_SIZE:
                 del cache[next(iter(cache))]
             cache[fn] = bound

@@ -1,0 +1,808 @@
+"""The circuit breaker: stop calling a dependency that keeps failing, then probe it.
+
+States and transitions (``docs/explanation/circuit-breaker.md`` has the
+diagram): CLOSED opens when a trigger fires; OPEN becomes HALF_OPEN once
+``open_for`` has passed; HALF_OPEN closes (with an empty window) after
+``half_open_calls`` successful trials, and opens again on a failed or slow one.
+
+How it stays cheap:
+
+* The hot path is one coroutine layer. While CLOSED and its window holds
+  at least ``minimum_calls`` calls (and nothing needs timing), a successful
+  call costs two attribute checks and ``ring.pending += 1``, with no clock
+  read: a success there can never trip the breaker (it never raises a rate
+  and ends any run of failures), so nothing needs checking.
+* Rejection while OPEN reads the clock once and builds a fresh
+  `CircuitOpenError` (a shared instance would keep every rejected caller's
+  traceback alive).
+* The state is read from the breaker's own memory; a store is only asked to
+  change it (see `CircuitStore`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar, Union, final
+
+import anyio
+from typing_extensions import ParamSpec
+
+from . import _clock, _telemetry, _validate
+from ._circuit_store import CircuitRecord, CircuitState, CircuitStore
+from ._errors import CircuitOpenError
+from ._policy import Policy
+from ._telemetry import CircuitStats, Telemetry, add_event, listening, otel_probe, run_in_span
+from ._windows import CountRing, CountWindow, Ring, TimeWindow, ring_for
+
+__all__ = ["CircuitBreaker", "CircuitBreakerStatistics", "CircuitState"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+ExceptionMatcher = Union[  # noqa: UP007 - a runtime alias: `|` needs 3.10 types on both sides
+    type[BaseException], tuple[type[BaseException], ...], Callable[[BaseException], bool]
+]
+
+_CLOSED: Final = CircuitState.CLOSED
+_OPEN: Final = CircuitState.OPEN
+_HALF_OPEN: Final = CircuitState.HALF_OPEN
+
+# How a finished call counts.
+_SUCCESS: Final = 0
+_FAILURE: Final = 1
+_NEITHER: Final = 2
+
+_DEFAULT_WINDOW: Final = 100
+
+# `CircuitOpenError(...)` runs two Python-level __init__s with keyword
+# arguments: more than a bare `await` costs. Rejections build the same
+# object directly (BaseException.__new__ sets ``args``); a test checks that
+# both ways give equal errors.
+_new_error: Final = CircuitOpenError.__new__
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerStatistics:
+    """A snapshot of a `CircuitBreaker` (see `CircuitBreaker.statistics`).
+
+    The window's figures are those of the current (or, while not CLOSED,
+    the last) closed period; a transition to CLOSED empties the window.
+    """
+
+    state: CircuitState
+    #: calls in the window
+    calls: int
+    #: of which failed
+    failures: int
+    #: of which took at least ``slow_call_duration``
+    slow_calls: int
+    #: failures / calls (0.0 for an empty window)
+    failure_rate: float
+    #: slow_calls / calls (0.0 for an empty window)
+    slow_call_rate: float
+    #: failures in a row, up to the last call
+    consecutive_failures: int
+    #: half-open trial calls running in this process
+    trial_calls: int
+    #: seconds until a trial call is allowed: inf when forced open; None when not
+    #: OPEN, or read outside a running event loop
+    time_until_half_open: float | None
+
+
+def _matcher(param: str, value: Any, *, allow_empty: bool) -> ExceptionMatcher:
+    if isinstance(value, type) and issubclass(value, BaseException):
+        return value
+    if isinstance(value, tuple):
+        if (not value and not allow_empty) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in value
+        ):
+            raise TypeError(
+                f"{param} must be an exception type, a "
+                f"{'' if allow_empty else 'non-empty '}tuple of them, or a predicate"
+            )
+        return value
+    if callable(value):
+        return value  # type: ignore[no-any-return]
+    raise TypeError(
+        f"{param} must be an exception type, a tuple of them, or a predicate, "
+        f"not {type(value).__name__}"
+    )
+
+
+def _matches(matcher: ExceptionMatcher, exc: BaseException) -> bool:
+    if isinstance(matcher, (type, tuple)):
+        return isinstance(exc, matcher)
+    return bool(matcher(exc))
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    """A breaker's validated options: when to open, close, and what counts.
+
+    Breakers with equal options share one (see `_shared`): a service with
+    a breaker per dependency mostly uses the defaults.
+    """
+
+    failure_rate: float
+    minimum_calls: int
+    #: calls the window must hold for rates to count: ``minimum_calls``, or
+    #: the size of a smaller `CountWindow`
+    enough: int
+    consecutive_failures: int | None
+    slow_call_duration: float | None
+    slow_call_rate: float
+    open_for: float
+    half_open_calls: int
+    failure_on: ExceptionMatcher
+    ignore: ExceptionMatcher
+
+    def classify(self, exc: BaseException) -> int:
+        """How a call that raised ``exc`` counts: success, failure or neither."""
+        if not isinstance(exc, Exception) or _matches(self.ignore, exc):
+            return _NEITHER
+        return _FAILURE if _matches(self.failure_on, exc) else _SUCCESS
+
+    def is_slow(self, duration: float) -> bool:
+        threshold = self.slow_call_duration
+        return threshold is not None and duration >= threshold
+
+    def tripped(self, ring: Ring) -> bool:
+        """Should a CLOSED breaker with this (refreshed) window open?"""
+        limit = self.consecutive_failures
+        if limit is not None and ring.run >= limit:
+            return True
+        calls = ring.calls
+        if calls < self.enough:
+            return False
+        if ring.failures / calls >= self.failure_rate:
+            return True
+        return self.slow_call_duration is not None and ring.slow / calls >= self.slow_call_rate
+
+
+# Shared options objects, keyed by value. Only options made of types are
+# shared: a predicate may hold on to anything, and is not ours to keep.
+_rules_by_value: dict[_Rules, _Rules] = {}
+_RULES_KEPT: Final = 256
+
+
+def _shared(rules: _Rules) -> _Rules:
+    if callable(rules.failure_on) and not isinstance(rules.failure_on, type):
+        return rules
+    if callable(rules.ignore) and not isinstance(rules.ignore, type):
+        return rules
+    found = _rules_by_value.get(rules)
+    if found is not None:
+        return found
+    if len(_rules_by_value) < _RULES_KEPT:
+        _rules_by_value[rules] = rules
+    return rules
+
+
+def _now_or_none() -> float | None:
+    try:
+        return _clock.now()
+    except RuntimeError:  # no event loop running: nothing time-based can change
+        return None
+
+
+@final
+class CircuitBreaker(Policy):
+    """Stop calling a dependency that keeps failing; let a few trials probe it.
+
+    **CLOSED**, calls run and their outcomes fill a window (the last
+    ``window`` calls, or a `TimeWindow`). The breaker **opens** when
+
+    * the window holds at least ``minimum_calls`` calls and the share of
+      failures is at least ``failure_rate``; or
+    * ``consecutive_failures`` calls in a row failed (when set); or
+    * the window holds at least ``minimum_calls`` calls and the share that
+      took ``slow_call_duration`` seconds or more (when set) is at least
+      ``slow_call_rate``.
+
+    **OPEN**, calls fail at once with `CircuitOpenError`, whose
+    ``retry_after`` is the time left until trials are allowed: after
+    ``open_for`` seconds the breaker is **HALF_OPEN**. Then at most
+    ``half_open_calls`` trial calls run at once; others are rejected with
+    ``retry_after`` 0.0. Any failed or slow trial opens the breaker again;
+    ``half_open_calls`` successful trials close it, with an empty window.
+
+    Exceptions matching ``ignore`` count as nothing; then those matching
+    ``failure_on`` are failures; any other exception is a success (the
+    dependency answered). Cancellation and other `BaseException` s that are
+    not `Exception` s count as nothing; a trial that ends so, or is ignored,
+    gives its slot back. A call counts in the window only if the breaker is
+    CLOSED when it ends, and a trial only if its half-open period is not
+    over.
+
+    Args:
+        failure_rate: share of failures that opens, in [0, 1].
+        window: an ``int`` n (= ``CountWindow(n)``, the last n calls) or a
+            `TimeWindow`. Recording an outcome is O(1) whatever its size.
+        minimum_calls: calls the window must hold before rates count, >= 1
+            (at most the size of a `CountWindow`).
+        consecutive_failures: failures in a row that open, >= 1, or None.
+        slow_call_duration: seconds from which a call is slow, > 0, or None.
+        slow_call_rate: share of slow calls that opens, in [0, 1].
+        open_for: seconds to stay OPEN before trials, >= 0.
+        half_open_calls: concurrent trials in HALF_OPEN, and successes that
+            close, >= 1.
+        failure_on: what is a failure: an exception type, tuple of types,
+            or predicate ``exc -> bool``.
+        ignore: what counts as nothing, in the same forms.
+        store: where the state lives: None (this object), an
+            `InProcessStore`, or ``stalwart.redis.RedisStore``. Breakers
+            sharing a store share the state of their ``name``.
+
+    Example::
+
+        breaker = sw.CircuitBreaker(failure_rate=0.5, window=50, open_for=10.0)
+
+        @breaker
+        async def get_quote(symbol: str) -> Decimal: ...
+    """
+
+    kind = "circuit_breaker"
+    __slots__ = (
+        "_fast",
+        "_message",
+        "_open_until",
+        "_ring",
+        "_rules",
+        "_state",
+        "_stats",
+        "_store",
+        "_successes",
+        "_timed",
+        "_trials",
+        "_tripping",
+        "_version",
+    )
+
+    def __init__(
+        self,
+        *,
+        failure_rate: float = 0.5,
+        window: int | CountWindow | TimeWindow = _DEFAULT_WINDOW,
+        minimum_calls: int = 10,
+        consecutive_failures: int | None = None,
+        slow_call_duration: float | None = None,
+        slow_call_rate: float = 1.0,
+        open_for: float = 30.0,
+        half_open_calls: int = 1,
+        failure_on: ExceptionMatcher = Exception,
+        ignore: ExceptionMatcher = (),
+        store: CircuitStore | None = None,
+        name: str = "circuit",
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        super().__init__(name=name, telemetry=telemetry)
+        if isinstance(window, int) and not isinstance(window, bool):
+            window = CountWindow(_validate.count("window", window))
+        elif not isinstance(window, (CountWindow, TimeWindow)):
+            raise TypeError(
+                "window must be an int (a number of calls), a CountWindow or a TimeWindow, "
+                f"not {type(window).__name__}"
+            )
+        minimum_calls = _validate.count("minimum_calls", minimum_calls)
+        rules = _Rules(
+            failure_rate=_validate.rate("failure_rate", failure_rate),
+            minimum_calls=minimum_calls,
+            enough=(
+                min(minimum_calls, window.size)
+                if isinstance(window, CountWindow)
+                else minimum_calls
+            ),
+            consecutive_failures=_validate.optional_count(
+                "consecutive_failures", consecutive_failures
+            ),
+            slow_call_duration=_validate.optional_duration(
+                "slow_call_duration", slow_call_duration, positive=True
+            ),
+            slow_call_rate=_validate.rate("slow_call_rate", slow_call_rate),
+            open_for=_validate.duration("open_for", open_for),
+            half_open_calls=_validate.count("half_open_calls", half_open_calls),
+            failure_on=_matcher("failure_on", failure_on, allow_empty=False),
+            ignore=_matcher("ignore", ignore, allow_empty=True),
+        )
+        if store is not None and not isinstance(store, CircuitStore):
+            raise TypeError(
+                "store must be a circuit store (InProcessStore, RedisStore) or None, "
+                f"not {type(store).__name__}"
+            )
+        self._rules = _shared(rules)
+        timing = rules.slow_call_duration is not None
+        self._ring: Ring = ring_for(window, slow=timing)
+        self._timed = timing or isinstance(window, TimeWindow)
+        self._fast = False
+        self._message: str | None = None  # made at the first rejection
+        self._state = _CLOSED
+        self._version = 0
+        self._open_until = 0.0
+        self._trials = 0
+        self._successes = 0
+        self._tripping = -1  # the version a transition to OPEN is being asked from
+        self._stats = self._telemetry.stats("circuit_breaker", self._name, CircuitStats)
+        self._store = store
+        if store is not None:
+            self._on_answer(store.attach(self._name, self._on_record))
+
+    # -- options -------------------------------------------------------------
+
+    @property
+    def failure_rate(self) -> float:
+        return self._rules.failure_rate
+
+    @property
+    def window(self) -> CountWindow | TimeWindow:
+        return self._ring.window
+
+    @property
+    def minimum_calls(self) -> int:
+        return self._rules.minimum_calls
+
+    @property
+    def consecutive_failures(self) -> int | None:
+        return self._rules.consecutive_failures
+
+    @property
+    def slow_call_duration(self) -> float | None:
+        return self._rules.slow_call_duration
+
+    @property
+    def slow_call_rate(self) -> float:
+        return self._rules.slow_call_rate
+
+    @property
+    def open_for(self) -> float:
+        return self._rules.open_for
+
+    @property
+    def half_open_calls(self) -> int:
+        return self._rules.half_open_calls
+
+    @property
+    def store(self) -> CircuitStore | None:
+        return self._store
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def state(self) -> CircuitState:
+        """CLOSED, OPEN or HALF_OPEN, as of now.
+
+        An OPEN breaker whose open period is over reads as HALF_OPEN (read
+        outside a running event loop, the state of the last call).
+        """
+        now = _now_or_none()
+        if now is not None:
+            self._observe(now)
+        return self._state
+
+    def statistics(self) -> CircuitBreakerStatistics:
+        """The state and the window's counts, as of now.
+
+        Read outside a running event loop: as of the last call.
+        """
+        now = _now_or_none()
+        if now is not None:
+            self._observe(now)
+        ring = self._ring
+        ring.refresh(now)
+        calls, failures, slow = ring.calls, ring.failures, ring.slow
+        state = self._state
+        until: float | None = None
+        if state is _OPEN:
+            if self._open_until == math.inf:
+                until = math.inf
+            elif now is not None:
+                until = max(0.0, self._open_until - now)
+        return CircuitBreakerStatistics(
+            state=state,
+            calls=calls,
+            failures=failures,
+            slow_calls=slow,
+            failure_rate=failures / calls if calls else 0.0,
+            slow_call_rate=slow / calls if calls else 0.0,
+            consecutive_failures=ring.run,
+            trial_calls=self._trials if state is _HALF_OPEN else 0,
+            time_until_half_open=until,
+        )
+
+    def force_open(self) -> None:
+        """Open now, and stay OPEN (no trials) until `reset`.
+
+        Rejections say ``retry_after=inf``. With a shared store, every
+        breaker sharing the state opens.
+        """
+        self._install(_OPEN, self._version + 1, math.inf)
+        if self._store is not None:
+            self._store.assign(self._name, _OPEN)
+
+    def reset(self) -> None:
+        """Close now, with an empty window (also ends a `force_open`)."""
+        self._install(_CLOSED, self._version + 1, 0.0)
+        if self._store is not None:
+            self._store.assign(self._name, _CLOSED)
+
+    def _observe(self, now: float) -> None:
+        """OPEN turns HALF_OPEN when its period is over (forced: never, until is inf)."""
+        if self._state is _OPEN and now >= self._open_until:
+            self._state = _HALF_OPEN
+            self._announce(_OPEN, _HALF_OPEN)
+
+    def _install(self, state: CircuitState, version: int, open_until: float) -> None:
+        """Make ``state`` (CLOSED or OPEN) the breaker's state, at ``version``."""
+        before = self._state
+        self._fast = False
+        self._version = version
+        self._open_until = open_until
+        self._trials = self._successes = 0
+        if state is _CLOSED:
+            self._ring.clear()
+        self._state = state
+        if before is not state:
+            self._announce(before, state)
+
+    def _announce(self, before: CircuitState, after: CircuitState) -> None:
+        self._stats.transition(before.value, after.value)
+        if listening():
+            add_event(
+                "stalwart.circuit.transition",
+                {
+                    **self._span_attributes,
+                    "stalwart.from_state": before.value,
+                    "stalwart.to_state": after.value,
+                },
+            )
+
+    def _on_record(self, record: CircuitRecord) -> None:
+        """A record the store pushed: adopt it if it is newer than ours."""
+        if record.version > self._version:
+            self._adopt(record)
+
+    def _on_answer(self, record: CircuitRecord) -> None:
+        """A record the store answered a request with: it is the truth now.
+
+        Adopted unless it says what we hold, even if its version is older:
+        a breaker that went on alone while its store was unreachable may be
+        ahead of it, and must come back to it.
+        """
+        if (
+            record.version != self._version
+            or (record.state is _CLOSED) != (self._state is _CLOSED)
+            or record.forced != (self._open_until == math.inf)
+        ):
+            self._adopt(record)
+
+    def _adopt(self, record: CircuitRecord) -> None:
+        if record.state is _CLOSED:
+            self._install(_CLOSED, record.version, 0.0)
+            return
+        if record.forced:
+            until = math.inf
+        else:
+            # Without a clock, take the period as over: the store refuses
+            # trial permits until it really is.
+            now = _now_or_none()
+            until = -math.inf if now is None else now + max(0.0, record.open_for)
+        self._install(_OPEN, record.version, until)
+
+    async def _transition(self, expected: int, state: CircuitState) -> None:
+        """Move from version ``expected`` to ``state`` (CLOSED or OPEN), through the store."""
+        store = self._store
+        if store is not None:
+            try:
+                record = await store.transition(self._name, expected, state, self._rules.open_for)
+            except Exception:  # noqa: BLE001 - the caller's own outcome must not be masked
+                pass  # the store is unreachable: decide alone, catch up with its next push
+            else:
+                self._on_answer(record)
+                return
+        if self._version == expected:
+            until = _clock.now() + self._rules.open_for if state is _OPEN else 0.0
+            self._install(state, expected + 1, until)
+
+    async def _trip(self) -> None:
+        """Open through the store (asked once per version, however many calls fail)."""
+        version = self._version
+        if self._tripping == version:
+            return
+        self._tripping = version
+        try:
+            await self._transition(version, _OPEN)
+        finally:
+            self._tripping = -1
+
+    # -- outcomes ------------------------------------------------------------
+
+    def _failed(self, exc: BaseException, start: float) -> bool:
+        """A call admitted while CLOSED (at ``start``) raised ``exc``: count it.
+
+        True when the breaker must now trip through its store (``await
+        self._trip()``); without a store it has tripped already.
+        """
+        kind = self._rules.classify(exc)
+        if kind == _NEITHER:
+            return False
+        return self._record(kind == _FAILURE, start)
+
+    def _record(self, failure: bool, start: float) -> bool:
+        """A call admitted while CLOSED (at ``start``) ended: count it (see `_failed`).
+
+        Not counted if the breaker has left CLOSED since: the window belongs
+        to the closed period, and a transition to CLOSED empties it.
+        """
+        if self._state is not _CLOSED:
+            return False
+        ring, rules = self._ring, self._rules
+        if self._timed:
+            now = _clock.now()
+            threshold = rules.slow_call_duration
+            slow = threshold is not None and now - start >= threshold
+            expired = ring.record(failure, slow, now)
+            if not (failure or slow or expired or ring.calls == rules.enough):
+                # A success, and nothing left the window but older outcomes
+                # it replaced: no rate went up, no run of failures grew.
+                return False
+        else:
+            ring.record(failure, False, 0.0)
+        if rules.tripped(ring):
+            if self._store is not None:
+                return True
+            self._install(_OPEN, self._version + 1, _clock.now() + rules.open_for)
+        elif not self._timed and ring.calls >= rules.enough:
+            # From now on a success cannot trip the breaker (it lowers no
+            # rate and ends any run of failures): the wrapper only counts it.
+            self._fast = True
+        return False
+
+    # -- rejections ----------------------------------------------------------
+
+    def _rejected(self, retry_after: float, message: str | None = None) -> CircuitOpenError:
+        """The error for a rejected call (counted and reported here)."""
+        if message is None:
+            message = self._message or self._open_message()
+        error = _new_error(CircuitOpenError, message)
+        error.policy = self._name
+        error.retry_after = retry_after
+        self._stats.rejected += 1
+        if _telemetry._explicit_tracing or otel_probe._TRACER_PROVIDER is not None:
+            add_event(
+                "stalwart.circuit.rejected",
+                {**self._span_attributes, "stalwart.retry_after": retry_after},
+            )
+        return error
+
+    def _open_message(self) -> str:
+        self._message = f"circuit breaker {self._name!r} is open"
+        return self._message
+
+    def _trials_taken(self) -> CircuitOpenError:
+        """The error for a call rejected while HALF_OPEN: every trial slot is taken."""
+        return self._rejected(
+            0.0,
+            f"circuit breaker {self._name!r} is half-open and all its "
+            f"{self._rules.half_open_calls} trial calls are running",
+        )
+
+    # -- calls ---------------------------------------------------------------
+
+    async def _call(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        """Any call the inlined paths of the wrapper do not take."""
+        now = _clock.now()
+        self._observe(now)
+        state = self._state
+        if state is _CLOSED:
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                if self._failed(exc, now):
+                    await self._trip()
+                raise
+            if self._record(False, now):
+                await self._trip()
+            return result
+        if state is _OPEN:
+            raise self._rejected(self._open_until - now)
+        return await self._trial(fn, args, kwargs)
+
+    async def _trial(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        """Run ``fn`` as a half-open trial, if a permit is free."""
+        if self._trials >= self._rules.half_open_calls:
+            raise self._trials_taken()
+        version = self._version
+        self._trials += 1  # taken before asking the store: local callers see it
+        store = self._store
+        if store is not None:
+            try:
+                limit = self._rules.half_open_calls
+                refused = await store.acquire_trial(self._name, version, limit)
+            except Exception:  # noqa: BLE001
+                refused = None  # the store is unreachable: the local limit alone applies
+            except BaseException:
+                self._end_trial(version)
+                raise
+            if refused is not None:
+                self._end_trial(version)
+                self._on_answer(refused)
+                raise self._trials_taken()
+            if self._version != version:
+                # The state moved on while we asked: this permit is void.
+                return await self._call(fn, args, kwargs)
+        start = _clock.now() if self._rules.slow_call_duration is not None else 0.0
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            kind = self._rules.classify(exc)
+            await self._settle_trial(version, kind, kind != _NEITHER and self._slow_since(start))
+            raise
+        await self._settle_trial(version, _SUCCESS, self._slow_since(start))
+        return result
+
+    def _slow_since(self, start: float) -> bool:
+        return self._rules.slow_call_duration is not None and self._rules.is_slow(
+            _clock.now() - start
+        )
+
+    def _end_trial(self, version: int) -> bool:
+        """Free the local trial slot of ``version``; False if that period is over."""
+        if self._version != version:
+            return False
+        self._trials -= 1
+        return True
+
+    async def _settle_trial(self, version: int, kind: int, slow: bool) -> None:
+        if not self._end_trial(version):
+            return  # the half-open period is over: its trials no longer count
+        store = self._store
+        if kind == _NEITHER:
+            if store is not None:
+                # Often a cancelled trial: without a shield the permit would
+                # stay taken (fleet-wide) until the store let it lapse.
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await store.release_trial(self._name, version, False)
+            return
+        if kind == _FAILURE or slow:
+            await self._transition(version, _OPEN)
+            return
+        self._successes += 1
+        successes = self._successes  # what counts if the store is unreachable
+        if store is not None:
+            with contextlib.suppress(Exception):
+                successes = await store.release_trial(self._name, version, True)
+        if successes >= self._rules.half_open_calls:
+            await self._transition(version, _CLOSED)
+
+    # -- decorator -----------------------------------------------------------
+
+    def _bind(
+        self,
+        fn: Callable[P, Coroutine[Any, Any, T]],
+        *,
+        origin: Callable[..., Any],
+        traced: bool,
+    ) -> Callable[P, Coroutine[Any, Any, T]]:
+        breaker, ring, call, now = self, self._ring, self._call, _clock.now
+        tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
+
+        if isinstance(ring, CountRing) and not self._timed:
+            # Counting only: see `_record` for when `_fast` holds.
+            counter = ring
+
+            async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+                if breaker._fast:
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except BaseException as exc:
+                        if breaker._failed(exc, 0.0):
+                            await breaker._trip()
+                        raise
+                    # Still fast? The await may have let the state change
+                    # (mypy keeps its narrowing across an await, hence the ignore).
+                    if breaker._fast:
+                        counter.pending += 1
+                    elif breaker._record(False, 0.0):  # type: ignore[unreachable]
+                        await breaker._trip()
+                    return result
+                if breaker._state is _OPEN:
+                    until, moment = breaker._open_until, now()
+                    if moment < until:
+                        raise breaker._rejected(until - moment)
+                return await call(fn, args, kwargs)
+
+            if not traced:
+                return guarded
+
+            async def traced_guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+                if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
+                    return await run_in_span(tel, span_name, attrs, guarded, args, kwargs)
+                if breaker._fast:
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except BaseException as exc:
+                        if breaker._failed(exc, 0.0):
+                            await breaker._trip()
+                        raise
+                    # Still fast? The await may have let the state change
+                    # (mypy keeps its narrowing across an await, hence the ignore).
+                    if breaker._fast:
+                        counter.pending += 1
+                    elif breaker._record(False, 0.0):  # type: ignore[unreachable]
+                        await breaker._trip()
+                    return result
+                if breaker._state is _OPEN:
+                    until, moment = breaker._open_until, now()
+                    if moment < until:
+                        raise breaker._rejected(until - moment)
+                return await call(fn, args, kwargs)
+
+            return traced_guarded
+
+        # A TimeWindow or slow-call detection: every closed call is timed.
+        starts = self._rules.slow_call_duration is not None
+
+        async def timed(*args: P.args, **kwargs: P.kwargs) -> T:
+            state = breaker._state
+            if state is _CLOSED:
+                start = now() if starts else 0.0
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    if breaker._failed(exc, start):
+                        await breaker._trip()
+                    raise
+                if breaker._record(False, start):
+                    await breaker._trip()
+                return result
+            if state is _OPEN:
+                until, moment = breaker._open_until, now()
+                if moment < until:
+                    raise breaker._rejected(until - moment)
+            return await call(fn, args, kwargs)
+
+        if not traced:
+            return timed
+
+        async def traced_timed(*args: P.args, **kwargs: P.kwargs) -> T:
+            if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
+                return await run_in_span(tel, span_name, attrs, timed, args, kwargs)
+            state = breaker._state
+            if state is _CLOSED:
+                start = now() if starts else 0.0
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    if breaker._failed(exc, start):
+                        await breaker._trip()
+                    raise
+                if breaker._record(False, start):
+                    await breaker._trip()
+                return result
+            if state is _OPEN:
+                until, moment = breaker._open_until, now()
+                if moment < until:
+                    raise breaker._rejected(until - moment)
+            return await call(fn, args, kwargs)
+
+        return traced_timed
+
+    def __repr__(self) -> str:
+        return (
+            f"CircuitBreaker(failure_rate={self._rules.failure_rate:g}, window={self.window!r}, "
+            f"open_for={self._rules.open_for:g}, name={self._name!r})"
+        )
