@@ -31,6 +31,7 @@ class Pipeline(Policy):
         sw.Pipeline(
             sw.Timeout(10),          # the whole operation, retries included
             sw.Retry(attempts=3),    # retry what fails below
+            sw.CircuitBreaker(),     # stop calling a dependency that is down
             sw.Bulkhead(8),          # at most 8 calls in flight
             sw.Timeout(2),           # each single attempt
         )
