@@ -333,11 +333,7 @@ def from_dict(data: Mapping[str, Any], *, name: str, source: str | None = None) 
     downstream_in = top.get("downstream", {})
     timeline = _timeline(downstream_in, problems)
     traffic = _traffic(traffic_in, timeline, problems)
-    downstream = (
-        None
-        if "latency" not in downstream_in or timeline is None
-        else _downstream(downstream_in, timeline, problems)
-    )
+    downstream = _downstream(downstream_in, timeline, problems)
     grid_in = data.get("grid") if "grid" in data else _default_grid()
     settings, common = _grid(grid_in, problems) if isinstance(grid_in, dict) else ((), "")
     problems.raise_if_any(source)
@@ -384,10 +380,14 @@ def _timeline(raw: Mapping[str, Any], problems: Problems) -> list[dict[str, Any]
     ok = True
     for i, entry in enumerate(entries):
         path = f"downstream.timeline[{i}]"
-        if not isinstance(entry, dict) or "phase" not in entry or "duration" not in entry:
+        if not isinstance(entry, dict):
             ok = False
             continue
-        kind = entry["phase"]
+        if "phase" not in entry or "duration" not in entry:
+            ok = False
+        kind = entry.get("phase")
+        if kind is None:
+            continue
         if entry.get("slowdown") is not None and kind != "brownout":
             problems.add(f"{path}.slowdown", f"only a brownout has a slowdown, not a {kind} phase")
             ok = False
@@ -412,34 +412,39 @@ def _timeline(raw: Mapping[str, Any], problems: Problems) -> list[dict[str, Any]
 def _traffic(
     raw: Mapping[str, Any], timeline: list[dict[str, Any]] | None, problems: Problems
 ) -> Traffic | None:
-    needed = ("mode", "rate", "clients", "think_time", "calls", "duration", "deadline")
-    if any(key not in raw for key in needed):
-        return None
-    mode = raw["mode"]
+    mode = raw.get("mode")
     if mode == "open":
-        if raw["rate"] is None:
+        if "rate" in raw and raw["rate"] is None:
             problems.add("traffic.rate", 'missing: open traffic (mode = "open") needs a rate')
         for key in ("clients", "calls"):
-            if raw[key] is not None:
+            if raw.get(key) is not None:
                 problems.add(f"traffic.{key}", 'only closed traffic (mode = "closed") has ' + key)
-        if raw["think_time"]:
+        if raw.get("think_time"):
             problems.add("traffic.think_time", 'only closed traffic (mode = "closed") thinks')
-    else:
-        if raw["clients"] is None:
+    elif mode == "closed":
+        if "clients" in raw and raw["clients"] is None:
             problems.add(
                 "traffic.clients", 'missing: closed traffic (mode = "closed") needs clients'
             )
-        if raw["rate"] is not None:
+        if raw.get("rate") is not None:
             problems.add("traffic.rate", 'only open traffic (mode = "open") has a rate')
-    duration = raw["duration"]
+    duration = raw.get("duration")
     if duration is None and timeline:
         duration = sum(entry["duration"] for entry in timeline)
-    if duration is None and not (mode == "closed" and raw["calls"] is not None):
+    if (
+        "duration" in raw
+        and duration is None
+        and timeline is not None
+        and not (mode == "closed" and raw.get("calls") is not None)
+    ):
         problems.add(
             "traffic.duration",
             "missing: give a duration, a downstream.timeline"
             + (", or calls per client" if mode == "closed" else ""),
         )
+    needed = ("mode", "rate", "clients", "think_time", "calls", "duration", "deadline")
+    if any(key not in raw for key in needed):
+        return None
     return Traffic(
         mode=mode,
         rate=raw["rate"],
@@ -452,13 +457,14 @@ def _traffic(
 
 
 def _downstream(
-    raw: Mapping[str, Any], timeline: list[dict[str, Any]], problems: Problems
+    raw: Mapping[str, Any], timeline: list[dict[str, Any]] | None, problems: Problems
 ) -> Downstream | None:
-    base = _latency(raw["latency"], "downstream.latency", problems)
-    if base is None or any(k not in raw for k in ("error_rate", "capacity", "queue")):
-        return None
-    if raw["queue"] is not None and raw["capacity"] is None:
+    base = _latency(raw.get("latency"), "downstream.latency", problems)
+    if raw.get("queue") is not None and "capacity" in raw and raw["capacity"] is None:
         problems.add("downstream.queue", "a queue needs a capacity (downstream.capacity)")
+    needed = ("error_rate", "error_latency", "capacity", "queue", "serves_abandoned")
+    if base is None or timeline is None or any(k not in raw for k in needed):
+        return None
     base_error = raw["error_rate"]
     phases: list[Phase] = []
     t = 0.0

@@ -72,6 +72,8 @@ class ScenarioError(Exception):
         super().__init__(self.render())
 
     def render(self) -> str:
+        if len(self.problems) == 1 and not self.problems[0][0]:
+            return f"{self.source}: {self.problems[0][1]}"
         lines = [f"{self.source} is not a valid scenario:"]
         for path, message in self.problems:
             lines.append(f"  {path}: {message}" if path else f"  {message}")
@@ -141,7 +143,9 @@ def toml_literal(value: Any) -> str:
     if isinstance(value, str):
         return f'"{value}"'
     if isinstance(value, float):
-        return f"{value:g}" if value != int(value) or abs(value) >= 1e16 else f"{value:.1f}"
+        if not math.isfinite(value) or value != int(value) or abs(value) >= 1e16:
+            return f"{value:g}"
+        return f"{value:.1f}"
     if isinstance(value, dict):
         inner = ", ".join(f"{k} = {toml_literal(v)}" for k, v in value.items())
         return f"{{ {inner} }}"
@@ -382,7 +386,7 @@ def check_table(
         elif f.required:
             problems.add(where, "missing (this key is required)")
         elif isinstance(f.kind, Table) and f.default is not None:
-            out[f.name] = check_table({}, f.kind, where, problems)
+            out[f.name] = check_table(dict(f.default), f.kind, where, problems)
         else:
             out[f.name] = f.default
     return out
@@ -514,8 +518,9 @@ TRAFFIC: Final = Table(
             "deadline",
             POSITIVE_SECONDS,
             10.0,
-            "the caller's deadline for each call, retries included "
-            "(the ambient `stalwart.deadline`): a call that hangs fails after this",
+            "the caller's deadline for each call, retries included (an outermost "
+            "`Timeout`, so the ambient deadline of the policies): a call that hangs "
+            "fails after this",
         ),
     ),
 )
@@ -905,10 +910,12 @@ def help_summary(width: int = 79) -> Iterator[str]:
     """Every key for ``tune --help``: ``key: type (default)``, then its meaning, wrapped."""
     for section, table in _DOCUMENTED:
         if section == "downstream.latency":
-            yield "  latency tables: { median = SECONDS, p99 = SECONDS }"
-            continue
-        header = "[[downstream.timeline]]" if section == "downstream.timeline" else f"[{section}]"
-        yield f"  {header if section else '(top level)'}"
+            header = "latency tables (downstream.latency, and a phase's latency):"
+        elif section == "downstream.timeline":
+            header = "[[downstream.timeline]]"
+        else:
+            header = f"[{section}]" if section else "(top level)"
+        yield f"  {header}"
         for f in table.fields:
             if isinstance(f.kind, Table) and section in ("", "grid", "grid.retry"):
                 continue  # their own sections follow
