@@ -52,6 +52,11 @@ __all__ = [
 #: Seconds per sample of the time series.
 BUCKET: Final = 1.0
 
+# asyncio runs a timer's callback once the clock is within its resolution
+# (1e-9 s) of the timer's time, so a call due at 3.0 may see 2.9999999999999996:
+# bucket indexes allow for that.
+_PER_BUCKET: Final = 1.0 / BUCKET
+
 #: Progress is reported every this many virtual seconds (at most 200 times per run).
 _TICKS: Final = 200
 
@@ -90,7 +95,17 @@ class _NoIO(selectors.BaseSelector):
         if timeout is None:
             raise RuntimeError("the simulation is stuck: no timer is pending and no task can run")
         if timeout > 0:
-            self._loop._now += timeout
+            loop = self._loop
+            # Land exactly on the next timer's time rather than adding the
+            # timeout the loop computed from it: that sum is off by a rounding
+            # error, and the errors add up over an hour of jumps (a call due at
+            # 3.0 s would then be counted in second 2). asyncio's heap of timers
+            # has been ``_scheduled`` since 3.4; without it, add.
+            scheduled = getattr(loop, "_scheduled", None)
+            if scheduled:
+                loop._now = max(loop._now, scheduled[0].when())
+            else:
+                loop._now += timeout
         return []
 
     def get_map(self) -> Any:
@@ -350,7 +365,7 @@ class _Simulation:
         async def attempt() -> None:
             nonlocal busy
             now = time()
-            b = int(now / BUCKET)
+            b = int(now * _PER_BUCKET + 1e-9)
             if b >= size:
                 grow(b)
             attempts[b] += 1
@@ -391,7 +406,7 @@ class _Simulation:
 
         async def call() -> None:
             start = time()
-            b = int(start / BUCKET)
+            b = int(start * _PER_BUCKET + 1e-9)
             if b >= size:
                 grow(b)
             calls[b] += 1
@@ -497,11 +512,14 @@ class _Simulation:
         # and the results must not depend on whether a progress bar is shown.
         step = (duration or traffic.deadline) / _TICKS
         report = self.progress
+        ticks = 1
 
         def tick() -> None:
+            nonlocal ticks
             if report is not None:
                 report(share_done())
-            call_at(time() + step, tick)
+            ticks += 1
+            call_at(ticks * step, tick)  # not time() + step: no rounding errors piling up
 
         call_at(step, tick)
         if not in_flight and not starting:
