@@ -47,7 +47,9 @@ SMALL_OUTAGE: dict[str, Any] = {
         "latency": {"median": 0.02, "p99": 0.1},
         "capacity": 50,
         "queue": 50,
-        "timeline": phases(("healthy", 60.0), ("outage", 60.0), ("recovery", 20.0), ("healthy", 60.0)),
+        "timeline": phases(
+            ("healthy", 60.0), ("outage", 60.0), ("recovery", 20.0), ("healthy", 60.0)
+        ),
     },
     "grid": {
         "timeout": 1.0,
@@ -70,7 +72,9 @@ TINY: dict[str, Any] = {
     "downstream": {
         "capacity": 20,
         "queue": 20,
-        "timeline": phases(("healthy", 20.0), ("outage", 20.0), ("recovery", 10.0), ("healthy", 20.0)),
+        "timeline": phases(
+            ("healthy", 20.0), ("outage", 20.0), ("recovery", 10.0), ("healthy", 20.0)
+        ),
     },
     "grid": {
         "timeout": 1.0,

@@ -185,7 +185,8 @@ def test_the_policies_of_a_setting_are_the_real_ones_outermost_first() -> None:
 
     scenario = parse_text(
         with_grid(
-            "timeout = 1.0\nretry = { budget = {} }\nbreaker = {}\nbulkhead = { max_concurrent = 4 }\n"
+            "timeout = 1.0\nretry = { budget = {} }\nbreaker = {}\n"
+            "bulkhead = { max_concurrent = 4 }\n"
         ),
         name="t",
     )
@@ -255,10 +256,18 @@ def test_an_unknown_section_is_named() -> None:
 @pytest.mark.parametrize(
     ("fragment", "path", "expected"),
     [
-        ('[traffic]\ndeadline = "10"\n', "traffic.deadline", 'must be a number, not a string ("10")'),
+        (
+            '[traffic]\ndeadline = "10"\n',
+            "traffic.deadline",
+            'must be a number, not a string ("10")',
+        ),
         ("seed = 1.5\n", "seed", "must be an integer, not a number (1.5)"),
         ("seed = true\n", "seed", "must be an integer, not a boolean (true)"),
-        ("[downstream]\ncapacity = [1]\n", "downstream.capacity", "must be an integer, not an array"),
+        (
+            "[downstream]\ncapacity = [1]\n",
+            "downstream.capacity",
+            "must be an integer, not an array",
+        ),
         ("[downstream]\nlatency = 0.1\n", "downstream.latency", "must be a table, not a number"),
         ("[downstream]\nserves_abandoned = 1\n", "downstream.serves_abandoned", "true or false"),
         ("grid = 3\n", "grid", "must be a table, not an integer"),
@@ -274,7 +283,11 @@ def test_a_wrong_type_is_named_with_its_path(fragment: str, path: str, expected:
 @pytest.mark.parametrize(
     ("text", "path", "expected"),
     [
-        (MINIMAL.replace("duration = 30.0", "duration = -5.0"), "downstream.timeline[0].duration", "must be > 0"),
+        (
+            MINIMAL.replace("duration = 30.0", "duration = -5.0"),
+            "downstream.timeline[0].duration",
+            "must be > 0",
+        ),
         (MINIMAL.replace("rate = 10.0", "rate = 0.0"), "traffic.rate", "must be > 0"),
         (MINIMAL + "[downstream]\nerror_rate = 1.5\n", "downstream.error_rate", "must be ≤ 1"),
         (MINIMAL + "[downstream]\ncapacity = 0\n", "downstream.capacity", "must be ≥ 1"),
@@ -283,12 +296,28 @@ def test_a_wrong_type_is_named_with_its_path(fragment: str, path: str, expected:
             "downstream.latency.p99",
             "must be ≥ median (0.2), got 0.1",
         ),
-        (MINIMAL + "[downstream]\nlatency = { p99 = 0.1 }\n", "downstream.latency.median", "missing"),
-        ("seed = 1\n" + MINIMAL.replace("rate = 10.0", "rate = inf"), "traffic.rate", "must be finite"),
-        (MINIMAL.replace('"healthy"', '"helthy"'), "downstream.timeline[0].phase", 'did you mean "healthy"'),
+        (
+            MINIMAL + "[downstream]\nlatency = { p99 = 0.1 }\n",
+            "downstream.latency.median",
+            "missing",
+        ),
+        (
+            "seed = 1\n" + MINIMAL.replace("rate = 10.0", "rate = inf"),
+            "traffic.rate",
+            "must be finite",
+        ),
+        (
+            MINIMAL.replace('"healthy"', '"helthy"'),
+            "downstream.timeline[0].phase",
+            'did you mean "healthy"',
+        ),
         (with_grid("retry = { attempts = 0 }\n"), "grid.retry.attempts", "must be ≥ 1, got 0"),
         (with_grid("timeout = [1.0, -1.0]\n"), "grid.timeout[1]", "must be > 0"),
-        (with_grid("retry = { backoff = { jitter = 'ful' } }\n"), "grid.retry.backoff.jitter", 'did you mean "full"'),
+        (
+            with_grid("retry = { backoff = { jitter = 'ful' } }\n"),
+            "grid.retry.backoff.jitter",
+            'did you mean "full"',
+        ),
     ],
 )
 def test_an_impossible_value_is_named_with_its_path(text: str, path: str, expected: str) -> None:
@@ -324,7 +353,8 @@ def test_the_policies_refuse_what_they_refuse_and_the_path_says_where() -> None:
             "only a brownout has a slowdown",
         ),
         (
-            MINIMAL + '[[downstream.timeline]]\nphase = "recovery"\nerror_rate = 0.5\nduration = 1.0\n',
+            MINIMAL
+            + '[[downstream.timeline]]\nphase = "recovery"\nerror_rate = 0.5\nduration = 1.0\n',
             "downstream.timeline[1].error_rate",
             "a recovery ramps",
         ),

@@ -446,7 +446,7 @@ def _traffic(
     if any(key not in raw for key in needed):
         return None
     return Traffic(
-        mode=mode,
+        mode=raw["mode"],
         rate=raw["rate"],
         clients=raw["clients"],
         think_time=raw["think_time"],
