@@ -91,6 +91,8 @@ def run_all(
                     progress.update(shares)
 
             runs.append(simulate(scenario, i, report))
+        if progress is not None:
+            progress.update(shares, force=True)
         return runs
     return _pooled(scenario, workers, progress)
 
