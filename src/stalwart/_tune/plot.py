@@ -81,6 +81,19 @@ def _profile(scenario: Scenario, buckets: int) -> list[float]:
     return out
 
 
+def _span(scenario: Scenario, total: float) -> tuple[float, float]:
+    """The seconds to show: the whole run, or the incident and some time around it.
+
+    An incident short next to the run (five minutes of an hour) would be a
+    sliver of the plot, and it is all that the plot is about.
+    """
+    incident = scenario.incident
+    if incident is None or incident[1] - incident[0] > total / 3:
+        return 0.0, total
+    pad = max(60.0, 0.5 * (incident[1] - incident[0]))
+    return max(0.0, incident[0] - pad), min(total, incident[1] + 2 * pad)
+
+
 def write_plot(report: Report, path: str | Path) -> None:
     """Draw ``report``'s best and worst settings into the PNG file ``path``."""
     require_matplotlib()
@@ -91,7 +104,8 @@ def write_plot(report: Report, path: str | Path) -> None:
     if len(report.results) > 1:
         shown.append((report.worst, _WORST, "worst"))
     buckets = max(len(r.run.attempts) for r, _, _ in shown)
-    minutes = buckets * BUCKET > 900
+    start, end = _span(scenario, buckets * BUCKET)
+    minutes = end - start > 900
     scale = 60.0 if minutes else 1.0
 
     def times(n: int) -> list[float]:
@@ -99,7 +113,8 @@ def write_plot(report: Report, path: str | Path) -> None:
 
     figure = Figure(figsize=(11, 8.5), layout="constrained")
     errors, breaker, load = figure.subplots(3, 1, sharex=True)
-    figure.suptitle(f"stalwart tune: {scenario.name}, best and worst setting", fontsize=13)
+    zoomed = "" if (start, end) == (0.0, buckets * BUCKET) else ", around the incident"
+    figure.suptitle(f"stalwart tune: {scenario.name}, best and worst setting{zoomed}", fontsize=13)
 
     for axis in (errors, breaker, load):
         for phase in scenario.downstream.timeline:
@@ -138,7 +153,7 @@ def write_plot(report: Report, path: str | Path) -> None:
             lw=1.2,
             label=f"{role}: {result.label}",
         )
-    errors.set_ylabel(f"attempts failed\n(share, {WINDOW} s windows)")
+    errors.set_ylabel(f"attempts the downstream\nfailed (share, {WINDOW} s)")
     errors.set_ylim(-0.02, 1.05)
     errors.legend(loc="center right", fontsize=8)
 
@@ -190,7 +205,7 @@ def write_plot(report: Report, path: str | Path) -> None:
     load.set_ylim(bottom=0)
     load.legend(loc="upper right", fontsize=8)
     load.set_xlabel("minutes" if minutes else "seconds")
-    load.set_xlim(0, buckets * BUCKET / scale)
+    load.set_xlim(start / scale, end / scale)
 
     _save(figure, Path(path))
 
