@@ -761,18 +761,6 @@ async def test_the_breakers_trial_after_open_for_reaches_the_upstream_again() ->
     assert len(hosts.seen) == 3
 
 
-@pytest.mark.parametrize(
-    ("first", "second", "shared"),
-    [
-        ("http://a.test/x", "http://a.test:80/y?q=1", True),
-        ("http://a.test/", "http://A.TEST/", True),
-        ("https://a.test/", "https://a.test:443/", True),
-        ("http://a.test/", "https://a.test/", False),
-        ("http://a.test/", "http://a.test:8080/", False),
-        ("http://a.test/", "http://b.a.test/", False),
-        ("http://[::1]:8000/", "http://[::1]:8001/", False),
-    ],
-)
 async def hang(request: httpx.Request) -> httpx.Response:
     await anyio.sleep(3600)
     return httpx.Response(200)
@@ -809,6 +797,18 @@ async def test_an_attempt_cancelled_by_a_timeout_of_the_shared_policy_is_not_cou
     assert breaker.statistics().calls == 0
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        ("http://a.test/x", "http://a.test:80/y?q=1", True),
+        ("http://a.test/", "http://A.TEST/", True),
+        ("https://a.test/", "https://a.test:443/", True),
+        ("http://a.test/", "https://a.test/", False),
+        ("http://a.test/", "http://a.test:8080/", False),
+        ("http://a.test/", "http://b.a.test/", False),
+        ("http://[::1]:8000/", "http://[::1]:8001/", False),
+    ],
+)
 async def test_one_policy_per_scheme_host_and_port(first: str, second: str, shared: bool) -> None:
     made: list[str] = []
 
