@@ -42,7 +42,7 @@ async def read_body(receive: Receive) -> bytes:
     while True:
         message = await receive()
         assert message["type"] == "http.request", message
-        body += message.get("body", b"")
+        body += bytes(message.get("body", b""))
         if not message.get("more_body", False):
             return body
 
@@ -105,7 +105,7 @@ def problem(response: httpx.Response, status: int) -> dict[str, Any]:
 
 
 def replayed(response: httpx.Response) -> bool:
-    return response.headers.get("idempotent-replayed") == "true"
+    return bool(response.headers.get("idempotent-replayed") == "true")
 
 
 # -- replays ---------------------------------------------------------------------------------
@@ -605,7 +605,7 @@ async def test_credentials_can_come_from_a_callable_of_the_scope() -> None:
     def session(scope: Scope) -> str | None:
         for name, value in scope["headers"]:
             if name == b"cookie" and value.startswith(b"session="):
-                return value[len(b"session=") :].decode()
+                return str(value[len(b"session=") :].decode())
         return None
 
     app = Orders()
@@ -687,7 +687,7 @@ async def test_a_chunked_body_is_counted_as_it_arrives_and_refused_past_the_limi
 
 async def test_a_body_in_chunks_reaches_the_app_whole() -> None:
     app = Orders()
-    parts = [
+    parts: list[Message] = [
         {"type": "http.request", "body": b"sku=", "more_body": True},
         {"type": "http.request", "body": b"", "more_body": True},
         {"type": "http.request", "body": b"42", "more_body": False},
