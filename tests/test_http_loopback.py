@@ -26,7 +26,7 @@ import pytest
 import uvicorn
 
 import stalwart as sw
-from stalwart.asgi import DeadlineMiddleware, IdempotencyMiddleware, Receive, Scope, Send
+from stalwart.asgi import DeadlineMiddleware, IdempotencyMiddleware, Message, Receive, Scope, Send
 from stalwart.httpx import ResilientTransport
 
 pytestmark = pytest.mark.realtime
@@ -159,7 +159,7 @@ class LosesFirstResponses:
             return
         self.lost.add(key)
 
-        async def nowhere(message: dict[str, Any]) -> None:
+        async def nowhere(message: Message) -> None:
             pass
 
         await self.app(scope, receive, nowhere)
