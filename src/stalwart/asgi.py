@@ -45,6 +45,10 @@ from ._timeout import deadline, is_cancellation
 
 __all__ = [
     "ASGIApp",
+    "Credentials",
+    "DEFAULT_MAX_BODY_SIZE",
+    "DEFAULT_MAX_RESPONSE_SIZE",
+    "DEFAULT_METHODS",
     "DeadlineMiddleware",
     "IdempotencyMiddleware",
     "Message",
@@ -274,6 +278,7 @@ Credentials = Union[str, Callable[[Scope], Union[str, bytes, None]]]  # noqa: UP
 """A header name, or a callable of the request's scope returning who is calling."""
 
 DEFAULT_METHODS: Final = ("POST", "PATCH")
+"""The methods `IdempotencyMiddleware` handles by default: those that are not idempotent."""
 DEFAULT_MAX_BODY_SIZE: Final = 1024 * 1024
 """The largest request body (bytes) buffered to fingerprint a request: 1 MiB."""
 DEFAULT_MAX_RESPONSE_SIZE: Final = 64 * 1024
