@@ -97,9 +97,10 @@ def _innermost_anyio_scope(task: Any) -> Any:
     if table is None:
         module = sys.modules.get("anyio._backends._asyncio")
         states = getattr(module, "_task_states", None)
-        if not isinstance(states, WeakKeyDictionary):
+        data = getattr(states, "data", None) if isinstance(states, WeakKeyDictionary) else None
+        if not isinstance(data, dict):
             return None
-        table = _anyio_scopes = states.data  # ref(task) -> state; skips a Python-level get()
+        table = _anyio_scopes = data  # ref(task) -> state, without get()'s Python layer
     state = table.get(ref(task))
     return None if state is None else getattr(state, "cancel_scope", None)
 
