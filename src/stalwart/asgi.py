@@ -46,9 +46,6 @@ from ._timeout import deadline, is_cancellation
 __all__ = [
     "ASGIApp",
     "Credentials",
-    "DEFAULT_MAX_BODY_SIZE",
-    "DEFAULT_MAX_RESPONSE_SIZE",
-    "DEFAULT_METHODS",
     "DeadlineMiddleware",
     "IdempotencyMiddleware",
     "Message",
@@ -277,12 +274,6 @@ _log = logging.getLogger("stalwart.asgi")
 Credentials = Union[str, Callable[[Scope], Union[str, bytes, None]]]  # noqa: UP007 - runtime alias
 """A header name, or a callable of the request's scope returning who is calling."""
 
-DEFAULT_METHODS: Final = ("POST", "PATCH")
-"""The methods `IdempotencyMiddleware` handles by default: those that are not idempotent."""
-DEFAULT_MAX_BODY_SIZE: Final = 1024 * 1024
-"""The largest request body (bytes) buffered to fingerprint a request: 1 MiB."""
-DEFAULT_MAX_RESPONSE_SIZE: Final = 64 * 1024
-"""The largest response body (bytes) stored for replays: 64 KiB."""
 
 _KEY_MAX_LENGTH: Final = 255
 # A bare key: printable ASCII, no space at either end (and no leading quote:
@@ -578,12 +569,12 @@ class IdempotencyMiddleware:
         *,
         store: IdempotencyStore | None = None,
         header: str = IDEMPOTENCY_HEADER,
-        methods: Iterable[str] = DEFAULT_METHODS,
+        methods: Iterable[str] = ("POST", "PATCH"),
         ttl: float = 86_400.0,
         required: bool = False,
         credentials: Credentials = "Authorization",
-        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-        max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
+        max_body_size: int = 1_048_576,
+        max_response_size: int = 65_536,
         max_entries: int | None = None,
         lease: float = 30.0,
         name: str = "idempotency",
