@@ -826,6 +826,17 @@ async def test_a_cancelled_request_still_releases_its_key_in_a_shared_store() ->
     assert retried.status_code == 201  # not a 409 until the lease ran out
 
 
+async def test_an_unreachable_store_fails_the_request_without_running_it() -> None:
+    class Unreachable(SharedStore):
+        async def claim(self, *args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("store unreachable")
+
+    app = Orders()
+    with pytest.raises(ConnectionError):
+        await call(IdempotencyMiddleware(app, store=Unreachable()), headers=keyed())
+    assert app.runs == 0
+
+
 async def test_a_store_that_breaks_the_protocol_is_named() -> None:
     class Broken(SharedStore):
         async def claim(self, *args: Any, **kwargs: Any) -> Any:

@@ -508,7 +508,10 @@ class IdempotencyMiddleware:
     ``max_response_size`` bytes, plus a third for their base64 encoding);
     ``stalwart.redis.RedisStore`` shares them between replicas. A claim in
     a shared store is a lease of ``lease`` seconds, renewed while the app
-    runs, so that a crashed replica's key frees itself.
+    runs, so that a crashed replica's key frees itself. If the store fails
+    when a keyed request arrives, its error propagates (the server answers
+    500) and the app does not run: running it unprotected could do the work
+    twice.
 
     Metrics: replays count in ``stalwart_idempotency_replays_total`` and
     409s in ``stalwart_idempotency_conflicts_total``, labelled ``policy=name``;
