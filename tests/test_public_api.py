@@ -31,7 +31,10 @@ CONTRACT = [
 ]
 
 # Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.
-INTEGRATIONS = {"asgi": ["DeadlineMiddleware"], "httpx": ["ResilientTransport"]}
+INTEGRATIONS = {
+    "asgi": ["DeadlineMiddleware", "IdempotencyMiddleware"],
+    "httpx": ["ResilientTransport"],
+}
 
 
 def test_all_is_sorted_and_complete() -> None:
