@@ -213,9 +213,7 @@ def test_the_progress_bar_shows_on_a_terminal_unless_refused(small: Path) -> Non
         assert ("settings" in err.getvalue()) is shown
 
 
-def test_two_workers_print_what_one_prints(
-    capsys: pytest.CaptureFixture[str], small: Path
-) -> None:
+def test_two_workers_print_what_one_prints(capsys: pytest.CaptureFixture[str], small: Path) -> None:
     alone = tune(capsys, str(small), "--json")[1]
     code = main(["tune", str(small), "--json", "--workers", "2"])
     assert code == 0

@@ -223,6 +223,7 @@ def run(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         out.write(json.dumps(report.to_json(), indent=2) + "\n")
     else:
         out.write(report.table())
+    out.flush()
     if args.plot is not None:
         from .plot import write_plot
 

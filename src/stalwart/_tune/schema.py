@@ -870,17 +870,14 @@ def _default_text(f: Field) -> str:
 
 
 def _type_text(f: Field, section: str) -> str:
-    if isinstance(f.kind, Table):
-        return f"table ([`{join_path(section, f.name)}`](#{_anchor(section, f.name)}))"
-    if isinstance(f.kind, TableArray):
-        return f"array of tables ([`{join_path(section, f.name)}`](#{_anchor(section, f.name)}))"
+    kind = f.kind.table if isinstance(f.kind, TableArray) else f.kind
+    documented = next((name for name, table in _DOCUMENTED if table is kind), None)
+    if documented is not None:
+        what = "array of tables" if isinstance(f.kind, TableArray) else "table"
+        return f"{what} ([`{documented}`](#{documented.replace('.', '')}))"
     if f.name == "grid" and not section:
         return "table ([`grid`](#grid))"
     return f.kind.description
-
-
-def _anchor(section: str, name: str) -> str:
-    return join_path(section, name).replace(".", "")
 
 
 def reference_markdown() -> str:
