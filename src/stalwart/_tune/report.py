@@ -385,8 +385,9 @@ def _table(report: Report) -> str:
         title += f": {s.description}"
     lines = [title, s.describe() + "."]
     lines.append(
-        f"{len(report.results)} settings, seed {s.seed}, virtual time. "
-        + (f"Shared by every setting: {s.common}." if s.common else "")
+        f"{len(report.results)} setting{'s' if len(report.results) != 1 else ''}, "
+        f"seed {s.seed}, virtual time."
+        + (f" Options that do not vary: {s.common}." if s.common else "")
     )
     lines.append("")
     lines.append(line([h for h, _, _ in columns]))
