@@ -4,13 +4,15 @@ Every ```` ```text ```` block titled with a ``python -m stalwart tune``
 command is run and compared; a scenario file it names comes from the
 ```` ```toml ```` block titled with that name. The built-in outage takes
 most of a minute, so its table is checked only with ``STALWART_TUNE_FULL=1``
-(the numbers are deterministic: the same code gives the same table).
+(the numbers are deterministic: the same code gives the same table). The
+page shows the numbers of Python 3.11 and later.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,11 @@ def test_the_how_to_shows_outputs_to_check() -> None:
     assert len(_runs()) >= 3
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="Python 3.10 cancels timed-out calls through anyio (one more callback): "
+    "its numbers differ a little from the page's, which are 3.11's and later's",
+)
 @pytest.mark.parametrize(("command", "expected"), _runs())
 def test_the_how_to_shows_what_the_command_prints(
     command: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
