@@ -165,5 +165,5 @@ class Boom(Exception):
 
 
 def breaker(store: RedisStore, name: str = "dep", **options: Any) -> sw.CircuitBreaker:
-    options = {"consecutive_failures": 1, "open_for": 0.2, **options}
+    options = {"consecutive_failures": 1, "open_for": 0.1, **options}
     return sw.CircuitBreaker(name=name, store=store, **options)

@@ -188,15 +188,56 @@ class _Circuit:
         self.listeners[:] = alive
 
 
+class _Signal:
+    """Wakes the tasks waiting on it, each of which may also give up after a delay.
+
+    Plain asyncio futures, not anyio cancel scopes: the store's waits run in
+    its callers' tasks and in its own, and must never mistake a cancellation
+    of the task for the end of a delay (or the other way round). A waiter
+    arms a future *before* looking at what it waits for, so that a signal
+    fired in between is not lost.
+    """
+
+    __slots__ = ("_armed",)
+
+    def __init__(self) -> None:
+        self._armed: set[asyncio.Future[None]] = set()
+
+    def arm(self) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._armed.add(future)
+        return future
+
+    def fire(self) -> None:
+        armed, self._armed = self._armed, set()
+        for future in armed:
+            if not future.done():
+                future.set_result(None)
+
+    async def wait(self, future: asyncio.Future[None], delay: float) -> None:
+        """Until ``future`` is fired, or ``delay`` seconds have passed."""
+        timer = asyncio.get_running_loop().call_later(max(0.0, delay), _settle, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            self._armed.discard(future)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class _Watch:
     """The local waiters on one idempotency key, and its notification channel."""
 
-    __slots__ = ("changed", "count", "subscribed")
+    __slots__ = ("changed", "confirmed", "count")
 
-    def __init__(self) -> None:
+    def __init__(self, confirmed: bool) -> None:
         self.count = 0
-        self.changed = asyncio.Event()  # replaced by a fresh one at every notification
-        self.subscribed = asyncio.Event()  # set once the channel is confirmed
+        self.changed = _Signal()  # fired by every notification, and when subscribed
+        self.confirmed = confirmed  # the channel's subscription is confirmed
 
 
 @final
@@ -352,8 +393,8 @@ class RedisStore:
         self._healthy = True
         # The follower's state: see `_follow`.
         self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._acks: asyncio.Event | None = None  # replaced at every confirmed subscription
+        self._wake = _Signal()  # the follower has something to do
+        self._acks = _Signal()  # a subscription was confirmed
         self._assign_lock: asyncio.Lock | None = None
         self._pubsub: Any = None
         self._subscribed: set[str] = set()  # SUBSCRIBE sent on this connection
@@ -419,8 +460,7 @@ class RedisStore:
             same_loop = False
         if not same_loop:  # its loop is gone, and the task with it
             return
-        task.cancel()
-        await asyncio.wait({task})
+        await _stop(task)
         if not task.cancelled() and task.exception() is not None:
             _log.error("the Redis store's follower failed", exc_info=task.exception())
 
@@ -434,14 +474,14 @@ class RedisStore:
         """
         self._follow_soon()
         circuits = [c for c in self._circuits.values() if c.listeners]
-        try:
-            with anyio.fail_after(self._timeout):
-                while not all(c.channel in self._confirmed for c in circuits):
-                    acks = self._acks
-                    assert acks is not None
-                    await acks.wait()
-        except TimeoutError as exc:
-            raise self._unavailable("subscribe", exc) from exc
+        end = _clock.now() + self._timeout
+        while True:
+            acked = self._acks.arm()
+            if all(c.channel in self._confirmed for c in circuits):
+                break
+            if _clock.now() >= end:
+                raise self._unavailable("subscribe", TimeoutError())
+            await self._acks.wait(acked, end - _clock.now())
         try:
             await self._read_circuits(circuits)
         except _UNAVAILABLE as exc:
@@ -455,19 +495,18 @@ class RedisStore:
             _raise_if_trio()
             return
         if task is not None and not task.done() and task.get_loop() is info.loop:
-            if self._wake is not None:
-                self._wake.set()
+            self._wake.fire()
             return
-        self._wake = asyncio.Event()
-        self._acks = asyncio.Event()
+        self._wake = _Signal()
+        self._acks = _Signal()
         self._assign_lock = asyncio.Lock()
         self._task = info.loop.create_task(
             self._follow(), name=f"stalwart.redis follower ({self._prefix})"
         )
 
     def _kick(self) -> None:
-        if self._wake is not None and self._task is not None and not self._task.done():
-            self._wake.set()
+        if self._task is not None and not self._task.done():
+            self._wake.fire()
         else:
             self._follow_soon()
 
@@ -542,7 +581,7 @@ class RedisStore:
             (
                 expected_version,
                 "open" if opening else "closed",
-                _ms(open_for) if opening else 0,
+                math.ceil(open_for * 1000.0) if opening else 0,
                 circuit.channel,
                 circuit.name,
             ),
@@ -718,11 +757,12 @@ class RedisStore:
         end = _clock.now() + timeout
         watch = self._watch(name)
         try:
-            if not watch.subscribed.is_set():
-                with anyio.move_on_after(min(timeout, self._timeout)):
-                    await watch.subscribed.wait()
+            if not watch.confirmed:
+                subscribed = watch.changed.arm()
+                if not watch.confirmed:
+                    await watch.changed.wait(subscribed, min(timeout, self._timeout))
             while True:
-                changed = watch.changed
+                changed = watch.changed.arm()
                 try:
                     reply = await self._eval(_redis_scripts.PEEK, (name,), ())
                 except _UNAVAILABLE as exc:
@@ -740,19 +780,16 @@ class RedisStore:
                 pause = min(
                     left,
                     lease_left + 0.001 if lease_left > 0 else 0.001,
-                    _SAFETY_POLL if watch.subscribed.is_set() else _UNCONFIRMED_POLL,
+                    _SAFETY_POLL if watch.confirmed else _UNCONFIRMED_POLL,
                 )
-                with anyio.move_on_after(pause):
-                    await changed.wait()
+                await watch.changed.wait(changed, pause)
         finally:
             self._unwatch(name, watch)
 
     def _watch(self, name: str) -> _Watch:
         watch = self._watches.get(name)
         if watch is None:
-            watch = self._watches[name] = _Watch()
-            if name in self._confirmed:
-                watch.subscribed.set()
+            watch = self._watches[name] = _Watch(confirmed=name in self._confirmed)
             self._kick()
         watch.count += 1
         return watch
@@ -802,51 +839,59 @@ class RedisStore:
         raises when Redis fails.
         """
         wake = self._wake
-        assert wake is not None
         pubsub: Any = None
+        reader: asyncio.Task[None] | None = None
         next_check = _clock.now() + self._reconcile_interval
         try:
-            async with anyio.create_task_group() as tg:
-                while True:
-                    wake.clear()
-                    if self._assignments:
-                        await self._flush_assignments()
-                    desired = self._desired()
-                    if pubsub is None and desired:
-                        pubsub = self._pubsub = self._client.pubsub()
-                        self._ping_sent = None
-                        await self._subscriptions(pubsub, desired)
-                        tg.start_soon(self._read, pubsub)
-                    elif pubsub is not None:
-                        if not desired:
-                            tg.cancel_scope.cancel()
-                            return
-                        await self._subscriptions(pubsub, desired)
-                    now = _clock.now()
-                    due = now >= next_check or self._reconcile_soon
-                    stale = [
-                        c for c in self._circuits.values() if c.needs_read or (due and c.listeners)
-                    ]
-                    if stale:
-                        for circuit in stale:
-                            circuit.needs_read = False
-                        self._reconcile_soon = False
-                        await self._read_circuits(stale)
-                    if now >= next_check:
-                        next_check = now + self._reconcile_interval
-                        if pubsub is not None:
-                            await self._check_pubsub(pubsub)
-                    with anyio.move_on_after(max(0.0, next_check - _clock.now())):
-                        await wake.wait()
+            while True:
+                woken = wake.arm()
+                if reader is not None and reader.done():
+                    reader.result()  # its error ends the session
+                    raise _rx.ConnectionError("the pub/sub reader stopped")
+                if self._assignments:
+                    await self._flush_assignments()
+                desired = self._desired()
+                if pubsub is None and desired:
+                    pubsub = self._pubsub = self._client.pubsub()
+                    self._ping_sent = None
+                    await self._subscriptions(pubsub, desired)
+                    reader = asyncio.get_running_loop().create_task(
+                        self._read(pubsub), name=f"stalwart.redis reader ({self._prefix})"
+                    )
+                    reader.add_done_callback(lambda _: wake.fire())
+                elif pubsub is not None:
+                    if not desired:
+                        return
+                    await self._subscriptions(pubsub, desired)
+                now = _clock.now()
+                due = now >= next_check or self._reconcile_soon
+                stale = [
+                    c for c in self._circuits.values() if c.needs_read or (due and c.listeners)
+                ]
+                if stale:
+                    for circuit in stale:
+                        circuit.needs_read = False
+                    self._reconcile_soon = False
+                    await self._read_circuits(stale)
+                if now >= next_check:
+                    next_check = now + self._reconcile_interval
+                    if pubsub is not None:
+                        await self._check_pubsub(pubsub)
+                await wake.wait(woken, next_check - _clock.now())
         finally:
             self._pubsub = None
             self._subscribed.clear()
             self._confirmed.clear()
             for watch in self._watches.values():
-                watch.subscribed = asyncio.Event()
+                watch.confirmed = False
+            if reader is not None:
+                await _stop(reader)
+                if not reader.cancelled():
+                    reader.exception()  # retrieved: it was raised above, or is moot
             if pubsub is not None:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
-                    await pubsub.aclose()
+                with contextlib.suppress(Exception):
+                    async with _within(self._timeout):
+                        await pubsub.aclose()
 
     async def _subscriptions(self, pubsub: Any, desired: set[str]) -> None:
         """Subscribe to the channels wanted and not yet asked for; drop the others."""
@@ -894,8 +939,7 @@ class RedisStore:
                 return
             watch = self._watches.get(channel)
             if watch is not None:
-                changed, watch.changed = watch.changed, asyncio.Event()
-                changed.set()
+                watch.changed.fire()
         elif kind == "subscribe":
             if channel in self._confirmed:
                 # Subscribed again without asking: the client reconnected on
@@ -907,12 +951,10 @@ class RedisStore:
                 circuit.needs_read = True
             watch = self._watches.get(channel)
             if watch is not None:
-                watch.subscribed.set()
-            if self._acks is not None:
-                acks, self._acks = self._acks, asyncio.Event()
-                acks.set()
-            if self._wake is not None:
-                self._wake.set()
+                watch.confirmed = True
+                watch.changed.fire()
+            self._acks.fire()
+            self._wake.fire()
         elif kind == "unsubscribe":
             self._confirmed.discard(channel)
 
@@ -922,6 +964,18 @@ class RedisStore:
             f"<RedisStore {self._name!r} prefix={self._prefix!r}: {len(self._circuits)} "
             f"circuits, {state}>"
         )
+
+
+async def _stop(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it to end.
+
+    Cancelled again and again: on Python 3.11, ``asyncio.wait_for`` (which
+    redis-py uses for socket writes) swallows a cancellation that arrives
+    just as the write completes, and the task would go on.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
 
 
 def _now_or_none() -> float | None:
