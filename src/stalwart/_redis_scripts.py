@@ -8,25 +8,19 @@ script is loaded and run again in one pipelined round trip.
 
 Time is the server's (``TIME``): processes' clocks differ, Redis has one.
 
-Circuit records (a hash per breaker name)::
+Circuit records, a hash per breaker name: ``state`` ("open" or "closed";
+absent: closed), ``version`` (newer for every change: max(old + 1,
+milliseconds since the epoch), so that versions keep growing even if Redis
+loses its data), ``until`` (end of the open period, server milliseconds),
+``forced`` ("1" when forced open), ``successes`` (successful trials of this
+version), ``permits`` (a counter naming trial permits) and ``name`` (the
+breaker's name, for people reading the database); next to it, a sorted set of
+the trial permits held, scored by when each lapses.
 
-    state      "open" or "closed" (absent: closed)
-    version    newer for every change: max(old + 1, milliseconds since the epoch),
-               so that versions keep growing even if Redis loses its data
-    until      end of the open period, server milliseconds
-    forced     "1" when forced open
-    successes  successful trials of this version
-    permits    a counter naming trial permits
-    name       the breaker's name, for people reading the database
-
-and, next to it, a sorted set of the trial permits held, scored by when each
-lapses. Idempotency records (a hash per scope and key, expiring with its lease
-or TTL)::
-
-    s  "r" running (claimed) or "d" done
-    t  the holder's token
-    f  the fingerprint (absent: None)
-    v  the encoded result (done only)
+Idempotency records, a hash per scope and key, expiring with the lease or the
+TTL: ``s`` ("r" running, i.e. claimed, or "d" done), ``t`` (the holder's
+token), ``f`` (the fingerprint; absent: None), ``v`` (the encoded result, once
+done).
 """
 
 from __future__ import annotations
