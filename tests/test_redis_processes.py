@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -246,7 +246,7 @@ async def _trial(store: RedisStore) -> None:
         _say({"trial": "ran"})
 
 
-async def _idempotent(store: RedisStore, fn: Callable[..., Awaitable[Any]]) -> None:
+async def _idempotent(store: RedisStore, fn: Callable[..., Coroutine[Any, Any, Any]]) -> None:
     guarded = sw.Idempotency(key="payment", store=store, lease=LEASE)(fn)
     _say({"ready": True})
     await _wait_for_go()
