@@ -530,7 +530,7 @@ class RedisStore:
         except _UNAVAILABLE as exc:
             if self._healthy:
                 self._healthy = False
-                _log.warning("Redis store %r: Redis unreachable: %r", self._name, exc)
+                _log.warning("Redis store %r: Redis unreachable: %s", self._name, _describe(exc))
             raise
         if not self._healthy:
             self._healthy = True
@@ -541,7 +541,7 @@ class RedisStore:
         reason = (
             f"no answer within {self._timeout:g}s"
             if isinstance(exc, TimeoutError) and not str(exc)
-            else f"{type(exc).__name__}: {exc}"
+            else _describe(exc)
         )
         return StoreUnavailable(
             f"Redis store {self._name!r} is unavailable ({operation}: {reason})",
@@ -816,13 +816,15 @@ class RedisStore:
                     )
                 elif self._healthy:
                     self._healthy = False
-                    _log.warning("Redis store %r: Redis unreachable: %r", self._name, _leaf(exc))
+                    _log.warning(
+                        "Redis store %r: Redis unreachable: %s", self._name, _describe(_leaf(exc))
+                    )
             else:
                 delay = _RECONNECT_MIN
                 continue  # nothing left to follow: the next session waits for something
             if _clock.now() - began > 10 * _RECONNECT_MAX:
                 delay = _RECONNECT_MIN
-            await asyncio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000.0))
+            await asyncio.sleep(delay * (0.5 + secrets.randbelow(500) / 1000.0))
             delay = min(delay * 2.0, _RECONNECT_MAX)
 
     def _desired(self) -> set[str]:
@@ -996,6 +998,10 @@ def _raise_if_trio() -> None:
     raise RuntimeError(
         "stalwart.redis.RedisStore runs on asyncio (redis-py's asyncio client), not on trio"
     )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _leaves(exc: BaseException) -> Iterable[BaseException]:
