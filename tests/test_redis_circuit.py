@@ -75,6 +75,7 @@ async def test_closed_successes_and_open_rejections_never_reach_redis() -> None:
         async with RedisStore(client, prefix=prefix) as store:
             cb = breaker(store, minimum_calls=5, consecutive_failures=None, open_for=60.0)
             await store.sync()
+            await asyncio.sleep(0.05)  # the store's own first read is over
             guarded = cb(ok)
             sent.clear()
             for _ in range(200):
@@ -230,3 +231,43 @@ async def test_a_lost_message_is_repaired_by_the_next_reconciliation() -> None:
         )
         assert cb.state is CLOSED
         assert await eventually(lambda: cb.state is OPEN) < 0.5
+
+
+def test_breakers_built_before_the_loop_follow_once_the_store_runs() -> None:
+    redis_support.require_redis()
+    client = redis_support.client()
+    store = RedisStore(client, prefix=redis_support.unique_prefix())
+    early = breaker(store, open_for=10.0)  # at import time, say: no loop yet
+
+    async def main() -> None:
+        try:
+            async with opened_store(prefix=store.prefix) as other:
+                await attempt(breaker(other, open_for=10.0)(boom))  # another replica trips
+                assert early.state is CLOSED  # nobody has told this one yet
+                async with store:
+                    await store.sync()
+                    assert early.state is OPEN
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+async def test_a_pubsub_connection_that_reconnects_is_followed_by_a_re_read() -> None:
+    name = f"stalwart-test-{id(object())}"
+    async with opened_store() as plain:
+        client = redis_support.client(client_name=name)
+        try:
+            async with RedisStore(client, prefix=plain.prefix, reconcile_interval=60.0) as store:
+                cb = breaker(store, open_for=60.0)
+                await store.sync()
+                await asyncio.sleep(0.05)
+                await client.hset(  # a change whose message is lost...
+                    f"{store.prefix}circuit:{_digest('dep')}",
+                    mapping={"state": "open", "version": 2**40, "until": 0, "forced": "1"},
+                )
+                [ours] = [c for c in await client.client_list(_type="pubsub") if c["name"] == name]
+                await client.client_kill_filter(_id=ours["id"])  # ...as the connection drops
+                assert await eventually(lambda: cb.state is OPEN, within=3.0) < 3.0
+        finally:
+            await client.aclose()

@@ -12,6 +12,7 @@ import asyncio
 import os
 import pickle
 import re
+import sys
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from stalwart.redis import RedisStore, _digest
 
 from . import redis_support
 from .redis_support import opened_store, unique_prefix
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
@@ -360,3 +364,64 @@ async def test_a_wait_subscribes_only_while_it_waits(store: RedisStore) -> None:
             break
         await asyncio.sleep(0.005)
     assert await store.client.pubsub_channels(f"{store.prefix}*") == []
+
+
+async def test_a_wait_that_ends_after_aclose_does_not_restart_the_store(store: RedisStore) -> None:
+    lease = await store.claim("scope", "k", fingerprint=None, lease=5.0)
+    assert isinstance(lease, Lease)
+    waiter = asyncio.create_task(store.wait("scope", "k", timeout=0.2))
+    await asyncio.sleep(0.05)
+    await store.aclose()
+    assert await waiter is None  # it polled on, and gave up at its timeout
+    assert not tasks_left()
+
+
+def test_on_trio_the_store_says_it_needs_asyncio() -> None:
+    import trio
+
+    store = RedisStore(redis.asyncio.Redis())
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="runs on asyncio"):
+            await store.claim("scope", "k", fingerprint=None, lease=5.0)
+        with pytest.raises(RuntimeError, match="runs on asyncio"):
+            sw.CircuitBreaker(name="dep", store=store)
+
+    trio.run(main)
+
+
+# -- what needs no Redis ------------------------------------------------------------
+
+
+def test_records_are_read_from_script_replies_and_messages() -> None:
+    from stalwart._circuit_store import CircuitRecord
+    from stalwart.redis import _record
+
+    closed, opened, forced = sw.CircuitState.CLOSED, sw.CircuitState.OPEN, True
+    assert _record(b"closed", 7, 0, 0) == CircuitRecord(closed, 7)
+    assert _record(b"open", 8, 1500, 0) == CircuitRecord(opened, 8, 1.5)
+    assert _record(b"open", b"9", b"-20", b"1") == CircuitRecord(opened, 9, forced=forced)
+    assert _record("open", "10", "-250", "0") == CircuitRecord(opened, 10, -0.25)
+
+
+def test_a_cached_open_period_counts_down_from_when_it_was_learned() -> None:
+    from stalwart._circuit_store import CircuitRecord
+    from stalwart.redis import _Circuit
+
+    circuit = _Circuit("dep", "k")
+    circuit.record = CircuitRecord(sw.CircuitState.OPEN, 3, 10.0)
+    circuit.learned_at = 100.0
+    assert circuit.cached(104.0) == CircuitRecord(sw.CircuitState.OPEN, 3, 6.0)
+    # Without a clock, the period is taken as over: Redis refuses trials until it is.
+    assert circuit.cached(None) == CircuitRecord(sw.CircuitState.OPEN, 3, 0.0)
+
+
+def test_only_connection_failures_make_the_store_unavailable() -> None:
+    from stalwart.redis import _is_unavailable
+
+    down = redis.ConnectionError("refused")
+    assert _is_unavailable(down)
+    assert _is_unavailable(TimeoutError())
+    assert _is_unavailable(ExceptionGroup("task group", [down, redis.TimeoutError()]))
+    assert not _is_unavailable(redis.ResponseError("ERR a bug in a script"))
+    assert not _is_unavailable(ExceptionGroup("task group", [down, KeyError()]))

@@ -798,7 +798,7 @@ class RedisStore:
         watch.count -= 1
         if watch.count == 0 and self._watches.get(name) is watch:
             del self._watches[name]
-            self._kick()
+            self._wake.fire()  # to unsubscribe; a stopped follower stays stopped
 
     # -- the follower: pub/sub, reconciliation, background writes ------------------
 
