@@ -30,7 +30,7 @@ from . import redis_support
 from .redis_support import opened_store, unique_prefix
 
 if sys.version_info < (3, 11):
-    from exceptiongroup import ExceptionGroup
+    from exceptiongroup import ExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
