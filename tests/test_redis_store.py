@@ -9,6 +9,7 @@ clock), so waits are kept tiny.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pickle
 import re
@@ -276,6 +277,44 @@ async def test_a_client_that_decodes_responses_works_the_same() -> None:
             await decoding.aclose()
 
 
+async def test_a_resp2_client_works_the_same() -> None:
+    async with opened_store() as plain:
+        old = redis_support.client(protocol=2)
+        try:
+            async with RedisStore(old, prefix=plain.prefix) as store:
+                cb = redis_support.breaker(store)
+                await store.sync()
+                lease = await store.claim("scope", "k", fingerprint=None, lease=5.0)
+                assert isinstance(lease, Lease)
+                assert await store.complete(lease, [1, "two"], ttl=10.0)
+                assert await store.wait("scope", "k", timeout=1.0) == Completed([1, "two"], None)
+                await plain.transition("dep", 0, sw.CircuitState.OPEN, 10.0)  # another replica
+                for _ in range(200):
+                    if cb.state is sw.CircuitState.OPEN:
+                        break
+                    await asyncio.sleep(0.005)
+                assert cb.state is sw.CircuitState.OPEN
+        finally:
+            await old.aclose()
+
+
+async def test_a_store_forgets_the_breakers_that_are_gone() -> None:
+    async with opened_store() as store:
+        kept = redis_support.breaker(store, "kept")
+        gone = redis_support.breaker(store, "gone")
+        await store.sync()
+        del gone
+        gc.collect()
+        store._kick()
+        for _ in range(200):
+            channels = await store.client.pubsub_channels(f"{store.prefix}*")
+            if len(channels) == 1:
+                break
+            await asyncio.sleep(0.005)
+        assert channels == [f"{store.prefix}circuit:{_digest('kept')}".encode()]
+        assert kept.state is sw.CircuitState.CLOSED
+
+
 async def test_scripts_are_loaded_again_when_redis_forgets_them() -> None:
     with redis_support.private_redis() as server:
         client, sent = counting_client(server.url)
@@ -309,12 +348,13 @@ async def test_async_with_leaves_no_task_connection_or_subscription() -> None:
     prefix = unique_prefix()
     try:
         async with RedisStore(client, prefix=prefix) as store:
-            redis_support.breaker(store, "dep")
+            cb = redis_support.breaker(store, "dep")
             await store.sync()
             channel = f"{prefix}circuit:{_digest('dep')}"
             assert await client.pubsub_numsub(channel) == [(channel.encode(), 1)]
             assert await pubsub_connections(client, name) == 1
             assert tasks_left()
+            assert cb.state is sw.CircuitState.CLOSED
         assert not tasks_left()
         assert await client.pubsub_numsub(channel) == [(channel.encode(), 0)]
         assert await pubsub_connections(client, name) == 0
@@ -330,7 +370,7 @@ async def test_a_store_starts_itself_when_needed_and_aclose_stops_it() -> None:
     try:
         store = RedisStore(client, prefix=prefix)
         assert not tasks_left()
-        redis_support.breaker(store)  # built inside the loop: starts following
+        cb = redis_support.breaker(store)  # built inside the loop: starts following
         await store.sync()
         assert tasks_left()
         await store.aclose()
@@ -341,6 +381,7 @@ async def test_a_store_starts_itself_when_needed_and_aclose_stops_it() -> None:
         assert tasks_left()
         await store.aclose()
         assert not tasks_left()
+        assert cb.state is sw.CircuitState.CLOSED
     finally:
         await redis_support.delete_prefix(client, prefix)
         await client.aclose()

@@ -473,7 +473,7 @@ class RedisStore:
         state. Raises `StoreUnavailable` if Redis does not answer in time.
         """
         self._follow_soon()
-        circuits = [c for c in self._circuits.values() if c.listeners]
+        circuits = [c for c in self._circuits.values() if any(ref() for ref in c.listeners)]
         end = _clock.now() + self._timeout
         while True:
             acked = self._acks.arm()
@@ -831,7 +831,10 @@ class RedisStore:
         channels = set(self._watches)
         for circuit in self._circuits.values():
             if circuit.listeners:
-                channels.add(circuit.channel)
+                # A breaker that is gone needs no more news.
+                circuit.listeners[:] = [ref for ref in circuit.listeners if ref() is not None]
+                if circuit.listeners:
+                    channels.add(circuit.channel)
         return channels
 
     async def _session(self) -> None:
