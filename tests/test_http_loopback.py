@@ -1,9 +1,9 @@
 """The transport and the middleware against a real uvicorn server over loopback.
 
-A flaky upstream (503s, 429 with Retry-After, hangs, connection resets) runs
-in uvicorn on its own thread; real ``httpx.AsyncClient``s talk to it over TCP
-on asyncio and trio. These tests run on the real clock: their delays are
-tenths of a second at most.
+A flaky upstream (503s, 429 with Retry-After, hangs, connection resets) and
+services behind both middlewares run in uvicorn on its own thread; real
+``httpx.AsyncClient``s talk to them over TCP on asyncio and trio. These tests
+run on the real clock: their delays are tenths of a second at most.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pytest
 import uvicorn
 
 import stalwart as sw
-from stalwart.asgi import DeadlineMiddleware, Receive, Scope, Send
+from stalwart.asgi import DeadlineMiddleware, IdempotencyMiddleware, Message, Receive, Scope, Send
 from stalwart.httpx import ResilientTransport
 
 pytestmark = pytest.mark.realtime
@@ -124,14 +124,63 @@ async def guarded_app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.body", "body": b"the rest"})
 
 
+@dataclass
+class Ledger:
+    """Behind IdempotencyMiddleware: records an entry per request it runs, by ``key``."""
+
+    runs: dict[str, int] = field(default_factory=dict)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
+        body = await read_body(receive)
+        key = query.get("key", "")
+        run = self.runs[key] = self.runs.get(key, 0) + 1
+        await asyncio.sleep(float(query.get("seconds", "0")))
+        headers = dict(scope["headers"])
+        entry = {
+            "run": run,
+            "body": body.decode(),
+            "auth": headers.get(b"authorization", b"").decode(),
+        }
+        await respond(send, int(query.get("status", "201")), json.dumps(entry).encode())
+
+
+class LosesFirstResponses:
+    """Lets the service run, then resets the connection instead of answering, once per key."""
+
+    def __init__(self, app: IdempotencyMiddleware) -> None:
+        self.app = app
+        self.lost: set[str] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = parse_qs(scope["query_string"].decode())["key"][0]
+        if key in self.lost:
+            await self.app(scope, receive, send)
+            return
+        self.lost.add(key)
+
+        async def nowhere(message: Message) -> None:
+            pass
+
+        await self.app(scope, receive, nowhere)
+        await reset(receive)
+
+
 class App:
     def __init__(self) -> None:
         self.upstream = Upstream()
         self.guarded = DeadlineMiddleware(guarded_app, max_timeout=5.0)
+        self.ledger = Ledger()
+        self.idempotent = IdempotencyMiddleware(self.ledger, max_body_size=1024)
+        self.lossy = LosesFirstResponses(IdempotencyMiddleware(self.ledger))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"].startswith("/guarded/"):
             await self.guarded(scope, receive, send)
+        elif scope["path"].startswith("/ledger/"):
+            await self.idempotent(scope, receive, send)
+        elif scope["path"].startswith("/lossy/"):
+            await self.lossy(scope, receive, send)
         else:
             await self.upstream(scope, receive, send)
 
@@ -377,3 +426,189 @@ async def test_a_deadline_that_passes_mid_response_closes_the_connection(server:
             assert response.status_code == 200
             with pytest.raises(httpx.RemoteProtocolError):
                 await response.aread()
+
+
+# -- idempotency keys, end to end ------------------------------------------------------------
+
+
+def plain(server: Running) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=server.url, verify=TLS, timeout=5.0)
+
+
+async def test_a_repeated_post_is_replayed_over_the_wire(server: Running) -> None:
+    key = server.key()
+    async with plain(server) as http:
+        headers = {"Idempotency-Key": key}
+        first = await http.post(
+            "/ledger/entries", params={"key": key}, content=b"42", headers=headers
+        )
+        again = await http.post(
+            "/ledger/entries", params={"key": key}, content=b"42", headers=headers
+        )
+    assert first.status_code == again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json() == {"run": 1, "body": "42", "auth": ""}
+    assert server.app.ledger.runs[key] == 1
+
+
+async def test_concurrent_duplicates_over_separate_connections_run_once(server: Running) -> None:
+    key = server.key()
+    statuses: list[int] = []
+
+    async def post() -> None:
+        async with plain(server) as http:  # a connection of its own
+            response = await http.post(
+                "/ledger/entries",
+                params={"key": key, "seconds": 0.2},
+                headers={"Idempotency-Key": key},
+            )
+            statuses.append(response.status_code)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(post)
+    assert server.app.ledger.runs[key] == 1
+    assert statuses.count(201) >= 1
+    assert set(statuses) <= {201, 409}
+
+
+async def test_no_client_is_ever_served_anothers_response(server: Running) -> None:
+    key = server.key()
+    params = {"key": key}
+    async with plain(server) as http:
+        for token in ("alice", "mallory", "alice", "mallory"):
+            await http.post(
+                "/ledger/entries",
+                params=params,
+                headers={"Idempotency-Key": f"shared-{key}", "Authorization": f"Bearer {token}"},
+            )
+        mallory = await http.post(
+            "/ledger/entries",
+            params=params,
+            headers={"Idempotency-Key": f"shared-{key}", "Authorization": "Bearer mallory"},
+        )
+    assert mallory.headers["idempotent-replayed"] == "true"
+    assert mallory.json()["auth"] == "Bearer mallory"
+    assert server.app.ledger.runs[key] == 2
+
+
+async def test_a_key_reused_for_another_body_gets_422_over_the_wire(server: Running) -> None:
+    key = server.key()
+    async with plain(server) as http:
+        headers = {"Idempotency-Key": key}
+        await http.post("/ledger/entries", params={"key": key}, content=b"a", headers=headers)
+        reused = await http.post(
+            "/ledger/entries", params={"key": key}, content=b"b", headers=headers
+        )
+    assert reused.status_code == 422
+    assert reused.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("value", [b"k" * 256, b"caf\xc3\xa9", b"", b'"unterminated', b"a\x7fb"])
+async def test_a_malformed_key_gets_400_over_the_wire(server: Running, value: bytes) -> None:
+    key = server.key()
+    async with plain(server) as http:
+        response = await http.post(
+            "/ledger/entries", params={"key": key}, headers=[(b"Idempotency-Key", value)]
+        )
+    assert response.status_code == 400
+    assert response.json()["title"] == "Bad Request"
+    assert key not in server.app.ledger.runs
+
+
+async def test_an_oversized_body_gets_413_over_the_wire(server: Running) -> None:
+    key = server.key()
+    async with plain(server) as http:
+        response = await http.post(
+            "/ledger/entries",
+            params={"key": key},
+            content=b"x" * 20_000,
+            headers={"Idempotency-Key": key},
+        )
+        # The connection may have been closed; the client goes on regardless.
+        fits = await http.post(
+            "/ledger/entries",
+            params={"key": key},
+            content=b"x" * 1024,
+            headers={"Idempotency-Key": key},
+        )
+    assert response.status_code == 413
+    assert fits.status_code == 201
+    assert server.app.ledger.runs[key] == 1
+
+
+async def test_an_oversized_streamed_body_gets_413_over_the_wire(server: Running) -> None:
+    key = server.key()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"x" * 500
+
+    async with plain(server) as http:
+        response = await http.post(
+            "/ledger/entries",
+            params={"key": key},
+            content=chunks(),
+            headers={"Idempotency-Key": key},
+        )
+    assert response.status_code == 413
+    assert key not in server.app.ledger.runs
+
+
+async def test_a_5xx_is_not_stored_over_the_wire(server: Running) -> None:
+    key = server.key()
+    async with plain(server) as http:
+        headers = {"Idempotency-Key": key}
+        failed = await http.post(
+            "/ledger/entries", params={"key": key, "status": 503}, headers=headers
+        )
+        retried = await http.post(
+            "/ledger/entries", params={"key": key, "status": 503}, headers=headers
+        )
+    assert failed.status_code == retried.status_code == 503
+    assert "idempotent-replayed" not in retried.headers
+    assert server.app.ledger.runs[key] == 2
+
+
+async def test_a_post_whose_response_was_lost_is_retried_and_replayed(server: Running) -> None:
+    """The service ran, the connection dropped: the retry gets the stored response."""
+    key = server.key()
+    async with client(server, add_idempotency_keys=True) as http:
+        response = await http.post("/lossy/entries", params={"key": key}, content=b"order")
+    assert response.status_code == 201
+    assert response.headers["idempotent-replayed"] == "true"
+    assert response.json()["run"] == 1
+    assert server.app.ledger.runs[key] == 1
+
+
+# -- per-host breakers, end to end ----------------------------------------------------------
+
+
+def closed_port() -> int:
+    """A local port nobody listens on: connecting to it is refused at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_refusing_host_opens_its_own_breaker_only(server: Running) -> None:
+    key = server.key()
+    down = f"http://127.0.0.1:{closed_port()}"
+    breakers: dict[str, sw.CircuitBreaker] = {}
+
+    def per_host(origin: str) -> sw.CircuitBreaker:
+        breaker = breakers[origin] = sw.CircuitBreaker(consecutive_failures=2, name=origin)
+        return breaker
+
+    async with client(server, sw.Retry(attempts=1), per_host=per_host) as http:
+        for _ in range(2):
+            with pytest.raises(httpx.ConnectError):
+                await http.get(f"{down}/items")
+        with pytest.raises(sw.CircuitOpenError):
+            await http.get(f"{down}/items")
+        for _ in range(3):
+            response = await http.get("/flaky", params={"key": key})
+            assert response.status_code == 200
+    assert breakers[down].state is sw.CircuitState.OPEN
+    assert breakers[server.url].state is sw.CircuitState.CLOSED
+    assert len(server.hits(key)) == 3

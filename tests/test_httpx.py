@@ -14,16 +14,18 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 import stalwart as sw
 from stalwart.httpx import (
+    DEFAULT_RETRY_ON,
     DEFAULT_RETRY_STATUSES,
     ResilientTransport,
     RetryableStatusError,
     parse_retry_after,
 )
 
-from .conftest import jump
+from .conftest import jump, sample
 
 NO_WAIT = sw.Backoff(initial=0.0, maximum=0.0)
 IDEMPOTENT = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"]
@@ -652,6 +654,315 @@ async def test_a_hanging_attempt_is_cut_by_a_per_attempt_timeout_and_retried() -
     assert calls == 2
 
 
+# -- per-host policies ----------------------------------------------------------------------
+
+
+class Hosts:
+    """Upstreams by host: ``down`` hosts answer 503, the others 200; every request logged."""
+
+    def __init__(self, *down: str) -> None:
+        self.down = set(down)
+        self.seen: list[str] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(request.url.host)
+        return httpx.Response(503 if request.url.host in self.down else 200)
+
+    def client(self, policy: sw.Policy | None = None, **options: Any) -> httpx.AsyncClient:
+        transport = ResilientTransport(
+            policy or retry(attempts=1), transport=httpx.MockTransport(self), **options
+        )
+        return httpx.AsyncClient(transport=transport)
+
+
+def breakers(**options: Any) -> Callable[[str], sw.CircuitBreaker]:
+    options.setdefault("consecutive_failures", 2)
+    options.setdefault("open_for", 30.0)
+    return lambda origin: sw.CircuitBreaker(name=f"upstream {origin}", **options)
+
+
+async def test_one_hosts_outage_opens_its_breaker_only() -> None:
+    hosts = Hosts("sick.test")
+    async with hosts.client(per_host=breakers()) as client:
+        for _ in range(2):
+            assert (await client.get("http://sick.test/")).status_code == 503
+        with pytest.raises(sw.CircuitOpenError) as info:
+            await client.get("http://sick.test/")
+        for _ in range(5):
+            assert (await client.get("http://well.test/")).status_code == 200
+    assert info.value.policy == "upstream http://sick.test:80"
+    assert hosts.seen == ["sick.test"] * 2 + ["well.test"] * 5
+    transport = client._transport
+    assert isinstance(transport, ResilientTransport)
+    states = {
+        origin: breaker.state
+        for origin, breaker in transport.host_policies.items()
+        if isinstance(breaker, sw.CircuitBreaker)
+    }
+    assert states == {
+        "http://sick.test:80": sw.CircuitState.OPEN,
+        "http://well.test:80": sw.CircuitState.CLOSED,
+    }
+
+
+async def test_the_per_host_breaker_counts_every_attempt_inside_the_retry() -> None:
+    hosts = Hosts("sick.test")
+    per_host = breakers(consecutive_failures=3)
+    async with hosts.client(retry(3, on=DEFAULT_RETRY_ON), per_host=per_host) as client:
+        assert (await client.get("http://sick.test/")).status_code == 503
+        with pytest.raises(sw.CircuitOpenError):
+            await client.get("http://sick.test/")
+    assert hosts.seen == ["sick.test"] * 3
+
+
+async def test_an_open_breaker_fails_fast_under_the_default_policy() -> None:
+    hosts = Hosts("sick.test")
+    transport = ResilientTransport(transport=httpx.MockTransport(hosts), per_host=breakers())
+    async with httpx.AsyncClient(transport=transport) as client:
+        start = anyio.current_time()
+        with pytest.raises(sw.CircuitOpenError) as info:
+            await client.get("http://sick.test/")
+        with pytest.raises(sw.CircuitOpenError):
+            await client.get("http://sick.test/")
+    # The default Retry does not retry CircuitOpenError: the second attempt
+    # opened the breaker, the third was rejected and ended the request.
+    assert len(hosts.seen) == 2
+    assert 29.0 < info.value.retry_after <= 30.0
+    assert anyio.current_time() - start < 1.0
+
+
+async def test_the_retry_waits_out_an_open_breaker_when_the_deadline_allows() -> None:
+    calls: list[float] = []
+
+    async def recovering(request: httpx.Request) -> httpx.Response:
+        calls.append(anyio.current_time())
+        return httpx.Response(503 if len(calls) <= 2 else 200)
+
+    policy = sw.Retry(attempts=4, backoff=NO_WAIT)
+    transport = ResilientTransport(
+        policy, transport=httpx.MockTransport(recovering), per_host=breakers(open_for=5.0)
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.get("http://upstream.test/")
+    assert response.status_code == 200
+    assert calls == [0.0, 0.0, 5.0]
+
+
+async def test_the_breakers_trial_after_open_for_reaches_the_upstream_again() -> None:
+    hosts = Hosts("sick.test")
+    async with hosts.client(per_host=breakers(open_for=10.0)) as client:
+        for _ in range(2):
+            await client.get("http://sick.test/")
+        with pytest.raises(sw.CircuitOpenError):
+            await client.get("http://sick.test/")
+        hosts.down.clear()
+        jump(10.0)
+        assert (await client.get("http://sick.test/")).status_code == 200
+    assert len(hosts.seen) == 3
+
+
+async def hang(request: httpx.Request) -> httpx.Response:
+    await anyio.sleep(3600)
+    return httpx.Response(200)
+
+
+async def test_a_per_attempt_timeout_inside_the_per_host_policy_counts_hangs() -> None:
+    breaker = sw.CircuitBreaker(consecutive_failures=2, name="upstream")
+    transport = ResilientTransport(
+        retry(2, on=(*DEFAULT_RETRY_ON, sw.DeadlineExceeded)),
+        transport=httpx.MockTransport(hang),
+        per_host=lambda origin: sw.Pipeline(breaker, sw.Timeout(1.0)),
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(sw.DeadlineExceeded):
+            await client.get("http://upstream.test/")
+        assert breaker.state is sw.CircuitState.OPEN
+        with pytest.raises(sw.CircuitOpenError):
+            await client.get("http://upstream.test/")
+    assert anyio.current_time() == 2.0
+
+
+async def test_an_attempt_cancelled_by_a_timeout_of_the_shared_policy_is_not_counted() -> None:
+    breaker = sw.CircuitBreaker(consecutive_failures=1, name="upstream")
+    transport = ResilientTransport(
+        sw.Pipeline(retry(2), sw.Timeout(1.0)),
+        transport=httpx.MockTransport(hang),
+        per_host=lambda origin: breaker,
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(sw.DeadlineExceeded):
+            await client.get("http://upstream.test/")
+    # Cancelled from outside, the attempts are none of the breaker's business.
+    assert breaker.state is sw.CircuitState.CLOSED
+    assert breaker.statistics().calls == 0
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        ("http://a.test/x", "http://a.test:80/y?q=1", True),
+        ("http://a.test/", "http://A.TEST/", True),
+        ("https://a.test/", "https://a.test:443/", True),
+        ("http://a.test/", "https://a.test/", False),
+        ("http://a.test/", "http://a.test:8080/", False),
+        ("http://a.test/", "http://b.a.test/", False),
+        ("http://[::1]:8000/", "http://[::1]:8001/", False),
+    ],
+)
+async def test_one_policy_per_scheme_host_and_port(first: str, second: str, shared: bool) -> None:
+    made: list[str] = []
+
+    def per_host(origin: str) -> sw.Policy:
+        made.append(origin)
+        return sw.CircuitBreaker(name="upstream")
+
+    async with Hosts().client(per_host=per_host) as client:
+        await client.get(first)
+        await client.get(second)
+    assert len(made) == (1 if shared else 2)
+
+
+async def test_the_factory_gets_the_origin_with_the_port_spelt_out() -> None:
+    made: list[str] = []
+
+    def per_host(origin: str) -> sw.Policy:
+        made.append(origin)
+        return sw.CircuitBreaker(name="upstream")
+
+    async with Hosts().client(per_host=per_host) as client:
+        for url in (
+            "http://a.test/",
+            "https://B.test/",
+            "http://[::1]:8000/",
+            "http://xn--bcher-kva.test/",
+        ):
+            await client.get(url)
+        await client.get("http://bücher.test/")
+    assert made == [
+        "http://a.test:80",
+        "https://b.test:443",
+        "http://[::1]:8000",
+        "http://xn--bcher-kva.test:80",
+    ]
+
+
+async def test_at_most_max_hosts_policies_are_kept_least_recently_used_out() -> None:
+    made: list[str] = []
+
+    def per_host(origin: str) -> sw.Policy:
+        made.append(origin)
+        return sw.CircuitBreaker(name="upstream")
+
+    transport = ResilientTransport(
+        retry(attempts=1), transport=httpx.MockTransport(Hosts()), per_host=per_host, max_hosts=2
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        for host in ("a", "b", "a", "c", "a", "b"):
+            await client.get(f"http://{host}.test/")
+    # c evicted b (least recently used: a had just been used); b came back afresh.
+    assert made == ["http://a.test:80", "http://b.test:80", "http://c.test:80", "http://b.test:80"]
+    assert list(transport.host_policies) == ["http://a.test:80", "http://b.test:80"]
+
+
+async def test_an_evicted_hosts_breaker_starts_afresh() -> None:
+    hosts = Hosts("sick.test")
+    async with hosts.client(per_host=breakers(), max_hosts=1) as client:
+        for _ in range(2):
+            await client.get("http://sick.test/")
+        with pytest.raises(sw.CircuitOpenError):
+            await client.get("http://sick.test/")
+        await client.get("http://well.test/")
+        assert (await client.get("http://sick.test/")).status_code == 503
+    assert hosts.seen == ["sick.test", "sick.test", "well.test", "sick.test"]
+
+
+async def test_per_host_policies_apply_to_unsafe_requests_too() -> None:
+    hosts = Hosts("sick.test")
+    async with hosts.client(retry(attempts=3), per_host=breakers()) as client:
+        assert (await client.post("http://sick.test/", content=b"x")).status_code == 503
+        assert (await client.post("http://sick.test/", content=b"x")).status_code == 503
+        with pytest.raises(sw.CircuitOpenError):
+            await client.post("http://sick.test/", content=b"x")
+    assert len(hosts.seen) == 2
+
+
+async def test_a_per_host_bulkhead_limits_each_upstream_on_its_own() -> None:
+    running: dict[str, int] = {}
+    peak: dict[str, int] = {}
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        running[host] = running.get(host, 0) + 1
+        peak[host] = max(peak.get(host, 0), running[host])
+        await anyio.sleep(1.0)
+        running[host] -= 1
+        return httpx.Response(200)
+
+    transport = ResilientTransport(
+        retry(attempts=1),
+        transport=httpx.MockTransport(slow),
+        per_host=lambda origin: sw.Bulkhead(2, max_queued=None),
+    )
+    async with httpx.AsyncClient(transport=transport) as client, anyio.create_task_group() as tg:
+        for host in ("a", "b") * 4:
+            tg.start_soon(client.get, f"http://{host}.test/")
+    assert peak == {"a.test": 2, "b.test": 2}
+    assert anyio.current_time() == 2.0
+
+
+async def test_the_per_host_breaker_reports_on_the_policys_span(spans: Any) -> None:
+    telemetry = sw.Telemetry(registry=CollectorRegistry(), tracer_provider=spans.provider)
+    hosts = Hosts("sick.test")
+    policy = sw.Retry(attempts=1, name="outbound", telemetry=telemetry)
+    per_host = breakers(consecutive_failures=1, telemetry=telemetry)
+    async with hosts.client(policy, per_host=per_host) as client:
+        await client.get("http://sick.test/")
+    span = spans.only()
+    assert span.name == "stalwart.retry outbound"
+    assert [e.name for e in span.events if e.name != "exception"] == ["stalwart.circuit.transition"]
+
+
+async def test_the_per_host_breakers_metrics_are_labelled_by_their_names() -> None:
+    registry = CollectorRegistry()
+    telemetry = sw.Telemetry(registry=registry)
+    hosts = Hosts("sick.test")
+    async with hosts.client(per_host=breakers(telemetry=telemetry)) as client:
+        for host in ("sick", "sick", "well"):
+            await client.get(f"http://{host}.test/")
+    assert (
+        sample(
+            registry, "stalwart_circuit_state", policy="upstream http://sick.test:80", state="open"
+        )
+        == 1.0
+    )
+    assert (
+        sample(
+            registry,
+            "stalwart_circuit_state",
+            policy="upstream http://well.test:80",
+            state="closed",
+        )
+        == 1.0
+    )
+
+
+async def test_a_factory_that_returns_no_policy_fails_the_request_naming_the_origin() -> None:
+    not_a_policy: Any = lambda origin: "breaker"  # noqa: E731
+    async with Hosts().client(per_host=not_a_policy) as client:
+        with pytest.raises(
+            TypeError, match=r"per_host must return a stalwart policy.*http://a.test:80"
+        ):
+            await client.get("http://a.test/")
+
+
+async def test_without_per_host_no_policies_are_kept() -> None:
+    transport = ResilientTransport(transport=httpx.MockTransport(Hosts()))
+    async with httpx.AsyncClient(transport=transport) as client:
+        await client.get("http://a.test/")
+    assert transport.host_policies == {}
+    assert transport.max_hosts == 100
+
+
 # -- the transport itself ------------------------------------------------------------------
 
 
@@ -720,6 +1031,9 @@ def test_the_default_inner_transport_is_an_http_transport() -> None:
         ({"idempotency_header": None}, TypeError, "idempotency_header"),
         ({"name": ""}, ValueError, "name"),
         ({"rng": 42}, TypeError, "rng"),
+        ({"per_host": sw.CircuitBreaker()}, TypeError, "per_host"),
+        ({"max_hosts": 0}, ValueError, "max_hosts"),
+        ({"max_hosts": 1.5}, TypeError, "max_hosts"),
     ],
 )
 def test_bad_options_are_rejected_naming_the_parameter(

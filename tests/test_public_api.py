@@ -32,7 +32,7 @@ CONTRACT = [
 
 # Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.
 INTEGRATIONS = {
-    "asgi": ["DeadlineMiddleware"],
+    "asgi": ["DeadlineMiddleware", "IdempotencyMiddleware"],
     "httpx": ["ResilientTransport"],
     "redis": ["RedisStore"],
 }

@@ -172,6 +172,45 @@ async def test_a_deadline_inside_a_shorter_cancel_scope_lets_the_scope_win() -> 
     assert outer.cancel_called
 
 
+async def test_a_deadline_lets_a_shielded_block_finish() -> None:
+    finished = False
+    start = anyio.current_time()
+    with pytest.raises(sw.DeadlineExceeded), sw.deadline(1.0):
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(2.0)
+            finished = True
+        await anyio.sleep(10)  # the first checkpoint after the shield is cancelled
+    assert finished
+    # trio cancels at once; asyncio notices the shield's end within 10 ms.
+    assert anyio.current_time() - start == pytest.approx(2.0, abs=0.011)
+
+
+async def test_a_deadline_that_passes_during_a_shield_without_a_later_checkpoint_is_quiet() -> None:
+    with sw.deadline(1.0), anyio.CancelScope(shield=True):
+        await anyio.sleep(2.0)
+
+
+async def test_a_timeout_inside_a_shielded_block_still_fires() -> None:
+    with anyio.CancelScope(shield=True):
+        with pytest.raises(sw.DeadlineExceeded):
+            await sw.Timeout(1.0).call(anyio.sleep, 5)
+
+
+async def test_a_timeout_cancels_a_shield_it_encloses_only_after_it() -> None:
+    stamps: list[float] = []
+
+    async def cleanup_then_wait() -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(3.0)
+            stamps.append(anyio.current_time())
+        await anyio.sleep(10)
+
+    start = anyio.current_time()
+    with pytest.raises(sw.DeadlineExceeded):
+        await sw.Timeout(1.0).call(cleanup_then_wait)
+    assert stamps == [pytest.approx(start + 3.0)]
+
+
 @pytest.mark.parametrize("seconds", [-1.0, math.nan, math.inf])
 def test_deadline_rejects_invalid_seconds(seconds: float) -> None:
     with pytest.raises(ValueError, match="seconds"):

@@ -23,7 +23,7 @@ from contextvars import ContextVar, Token
 from heapq import heapify, heappop, heappush
 from types import TracebackType
 from typing import Any, Final, Protocol, TypeVar, final
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, ref
 
 import anyio
 from typing_extensions import ParamSpec
@@ -80,6 +80,29 @@ def _task_token() -> object:
     if trio is not None:
         return trio.lowlevel.current_task()
     return anyio.get_current_task().id  # pragma: no cover - no third backend today
+
+
+_anyio_scopes: Any = None  # anyio's task -> state table, once its asyncio backend is loaded
+
+
+def _innermost_anyio_scope(task: Any) -> Any:
+    """The innermost anyio cancel scope of an asyncio task, or None.
+
+    Read from anyio's private table of task states, defensively: without it,
+    stalwart's asyncio deadlines behave as ``asyncio.timeout`` does and do not
+    see anyio's shields.
+    """
+    global _anyio_scopes
+    table = _anyio_scopes
+    if table is None:
+        module = sys.modules.get("anyio._backends._asyncio")
+        states = getattr(module, "_task_states", None)
+        data = getattr(states, "data", None) if isinstance(states, WeakKeyDictionary) else None
+        if not isinstance(data, dict):
+            return None
+        table = _anyio_scopes = data  # ref(task) -> state, without get()'s Python layer
+    state = table.get(ref(task))
+    return None if state is None else getattr(state, "cancel_scope", None)
 
 
 class _Timers:
@@ -182,8 +205,10 @@ class _Scope:
     """
 
     __slots__ = (
+        "_anyio_scope",
         "_cancel_scope",
         "_cancelling",
+        "_deferral",
         "_entry",
         "_expired",
         "_outer",
@@ -237,6 +262,8 @@ class _Scope:
         self._token = _current.set(self)
         if info is not None:
             self._cancelling = task.cancelling()
+            self._anyio_scope = _innermost_anyio_scope(task)
+            self._deferral = 0.0
             if self.when <= now:
                 self.expire()  # already due: cancel at the first checkpoint
             else:
@@ -249,8 +276,25 @@ class _Scope:
 
     def expire(self) -> None:
         """Called by the loop's timer heap when ``when`` has come."""
+        if self._shielded():
+            # Like trio (and anyio's own scopes), let a shielded block finish:
+            # look again soon, backing off, and cancel once it is over.
+            self._deferral = min(0.01, self._deferral * 2.0 or 0.0005)
+            timers = self._timers
+            self._entry = timers.add(timers._loop.time() + self._deferral, self)
+            return
         self._expired = True
         self._task.cancel()
+
+    def _shielded(self) -> bool:
+        """Is the task inside an anyio shielded scope entered within this one?"""
+        scope = _innermost_anyio_scope(self._task)
+        since = self._anyio_scope
+        while scope is not None and scope is not since:
+            if getattr(scope, "_shield", False):
+                return True
+            scope = getattr(scope, "_parent_scope", None)
+        return False
 
     def expired(self) -> bool:
         """Has this scope's deadline cancelled (or started cancelling) its block?"""

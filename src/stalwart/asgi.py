@@ -1,39 +1,59 @@
-"""ASGI middleware: the inbound end of stalwart's deadlines.
+"""ASGI middleware: the inbound end of stalwart's deadlines and idempotency keys.
 
 `DeadlineMiddleware` reads the deadline a caller sent (``x-request-timeout-ms``,
 as `stalwart.httpx.ResilientTransport` sends it, or gRPC's ``grpc-timeout``)
 and runs the request under `stalwart.deadline`, so every policy and every
-outbound call inside it knows how long it has left::
+outbound call inside it knows how long it has left. `IdempotencyMiddleware`
+runs each request that carries an ``Idempotency-Key`` once, and answers its
+repeats with the stored response::
 
-    from stalwart.asgi import DeadlineMiddleware
+    from stalwart.asgi import DeadlineMiddleware, IdempotencyMiddleware
 
-    app = DeadlineMiddleware(app, max_timeout=30.0)
+    app = IdempotencyMiddleware(DeadlineMiddleware(app, max_timeout=30.0))
 
-Plain ASGI 3: it works under any server and around any framework (Starlette,
+Plain ASGI 3: they work under any server and around any framework (Starlette,
 FastAPI, Django, Quart, ...). Only ``http`` requests are handled; lifespan and
 websocket scopes pass straight through.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import logging
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Final, final
+import struct
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, Final, Union, cast, final
 
-from . import _clock, _validate
+import anyio
+
+from . import _clock, _telemetry, _validate
 from ._errors import DeadlineExceeded
-from ._http import DEADLINE_HEADER, header_name
-from ._timeout import deadline
+from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
+from ._idempotency_store import (
+    DEFAULT_MAX_ENTRIES,
+    Completed,
+    IdempotencyStore,
+    InFlight,
+    Lease,
+    MemoryStore,
+)
+from ._telemetry import IdempotencyStats, Telemetry, add_event
+from ._timeout import deadline, is_cancellation
 
 __all__ = [
     "ASGIApp",
+    "Credentials",
     "DeadlineMiddleware",
+    "IdempotencyMiddleware",
     "Message",
     "Receive",
     "Scope",
     "Send",
     "parse_grpc_timeout",
+    "parse_idempotency_key",
     "parse_timeout_ms",
 ]
 
@@ -245,3 +265,649 @@ class DeadlineMiddleware:
 
     def __repr__(self) -> str:
         return f"DeadlineMiddleware({self._app!r}, max_timeout={self._max})"
+
+
+# -- idempotency keys -------------------------------------------------------------------
+
+_log = logging.getLogger("stalwart.asgi")
+
+Credentials = Union[str, Callable[[Scope], Union[str, bytes, None]]]  # noqa: UP007 - runtime alias
+"""A header name, or a callable of the request's scope returning who is calling."""
+
+
+_KEY_MAX_LENGTH: Final = 255
+# A bare key: printable ASCII, no space at either end (and no leading quote:
+# that is the quoted form).
+_BARE_KEY: Final = re.compile(rb"[\x21\x23-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?")
+# RFC 8941 sf-string: printable ASCII in double quotes, `"` and `\` escaped.
+_SF_STRING: Final = re.compile(rb'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\]){1,255})"')
+_SF_ESCAPE: Final = re.compile(rb'\\(["\\])')
+_METHOD: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+_REPLAYED_HEADER: Final = (b"idempotent-replayed", b"true")
+_REPLAYED_EVENT: Final = "stalwart.idempotency.replayed"
+# Not part of a stored response: they describe one connection, not the answer.
+_HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    }
+)
+# "Try again later" answers: replaying them would refuse the retry they invite.
+_TRY_AGAIN_LATER: Final = frozenset({408, 425, 429})
+_RECORD_VERSION: Final = 1
+_LENGTHS: Final = struct.Struct(">4Q")
+# A holder whose request failed or was cancelled gets this long, shielded from
+# cancellation, to tell a shared store; past it the lease frees the key.
+_CLEANUP_TIMEOUT: Final = 10.0
+
+
+def parse_idempotency_key(value: bytes) -> str | None:
+    """The key in an ``Idempotency-Key`` header value, or None if malformed.
+
+    The IETF draft makes the value a Structured Field string: the key in
+    double quotes, with ``"`` and ``\\`` escaped by a backslash. Many clients
+    send the bare key instead, as Stripe's API accepts; both are read, and
+    ``"order-7"`` and ``order-7`` are the same key. A key is 1-255
+    characters of printable ASCII (spaces allowed inside). Anything else,
+    control characters, line breaks and non-ASCII bytes included, is
+    malformed.
+
+    Example::
+
+        parse_idempotency_key(b'"order-7"')  # 'order-7'
+        parse_idempotency_key(b"order-7")  # 'order-7'
+        parse_idempotency_key(b"order\\r\\n7")  # None
+    """
+    if len(value) > 2 * _KEY_MAX_LENGTH + 4:  # longer than any key, even quoted and escaped
+        return None
+    value = value.strip(b" \t")
+    if value[:1] == b'"':
+        match = _SF_STRING.fullmatch(value)
+        if match is None:
+            return None
+        return _SF_ESCAPE.sub(rb"\1", match.group(1)).decode("ascii")
+    if _BARE_KEY.fullmatch(value) is None:
+        return None
+    return value.decode("ascii")
+
+
+class _TooLarge(Exception):
+    """The request body went over ``max_body_size``."""
+
+
+@final
+class _Recorder:
+    """The app's ``send``: passes every message on, keeps a copy to store."""
+
+    __slots__ = ("chunks", "complete", "headers", "limit", "send", "size", "status", "storable")
+
+    def __init__(self, send: Send, limit: int) -> None:
+        self.send = send
+        self.limit = limit
+        self.status: int | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.complete = False
+        self.storable = True
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            if self.storable:
+                chunk = bytes(message.get("body", b""))
+                self.size += len(chunk)
+                if self.size > self.limit:
+                    self.storable = False
+                    self.chunks = []
+                else:
+                    self.chunks.append(chunk)
+            if not message.get("more_body", False):
+                self.complete = True
+        elif kind == "http.response.start":
+            self.status = message["status"]
+            self.headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
+            if message.get("trailers", False):
+                self.storable = False
+        else:
+            # Trailers, or a server extension (pathsend, zerocopysend): not a
+            # plain response that can be stored and replayed.
+            self.storable = False
+        await self.send(message)
+
+    def record(self) -> dict[str, Any] | None:
+        """The response as a JSON-safe record, or None if it must not be stored."""
+        status = self.status
+        if status is None or not (self.complete and self.storable):
+            return None
+        if status >= 500 or status in _TRY_AGAIN_LATER:
+            return None
+        headers: list[list[str]] = []
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered == b"set-cookie":
+                # A replay would hand the cookie to whoever presents the key.
+                return None
+            if lowered not in _HOP_BY_HOP:
+                headers.append([lowered.decode("latin-1"), value.decode("latin-1")])
+        return {
+            "v": _RECORD_VERSION,
+            "status": status,
+            "headers": headers,
+            "body": base64.b64encode(b"".join(self.chunks)).decode("ascii"),
+        }
+
+
+def _read_record(value: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and body of a stored record (see `_Recorder.record`)."""
+    try:
+        version, status = value["v"], value["status"]
+        headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in value["headers"]]
+        body = base64.b64decode(value["body"], validate=True)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _unreadable(repr(exc)) from exc
+    if version != _RECORD_VERSION:
+        raise _unreadable(f"version {version!r}")
+    if type(status) is not int or not 100 <= status <= 599:
+        raise _unreadable(f"status {status!r}")
+    return status, headers, body
+
+
+def _unreadable(reason: str) -> ValueError:
+    return ValueError(
+        f"the idempotency store returned a record IdempotencyMiddleware cannot read: {reason}"
+    )
+
+
+def _fingerprint(scope: Scope, body: bytes) -> str:
+    """SHA-256 of the method, path, query string and body: what makes a request itself."""
+    method = scope["method"].encode("utf-8", "surrogatepass")
+    path = scope["path"].encode("utf-8", "surrogatepass")
+    query = bytes(scope.get("query_string", b""))
+    # Lengths first, so that no two requests' parts run together alike.
+    lengths = _LENGTHS.pack(len(method), len(path), len(query), len(body))
+    return hashlib.sha256(b"".join((lengths, method, path, query, body))).hexdigest()
+
+
+def _methods(value: Any) -> frozenset[str]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"methods must be a collection of HTTP method names, not {type(value).__name__}"
+        )
+    methods = set()
+    for method in value:
+        if not isinstance(method, str):
+            raise TypeError(f"methods must hold str method names, got {type(method).__name__}")
+        if not _METHOD.fullmatch(method):
+            raise ValueError(f"methods must hold HTTP method names, got {method!r}")
+        methods.add(method.upper())
+    if not methods:
+        raise ValueError("methods must name at least one HTTP method")
+    return frozenset(methods)
+
+
+@final
+class IdempotencyMiddleware:
+    """Run each request that carries an ``Idempotency-Key`` once; replay its response.
+
+    The server half of idempotency keys, as the IETF draft "The
+    Idempotency-Key HTTP Header Field" and Stripe's API define them. A
+    client sends the same unique key with every attempt of one logical
+    request (`stalwart.httpx.ResilientTransport` does, with
+    ``add_idempotency_keys=True``); for requests whose method is in
+    ``methods``:
+
+    * the **first** request with a key runs, and its response is stored for
+      ``ttl`` seconds: status, headers and body;
+    * a **repeat** (same key, same credentials) gets the stored response
+      without running the app, with the extra header ``Idempotent-Replayed:
+      true``;
+    * a repeat that arrives **while the first is still running** gets ``409
+      Conflict``: the client retries later and then gets the replay;
+    * a key reused for a **different request** (another method, path, query
+      string or body) gets ``422 Unprocessable Content``, also while the
+      first is running;
+    * a **malformed key** (see `parse_idempotency_key`), several
+      ``Idempotency-Key`` headers, or no key when ``required``, get ``400 Bad
+      Request``; without ``required``, a request without a key just runs;
+    * a request body over ``max_body_size`` bytes gets ``413 Content Too
+      Large`` (it is buffered to fingerprint the request, so the limit keeps
+      that buffer bounded); requests without a key are not buffered at all.
+
+    Errors are ``application/problem+json`` bodies (RFC 9457).
+
+    **What is stored.** A complete response whose status is below 500 and
+    not a "try again later" (408, 425, 429). Not stored, the key freed for
+    the next attempt: 5xx and those statuses, responses that set a cookie (a
+    replay would hand it to whoever presents the key), responses whose body
+    exceeds ``max_response_size`` (passed through as they stream, never
+    held back), responses with trailers or sent by a server extension, and
+    any request whose app raised, was cancelled, or returned without
+    finishing its response. A client that disconnects while the app runs
+    does not stop it storing the response: its retry gets the replay.
+
+    **Whose keys.** Records are scoped to the caller's credentials: by
+    default all values of the ``Authorization`` header, hashed (SHA-256), so
+    a client that reuses or guesses another's key only ever reaches its own
+    records, and no credential is written to the store. Requests without
+    credentials share one anonymous scope: if your callers authenticate
+    some other way (a session cookie, a client certificate, an API key
+    header), say so with ``credentials`` (a header name, or a callable
+    given the ASGI scope and returning a ``str``/``bytes`` that identifies
+    the caller, or None for anonymous).
+
+    **Where.** Records live in ``store``, any `stalwart.IdempotencyStore`:
+    by default a private in-process `stalwart.MemoryStore` of
+    ``max_entries`` records (so at most ``max_entries`` responses of
+    ``max_response_size`` bytes, plus a third for their base64 encoding);
+    ``stalwart.redis.RedisStore`` shares them between replicas. A claim in
+    a shared store is a lease of ``lease`` seconds, renewed while the app
+    runs, so that a crashed replica's key frees itself. If the store fails
+    when a keyed request arrives, its error propagates (the server answers
+    500) and the app does not run: running it unprotected could do the work
+    twice.
+
+    Metrics: replays count in ``stalwart_idempotency_replays_total`` and
+    409s in ``stalwart_idempotency_conflicts_total``, labelled ``policy=name``;
+    a replay adds the event ``stalwart.idempotency.replayed`` to the current
+    span, if one is recording.
+
+    Args:
+        app: the ASGI application to protect.
+        store: where records live (default: a private `~stalwart.MemoryStore`).
+        header: the request header carrying the key.
+        methods: the methods handled (others pass straight through).
+        ttl: seconds a response is replayed for, > 0 (default one day).
+        required: answer 400 to a request of those methods without a key.
+        credentials: what identifies the caller: a header name (default
+            ``"Authorization"``; all its values count) or a callable of the
+            ASGI scope returning ``str``, ``bytes`` or None.
+        max_body_size: the largest request body accepted with a key, in
+            bytes (default 1 MiB).
+        max_response_size: the largest response body stored, in bytes
+            (default 64 KiB).
+        max_entries: the size of the default in-process store (default
+            10,000); give a ``store`` or this, not both.
+        lease: seconds a claim lasts in a shared store without renewal, > 0.
+        name: the ``policy`` label of its metrics, and the prefix of its
+            records' scope (middlewares sharing a store and a name share
+            records).
+        telemetry: where it reports (None: the default `stalwart.Telemetry`).
+
+    Example::
+
+        app = IdempotencyMiddleware(app, required=True, ttl=3600.0)
+    """
+
+    __slots__ = (
+        "_anonymous",
+        "_app",
+        "_attributes",
+        "_credentials",
+        "_header",
+        "_header_label",
+        "_lease",
+        "_max_body",
+        "_max_response",
+        "_methods",
+        "_name",
+        "_required",
+        "_scope_prefix",
+        "_shield",
+        "_stats",
+        "_store",
+        "_telemetry",
+        "_ttl",
+    )
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: IdempotencyStore | None = None,
+        header: str = IDEMPOTENCY_HEADER,
+        methods: Iterable[str] = ("POST", "PATCH"),
+        ttl: float = 86_400.0,
+        required: bool = False,
+        credentials: Credentials = "Authorization",
+        max_body_size: int = 1_048_576,
+        max_response_size: int = 65_536,
+        max_entries: int | None = None,
+        lease: float = 30.0,
+        name: str = "idempotency",
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(f"app must be an ASGI application, not {type(app).__name__}")
+        self._app = app
+        if store is None:
+            store = MemoryStore(
+                DEFAULT_MAX_ENTRIES
+                if max_entries is None
+                else _validate.count("max_entries", max_entries)
+            )
+        elif max_entries is not None:
+            raise ValueError(
+                "max_entries sizes the default in-process store; with store=..., "
+                "size that store instead (MemoryStore(max_entries=...))"
+            )
+        elif not isinstance(cast(object, store), IdempotencyStore):
+            raise TypeError(
+                "store must implement stalwart.IdempotencyStore (claim, complete, release, "
+                f"renew, wait), not {type(store).__name__}"
+            )
+        self._store = store
+        self._shield = type(store) is not MemoryStore
+        self._header_label = header_name("header", header)
+        self._header = self._header_label.lower().encode()
+        self._methods = _methods(methods)
+        self._ttl = _validate.duration("ttl", ttl, positive=True)
+        if not isinstance(required, bool):
+            raise TypeError(f"required must be a bool, not {type(required).__name__}")
+        self._required = required
+        self._credentials: bytes | Callable[[Scope], str | bytes | None]
+        if isinstance(credentials, str):
+            self._credentials = header_name("credentials", credentials).lower().encode()
+        elif callable(credentials):
+            self._credentials = credentials
+        else:
+            raise TypeError(
+                "credentials must be a header name or a callable of the ASGI scope, "
+                f"not {type(credentials).__name__}"
+            )
+        self._max_body = _validate.count("max_body_size", max_body_size, minimum=0)
+        self._max_response = _validate.count("max_response_size", max_response_size, minimum=0)
+        self._lease = _validate.duration("lease", lease, positive=True)
+        self._name = _validate.name(name)
+        self._telemetry = _telemetry.resolve(telemetry)
+        self._stats = self._telemetry.stats("idempotency", self._name, IdempotencyStats)
+        self._attributes = {_telemetry.POLICY_ATTRIBUTE: self._name}
+        self._scope_prefix = f"{self._name}:asgi:"
+        self._anonymous = self._scope_prefix + "anonymous"
+
+    @property
+    def app(self) -> ASGIApp:
+        """The wrapped application."""
+        return self._app
+
+    @property
+    def store(self) -> IdempotencyStore:
+        return self._store
+
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    @property
+    def methods(self) -> frozenset[str]:
+        return self._methods
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in self._methods:
+            await self._app(scope, receive, send)
+            return
+        wanted = self._header
+        values: list[bytes] = []
+        length: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == wanted:
+                values.append(value)
+            elif name == b"content-length":
+                length = value
+        if not values:
+            if self._required:
+                await self._bad_request(send, f"This request needs an {self._header_label} header.")
+            else:
+                await self._app(scope, receive, send)
+            return
+        if len(values) > 1:
+            await self._bad_request(
+                send, f"The request carries more than one {self._header_label} header."
+            )
+            return
+        key = parse_idempotency_key(values[0])
+        if key is None:
+            await self._bad_request(
+                send,
+                f"The {self._header_label} header must hold 1-{_KEY_MAX_LENGTH} printable "
+                "ASCII characters, bare or as a quoted string.",
+            )
+            return
+        if length is not None and length.isdigit() and int(length) > self._max_body:
+            await self._too_large(send)
+            return
+        try:
+            body = await self._read_body(receive)
+        except _TooLarge:
+            await self._too_large(send)
+            return
+        if body is None:
+            return  # the client went away before sending its whole request
+        await self._handle(scope, receive, send, key, body)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, key: str, body: bytes
+    ) -> None:
+        fingerprint = _fingerprint(scope, body)
+        outcome = await self._store.claim(
+            self._record_scope(scope), key, fingerprint=fingerprint, lease=self._lease
+        )
+        if isinstance(outcome, Lease):
+            await self._run(scope, receive, send, body, outcome)
+        elif isinstance(outcome, Completed):
+            if outcome.fingerprint != fingerprint:
+                await self._reused(send)
+                return
+            status, headers, content = _read_record(outcome.value)
+            self._stats.replays += 1
+            add_event(_REPLAYED_EVENT, self._attributes)
+            headers.append(_REPLAYED_HEADER)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": content, "more_body": False})
+        elif isinstance(outcome, InFlight):
+            if outcome.fingerprint != fingerprint:
+                await self._reused(send)
+                return
+            self._stats.conflicts += 1
+            await _send_problem(
+                send,
+                409,
+                "Conflict",
+                f"A request with this {self._header_label} is still being processed; "
+                "retry later to get its response.",
+            )
+        else:
+            raise TypeError(
+                f"{self._store!r}.claim() returned {outcome!r}: expected a Lease, Completed "
+                "or InFlight"
+            )
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole request body, or None if the client disconnected first."""
+        chunks: list[bytes] = []
+        size = 0
+        limit = self._max_body
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "http.disconnect":
+                return None
+            if kind != "http.request":
+                continue
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise _TooLarge
+                chunks.append(bytes(chunk))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _record_scope(self, scope: Scope) -> str:
+        """Whose records: a hash of the caller's credentials."""
+        reader = self._credentials
+        if isinstance(reader, bytes):
+            digest = None
+            for name, value in scope["headers"]:
+                if name == reader:
+                    if digest is None:
+                        digest = hashlib.sha256()
+                    # Every value, length-prefixed: a request that adds a
+                    # second Authorization header to someone else's never
+                    # lands in that one's scope, whichever value the app reads.
+                    digest.update(len(value).to_bytes(8, "big"))
+                    digest.update(value)
+            if digest is None:
+                return self._anonymous
+            return self._scope_prefix + digest.hexdigest()
+        identity = reader(scope)
+        if identity is None:
+            return self._anonymous
+        if isinstance(identity, str):
+            identity = identity.encode("utf-8", "surrogatepass")
+        elif not isinstance(identity, (bytes, bytearray)):
+            raise TypeError(
+                f"credentials={getattr(reader, '__qualname__', reader)!r} must return str, "
+                f"bytes or None, not {type(identity).__name__}"
+            )
+        return self._scope_prefix + hashlib.sha256(identity).hexdigest()
+
+    async def _run(
+        self, scope: Scope, receive: Receive, send: Send, body: bytes, lease: Lease
+    ) -> None:
+        """Run the app as the key's holder; store its response or free the key."""
+        recorder = _Recorder(send, self._max_response)
+        delivered = False
+
+        async def receive_body() -> Message:
+            nonlocal delivered
+            if delivered:
+                return await receive()  # after the body: the client's disconnect
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            if lease.duration is None:
+                await self._app(scope, receive_body, recorder)
+            else:
+                await self._run_renewing(scope, receive_body, recorder, lease)
+        except BaseException:
+            await self._release(lease)
+            raise
+        record = recorder.record()
+        if record is None:
+            await self._release(lease)
+            return
+        store = self._store
+        try:
+            if self._shield:
+                stored = False
+                with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+                    stored = await store.complete(lease, record, ttl=self._ttl)
+            else:
+                stored = await store.complete(lease, record, ttl=self._ttl)
+        except Exception:  # noqa: BLE001 - logged: the response has gone out already
+            _log.warning(
+                "IdempotencyMiddleware %r: could not store a response; its key is freed",
+                self._name,
+                exc_info=True,
+            )
+            await self._release(lease)
+            return
+        if not stored:
+            _log.warning(
+                "IdempotencyMiddleware %r: the claim on a key ended before its request did "
+                "(lease expired or store unreachable); the response was not stored",
+                self._name,
+            )
+
+    async def _run_renewing(self, scope: Scope, receive: Receive, send: Send, lease: Lease) -> None:
+        failure: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keep_renewing, lease)
+            try:
+                await self._app(scope, receive, send)
+            except BaseException as exc:
+                if is_cancellation(type(exc)):
+                    raise
+                # Raised after the task group, or it would come out wrapped
+                # in an exception group.
+                failure = exc
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            try:
+                raise failure
+            finally:
+                failure = None
+
+    async def _keep_renewing(self, lease: Lease) -> None:
+        assert lease.duration is not None
+        interval = lease.duration / 3.0
+        while True:
+            await anyio.sleep(interval)
+            try:
+                held = await self._store.renew(lease)
+            except Exception:  # noqa: BLE001 - logged; the store's errors must not fail the request
+                _log.warning(
+                    "IdempotencyMiddleware %r: could not renew a claim", self._name, exc_info=True
+                )
+                continue
+            if not held:
+                _log.warning(
+                    "IdempotencyMiddleware %r: lost the claim on a key while its request ran",
+                    self._name,
+                )
+                return
+
+    async def _release(self, lease: Lease) -> None:
+        """Free the key; never raises over the request's own outcome."""
+        store = self._store
+        try:
+            if self._shield:
+                with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+                    await store.release(lease)
+            else:
+                await store.release(lease)
+        except Exception:  # noqa: BLE001 - logged; the lease will free the key
+            _log.warning(
+                "IdempotencyMiddleware %r: could not release a key; its lease will free it",
+                self._name,
+                exc_info=True,
+            )
+
+    async def _bad_request(self, send: Send, detail: str) -> None:
+        await _send_problem(send, 400, "Bad Request", detail)
+
+    async def _too_large(self, send: Send) -> None:
+        await _send_problem(
+            send,
+            413,
+            "Content Too Large",
+            f"A request with an {self._header_label} may have a body of at most "
+            f"{self._max_body} bytes.",
+        )
+
+    async def _reused(self, send: Send) -> None:
+        await _send_problem(
+            send,
+            422,
+            "Unprocessable Content",
+            f"This {self._header_label} was already used for a different request "
+            "(method, path, query or body): use a new key for a new request.",
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"IdempotencyMiddleware({self._app!r}, store={self._store!r}, "
+            f"ttl={self._ttl:g}, name={self._name!r})"
+        )

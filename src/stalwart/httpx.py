@@ -24,7 +24,10 @@ What the transport adds to the policy:
   requests carrying an ``Idempotency-Key`` (which it can add for you);
 * under an ambient deadline (`~stalwart.deadline`) every attempt tells the
   server how long it has left, in ``x-request-timeout-ms``, and never waits on
-  the network longer than that itself.
+  the network longer than that itself;
+* with ``per_host=``, every upstream (scheme, host and port) gets a policy of
+  its own inside the shared one, typically a `~stalwart.CircuitBreaker`, so
+  that one sick upstream does not open the circuit for all.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -55,6 +59,7 @@ from ._retry import Retry, retries_disabled
 from ._timeout import remaining
 
 __all__ = [
+    "DEFAULT_MAX_HOSTS",
     "DEFAULT_RETRY_ON",
     "DEFAULT_RETRY_STATUSES",
     "IDEMPOTENT_METHODS",
@@ -69,7 +74,14 @@ DEFAULT_RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 """Methods RFC 9110 defines as idempotent: repeating them is safe."""
 
+DEFAULT_MAX_HOSTS: Final = 100
+"""How many upstreams keep a ``per_host`` policy at once, by default."""
+
 _DELTA_SECONDS: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+_Send = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
+_Origin = tuple[str, bytes, int | None]  # scheme, raw host, port (None: the default)
 
 
 class RetryableStatusError(httpx.HTTPStatusError):
@@ -154,6 +166,17 @@ def _http_date(value: str) -> float | None:
     return when.timestamp()
 
 
+def _origin_text(origin: _Origin) -> str:
+    """``scheme://host:port``, the default port spelt out, an IPv6 host in brackets."""
+    scheme, raw_host, port = origin
+    host = raw_host.decode("ascii")
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None:
+        port = _DEFAULT_PORTS.get(scheme)
+    return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
+
+
 def _in_memory(response: httpx.Response, body: bytes, request: httpx.Request) -> httpx.Response:
     """A copy of ``response`` whose (still encoded) body is ``body``."""
     return httpx.Response(
@@ -224,6 +247,32 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     response's headers have arrived, so reading a large body later is not
     retried (nor limited by a ``Timeout`` in the policy).
 
+    **Per-host policies.** ``per_host`` builds a policy for each upstream the
+    client talks to, typically a `~stalwart.CircuitBreaker`::
+
+        ResilientTransport(
+            sw.Retry(attempts=3),
+            per_host=lambda origin: sw.CircuitBreaker(name=f"upstream {origin}"),
+        )
+
+    It is called with the upstream's origin (``"https://api.example.com:443"``:
+    scheme, host and port, the default port spelt out) the first time a
+    request goes there, and the policy it returns runs **inside** ``policy``,
+    around each attempt: a breaker counts every attempt's outcome, and when
+    it is open the `~stalwart.CircuitOpenError` it raises reaches ``policy``
+    (which waits it out if it retries that error and the deadline allows,
+    else lets it propagate). One upstream failing opens its own breaker
+    only; requests to the others go on. At most ``max_hosts`` upstreams keep
+    their policy; beyond that the least recently used one is dropped (an
+    upstream that comes back later starts afresh, with a closed breaker).
+
+    Name each breaker after its origin, as above: the name is its metrics'
+    ``policy`` label (breakers sharing a name share one state gauge) and,
+    with a shared ``store``, the key of its shared state (breakers sharing a
+    name share one circuit). A client that calls unboundedly many hosts
+    should give them a common name instead, to keep its metrics' labels
+    bounded.
+
     Args:
         policy: the policy each request goes through. Default:
             ``Retry(attempts=3, on=DEFAULT_RETRY_ON, name=name)``, which
@@ -241,13 +290,20 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             the name of the default policy.
         rng: the ``random.Random`` keys are drawn from (default:
             ``uuid.uuid4()``, from the operating system's randomness).
+        per_host: a callable taking an upstream's origin (a ``str``) and
+            returning a new policy for that upstream (see above), or None.
+        max_hosts: how many upstreams keep their ``per_host`` policy at once,
+            >= 1 (default 100).
     """
 
     __slots__ = (
         "_add_keys",
         "_deadline_header",
+        "_hosts",
         "_key_header",
+        "_max_hosts",
         "_name",
+        "_per_host",
         "_policy",
         "_retry_statuses",
         "_rng",
@@ -266,6 +322,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         idempotency_header: str = IDEMPOTENCY_HEADER,
         name: str = "httpx",
         rng: random.Random | None = None,
+        per_host: Callable[[str], Policy] | None = None,
+        max_hosts: int = DEFAULT_MAX_HOSTS,
     ) -> None:
         self._name = _validate.name(name)
         if policy is None:
@@ -295,8 +353,23 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         if rng is not None and not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
         self._rng = rng
+        if isinstance(per_host, Policy):
+            raise TypeError(
+                "per_host must be a callable making a new policy for each origin "
+                "(`per_host=lambda origin: sw.CircuitBreaker(...)`), not a policy: "
+                "one policy for every host is what `policy` is for"
+            )
+        if per_host is not None and not callable(per_host):
+            raise TypeError(
+                "per_host must be a callable taking an origin and returning a policy, "
+                f"not {type(per_host).__name__}"
+            )
+        self._per_host = per_host
+        self._max_hosts = _validate.count("max_hosts", max_hosts)
+        # origin -> (its policy, `policy` bound around it); least recently used first.
+        self._hosts: OrderedDict[_Origin, tuple[Policy, _Send]] = OrderedDict()
         # Bound once: the policy's per-function setup is not paid per request.
-        self._send = policy(self._attempt)
+        self._send: _Send = policy(self._attempt)
 
     @property
     def policy(self) -> Policy:
@@ -311,6 +384,20 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     def retry_statuses(self) -> frozenset[int]:
         return self._retry_statuses
 
+    @property
+    def max_hosts(self) -> int:
+        return self._max_hosts
+
+    @property
+    def host_policies(self) -> dict[str, Policy]:
+        """The ``per_host`` policies kept now, by origin, least recently used first.
+
+        A snapshot (empty without ``per_host``): for a health page, say::
+
+            {origin: breaker.state for origin, breaker in transport.host_policies.items()}
+        """
+        return {_origin_text(origin): entry[0] for origin, entry in self._hosts.items()}
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the policy; see the class documentation."""
         await request.aread()
@@ -319,11 +406,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         if not retryable and self._add_keys:
             headers[self._key_header] = self._new_key()
             retryable = True
+        send = self._send if self._per_host is None else self._send_to(request.url)
         try:
             if retryable:
-                return await self._send(request)
+                return await send(request)
             with retries_disabled():
-                return await self._send(request)
+                return await send(request)
         except RetryableStatusError as exc:
             if exc.request is not request:
                 raise
@@ -331,6 +419,30 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 return exc.response
             # A fresh copy, unread: the caller may stream it, raw or decoded.
             return _in_memory(exc.response, exc._body, request)
+
+    def _send_to(self, url: httpx.URL) -> _Send:
+        """``policy`` around the per-host policy of ``url``'s origin (made on first use)."""
+        origin = (url.scheme, url.raw_host, url.port)
+        hosts = self._hosts
+        entry = hosts.get(origin)
+        if entry is not None:
+            hosts.move_to_end(origin)
+            return entry[1]
+        assert self._per_host is not None
+        text = _origin_text(origin)
+        own = self._per_host(text)
+        if not isinstance(own, Policy):
+            raise TypeError(
+                f"per_host must return a stalwart policy, returned {type(own).__name__} for {text}"
+            )
+        # As a Pipeline would bind them, without a span of its own: `policy`'s
+        # span carries the per-host policy's events.
+        inner = own._bind(self._attempt, origin=self._attempt, traced=False)
+        send: _Send = self._policy._bind(inner, origin=self._attempt, traced=True)
+        hosts[origin] = (own, send)
+        if len(hosts) > self._max_hosts:
+            hosts.popitem(last=False)
+        return send
 
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
         """One round trip: what the policy calls, retries and times."""
