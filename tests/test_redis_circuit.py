@@ -8,6 +8,7 @@ ones). Real time: open periods of a fraction of a second.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -271,3 +272,20 @@ async def test_a_pubsub_connection_that_reconnects_is_followed_by_a_re_read() ->
                 assert await eventually(lambda: cb.state is OPEN, within=3.0) < 3.0
         finally:
             await client.aclose()
+
+
+async def test_a_stray_message_on_a_breakers_channel_is_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with opened_store() as store:
+        cb = breaker(store)
+        await store.sync()
+        channel = f"{store.prefix}circuit:{_digest('dep')}"
+        for junk in (b"garbage", b"open 1e999 0 0", b""):
+            await store.client.publish(channel, junk)
+        await store.transition("dep", 0, OPEN, 10.0)  # a real one still gets through
+        await eventually(lambda: cb.state is OPEN)
+        assert await attempt(cb(ok)) == "rejected"
+    ignored = [r for r in caplog.records if "ignored a message" in r.getMessage()]
+    assert len(ignored) == 3
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no restart

@@ -939,8 +939,13 @@ class RedisStore:
             circuit = self._by_channel.get(channel)
             if circuit is not None:
                 data = message["data"]
-                parts = (data.encode() if isinstance(data, str) else data).split()
-                self._learn(circuit, _record(*parts))
+                try:
+                    record = _record(*(data.encode() if isinstance(data, str) else data).split())
+                except (TypeError, ValueError):
+                    # Not one of ours: someone else published on the channel.
+                    _log.warning("Redis store %r: ignored a message %r", self._name, data)
+                    return
+                self._learn(circuit, record)
                 return
             watch = self._watches.get(channel)
             if watch is not None:
