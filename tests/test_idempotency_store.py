@@ -12,7 +12,8 @@ put a new store through it (``stalwart.redis.RedisStore``), add a `Harness`:
   In-process stores run in virtual time (1.0: free); a store with its own
   clock (Redis expires keys on the server's) runs in real time, with a
   small unit (say 0.05) so the suite stays quick;
-* ``backends``: the anyio backends the store runs on.
+* ``backends``: the anyio backends the store runs on: ``"asyncio"`` and
+  ``"trio"`` in virtual time, ``"asyncio-realtime"`` on a plain asyncio loop.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from typing import Any
 
 import anyio
 import pytest
+import trio.testing
 
 import stalwart as sw
 from stalwart import Completed, IdempotencyStore, InFlight, Lease
+from stalwart.testing import VirtualClockEventLoop
 
+from . import redis_support
 from .shared_store import SharedStore
 
 
@@ -50,6 +54,12 @@ def _opener(
     return open_store
 
 
+@asynccontextmanager
+async def _open_redis() -> AsyncIterator[IdempotencyStore]:
+    async with redis_support.opened_store() as store:
+        yield store
+
+
 HARNESSES: dict[str, Harness] = {
     "memory": Harness(_opener(sw.MemoryStore), leases_expire=False, copies_values=False),
     "memory-json": Harness(
@@ -58,18 +68,53 @@ HARNESSES: dict[str, Harness] = {
         copies_values=True,
     ),
     "shared": Harness(_opener(SharedStore), leases_expire=True, copies_values=True),
+    "redis": Harness(
+        _open_redis,
+        leases_expire=True,
+        copies_values=True,
+        unit=0.05,
+        backends=("asyncio-realtime",),
+    ),
 }
 
 SCOPE = "conformance:tests.fn"
 FP = "fp-1"
 
 
-@pytest.fixture(params=list(HARNESSES))
-def harness(request: pytest.FixtureRequest, anyio_backend_name: str) -> Harness:
-    chosen = HARNESSES[request.param]
-    if anyio_backend_name not in chosen.backends:
-        pytest.skip(f"{request.param} does not run on {anyio_backend_name}")
-    return chosen
+_BACKENDS: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
+    "asyncio": lambda: ("asyncio", {"loop_factory": VirtualClockEventLoop}),
+    "trio": lambda: ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)}),
+    "asyncio-realtime": lambda: ("asyncio", {}),
+}
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(
+            (name, backend),
+            id=f"{name}-{backend}",
+            marks=[pytest.mark.redis, pytest.mark.realtime] if name == "redis" else [],
+        )
+        for name, chosen in HARNESSES.items()
+        for backend in chosen.backends
+    ]
+)
+def case(request: pytest.FixtureRequest) -> tuple[str, str]:
+    name, backend = request.param
+    if name == "redis":
+        redis_support.require_redis()
+    return name, backend
+
+
+@pytest.fixture
+def anyio_backend(case: tuple[str, str]) -> tuple[str, dict[str, Any]]:
+    """Each harness on its own backends (overrides the conftest's)."""
+    return _BACKENDS[case[1]]()
+
+
+@pytest.fixture
+def harness(case: tuple[str, str]) -> Harness:
+    return HARNESSES[case[0]]
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ CONTRACT = [
 INTEGRATIONS = {
     "asgi": ["DeadlineMiddleware", "IdempotencyMiddleware"],
     "httpx": ["ResilientTransport"],
+    "redis": ["RedisStore"],
 }
 
 
@@ -65,6 +66,7 @@ def test_errors_have_the_contract_bases() -> None:
         sw.DeadlineExceeded,
         sw.IdempotencyConflict,
         sw.IdempotencyKeyReused,
+        sw.StoreUnavailable,
     ):
         assert issubclass(error, sw.StalwartError)
     assert issubclass(sw.DeadlineExceeded, TimeoutError)
@@ -78,6 +80,7 @@ def test_errors_carry_their_attributes_and_survive_pickling() -> None:
         sw.CircuitOpenError("open", policy="cb", retry_after=1.5),
         sw.DeadlineExceeded("late", policy="t", timeout=2.0),
         sw.BulkheadFullError("full", policy="b"),
+        sw.StoreUnavailable("down", policy="redis"),
     ]
     for error in errors:
         copy = pickle.loads(pickle.dumps(error))

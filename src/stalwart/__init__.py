@@ -19,6 +19,7 @@ from ._errors import (
     IdempotencyConflict,
     IdempotencyKeyReused,
     StalwartError,
+    StoreUnavailable,
 )
 from ._idempotency import Idempotency
 from ._idempotency_store import Completed, IdempotencyStore, InFlight, Lease, MemoryStore
@@ -59,6 +60,7 @@ __all__ = [
     "RetryBudget",
     "RetryBudgetStatistics",
     "StalwartError",
+    "StoreUnavailable",
     "Telemetry",
     "TimeWindow",
     "Timeout",

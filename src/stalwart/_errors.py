@@ -16,6 +16,7 @@ __all__ = [
     "IdempotencyConflict",
     "IdempotencyKeyReused",
     "StalwartError",
+    "StoreUnavailable",
 ]
 
 
@@ -94,6 +95,19 @@ class IdempotencyKeyReused(StalwartError):
     """An idempotency key was reused with different arguments (another fingerprint)."""
 
 
+class StoreUnavailable(StalwartError):
+    """A shared store (Redis) could not be reached in time, so the call did not run.
+
+    Raised by ``stalwart.redis.RedisStore`` when an idempotency key cannot
+    be claimed or waited on: running the call without its record could run
+    it twice, so by default the store refuses (pass
+    ``on_unavailable="bypass"`` to run such calls without de-duplication
+    instead). ``policy`` is the store's ``name``; the error from the Redis
+    client, if any, is the ``__cause__``. Circuit breakers never raise it:
+    they go on with their own state while their store is unreachable.
+    """
+
+
 # Errors are part of the public API: name them by where users import them
 # from (tracebacks, reprs, pickles and the spans' error.type all show this).
 for _error in (
@@ -103,6 +117,7 @@ for _error in (
     DeadlineExceeded,
     IdempotencyConflict,
     IdempotencyKeyReused,
+    StoreUnavailable,
 ):
     _error.__module__ = "stalwart"
 del _error

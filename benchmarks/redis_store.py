@@ -1,0 +1,222 @@
+"""What sharing state through Redis costs: breakers (nothing) and idempotency (round trips).
+
+python benchmarks/redis_store.py            # full run, against REDIS_URL (default local)
+python benchmarks/redis_store.py --quick    # a few seconds, for smoke tests
+
+Part 1 times a breaker's success path and its open rejection with
+``store=RedisStore(...)`` against the same breaker with its state in process,
+interleaved in one run (``_harness``): a breaker never asks its store to admit
+a call, so the budget is 1.5x and the expectation 1.0x.
+
+Part 2 measures idempotency against the real Redis: round trips per call
+(counted on the connection), latency of one call at a time, and throughput
+with many calls in flight, for replays and first executions. Everything is
+written under a fresh prefix and deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterable
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import stalwart as sw
+from benchmarks import _harness
+from benchmarks._harness import Call, Case
+from stalwart._circuit_store import InProcessStore
+from stalwart.redis import RedisStore
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+async def f() -> int:
+    return 1
+
+
+def _success(store: Any) -> Call:
+    breaker = sw.CircuitBreaker(name="bench", store=store)
+    return breaker(f)
+
+
+def _rejection(store: Any) -> Call:
+    breaker = sw.CircuitBreaker(name="bench-open", store=store)
+    guarded = breaker(f)
+    breaker.force_open()
+
+    async def call() -> None:
+        try:  # noqa: SIM105 - measure the raise alone
+            await guarded()
+        except sw.CircuitOpenError:
+            pass
+
+    return call
+
+
+def breaker_cases(store: RedisStore) -> list[Case]:
+    return [
+        Case("await f()", lambda: f),
+        Case("breaker, success, state in process", lambda: _success(None), "await f()"),
+        Case(
+            "breaker, success, InProcessStore",
+            lambda: _success(InProcessStore()),
+            "breaker, success, state in process",
+            1.5,
+        ),
+        Case(
+            "breaker, success, RedisStore",
+            lambda: _success(store),
+            "breaker, success, state in process",
+            1.5,
+            "no I/O: the state is read from the breaker's memory",
+        ),
+        Case("breaker, open rejection, state in process", lambda: _rejection(None)),
+        Case(
+            "breaker, open rejection, RedisStore",
+            lambda: _rejection(store),
+            "breaker, open rejection, state in process",
+            1.5,
+            "no I/O either",
+        ),
+    ]
+
+
+class _Counting(redis.asyncio.Connection):
+    """Counts what is written to Redis: one write per round trip."""
+
+    writes = 0
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        _Counting.writes += 1
+        await super().send_packed_command(command, check_health)
+
+
+async def _round_trips(call: Callable[[], Coroutine[Any, Any, Any]]) -> int:
+    before = _Counting.writes
+    await call()
+    return _Counting.writes - before
+
+
+async def _latency_us(call: Callable[[int], Coroutine[Any, Any, Any]], n: int) -> float:
+    samples = []
+    for i in range(n):
+        start = time.perf_counter_ns()
+        await call(i)
+        samples.append(time.perf_counter_ns() - start)
+    return statistics.median(samples) / 1000.0
+
+
+async def _throughput(
+    call: Callable[[int], Coroutine[Any, Any, Any]], total: int, concurrency: int
+) -> float:
+    counter = iter(range(total))
+
+    async def worker() -> None:
+        for i in counter:
+            await call(i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return total / (time.perf_counter() - start)
+
+
+async def idempotency_report(store: RedisStore, *, n: int, concurrency: int) -> str:
+    memory = sw.MemoryStore(max_entries=10 * n + 100)
+
+    async def handler(key: str) -> dict[str, int]:
+        return {"status": 200}
+
+    on_redis = sw.Idempotency(key="key", store=store)(handler)
+    in_memory = sw.Idempotency(key="key", store=memory)(handler)
+    run = uuid.uuid4().hex
+    await on_redis("replayed")
+    await in_memory("replayed")
+    rows = [
+        "| idempotency, against Redis | round trips | median latency | throughput "
+        f"({concurrency} in flight) |",
+        "|---|---:|---:|---:|",
+    ]
+    first = await _round_trips(lambda: on_redis(f"{run}-probe"))
+    replay = await _round_trips(lambda: on_redis(f"{run}-probe"))
+
+    async def redis_first(i: int, tag: str = "") -> Any:
+        return await on_redis(f"{run}{tag}-{i}")
+
+    async def redis_replay(i: int) -> Any:
+        return await on_redis("replayed")
+
+    async def memory_first(i: int) -> Any:
+        return await in_memory(f"{run}-{i}")
+
+    async def memory_replay(i: int) -> Any:
+        return await in_memory("replayed")
+
+    for label, trips, call, call_many in [
+        (
+            "first execution (claim, run, store)",
+            first,
+            redis_first,
+            lambda i: redis_first(i, "-many"),
+        ),
+        ("replay", replay, redis_replay, redis_replay),
+    ]:
+        latency = await _latency_us(call, n)
+        rate = await _throughput(call_many, 5 * n, concurrency)
+        rows.append(f"| {label} | {trips} | {latency:,.0f} µs | {rate:,.0f} calls/s |")
+    for label, call in [
+        ("for scale: MemoryStore, first execution", memory_first),
+        ("for scale: MemoryStore, replay", memory_replay),
+    ]:
+        latency = await _latency_us(call, n)
+        rate = await _throughput(call, 5 * n, concurrency)
+        rows.append(f"| {label} | 0 | {latency:,.2f} µs | {rate:,.0f} calls/s |")
+    return "\n".join(rows)
+
+
+async def _main(rounds: int, calls: int, n: int, concurrency: int) -> None:
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    # Its own client, whose connections count what they send: the breakers'
+    # store follows their state on a connection of its own, not counted.
+    counted = redis.asyncio.Redis.from_url(REDIS_URL, connection_class=_Counting)
+    prefix = f"stalwart-bench:{uuid.uuid4().hex}:"
+    try:
+        async with RedisStore(client, prefix=prefix) as store:
+            cases = breaker_cases(store)
+            await _harness.measure(cases, rounds=rounds, n=calls)
+            print(_harness.table(cases))
+        print()
+        idempotency = RedisStore(counted, prefix=prefix)
+        print(await idempotency_report(idempotency, n=n, concurrency=concurrency))
+        await idempotency.aclose()
+    finally:
+        doomed = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
+        for start in range(0, len(doomed), 1000):
+            await client.delete(*doomed[start : start + 1000])
+        await client.aclose()
+        await counted.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny run, to check it works")
+    parser.add_argument("--concurrency", type=int, default=64, help="calls in flight")
+    args = parser.parse_args(argv)
+    rounds, calls, n = (3, 200, 50) if args.quick else (15, 20_000, 2_000)
+    asyncio.run(_main(rounds, calls, n, args.concurrency))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1029 @@
+"""Redis as the shared store: breaker state and idempotency records across replicas.
+
+One `RedisStore` serves as the ``store=`` of `CircuitBreaker`, of `Idempotency`
+and of the ASGI ``IdempotencyMiddleware``, so that a service running as many
+replicas (processes, pods, hosts) learns of an outage once and runs a
+duplicated request once. ``pip install stalwart[redis]``; it runs on asyncio
+(redis-py's ``redis.asyncio`` client), not on trio. Example::
+
+    import redis.asyncio
+    import stalwart as sw
+    from stalwart.redis import RedisStore
+
+    client = redis.asyncio.Redis.from_url("redis://redis:6379/0", socket_timeout=0.5)
+    store = RedisStore(client, prefix="payments:")
+    breaker = sw.CircuitBreaker(name="bank", store=store)
+    charge_once = sw.Idempotency(key="payment_id", store=store)
+
+    async def lifespan():
+        async with store:  # follows the breakers' shared state until closed
+            yield
+
+``docs/how-to/redis.md`` covers running many replicas: the lifecycle of the
+store, its guarantees, its failure modes and its tuning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import logging
+import math
+import secrets
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, Final, Literal, final
+
+import anyio
+
+try:
+    import redis.asyncio as _aioredis
+    from redis import exceptions as _rx
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "stalwart.redis needs redis-py: install it with `pip install stalwart[redis]`"
+    ) from exc
+
+from . import _clock, _redis_scripts, _validate
+from ._circuit_store import CircuitRecord, CircuitState, Listener, _weakly
+from ._codec import Codec, JSONCodec
+from ._errors import StoreUnavailable
+from ._idempotency_store import Completed, InFlight, Lease
+from ._redis_scripts import Script
+
+__all__ = ["OnUnavailable", "RedisStore"]
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _within
+else:  # pragma: no cover - depends on the interpreter
+
+    @contextlib.asynccontextmanager
+    async def _within(delay: float) -> AsyncIterator[None]:
+        with anyio.fail_after(delay):
+            yield
+
+
+#: What idempotency calls do when Redis cannot be reached (see `RedisStore`).
+OnUnavailable = Literal["raise", "bypass"]
+
+DEFAULT_PREFIX: Final = "stalwart:"
+DEFAULT_TIMEOUT: Final = 1.0
+DEFAULT_RECONCILE_INTERVAL: Final = 5.0
+DEFAULT_TRIAL_LEASE: Final = 30.0
+
+_log = logging.getLogger("stalwart.redis")
+
+_CLOSED: Final = CircuitState.CLOSED
+_OPEN: Final = CircuitState.OPEN
+
+# Replies as bytes whatever the client's ``decode_responses``: results are
+# the codec's bytes, and must reach it untouched.
+_RAW: Final[dict[str, Any]] = {"NEVER_DECODE": True}
+
+# Errors that mean "Redis cannot be reached or cannot serve now", as opposed
+# to a bug (a script error, a key of the wrong type): the first kind makes a
+# store unavailable, the second propagates as it is.
+_UNAVAILABLE: Final = (
+    _rx.ConnectionError,  # also refused, reset, auth, loading, too many connections
+    _rx.TimeoutError,
+    TimeoutError,  # our own bound on every request
+    OSError,
+    _rx.ReadOnlyError,  # a replica promoted late, or a failover in progress
+    _rx.OutOfMemoryError,
+    _rx.ClusterDownError,
+    _rx.TryAgainError,
+)
+
+# Waiters look at a record this often when the notification that should wake
+# them is not known to be subscribed; and at least this often in any case, so
+# that a notification lost to a reconnection delays them by that much at most.
+_UNCONFIRMED_POLL: Final = 0.05
+_SAFETY_POLL: Final = 1.0
+# The follower's reconnection delays: doubling, with jitter, up to a cap.
+_RECONNECT_MIN: Final = 0.05
+_RECONNECT_MAX: Final = 2.0
+_READ_BATCH: Final = 500
+
+
+def _digest(text: str) -> str:
+    """128 bits of SHA-256: what user-chosen names become in Redis keys."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000.0))
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogatepass")
+    return str(value)
+
+
+def _bytes(value: str) -> bytes:
+    return value.encode("utf-8", "surrogatepass")
+
+
+def _record(state: Any, version: Any, left_ms: Any, forced: Any) -> CircuitRecord:
+    """A circuit record from a script's reply or a pub/sub message."""
+    if isinstance(state, str):
+        state = state.encode()
+    if state == b"open":
+        if int(forced):
+            return CircuitRecord(_OPEN, int(version), forced=True)
+        return CircuitRecord(_OPEN, int(version), int(left_ms) / 1000.0)
+    return CircuitRecord(_CLOSED, int(version))
+
+
+class _Circuit:
+    """What a store knows of one breaker name."""
+
+    __slots__ = (
+        "channel",
+        "key",
+        "learned_at",
+        "listeners",
+        "name",
+        "needs_read",
+        "record",
+        "trials",
+    )
+
+    def __init__(self, name: str, key: str) -> None:
+        self.name = name
+        self.key = key
+        self.trials = key + ":trials"
+        self.channel = key
+        self.listeners: list[Callable[[], Listener | None]] = []
+        self.record = CircuitRecord(_CLOSED, 0)
+        self.learned_at: float | None = None  # loop time at which `record` was current
+        self.needs_read = False  # subscribed anew: read the record, messages may be missed
+
+    def cached(self, now: float | None) -> CircuitRecord:
+        """The last record known, its open period counted down to ``now``."""
+        record = self.record
+        if record.state is _CLOSED or record.forced:
+            return record
+        if now is None or self.learned_at is None:
+            # The store refuses trial permits until the period is really over.
+            return CircuitRecord(_OPEN, record.version, 0.0)
+        return CircuitRecord(_OPEN, record.version, record.open_for - (now - self.learned_at))
+
+    def push(self, record: CircuitRecord) -> None:
+        alive = []
+        for ref in self.listeners:
+            listener = ref()
+            if listener is None:
+                continue
+            alive.append(ref)
+            try:
+                listener(record)
+            except Exception:  # noqa: BLE001 - one broken listener must not starve the others
+                _log.exception("a circuit store listener failed on %r", record)
+        self.listeners[:] = alive
+
+
+class _Signal:
+    """Wakes the tasks waiting on it, each of which may also give up after a delay.
+
+    Plain asyncio futures, not anyio cancel scopes: the store's waits run in
+    its callers' tasks and in its own, and must never mistake a cancellation
+    of the task for the end of a delay (or the other way round). A waiter
+    arms a future *before* looking at what it waits for, so that a signal
+    fired in between is not lost.
+    """
+
+    __slots__ = ("_armed",)
+
+    def __init__(self) -> None:
+        self._armed: set[asyncio.Future[None]] = set()
+
+    def arm(self) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._armed.add(future)
+        return future
+
+    def fire(self) -> None:
+        armed, self._armed = self._armed, set()
+        for future in armed:
+            if not future.done():
+                future.set_result(None)
+
+    async def wait(self, future: asyncio.Future[None], delay: float) -> None:
+        """Until ``future`` is fired, or ``delay`` seconds have passed."""
+        timer = asyncio.get_running_loop().call_later(max(0.0, delay), _settle, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            self._armed.discard(future)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Watch:
+    """The local waiters on one idempotency key, and its notification channel."""
+
+    __slots__ = ("changed", "confirmed", "count")
+
+    def __init__(self, confirmed: bool) -> None:
+        self.count = 0
+        self.changed = _Signal()  # fired by every notification, and when subscribed
+        self.confirmed = confirmed  # the channel's subscription is confirmed
+
+
+@final
+class RedisStore:
+    """Circuit breaker state and idempotency records shared through Redis.
+
+    Give the same store (or stores with the same ``prefix`` on the same Redis)
+    to the breakers and idempotency policies of every replica:
+
+    * **Breakers** sharing a ``name`` open, close and take half-open trials
+      together. Each still decides from its own window, and reads the state
+      from its own memory: a closed breaker's successful call and an open
+      breaker's rejection never touch Redis. Transitions (open, half-open
+      trials, close, `CircuitBreaker.force_open`, `CircuitBreaker.reset`)
+      are compare-and-set Lua scripts, published on Redis pub/sub and applied
+      by every replica as soon as the message arrives (a millisecond on a
+      local network); every ``reconcile_interval`` seconds, and whenever the
+      connection comes back, the store re-reads the records it follows, so a
+      lost message cannot leave a replica stuck. Half-open trial permits are
+      counted in Redis: ``half_open_calls`` limits the whole fleet's trials.
+    * **Idempotency records** are claimed atomically by a Lua script, as a
+      lease of the policy's ``lease`` seconds that the running call renews:
+      if its process dies, the key frees itself when the lease lapses. The
+      result is stored with its fingerprint for the TTL, encoded by
+      ``codec``; waiters are woken by pub/sub (and look again at least every
+      second, and when the lease lapses). A replay is one round trip; a
+      first execution two (claim, then store the result).
+
+    **Lifecycle.** Breakers learn of other replicas' transitions through a
+    background task that holds one pub/sub connection. Run it for the life
+    of your application with ``async with store:`` (a lifespan, a task
+    group); `aclose` stops it. Without that, the store starts it on first
+    need (a breaker built inside the running loop, a transition, a wait for
+    an idempotency key), and then you must ``await store.aclose()`` before
+    the loop ends. Either way nothing is left behind: no task, no
+    connection, no subscription. The store never closes ``client``: that is
+    yours. It runs on asyncio only (the client is asyncio's), from one event
+    loop at a time.
+
+    **Failure.** Every request to Redis is bounded by ``timeout`` seconds,
+    whatever the client's own socket timeouts and retries (an ambient
+    deadline still applies on top). When Redis cannot be reached:
+
+    * breakers go on alone: each trips, half-opens and closes on its own
+      state, admitting its own trials; when Redis answers again the store
+      reconnects, re-reads every record it follows and pushes it, and the
+      breakers fall back in line with the fleet;
+    * idempotency claims and waits raise `StoreUnavailable` (the call does
+      not run, ``on_unavailable="raise"``, the default), or run the call
+      without de-duplication (``on_unavailable="bypass"``: nothing is
+      stored, and a duplicate may run twice). A result that cannot be
+      stored after the call ran is not an error: the caller gets it, a
+      warning is logged, and the lease lapses. Releases and renewals that
+      fail raise `StoreUnavailable` to the policy, which logs them.
+
+    **Keys.** Everything lives under ``prefix``: ``{prefix}circuit:<h>``
+    (and ``...:trials``) per breaker name, ``{prefix}idem:<h>`` per
+    idempotency scope and key, where ``<h>`` is 128 bits of SHA-256 of the
+    name (or of the scope and key): no user-chosen text reaches a key name,
+    so none can collide with or reach into another. Pub/sub channels carry
+    the same names. Breaker records never expire (there is one per breaker
+    name); idempotency records expire with their lease or TTL.
+
+    **Values** cross Redis through ``codec`` (`JSONCodec` by default): never
+    pickle. A stored value that does not decode raises `ValueError`; it is
+    never executed.
+
+    Args:
+        client: a ``redis.asyncio.Redis`` client (any ``decode_responses``).
+        prefix: the namespace of every key and channel; stores with the same
+            prefix on the same Redis share everything.
+        codec: how idempotency results become bytes (default `JSONCodec`).
+        timeout: seconds any request to Redis may take, > 0 (default 1.0).
+        on_unavailable: idempotency without Redis: ``"raise"`` (default)
+            or ``"bypass"``.
+        reconcile_interval: seconds between re-reads of the breaker records
+            followed, and health checks of the pub/sub connection, > 0
+            (default 5.0).
+        trial_lease: seconds after which a half-open trial permit that was
+            never given back (its process died) lapses, > 0 (default 30.0).
+        name: the store's name, reported as ``policy`` by `StoreUnavailable`.
+    """
+
+    __slots__ = (
+        "_acks",
+        "_assign_lock",
+        "_assignments",
+        "_by_channel",
+        "_circuits",
+        "_client",
+        "_codec",
+        "_confirmed",
+        "_healthy",
+        "_name",
+        "_on_unavailable",
+        "_ping_sent",
+        "_pong",
+        "_prefix",
+        "_pubsub",
+        "_reconcile_interval",
+        "_reconcile_soon",
+        "_subscribed",
+        "_task",
+        "_timeout",
+        "_trial_lease",
+        "_wake",
+        "_watches",
+    )
+
+    def __init__(
+        self,
+        client: _aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        codec: Codec | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        on_unavailable: OnUnavailable = "raise",
+        reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL,
+        trial_lease: float = DEFAULT_TRIAL_LEASE,
+        name: str = "redis",
+    ) -> None:
+        if not isinstance(client, _aioredis.Redis):
+            raise TypeError(
+                "client must be a redis.asyncio.Redis client (redis-py's asyncio API), "
+                f"not {type(client).__module__}.{type(client).__qualname__}"
+            )
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
+        if codec is None:
+            codec = JSONCodec()
+        elif not (
+            callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))
+        ):
+            raise TypeError(
+                f"codec must have encode() and decode() methods, not {type(codec).__name__}"
+            )
+        if on_unavailable not in ("raise", "bypass"):
+            raise ValueError(f"on_unavailable must be 'raise' or 'bypass', got {on_unavailable!r}")
+        self._client = client
+        self._prefix = prefix
+        self._codec = codec
+        self._timeout = _validate.duration("timeout", timeout, positive=True)
+        self._on_unavailable: OnUnavailable = on_unavailable
+        self._reconcile_interval = _validate.duration(
+            "reconcile_interval", reconcile_interval, positive=True
+        )
+        self._trial_lease = _validate.duration("trial_lease", trial_lease, positive=True)
+        self._name = _validate.name(name)
+        self._circuits: dict[str, _Circuit] = {}
+        self._by_channel: dict[str, _Circuit] = {}
+        self._watches: dict[str, _Watch] = {}
+        self._assignments: collections.deque[tuple[_Circuit, CircuitState]] = collections.deque()
+        self._healthy = True
+        # The follower's state: see `_follow`.
+        self._task: asyncio.Task[None] | None = None
+        self._wake = _Signal()  # the follower has something to do
+        self._acks = _Signal()  # a subscription was confirmed
+        self._assign_lock: asyncio.Lock | None = None
+        self._pubsub: Any = None
+        self._subscribed: set[str] = set()  # SUBSCRIBE sent on this connection
+        self._confirmed: set[str] = set()  # ...and confirmed by Redis
+        self._ping_sent: float | None = None
+        self._pong = 0.0
+        self._reconcile_soon = False
+
+    # -- options ---------------------------------------------------------------
+
+    @property
+    def client(self) -> _aioredis.Redis:
+        return self._client
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def codec(self) -> Codec:
+        return self._codec
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @property
+    def on_unavailable(self) -> OnUnavailable:
+        return self._on_unavailable
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> RedisStore:
+        """Start following shared breaker state; `aclose` on exit."""
+        self._follow_soon()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the background task: unsubscribe, close the pub/sub connection.
+
+        Idempotent. Breakers attached to the store keep their state but hear
+        of no more transitions until the store is used (or entered) again,
+        which starts the task anew. The client is not closed.
+        """
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        try:
+            same_loop = task.get_loop() is asyncio.get_running_loop()
+        except RuntimeError:
+            same_loop = False
+        if not same_loop:  # its loop is gone, and the task with it
+            return
+        await _stop(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("the Redis store's follower failed", exc_info=task.exception())
+
+    async def sync(self) -> None:
+        """Re-read every breaker record this store follows, and push it now.
+
+        Returns once the store is subscribed to every breaker name attached
+        so far and each breaker holds Redis's current record: call it after
+        building your breakers to serve the first request with the fleet's
+        state. Raises `StoreUnavailable` if Redis does not answer in time.
+        """
+        self._follow_soon()
+        circuits = [c for c in self._circuits.values() if any(ref() for ref in c.listeners)]
+        end = _clock.now() + self._timeout
+        while True:
+            acked = self._acks.arm()
+            if all(c.channel in self._confirmed for c in circuits):
+                break
+            if _clock.now() >= end:
+                raise self._unavailable("subscribe", TimeoutError())
+            await self._acks.wait(acked, end - _clock.now())
+        try:
+            await self._read_circuits(circuits)
+        except _UNAVAILABLE as exc:
+            raise self._unavailable("read", exc) from exc
+
+    def _follow_soon(self) -> None:
+        """Start the follower task if it is not running (needs a running asyncio loop)."""
+        task = self._task
+        info = _clock.asyncio_loop()
+        if info is None:
+            _raise_if_trio()
+            return
+        if task is not None and not task.done() and task.get_loop() is info.loop:
+            self._wake.fire()
+            return
+        self._wake = _Signal()
+        self._acks = _Signal()
+        self._assign_lock = asyncio.Lock()
+        self._task = info.loop.create_task(
+            self._follow(), name=f"stalwart.redis follower ({self._prefix})"
+        )
+
+    def _kick(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._wake.fire()
+        else:
+            self._follow_soon()
+
+    # -- requests ----------------------------------------------------------------
+
+    async def _eval(self, script: Script, keys: Sequence[str], args: Iterable[Any]) -> Any:
+        """Run ``script`` (by SHA, loading it on NOSCRIPT), within the store's timeout."""
+        if _clock.asyncio_loop() is None:
+            _raise_if_trio()
+        client: Any = self._client  # redis-py's command methods are untyped
+        argv = (script.sha, len(keys), *keys, *args)
+        try:
+            async with _within(self._timeout):
+                try:
+                    reply = await client.execute_command("EVALSHA", *argv, **_RAW)
+                except _rx.NoScriptError:
+                    pipe = client.pipeline(transaction=False)
+                    pipe.script_load(script.body)
+                    pipe.execute_command("EVALSHA", *argv, **_RAW)
+                    reply = (await pipe.execute())[1]
+        except _UNAVAILABLE as exc:
+            if self._healthy:
+                self._healthy = False
+                _log.warning("Redis store %r: Redis unreachable: %s", self._name, _describe(exc))
+            raise
+        if not self._healthy:
+            self._healthy = True
+            _log.info("Redis store %r: Redis reachable again", self._name)
+        return reply
+
+    def _unavailable(self, operation: str, exc: BaseException) -> StoreUnavailable:
+        reason = (
+            f"no answer within {self._timeout:g}s"
+            if isinstance(exc, TimeoutError) and not str(exc)
+            else _describe(exc)
+        )
+        return StoreUnavailable(
+            f"Redis store {self._name!r} is unavailable ({operation}: {reason})",
+            policy=self._name,
+        )
+
+    # -- circuit breakers: the CircuitStore protocol -----------------------------
+
+    def _circuit(self, name: str) -> _Circuit:
+        circuit = self._circuits.get(name)
+        if circuit is None:
+            key = f"{self._prefix}circuit:{_digest(name)}"
+            circuit = self._circuits[name] = self._by_channel[key] = _Circuit(name, key)
+        return circuit
+
+    def attach(self, key: str, listener: Listener) -> CircuitRecord:
+        """See `CircuitStore.attach`: no I/O; the real record is pushed once read."""
+        circuit = self._circuit(key)
+        circuit.listeners.append(_weakly(listener))
+        now = _now_or_none()
+        if now is not None:
+            self._kick()
+        return circuit.cached(now)
+
+    async def transition(
+        self, key: str, expected_version: int, state: CircuitState, open_for: float
+    ) -> CircuitRecord:
+        """See `CircuitStore.transition`: one script, published to every replica."""
+        circuit = self._circuit(key)
+        self._follow_soon()
+        if self._assignments:
+            await self._flush_assignments()
+        opening = state is _OPEN
+        reply = await self._eval(
+            _redis_scripts.TRANSITION,
+            (circuit.key, circuit.trials),
+            (
+                expected_version,
+                "open" if opening else "closed",
+                math.ceil(open_for * 1000.0) if opening else 0,
+                circuit.channel,
+                circuit.name,
+            ),
+        )
+        record = _record(*reply)
+        self._learn(circuit, record)
+        return record
+
+    async def acquire_trial(self, key: str, version: int, limit: int) -> CircuitRecord | None:
+        """See `CircuitStore.acquire_trial`: permits are counted fleet-wide and lapse."""
+        circuit = self._circuit(key)
+        self._follow_soon()
+        if self._assignments:
+            await self._flush_assignments()
+        reply = await self._eval(
+            _redis_scripts.ACQUIRE_TRIAL,
+            (circuit.key, circuit.trials),
+            (version, limit, _ms(self._trial_lease)),
+        )
+        if reply is None:
+            return None
+        record = _record(*reply)
+        self._learn(circuit, record)
+        return record
+
+    async def release_trial(self, key: str, version: int, succeeded: bool) -> int:
+        """See `CircuitStore.release_trial`."""
+        circuit = self._circuit(key)
+        reply = await self._eval(
+            _redis_scripts.RELEASE_TRIAL,
+            (circuit.key, circuit.trials),
+            (version, "1" if succeeded else "0"),
+        )
+        return int(reply)
+
+    def assign(self, key: str, state: CircuitState) -> None:
+        """See `CircuitStore.assign`: written by the background task, in order.
+
+        The task (started if need be) keeps pending writes, in order, until
+        Redis takes them; every breaker sharing ``key`` then gets the new
+        record. A `transition` or trial request of this store writes pending
+        ones first, so that it never acts on a state they replace.
+        """
+        self._assignments.append((self._circuit(key), _OPEN if state is _OPEN else _CLOSED))
+        self._kick()
+
+    async def _flush_assignments(self) -> None:
+        """Write pending `assign` calls, in order (a failure leaves the rest pending)."""
+        lock = self._assign_lock
+        if lock is None:
+            lock = self._assign_lock = asyncio.Lock()
+        async with lock:
+            while self._assignments:
+                circuit, state = self._assignments[0]
+                reply = await self._eval(
+                    _redis_scripts.ASSIGN,
+                    (circuit.key, circuit.trials),
+                    ("open" if state is _OPEN else "closed", circuit.channel, circuit.name),
+                )
+                self._assignments.popleft()
+                self._learn(circuit, _record(*reply))
+
+    def _learn(self, circuit: _Circuit, record: CircuitRecord) -> None:
+        """Keep ``record`` if it is the newest known, and push it to the listeners."""
+        if record.version >= circuit.record.version:
+            circuit.record = record
+            circuit.learned_at = _now_or_none()
+        circuit.push(record)
+
+    async def _read_circuits(self, circuits: Sequence[_Circuit]) -> None:
+        for start in range(0, len(circuits), _READ_BATCH):
+            batch = circuits[start : start + _READ_BATCH]
+            reply = await self._eval(_redis_scripts.READ_CIRCUITS, [c.key for c in batch], ())
+            for i, circuit in enumerate(batch):
+                self._learn(circuit, _record(*reply[4 * i : 4 * i + 4]))
+
+    # -- idempotency: the IdempotencyStore protocol ----------------------------------
+
+    def _record_key(self, scope: str, key: str) -> str:
+        return f"{self._prefix}idem:{_digest(f'{len(scope)}:{scope}{key}')}"
+
+    async def claim(
+        self, scope: str, key: str, *, fingerprint: str | None, lease: float
+    ) -> Lease | Completed | InFlight:
+        """See `IdempotencyStore.claim`: one script, one round trip.
+
+        Raises `StoreUnavailable` if Redis cannot be reached (or, with
+        ``on_unavailable="bypass"``, returns a lease that holds nothing: the
+        call runs, and nothing is stored).
+        """
+        name = self._record_key(scope, key)
+        token = secrets.token_hex(16)
+        try:
+            reply = await self._eval(
+                _redis_scripts.CLAIM,
+                (name,),
+                (
+                    token,
+                    "0" if fingerprint is None else "1",
+                    b"" if fingerprint is None else _bytes(fingerprint),
+                    _ms(lease),
+                ),
+            )
+        except _UNAVAILABLE as exc:
+            if self._on_unavailable == "bypass":
+                return Lease(scope, key, fingerprint, "", None)
+            raise self._unavailable("claim", exc) from exc
+        status = reply[0]
+        if status == b"leased":
+            return Lease(scope, key, fingerprint, token, lease)
+        if status == b"done":
+            return Completed(self._decode(reply[2], scope), _text(reply[1]))
+        return InFlight(_text(reply[1]))
+
+    def _decode(self, data: Any, scope: str) -> Any:
+        try:
+            return self._codec.decode(bytes(data))
+        except Exception as exc:
+            raise ValueError(
+                f"Redis store {self._name!r}: a stored result of {scope!r} cannot be decoded "
+                f"by {self._codec!r} (written by another codec, or tampered with): {exc}"
+            ) from exc
+
+    async def complete(self, lease: Lease, value: Any, *, ttl: float) -> bool:
+        """See `IdempotencyStore.complete`; wakes the key's waiters by pub/sub.
+
+        False also when Redis cannot be reached: the call has run, its
+        caller gets its result, and the lease will lapse.
+        """
+        payload = self._codec.encode(value)  # before any I/O: a TypeError keeps the claim
+        if not lease.token:
+            return False  # bypassed: this lease never held the key
+        name = self._record_key(lease.scope, lease.key)
+        try:
+            stored = await self._eval(
+                _redis_scripts.COMPLETE, (name,), (lease.token, payload, _ms(ttl), name)
+            )
+        except _UNAVAILABLE:
+            return False
+        return bool(stored)
+
+    async def release(self, lease: Lease) -> None:
+        """See `IdempotencyStore.release`; raises `StoreUnavailable` if Redis cannot be reached."""
+        if not lease.token:
+            return
+        name = self._record_key(lease.scope, lease.key)
+        try:
+            await self._eval(_redis_scripts.RELEASE, (name,), (lease.token, name))
+        except _UNAVAILABLE as exc:
+            raise self._unavailable("release", exc) from exc
+
+    async def renew(self, lease: Lease) -> bool:
+        """See `IdempotencyStore.renew`; raises `StoreUnavailable` if Redis cannot be reached."""
+        if not lease.token or lease.duration is None:
+            return False
+        name = self._record_key(lease.scope, lease.key)
+        try:
+            held = await self._eval(
+                _redis_scripts.RENEW, (name,), (lease.token, _ms(lease.duration))
+            )
+        except _UNAVAILABLE as exc:
+            raise self._unavailable("renew", exc) from exc
+        return bool(held)
+
+    async def wait(self, scope: str, key: str, *, timeout: float) -> Completed | None:
+        """See `IdempotencyStore.wait`: woken by pub/sub, and when the lease lapses.
+
+        Looks at the record again at least every second, in case a
+        notification was lost. Raises `StoreUnavailable` if Redis cannot be
+        reached (returns None with ``on_unavailable="bypass"``).
+        """
+        name = self._record_key(scope, key)
+        end = _clock.now() + timeout
+        watch = self._watch(name)
+        try:
+            if not watch.confirmed:
+                subscribed = watch.changed.arm()
+                if not watch.confirmed:
+                    await watch.changed.wait(subscribed, min(timeout, self._timeout))
+            while True:
+                changed = watch.changed.arm()
+                try:
+                    reply = await self._eval(_redis_scripts.PEEK, (name,), ())
+                except _UNAVAILABLE as exc:
+                    if self._on_unavailable == "bypass":
+                        return None
+                    raise self._unavailable("wait", exc) from exc
+                if reply is None:
+                    return None
+                if reply[0] == b"done":
+                    return Completed(self._decode(reply[2], scope), _text(reply[1]))
+                left = end - _clock.now()
+                if left <= 0:
+                    return None
+                lease_left = int(reply[2]) / 1000.0
+                pause = min(
+                    left,
+                    lease_left + 0.001 if lease_left > 0 else 0.001,
+                    _SAFETY_POLL if watch.confirmed else _UNCONFIRMED_POLL,
+                )
+                await watch.changed.wait(changed, pause)
+        finally:
+            self._unwatch(name, watch)
+
+    def _watch(self, name: str) -> _Watch:
+        watch = self._watches.get(name)
+        if watch is None:
+            watch = self._watches[name] = _Watch(confirmed=name in self._confirmed)
+            self._kick()
+        watch.count += 1
+        return watch
+
+    def _unwatch(self, name: str, watch: _Watch) -> None:
+        watch.count -= 1
+        if watch.count == 0 and self._watches.get(name) is watch:
+            del self._watches[name]
+            self._wake.fire()  # to unsubscribe; a stopped follower stays stopped
+
+    # -- the follower: pub/sub, reconciliation, background writes ------------------
+
+    async def _follow(self) -> None:
+        """Run sessions with Redis until cancelled, reconnecting after failures."""
+        delay = _RECONNECT_MIN
+        while True:
+            began = _clock.now()
+            try:
+                await self._session()
+            except Exception as exc:  # noqa: BLE001 - logged; the follower must go on
+                if not _is_unavailable(exc):
+                    _log.error(
+                        "Redis store %r: the follower failed; restarting", self._name, exc_info=True
+                    )
+                elif self._healthy:
+                    self._healthy = False
+                    _log.warning(
+                        "Redis store %r: Redis unreachable: %s", self._name, _describe(_leaf(exc))
+                    )
+            else:
+                delay = _RECONNECT_MIN
+                continue  # nothing left to follow: the next session waits for something
+            if _clock.now() - began > 10 * _RECONNECT_MAX:
+                delay = _RECONNECT_MIN
+            await asyncio.sleep(delay * (0.5 + secrets.randbelow(500) / 1000.0))
+            delay = min(delay * 2.0, _RECONNECT_MAX)
+
+    def _desired(self) -> set[str]:
+        channels = set(self._watches)
+        for circuit in self._circuits.values():
+            if circuit.listeners:
+                # A breaker that is gone needs no more news.
+                circuit.listeners[:] = [ref for ref in circuit.listeners if ref() is not None]
+                if circuit.listeners:
+                    channels.add(circuit.channel)
+        return channels
+
+    async def _session(self) -> None:
+        """Follow through one pub/sub connection, opened when something needs it.
+
+        Returns when nothing needs it any more (the connection is closed);
+        raises when Redis fails.
+        """
+        wake = self._wake
+        pubsub: Any = None
+        reader: asyncio.Task[None] | None = None
+        next_check = _clock.now() + self._reconcile_interval
+        try:
+            while True:
+                woken = wake.arm()
+                if reader is not None and reader.done():
+                    reader.result()  # its error ends the session
+                    raise _rx.ConnectionError("the pub/sub reader stopped")
+                if self._assignments:
+                    await self._flush_assignments()
+                desired = self._desired()
+                if pubsub is None and desired:
+                    pubsub = self._pubsub = self._client.pubsub()
+                    self._ping_sent = None
+                    await self._subscriptions(pubsub, desired)
+                    reader = asyncio.get_running_loop().create_task(
+                        self._read(pubsub), name=f"stalwart.redis reader ({self._prefix})"
+                    )
+                    reader.add_done_callback(lambda _: wake.fire())
+                elif pubsub is not None:
+                    if not desired:
+                        return
+                    await self._subscriptions(pubsub, desired)
+                now = _clock.now()
+                due = now >= next_check or self._reconcile_soon
+                stale = [
+                    c for c in self._circuits.values() if c.needs_read or (due and c.listeners)
+                ]
+                if stale:
+                    for circuit in stale:
+                        circuit.needs_read = False
+                    self._reconcile_soon = False
+                    await self._read_circuits(stale)
+                if now >= next_check:
+                    next_check = now + self._reconcile_interval
+                    if pubsub is not None:
+                        await self._check_pubsub(pubsub)
+                await wake.wait(woken, next_check - _clock.now())
+        finally:
+            self._pubsub = None
+            self._subscribed.clear()
+            self._confirmed.clear()
+            for watch in self._watches.values():
+                watch.confirmed = False
+            if reader is not None:
+                await _stop(reader)
+                if not reader.cancelled():
+                    reader.exception()  # retrieved: it was raised above, or is moot
+            if pubsub is not None:
+                with contextlib.suppress(Exception):
+                    async with _within(self._timeout):
+                        await pubsub.aclose()
+
+    async def _subscriptions(self, pubsub: Any, desired: set[str]) -> None:
+        """Subscribe to the channels wanted and not yet asked for; drop the others."""
+        new = desired - self._subscribed
+        old = self._subscribed - desired
+        async with _within(self._timeout):
+            if new:
+                self._subscribed |= new
+                await pubsub.subscribe(*sorted(new))
+            if old:
+                self._subscribed -= old
+                self._confirmed -= old
+                await pubsub.unsubscribe(*sorted(old))
+
+    async def _check_pubsub(self, pubsub: Any) -> None:
+        """Raise if the last PING went unanswered (a silent connection); PING again."""
+        if self._ping_sent is not None and self._pong < self._ping_sent:
+            raise _rx.ConnectionError("the pub/sub connection stopped answering")
+        self._ping_sent = _clock.now()
+        async with _within(self._timeout):
+            await pubsub.ping()
+
+    async def _read(self, pubsub: Any) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=self._reconcile_interval)
+            if message is not None:
+                self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if isinstance(kind, bytes):
+            kind = kind.decode()
+        if kind == "pong":
+            self._pong = _clock.now()
+            return
+        channel = _text(message["channel"])
+        if channel is None:
+            return
+        if kind == "message":
+            circuit = self._by_channel.get(channel)
+            if circuit is not None:
+                data = message["data"]
+                try:
+                    record = _record(*(data.encode() if isinstance(data, str) else data).split())
+                except (TypeError, ValueError):
+                    # Not one of ours: someone else published on the channel.
+                    _log.warning("Redis store %r: ignored a message %r", self._name, data)
+                    return
+                self._learn(circuit, record)
+                return
+            watch = self._watches.get(channel)
+            if watch is not None:
+                watch.changed.fire()
+        elif kind == "subscribe":
+            if channel in self._confirmed:
+                # Subscribed again without asking: the client reconnected on
+                # its own, and messages may have been lost in between.
+                self._reconcile_soon = True
+            self._confirmed.add(channel)
+            circuit = self._by_channel.get(channel)
+            if circuit is not None:
+                circuit.needs_read = True
+            watch = self._watches.get(channel)
+            if watch is not None:
+                watch.confirmed = True
+                watch.changed.fire()
+            self._acks.fire()
+            self._wake.fire()
+        elif kind == "unsubscribe":
+            self._confirmed.discard(channel)
+
+    def __repr__(self) -> str:
+        state = "following" if self._task is not None and not self._task.done() else "idle"
+        return (
+            f"<RedisStore {self._name!r} prefix={self._prefix!r}: {len(self._circuits)} "
+            f"circuits, {state}>"
+        )
+
+
+async def _stop(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it to end.
+
+    Cancelled again and again: on Python 3.11, ``asyncio.wait_for`` (which
+    redis-py uses for socket writes) swallows a cancellation that arrives
+    just as the write completes, and the task would go on.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
+
+
+def _now_or_none() -> float | None:
+    try:
+        return _clock.now()
+    except RuntimeError:
+        return None
+
+
+def _raise_if_trio() -> None:
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        "stalwart.redis.RedisStore runs on asyncio (redis-py's asyncio client), not on trio"
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _leaves(exc: BaseException) -> Iterable[BaseException]:
+    inner = getattr(exc, "exceptions", None)
+    if isinstance(inner, tuple):  # an exception group (from a task group)
+        for one in inner:
+            yield from _leaves(one)
+    else:
+        yield exc
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    return next(iter(_leaves(exc)), exc)
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    return all(isinstance(one, _UNAVAILABLE) for one in _leaves(exc))

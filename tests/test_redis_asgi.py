@@ -1,0 +1,106 @@
+"""One RedisStore behind a breaker, an Idempotency policy and the ASGI IdempotencyMiddleware.
+
+Two replicas of one ASGI service, each with its own Redis client and store on
+the same prefix: a request retried on the other replica is replayed there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+
+import stalwart as sw
+from stalwart.asgi import IdempotencyMiddleware
+from stalwart.redis import RedisStore
+
+from .redis_support import opened_store
+
+pytestmark = [pytest.mark.redis, pytest.mark.realtime]
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    return ("asyncio", {})
+
+
+class Service:
+    """A replica: its ASGI app, with every policy on the one store."""
+
+    orders: ClassVar[list[str]] = []  # shared by the replicas: the side effect
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.breaker = sw.CircuitBreaker(name="bank", consecutive_failures=1, store=store)
+        self.notify = sw.Idempotency(key="order", store=store)(self._notify)
+        self.app = IdempotencyMiddleware(self._app, store=store)
+
+    @staticmethod
+    async def _notify(order: str) -> str:
+        return f"notified {order}"
+
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        order = f"order-{len(self.orders) + 1}"
+        self.orders.append(order)
+        await asyncio.sleep(0.05)
+        body = json.dumps({"order": order, "note": await self.notify(order)}).encode()
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[tuple[Service, Service]]:
+    Service.orders = []
+    async with opened_store() as one, opened_store(prefix=one.prefix) as two:
+        yield Service(one), Service(two)
+
+
+def client(service: Service) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(service.app)
+    return httpx.AsyncClient(transport=transport, base_url="http://shop")
+
+
+async def test_a_retry_on_another_replica_is_replayed(replicas: tuple[Service, Service]) -> None:
+    a, b = replicas
+    headers = {"Idempotency-Key": "k-1", "Authorization": "Bearer ann"}
+    async with client(a) as on_a, client(b) as on_b:
+        first = await on_a.post("/orders", json={"item": "book"}, headers=headers)
+        retry = await on_b.post("/orders", json={"item": "book"}, headers=headers)
+    assert (first.status_code, retry.status_code) == (201, 201)
+    assert retry.json() == first.json() == {"order": "order-1", "note": "notified order-1"}
+    assert retry.headers.get("idempotent-replayed") == "true"
+    assert Service.orders == ["order-1"]
+
+
+async def test_concurrent_duplicates_on_two_replicas_run_once(
+    replicas: tuple[Service, Service],
+) -> None:
+    a, b = replicas
+    headers = {"Idempotency-Key": "k-2", "Authorization": "Bearer ann"}
+    async with client(a) as on_a, client(b) as on_b:
+        responses = await asyncio.gather(
+            on_a.post("/orders", json={}, headers=headers),
+            on_b.post("/orders", json={}, headers=headers),
+        )
+    assert Service.orders == ["order-1"]
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses in ([201, 201], [201, 409])  # replayed, or refused while in flight
+
+
+async def test_the_same_store_shares_the_breakers(replicas: tuple[Service, Service]) -> None:
+    a, b = replicas
+    await b.store.sync()
+
+    async def bank_down() -> None:
+        raise ConnectionError
+
+    with pytest.raises(ConnectionError):
+        await a.breaker(bank_down)()
+    await b.store.sync()
+    assert b.breaker.state is sw.CircuitState.OPEN

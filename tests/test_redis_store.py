@@ -1,0 +1,468 @@
+"""RedisStore: options, keys, idempotency through a real Redis, round trips, lifecycle.
+
+The protocol's behaviour, method by method, is checked by the conformance
+suite (``test_idempotency_store.py``, harness "redis"); here, what is
+particular to Redis. Real time on a plain asyncio loop (Redis keeps its own
+clock), so waits are kept tiny.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import pickle
+import re
+import sys
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+
+import stalwart as sw
+from stalwart import Completed, InFlight, Lease
+from stalwart._circuit_store import CircuitStore
+from stalwart.redis import RedisStore, _digest
+
+from . import redis_support
+from .redis_support import opened_store, unique_prefix
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+
+pytestmark = [pytest.mark.redis, pytest.mark.realtime]
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    """Redis runs on asyncio, in real time (overrides the conftest's backends)."""
+    return ("asyncio", {})
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[RedisStore]:
+    async with opened_store() as opened:
+        yield opened
+
+
+def tasks_left() -> set[asyncio.Task[Any]]:
+    """The store's background tasks still alive (the test runner has tasks of its own)."""
+    return {t for t in asyncio.all_tasks() if t.get_name().startswith("stalwart.redis")}
+
+
+# -- options ------------------------------------------------------------------------
+
+
+def test_the_client_must_be_an_asyncio_client() -> None:
+    with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis"):
+        RedisStore(redis.Redis())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"timeout": 0}, ValueError, "timeout must be > 0"),
+        ({"timeout": float("inf")}, ValueError, "timeout must be finite"),
+        ({"reconcile_interval": -1}, ValueError, "reconcile_interval"),
+        ({"trial_lease": 0}, ValueError, "trial_lease"),
+        ({"on_unavailable": "ignore"}, ValueError, "on_unavailable must be"),
+        ({"prefix": b"x:"}, TypeError, "prefix must be a str"),
+        ({"codec": object()}, TypeError, "codec must have encode"),
+        ({"name": ""}, ValueError, "name must be"),
+    ],
+)
+def test_options_are_validated_naming_the_parameter(
+    options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        RedisStore(redis.asyncio.Redis(), **options)
+
+
+def test_a_store_serves_breakers_and_idempotency() -> None:
+    store = RedisStore(redis.asyncio.Redis())
+    assert isinstance(store, CircuitStore)
+    assert isinstance(store, sw.IdempotencyStore)
+    assert (store.prefix, store.timeout, store.on_unavailable, store.name) == (
+        "stalwart:",
+        1.0,
+        "raise",
+        "redis",
+    )
+    assert isinstance(store.codec, sw.JSONCodec)
+    assert "prefix='stalwart:'" in repr(store)
+
+
+# -- keys ---------------------------------------------------------------------------
+
+
+async def test_user_text_never_reaches_a_key_name(store: RedisStore) -> None:
+    hostile = "x\r\n*3\r\n$3\r\nDEL\r\n* {tag} stalwart:circuit:"
+    lease = await store.claim(hostile, hostile, fingerprint=None, lease=5.0)
+    assert isinstance(lease, Lease)
+    await store.transition(hostile, 0, sw.CircuitState.OPEN, 1.0)
+    keys = sorted([k.decode() async for k in store.client.scan_iter(match=store.prefix + "*")])
+    hexed = re.escape(store.prefix) + r"(idem|circuit):[0-9a-f]{32}(:trials)?"
+    assert len(keys) == 2
+    assert all(re.fullmatch(hexed, k) for k in keys), keys
+
+
+async def test_stores_with_other_prefixes_share_nothing(store: RedisStore) -> None:
+    async with opened_store() as other:
+        lease = await store.claim("scope", "k", fingerprint=None, lease=5.0)
+        assert isinstance(lease, Lease)
+        assert isinstance(await other.claim("scope", "k", fingerprint=None, lease=5.0), Lease)
+
+
+# -- idempotency ------------------------------------------------------------------
+
+
+class Sent:
+    """What a client wrote to Redis: one entry per round trip, with its commands."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def clear(self) -> None:
+        self.writes.clear()
+
+    @property
+    def round_trips(self) -> int:
+        return len(self.writes)
+
+    @property
+    def commands(self) -> list[str]:
+        found: list[str] = []
+        for blob in self.writes:
+            found += [m.decode().upper() for m in re.findall(rb"\*\d+\r\n\$\d+\r\n(\w+)", blob)]
+        return found
+
+
+def counting_client(url: str = redis_support.REDIS_URL) -> tuple[redis.asyncio.Redis, Sent]:
+    sent = Sent()
+
+    class Counting(redis.asyncio.Connection):
+        async def send_packed_command(
+            self, command: bytes | str | Iterable[bytes], check_health: bool = True
+        ) -> None:
+            if isinstance(command, str):
+                command = command.encode()
+            sent.writes.append(command if isinstance(command, bytes) else b"".join(command))
+            await super().send_packed_command(command, check_health)
+
+    return redis.asyncio.Redis.from_url(url, connection_class=Counting), sent
+
+
+async def test_a_replay_takes_one_round_trip_and_a_first_run_two() -> None:
+    redis_support.require_redis()
+    client, sent = counting_client()
+    prefix = unique_prefix()
+    try:
+        store = RedisStore(client, prefix=prefix)
+        runs: list[int] = []
+
+        @sw.Idempotency(key="order", store=store, fingerprint="args")
+        async def place(order: str, amount: int) -> dict[str, int]:
+            runs.append(amount)
+            return {"amount": amount}
+
+        await client.ping()  # connect first: the handshake is not the store's
+        sent.clear()
+        assert await place("o-1", 5) == {"amount": 5}
+        assert (sent.round_trips, sent.commands) == (2, ["EVALSHA", "EVALSHA"])
+        sent.clear()
+        assert await place("o-1", 5) == {"amount": 5}
+        assert (sent.round_trips, sent.commands) == (1, ["EVALSHA"])
+        assert runs == [5]
+        await store.aclose()
+        assert not tasks_left()  # claims and completions need no background task
+    finally:
+        await redis_support.delete_prefix(client, prefix)
+        await client.aclose()
+
+
+async def test_a_first_run_under_contention_still_runs_once() -> None:
+    async with opened_store() as one, opened_store(prefix=one.prefix) as two:
+        runs: list[str] = []
+
+        async def charge(payment: str) -> str:
+            runs.append(payment)
+            await asyncio.sleep(0.05)
+            return f"charged {payment}"
+
+        # As two replicas would: the same function, a store each.
+        first = sw.Idempotency(key="payment", store=one)(charge)
+        second = sw.Idempotency(key="payment", store=two)(charge)
+        results = await asyncio.gather(*(f("p-1") for f in (first, second) * 5))
+        assert results == ["charged p-1"] * 10
+        assert runs == ["p-1"]
+
+
+async def work(k: str) -> str:
+    return "done by the waiter"
+
+
+async def test_a_waiter_takes_over_from_a_holder_that_died(store: RedisStore) -> None:
+    scope = f"idempotency:{__name__}.work"  # where Idempotency keeps the records of `work`
+    dead = await store.claim(scope, "k", fingerprint=None, lease=0.15)  # never completed
+    assert isinstance(dead, Lease)
+    guarded = sw.Idempotency(key="k", store=store, lease=0.15)(work)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await guarded("k") == "done by the waiter"
+    assert 0.1 <= loop.time() - start < 0.5
+    assert await store.complete(dead, "too late", ttl=10.0) is False
+
+
+async def test_waiters_are_woken_when_the_holder_finishes(store: RedisStore) -> None:
+    runs = 0
+
+    @sw.Idempotency(key="k", store=store, lease=30.0)
+    async def slow(k: str) -> int:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.1)
+        return runs
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await asyncio.gather(*(slow("k") for _ in range(5))) == [1] * 5
+    assert loop.time() - start < 0.3  # notified, not polled at the lease's pace
+
+
+async def test_results_cross_through_the_codec_not_pickle(store: RedisStore) -> None:
+    lease = await store.claim("scope", "k", fingerprint=None, lease=5.0)
+    assert isinstance(lease, Lease)
+    with pytest.raises(TypeError, match="tuple"):
+        await store.complete(lease, (1, 2), ttl=10.0)
+    assert await store.complete(lease, [1, 2], ttl=10.0)
+    assert await store.claim("scope", "k", fingerprint=None, lease=5.0) == Completed([1, 2], None)
+
+
+class Exploit:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(os.environ["STALWART_PWNED"]),))
+
+
+async def test_a_stored_value_that_does_not_decode_is_an_error_never_run(
+    store: RedisStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("STALWART_PWNED", str(marker))
+    lease = await store.claim("scope", "k", fingerprint=None, lease=5.0)
+    assert isinstance(lease, Lease)
+    await store.complete(lease, "fine", ttl=10.0)
+    # Someone with write access to Redis plants a pickle in the record.
+    [name] = [k async for k in store.client.scan_iter(match=store.prefix + "idem:*")]
+    await store.client.hset(name, "v", pickle.dumps(Exploit()))
+    with pytest.raises(ValueError, match="cannot be decoded"):
+        await store.claim("scope", "k", fingerprint=None, lease=5.0)
+    assert not marker.exists()
+
+
+async def test_a_client_that_decodes_responses_works_the_same() -> None:
+    async with opened_store() as plain:
+        decoding = redis_support.client(decode_responses=True)
+        try:
+            store = RedisStore(decoding, prefix=plain.prefix)
+            lease = await store.claim("scope", "k", fingerprint="fp", lease=5.0)
+            assert isinstance(lease, Lease)
+            assert await store.claim("scope", "k", fingerprint="x", lease=5.0) == InFlight("fp")
+            assert await store.complete(lease, {"é": "🙂"}, ttl=10.0)
+            assert await store.wait("scope", "k", timeout=1.0) == Completed({"é": "🙂"}, "fp")
+            await store.aclose()
+        finally:
+            await decoding.aclose()
+
+
+async def test_a_resp2_client_works_the_same() -> None:
+    async with opened_store() as plain:
+        old = redis_support.client(protocol=2)
+        try:
+            async with RedisStore(old, prefix=plain.prefix) as store:
+                cb = redis_support.breaker(store)
+                await store.sync()
+                lease = await store.claim("scope", "k", fingerprint=None, lease=5.0)
+                assert isinstance(lease, Lease)
+                assert await store.complete(lease, [1, "two"], ttl=10.0)
+                assert await store.wait("scope", "k", timeout=1.0) == Completed([1, "two"], None)
+                await plain.transition("dep", 0, sw.CircuitState.OPEN, 10.0)  # another replica
+                for _ in range(200):
+                    if cb.state is sw.CircuitState.OPEN:
+                        break
+                    await asyncio.sleep(0.005)
+                assert cb.state is sw.CircuitState.OPEN
+        finally:
+            await old.aclose()
+
+
+async def test_a_store_forgets_the_breakers_that_are_gone() -> None:
+    async with opened_store() as store:
+        kept = redis_support.breaker(store, "kept")
+        gone = redis_support.breaker(store, "gone")
+        await store.sync()
+        del gone
+        gc.collect()
+        store._kick()
+        for _ in range(200):
+            channels = await store.client.pubsub_channels(f"{store.prefix}*")
+            if len(channels) == 1:
+                break
+            await asyncio.sleep(0.005)
+        assert channels == [f"{store.prefix}circuit:{_digest('kept')}".encode()]
+        assert kept.state is sw.CircuitState.CLOSED
+
+
+async def test_scripts_are_loaded_again_when_redis_forgets_them() -> None:
+    with redis_support.private_redis() as server:
+        client, sent = counting_client(server.url)
+        try:
+            store = RedisStore(client)
+            assert isinstance(await store.claim("s", "a", fingerprint=None, lease=5.0), Lease)
+            await client.script_flush()
+            sent.clear()
+            assert isinstance(await store.claim("s", "b", fingerprint=None, lease=5.0), Lease)
+            # NOSCRIPT, then SCRIPT LOAD and EVALSHA pipelined in one round trip.
+            assert (sent.round_trips, sent.commands) == (2, ["EVALSHA", "SCRIPT", "EVALSHA"])
+            sent.clear()
+            assert isinstance(await store.claim("s", "c", fingerprint=None, lease=5.0), Lease)
+            assert sent.commands == ["EVALSHA"]
+        finally:
+            await client.aclose()
+
+
+# -- lifecycle -------------------------------------------------------------------------
+
+
+async def pubsub_connections(client: redis.asyncio.Redis, name: str) -> int:
+    clients = await client.client_list(_type="pubsub")
+    return sum(1 for c in clients if c.get("name") == name)
+
+
+async def test_async_with_leaves_no_task_connection_or_subscription() -> None:
+    redis_support.require_redis()
+    name = f"stalwart-test-{os.getpid()}-{id(object())}"
+    client = redis_support.client(client_name=name)
+    prefix = unique_prefix()
+    try:
+        async with RedisStore(client, prefix=prefix) as store:
+            cb = redis_support.breaker(store, "dep")
+            await store.sync()
+            channel = f"{prefix}circuit:{_digest('dep')}"
+            assert await client.pubsub_numsub(channel) == [(channel.encode(), 1)]
+            assert await pubsub_connections(client, name) == 1
+            assert tasks_left()
+            assert cb.state is sw.CircuitState.CLOSED
+        assert not tasks_left()
+        assert await client.pubsub_numsub(channel) == [(channel.encode(), 0)]
+        assert await pubsub_connections(client, name) == 0
+    finally:
+        await redis_support.delete_prefix(client, prefix)
+        await client.aclose()
+
+
+async def test_a_store_starts_itself_when_needed_and_aclose_stops_it() -> None:
+    redis_support.require_redis()
+    client = redis_support.client()
+    prefix = unique_prefix()
+    try:
+        store = RedisStore(client, prefix=prefix)
+        assert not tasks_left()
+        cb = redis_support.breaker(store)  # built inside the loop: starts following
+        await store.sync()
+        assert tasks_left()
+        await store.aclose()
+        await store.aclose()  # idempotent
+        assert not tasks_left()
+        assert await client.pubsub_channels(f"{prefix}*") == []
+        await store.sync()  # used again: follows again
+        assert tasks_left()
+        await store.aclose()
+        assert not tasks_left()
+        assert cb.state is sw.CircuitState.CLOSED
+    finally:
+        await redis_support.delete_prefix(client, prefix)
+        await client.aclose()
+
+
+async def test_a_wait_subscribes_only_while_it_waits(store: RedisStore) -> None:
+    lease = await store.claim("scope", "k", fingerprint=None, lease=5.0)
+    assert isinstance(lease, Lease)
+
+    async def finish() -> None:
+        await asyncio.sleep(0.05)
+        channels = await store.client.pubsub_channels(f"{store.prefix}*")
+        assert len(channels) == 1  # the key's channel, while someone waits on it
+        await store.complete(lease, "v", ttl=10.0)
+
+    finisher = asyncio.create_task(finish())
+    assert await store.wait("scope", "k", timeout=2.0) == Completed("v", None)
+    await finisher
+    for _ in range(100):  # the follower unsubscribes, then closes the connection
+        if not await store.client.pubsub_channels(f"{store.prefix}*"):
+            break
+        await asyncio.sleep(0.005)
+    assert await store.client.pubsub_channels(f"{store.prefix}*") == []
+
+
+async def test_a_wait_that_ends_after_aclose_does_not_restart_the_store(store: RedisStore) -> None:
+    lease = await store.claim("scope", "k", fingerprint=None, lease=5.0)
+    assert isinstance(lease, Lease)
+    waiter = asyncio.create_task(store.wait("scope", "k", timeout=0.2))
+    await asyncio.sleep(0.05)
+    await store.aclose()
+    assert await waiter is None  # it polled on, and gave up at its timeout
+    assert not tasks_left()
+
+
+def test_on_trio_the_store_says_it_needs_asyncio() -> None:
+    import trio
+
+    store = RedisStore(redis.asyncio.Redis())
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="runs on asyncio"):
+            await store.claim("scope", "k", fingerprint=None, lease=5.0)
+        with pytest.raises(RuntimeError, match="runs on asyncio"):
+            sw.CircuitBreaker(name="dep", store=store)
+
+    trio.run(main)
+
+
+# -- what needs no Redis ------------------------------------------------------------
+
+
+def test_records_are_read_from_script_replies_and_messages() -> None:
+    from stalwart._circuit_store import CircuitRecord
+    from stalwart.redis import _record
+
+    closed, opened, forced = sw.CircuitState.CLOSED, sw.CircuitState.OPEN, True
+    assert _record(b"closed", 7, 0, 0) == CircuitRecord(closed, 7)
+    assert _record(b"open", 8, 1500, 0) == CircuitRecord(opened, 8, 1.5)
+    assert _record(b"open", b"9", b"-20", b"1") == CircuitRecord(opened, 9, forced=forced)
+    assert _record("open", "10", "-250", "0") == CircuitRecord(opened, 10, -0.25)
+
+
+def test_a_cached_open_period_counts_down_from_when_it_was_learned() -> None:
+    from stalwart._circuit_store import CircuitRecord
+    from stalwart.redis import _Circuit
+
+    circuit = _Circuit("dep", "k")
+    circuit.record = CircuitRecord(sw.CircuitState.OPEN, 3, 10.0)
+    circuit.learned_at = 100.0
+    assert circuit.cached(104.0) == CircuitRecord(sw.CircuitState.OPEN, 3, 6.0)
+    # Without a clock, the period is taken as over: Redis refuses trials until it is.
+    assert circuit.cached(None) == CircuitRecord(sw.CircuitState.OPEN, 3, 0.0)
+
+
+def test_only_connection_failures_make_the_store_unavailable() -> None:
+    from stalwart.redis import _is_unavailable
+
+    down = redis.ConnectionError("refused")
+    assert _is_unavailable(down)
+    assert _is_unavailable(TimeoutError())
+    assert _is_unavailable(ExceptionGroup("task group", [down, redis.TimeoutError()]))
+    assert not _is_unavailable(redis.ResponseError("ERR a bug in a script"))
+    assert not _is_unavailable(ExceptionGroup("task group", [down, KeyError()]))
