@@ -31,6 +31,15 @@ from .._circuit_breaker import CircuitBreaker
 from .._retry import Backoff, Retry
 from .._retry_budget import RetryBudget
 
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - depends on the interpreter
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
+
 __all__ = [
     "GRID",
     "INVALID",
@@ -95,15 +104,6 @@ class Problems:
     def raise_if_any(self, source: str) -> None:
         if self.items:
             raise ScenarioError(self.items, source)
-
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - depends on the interpreter
-    try:
-        import tomli as tomllib
-    except ImportError:
-        tomllib = None
 
 
 def loads_toml(text: str, source: str) -> dict[str, Any]:
