@@ -31,7 +31,6 @@ from .._circuit_breaker import CircuitBreaker
 from .._retry import Backoff, Retry
 from .._retry_budget import RetryBudget
 
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - depends on the interpreter
