@@ -826,14 +826,27 @@ async def test_a_cancelled_request_still_releases_its_key_in_a_shared_store() ->
     assert retried.status_code == 201  # not a 409 until the lease ran out
 
 
-async def test_an_unreachable_store_fails_the_request_without_running_it() -> None:
-    class Unreachable(SharedStore):
+async def test_a_failing_store_fails_the_request_without_running_it() -> None:
+    class Broken(SharedStore):
         async def claim(self, *args: Any, **kwargs: Any) -> Any:
             raise ConnectionError("store unreachable")
 
     app = Orders()
     with pytest.raises(ConnectionError):
-        await call(IdempotencyMiddleware(app, store=Unreachable()), headers=keyed())
+        await call(IdempotencyMiddleware(app, store=Broken()), headers=keyed())
+    assert app.runs == 0
+
+
+async def test_an_unavailable_store_is_a_503_with_retry_after_and_the_app_does_not_run() -> None:
+    class Unavailable(SharedStore):
+        async def claim(self, *args: Any, **kwargs: Any) -> Any:
+            raise sw.StoreUnavailable("redis did not answer", policy="redis")
+
+    app = Orders()
+    async with client(IdempotencyMiddleware(app, store=Unavailable())) as http:
+        response = await http.post("/orders", headers=keyed())
+    problem(response, 503)
+    assert response.headers["retry-after"] == "1"
     assert app.runs == 0
 
 

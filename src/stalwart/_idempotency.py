@@ -7,7 +7,7 @@ import inspect
 import json
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, Literal, TypeVar, Union, cast, final
 
 import anyio
@@ -106,11 +106,11 @@ class Idempotency(Policy):
     kind = "idempotency"
     __slots__ = (
         "_fingerprint",
+        "_keeper",
         "_key",
         "_lease",
         "_on_conflict",
         "_raise_on_conflict",
-        "_shield",
         "_stats",
         "_store",
         "_ttl",
@@ -157,7 +157,7 @@ class Idempotency(Policy):
         self._store = store
         # The in-process store never suspends, so it cannot be interrupted
         # half-way; a shared store's cleanup must not be.
-        self._shield = type(store) is not MemoryStore
+        self._keeper = LeaseKeeper(store, f"idempotency policy {self._name!r}")
         self._ttl = _validate.duration("ttl", ttl, positive=True)
         spec: object = fingerprint
         if spec is not None and spec != "args" and not callable(spec):
@@ -352,23 +352,16 @@ class Idempotency(Policy):
         lease: Lease,
     ) -> T:
         """Run the call as the key's holder, then store its result or free the key."""
+        keeper = self._keeper
         try:
-            if lease.duration is None:
-                result = await fn(*args, **kwargs)
-            else:
-                result = await self._run_renewing(fn, args, kwargs, lease)
+            result = await keeper.run(lease, fn, *args, **kwargs)
         except BaseException:
-            await self._release(lease)
+            await keeper.release(lease)
             raise
         try:
-            if self._shield:
-                stored = False
-                with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-                    stored = await self._store.complete(lease, result, ttl=self._ttl)
-            else:
-                stored = await self._store.complete(lease, result, ttl=self._ttl)
+            stored = await keeper.complete(lease, result, ttl=self._ttl)
         except BaseException:
-            await self._release(lease)
+            await keeper.release(lease)
             raise
         if not stored:
             _log.warning(
@@ -378,78 +371,6 @@ class Idempotency(Policy):
                 lease.scope,
             )
         return result
-
-    async def _run_renewing(
-        self,
-        fn: Callable[..., Coroutine[Any, Any, T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        lease: Lease,
-    ) -> T:
-        failure: BaseException | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keep_renewing, lease)
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as exc:
-                if is_cancellation(type(exc)):
-                    raise
-                # Raised after the task group, or it would come out wrapped
-                # in an exception group.
-                failure = exc
-            tg.cancel_scope.cancel()
-        if failure is not None:
-            try:
-                raise failure
-            finally:
-                failure = None
-        return result
-
-    async def _keep_renewing(self, lease: Lease) -> None:
-        assert lease.duration is not None
-        interval = lease.duration / 3.0
-        while True:
-            await anyio.sleep(interval)
-            try:
-                held = await self._store.renew(lease)
-            except Exception:  # noqa: BLE001 - logged; the store's errors must not fail the call
-                # Renewing is best effort: the call goes on, and the next
-                # attempt may get through before the lease runs out.
-                _log.warning(
-                    "idempotency policy %r: could not renew a claim", self._name, exc_info=True
-                )
-                continue
-            if not held:
-                _log.warning(
-                    "idempotency policy %r: lost the claim on a key of %s while its call ran",
-                    self._name,
-                    lease.scope,
-                )
-                return
-
-    async def _release(self, lease: Lease) -> None:
-        """Free the key after a failure; never raises over the failure itself."""
-        store = self._store
-        try:
-            if self._shield:
-                with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True) as cleanup:
-                    await store.release(lease)
-                if cleanup.cancelled_caught:
-                    _log.warning(
-                        "idempotency policy %r: releasing a key of %s timed out; its lease "
-                        "will free it",
-                        self._name,
-                        lease.scope,
-                    )
-            else:
-                await store.release(lease)
-        except Exception:  # noqa: BLE001 - logged; the call's own error is what propagates
-            _log.warning(
-                "idempotency policy %r: could not release a key of %s; its lease will free it",
-                self._name,
-                lease.scope,
-                exc_info=True,
-            )
 
     def _fingerprint_reader(
         self, origin: Callable[..., Any], key_param: str | None, label: str
@@ -579,3 +500,91 @@ def _args_fingerprint(
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     return fingerprint_of
+
+
+@final
+class LeaseKeeper:
+    """What holding a claimed key involves, for the decorator and the middleware.
+
+    While the holder's work runs, a lease with a duration is renewed every third
+    of it (best effort: a failed renewal is logged and the work goes on). On a
+    shared store, storing the outcome and freeing the key are shielded from
+    cancellation for up to 10 seconds, so a cancelled holder does not leave its
+    key claimed until the lease runs out. Freeing never raises: the holder's
+    own outcome is what propagates.
+    """
+
+    __slots__ = ("_label", "_shield", "_store", "_work")
+
+    def __init__(self, store: IdempotencyStore, label: str, *, work: str = "call") -> None:
+        self._store = store
+        self._label = label  # who is logging, e.g. "idempotency policy 'charge'"
+        self._work = work  # what the holder runs: "call", "request"
+        # The in-process store never suspends: nothing there to shield.
+        self._shield = type(store) is not MemoryStore
+
+    async def run(
+        self, lease: Lease, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+    ) -> T:
+        """Await ``fn(*args, **kwargs)``, renewing ``lease`` meanwhile."""
+        if lease.duration is None:
+            return await fn(*args, **kwargs)
+        failure: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keep_renewing, lease)
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                if is_cancellation(type(exc)):
+                    raise
+                # Raised after the task group, or it would come out wrapped
+                # in an exception group.
+                failure = exc
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            try:
+                raise failure
+            finally:
+                failure = None
+        return result
+
+    async def complete(self, lease: Lease, value: Any, *, ttl: float) -> bool:
+        """Store the outcome; False if the claim had ended. Store errors propagate."""
+        if not self._shield:
+            return await self._store.complete(lease, value, ttl=ttl)
+        with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+            return await self._store.complete(lease, value, ttl=ttl)
+        return False  # the store did not answer in time: the result is not stored
+
+    async def release(self, lease: Lease) -> None:
+        """Free the key; never raises (the lease frees it if this fails)."""
+        try:
+            if not self._shield:
+                await self._store.release(lease)
+                return
+            with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True) as cleanup:
+                await self._store.release(lease)
+            if cleanup.cancelled_caught:
+                _log.warning("%s: releasing a key timed out; its lease will free it", self._label)
+        except Exception:  # noqa: BLE001 - logged; the holder's own outcome propagates
+            _log.warning(
+                "%s: could not release a key; its lease will free it", self._label, exc_info=True
+            )
+
+    async def _keep_renewing(self, lease: Lease) -> None:
+        assert lease.duration is not None
+        interval = lease.duration / 3.0
+        while True:
+            await anyio.sleep(interval)
+            try:
+                held = await self._store.renew(lease)
+            except Exception:  # noqa: BLE001 - logged; renewing is best effort
+                # The work goes on; the next renewal may get through before
+                # the lease runs out.
+                _log.warning("%s: could not renew a claim", self._label, exc_info=True)
+                continue
+            if not held:
+                _log.warning(
+                    "%s: lost the claim on a key while its %s ran", self._label, self._work
+                )
+                return

@@ -27,11 +27,10 @@ import struct
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final, Union, cast, final
 
-import anyio
-
 from . import _clock, _telemetry, _validate
-from ._errors import DeadlineExceeded
+from ._errors import DeadlineExceeded, StoreUnavailable
 from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
+from ._idempotency import LeaseKeeper
 from ._idempotency_store import (
     DEFAULT_MAX_ENTRIES,
     Completed,
@@ -41,7 +40,7 @@ from ._idempotency_store import (
     MemoryStore,
 )
 from ._telemetry import IdempotencyStats, Telemetry, add_event
-from ._timeout import deadline, is_cancellation
+from ._timeout import deadline
 
 __all__ = [
     "ASGIApp",
@@ -122,21 +121,20 @@ async def _send_problem(
     status: int,
     title: str,
     detail: str,
+    *,
+    retry_after: int | None = None,
 ) -> None:
     """Send a complete ``application/problem+json`` response (RFC 9457)."""
     body = json.dumps(
         {"type": "about:blank", "title": title, "status": status, "detail": detail}
     ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -304,7 +302,6 @@ _RECORD_VERSION: Final = 1
 _LENGTHS: Final = struct.Struct(">4Q")
 # A holder whose request failed or was cancelled gets this long, shielded from
 # cancellation, to tell a shared store; past it the lease frees the key.
-_CLEANUP_TIMEOUT: Final = 10.0
 
 
 def parse_idempotency_key(value: bytes) -> str | None:
@@ -508,10 +505,10 @@ class IdempotencyMiddleware:
     ``max_response_size`` bytes, plus a third for their base64 encoding);
     ``stalwart.redis.RedisStore`` shares them between replicas. A claim in
     a shared store is a lease of ``lease`` seconds, renewed while the app
-    runs, so that a crashed replica's key frees itself. If the store fails
-    when a keyed request arrives, its error propagates (the server answers
-    500) and the app does not run: running it unprotected could do the work
-    twice.
+    runs, so that a crashed replica's key frees itself. If the store is
+    unavailable when a keyed request arrives (`StoreUnavailable`), the answer
+    is a 503 with ``Retry-After: 1`` and the app does not run: running it
+    unprotected could do the work twice. Other store errors propagate.
 
     Metrics: replays count in ``stalwart_idempotency_replays_total`` and
     409s in ``stalwart_idempotency_conflicts_total``, labelled ``policy=name``;
@@ -552,6 +549,7 @@ class IdempotencyMiddleware:
         "_credentials",
         "_header",
         "_header_label",
+        "_keeper",
         "_lease",
         "_max_body",
         "_max_response",
@@ -559,7 +557,6 @@ class IdempotencyMiddleware:
         "_name",
         "_required",
         "_scope_prefix",
-        "_shield",
         "_stats",
         "_store",
         "_telemetry",
@@ -603,7 +600,6 @@ class IdempotencyMiddleware:
                 f"renew, wait), not {type(store).__name__}"
             )
         self._store = store
-        self._shield = type(store) is not MemoryStore
         self._header_label = header_name("header", header)
         self._header = self._header_label.lower().encode()
         self._methods = _methods(methods)
@@ -625,6 +621,7 @@ class IdempotencyMiddleware:
         self._max_response = _validate.count("max_response_size", max_response_size, minimum=0)
         self._lease = _validate.duration("lease", lease, positive=True)
         self._name = _validate.name(name)
+        self._keeper = LeaseKeeper(store, f"IdempotencyMiddleware {self._name!r}", work="request")
         self._telemetry = _telemetry.resolve(telemetry)
         self._stats = self._telemetry.stats("idempotency", self._name, IdempotencyStats)
         self._attributes = {_telemetry.POLICY_ATTRIBUTE: self._name}
@@ -699,9 +696,25 @@ class IdempotencyMiddleware:
         self, scope: Scope, receive: Receive, send: Send, key: str, body: bytes
     ) -> None:
         fingerprint = _fingerprint(scope, body)
-        outcome = await self._store.claim(
-            self._record_scope(scope), key, fingerprint=fingerprint, lease=self._lease
-        )
+        try:
+            outcome = await self._store.claim(
+                self._record_scope(scope), key, fingerprint=fingerprint, lease=self._lease
+            )
+        except StoreUnavailable:
+            # Running the request without its record could do the work twice:
+            # tell the client to come back, as a 503 with Retry-After.
+            _log.warning(
+                "IdempotencyMiddleware %r: the store is unavailable", self._name, exc_info=True
+            )
+            await _send_problem(
+                send,
+                503,
+                "Service Unavailable",
+                f"Requests with an {self._header_label} cannot be processed right now; "
+                "retry later.",
+                retry_after=1,
+            )
+            return
         if isinstance(outcome, Lease):
             await self._run(scope, receive, send, body, outcome)
         elif isinstance(outcome, Completed):
@@ -796,93 +809,31 @@ class IdempotencyMiddleware:
             delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
 
+        keeper = self._keeper
         try:
-            if lease.duration is None:
-                await self._app(scope, receive_body, recorder)
-            else:
-                await self._run_renewing(scope, receive_body, recorder, lease)
+            await keeper.run(lease, self._app, scope, receive_body, recorder)
         except BaseException:
-            await self._release(lease)
+            await keeper.release(lease)
             raise
         record = recorder.record()
         if record is None:
-            await self._release(lease)
+            await keeper.release(lease)
             return
-        store = self._store
         try:
-            if self._shield:
-                stored = False
-                with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-                    stored = await store.complete(lease, record, ttl=self._ttl)
-            else:
-                stored = await store.complete(lease, record, ttl=self._ttl)
+            stored = await keeper.complete(lease, record, ttl=self._ttl)
         except Exception:  # noqa: BLE001 - logged: the response has gone out already
             _log.warning(
                 "IdempotencyMiddleware %r: could not store a response; its key is freed",
                 self._name,
                 exc_info=True,
             )
-            await self._release(lease)
+            await keeper.release(lease)
             return
         if not stored:
             _log.warning(
                 "IdempotencyMiddleware %r: the claim on a key ended before its request did "
                 "(lease expired or store unreachable); the response was not stored",
                 self._name,
-            )
-
-    async def _run_renewing(self, scope: Scope, receive: Receive, send: Send, lease: Lease) -> None:
-        failure: BaseException | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keep_renewing, lease)
-            try:
-                await self._app(scope, receive, send)
-            except BaseException as exc:
-                if is_cancellation(type(exc)):
-                    raise
-                # Raised after the task group, or it would come out wrapped
-                # in an exception group.
-                failure = exc
-            tg.cancel_scope.cancel()
-        if failure is not None:
-            try:
-                raise failure
-            finally:
-                failure = None
-
-    async def _keep_renewing(self, lease: Lease) -> None:
-        assert lease.duration is not None
-        interval = lease.duration / 3.0
-        while True:
-            await anyio.sleep(interval)
-            try:
-                held = await self._store.renew(lease)
-            except Exception:  # noqa: BLE001 - logged; the store's errors must not fail the request
-                _log.warning(
-                    "IdempotencyMiddleware %r: could not renew a claim", self._name, exc_info=True
-                )
-                continue
-            if not held:
-                _log.warning(
-                    "IdempotencyMiddleware %r: lost the claim on a key while its request ran",
-                    self._name,
-                )
-                return
-
-    async def _release(self, lease: Lease) -> None:
-        """Free the key; never raises over the request's own outcome."""
-        store = self._store
-        try:
-            if self._shield:
-                with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-                    await store.release(lease)
-            else:
-                await store.release(lease)
-        except Exception:  # noqa: BLE001 - logged; the lease will free the key
-            _log.warning(
-                "IdempotencyMiddleware %r: could not release a key; its lease will free it",
-                self._name,
-                exc_info=True,
             )
 
     async def _bad_request(self, send: Send, detail: str) -> None:
