@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ._tune import command as tune_command
+
     parser = argparse.ArgumentParser(
         prog="python -m stalwart",
         description="stalwart: resilience for async Python services.",
@@ -21,6 +23,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--calls", type=int, default=1000, help="calls to make (default: 1000)")
     demo.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+    tune = commands.add_parser(
+        "tune",
+        help="choose retry, breaker and budget settings: simulate a failure profile "
+        "against a grid of settings, in virtual time",
+        description=tune_command.DESCRIPTION,
+        epilog=tune_command.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tune_command.configure(tune)
     return parser
 
 
@@ -34,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         demo(calls=args.calls, seed=args.seed)
         return 0
+    if args.command == "tune":
+        from ._tune.command import run
+
+        return run(args, sys.stdout, sys.stderr)
     parser.print_help()
     return 2
 

@@ -1,0 +1,560 @@
+"""The simulation: one setting's real policies against the simulated downstream.
+
+Each setting runs alone on a fresh `SimulationLoop`, an asyncio event loop
+whose clock only moves when every task waits (then it jumps to the next
+timer), so an hour of traffic takes seconds and nothing depends on the
+machine's speed. asyncio runs ready callbacks in FIFO order and every random
+draw comes from a `random.Random` seeded from the scenario's seed, so a
+setting's numbers depend on the scenario and the seed alone: not on the
+number of worker processes, nor on the order settings run in.
+
+What is real: the `Retry`, `RetryBudget`, `CircuitBreaker`, `Bulkhead`,
+`Timeout` and `Pipeline` objects; each call runs as
+``Pipeline(Timeout(deadline), *the setting's policies)``, the outer `Timeout`
+being the caller's deadline (the ambient deadline inside).
+What is simulated: the downstream (a server with ``capacity`` slots, a FIFO
+queue, a latency distribution and a timeline of failures) and its callers.
+The breaker's transitions are observed through its telemetry: the engine
+installs a stats object of its own for it (`BreakerLog`) before building it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import selectors
+from array import array
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from opentelemetry.trace import NoOpTracerProvider
+from prometheus_client import CollectorRegistry
+
+from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
+from .._pipeline import Pipeline
+from .._telemetry import BulkheadStats, CircuitStats, RetryStats, Telemetry, TimeoutStats
+from .._timeout import Timeout
+from .scenario import Scenario, Setting
+
+__all__ = [
+    "BUCKET",
+    "BreakerLog",
+    "DownstreamError",
+    "Overloaded",
+    "Run",
+    "SimulationLoop",
+    "simulate",
+]
+
+#: Seconds per sample of the time series.
+BUCKET: Final = 1.0
+
+# asyncio runs a timer's callback once the clock is within its resolution
+# (1e-9 s) of the timer's time, so a call due at 3.0 may see 2.9999999999999996:
+# bucket indexes allow for that.
+_PER_BUCKET: Final = 1.0 / BUCKET
+
+#: Progress is reported every this many virtual seconds (at most 200 times per run).
+_TICKS: Final = 200
+
+
+class DownstreamError(Exception):
+    """The simulated downstream answered with an error."""
+
+
+class Overloaded(DownstreamError):
+    """The simulated downstream's queue was full: it turned the request away."""
+
+
+# -- the loop ----------------------------------------------------------------------------
+
+
+class _NoIO(selectors.BaseSelector):
+    """A selector for a loop that never does I/O: "waiting" means jumping the clock."""
+
+    def __init__(self, loop: SimulationLoop) -> None:
+        self._loop = loop
+        self._keys: dict[Any, selectors.SelectorKey] = {}
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        key = selectors.SelectorKey(fileobj, self._fd(fileobj), events, data)
+        self._keys[fileobj] = key
+        return key
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._keys.pop(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        self.unregister(fileobj)
+        return self.register(fileobj, events, data)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is None:
+            raise RuntimeError("the simulation is stuck: no timer is pending and no task can run")
+        if timeout > 0:
+            loop = self._loop
+            # Land exactly on the next timer's time rather than adding the
+            # timeout the loop computed from it: that sum is off by a rounding
+            # error, and the errors add up over an hour of jumps (a call due at
+            # 3.0 s would then be counted in second 2). asyncio's heap of timers
+            # has been ``_scheduled`` since 3.4; without it, add.
+            scheduled = getattr(loop, "_scheduled", None)
+            if scheduled:
+                loop._now = max(loop._now, scheduled[0].when())
+            else:
+                loop._now += timeout
+        return []
+
+    def get_map(self) -> Any:
+        return self._keys
+
+    def close(self) -> None:
+        self._keys.clear()
+
+    @staticmethod
+    def _fd(fileobj: Any) -> int:
+        return fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
+
+
+class SimulationLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop on a virtual clock that starts at 0 and jumps to the next timer.
+
+    Like `stalwart.testing.VirtualClockEventLoop`, minus real I/O: it never
+    polls a socket, which makes each turn of the loop cheaper. A simulation
+    has no I/O to do.
+    """
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        super().__init__(selector=_NoIO(self))
+
+    def time(self) -> float:
+        return self._now
+
+
+# -- what is measured --------------------------------------------------------------------
+
+
+class BreakerLog(CircuitStats):
+    """The breaker's stats object, also noting when each transition happened."""
+
+    __slots__ = ("clock", "events")
+
+    def __init__(self, name: str, clock: Callable[[], float]) -> None:
+        super().__init__(name)
+        self.clock = clock
+        self.events: list[tuple[float, str]] = []
+
+    def transition(self, from_state: str, to_state: str) -> None:
+        super().transition(from_state, to_state)
+        self.events.append((self.clock(), to_state))
+
+
+@dataclass
+class Run:
+    """What one setting did, as measured; `stalwart._tune.report` derives the rest."""
+
+    index: int
+    #: per `BUCKET` of virtual time (calls by their start, attempts by their arrival):
+    calls: list[int] = field(default_factory=list)
+    succeeded: list[int] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)
+    #: attempts the downstream failed: errors, hangs and rejections by a full queue
+    failed: list[int] = field(default_factory=list)
+    #: attempts served after their caller had given up
+    wasted: list[int] = field(default_factory=list)
+    #: seconds of each bucket the breaker spent OPEN / HALF_OPEN
+    open: list[float] = field(default_factory=list)
+    half_open: list[float] = field(default_factory=list)
+    #: outcomes seen by callers: ok, error, timeout, rejected
+    outcomes: dict[str, int] = field(default_factory=dict)
+    #: latency seen by callers (all calls, failed ones included), seconds
+    latency: dict[str, float] = field(default_factory=dict)
+    #: virtual times at which the breaker opened
+    opened_at: list[float] = field(default_factory=list)
+    time_open: float = 0.0
+    #: counted by the policies themselves (their telemetry)
+    retries: int = 0
+    exhausted: int = 0
+    timeouts: int = 0
+    bulkhead_rejected: int = 0
+    #: virtual time at which the last call ended
+    end: float = 0.0
+
+
+def percentile(ordered: Any, q: float) -> float:
+    """The nearest-rank ``q`` quantile of a sorted sequence (0.0 if empty)."""
+    n = len(ordered)
+    if n == 0:
+        return 0.0
+    return float(ordered[min(n - 1, max(0, math.ceil(q * n) - 1))])
+
+
+def _breaker_time(events: list[tuple[float, str]], open_for: float, end: float, run: Run) -> None:
+    """Fill the run's open/half-open series and totals from the transitions.
+
+    The breaker announces OPEN → HALF_OPEN lazily (when next asked), but it
+    rejects only until ``open_for`` has passed: that is when it is half-open.
+    """
+    for i, (t, state) in enumerate(events):
+        if state != "open":
+            continue
+        run.opened_at.append(t)
+        j = i + 1
+        while j < len(events) and events[j][1] == "half_open":
+            j += 1
+        settled = events[j][0] if j < len(events) else end
+        open_end = min(t + open_for, settled, end)
+        _spread(run.open, t, open_end)
+        run.time_open += open_end - t
+        if settled > open_end:
+            _spread(run.half_open, open_end, settled)
+
+
+def _spread(series: list[float], start: float, end: float) -> None:
+    """Add the interval [start, end) to per-bucket seconds."""
+    b = int(start / BUCKET)
+    while start < end and b < len(series):
+        stop = min(end, (b + 1) * BUCKET)
+        series[b] += stop - start
+        start = stop
+        b += 1
+
+
+# -- the simulation ----------------------------------------------------------------------
+
+
+def simulate(
+    scenario: Scenario, index: int, progress: Callable[[float], None] | None = None
+) -> Run:
+    """Run setting ``index`` of ``scenario``; ``progress`` gets the share done, now and then."""
+    loop = SimulationLoop()
+    try:
+        return loop.run_until_complete(
+            _Simulation(loop, scenario, scenario.settings[index], progress).run()
+        )
+    finally:
+        loop.close()
+
+
+class _Phases:
+    """The downstream's profile at a moment, for moments that never go back in time.
+
+    Until ``steady_until``, the profile is ``steady`` (a phase that is not a
+    ramp): the simulation reads those two attributes before calling `at`.
+    """
+
+    __slots__ = ("_phases", "current", "end", "steady", "steady_until")
+
+    def __init__(self, scenario: Scenario) -> None:
+        ds = scenario.downstream
+        base = (ds.error_rate, ds.latency.mu, ds.latency.sigma)
+        phases = []
+        for p in ds.timeline:
+            e0, m0, s0 = p.error_rate, p.latency.mu, p.latency.sigma
+            e1, m1, s1 = p.end_error_rate, p.end_latency.mu, p.end_latency.sigma
+            ramp = (e0, m0, s0) != (e1, m1, s1)
+            phases.append((p.start, p.end, e0, m0, s0, e1 - e0, m1 - m0, s1 - s0, ramp, p.failure))
+        after = phases[-1][1] if phases else 0.0
+        phases.append((after, math.inf, *base, 0.0, 0.0, 0.0, False, "errors"))
+        self._phases = phases
+        self.current = phases[0]
+        self.end = self.current[1]
+        self.steady = (0.0, 0.0, 0.0, False)
+        self.steady_until = -math.inf
+
+    def at(self, now: float) -> tuple[float, float, float, bool]:
+        """(error rate, mu, sigma, hangs) at ``now``."""
+        if now >= self.end:
+            while now >= self.end:
+                self._phases.pop(0)
+                self.current = self._phases[0]
+                self.end = self.current[1]
+        start, end, e, m, s, de, dm, ds, ramp, failure = self.current
+        if ramp:
+            share = (now - start) / (end - start)
+            return e + de * share, m + dm * share, s + ds * share, failure == "hangs"
+        self.steady = (e, m, s, failure == "hangs")
+        self.steady_until = end
+        return self.steady
+
+
+class _Simulation:
+    """One setting's run.
+
+    `run` keeps its hot paths (an attempt, a call) as closures over local
+    variables: a simulated call costs some 40 microseconds, most of them
+    asyncio's, and attribute lookups on ``self`` would add a good part.
+    """
+
+    def __init__(
+        self,
+        loop: SimulationLoop,
+        scenario: Scenario,
+        setting: Setting,
+        progress: Callable[[float], None] | None,
+    ) -> None:
+        self.loop = loop
+        self.scenario = scenario
+        self.setting = setting
+        self.progress = progress
+        self.telemetry = Telemetry(
+            registry=CollectorRegistry(), tracer_provider=NoOpTracerProvider()
+        )
+        self.breaker_log = self.telemetry.stats(
+            "circuit_breaker", "breaker", lambda name: BreakerLog(name, loop.time)
+        )
+        seed = scenario.seed
+        self.traffic_rng = random.Random(f"stalwart-tune:{seed}:traffic")
+        self.downstream_rng = random.Random(f"stalwart-tune:{seed}:downstream")
+        self.policy_rng = random.Random(f"stalwart-tune:{seed}:policies")
+        traffic = scenario.traffic
+        horizon = (traffic.duration or 60.0) + traffic.deadline + 2 * BUCKET
+        self.size = int(horizon / BUCKET) + 1
+        self.result = Run(index=setting.index)
+
+    async def run(self) -> Run:
+        loop, scenario, run = self.loop, self.scenario, self.result
+        traffic, ds = scenario.traffic, scenario.downstream
+        time, call_at, create_future = loop.time, loop.call_at, loop.create_future
+        size = self.size
+        calls, succeeded = [0] * size, [0] * size
+        attempts, failed, wasted = [0] * size, [0] * size, [0] * size
+        series = [calls, succeeded, attempts, failed, wasted]
+        latencies = array("d")
+        outcomes = [0, 0, 0, 0]  # ok, error, timeout, rejected
+        finished: asyncio.Future[None] = create_future()
+
+        def grow(b: int) -> None:
+            nonlocal size
+            extra = max(b + 1, 2 * size) - size
+            for s in series:
+                s.extend([0] * extra)
+            size += extra
+
+        # -- the downstream -------------------------------------------------------------
+        phases = _Phases(scenario)
+        rng_random = self.downstream_rng.random
+        gauss = self.downstream_rng.gauss
+        exp = math.exp
+        capacity = ds.capacity if ds.capacity is not None else math.inf
+        queue_limit = ds.queue if ds.queue is not None else math.inf
+        error_latency = ds.error_latency
+        serves_abandoned = ds.serves_abandoned
+        queue: deque[tuple[asyncio.Future[None], float, int]] = deque()
+        busy = 0
+
+        def fail(fut: asyncio.Future[None]) -> None:
+            if not fut.done():
+                fut.set_exception(DownstreamError())
+
+        def reject(fut: asyncio.Future[None]) -> None:
+            if not fut.done():
+                fut.set_exception(Overloaded())
+
+        def finish(fut: asyncio.Future[None], b: int) -> None:
+            nonlocal busy
+            if fut.cancelled():
+                wasted[b] += 1
+            else:
+                fut.set_result(None)
+            while queue:
+                waiting, service, waiting_b = queue.popleft()
+                if not serves_abandoned and waiting.cancelled():
+                    continue
+                call_at(time() + service, finish, waiting, waiting_b)
+                return
+            busy -= 1
+
+        async def attempt() -> None:
+            nonlocal busy
+            now = time()
+            b = int(now * _PER_BUCKET + 1e-9)
+            if b >= size:
+                grow(b)
+            attempts[b] += 1
+            if now < phases.steady_until:
+                error_rate, mu, sigma, hangs = phases.steady
+            else:
+                error_rate, mu, sigma, hangs = phases.at(now)
+            fut = create_future()
+            if rng_random() < error_rate:
+                failed[b] += 1
+                if not hangs:
+                    call_at(now + error_latency, fail, fut)
+            else:
+                service = exp(mu + sigma * gauss(0.0, 1.0)) if sigma else exp(mu)
+                if busy < capacity:
+                    busy += 1
+                    call_at(now + service, finish, fut, b)
+                elif len(queue) < queue_limit:
+                    queue.append((fut, service, b))
+                else:
+                    failed[b] += 1
+                    call_at(now + error_latency, reject, fut)
+            await fut
+
+        # -- the callers ----------------------------------------------------------------
+        # The caller's deadline is the outermost Timeout: inside it, it is the
+        # ambient deadline every policy respects (`sw.deadline` per call would
+        # do the same, and validate its argument 180,000 times an hour).
+        patience = Timeout(traffic.deadline, name="deadline", telemetry=self.telemetry)
+        policies = self.setting.policies(self.telemetry, self.policy_rng)
+        guarded = Pipeline(patience, *policies, name="setting", telemetry=self.telemetry)(attempt)
+        in_flight = 0
+        starting = True  # new calls may still start
+
+        def crashed(exc: BaseException) -> None:
+            if not finished.done():
+                finished.set_exception(exc)
+
+        async def call() -> None:
+            start = time()
+            b = int(start * _PER_BUCKET + 1e-9)
+            if b >= size:
+                grow(b)
+            calls[b] += 1
+            try:
+                await guarded()
+            except DownstreamError:
+                outcomes[1] += 1
+            except DeadlineExceeded:
+                outcomes[2] += 1
+            except (CircuitOpenError, BulkheadFullError):
+                outcomes[3] += 1
+            else:
+                outcomes[0] += 1
+                succeeded[b] += 1
+            latencies.append(time() - start)
+
+        def ended() -> None:
+            nonlocal in_flight
+            in_flight -= 1
+            if not in_flight and not starting and not finished.done():
+                finished.set_result(None)
+
+        async def one_call() -> None:
+            try:
+                await call()
+            except BaseException as exc:  # a bug: stop the simulation with it
+                crashed(exc)
+                raise
+            ended()
+
+        def spawn(coro: Coroutine[Any, Any, None]) -> None:
+            # No set of tasks: a waiting call is always held by something the
+            # loop holds (a timer, the downstream's queue, its deadline's timer),
+            # and a done-callback per call would cost a turn of the loop.
+            nonlocal in_flight
+            in_flight += 1
+            loop.create_task(coro)
+
+        duration = traffic.duration
+        if traffic.mode == "open":
+            assert traffic.rate is not None
+            assert duration is not None
+            expovariate, rate = self.traffic_rng.expovariate, traffic.rate
+
+            def arrive() -> None:
+                nonlocal starting
+                spawn(one_call())
+                later = time() + expovariate(rate)
+                if later < duration:
+                    call_at(later, arrive)
+                else:
+                    starting = False
+
+            first = expovariate(rate)
+            if first < duration:
+                call_at(first, arrive)
+            else:
+                starting = False
+
+            def share_done() -> float:
+                return min(1.0, time() / duration)
+
+        else:
+            assert traffic.clients is not None
+            think, per_client = traffic.think_time, traffic.calls
+            rng = self.traffic_rng
+            total = None if per_client is None else traffic.clients * per_client
+            made = 0
+
+            async def client() -> None:
+                nonlocal made
+                try:
+                    if think:
+                        await asyncio.sleep(rng.expovariate(1.0 / think))
+                    n = 0
+                    while (per_client is None or n < per_client) and (
+                        duration is None or time() < duration
+                    ):
+                        await call()
+                        n += 1
+                        made += 1
+                        if think:
+                            await asyncio.sleep(rng.expovariate(1.0 / think))
+                except BaseException as exc:
+                    crashed(exc)
+                    raise
+                ended()
+
+            for _ in range(traffic.clients):
+                spawn(client())
+            starting = False
+
+            def share_done() -> float:
+                if total is not None:
+                    done = made / total
+                    if duration is None:
+                        return done
+                    return max(done, min(1.0, time() / duration))
+                assert duration is not None
+                return min(1.0, time() / duration)
+
+        # Always ticking, whether or not anyone watches: the ticks are timers too,
+        # and the results must not depend on whether a progress bar is shown.
+        step = (duration or traffic.deadline) / _TICKS
+        report = self.progress
+        ticks = 1
+
+        def tick() -> None:
+            nonlocal ticks
+            if report is not None:
+                report(share_done())
+            ticks += 1
+            call_at(ticks * step, tick)  # not time() + step: no rounding errors piling up
+
+        call_at(step, tick)
+        if not in_flight and not starting:
+            finished.set_result(None)
+        await finished
+        end = time()
+
+        # -- what happened --------------------------------------------------------------
+        used = min(size, max(1, int(end * _PER_BUCKET + 1e-9) + 1))
+        run.calls, run.succeeded = calls[:used], succeeded[:used]
+        run.attempts, run.failed, run.wasted = attempts[:used], failed[:used], wasted[:used]
+        run.open, run.half_open = [0.0] * used, [0.0] * used
+        run.end = end
+        run.outcomes = dict(zip(("ok", "error", "timeout", "rejected"), outcomes, strict=True))
+        ordered = sorted(latencies)
+        run.latency = {
+            "p50": percentile(ordered, 0.50),
+            "p99": percentile(ordered, 0.99),
+            "p999": percentile(ordered, 0.999),
+            "mean": math.fsum(ordered) / len(ordered) if ordered else 0.0,
+        }
+        if self.setting.has_breaker:
+            _breaker_time(self.breaker_log.events, self.setting.open_for, end, run)
+        tel = self.telemetry
+        run.retries = tel.stats("retry", "retry", RetryStats).attempts
+        run.exhausted = tel.stats("retry", "retry", RetryStats).exhausted
+        run.timeouts = tel.stats("timeout", "timeout", TimeoutStats).timeouts
+        run.bulkhead_rejected = tel.stats("bulkhead", "bulkhead", BulkheadStats).rejected
+        if progress := self.progress:
+            progress(1.0)
+        return run

@@ -1,0 +1,694 @@
+"""Scenarios: what the simulated downstream does, who calls it, and which settings to compare.
+
+A scenario is read from TOML (`load`, `parse_text`) or from a dict already
+parsed (`from_dict`, which the tests use to shrink the built-in scenarios),
+validated against `schema`, and resolved into frozen dataclasses the engine
+reads: the timeline becomes absolute phases, the grid a list of `Setting` s,
+each of which can build its real stalwart policies (`Setting.policies`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from opentelemetry.trace import NoOpTracerProvider
+from prometheus_client import CollectorRegistry
+
+from .._bulkhead import Bulkhead
+from .._circuit_breaker import CircuitBreaker
+from .._policy import Policy
+from .._retry import Backoff, Retry
+from .._retry_budget import RetryBudget
+from .._telemetry import Telemetry
+from .._timeout import Timeout
+from .._windows import TimeWindow
+from . import builtin, schema
+from .schema import GRID, SCENARIO, Field, Problems, ScenarioError, Table
+
+__all__ = [
+    "MAX_SETTINGS",
+    "Downstream",
+    "Latency",
+    "Phase",
+    "Scenario",
+    "ScenarioError",
+    "Setting",
+    "Traffic",
+    "from_dict",
+    "load",
+    "parse_text",
+]
+
+#: A grid larger than this is refused: each setting simulates the whole scenario.
+MAX_SETTINGS: Final = 1000
+
+# z-score of the 99th percentile of a standard normal distribution.
+_Z99: Final = 2.3263478740408408
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A log-normal service time, given by its median and 99th percentile."""
+
+    median: float
+    p99: float
+
+    @property
+    def mu(self) -> float:
+        return math.log(self.median)
+
+    @property
+    def sigma(self) -> float:
+        return math.log(self.p99 / self.median) / _Z99
+
+    def scaled(self, factor: float) -> Latency:
+        return Latency(self.median * factor, self.p99 * factor)
+
+    def describe(self) -> str:
+        if self.p99 == self.median:
+            return f"{_duration(self.median)} each"
+        return f"median {_duration(self.median)}, p99 {_duration(self.p99)}"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of the timeline, at absolute times.
+
+    A recovery ramps from ``error_rate`` and ``latency`` to ``end_error_rate``
+    and ``end_latency``; other phases have equal start and end values.
+    """
+
+    kind: str
+    start: float
+    end: float
+    error_rate: float
+    latency: Latency
+    end_error_rate: float
+    end_latency: Latency
+    failure: str
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+    def describe(self) -> str:
+        what = self.kind
+        if self.kind == "outage":
+            rate = "" if self.error_rate == 1.0 else f"{self.error_rate:.0%} "
+            what = f"outage ({rate}{self.failure})"
+        elif self.kind == "brownout":
+            what = f"brownout ({self.latency.describe()})"
+        return f"{what} {_duration(self.duration)}"
+
+
+@dataclass(frozen=True)
+class Traffic:
+    mode: str
+    rate: float | None
+    clients: int | None
+    think_time: float
+    calls: int | None
+    #: seconds during which calls start; None: until each closed client made its ``calls``
+    duration: float | None
+    deadline: float
+
+    def describe(self) -> str:
+        if self.mode == "open":
+            assert self.rate is not None
+            assert self.duration is not None
+            return f"{_duration(self.duration)} of traffic at {self.rate:g} calls/s"
+        think = f", thinking {_duration(self.think_time)}" if self.think_time else ""
+        if self.calls is not None:
+            calls = f"{self.calls} call{'s' if self.calls != 1 else ''} each"
+            within = f" within {_duration(self.duration)}" if self.duration is not None else ""
+            return f"{self.clients} clients, {calls}{think}{within}"
+        assert self.duration is not None
+        return f"{self.clients} clients calling for {_duration(self.duration)}{think}"
+
+
+@dataclass(frozen=True)
+class Downstream:
+    latency: Latency
+    error_rate: float
+    error_latency: float
+    capacity: int | None
+    queue: int | None
+    serves_abandoned: bool
+    timeline: tuple[Phase, ...]
+
+    def describe(self) -> str:
+        parts = [f"latency {self.latency.describe()}", f"{self.error_rate:.2%} errors"]
+        if self.capacity is not None:
+            queue = "unbounded queue" if self.queue is None else f"queue {self.queue}"
+            parts.append(f"{self.capacity} at once, {queue}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the grid: the options of each policy (None: not used)."""
+
+    index: int
+    label: str
+    #: ``{"retry": {...} | None, "breaker": ..., "bulkhead": ..., "timeout": float | None}``
+    options: Mapping[str, Any]
+
+    @property
+    def has_breaker(self) -> bool:
+        return self.options["breaker"] is not None
+
+    @property
+    def open_for(self) -> float:
+        breaker = self.options["breaker"]
+        return 0.0 if breaker is None else float(breaker["open_for"])
+
+    def policies(self, telemetry: Telemetry, rng: random.Random) -> list[Policy]:
+        """The real stalwart policies of this setting, outermost first.
+
+        Named ``retry``, ``breaker``, ``bulkhead`` and ``timeout``; each
+        `Retry` gets a `RetryBudget` of its own when configured (so one
+        setting's calls share one budget).
+        """
+        return [policy for _, policy in self._build(telemetry, rng)]
+
+    def _build(self, telemetry: Telemetry, rng: random.Random) -> Iterator[tuple[str, Policy]]:
+        o = self.options
+        retry = o["retry"]
+        if retry is not None:
+            backoff = _made("grid.retry.backoff", lambda: Backoff(**retry["backoff"]))
+            budget_options = _unlabelled(retry["budget"])
+            budget = (
+                None
+                if budget_options is None
+                else _made("grid.retry.budget", lambda: RetryBudget(**budget_options))
+            )
+            yield (
+                "retry",
+                _made(
+                    "grid.retry",
+                    lambda: Retry(
+                        retry["attempts"],
+                        backoff=backoff,
+                        timeout=retry["timeout"],
+                        budget=budget,
+                        rng=rng,
+                        name="retry",
+                        telemetry=telemetry,
+                    ),
+                ),
+            )
+        breaker = o["breaker"]
+        if breaker is not None:
+            options = {k: v for k, v in breaker.items() if k not in ("time_window", "label")}
+            if breaker["time_window"] is not None:
+                options["window"] = TimeWindow(breaker["time_window"])
+            yield (
+                "breaker",
+                _made(
+                    "grid.breaker",
+                    lambda: CircuitBreaker(**options, name="breaker", telemetry=telemetry),
+                ),
+            )
+        bulkhead = o["bulkhead"]
+        if bulkhead is not None:
+            yield (
+                "bulkhead",
+                _made(
+                    "grid.bulkhead",
+                    lambda: Bulkhead(**_unlabelled(bulkhead), name="bulkhead", telemetry=telemetry),
+                ),
+            )
+        if o["timeout"] is not None:
+            yield (
+                "timeout",
+                _made(
+                    "grid.timeout",
+                    lambda: Timeout(o["timeout"], name="timeout", telemetry=telemetry),
+                ),
+            )
+
+
+def _unlabelled(options: Mapping[str, Any] | None) -> Any:
+    if options is None:
+        return None
+    return {k: v for k, v in options.items() if k != "label"}
+
+
+class _PolicyRefused(Exception):
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+def _made(path: str, make: Any) -> Any:
+    try:
+        return make()
+    except (TypeError, ValueError) as exc:
+        raise _PolicyRefused(path, str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    seed: int
+    traffic: Traffic
+    downstream: Downstream
+    settings: tuple[Setting, ...]
+    #: the options every setting shares, those that differ from stalwart's defaults
+    common: str
+
+    @property
+    def incident(self) -> tuple[float, float] | None:
+        """From the start of the first phase that is not healthy to the end of the last one."""
+        sick = [p for p in self.downstream.timeline if p.kind != "healthy"]
+        return (sick[0].start, sick[-1].end) if sick else None
+
+    @property
+    def core(self) -> tuple[float, float] | None:
+        """The outage phases (or else the brownouts, or else the recoveries), first to last.
+
+        Detection is timed from its start, recovery from its end.
+        """
+        for kind in ("outage", "brownout", "recovery"):
+            phases = [p for p in self.downstream.timeline if p.kind == kind]
+            if phases:
+                return (phases[0].start, phases[-1].end)
+        return None
+
+    def describe(self) -> str:
+        parts = [self.traffic.describe()]
+        if self.downstream.timeline:
+            parts.append(
+                "downstream: " + ", then ".join(p.describe() for p in self.downstream.timeline)
+            )
+        return "; ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    if seconds >= 1:
+        return f"{seconds:g} s"
+    return f"{seconds * 1000:g} ms"
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def load(path: str | Path) -> Scenario:
+    """Read and validate a scenario file; its name defaults to the file's stem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ScenarioError([("", f"cannot read {path}: {reason}")], str(path)) from None
+    except UnicodeDecodeError:
+        raise ScenarioError([("", "not UTF-8 text")], str(path)) from None
+    return parse_text(text, name=path.stem, source=str(path))
+
+
+def parse_text(text: str, *, name: str, source: str | None = None) -> Scenario:
+    """Validate a scenario written in TOML."""
+    source = source or name
+    return from_dict(schema.loads_toml(text, source), name=name, source=source)
+
+
+def from_dict(data: Mapping[str, Any], *, name: str, source: str | None = None) -> Scenario:
+    """Validate a scenario already parsed from TOML; raise `ScenarioError` with every problem."""
+    source = source or name
+    problems = Problems()
+    top = schema.check_table(dict(data), SCENARIO, "", problems)
+    traffic_in = top.get("traffic", {})
+    downstream_in = top.get("downstream", {})
+    timeline = _timeline(downstream_in, problems)
+    traffic = _traffic(traffic_in, timeline, problems)
+    downstream = _downstream(downstream_in, timeline, problems)
+    grid_in = data.get("grid") if "grid" in data else _default_grid()
+    settings, common = _grid(grid_in, problems) if isinstance(grid_in, dict) else ((), "")
+    problems.raise_if_any(source)
+    assert traffic is not None
+    assert downstream is not None
+    return Scenario(
+        name=top["name"] or name,
+        description=top["description"],
+        seed=top["seed"],
+        traffic=traffic,
+        downstream=downstream,
+        settings=settings,
+        common=common,
+    )
+
+
+def _default_grid() -> dict[str, Any]:
+    """The grid of the built-in ``outage`` scenario: what a scenario without one compares."""
+    outage = builtin.NAMES[0]
+    grid: dict[str, Any] = schema.loads_toml(builtin.text(outage), outage)["grid"]
+    return grid
+
+
+def _latency(raw: Mapping[str, Any] | None, path: str, problems: Problems) -> Latency | None:
+    if raw is None or "median" not in raw:
+        return None
+    median = raw["median"]
+    p99 = raw.get("p99")
+    if p99 is None:
+        return Latency(median, median)
+    if p99 < median:
+        problems.add(f"{path}.p99", f"must be ≥ median ({median:g}), got {p99:g}")
+        return None
+    return Latency(median, p99)
+
+
+def _timeline(raw: Mapping[str, Any], problems: Problems) -> list[dict[str, Any]] | None:
+    """The timeline's entries after the checks that need several keys; None if broken."""
+    entries = raw.get("timeline")
+    if "timeline" not in raw:
+        return None  # it had problems
+    if entries is None:
+        return []
+    ok = True
+    for i, entry in enumerate(entries):
+        path = f"downstream.timeline[{i}]"
+        if not isinstance(entry, dict):
+            ok = False
+            continue
+        if "phase" not in entry or "duration" not in entry:
+            ok = False
+        kind = entry.get("phase")
+        if kind is None:
+            continue
+        if entry.get("slowdown") is not None and kind != "brownout":
+            problems.add(f"{path}.slowdown", f"only a brownout has a slowdown, not a {kind} phase")
+            ok = False
+        if kind == "brownout" and entry.get("slowdown") is not None and entry.get("latency"):
+            problems.add(f"{path}.slowdown", "give either slowdown or latency, not both")
+            ok = False
+        if kind == "recovery":
+            for key in ("error_rate", "latency"):
+                if entry.get(key) is not None:
+                    problems.add(
+                        f"{path}.{key}",
+                        "a recovery ramps from the previous phase to the base profile; "
+                        f"it takes no {key}",
+                    )
+                    ok = False
+        latency = entry.get("latency")
+        if latency is not None and _latency(latency, f"{path}.latency", problems) is None:
+            ok = False
+    return entries if ok else None
+
+
+def _traffic(
+    raw: Mapping[str, Any], timeline: list[dict[str, Any]] | None, problems: Problems
+) -> Traffic | None:
+    mode = raw.get("mode")
+    if mode == "open":
+        if "rate" in raw and raw["rate"] is None:
+            problems.add("traffic.rate", 'missing: open traffic (mode = "open") needs a rate')
+        for key in ("clients", "calls"):
+            if raw.get(key) is not None:
+                problems.add(f"traffic.{key}", 'only closed traffic (mode = "closed") has ' + key)
+        if raw.get("think_time"):
+            problems.add("traffic.think_time", 'only closed traffic (mode = "closed") thinks')
+    elif mode == "closed":
+        if "clients" in raw and raw["clients"] is None:
+            problems.add(
+                "traffic.clients", 'missing: closed traffic (mode = "closed") needs clients'
+            )
+        if raw.get("rate") is not None:
+            problems.add("traffic.rate", 'only open traffic (mode = "open") has a rate')
+    duration = raw.get("duration")
+    if duration is None and timeline:
+        duration = sum(entry["duration"] for entry in timeline)
+    if (
+        "duration" in raw
+        and duration is None
+        and timeline is not None
+        and not (mode == "closed" and raw.get("calls") is not None)
+    ):
+        problems.add(
+            "traffic.duration",
+            "missing: give a duration, a downstream.timeline"
+            + (", or calls per client" if mode == "closed" else ""),
+        )
+    needed = ("mode", "rate", "clients", "think_time", "calls", "duration", "deadline")
+    if any(key not in raw for key in needed):
+        return None
+    return Traffic(
+        mode=raw["mode"],
+        rate=raw["rate"],
+        clients=raw["clients"],
+        think_time=raw["think_time"],
+        calls=raw["calls"],
+        duration=duration,
+        deadline=raw["deadline"],
+    )
+
+
+def _downstream(
+    raw: Mapping[str, Any], timeline: list[dict[str, Any]] | None, problems: Problems
+) -> Downstream | None:
+    base = _latency(raw.get("latency"), "downstream.latency", problems)
+    if raw.get("queue") is not None and "capacity" in raw and raw["capacity"] is None:
+        problems.add("downstream.queue", "a queue needs a capacity (downstream.capacity)")
+    needed = ("error_rate", "error_latency", "capacity", "queue", "serves_abandoned")
+    if base is None or timeline is None or any(k not in raw for k in needed):
+        return None
+    base_error = raw["error_rate"]
+    phases: list[Phase] = []
+    t = 0.0
+    previous = (base_error, base)
+    for i, entry in enumerate(timeline):
+        kind = entry["phase"]
+        latency = _latency(entry.get("latency"), f"downstream.timeline[{i}].latency", Problems())
+        error = entry.get("error_rate")
+        if kind == "recovery":
+            start, end = previous, (base_error, base)
+        else:
+            if kind == "brownout" and latency is None:
+                latency = base.scaled(entry.get("slowdown") or 10.0)
+            if error is None:
+                error = 1.0 if kind == "outage" else base_error
+            start = end = (error, latency or base)
+        phases.append(
+            Phase(
+                kind=kind,
+                start=t,
+                end=t + entry["duration"],
+                error_rate=start[0],
+                latency=start[1],
+                end_error_rate=end[0],
+                end_latency=end[1],
+                failure=entry.get("failure", "errors"),
+            )
+        )
+        t += entry["duration"]
+        previous = end
+    return Downstream(
+        latency=base,
+        error_rate=base_error,
+        error_latency=raw["error_latency"],
+        capacity=raw["capacity"],
+        queue=raw["queue"],
+        serves_abandoned=raw["serves_abandoned"],
+        timeline=tuple(phases),
+    )
+
+
+# -- the grid --------------------------------------------------------------------------
+
+
+def _grid(raw: dict[str, Any], problems: Problems) -> tuple[tuple[Setting, ...], str]:
+    before = len(problems.items)
+    schema._unknown_keys(raw, GRID, "grid", problems)
+    axes: list[list[tuple[str, Any]]] = []
+    for f in GRID.fields:
+        path = f"grid.{f.name}"
+        if f.name in raw:
+            if f.name == "breaker":
+                _both_windows(raw[f.name], path, problems)
+            options = schema.expand(raw[f.name], f, path, problems)
+        else:
+            options = [None]
+        axes.append([(f.name, option) for option in options])
+    if len(problems.items) > before:
+        return (), ""
+    count = math.prod(len(axis) for axis in axes)
+    if count > MAX_SETTINGS:
+        problems.add(
+            "grid",
+            f"{count} settings is too many (at most {MAX_SETTINGS}): each one simulates the "
+            "whole scenario; narrow some lists of alternatives",
+        )
+        return (), ""
+    combos = [dict(combo) for combo in itertools.product(*axes)]
+    leaves = [dict(_leaves(combo, GRID, "")) for combo in combos]
+    labels = _labels(leaves)
+    settings = tuple(
+        Setting(index=i, label=label, options=combo)
+        for i, (label, combo) in enumerate(zip(labels, combos, strict=True))
+    )
+    refused: dict[tuple[str, str], None] = {}
+    dummy = Telemetry(registry=CollectorRegistry(), tracer_provider=NoOpTracerProvider())
+    for setting in settings:
+        refusal = _refusal(setting, dummy)
+        if refusal is not None:
+            refused[refusal] = None
+    for path, message in refused:
+        problems.add(path, message)
+    return settings, _common(leaves)
+
+
+def _refusal(setting: Setting, telemetry: Telemetry) -> tuple[str, str] | None:
+    """Why the policies refuse this setting's options, if they do."""
+    try:
+        setting.policies(telemetry, random.Random(0))
+    except _PolicyRefused as exc:
+        return exc.path, exc.message
+    return None
+
+
+def _both_windows(raw: Any, path: str, problems: Problems) -> None:
+    tables = raw if isinstance(raw, list) else [raw]
+    for i, table in enumerate(tables):
+        if isinstance(table, dict) and "window" in table and "time_window" in table:
+            where = f"{path}[{i}]" if isinstance(raw, list) else path
+            problems.add(f"{where}.time_window", "give either window or time_window, not both")
+
+
+def _leaves(options: Mapping[str, Any], table: Table, prefix: str) -> Iterator[tuple[str, str]]:
+    """``(path, text)`` for every option: sections ``on``/``off``, then their keys."""
+    for f in table.fields:
+        path = schema.join_path(prefix, f.name)
+        value = options[f.name]
+        if path in ("retry.backoff", "retry.budget") and options["attempts"] == 1:
+            continue  # a Retry that never retries: neither matters
+        if isinstance(f.kind, Table):
+            if value is None:
+                yield path, "off"
+            else:
+                if f.switchable:
+                    yield path, "on"
+                yield from _leaves(value, f.kind, path)
+        elif f.name == "label":
+            if value is not None:
+                yield path, value
+        else:
+            yield path, _value_text(value, f)
+
+
+def _value_text(value: Any, f: Field) -> str:
+    if value is None:
+        return "off" if f.switchable else "none"
+    if isinstance(f.kind, schema.Number) and f.kind.unit == "s":
+        return f"{value:g}s"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+_ALIASES: Final = {"retry.attempts": "attempts", "retry.backoff.jitter": "jitter"}
+
+# What a section that is on in some settings only shows instead of "on".
+_HEADLINES: Final = {"retry": "attempts", "retry.budget": "ratio", "bulkhead": "max_concurrent"}
+
+
+def _alias(path: str) -> str:
+    if path in _ALIASES:
+        return _ALIASES[path]
+    for section in ("retry.backoff", "retry.budget"):
+        if path == section or path.startswith(section + "."):
+            return path[len("retry.") :]
+    return path
+
+
+def _displayed(row: Mapping[str, str]) -> dict[str, str]:
+    """``row`` as labels show it: a section with a ``label`` is that label, its options unsaid."""
+    labelled = [path[: -len(".label")] for path in row if path.endswith(".label")]
+    shown = {}
+    for path, value in row.items():
+        owner = next((s for s in labelled if path == s or path.startswith(s + ".")), None)
+        if owner is None:
+            shown[path] = value
+        elif path == owner:
+            shown[path] = row[f"{owner}.label"]
+    return shown
+
+
+def _labels(leaves: Sequence[Mapping[str, str]]) -> list[str]:
+    """A short label per setting: ``key=value`` for every option that differs between them.
+
+    A section that is on in some settings and off in others shows its
+    ``label``, else its varying options, else its headline option (``on``
+    for a breaker).
+    """
+    rows = [_displayed(row) for row in leaves]
+    varying = [p for p in _ORDER if len({row[p] for row in rows if p in row}) > 1]
+    labels = []
+    for row, raw in zip(rows, leaves, strict=True):
+        parts = []
+        for path in varying:
+            if path not in row:
+                continue  # inside a section that is off or labelled here
+            value = row[path]
+            if value == "on":
+                if any(other.startswith(path + ".") and other in row for other in varying):
+                    continue  # its varying options say more
+                headline = _HEADLINES.get(path)
+                if headline is not None:
+                    value = raw[f"{path}.{headline}"]
+            parts.append(f"{_alias(path)}={value}")
+        labels.append(" ".join(parts) or "the only setting")
+    return labels
+
+
+def _common(leaves: Sequence[Mapping[str, str]]) -> str:
+    """The options that never vary, where they differ from stalwart's defaults.
+
+    A section present in every setting is named even with default options.
+    """
+    shared = []
+    for path in _ORDER:
+        if path.endswith(".label"):
+            continue
+        rows = [row for row in leaves if path in row]
+        values = {row[path] for row in rows}
+        if len(values) != 1:
+            continue  # absent, or it varies: the labels show it
+        value = values.pop()
+        if value in ("on", "off"):
+            if value == "on" and len(rows) == len(leaves) and "." not in path:
+                shared.append(path)
+            continue
+        if _DEFAULTS.get(path) != value:
+            shared.append(f"{_alias(path)}={value}")
+    return ", ".join(shared)
+
+
+def _full_defaults() -> dict[str, Any]:
+    """Every section on, with its defaults (a bulkhead's ``max_concurrent`` has none)."""
+    out: dict[str, Any] = {}
+    for f in GRID.fields:
+        if isinstance(f.kind, Table):
+            section = schema._default_of(Field(f.name, f.kind, {}, ""))
+            out[f.name] = section
+        else:
+            out[f.name] = f.default
+    out["retry"]["budget"] = schema._default_of(Field("budget", schema.BUDGET, {}, ""))
+    return out
+
+
+#: Every option's path, in the order labels show them, and its default's text.
+_DEFAULTS: Final = dict(_leaves(_full_defaults(), GRID, ""))
+_ORDER: Final = tuple(_DEFAULTS)
