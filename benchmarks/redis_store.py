@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import stalwart as sw
 from benchmarks import _harness
 from benchmarks._harness import Call, Case
-from stalwart._circuit_store import InProcessStore
+from stalwart._circuit_store import InProcessCircuitStore
 from stalwart.redis import RedisStore
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -68,8 +68,8 @@ def breaker_cases(store: RedisStore) -> list[Case]:
         Case("await f()", lambda: f),
         Case("breaker, success, state in process", lambda: _success(None), "await f()"),
         Case(
-            "breaker, success, InProcessStore",
-            lambda: _success(InProcessStore()),
+            "breaker, success, InProcessCircuitStore",
+            lambda: _success(InProcessCircuitStore()),
             "breaker, success, state in process",
             1.5,
         ),

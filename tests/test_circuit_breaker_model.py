@@ -29,7 +29,7 @@ from hypothesis.stateful import (
 from prometheus_client import CollectorRegistry
 
 import stalwart as sw
-from stalwart._circuit_store import InProcessStore
+from stalwart._circuit_store import InProcessCircuitStore
 from stalwart.testing import VirtualClockEventLoop
 
 OUTCOMES = ["success", "failure", "benign", "ignored", "base"]
@@ -237,7 +237,7 @@ class BreakerMachine(RuleBasedStateMachine):
             window=window,
             failure_on=Failure,
             ignore=Ignored,
-            store=InProcessStore() if shared else None,
+            store=InProcessCircuitStore() if shared else None,
             telemetry=sw.Telemetry(registry=CollectorRegistry()),
             **options,
         )

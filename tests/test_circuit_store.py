@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 import stalwart as sw
 from stalwart import CircuitState
-from stalwart._circuit_store import CircuitRecord, CircuitStore, InProcessStore, Listener
+from stalwart._circuit_store import CircuitRecord, CircuitStore, InProcessCircuitStore, Listener
 
 from .conftest import sample
 
@@ -141,7 +141,7 @@ class SharedStore:
 
 def test_the_fake_and_the_in_process_store_follow_the_protocol() -> None:
     assert isinstance(SharedStore(Server()), CircuitStore)
-    assert isinstance(InProcessStore(), CircuitStore)
+    assert isinstance(InProcessCircuitStore(), CircuitStore)
 
 
 class Boom(Exception):
@@ -183,7 +183,7 @@ def pair(
 def stores() -> dict[str, Callable[[], CircuitStore | None]]:
     return {
         "private": lambda: None,
-        "in-process": InProcessStore,
+        "in-process": InProcessCircuitStore,
         "shared": lambda: SharedStore(Server()),
     }
 
@@ -240,7 +240,7 @@ async def test_an_ignored_trial_gives_its_permit_back_on_any_store(
 
 
 async def test_breakers_sharing_an_in_process_store_and_a_name_open_together() -> None:
-    store = InProcessStore()
+    store = InProcessCircuitStore()
     reads, writes = pair(store, store)
     other = sw.CircuitBreaker(name="other", store=store)
     await attempt(writes(boom))
@@ -250,7 +250,7 @@ async def test_breakers_sharing_an_in_process_store_and_a_name_open_together() -
 
 
 async def test_an_in_process_store_holds_its_breakers_weakly() -> None:
-    store = InProcessStore()
+    store = InProcessCircuitStore()
     first, _ = pair(store, store)
     ref = weakref.ref(first)
     del first
@@ -261,7 +261,7 @@ async def test_an_in_process_store_holds_its_breakers_weakly() -> None:
 
 
 def test_an_in_process_store_accepts_a_plain_function_as_listener() -> None:
-    store = InProcessStore()
+    store = InProcessCircuitStore()
     seen: list[CircuitRecord] = []
     store.attach("dep", seen.append)
     store.assign("dep", OPEN)

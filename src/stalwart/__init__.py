@@ -11,6 +11,7 @@ keys, as composable decorators for ``async def`` code on asyncio and trio.
 
 from ._bulkhead import Bulkhead, BulkheadStatistics
 from ._circuit_breaker import CircuitBreaker, CircuitBreakerStatistics, CircuitState
+from ._circuit_store import CircuitRecord, CircuitStore, InProcessCircuitStore
 from ._codec import Codec, JSONCodec
 from ._errors import (
     BulkheadFullError,
@@ -40,7 +41,9 @@ __all__ = [
     "CircuitBreaker",
     "CircuitBreakerStatistics",
     "CircuitOpenError",
+    "CircuitRecord",
     "CircuitState",
+    "CircuitStore",
     "Codec",
     "Completed",
     "CountWindow",
@@ -50,6 +53,7 @@ __all__ = [
     "IdempotencyKeyReused",
     "IdempotencyStore",
     "InFlight",
+    "InProcessCircuitStore",
     "JSONCodec",
     "Jitter",
     "Lease",

@@ -235,7 +235,7 @@ class CircuitBreaker(Policy):
             or predicate ``exc -> bool``.
         ignore: what counts as nothing, in the same forms.
         store: where the state lives: None (this object), an
-            `InProcessStore`, or ``stalwart.redis.RedisStore``. Breakers
+            `InProcessCircuitStore`, or ``stalwart.redis.RedisStore``. Breakers
             sharing a store share the state of their ``name``.
 
     Example::
@@ -311,7 +311,7 @@ class CircuitBreaker(Policy):
         )
         if store is not None and not isinstance(store, CircuitStore):
             raise TypeError(
-                "store must be a circuit store (InProcessStore, RedisStore) or None, "
+                "store must be a circuit store (InProcessCircuitStore, RedisStore) or None, "
                 f"not {type(store).__name__}"
             )
         self._rules = _shared(rules)

@@ -14,7 +14,7 @@ A breaker splits what it knows in two, "local decisions, shared transitions":
   sharing that state (a remote store learns of them by pub/sub).
 
 With ``store=None`` (the default) the state lives in the breaker itself, and
-transitions apply at once. `InProcessStore` shares it between breakers of
+transitions apply at once. `InProcessCircuitStore` shares it between breakers of
 one process; ``stalwart.redis.RedisStore`` between processes and hosts. Both
 implement the protocol documented on `CircuitStore`, which is all a new
 store needs to follow.
@@ -31,7 +31,7 @@ from typing import Final, Protocol, final, runtime_checkable
 
 from . import _clock
 
-__all__ = ["CircuitRecord", "CircuitState", "CircuitStore", "InProcessStore", "Listener"]
+__all__ = ["CircuitRecord", "CircuitState", "CircuitStore", "InProcessCircuitStore", "Listener"]
 
 
 class CircuitState(enum.Enum):
@@ -203,7 +203,7 @@ class CircuitStore(Protocol):
 
 
 class _Circuit:
-    """The state of one key of an `InProcessStore`."""
+    """The state of one key of an `InProcessCircuitStore`."""
 
     __slots__ = (
         "forced",
@@ -256,10 +256,10 @@ _OPEN: Final = CircuitState.OPEN
 
 
 @final
-class InProcessStore:
+class InProcessCircuitStore:
     """Shares circuit state between the breakers of one process, by name.
 
-    Breakers given the same `InProcessStore` and the same ``name`` open,
+    Breakers given the same `InProcessCircuitStore` and the same ``name`` open,
     close and take half-open trials together, while each keeps its own window
     of outcomes: one breaker per module or per client object can guard the
     same dependency. It is also the reference implementation of
@@ -267,7 +267,7 @@ class InProcessStore:
 
     Example::
 
-        store = InProcessStore()
+        store = sw.InProcessCircuitStore()
         reads = sw.CircuitBreaker(name="inventory", store=store)
         writes = sw.CircuitBreaker(name="inventory", store=store)
         # when `writes` trips, `reads` rejects too
@@ -332,7 +332,7 @@ class InProcessStore:
         circuit.push(circuit.record(None))
 
     def __repr__(self) -> str:
-        return f"<InProcessStore: {len(self._circuits)} circuits>"
+        return f"<InProcessCircuitStore: {len(self._circuits)} circuits>"
 
 
 def _weakly(listener: Listener) -> Callable[[], Listener | None]:
