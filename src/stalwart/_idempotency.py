@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, Literal, TypeVar, Union, cast, final
+from typing import Any, Final, Literal, TypeVar, Union, final
 
 import anyio
 from typing_extensions import ParamSpec
@@ -16,13 +16,13 @@ from typing_extensions import ParamSpec
 from . import _codec, _telemetry, _validate
 from ._errors import IdempotencyConflict, IdempotencyKeyReused
 from ._idempotency_store import (
-    DEFAULT_MAX_ENTRIES,
     ClaimOutcome,
     Completed,
     IdempotencyStore,
     InFlight,
     Lease,
     MemoryStore,
+    resolve_store,
 )
 from ._policy import Policy
 from ._telemetry import IdempotencyStats, Telemetry, add_event, otel_probe, run_in_span
@@ -138,25 +138,7 @@ class Idempotency(Policy):
                 f"key must be a parameter name (str) or a callable, not {type(key).__name__}"
             )
         self._key = key
-        if store is None:
-            store = MemoryStore(
-                DEFAULT_MAX_ENTRIES
-                if max_entries is None
-                else _validate.count("max_entries", max_entries)
-            )
-        elif max_entries is not None:
-            raise ValueError(
-                "max_entries sizes the default in-process store; with store=..., "
-                "size that store instead (MemoryStore(max_entries=...))"
-            )
-        elif not isinstance(cast(object, store), IdempotencyStore):
-            raise TypeError(
-                "store must implement stalwart.IdempotencyStore (claim, complete, release, "
-                f"renew, wait), not {type(store).__name__}"
-            )
-        self._store = store
-        # The in-process store never suspends, so it cannot be interrupted
-        # half-way; a shared store's cleanup must not be.
+        self._store = store = resolve_store(store, max_entries)
         self._keeper = LeaseKeeper(store, f"idempotency policy {self._name!r}")
         self._ttl = _validate.duration("ttl", ttl, positive=True)
         spec: object = fingerprint

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, Union, final, runtime_checkable
+from typing import Any, Final, Protocol, Union, cast, final, runtime_checkable
 
 import anyio
 
@@ -392,3 +392,24 @@ class MemoryStore:
 def _fingerprint_of(holder: Lease | list[Any]) -> str | None:
     fingerprint: str | None = holder.fingerprint if type(holder) is Lease else holder[0]
     return fingerprint
+
+
+def resolve_store(store: IdempotencyStore | None, max_entries: int | None) -> IdempotencyStore:
+    """The ``store=`` of the decorator or the middleware, checked; None: a new `MemoryStore`."""
+    if store is None:
+        return MemoryStore(
+            DEFAULT_MAX_ENTRIES
+            if max_entries is None
+            else _validate.count("max_entries", max_entries)
+        )
+    if max_entries is not None:
+        raise ValueError(
+            "max_entries sizes the default in-process store; with store=..., "
+            "size that store instead (MemoryStore(max_entries=...))"
+        )
+    if not isinstance(cast(object, store), IdempotencyStore):
+        raise TypeError(
+            "store must implement stalwart.IdempotencyStore (claim, complete, release, "
+            f"renew, wait), not {type(store).__name__}"
+        )
+    return store

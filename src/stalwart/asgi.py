@@ -25,19 +25,18 @@ import logging
 import re
 import struct
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any, Final, Union, cast, final
+from typing import Any, Final, Union, final
 
 from . import _clock, _telemetry, _validate
 from ._errors import DeadlineExceeded, StoreUnavailable
 from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
 from ._idempotency import LeaseKeeper
 from ._idempotency_store import (
-    DEFAULT_MAX_ENTRIES,
     Completed,
     IdempotencyStore,
     InFlight,
     Lease,
-    MemoryStore,
+    resolve_store,
 )
 from ._telemetry import IdempotencyStats, Telemetry, add_event
 from ._timeout import deadline
@@ -583,23 +582,7 @@ class IdempotencyMiddleware:
         if not callable(app):
             raise TypeError(f"app must be an ASGI application, not {type(app).__name__}")
         self._app = app
-        if store is None:
-            store = MemoryStore(
-                DEFAULT_MAX_ENTRIES
-                if max_entries is None
-                else _validate.count("max_entries", max_entries)
-            )
-        elif max_entries is not None:
-            raise ValueError(
-                "max_entries sizes the default in-process store; with store=..., "
-                "size that store instead (MemoryStore(max_entries=...))"
-            )
-        elif not isinstance(cast(object, store), IdempotencyStore):
-            raise TypeError(
-                "store must implement stalwart.IdempotencyStore (claim, complete, release, "
-                f"renew, wait), not {type(store).__name__}"
-            )
-        self._store = store
+        self._store = store = resolve_store(store, max_entries)
         self._header_label = header_name("header", header)
         self._header = self._header_label.lower().encode()
         self._methods = _methods(methods)
