@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import math
 import pickle
+import time
 import tracemalloc
 from collections.abc import Callable, Coroutine
 from functools import partial
@@ -17,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from typing_extensions import assert_type
 
 import stalwart as sw
-from stalwart import CircuitState
+from stalwart import CircuitState, _clock
 from stalwart.testing import VirtualClockEventLoop
 
 from .conftest import Spans, sample
@@ -1035,3 +1037,44 @@ def test_windows_are_frozen_values() -> None:
     with pytest.raises(AttributeError):
         window.seconds = 2.0  # type: ignore[misc]
     assert sw.TimeWindow(3).seconds == 3.0
+
+
+# -- the rejection's clock -----------------------------------------------------
+
+
+def test_on_a_plain_asyncio_loop_rejections_read_the_monotonic_clock() -> None:
+    # Not virtual time: this is about the real clock. An open breaker's
+    # rejection compares time.monotonic() with the end of the open period
+    # directly (the loop's own clock, without looking the loop up).
+    async def main() -> tuple[float, float, object, object]:
+        cb = breaker(consecutive_failures=1, open_for=60.0)
+        _, fn = guard(cb)
+        await trip(fn, 1)
+        with pytest.raises(sw.CircuitOpenError) as first:
+            await fn("ok")
+        cb.force_open()
+        with pytest.raises(sw.CircuitOpenError) as forced:
+            await fn("ok")
+        return first.value.retry_after, forced.value.retry_after, _clock.monotonic_or_none(), cb
+
+    before = time.monotonic()
+    retry_after, forced, clock, cb = asyncio.run(main())
+    assert 60.0 - (time.monotonic() - before) <= retry_after <= 60.0
+    assert forced == math.inf
+    assert clock is time.monotonic
+    assert isinstance(cb, sw.CircuitBreaker)
+    assert cb.state is OPEN
+
+
+async def test_virtual_clocks_are_asked_through_the_loop() -> None:
+    # conftest runs asyncio on VirtualClockEventLoop, trio on MockClock.
+    assert _clock.monotonic_or_none() is None
+    cb = breaker(consecutive_failures=1, open_for=5.0)
+    _, fn = guard(cb)
+    await trip(fn, 1)
+    await anyio.sleep(4.0)
+    with pytest.raises(sw.CircuitOpenError) as info:
+        await fn("ok")
+    assert info.value.retry_after == pytest.approx(1.0)
+    await anyio.sleep(1.0)
+    assert await outcome(fn, "ok") == "ok"

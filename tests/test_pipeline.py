@@ -166,3 +166,33 @@ def test_a_pipeline_rejects_sync_functions() -> None:
 def test_pipeline_exposes_its_policies() -> None:
     retry, timeout = sw.Retry(), sw.Timeout(1)
     assert sw.Pipeline(retry, timeout).policies == (retry, timeout)
+
+
+# -- arguments through every inlined path ---------------------------------------
+
+
+def each_policy() -> list[sw.Policy]:
+    return [
+        sw.Retry(),
+        sw.Retry(timeout=10.0),
+        sw.CircuitBreaker(),
+        sw.CircuitBreaker(window=sw.TimeWindow(10.0)),
+        sw.CircuitBreaker(slow_call_duration=1.0),
+        sw.Bulkhead(2),
+        sw.Timeout(10.0),
+        sw.Idempotency(key="key"),
+        sw.Pipeline(sw.Timeout(10.0), sw.Retry(), sw.CircuitBreaker(), sw.Bulkhead(2)),
+    ]
+
+
+@pytest.mark.parametrize("policy", each_policy(), ids=repr)
+async def test_positional_and_keyword_arguments_reach_the_function(policy: sw.Policy) -> None:
+    # The wrappers call fn(*args) when no keywords are given (a faster call
+    # than fn(*args, **kwargs)); both ways must deliver every argument.
+    async def echo(key: str, *rest: int, scale: int = 1, **extra: int) -> object:
+        return key, rest, scale, extra
+
+    guarded = policy(echo)
+    assert await guarded("a", 1, 2) == ("a", (1, 2), 1, {})
+    assert await guarded("b", scale=3, more=4) == ("b", (), 3, {"more": 4})
+    assert await guarded(key="c") == ("c", (), 1, {})

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import gc
 import inspect
 import itertools
 import math
 import random
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -566,3 +568,41 @@ async def test_retries_disabled_lets_the_first_failure_through(registry: Collect
         await retry(fn)()
     assert len(fn.raised) == 1
     assert await retry(fn)() == "ok"  # outside the block, retrying is back
+
+
+async def test_retried_failures_leave_no_reference_cycles_behind() -> None:
+    # A retried error is done with: its traceback is dropped, so nothing keeps
+    # it (or the frames it ran through) alive once the call is over, even
+    # with the cycle collector off. The error that is raised keeps its own.
+    class Failure(Exception):
+        pass  # unlike ValueError, can be weakly referenced
+
+    refs: list[weakref.ref[Failure]] = []
+
+    def remember(error: Failure) -> Failure:
+        refs.append(weakref.ref(error))
+        return error
+
+    def failing(failures: int) -> Callable[[], Any]:
+        async def fn() -> str:
+            if len(refs) < failures:
+                raise remember(Failure(len(refs)))  # no local: no cycle of our own
+            return "ok"
+
+        return fn
+
+    retry = sw.Retry(attempts=3, backoff=NO_WAIT)
+    gc.disable()
+    try:
+        assert await retry(failing(2))() == "ok"
+        assert [ref() for ref in refs] == [None, None]
+
+        refs.clear()
+        with pytest.raises(Failure) as info:
+            await retry(failing(3))()
+        assert info.value is refs[-1]()
+        assert info.value.__traceback__ is not None
+        del info
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()

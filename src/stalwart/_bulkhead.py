@@ -141,6 +141,7 @@ class Bulkhead(Policy):
         origin: Callable[..., Any],
         traced: bool,
     ) -> Callable[P, Coroutine[Any, Any, T]]:
+        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         limit, waiters, acquire, hand_over = (
             self._max,
             self._waiters,
@@ -157,7 +158,7 @@ class Bulkhead(Policy):
             else:
                 await acquire()
             try:
-                return await fn(*args, **kwargs)
+                return await (fn(*args, **kwargs) if kwargs else positional(*args))
             finally:
                 if waiters:
                     hand_over()
@@ -176,7 +177,7 @@ class Bulkhead(Policy):
             else:
                 await acquire()
             try:
-                return await fn(*args, **kwargs)
+                return await (fn(*args, **kwargs) if kwargs else positional(*args))
             finally:
                 if waiters:
                     hand_over()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar, Union, final
@@ -250,6 +251,7 @@ class CircuitBreaker(Policy):
     __slots__ = (
         "_fast",
         "_message",
+        "_open_clock",
         "_open_until",
         "_ring",
         "_rules",
@@ -323,6 +325,7 @@ class CircuitBreaker(Policy):
         self._state = _CLOSED
         self._version = 0
         self._open_until = 0.0
+        self._open_clock: Callable[[], float] | None = None  # see `_install`
         self._trials = 0
         self._successes = 0
         self._tripping = -1  # the version a transition to OPEN is being asked from
@@ -441,6 +444,13 @@ class CircuitBreaker(Policy):
         self._fast = False
         self._version = version
         self._open_until = open_until
+        # The clock an OPEN state's rejections may read directly: ``until``
+        # came from time.monotonic() (a plain asyncio loop), or is infinite
+        # (forced: any clock will do). Else None, and they ask `_clock.now`.
+        if open_until == math.inf:
+            self._open_clock = time.monotonic
+        else:
+            self._open_clock = _clock.monotonic_or_none() if state is _OPEN else None
         self._trials = self._successes = 0
         if state is _CLOSED:
             self._ring.clear()
@@ -563,20 +573,25 @@ class CircuitBreaker(Policy):
 
     # -- rejections ----------------------------------------------------------
 
-    def _rejected(self, retry_after: float, message: str | None = None) -> CircuitOpenError:
-        """The error for a rejected call (counted and reported here)."""
-        if message is None:
-            message = self._message or self._open_message()
-        error = _new_error(CircuitOpenError, message)
+    def _rejected(self, retry_after: float) -> CircuitOpenError:
+        """The error for a call rejected while OPEN (counted and reported here).
+
+        Every rejection of an open breaker comes through here, so it is kept
+        to the bone: its budget is twice the cost of raising a bare exception.
+        """
+        error = _new_error(CircuitOpenError, self._message or self._open_message())
         error.policy = self._name
         error.retry_after = retry_after
         self._stats.rejected += 1
         if _telemetry._explicit_tracing or otel_probe._TRACER_PROVIDER is not None:
-            add_event(
-                "stalwart.circuit.rejected",
-                {**self._span_attributes, "stalwart.retry_after": retry_after},
-            )
+            self._rejection_event(retry_after)
         return error
+
+    def _rejection_event(self, retry_after: float) -> None:
+        add_event(
+            "stalwart.circuit.rejected",
+            {**self._span_attributes, "stalwart.retry_after": retry_after},
+        )
 
     def _open_message(self) -> str:
         self._message = f"circuit breaker {self._name!r} is open"
@@ -584,11 +599,16 @@ class CircuitBreaker(Policy):
 
     def _trials_taken(self) -> CircuitOpenError:
         """The error for a call rejected while HALF_OPEN: every trial slot is taken."""
-        return self._rejected(
-            0.0,
+        error = CircuitOpenError(
             f"circuit breaker {self._name!r} is half-open and all its "
             f"{self._rules.half_open_calls} trial calls are running",
+            policy=self._name,
+            retry_after=0.0,
         )
+        self._stats.rejected += 1
+        if _telemetry._explicit_tracing or otel_probe._TRACER_PROVIDER is not None:
+            self._rejection_event(0.0)
+        return error
 
     # -- calls ---------------------------------------------------------------
 
@@ -697,7 +717,9 @@ class CircuitBreaker(Policy):
         origin: Callable[..., Any],
         traced: bool,
     ) -> Callable[P, Coroutine[Any, Any, T]]:
+        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         breaker, ring, call, now = self, self._ring, self._call, _clock.now
+        rejected = self._rejected
         tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
 
         if isinstance(ring, CountRing) and not self._timed:
@@ -707,7 +729,7 @@ class CircuitBreaker(Policy):
             async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
                 if breaker._fast:
                     try:
-                        result = await fn(*args, **kwargs)
+                        result = await (fn(*args, **kwargs) if kwargs else positional(*args))
                     except BaseException as exc:
                         if breaker._failed(exc, 0.0):
                             await breaker._trip()
@@ -720,9 +742,10 @@ class CircuitBreaker(Policy):
                         await breaker._trip()
                     return result
                 if breaker._state is _OPEN:
-                    until, moment = breaker._open_until, now()
+                    clock, until = breaker._open_clock, breaker._open_until
+                    moment = now() if clock is None else clock()
                     if moment < until:
-                        raise breaker._rejected(until - moment)
+                        raise rejected(until - moment)
                 return await call(fn, args, kwargs)
 
             if not traced:
@@ -733,7 +756,7 @@ class CircuitBreaker(Policy):
                     return await run_in_span(tel, span_name, attrs, guarded, args, kwargs)
                 if breaker._fast:
                     try:
-                        result = await fn(*args, **kwargs)
+                        result = await (fn(*args, **kwargs) if kwargs else positional(*args))
                     except BaseException as exc:
                         if breaker._failed(exc, 0.0):
                             await breaker._trip()
@@ -746,9 +769,10 @@ class CircuitBreaker(Policy):
                         await breaker._trip()
                     return result
                 if breaker._state is _OPEN:
-                    until, moment = breaker._open_until, now()
+                    clock, until = breaker._open_clock, breaker._open_until
+                    moment = now() if clock is None else clock()
                     if moment < until:
-                        raise breaker._rejected(until - moment)
+                        raise rejected(until - moment)
                 return await call(fn, args, kwargs)
 
             return traced_guarded
@@ -761,7 +785,7 @@ class CircuitBreaker(Policy):
             if state is _CLOSED:
                 start = now() if starts else 0.0
                 try:
-                    result = await fn(*args, **kwargs)
+                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
                 except BaseException as exc:
                     if breaker._failed(exc, start):
                         await breaker._trip()
@@ -770,9 +794,10 @@ class CircuitBreaker(Policy):
                     await breaker._trip()
                 return result
             if state is _OPEN:
-                until, moment = breaker._open_until, now()
+                clock, until = breaker._open_clock, breaker._open_until
+                moment = now() if clock is None else clock()
                 if moment < until:
-                    raise breaker._rejected(until - moment)
+                    raise rejected(until - moment)
             return await call(fn, args, kwargs)
 
         if not traced:
@@ -785,7 +810,7 @@ class CircuitBreaker(Policy):
             if state is _CLOSED:
                 start = now() if starts else 0.0
                 try:
-                    result = await fn(*args, **kwargs)
+                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
                 except BaseException as exc:
                     if breaker._failed(exc, start):
                         await breaker._trip()
@@ -794,9 +819,10 @@ class CircuitBreaker(Policy):
                     await breaker._trip()
                 return result
             if state is _OPEN:
-                until, moment = breaker._open_until, now()
+                clock, until = breaker._open_clock, breaker._open_until
+                moment = now() if clock is None else clock()
                 if moment < until:
-                    raise breaker._rejected(until - moment)
+                    raise rejected(until - moment)
             return await call(fn, args, kwargs)
 
         return traced_timed

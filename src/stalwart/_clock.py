@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-__all__ = ["LoopInfo", "asyncio_loop", "now", "sleep"]
+__all__ = ["LoopInfo", "asyncio_loop", "monotonic_or_none", "now", "sleep"]
 
 if sys.version_info >= (3, 12):  # pragma: no cover - C implementation there
     _current_task: Callable[[AbstractEventLoop], Task[Any] | None] = asyncio.current_task
@@ -100,6 +100,23 @@ def now() -> float:
         if info is None:
             return _trio_now()
     return info.time()
+
+
+def monotonic_or_none() -> Callable[[], float] | None:
+    """``time.monotonic`` if the running loop's clock is exactly that, else None.
+
+    A plain asyncio loop reads ``time.monotonic()``, a process-wide clock that
+    stays valid after the loop is gone; a caller that took a time from such a
+    loop may compare later readings of ``time.monotonic()`` with it directly,
+    skipping the loop lookup of `now` (an open breaker's rejection does).
+    Virtual clocks, trio, or no running loop: None, ask `now`.
+    """
+    info = _cached
+    if info is None or getattr(info.loop, "_thread_id", None) != get_ident():
+        info = _lookup()
+        if info is None:
+            return None
+    return time.monotonic if info.time is time.monotonic else None
 
 
 def _trio_now() -> float:

@@ -179,6 +179,7 @@ class Idempotency(Policy):
         origin: Callable[..., Any],
         traced: bool,
     ) -> Callable[P, Coroutine[Any, Any, T]]:
+        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         label = _qualified_name(origin)
         scope = f"{self._name}:{label}"
         key_fn: Callable[..., Any] | None
@@ -229,7 +230,7 @@ class Idempotency(Policy):
                 else:
                     key = key_fn(*args, **kwargs)
                 if key is None or key is _MISSING:
-                    return await fn(*args, **kwargs)
+                    return await (fn(*args, **kwargs) if kwargs else positional(*args))
                 if (
                     not isinstance(key, str)
                     or not 0 < len(key) <= KEY_MAX_LENGTH
@@ -243,7 +244,7 @@ class Idempotency(Policy):
                     fast = memory._claim_now(slot, fp)
                     if type(fast) is list:
                         try:
-                            result = await fn(*args, **kwargs)
+                            result = await (fn(*args, **kwargs) if kwargs else positional(*args))
                         except BaseException:
                             memory._release_now(slot, fast)
                             raise

@@ -5,6 +5,10 @@ Subclasses implement a single method, `Policy._bind`, which builds that wrapper
 once per decorated function (never per call). `Pipeline` composes policies by
 binding them inside one another with ``traced=False``: members then open no
 spans of their own and the pipeline's single span carries their events.
+
+Wrappers on the hot path call ``fn(*args)`` when no keyword arguments were
+given: ``fn(*args, **kwargs)`` copies the (empty) dict on every call, which
+costs a fifth of a bare ``await``.
 """
 
 from __future__ import annotations

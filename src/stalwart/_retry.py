@@ -277,6 +277,7 @@ class Retry(Policy):
         origin: Callable[..., Any],
         traced: bool,
     ) -> Callable[P, Coroutine[Any, Any, T]]:
+        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         retryable, again, run = self._retryable, self._again, self._run
         tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
 
@@ -289,7 +290,7 @@ class Retry(Policy):
 
             async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
                 try:
-                    return await fn(*args, **kwargs)
+                    return await (fn(*args, **kwargs) if kwargs else positional(*args))
                 except BaseException as exc:
                     if not retryable(exc):
                         raise
@@ -314,7 +315,7 @@ class Retry(Policy):
                 if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
                     return await run_in_span(tel, span_name, attrs, retrying, args, kwargs)
                 try:
-                    return await fn(*args, **kwargs)
+                    return await (fn(*args, **kwargs) if kwargs else positional(*args))
                 except BaseException as exc:
                     if not retryable(exc):
                         raise
@@ -394,6 +395,11 @@ class Retry(Policy):
                 break
             attempt += 1
             stats.attempts += 1
+            if raised:
+                # The failure is handled: drop its traceback. It holds the
+                # frames that hold the failure, a reference cycle per retried
+                # error left for the garbage collector otherwise.
+                failure.__traceback__ = None
             if listening():
                 add_event(
                     "stalwart.retry",
@@ -418,7 +424,10 @@ class Retry(Policy):
             return result
         stats.exhausted += 1
         if raised:
-            raise failure
+            try:
+                raise failure
+            finally:
+                failure = None  # no cycle: the error's traceback holds this frame
         return failure  # type: ignore[no-any-return]
 
     @property

@@ -465,11 +465,12 @@ class Timeout(Policy):
         origin: Callable[..., Any],
         traced: bool,
     ) -> Callable[P, Coroutine[Any, Any, T]]:
+        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         seconds, name, attrs = self._seconds, self._name, self._span_attributes
 
         async def timed(*args: P.args, **kwargs: P.kwargs) -> T:
             with _Scope(seconds, name, self):
-                return await fn(*args, **kwargs)
+                return await (fn(*args, **kwargs) if kwargs else positional(*args))
 
         if not traced:
             return timed
@@ -479,7 +480,7 @@ class Timeout(Policy):
             if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
                 return await run_in_span(tel, span_name, attrs, timed, args, kwargs)
             with _Scope(seconds, name, self):
-                return await fn(*args, **kwargs)
+                return await (fn(*args, **kwargs) if kwargs else positional(*args))
 
         return traced_timed
 
