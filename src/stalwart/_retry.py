@@ -186,7 +186,9 @@ class Retry(Policy):
     The delay before a retry is ``max(backoff delay, hint)``; when it would
     end after the ambient deadline or the ``timeout``, no more attempts are
     made. When retrying stops, the last exception propagates unchanged, or
-    for result-based retries the last result is returned.
+    for result-based retries the last result is returned. An exception that
+    was retried is done with: its ``__traceback__`` is cleared before the
+    next attempt (it would otherwise keep alive the frames that hold it).
 
     Example::
 
