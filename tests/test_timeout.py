@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -209,6 +210,37 @@ async def test_a_timeout_cancels_a_shield_it_encloses_only_after_it() -> None:
     with pytest.raises(sw.DeadlineExceeded):
         await sw.Timeout(1.0).call(cleanup_then_wait)
     assert stamps == [pytest.approx(start + 3.0)]
+
+
+async def test_shields_are_told_apart_in_one_task_and_across_tasks() -> None:
+    # The same task, then others, alternate between a shield outside the
+    # Timeout (which must fire) and one inside it (which it must wait for):
+    # what the task's anyio state said last time must not leak into the next.
+    async def shield_inside() -> float:
+        start = anyio.current_time()
+        with pytest.raises(sw.DeadlineExceeded):
+            async with sw.deadline(1.0):
+                with anyio.CancelScope(shield=True):
+                    await anyio.sleep(2.0)
+                await anyio.sleep(10)
+        return anyio.current_time() - start
+
+    async def shield_outside() -> float:
+        start = anyio.current_time()
+        with anyio.CancelScope(shield=True), pytest.raises(sw.DeadlineExceeded):
+            await sw.Timeout(1.0).call(anyio.sleep, 5)
+        return anyio.current_time() - start
+
+    async def check(case: Callable[[], Awaitable[float]], seconds: float) -> None:
+        assert await case() == pytest.approx(seconds, abs=0.011)
+
+    for _ in range(2):
+        await check(shield_outside, 1.0)
+        await check(shield_inside, 2.0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(check, shield_outside, 1.0)
+        tg.start_soon(check, shield_inside, 2.0)
+    await check(shield_outside, 1.0)
 
 
 @pytest.mark.parametrize("seconds", [-1.0, math.nan, math.inf])

@@ -101,8 +101,23 @@ def _innermost_anyio_scope(task: Any) -> Any:
         if not isinstance(data, dict):
             return None
         table = _anyio_scopes = data  # ref(task) -> state, without get()'s Python layer
-    state = table.get(ref(task))
+    # A task keeps its anyio state object from its first anyio scope until it
+    # ends: remember the last task's (the lookup below costs a weakref). One
+    # tuple, read and replaced whole, so loops in other threads cannot mix it.
+    global _last_state
+    last_task, state = _last_state
+    if last_task() is not task:
+        state = table.get(ref(task))
+        if state is not None:
+            _last_state = (ref(task), state)
     return None if state is None else getattr(state, "cancel_scope", None)
+
+
+def _no_task() -> None:
+    return None
+
+
+_last_state: tuple[Callable[[], Any], Any] = (_no_task, None)
 
 
 class _Timers:
@@ -110,9 +125,10 @@ class _Timers:
 
     Entries are ``[when, seq, scope]`` lists, so the heap compares numbers in
     C (``seq`` breaks ties between equal deadlines).
-    A scope that exits just clears its entry's slot (O(1)); cleared entries
-    are dropped when they reach the top, or all at once when they outnumber
-    the live ones, so the heap stays proportional to the calls in flight.
+    A scope that exits removes its entry if it is the heap's last leaf, else
+    just clears its entry's slot (both O(1)); cleared entries are dropped when
+    they reach the top, or all at once when they outnumber the live ones, so
+    the heap stays proportional to the calls in flight.
     """
 
     __slots__ = ("_armed_at", "_dead", "_handle", "_heap", "_loop", "_seq")
@@ -134,7 +150,15 @@ class _Timers:
         return entry
 
     def discard(self, entry: list[Any]) -> None:
-        if entry[2] is not None:
+        heap = self._heap
+        if heap and heap[-1] is entry:
+            # The latest deadline is the last leaf: removing it keeps the heap
+            # a heap. Scopes of one duration exiting in turn, or nested ones
+            # exiting inner first, always take this way, and the heap stays
+            # as small as the calls in flight with no clean-up to amortise.
+            heap.pop()
+            entry[2] = None
+        elif entry[2] is not None:
             entry[2] = None
             self._dead += 1
             if self._dead > 256 and self._dead * 2 > len(self._heap):
