@@ -34,7 +34,9 @@ class Case:
     ``make`` builds the call once, inside the running event loop (it may be a
     coroutine function, for set-up that has to await); the call takes no
     arguments. A case without a ``baseline`` *is* a baseline. A case with a
-    ``library`` is a peer's (stalwart's own cases have none). ``sync`` cases
+    ``library`` is a peer's (stalwart's own cases have none); a ``reference``
+    is neither, a point of comparison (what some part of a case costs alone).
+    ``sync`` cases
     are plain functions, called rather than awaited; ``batch`` is how many
     calls each invocation makes (a contended case runs many tasks at once).
     """
@@ -46,6 +48,7 @@ class Case:
     note: str = ""
     group: str = ""
     library: str | None = None
+    reference: bool = False
     sync: bool = False
     batch: int = 1
     samples: list[float] = field(default_factory=list)
@@ -61,6 +64,11 @@ class Case:
     @property
     def is_peer(self) -> bool:
         return self.library is not None
+
+    @property
+    def is_ours(self) -> bool:
+        """One of stalwart's own cases (not a baseline, a peer's or a reference)."""
+        return not (self.is_baseline or self.is_peer or self.reference)
 
 
 async def _time(case: Case, call: Callable[[], Any], invocations: int) -> float:

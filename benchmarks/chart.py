@@ -9,6 +9,7 @@ from ._harness import Case
 
 STALWART = "#3f51b5"
 PEER = "#b0b0b0"
+REFERENCE = "#e0e0e0"
 BUDGET = "#d32f2f"
 
 
@@ -32,7 +33,7 @@ def draw(groups: Sequence[tuple[str, Sequence[Case]]], path: Path) -> None:
         members = [case for case in cases if case.group == title and case.baseline is not None]
         if not members:
             continue
-        members.sort(key=lambda case: (case.is_peer, case.median_ns))
+        members.sort(key=lambda case: (not case.reference, case.is_peer, case.median_ns))
         headings.append((len(labels), title))
         labels.append("")
         values.append(0.0)
@@ -44,7 +45,7 @@ def draw(groups: Sequence[tuple[str, Sequence[Case]]], path: Path) -> None:
             label = case.name if len(case.name) <= 58 else case.name[:57] + "…"
             labels.append(label)
             values.append(case.median_ns / by_name[case.baseline].median_ns)
-            colours.append(PEER if case.is_peer else STALWART)
+            colours.append(STALWART if case.is_ours else REFERENCE if case.reference else PEER)
 
     height = 1.2 + 0.22 * len(labels)
     figure, axes = plt.subplots(figsize=(11, height))
@@ -61,7 +62,7 @@ def draw(groups: Sequence[tuple[str, Sequence[Case]]], path: Path) -> None:
     axes.set_xscale("log")
     axes.axvline(1.0, color="black", linewidth=0.8)
     axes.set_xlabel("ratio to the row's baseline (log scale; 1 = the baseline itself)")
-    axes.set_title("stalwart (blue) and its peers (grey); red marks: stalwart's budgets")
+    axes.set_title("stalwart (blue), its peers (grey), references (light grey); red marks: budgets")
     axes.grid(axis="x", which="both", linewidth=0.3, alpha=0.6)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

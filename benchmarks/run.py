@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "--calls", type=int, default=None, help="most calls per case per round (20,000)"
     )
     parser.add_argument(
-        "--sample-ms", type=float, default=None, help="about how long each sample lasts (10)"
+        "--sample-ms", type=float, default=None, help="about how long each sample lasts, in ms (20)"
     )
     parser.add_argument("--output", type=Path, default=None, help="write the report here")
     parser.add_argument(
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 25)
     args.calls = args.calls or (200 if args.quick else 20_000)
-    args.sample_ms = args.sample_ms or (1.0 if args.quick else 10.0)
+    args.sample_ms = args.sample_ms or (1.0 if args.quick else 20.0)
 
     missing = peer_cases.missing()
     if missing and args.require_peers:

@@ -4,9 +4,11 @@
   OpenTelemetry SDK ``TracerProvider`` with a span processor, given through
   ``sw.Telemetry(tracer_provider=...)`` (the global provider is never set),
   against one bare SDK span around ``await f()`` from the same provider;
+* the floor under the SDK budget: a span carrying the attribute the contract
+  asks stalwart to set, around the pipeline without SDK;
 * metrics: stalwart's are computed at scrape time, so there is nothing to
-  switch off per call: the pipeline reporting to a private registry that is
-  never scraped, and to one scraped (``generate_latest``) every 1,000 calls,
+  switch off per call: the pipeline behind a call counter, with its private
+  registry never scraped, and scraped (``generate_latest``) every 1,000 calls,
   far more often than any Prometheus server would.
 
 This phase runs last: once any ``Telemetry`` has an explicit tracer
@@ -31,6 +33,8 @@ from .hot_path import BARE, f
 
 GROUP: Final = "Telemetry: Pipeline(Timeout, Retry, CircuitBreaker, Bulkhead)"
 SPAN: Final = "one bare SDK span around await f()"
+COUNTED: Final = "Pipeline on a private registry, behind a call counter, never scraped"
+FLOOR: Final = "the floor: one span with stalwart.policy around the pipeline without SDK"
 SCRAPE_EVERY: Final = 1_000
 
 
@@ -54,17 +58,20 @@ def pipeline(telemetry: sw.Telemetry | None) -> Call:
     )(f)
 
 
-def scraped(registry: CollectorRegistry, call: Call) -> Call:
-    """``call``, with the registry scraped every SCRAPE_EVERY calls."""
+def counting(registry: CollectorRegistry, call: Call, every: int | None) -> Call:
+    """``call`` behind a call counter that scrapes ``registry`` every ``every``
+    calls (``None``: never); the counter itself costs the same either way."""
     count = [0]
+    period = every or 0
 
-    async def scraping() -> int:
+    async def counted() -> int:
         count[0] += 1
-        if count[0] % SCRAPE_EVERY == 0:
+        if count[0] == period:
+            count[0] = 0
             generate_latest(registry)
         return await call()  # type: ignore[no-any-return]
 
-    return scraping
+    return counted
 
 
 def scrape_ns(registry: CollectorRegistry, times: int = 200) -> float:
@@ -80,11 +87,10 @@ def scrape_ns(registry: CollectorRegistry, times: int = 200) -> float:
 def cases() -> tuple[list[Case], Callable[[], float]]:
     """The phase's cases, and how to time one scrape of the scraped registry."""
     provider = TracerProvider()
-    processor = CountingProcessor()
-    provider.add_span_processor(processor)
+    provider.add_span_processor(CountingProcessor())
     tracer = provider.get_tracer("benchmarks")
-    quiet = CollectorRegistry()
-    busy = CollectorRegistry()
+    attributes = {"stalwart.policy": "pipeline"}  # the span attribute of the contract
+    quiet, busy = CollectorRegistry(), CollectorRegistry()
 
     def bare_span() -> Call:
         async def call() -> int:
@@ -93,31 +99,51 @@ def cases() -> tuple[list[Case], Callable[[], float]]:
 
         return call
 
+    def attributed_span(inner: Call) -> Call:
+        """One span as stalwart opens it: its attribute, no exception recording."""
+
+        async def call() -> int:
+            with tracer.start_as_current_span(
+                "stalwart.pipeline pipeline",
+                attributes=attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            ):
+                return await inner()  # type: ignore[no-any-return]
+
+        return call
+
     def traced() -> Call:
         return pipeline(sw.Telemetry(registry=CollectorRegistry(), tracer_provider=provider))
 
+    def untraced() -> Call:
+        return pipeline(sw.Telemetry(registry=CollectorRegistry()))
+
     built = [
         Case(BARE, lambda: f),
+        Case("Pipeline, default telemetry (no SDK)", lambda: pipeline(None), BARE, 35, group=GROUP),
         Case(
-            "Pipeline, default telemetry (no SDK)",
-            lambda: pipeline(None),
-            BARE,
-            35,
-            group=GROUP,
-        ),
-        Case(
-            "Pipeline, metrics on a private registry, never scraped",
+            "Pipeline, metrics on a private registry",
             lambda: pipeline(sw.Telemetry(registry=quiet)),
             BARE,
             group=GROUP,
         ),
+        Case(COUNTED, lambda: counting(quiet, pipeline(sw.Telemetry(registry=quiet)), None)),
         Case(
-            f"Pipeline, metrics on a private registry scraped every {SCRAPE_EVERY:,} calls",
-            lambda: scraped(busy, pipeline(sw.Telemetry(registry=busy))),
-            BARE,
+            f"the same, scraping its registry every {SCRAPE_EVERY:,} calls",
+            lambda: counting(busy, pipeline(sw.Telemetry(registry=busy)), SCRAPE_EVERY),
+            COUNTED,
             group=GROUP,
+            note="metrics on vs off, as far as they can be",
         ),
-        Case(SPAN, bare_span, group=GROUP),
+        Case(SPAN, bare_span),
+        Case(
+            "one SDK span with the attribute stalwart sets (stalwart.policy)",
+            lambda: attributed_span(f),
+            SPAN,
+            group=GROUP,
+            reference=True,
+        ),
         Case(
             "Pipeline, SDK TracerProvider with a span processor",
             traced,
@@ -125,6 +151,14 @@ def cases() -> tuple[list[Case], Callable[[], float]]:
             1.2,
             group=GROUP,
             note="one span per call, as the bare span",
+        ),
+        Case(FLOOR, lambda: attributed_span(untraced())),
+        Case(
+            "Pipeline, SDK TracerProvider, against that floor",
+            traced,
+            FLOOR,
+            group=GROUP,
+            note="what tracing adds beyond the span itself",
         ),
     ]
     return built, lambda: scrape_ns(busy)
