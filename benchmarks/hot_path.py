@@ -81,6 +81,15 @@ async def f_yielding() -> int:
     return 1
 
 
+def passthrough() -> Call:
+    """The least any decorator costs: one more coroutine, passing the arguments on."""
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return await f(*args, **kwargs)
+
+    return wrapper
+
+
 def fails_twice() -> Call:
     """Each logical call fails twice, then succeeds."""
     state = [0]
@@ -197,6 +206,14 @@ def cases() -> list[Case]:
     """stalwart's cases, with their budgets (ratios to their baselines)."""
     big = sw.CountWindow(1_000_000)
     return [
+        Case(
+            "a pass-through decorator: `return await fn(*args, **kwargs)`",
+            passthrough,
+            BARE,
+            group=RETRY,
+            reference=True,
+            note="the floor under any decorator",
+        ),
         Case("Retry, success", lambda: sw.Retry()(f), BARE, 3, group=RETRY),
         Case(
             "Retry, fails twice then succeeds (zero backoff)",
