@@ -4,8 +4,9 @@
   OpenTelemetry SDK ``TracerProvider`` with a span processor, given through
   ``sw.Telemetry(tracer_provider=...)`` (the global provider is never set),
   against one bare SDK span around ``await f()`` from the same provider;
-* the floor under the SDK budget: a span carrying the attribute the contract
-  asks stalwart to set, around the pipeline without SDK;
+* what the contract alone asks for: a span carrying the ``stalwart.policy``
+  attribute, opened the usual way (``start_as_current_span``), around the
+  pipeline without SDK;
 * metrics: stalwart's are computed at scrape time, so there is nothing to
   switch off per call: the pipeline behind a call counter, with its private
   registry never scraped, and scraped (``generate_latest``) every 1,000 calls,
@@ -34,7 +35,7 @@ from .hot_path import BARE, f
 GROUP: Final = "Telemetry: Pipeline(Timeout, Retry, CircuitBreaker, Bulkhead)"
 SPAN: Final = "one bare SDK span around await f()"
 COUNTED: Final = "Pipeline on a private registry, behind a call counter, never scraped"
-FLOOR: Final = "the floor: one span with stalwart.policy around the pipeline without SDK"
+WRAPPED: Final = "one span with stalwart.policy around the pipeline without SDK"
 SCRAPE_EVERY: Final = 1_000
 
 
@@ -152,13 +153,13 @@ def cases() -> tuple[list[Case], Callable[[], float]]:
             group=GROUP,
             note="one span per call, as the bare span",
         ),
-        Case(FLOOR, lambda: attributed_span(untraced())),
+        Case(WRAPPED, lambda: attributed_span(untraced())),
         Case(
-            "Pipeline, SDK TracerProvider, against that floor",
+            "Pipeline, SDK TracerProvider, against that span",
             traced,
-            FLOOR,
+            WRAPPED,
             group=GROUP,
-            note="what tracing adds beyond the span itself",
+            note="what tracing adds to the contract's span, opened the usual way",
         ),
     ]
     return built, lambda: scrape_ns(busy)
