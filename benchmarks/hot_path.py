@@ -1,4 +1,8 @@
-"""Success and failure paths of the primitives, against a bare ``await f()``."""
+"""stalwart's success and failure paths, against a bare ``await f()``.
+
+The cases here are stalwart's own and their baselines; `peer_cases` adds the
+other libraries' equivalents to the same groups.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,50 @@ import itertools
 import sys
 import tracemalloc
 from collections.abc import Callable, Coroutine
-from typing import Any
-
-import anyio
+from typing import Any, Final
 
 import stalwart as sw
 
 from ._harness import Call, Case
+
+# The groups of the report, in its order: what the rows of a group measure.
+RETRY: Final = "Retry, success"
+RETRY_FAILING: Final = "Retry, fails twice then succeeds (zero backoff)"
+CLOSED: Final = "CircuitBreaker closed, success"
+OPEN: Final = "CircuitBreaker open, rejection"
+BREAKER_OPTIONS: Final = "CircuitBreaker: what its options and failures cost"
+BULKHEAD: Final = "Bulkhead, uncontended"
+CONTENDED: Final = "Bulkhead, contended: 16 tasks, 4 slots"
+TIMEOUT: Final = "Timeout"
+IDEMPOTENCY: Final = "Idempotency (in-process store)"
+PIPELINE: Final = "Pipeline"
+GROUPS: Final = (
+    RETRY,
+    RETRY_FAILING,
+    CLOSED,
+    OPEN,
+    BREAKER_OPTIONS,
+    BULKHEAD,
+    CONTENDED,
+    TIMEOUT,
+    IDEMPOTENCY,
+    PIPELINE,
+)
+
+BARE: Final = "bare await f()"
+BARE_SYNC: Final = "bare call g() (sync)"
+RAISE: Final = "a coroutine that raises, caught"
+RAISE_SYNC: Final = "a function that raises, caught (sync)"
+HAND_LOOP: Final = "hand-written 3-try loop"
+ONE_IN_TEN: Final = "1 in 10 calls fails, caught"
+UNLIMITED: Final = "16 tasks, no limit"
+
+# Contention: TASKS tasks, each making PER_TASK calls through SLOTS slots.
+TASKS: Final = 16
+SLOTS: Final = 4
+PER_TASK: Final = 8
+
+ZERO = sw.Backoff(initial=0.0, maximum=0.0)
 
 
 async def f() -> int:
@@ -26,28 +67,74 @@ async def raising() -> int:
     raise ValueError
 
 
-def _fails_twice() -> Call:
+def g() -> int:
+    return 1
+
+
+def g_raising() -> int:
+    raise ValueError
+
+
+async def f_yielding() -> int:
+    """Lets the other tasks run once, as any real I/O would."""
+    await asyncio.sleep(0)
+    return 1
+
+
+def passthrough() -> Call:
+    """The least any decorator costs: one more coroutine, passing the arguments on."""
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return await f(*args, **kwargs)
+
+    return wrapper
+
+
+def fails_twice() -> Call:
     """Each logical call fails twice, then succeeds."""
     state = [0]
 
-    async def g() -> int:
+    async def flaky() -> int:
         state[0] += 1
         if state[0] % 3:
             raise ValueError
         return 1
 
-    return g
+    return flaky
 
 
-def caught_raise() -> Call:
-    """The baseline of a rejection: a coroutine that raises, awaited and caught."""
+def caught(guarded: Callable[[], Coroutine[Any, Any, Any]], *errors: type[Exception]) -> Call:
+    """Await ``guarded()`` and swallow ``errors``, as a caller that expects them."""
 
     async def call() -> None:
         # try/except rather than contextlib.suppress: measure the raise alone
         try:  # noqa: SIM105
-            await raising()
-        except ValueError:
+            await guarded()
+        except errors:
             pass
+
+    return call
+
+
+def caught_sync(guarded: Callable[[], Any], *errors: type[Exception]) -> Callable[[], None]:
+    def call() -> None:
+        try:  # noqa: SIM105
+            guarded()
+        except errors:
+            pass
+
+    return call
+
+
+def contended(guarded: Callable[[], Coroutine[Any, Any, Any]]) -> Call:
+    """TASKS tasks at once, each making PER_TASK calls of ``guarded``."""
+
+    async def worker() -> None:
+        for _ in range(PER_TASK):
+            await guarded()
+
+    async def call() -> None:
+        await asyncio.gather(*(worker() for _ in range(TASKS)))
 
     return call
 
@@ -56,155 +143,35 @@ def open_breaker_rejection() -> Call:
     breaker = sw.CircuitBreaker()
     guarded = breaker(f)
     breaker.force_open()
-
-    async def call() -> None:
-        try:  # noqa: SIM105
-            await guarded()
-        except sw.CircuitOpenError:
-            pass
-
-    return call
+    return caught(guarded, sw.CircuitOpenError)
 
 
 def one_in_ten_fails(wrap: Callable[[Callable[[], Coroutine[Any, Any, int]]], Call]) -> Call:
     """Every tenth call raises (and is caught): the window really turns over."""
     count = [0]
 
-    async def g() -> int:
+    async def sometimes() -> int:
         count[0] += 1
         if count[0] % 10 == 0:
             raise ValueError
         return 1
 
-    guarded = wrap(g)
-
-    async def call() -> None:
-        try:  # noqa: SIM105
-            await guarded()
-        except ValueError:
-            pass
-
-    return call
-
-
-def breaker_cases() -> list[Case]:
-    """The circuit breaker's budgets (issue 3), and what its options cost."""
-    big = sw.CountWindow(1_000_000)
-    return [
-        Case(
-            "CircuitBreaker closed, success",
-            lambda: sw.CircuitBreaker()(f),
-            "bare await f()",
-            4,
-        ),
-        Case(
-            "CircuitBreaker closed, success, window 1,000,000",
-            lambda: sw.CircuitBreaker(window=big)(f),
-            "bare await f()",
-            4,
-        ),
-        Case(
-            "CircuitBreaker closed, success, TimeWindow(60)",
-            lambda: sw.CircuitBreaker(window=sw.TimeWindow(60))(f),
-            "bare await f()",
-            note="reads the clock",
-        ),
-        Case(
-            "CircuitBreaker closed, success, slow_call_duration",
-            lambda: sw.CircuitBreaker(slow_call_duration=1.0)(f),
-            "bare await f()",
-            note="reads the clock twice",
-        ),
-        Case("a coroutine that raises, caught", caught_raise),
-        Case(
-            "CircuitBreaker open rejection, caught",
-            open_breaker_rejection,
-            "a coroutine that raises, caught",
-            2,
-        ),
-        Case("1 in 10 calls fails, caught", lambda: one_in_ten_fails(lambda g: g)),
-        Case(
-            "CircuitBreaker, 1 in 10 fails, window 10",
-            lambda: one_in_ten_fails(sw.CircuitBreaker(window=10)),
-            "1 in 10 calls fails, caught",
-        ),
-        Case(
-            "CircuitBreaker, 1 in 10 fails, window 1,000,000",
-            lambda: one_in_ten_fails(sw.CircuitBreaker(window=big)),
-            "1 in 10 calls fails, caught",
-            note="same cost as window 10: O(1)",
-        ),
-        Case(
-            "Pipeline(Timeout, Retry, CircuitBreaker, Bulkhead)",
-            lambda: sw.Pipeline(sw.Timeout(10), sw.Retry(), sw.CircuitBreaker(), sw.Bulkhead(8))(f),
-            "bare await f()",
-            35,
-        ),
-    ]
-
-
-def breaker_memory() -> list[tuple[str, float, float | None]]:
-    """Bytes per breaker (tracemalloc): (item, bytes, budget)."""
-    from prometheus_client import CollectorRegistry
-
-    telemetry = sw.Telemetry(registry=CollectorRegistry())
-    rows: list[tuple[str, float, float | None]] = [
-        (
-            "CircuitBreaker(), default window",
-            per_object(lambda i: sw.CircuitBreaker(telemetry=telemetry)),
-            400,
-        ),
-        (
-            "CircuitBreaker(), each with its own name (its metric series and span name too)",
-            per_object(lambda i: sw.CircuitBreaker(name=f"cb{i}", telemetry=telemetry)),
-            None,
-        ),
-        (
-            "CircuitBreaker(window=TimeWindow(60))",
-            per_object(lambda i: sw.CircuitBreaker(window=sw.TimeWindow(60), telemetry=telemetry)),
-            None,
-        ),
-        (
-            "CircuitBreaker(window=1_000_000)",
-            per_object(lambda i: sw.CircuitBreaker(window=1_000_000, telemetry=telemetry), 20),
-            None,
-        ),
-    ]
-    return rows
-
-
-def per_object(make: Callable[[int], object], n: int = 1000) -> float:
-    """Memory allocated and kept per object made by ``make``, by tracemalloc."""
-    make(-1)  # first-use allocations (caches, shared objects) are not the object's
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.take_snapshot()
-        kept = [make(i) for i in range(n)]
-        gc.collect()
-        after = tracemalloc.take_snapshot()
-    finally:
-        tracemalloc.stop()
-    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
-    return (grown - sys.getsizeof(kept)) / n
+    return caught(wrap(sometimes), ValueError)
 
 
 def handwritten_three_tries() -> Call:
-    g = _fails_twice()
+    flaky = fails_twice()
 
     async def loop() -> object:
         for attempt in range(3):
             try:
-                return await g()
+                return await flaky()
             except ValueError:
                 if attempt == 2:
                     raise
         raise AssertionError
 
     return loop
-
-
-ZERO = sw.Backoff(initial=0.0, maximum=0.0)
 
 
 async def keyed(key: str) -> int:
@@ -223,52 +190,164 @@ def idempotency_first_execution() -> Call:
     return sw.Idempotency(key=functools.partial(next, keys))(f)
 
 
+def baselines() -> list[Case]:
+    return [
+        Case(BARE, lambda: f),
+        Case(BARE_SYNC, lambda: g, sync=True),
+        Case(RAISE, lambda: caught(raising, ValueError)),
+        Case(RAISE_SYNC, lambda: caught_sync(g_raising, ValueError), sync=True),
+        Case(HAND_LOOP, handwritten_three_tries),
+        Case(ONE_IN_TEN, lambda: one_in_ten_fails(lambda g: g)),
+        Case(UNLIMITED, lambda: contended(f_yielding), batch=TASKS * PER_TASK),
+    ]
+
+
 def cases() -> list[Case]:
-    result = [
-        Case("bare await f()", lambda: f),
-        Case("Retry, success", lambda: sw.Retry()(f), "bare await f()", 3),
-        Case("Bulkhead, uncontended", lambda: sw.Bulkhead(8)(f), "bare await f()", 4),
-        Case("Timeout", lambda: sw.Timeout(10)(f), "bare await f()", 25),
+    """stalwart's cases, with their budgets (ratios to their baselines)."""
+    big = sw.CountWindow(1_000_000)
+    return [
         Case(
-            "Pipeline(Timeout, Retry, Bulkhead)",
-            lambda: sw.Pipeline(sw.Timeout(10), sw.Retry(), sw.Bulkhead(8))(f),
-            "bare await f()",
-            30,
+            "a pass-through decorator: `return await fn(*args, **kwargs)`",
+            passthrough,
+            BARE,
+            group=RETRY,
+            reference=True,
+            note="the floor under any decorator",
         ),
-        Case("hand-written 3-try loop", handwritten_three_tries),
+        Case("Retry, success", lambda: sw.Retry()(f), BARE, 3, group=RETRY),
         Case(
             "Retry, fails twice then succeeds (zero backoff)",
-            lambda: sw.Retry(attempts=3, backoff=ZERO)(_fails_twice()),
-            "hand-written 3-try loop",
+            lambda: sw.Retry(attempts=3, backoff=ZERO)(fails_twice()),
+            HAND_LOOP,
             4,
+            group=RETRY_FAILING,
         ),
-        Case("Idempotency, replay", idempotency_replay, "bare await f()", 15),
+        Case(
+            "CircuitBreaker closed, success", lambda: sw.CircuitBreaker()(f), BARE, 4, group=CLOSED
+        ),
+        Case(
+            "CircuitBreaker closed, success, window 1,000,000",
+            lambda: sw.CircuitBreaker(window=big)(f),
+            BARE,
+            4,
+            group=CLOSED,
+        ),
+        Case(
+            "CircuitBreaker open rejection, caught",
+            open_breaker_rejection,
+            RAISE,
+            2,
+            group=OPEN,
+        ),
+        Case(
+            "CircuitBreaker closed, success, TimeWindow(60)",
+            lambda: sw.CircuitBreaker(window=sw.TimeWindow(60))(f),
+            BARE,
+            note="reads the clock",
+            group=BREAKER_OPTIONS,
+        ),
+        Case(
+            "CircuitBreaker closed, success, slow_call_duration",
+            lambda: sw.CircuitBreaker(slow_call_duration=1.0)(f),
+            BARE,
+            note="reads the clock twice",
+            group=BREAKER_OPTIONS,
+        ),
+        Case(
+            "CircuitBreaker, 1 in 10 fails, window 10",
+            lambda: one_in_ten_fails(sw.CircuitBreaker(window=10)),
+            ONE_IN_TEN,
+            group=BREAKER_OPTIONS,
+        ),
+        Case(
+            "CircuitBreaker, 1 in 10 fails, window 1,000,000",
+            lambda: one_in_ten_fails(sw.CircuitBreaker(window=big)),
+            ONE_IN_TEN,
+            note="same cost as window 10: O(1)",
+            group=BREAKER_OPTIONS,
+        ),
+        Case("Bulkhead, uncontended", lambda: sw.Bulkhead(8)(f), BARE, 4, group=BULKHEAD),
+        Case(
+            f"Bulkhead({SLOTS}, max_queued={TASKS - SLOTS})",
+            lambda: contended(sw.Bulkhead(SLOTS, max_queued=TASKS - SLOTS)(f_yielding)),
+            UNLIMITED,
+            batch=TASKS * PER_TASK,
+            group=CONTENDED,
+        ),
+        Case("Timeout", lambda: sw.Timeout(10)(f), BARE, 25, group=TIMEOUT),
+        Case("Idempotency, replay", idempotency_replay, BARE, 15, group=IDEMPOTENCY),
         Case(
             "Idempotency, first execution",
             idempotency_first_execution,
-            "bare await f()",
+            BARE,
             25,
             note="a fresh key each call; the full store evicts one record per call",
+            group=IDEMPOTENCY,
+        ),
+        Case(
+            "Pipeline(Timeout, Retry, Bulkhead)",
+            lambda: sw.Pipeline(sw.Timeout(10), sw.Retry(), sw.Bulkhead(8))(f),
+            BARE,
+            30,
+            group=PIPELINE,
+        ),
+        Case(
+            "Pipeline(Timeout, Retry, CircuitBreaker, Bulkhead)",
+            lambda: sw.Pipeline(sw.Timeout(10), sw.Retry(), sw.CircuitBreaker(), sw.Bulkhead(8))(f),
+            BARE,
+            35,
+            group=PIPELINE,
         ),
     ]
-    result += breaker_cases()
-    if sys.version_info >= (3, 11):
 
-        def with_asyncio_timeout() -> Call:
-            async def call() -> int:
-                async with asyncio.timeout(10):
-                    return await f()
 
-            return call
+def breaker_memory(quick: bool = False) -> list[tuple[str, str, float, float | None]]:
+    """Bytes per breaker (tracemalloc): (item, library, bytes, budget)."""
+    from prometheus_client import CollectorRegistry
 
-        result.append(Case("asyncio.timeout (for scale)", with_asyncio_timeout, "bare await f()"))
+    telemetry = sw.Telemetry(registry=CollectorRegistry())
+    n = 100 if quick else 1000
+    return [
+        (
+            "CircuitBreaker(), default window",
+            "stalwart",
+            per_object(lambda i: sw.CircuitBreaker(telemetry=telemetry), n),
+            400,
+        ),
+        (
+            "CircuitBreaker(), each with its own name (its metric series and span name too)",
+            "stalwart",
+            per_object(lambda i: sw.CircuitBreaker(name=f"cb{i}", telemetry=telemetry), n),
+            None,
+        ),
+        (
+            "CircuitBreaker(window=TimeWindow(60))",
+            "stalwart",
+            per_object(
+                lambda i: sw.CircuitBreaker(window=sw.TimeWindow(60), telemetry=telemetry), n
+            ),
+            None,
+        ),
+        (
+            "CircuitBreaker(window=1_000_000)",
+            "stalwart",
+            per_object(lambda i: sw.CircuitBreaker(window=1_000_000, telemetry=telemetry), 20),
+            None,
+        ),
+    ]
 
-    def with_fail_after() -> Call:
-        async def call() -> int:
-            with anyio.fail_after(10):
-                return await f()
 
-        return call
-
-    result.append(Case("anyio.fail_after (for scale)", with_fail_after, "bare await f()"))
-    return result
+def per_object(make: Callable[[int], object], n: int = 1000) -> float:
+    """Memory allocated and kept per object made by ``make``, by tracemalloc."""
+    make(-1)  # first-use allocations (caches, shared objects) are not the object's
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        kept = [make(i) for i in range(n)]
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    return (grown - sys.getsizeof(kept)) / n

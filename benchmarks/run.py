@@ -1,52 +1,144 @@
-"""Run the benchmarks and print a markdown table of ratios.
+"""Run the benchmarks: stalwart and its peers side by side, as ratios.
 
-python benchmarks/run.py            # full run
-python benchmarks/run.py --quick    # a few seconds, for smoke tests
+python benchmarks/run.py                  # full run, written to benchmarks/results/
+python benchmarks/run.py --quick          # a few seconds, to check that it works
+python benchmarks/run.py --require-peers  # a missing peer is an error (nox -s bench)
+
+Prints a Markdown report; a full run (or any run given ``--output``) also
+writes it, with a PNG chart of the same name next to it. The exit status is
+1 when a budget is missed (never with ``--quick``, whose numbers are noise,
+nor with ``--no-fail``), 2 when ``--require-peers`` finds a peer missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import asyncio
 import sys
+import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import stalwart
-from benchmarks import _harness, hot_path
+from benchmarks import (
+    _harness,
+    chart,
+    hot_path,
+    peer_cases,
+    report,
+    scaling,
+    telemetry_cost,
+    trio_cases,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _phase(message: str) -> None:
+    print(f"… {message}", file=sys.stderr, flush=True)
+
+
+def measure(args: argparse.Namespace) -> report.Results:
+    rounds, calls, sample_ns = args.rounds, args.calls, args.sample_ms * 1e6
+    started = time.perf_counter()
+    _phase("the hot path on asyncio, stalwart and its peers")
+    main = hot_path.baselines() + hot_path.cases() + peer_cases.cases()
+    with peer_cases.configured():
+        asyncio.run(_harness.measure(main, rounds=rounds, calls=calls, sample_ns=sample_ns))
+    _phase("the same on trio")
+    on_trio = trio_cases.cases()
+    trio_cases.run(on_trio, rounds=rounds, calls=calls, sample_ns=sample_ns)
+    _phase("scaling: breaker windows")
+    windows = scaling.breaker_scaling(
+        quick=args.quick, rounds=rounds, calls=calls, sample_ns=sample_ns
+    )
+    _phase("scaling: bulkhead queues")
+    queues = scaling.bulkhead_scaling(quick=args.quick, rounds=min(rounds, 3), calls=calls)
+    _phase("scaling: idempotency keys")
+    keys = scaling.idempotency_scaling(quick=args.quick, calls=calls)
+    _phase("memory per breaker")
+    memory = hot_path.breaker_memory(args.quick) + peer_cases.breaker_memory(args.quick)
+    _phase("telemetry (last: an explicit tracer provider changes the process)")
+    telemetry, scrape = telemetry_cost.cases()
+    asyncio.run(_harness.measure(telemetry, rounds=rounds, calls=calls, sample_ns=sample_ns))
+    return report.Results(
+        main=main,
+        trio=on_trio,
+        telemetry=telemetry,
+        scrape_ns=scrape(),
+        windows=windows,
+        queues=queues,
+        keys=keys,
+        memory=memory,
+        rounds=rounds,
+        calls=calls,
+        sample_ms=args.sample_ms,
+        seconds=time.perf_counter() - started,
+        missing=peer_cases.missing(),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny run, to check it works")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--calls", type=int, default=None, help="calls per case per round")
-    parser.add_argument("--output", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (25)")
+    parser.add_argument(
+        "--calls", type=int, default=None, help="most calls per case per round (20,000)"
+    )
+    parser.add_argument(
+        "--sample-ms", type=float, default=None, help="about how long each sample lasts, in ms (20)"
+    )
+    parser.add_argument("--output", type=Path, default=None, help="write the report here")
+    parser.add_argument(
+        "--require-peers", action="store_true", help="fail if a peer is not installed"
+    )
+    parser.add_argument(
+        "--no-fail", action="store_true", help="report missed budgets, exit 0 all the same"
+    )
     args = parser.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 25)
-    calls = args.calls or (200 if args.quick else 20_000)
+    args.rounds = args.rounds or (3 if args.quick else 25)
+    args.calls = args.calls or (200 if args.quick else 20_000)
+    args.sample_ms = args.sample_ms or (1.0 if args.quick else 20.0)
 
-    cases = hot_path.cases()
-    _harness.run(cases, rounds=rounds, n=calls)
-    header = (
-        f"stalwart {stalwart.__version__}, Python {platform.python_version()}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs; {rounds} interleaved rounds of "
-        f"{calls:,} calls, medians"
-    )
-    memory = ["| item | bytes | budget | |", "|---|---:|---:|---|"]
-    for item, size, budget in hot_path.breaker_memory():
-        verdict = "" if budget is None else ("ok" if size <= budget else "**over**")
-        limit = "" if budget is None else f"≤ {budget:g}"
-        memory.append(f"| {item} | {size:,.0f} | {limit} | {verdict} |")
-    report = f"{header}\n\n{_harness.table(cases)}\n\nMemory (tracemalloc)\n\n" + (
-        "\n".join(memory) + "\n"
-    )
-    print(report)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report)
+    missing = peer_cases.missing()
+    if missing and args.require_peers:
+        print(
+            f"error: peers not installed: {', '.join(missing)} "
+            "(pip install -r benchmarks/requirements.txt)",
+            file=sys.stderr,
+        )
+        return 2
+    for name in missing:
+        print(f"note: {name} is not installed: its rows are skipped", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        # The peers' own deprecations (datetime.utcnow, ...) are not ours to report.
+        peers = "|".join(peer_cases.OPTIONAL)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=rf"({peers})(\.|$)")
+        results = measure(args)
+
+    output: Path | None = args.output
+    if output is None and not args.quick:
+        output = RESULTS / f"{report.result_stem()}.md"
+    picture = None
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        picture = output.with_suffix(".png")
+        chart.draw(
+            [(group, results.main) for group in hot_path.GROUPS]
+            + [(telemetry_cost.GROUP, results.telemetry)],
+            picture,
+        )
+    text = report.render(results, chart=picture.name if picture is not None else None)
+    print(text)
+    if output is not None:
+        output.write_text(text, encoding="utf-8")
+        print(f"written: {output} and {picture}", file=sys.stderr)
+    missed = [check for check in report.checks(results) if not check.ok]
+    if missed and not (args.quick or args.no_fail):
+        print(f"{len(missed)} budget(s) missed", file=sys.stderr)
+        return 1
     return 0
 
 

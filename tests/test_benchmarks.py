@@ -1,0 +1,111 @@
+"""The benchmark suite runs: once, in tiny mode, in this process.
+
+Its numbers are noise at this size and are not checked; what is checked is
+that every section and every stalwart row is there, that the ratios parse,
+and that the chart is a PNG. Peers are optional: without them (CI's test
+environment) their rows are skipped and the suite still runs. With them, the
+retrying peers are checked to make 3 tries, as stalwart's `Retry` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+from benchmarks import hot_path, peer_cases, run, telemetry_cost, trio_cases
+
+import stalwart._telemetry
+
+SECTIONS = (
+    "### The run",
+    "### Hot path, asyncio",
+    "### trio",
+    "### Telemetry",
+    "### Scaling",
+    "#### CircuitBreaker: the window's size",
+    "#### Bulkhead: calls queued",
+    "#### Idempotency: distinct keys through the in-process store",
+    "### Memory per breaker",
+)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    output = tmp_path_factory.mktemp("bench") / "r.md"
+    # The telemetry phase gives a Telemetry an explicit tracer provider, which
+    # makes every policy of the process look for spans on its rare paths:
+    # undo that for the tests that follow.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stalwart._telemetry, "_explicit_tracing", False)
+        status = run.main(["--quick", "--output", str(output)])
+    assert status == 0  # --quick never fails on budgets
+    return output.read_text(encoding="utf-8"), output
+
+
+def rows(text: str) -> dict[str, list[str]]:
+    """Table rows by their first cell (the last one wins)."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| item") and "---" not in line:
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            found[cells[0]] = cells
+    return found
+
+
+def test_every_section_is_reported(report: tuple[str, Path]) -> None:
+    text, _ = report
+    for section in SECTIONS:
+        assert section in text
+    for group in (*hot_path.GROUPS, *trio_cases.GROUPS, telemetry_cost.GROUP):
+        assert f"#### {group}" in text
+
+
+def test_every_stalwart_case_has_a_row_whose_ratio_parses(report: tuple[str, Path]) -> None:
+    text, _ = report
+    table = rows(text)
+    ours = [case for case in hot_path.cases() if case.is_ours]
+    assert ours
+    for case in ours:
+        cells = table[case.name]
+        assert cells[1] == "**stalwart**"
+        assert float(cells[2].replace(",", "")) > 0
+        assert re.fullmatch(r"\d+\.\d\dx", cells[3]), cells
+        if case.budget is not None:
+            assert cells[4] == f"≤ {case.budget:g}x"
+            assert cells[5] in ("ok", "**over**")
+    for name in ("Pipeline, default telemetry (no SDK)", "Retry, success (trio)"):
+        assert re.fullmatch(r"\d+\.\d\dx", table[name][3])
+
+
+def test_the_chart_is_written_next_to_the_report(report: tuple[str, Path]) -> None:
+    text, output = report
+    chart = output.with_suffix(".png")
+    assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert f"]({chart.name})" in text
+
+
+def test_missing_peers_are_an_error_only_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peer_cases, "missing", lambda: ["tenacity"])
+    assert run.main(["--quick", "--require-peers"]) == 2
+
+
+@pytest.mark.parametrize("library", peer_cases.RETRIES)
+def test_retrying_peers_make_three_tries(library: str) -> None:
+    if not peer_cases.installed(library):
+        pytest.skip(f"{library} is not installed")
+    tries = 0
+
+    async def failing() -> None:
+        nonlocal tries
+        tries += 1
+        raise ValueError
+
+    async def main() -> None:
+        with pytest.raises(Exception):  # hyx raises its own error after the last try
+            await peer_cases.retrying(library, wait=False)(failing)()
+
+    with peer_cases.configured():  # stamina: no log line per retry
+        asyncio.run(main())
+    assert tries == 3
