@@ -340,6 +340,27 @@ async def test_rejection_errors_equal_constructed_ones() -> None:
     assert seen(pickle.loads(pickle.dumps(info.value))) == seen(made)
 
 
+@pytest.mark.parametrize(
+    "read",
+    [str, repr, lambda e: e.args, lambda e: pickle.loads(pickle.dumps(e)).args],
+    ids=["str", "repr", "args", "pickled"],
+)
+async def test_a_rejection_reads_like_a_constructed_error_whatever_is_read_first(
+    read: Callable[[sw.CircuitOpenError], object],
+) -> None:
+    # Rejections make their message only when it is read (it is most of what
+    # building the error costs); no reader may tell.
+    cb = breaker(consecutive_failures=1, open_for=5.0, name="quotes")
+    _, fn = guard(cb)
+    await trip(fn, 1)
+    with pytest.raises(sw.CircuitOpenError) as info:
+        await fn()
+    made = sw.CircuitOpenError("circuit breaker 'quotes' is open", policy="quotes", retry_after=5.0)
+    assert read(info.value) == read(made)
+    info.value.args = ("replaced",)
+    assert (str(info.value), info.value.args) == ("replaced", ("replaced",))
+
+
 async def test_rejections_keep_no_memory() -> None:
     cb = breaker(consecutive_failures=1)
     _, fn = guard(cb)

@@ -59,9 +59,9 @@ _NEITHER: Final = 2
 _DEFAULT_WINDOW: Final = 100
 
 # `CircuitOpenError(...)` runs two Python-level __init__s with keyword
-# arguments: more than a bare `await` costs. Rejections build the same
-# object directly (BaseException.__new__ sets ``args``); a test checks that
-# both ways give equal errors.
+# arguments: more than a bare `await` costs. Rejections build the object
+# directly, without a message (the error makes its standard one when read);
+# tests check that both ways give errors no reader can tell apart.
 _new_error: Final = CircuitOpenError.__new__
 
 
@@ -250,7 +250,6 @@ class CircuitBreaker(Policy):
     kind = "circuit_breaker"
     __slots__ = (
         "_fast",
-        "_message",
         "_open_clock",
         "_open_until",
         "_ring",
@@ -321,7 +320,6 @@ class CircuitBreaker(Policy):
         self._ring: Ring = ring_for(window, slow=timing)
         self._timed = timing or isinstance(window, TimeWindow)
         self._fast = False
-        self._message: str | None = None  # made at the first rejection
         self._state = _CLOSED
         self._version = 0
         self._open_until = 0.0
@@ -579,7 +577,7 @@ class CircuitBreaker(Policy):
         Every rejection of an open breaker comes through here, so it is kept
         to the bone: its budget is twice the cost of raising a bare exception.
         """
-        error = _new_error(CircuitOpenError, self._message or self._open_message())
+        error = _new_error(CircuitOpenError)  # its message is made when read
         error.policy = self._name
         error.retry_after = retry_after
         self._stats.rejected += 1
@@ -592,10 +590,6 @@ class CircuitBreaker(Policy):
             "stalwart.circuit.rejected",
             {**self._span_attributes, "stalwart.retry_after": retry_after},
         )
-
-    def _open_message(self) -> str:
-        self._message = f"circuit breaker {self._name!r} is open"
-        return self._message
 
     def _trials_taken(self) -> CircuitOpenError:
         """The error for a call rejected while HALF_OPEN: every trial slot is taken."""

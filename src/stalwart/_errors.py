@@ -58,14 +58,40 @@ class CircuitOpenError(StalwartError):
     instead of hammering it, as far as the deadline and budget allow.
     """
 
-    # Slots, not a __dict__: an open breaker builds one per rejected call, and
-    # its budget is twice the cost of raising a bare exception.
+    # An open breaker builds one per rejected call, against a budget of twice
+    # the cost of raising a bare exception: slots, not a __dict__, and no
+    # message. Its standard message is made from ``policy`` when ``args`` (or
+    # str(), or repr()) is first read, so the error looks the same as one
+    # built by the constructor.
     __slots__ = ("policy", "retry_after")
     retry_after: float
 
     def __init__(self, message: str, *, policy: str, retry_after: float) -> None:
         super().__init__(message, policy=policy)
         self.retry_after = retry_after
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        args: tuple[Any, ...] = _args.__get__(self)
+        if not args:
+            args = (f"circuit breaker {self.policy!r} is open",)
+            _args.__set__(self, args)
+        return args
+
+    @args.setter
+    def args(self, value: tuple[Any, ...]) -> None:
+        _args.__set__(self, value)
+
+    def __str__(self) -> str:
+        self.args  # noqa: B018 - makes the standard message if there is none
+        return super().__str__()
+
+    def __repr__(self) -> str:
+        self.args  # noqa: B018 - makes the standard message if there is none
+        return super().__repr__()
+
+
+_args: Any = BaseException.__dict__["args"]  # the C-level args of every exception
 
 
 class BulkheadFullError(StalwartError):

@@ -29,6 +29,7 @@ import anyio
 from typing_extensions import ParamSpec
 
 from . import _clock, _validate
+from ._clock import _current_task
 from ._errors import DeadlineExceeded
 from ._policy import Policy
 from ._telemetry import Telemetry, TimeoutStats, add_event, otel_probe, run_in_span
@@ -142,6 +143,7 @@ class _Timers:
         self._armed_at = 0.0
 
     def add(self, when: float, scope: _Scope) -> list[Any]:
+        # (Inlined in _Scope.__enter__: keep the two alike.)
         self._seq += 1
         entry = [when, self._seq, scope]
         heappush(self._heap, entry)
@@ -265,7 +267,7 @@ class _Scope:
         info = _clock.asyncio_loop() if _NATIVE else None
         if info is not None:
             now = info.time()
-            task: Any = info.current_task()
+            task: Any = _current_task(info.loop)
             if task is None:
                 raise RuntimeError("a stalwart deadline must be entered inside a task")
         else:
@@ -278,7 +280,7 @@ class _Scope:
         if outer is not None and outer.when <= when:
             left = outer.when - now
             self.timeout = left if left > 0.0 else 0.0
-            self.when = outer.when
+            self.when = when = outer.when
             if outer._task is task:
                 return self  # the enclosing deadline will cancel this block too
         else:
@@ -288,13 +290,21 @@ class _Scope:
             self._cancelling = task.cancelling()
             self._anyio_scope = _innermost_anyio_scope(task)
             self._deferral = 0.0
-            if self.when <= now:
+            if when <= now:
                 self.expire()  # already due: cancel at the first checkpoint
             else:
-                self._timers = timers = _timers_of(info)
-                self._entry = timers.add(self.when, self)
+                # _Timers.add, inlined: this is most of a Timeout's cost.
+                timers = info.timers
+                if timers is None:
+                    timers = _timers_of(info)
+                self._timers = timers
+                timers._seq += 1
+                self._entry = entry = [when, timers._seq, self]
+                heappush(timers._heap, entry)
+                if timers._handle is None or when < timers._armed_at:
+                    timers._arm(when)
         else:
-            self._cancel_scope = anyio.CancelScope(deadline=self.when)
+            self._cancel_scope = anyio.CancelScope(deadline=when)
             self._cancel_scope.__enter__()
         return self
 
@@ -350,8 +360,14 @@ class _Scope:
         _current.reset(token)
         cancel_scope = self._cancel_scope
         if cancel_scope is None:
-            if self._entry is not None:
-                self._timers.discard(self._entry)
+            entry = self._entry
+            if entry is not None:
+                heap = self._timers._heap
+                if heap and heap[-1] is entry:  # _Timers.discard's common case, inlined
+                    heap.pop()
+                    entry[2] = None
+                else:
+                    self._timers.discard(entry)
             if (
                 self._expired
                 and self._task.uncancel() <= self._cancelling
