@@ -208,9 +208,11 @@ async def run_in_span(
     does the same through two generator-based context managers, which cost
     more than everything else a pipeline does on a call.
     """
-    tracer = telemetry.resolve_tracer()
+    tracer = telemetry._tracer
     if tracer is None:
-        return await fn(*args, **kwargs)
+        tracer = telemetry.resolve_tracer()
+        if tracer is None:
+            return await fn(*args, **kwargs)
     span = tracer.start_span(
         span_name, attributes=attributes, record_exception=False, set_status_on_exception=False
     )

@@ -304,7 +304,11 @@ class _Scope:
         self._token = _current.set(self)
         if info is not None:
             self._cancelling = task.cancelling()
-            self._anyio_scope = _innermost_anyio_scope(task)
+            last_task, state = _last_state  # _innermost_anyio_scope's cache, inlined
+            if last_task() is task:
+                self._anyio_scope = getattr(state, "cancel_scope", None)
+            else:
+                self._anyio_scope = _innermost_anyio_scope(task)
             self._deferral = 0.0
             if when <= now:
                 self.expire()  # already due: cancel at the first checkpoint
