@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import asyncio
+import gc
 import math
 import sys
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -416,3 +419,66 @@ def test_timeout_rejects_non_numbers() -> None:
 def test_decorating_a_sync_function_with_a_timeout_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="async def"):
         sw.Timeout(1.0)(lambda: None)  # type: ignore[arg-type,return-value]
+
+
+# -- nothing kept alive (asyncio's own timer machinery: plain asyncio.run) ------
+
+
+class Result:
+    """A result that can be weakly referenced."""
+
+
+def test_finished_event_loops_are_not_kept_alive() -> None:
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        await sw.Timeout(10.0).call(asyncio.sleep, 0)
+
+    for _ in range(5):
+        asyncio.run(main())
+    gc.collect()
+    # The last loop may stay cached until another loop is looked up.
+    assert sum(ref() is not None for ref in loops) <= 1
+
+
+def test_a_task_that_used_a_timeout_does_not_pin_its_result() -> None:
+    async def produce() -> Result:
+        return Result()
+
+    async def work() -> Result:
+        return await sw.Timeout(10.0).call(produce)
+
+    async def main() -> None:
+        # The first Timeout on the loop arms its timer from inside this task;
+        # a later one keeps the loop's timer busy while we look.
+        result = weakref.ref(await asyncio.create_task(work()))
+        with sw.deadline(10.0):
+            await asyncio.sleep(0)  # the loop lets go of the handle that woke us
+            gc.collect()
+            assert result() is None
+
+    asyncio.run(main())
+
+
+def test_child_tasks_keeping_an_exited_deadline_do_not_pin_its_task() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+        children: list[asyncio.Task[None]] = []
+
+        async def parent() -> None:
+            with sw.deadline(30.0):
+                # Inherits the deadline's scope, and outlives the block.
+                children.append(asyncio.create_task(release.wait()))  # type: ignore[arg-type]
+
+        task = asyncio.create_task(parent())
+        await task
+        parent_task = weakref.ref(task)
+        del task
+        await asyncio.sleep(0)  # the loop lets go of the handle that woke us
+        gc.collect()
+        assert parent_task() is None
+        release.set()
+        await children[0]
+
+    asyncio.run(main())

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from asyncio import CancelledError
 from collections.abc import Callable, Coroutine
-from contextvars import ContextVar, Token
+from contextvars import Context, ContextVar, Token
 from heapq import heapify, heappop, heappush
 from types import TracebackType
 from typing import Any, Final, Protocol, TypeVar, final
@@ -132,7 +132,7 @@ class _Timers:
     the heap stays proportional to the calls in flight.
     """
 
-    __slots__ = ("_armed_at", "_dead", "_handle", "_heap", "_loop", "_seq")
+    __slots__ = ("__weakref__", "_armed_at", "_dead", "_handle", "_heap", "_loop", "_seq")
 
     def __init__(self, loop: Any) -> None:
         self._loop = loop
@@ -172,7 +172,9 @@ class _Timers:
         if self._handle is not None:
             self._handle.cancel()
         self._armed_at = when
-        self._handle = self._loop.call_at(when, self._fire)
+        # In an empty context: call_at would copy the caller's, whose deadline
+        # scope holds its task, whose result would stay alive until it fires.
+        self._handle = self._loop.call_at(when, self._fire, context=Context())
 
     def _fire(self) -> None:
         self._handle = None
@@ -194,15 +196,20 @@ class _Timers:
                 break
 
 
-_timers_by_loop: WeakKeyDictionary[Any, _Timers] = WeakKeyDictionary()
+# Each loop's timers, for loops in several threads taking turns in the
+# LoopInfo cache. Weak both ways: _Timers holds its loop, and lives as long as
+# the cached LoopInfo, a scope or its armed timer needs it.
+_timers_by_loop: WeakKeyDictionary[Any, ref[_Timers]] = WeakKeyDictionary()
 
 
 def _timers_of(info: _clock.LoopInfo) -> _Timers:
     timers: _Timers | None = info.timers
     if timers is None:
-        timers = _timers_by_loop.get(info.loop)
+        known = _timers_by_loop.get(info.loop)
+        timers = None if known is None else known()
         if timers is None:
-            timers = _timers_by_loop[info.loop] = _Timers(info.loop)
+            timers = _Timers(info.loop)
+            _timers_by_loop[info.loop] = ref(timers)
         info.timers = timers
     return timers
 
@@ -369,6 +376,10 @@ class _Scope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        # Child tasks may keep this scope (their inherited deadline) after it
+        # exits: it lets go of the task, and so of the task's result.
+        task = self._task
+        self._task = None
         token = self._token
         if token is None:
             # Unarmed: the enclosing deadline did the cancelling. A Timeout
@@ -395,9 +406,10 @@ class _Scope:
                     entry[2] = None
                 else:
                     self._timers.discard(entry)
+            self._anyio_scope = None
             if (
                 self._expired
-                and self._task.uncancel() <= self._cancelling
+                and task.uncancel() <= self._cancelling
                 and exc_type is not None
                 and issubclass(exc_type, CancelledError)
             ):
