@@ -604,5 +604,13 @@ async def test_retried_failures_leave_no_reference_cycles_behind() -> None:
         assert info.value.__traceback__ is not None
         del info
         assert [ref() for ref in refs] == [None, None, None]
+
+        # No retry made at all: one attempt, or a timeout budget (another path).
+        for policy in (sw.Retry(attempts=1), sw.Retry(attempts=1, timeout=5.0)):
+            refs.clear()
+            with pytest.raises(Failure) as info:
+                await policy(failing(1))()
+            del info
+            assert [ref() for ref in refs] == [None]
     finally:
         gc.enable()

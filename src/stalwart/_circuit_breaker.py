@@ -61,7 +61,7 @@ _DEFAULT_WINDOW: Final = 100
 # `CircuitOpenError(...)` runs two Python-level __init__s with keyword
 # arguments: more than a bare `await` costs. Rejections build the object
 # directly, without a message (the error makes its standard one when read);
-# tests check that both ways give errors no reader can tell apart.
+# tests check that str(), repr(), args and pickling see the same error.
 _new_error: Final = CircuitOpenError.__new__
 
 

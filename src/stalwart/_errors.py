@@ -72,26 +72,30 @@ class CircuitOpenError(StalwartError):
 
     @property
     def args(self) -> tuple[Any, ...]:
-        args: tuple[Any, ...] = _args.__get__(self)
-        if not args:
-            args = (f"circuit breaker {self.policy!r} is open",)
-            _args.__set__(self, args)
-        return args
+        return _args.__get__(self) or self._standard_args()
 
     @args.setter
     def args(self, value: tuple[Any, ...]) -> None:
         _args.__set__(self, value)
 
+    def _standard_args(self) -> tuple[str]:
+        args = (f"circuit breaker {self.policy!r} is open",)
+        _args.__set__(self, args)
+        return args
+
     def __str__(self) -> str:
-        self.args  # noqa: B018 - makes the standard message if there is none
-        return super().__str__()
+        args = _args.__get__(self) or self._standard_args()
+        return str(args[0]) if len(args) == 1 else str(args)  # as BaseException does
 
     def __repr__(self) -> str:
-        self.args  # noqa: B018 - makes the standard message if there is none
-        return super().__repr__()
+        if not _args.__get__(self):
+            self._standard_args()
+        return _repr(self)
 
 
-_args: Any = BaseException.__dict__["args"]  # the C-level args of every exception
+# BaseException's own: the C-level args of every exception, and what reads them.
+_args: Any = BaseException.__dict__["args"]
+_repr = BaseException.__repr__
 
 
 class BulkheadFullError(StalwartError):

@@ -298,8 +298,12 @@ class Retry(Policy):
                         raise
                     failure = exc
                 # Retry outside the `except`, or every later error would
-                # carry this one as its __context__.
-                return await again(fn, args, kwargs, failure, True)
+                # carry this one as its __context__. And let go of it after:
+                # raised again, its traceback would hold this frame holding it.
+                try:
+                    return await again(fn, args, kwargs, failure, True)
+                finally:
+                    del failure
 
         if not traced:
             return retrying
@@ -322,7 +326,10 @@ class Retry(Policy):
                     if not retryable(exc):
                         raise
                     failure = exc
-                return await again(fn, args, kwargs, failure, True)
+                try:
+                    return await again(fn, args, kwargs, failure, True)
+                finally:
+                    del failure  # no cycle if it is raised again
 
         return traced_retrying
 
@@ -355,7 +362,10 @@ class Retry(Policy):
             if self._on_result is None or not self._on_result(result):
                 return result
             return await self._again(fn, args, kwargs, result, False)
-        return await self._again(fn, args, kwargs, failure, True)
+        try:
+            return await self._again(fn, args, kwargs, failure, True)
+        finally:
+            del failure  # no cycle if it is raised again
 
     async def _again(
         self,
