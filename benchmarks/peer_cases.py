@@ -81,6 +81,13 @@ OPTIONAL: Final = (
 OPEN_FOR: Final = 3600  # seconds: no breaker half-opens during a run
 
 
+# The limiters of anyio and trio checkpoint on every acquire.
+CHECKPOINT = (
+    "acquiring yields to the scheduler (a checkpoint) even with a slot free; "
+    "stalwart's Bulkhead does not"
+)
+
+
 def installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
@@ -506,6 +513,7 @@ def builtin_cases() -> list[Case]:
             BARE,
             group=BULKHEAD,
             library="anyio",
+            note=CHECKPOINT,
         ),
         Case(
             f"asyncio.Semaphore({SLOTS})",
@@ -522,6 +530,7 @@ def builtin_cases() -> list[Case]:
             batch=TASKS * PER_TASK,
             group=CONTENDED,
             library="anyio",
+            note=CHECKPOINT,
         ),
         Case("anyio.fail_after(10)", with_fail_after, BARE, group=TIMEOUT, library="anyio"),
         Case(

@@ -16,7 +16,7 @@ import stalwart as sw
 
 from ._harness import Call, Case, measure
 from .hot_path import f
-from .peer_cases import RETRY_NAMES, installed, retrying
+from .peer_cases import CHECKPOINT, RETRY_NAMES, installed, retrying
 
 BARE_TRIO: Final = "bare await f() (trio)"
 RETRY: Final = "trio: Retry, success"
@@ -71,6 +71,7 @@ def cases() -> list[Case]:
             BARE_TRIO,
             group=BULKHEAD,
             library="trio",
+            note=CHECKPOINT,
         ),
         Case(
             "trio.Semaphore(8)",
@@ -78,6 +79,7 @@ def cases() -> list[Case]:
             BARE_TRIO,
             group=BULKHEAD,
             library="trio",
+            note=CHECKPOINT,
         ),
         Case(
             "anyio.CapacityLimiter(8) (trio)",
@@ -85,6 +87,7 @@ def cases() -> list[Case]:
             BARE_TRIO,
             group=BULKHEAD,
             library="anyio",
+            note=CHECKPOINT,
         ),
         Case("Timeout (trio)", lambda: sw.Timeout(10)(f), BARE_TRIO, group=TIMEOUT),
         Case("trio.fail_after(10)", _trio_fail_after, BARE_TRIO, group=TIMEOUT, library="trio"),

@@ -109,3 +109,18 @@ def test_retrying_peers_make_three_tries(library: str) -> None:
     with peer_cases.configured():  # stamina: no log line per retry
         asyncio.run(main())
     assert tries == 3
+
+
+@pytest.mark.parametrize(
+    ("missed", "quick", "no_fail", "status"),
+    [
+        (0, False, False, 0),
+        (2, False, False, 1),
+        (2, True, False, 0),  # --quick: its numbers are noise
+        (2, False, True, 0),  # --no-fail: report only
+    ],
+)
+def test_a_missed_budget_fails_only_a_full_run(
+    missed: int, quick: bool, no_fail: bool, status: int
+) -> None:
+    assert run.exit_status(missed, quick=quick, no_fail=no_fail) == status
