@@ -593,15 +593,11 @@ class CircuitBreaker(Policy):
 
     def _trials_taken(self) -> CircuitOpenError:
         """The error for a call rejected while HALF_OPEN: every trial slot is taken."""
-        error = CircuitOpenError(
+        error = self._rejected(0.0)
+        error.args = (
             f"circuit breaker {self._name!r} is half-open and all its "
             f"{self._rules.half_open_calls} trial calls are running",
-            policy=self._name,
-            retry_after=0.0,
         )
-        self._stats.rejected += 1
-        if _telemetry._explicit_tracing or otel_probe._TRACER_PROVIDER is not None:
-            self._rejection_event(0.0)
         return error
 
     # -- calls ---------------------------------------------------------------
