@@ -33,7 +33,7 @@ from .._version import __version__
 from .engine import BUCKET, Run
 from .scenario import Scenario, Setting
 
-__all__ = ["DEFAULT_MAX_LOAD", "WINDOW", "Report", "Result", "summarize"]
+__all__ = ["DEFAULT_MAX_LOAD", "WINDOW", "Report", "Result", "summarize", "table_columns"]
 
 #: Seconds over which load and success are measured (the default retry budget's window).
 WINDOW: Final = 10
@@ -322,7 +322,8 @@ def _secs(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _table(report: Report) -> str:
+def table_columns(report: Report) -> list[tuple[str, str, Any]]:
+    """The table's columns for ``report``: (heading, alignment, the cell of a `Result`)."""
     s = report.scenario
     any_breaker = any(r.setting.has_breaker for r in report.results)
     columns: list[tuple[str, str, Any]] = [
@@ -366,7 +367,12 @@ def _table(report: Report) -> str:
         )
     if s.traffic.mode == "closed" and s.traffic.calls is not None:
         columns.append(("all done", ">", lambda r: _secs(r.run.end)))
+    return columns
 
+
+def _table(report: Report) -> str:
+    s = report.scenario
+    columns = table_columns(report)
     rows = []
     for rank, result in enumerate(report.results, 1):
         row = [str(rank), result.label]
