@@ -273,6 +273,7 @@ class FaultInjection(Policy):
 
     kind = "fault_injection"
     __slots__ = (
+        "_clock",
         "_error_latency",
         "_error_status",
         "_errors",
@@ -324,6 +325,7 @@ class FaultInjection(Policy):
         self._origin: float | None = None
         self._switch: ContextVar[float | bool] = ContextVar(f"stalwart_faults_{id(self)}")
         self._requests = self._errors = self._hangs = self._rejected = 0
+        self._clock: Callable[[], float] = _clock.now
 
     # -- switching on ------------------------------------------------------------------
 
@@ -355,11 +357,17 @@ class FaultInjection(Policy):
         return self._header.decode("latin-1")
 
     def statistics(self) -> FaultStatistics:
-        """A snapshot of what it has done (call it from the event loop it runs on)."""
+        """A snapshot of what it has done and of its slots and queue now.
+
+        Safe to call from another thread than the server's when that one runs asyncio.
+        """
         server = self._server
         busy = queued = served = 0
         if server is not None:
-            now = _clock.now()
+            try:
+                now = self._clock()
+            except RuntimeError:  # no event loop running: nothing is either
+                now = math.inf
             busy, queued, served = server.busy(now), server.queued(now), server.served
         else:
             served = self._requests - self._errors - self._hangs
@@ -395,6 +403,10 @@ class FaultInjection(Policy):
 
     def _decide(self, switch: float | bool) -> tuple[str, float]:
         """("hang" | "error" | "serve", seconds) for a request switched on with ``switch``."""
+        info = _clock.asyncio_loop()
+        # The clock of the loop it acts on, for `statistics` called from another
+        # thread (a test's, beside the server's): asyncio's can be read from anywhere.
+        self._clock = _clock.now if info is None else info.time
         if switch is True:
             now = _clock.now()
             if self._origin is None:

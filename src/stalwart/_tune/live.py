@@ -22,6 +22,7 @@ simulation it is compared with runs the same shortened scenario.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import time
@@ -41,7 +42,7 @@ from .._telemetry import BulkheadStats, RetryStats, Telemetry, TimeoutStats
 from .._timeout import Timeout
 from ..httpx import ResilientTransport
 from .engine import BUCKET, BreakerLog, Run, _breaker_time, percentile, simulate
-from .report import Report, Result, _pct, _secs, summarize, table_columns
+from .report import Report, Result, _secs, summarize, table_columns
 from .scenario import Scenario, Setting
 
 __all__ = ["Comparison", "compare", "drain_time", "play", "shortened"]
@@ -208,7 +209,7 @@ async def play(
                 assert duration is not None
                 at = traffic_rng.expovariate(traffic.rate)
                 while at < duration:
-                    await anyio.sleep(at - recorder.now())
+                    await anyio.sleep(max(0.0, at - recorder.now()))
                     group.start_soon(call)
                     at += traffic_rng.expovariate(traffic.rate)
             else:
@@ -312,7 +313,7 @@ def compare(
             progress(f"[{n + 1}/{len(chosen)}] {setting.label}")
         if n:
             time.sleep(pause)  # what the service still queues for the last setting
-        live.append(anyio.run(play, short, setting, url, speed))
+        live.append(anyio.run(functools.partial(play, short, setting, url, speed=speed)))
         simulated.append(simulate(short, index))
     return Comparison(
         scenario=short,
@@ -395,8 +396,8 @@ def _side_by_side(comparison: Comparison) -> str:
     ]
     lines.extend(line(row) for row in rows)
     lines.append("")
-    lines.append(f"Live: {_pct(comparison.live.best.success_rate)} success at best; "
-                 f"{comparison.live.recommendation()}")
+    lines.append(f"Live: {comparison.live.recommendation()}")
+    lines.append(f"Simulated: {comparison.simulated.recommendation()}")
     return "\n".join(lines).rstrip() + "\n"
 
 
