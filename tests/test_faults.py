@@ -154,9 +154,7 @@ async def test_a_full_queue_turns_requests_away_and_the_queue_is_fifo() -> None:
 
 
 async def test_an_abandoned_queued_request_is_still_served_by_default() -> None:
-    faults = FaultInjection(
-        profile(latency={"median": 1.0}, error_rate=0.0, capacity=1, queue=5)
-    )
+    faults = FaultInjection(profile(latency={"median": 1.0}, error_rate=0.0, capacity=1, queue=5))
     results: dict[str, tuple[str, float]] = {}
 
     async def one(key: str, patience: float) -> None:
@@ -235,7 +233,7 @@ async def test_as_a_decorator_it_keeps_the_function() -> None:
 
 def test_it_reads_a_scenario_file(tmp_path: Path) -> None:
     path = tmp_path / "dependency.toml"
-    path.write_text('seed = 3\n[downstream]\nlatency = { median = 0.2 }\ncapacity = 4\n')
+    path.write_text("seed = 3\n[downstream]\nlatency = { median = 0.2 }\ncapacity = 4\n")
     faults = FaultInjection(path)
     assert faults.statistics().busy == 0
     assert faults.header == "x-stalwart-faults"

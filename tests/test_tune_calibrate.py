@@ -59,7 +59,7 @@ def test_the_printed_table_is_a_valid_downstream(capsys: pytest.CaptureFixture[s
 
     tune(capsys, "--calibrate", str(SAMPLES / "opentelemetry.prom"))
     _, out, _ = tune(capsys, "--calibrate", str(SAMPLES / "opentelemetry.prom"))
-    scenario = parse_text('[traffic]\nrate = 1.0\nduration = 1.0\n' + out, name="calibrated")
+    scenario = parse_text("[traffic]\nrate = 1.0\nduration = 1.0\n" + out, name="calibrated")
     assert scenario.downstream.latency.median == 0.0509
     assert scenario.downstream.error_rate == 0.0202
 
@@ -105,25 +105,25 @@ async def test_calibrate_reads_a_metrics_url(capsys: pytest.CaptureFixture[str])
         ("this is { not an exposition\n", "is not a Prometheus text exposition"),
         ("# TYPE up gauge\nup 1\n", "holds no histogram"),
         (
-            "# TYPE a_seconds histogram\na_seconds_bucket{le=\"1\"} 1\n"
-            "a_seconds_bucket{le=\"+Inf\"} 1\na_seconds_count 1\na_seconds_sum 1\n"
-            "# TYPE b_seconds histogram\nb_seconds_bucket{le=\"+Inf\"} 0\n",
+            '# TYPE a_seconds histogram\na_seconds_bucket{le="1"} 1\n'
+            'a_seconds_bucket{le="+Inf"} 1\na_seconds_count 1\na_seconds_sum 1\n'
+            '# TYPE b_seconds histogram\nb_seconds_bucket{le="+Inf"} 0\n',
             "has 2 latency histograms: a_seconds, b_seconds; name one with --metric",
         ),
         (
-            "# TYPE a_bytes histogram\na_bytes_bucket{le=\"+Inf\"} 3\n",
+            '# TYPE a_bytes histogram\na_bytes_bucket{le="+Inf"} 3\n',
             "has no latency histogram (a name ending in _seconds)",
         ),
         (
-            "# TYPE a_seconds histogram\na_seconds_bucket{le=\"1\"} 3\n",
+            '# TYPE a_seconds histogram\na_seconds_bucket{le="1"} 3\n',
             "has a series without a +Inf bucket",
         ),
         (
-            "# TYPE a_seconds histogram\na_seconds_bucket{le=\"+Inf\",status=\"500\"} 3\n",
+            '# TYPE a_seconds histogram\na_seconds_bucket{le="+Inf",status="500"} 3\n',
             "holds no successful request (3 failed)",
         ),
         (
-            "# TYPE a_seconds histogram\na_seconds_bucket{le=\"soon\"} 3\n",
+            '# TYPE a_seconds histogram\na_seconds_bucket{le="soon"} 3\n',
             "with le='soon', not a number",
         ),
     ],

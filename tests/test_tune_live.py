@@ -85,7 +85,9 @@ def test_live_prints_each_setting_measured_beside_the_simulation(
     assert "peak load" in lines[4]
     rows = lines[5:11]
     assert [row.split()[2 if i % 3 == 0 else 0] for i, row in enumerate(rows)] == [
-        "live", "sim", "diff"
+        "live",
+        "sim",
+        "diff",
     ] * 2
     labels = {rows[0].split()[1], rows[3].split()[1]}
     assert labels == {"attempts=1", "attempts=3"}
@@ -98,7 +100,9 @@ def test_live_prints_each_setting_measured_beside_the_simulation(
 def test_live_one_setting_as_json(
     url: str, scenario_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, _ = tune(capsys, "--live", url, str(scenario_file), "--setting", "attempts=1", "--json")
+    code, out, _ = tune(
+        capsys, "--live", url, str(scenario_file), "--setting", "attempts=1", "--json"
+    )
     assert code == 0
     data = json.loads(out)
     (live,) = data["live"]["settings"]
@@ -112,9 +116,7 @@ def test_live_one_setting_as_json(
 def test_live_speed_shortens_the_timeline(
     url: str, scenario_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, _ = tune(
-        capsys, "--live", url, str(scenario_file), "--speed", "2", "--setting", "2"
-    )
+    code, out, _ = tune(capsys, "--live", url, str(scenario_file), "--speed", "2", "--setting", "2")
     assert code == 0
     assert "timeline 2x shorter" in out
     assert "1.5 s of traffic at 40 calls/s" in out

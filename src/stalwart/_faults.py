@@ -29,7 +29,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping, MutableMappi
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from heapq import heapify, heapreplace
+from heapq import heapreplace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
@@ -569,8 +569,8 @@ def _read(scenario: object) -> Scenario:
     A scenario without ``[traffic]`` is accepted: it may describe a
     dependency and nothing else.
     """
-    from ._tune.schema import ScenarioError, loads_toml
     from ._tune.scenario import from_dict
+    from ._tune.schema import ScenarioError, loads_toml
 
     if isinstance(scenario, Mapping):
         data, source = dict(scenario), "the scenario"

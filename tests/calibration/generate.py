@@ -90,7 +90,9 @@ def with_opentelemetry() -> bytes:
     provider.shutdown()
     # Only the exporter's families: the default registry's process metrics vary by machine.
     lines = text.decode().splitlines(keepends=True)
-    kept = [line for line in lines if "http_client_request_duration" in line or "target_info" in line]
+    kept = [
+        line for line in lines if "http_client_request_duration" in line or "target_info" in line
+    ]
     return "".join(kept).encode()
 
 

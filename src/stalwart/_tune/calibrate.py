@@ -160,39 +160,42 @@ class _Histogram:
 def _histograms(text: str, source: str) -> dict[str, _Histogram]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    found: dict[str, _Histogram] = {}
     try:
-        for family in text_string_to_metric_families(text):
-            if family.type != "histogram":
-                continue
-            histogram = found.setdefault(family.name, _Histogram(family.name, {}))
-            for sample in family.samples:
-                if not sample.name.endswith("_bucket"):
-                    continue
-                labels = dict(sample.labels)
-                le = labels.pop("le", None)
-                if le is None:
-                    raise CalibrationError(
-                        f"{source}: {sample.name} has a bucket without an le label"
-                    )
-                try:
-                    bound = float(le)
-                except ValueError:
-                    raise CalibrationError(
-                        f"{source}: {sample.name} has a bucket with le={le!r}, not a number"
-                    ) from None
-                if not (math.isfinite(sample.value) and sample.value >= 0):
-                    raise CalibrationError(
-                        f"{source}: {sample.name}{{le={le!r}}} counts {sample.value!r}"
-                    )
-                key = tuple(sorted(labels.items()))
-                histogram.series.setdefault(key, {})[bound] = sample.value
-    except CalibrationError:
-        raise
-    except Exception as exc:  # the parser raises ValueError, IndexError, ...
+        families = list(text_string_to_metric_families(text))
+    except (ValueError, IndexError, KeyError, TypeError) as exc:  # what the parser raises
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise CalibrationError(f"{source} is not a Prometheus text exposition: {reason}") from None
+    found: dict[str, _Histogram] = {}
+    for family in families:
+        if family.type != "histogram":
+            continue
+        histogram = found.setdefault(family.name, _Histogram(family.name, {}))
+        for sample in family.samples:
+            if not sample.name.endswith("_bucket"):
+                continue
+            labels = dict(sample.labels)
+            le = labels.pop("le", None)
+            bound = _bound(le)
+            if bound is None:
+                raise CalibrationError(
+                    f"{source}: {sample.name} has a bucket with le={le!r}, not a number"
+                )
+            if not (math.isfinite(sample.value) and sample.value >= 0):
+                raise CalibrationError(
+                    f"{source}: {sample.name}{{le={le!r}}} counts {sample.value!r}"
+                )
+            key = tuple(sorted(labels.items()))
+            histogram.series.setdefault(key, {})[bound] = sample.value
     return found
+
+
+def _bound(le: str | None) -> float | None:
+    if le is None:
+        return None
+    try:
+        return float(le)
+    except ValueError:
+        return None
 
 
 def _choose(histograms: Mapping[str, _Histogram], metric: str | None, source: str) -> _Histogram:
@@ -237,7 +240,9 @@ def _failed(labels: Iterable[tuple[str, str]]) -> bool:
     return False
 
 
-def _summed(series: Iterable[dict[float, float]], name: str, source: str) -> list[tuple[float, float]]:
+def _summed(
+    series: Iterable[dict[float, float]], name: str, source: str
+) -> list[tuple[float, float]]:
     """Buckets of several series added up by bound (``sum by (le)``)."""
     total: dict[float, float] = {}
     for buckets in series:

@@ -1,6 +1,7 @@
 """``python -m stalwart tune``: the options, and what running it does.
 
-Exit codes: 0 done; 2 a bad scenario file or bad arguments (a message, never
+Exit codes: 0 done; 2 a bad scenario file or bad arguments, an unreachable
+``--live`` service, or metrics ``--calibrate`` cannot use (a message, never
 a traceback); 130 interrupted.
 """
 
@@ -73,9 +74,12 @@ every key: type (default), then its meaning
 {keys}
 
 Start from a built-in: python -m stalwart tune --scenario outage --print-scenario
+Start from your metrics: python -m stalwart tune --calibrate http://HOST/metrics
+Check against a real service: python -m stalwart tune SCENARIO.toml --live URL --speed 10
 Full reference: docs/reference/scenario-format.md
 
-exit codes: 0 done, 2 bad scenario or arguments, 130 interrupted
+exit codes: 0 done, 2 bad scenario or arguments (or an unreachable --live URL,
+or metrics --calibrate cannot read), 130 interrupted
 """
 
 

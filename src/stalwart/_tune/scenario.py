@@ -159,7 +159,7 @@ class Downstream:
         p = phases[i]
         hangs = p.failure == "hangs"
         share = (t - p.start) / p.duration
-        if share <= 0.0 or p.latency == p.end_latency and p.error_rate == p.end_error_rate:
+        if share <= 0.0 or (p.latency == p.end_latency and p.error_rate == p.end_error_rate):
             return p.error_rate, p.latency.mu, p.latency.sigma, hangs
         e0, m0, s0 = p.error_rate, p.latency.mu, p.latency.sigma
         return (

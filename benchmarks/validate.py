@@ -1,0 +1,251 @@
+"""Does the simulation tell the truth? ``tune --live`` against a real service, per setting.
+
+python benchmarks/validate.py             # both scenarios, about 16 minutes
+python benchmarks/validate.py --only retry-storm
+nox -s validate                           # the same, and the report written
+
+For the built-in ``retry-storm`` and ``outage`` scenarios, scaled to a minute
+of traffic per setting, a real uvicorn service (in a process of its own)
+plays the scenario's dependency with `stalwart.testing.FaultInjection`, and
+the live runner (``python -m stalwart tune --live``) calls it through
+`stalwart.httpx.ResilientTransport` with each setting's policies. Each
+setting must give, live, a success rate within 3 points of the simulation's
+and a peak load within 15% of it. The side-by-side tables and the verdicts
+are written to ``benchmarks/results/validation.md``; the exit status is 1
+when a setting is out of tolerance.
+
+How the scenarios are scaled (the simulation runs the same scaled files, so
+the comparison is like for like): the timeline is cut to a minute, keeping
+the healthy lead-in the recovery is measured against; ``retry-storm``
+runs at half the rate on half the capacity (the same 70% utilisation), so
+that its retries (up to 5 attempts a call) stay within what one Python
+client process can send on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from stalwart._tune import builtin, schema
+from stalwart._tune.live import Comparison, compare
+from stalwart._tune.report import DEFAULT_MAX_LOAD
+from stalwart._tune.scenario import Scenario, from_dict
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SUCCESS_POINTS = 3.0
+PEAK_LOAD_SHARE = 0.15
+
+
+def scaled(name: str) -> dict[str, Any]:
+    """The built-in scenario ``name``, scaled to a minute of traffic."""
+    data = schema.loads_toml(builtin.text(name), name)
+    data["name"] = f"{name} (1 min)"
+    ds = data["downstream"]
+    if name == "retry-storm":
+        data["description"] = "a minute at 50 calls/s, near capacity; a 10-second slowdown"
+        data["traffic"]["rate"] = 50.0
+        ds["capacity"], ds["queue"] = 6, 150
+        durations = [20.0, 10.0, 30.0]
+    elif name == "outage":
+        data["description"] = "a minute at 50 calls/s; the dependency fails every call for 10 s"
+        durations = [20.0, 10.0, 6.0, 24.0]
+    else:
+        raise ValueError(name)
+    for phase, duration in zip(ds["timeline"], durations, strict=True):
+        phase["duration"] = duration
+    return data
+
+
+def _toml(value: Any, path: str = "") -> str:
+    """``value`` (a scenario as parsed) written back as TOML."""
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for key, item in value.items():
+        if isinstance(item, dict) or (
+            isinstance(item, list) and item and isinstance(item[0], dict) and key == "timeline"
+        ):
+            tables.append((key, item))
+        else:
+            lines.append(f"{key} = {_literal(item)}")
+    for key, item in tables:
+        full = f"{path}.{key}" if path else key
+        if isinstance(item, list):
+            for entry in item:
+                lines.append(f"\n[[{full}]]")
+                lines.append(_toml(entry, full).strip())
+        else:
+            lines.append(f"\n[{full}]")
+            lines.append(_toml(item, full).strip())
+    return "\n".join(lines) + "\n"
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    return schema.toml_literal(value)
+
+
+# -- the service ---------------------------------------------------------------------------
+
+
+def serve(scenario_file: str) -> None:
+    """Run the dependency: uvicorn, FaultInjection playing ``scenario_file``; print the port."""
+    import uvicorn
+
+    from stalwart.testing import FaultInjection
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = FaultInjection(scenario_file).middleware(ok)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", 0))
+    print(sock.getsockname()[1], flush=True)
+    config = uvicorn.Config(
+        app, http="h11", ws="none", lifespan="off", log_config=None, access_log=False, backlog=4096
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+class Service:
+    """The dependency in a process of its own (the client's event loop keeps its own core)."""
+
+    def __init__(self, scenario_file: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(scenario_file)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        port = self.process.stdout.readline().strip()
+        if not port.isdigit():
+            self.close()
+            raise RuntimeError("the service did not start")
+        self.url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 30.0
+        while True:  # poll until it accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", int(port)), timeout=1.0).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError("the service did not listen within 30 s") from None
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# -- the comparison ------------------------------------------------------------------------
+
+
+def verdicts(comparison: Comparison) -> list[tuple[str, float, float, bool]]:
+    """(label, success difference in points, peak load difference as a share, within?)."""
+    out = []
+    for live, sim in comparison.pairs():
+        points = (live.success_rate - sim.success_rate) * 100.0
+        assert live.peak_load is not None
+        assert sim.peak_load is not None
+        share = live.peak_load / sim.peak_load - 1.0
+        ok = abs(points) <= SUCCESS_POINTS and abs(share) <= PEAK_LOAD_SHARE
+        out.append((live.label, points, share, ok))
+    return out
+
+
+def run_one(name: str, folder: Path) -> tuple[Scenario, Comparison]:
+    data = scaled(name)
+    path = folder / f"{name}.toml"
+    path.write_text(_toml(data), encoding="utf-8")
+    scenario = from_dict(schema.loads_toml(path.read_text("utf-8"), name), name=name)
+    service = Service(path)
+    try:
+
+        def progress(text: str) -> None:
+            print(f"… {name} {text}", file=sys.stderr, flush=True)
+
+        comparison = compare(scenario, service.url, max_load=DEFAULT_MAX_LOAD, progress=progress)
+    finally:
+        service.close()
+    return scenario, comparison
+
+
+def report(results: list[tuple[str, Comparison]], seconds: float) -> tuple[str, bool]:
+    lines = [
+        "# Validation: the simulation against a real service",
+        "",
+        f"`python benchmarks/validate.py` on {platform.node() or 'this machine'} "
+        f"({platform.python_implementation()} {platform.python_version()}, "
+        f"{platform.machine()}), {seconds / 60:.0f} minutes. Each setting is played live "
+        "(`tune --live`: real uvicorn service behind `FaultInjection`, real httpx "
+        "client through `ResilientTransport`, real time) and simulated on the same scaled "
+        f"scenario. Tolerances: success within {SUCCESS_POINTS:g} points, peak load within "
+        f"{PEAK_LOAD_SHARE:.0%}.",
+        "",
+    ]
+    all_ok = True
+    for name, comparison in results:
+        lines += [f"## {name}", "", "```text", comparison.table().rstrip(), "```", ""]
+        lines += ["| setting | success, live - sim | peak load, live / sim - 1 | within |"]
+        lines += ["|---|---:|---:|---|"]
+        for label, points, share, ok in verdicts(comparison):
+            all_ok &= ok
+            lines.append(f"| {label} | {points:+.1f} pt | {share:+.1%} | {'yes' if ok else 'NO'} |")
+        lines.append("")
+    lines.append(
+        "All settings within tolerance." if all_ok else "**Some settings are out of tolerance.**"
+    )
+    return "\n".join(lines) + "\n", all_ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--serve", metavar="SCENARIO.toml", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=("retry-storm", "outage"))
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS / "validation.md",
+        help="where to write the report (default: benchmarks/results/validation.md)",
+    )
+    args = parser.parse_args(argv)
+    if args.serve is not None:
+        serve(args.serve)
+        return 0
+    names = [args.only] if args.only else ["retry-storm", "outage"]
+    started = time.monotonic()
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in names:
+            _, comparison = run_one(name, Path(folder))
+            results.append((name, comparison))
+            print(comparison.table(), flush=True)
+    text, ok = report(results, time.monotonic() - started)
+    args.output.write_text(text, encoding="utf-8")
+    print(f"report written to {args.output}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
