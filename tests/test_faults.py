@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
+import stalwart as sw
 from stalwart._tune.engine import percentile
 from stalwart.testing import FaultInjection, InjectedFault
 
@@ -40,6 +41,11 @@ async def timed(faults: FaultInjection, **enabled: Any) -> tuple[str, float]:
     except InjectedFault as exc:
         outcome = exc.reason
     return outcome, anyio.current_time() - start
+
+
+def assert_outcome(result: tuple[str, float], outcome: str, took: object) -> None:
+    assert result[0] == outcome
+    assert result[1] == took
 
 
 async def test_it_does_nothing_unless_switched_on() -> None:
@@ -69,15 +75,30 @@ async def test_a_switched_on_call_meets_the_latency_and_error_rate() -> None:
 
 async def test_an_injected_error_comes_after_the_error_latency() -> None:
     faults = FaultInjection(profile(error_rate=1.0, error_latency=0.25))
-    assert await timed(faults) == ("error", pytest.approx(0.25))
+    assert_outcome(await timed(faults), "error", pytest.approx(0.25))
 
 
 async def test_the_same_seed_gives_the_same_draws() -> None:
-    first = [await timed(FaultInjection(HEALTHY, seed=3)) for _ in range(1)]
-    again = [await timed(FaultInjection(HEALTHY, seed=3)) for _ in range(1)]
-    other = FaultInjection(HEALTHY, seed=4)
-    assert first == again
-    assert [await timed(other)] != first
+    async def draws(seed: int) -> list[tuple[str, float]]:
+        faults = FaultInjection(HEALTHY, seed=seed)
+        return [await timed(faults) for _ in range(20)]
+
+    first, again, other = await draws(3), await draws(3), await draws(4)
+    assert [o for o, _ in first] == [o for o, _ in again]
+    assert [t for _, t in first] == pytest.approx([t for _, t in again], abs=1e-9)
+    assert [t for _, t in other] != pytest.approx([t for _, t in first], abs=1e-9)
+
+
+async def test_in_a_pipeline_each_retry_meets_the_profile() -> None:
+    faults = FaultInjection(profile(error_rate=1.0, error_latency=0.1))
+    pipeline = sw.Pipeline(
+        sw.Retry(attempts=3, backoff=sw.Backoff(initial=0.0, maximum=0.0)), faults
+    )
+    start = anyio.current_time()
+    with pytest.raises(InjectedFault, match="injected error"), faults.enabled():
+        await pipeline.call(work)
+    assert anyio.current_time() - start == pytest.approx(0.3)
+    assert faults.statistics().errors == 3
 
 
 async def test_the_timeline_follows_the_clock_times_speed() -> None:
@@ -114,8 +135,8 @@ async def test_at_places_calls_on_the_timeline() -> None:
             ],
         )
     )
-    assert await timed(faults, at=5.0) == ("done", pytest.approx(0.01))
-    assert await timed(faults, at=15.0) == ("done", pytest.approx(0.2))
+    assert_outcome(await timed(faults, at=5.0), "done", pytest.approx(0.01))
+    assert_outcome(await timed(faults, at=15.0), "done", pytest.approx(0.2))
     assert (await timed(faults, at=25.0))[0] == "error"
     # Halfway through the recovery, half of the calls fail.
     outcomes = [(await timed(faults, at=35.0))[0] for _ in range(2000)]
@@ -169,7 +190,7 @@ async def test_an_abandoned_queued_request_is_still_served_by_default() -> None:
         group.start_soon(one, "third", 10.0)
     assert "gives up" not in results
     # The abandoned request still took its second of the only slot.
-    assert results["third"] == ("done", pytest.approx(2.998, abs=0.002))
+    assert_outcome(results["third"], "done", pytest.approx(2.998, abs=0.002))
     assert faults.statistics().served == 3
 
 
@@ -195,7 +216,7 @@ async def test_serves_abandoned_false_drops_abandoned_queued_requests() -> None:
         group.start_soon(one, "gives up", 0.5)
         await anyio.sleep(0.001)
         group.start_soon(one, "third", 10.0)
-    assert results["third"] == ("done", pytest.approx(1.998, abs=0.002))
+    assert_outcome(results["third"], "done", pytest.approx(1.998, abs=0.002))
     assert faults.statistics().served == 2
 
 
@@ -204,7 +225,7 @@ async def test_a_caller_in_service_that_gives_up_keeps_the_slot_busy() -> None:
     with anyio.move_on_after(0.25):
         await timed(faults)
     assert faults.statistics().busy == 1
-    assert await timed(faults) == ("done", pytest.approx(1.75))
+    assert_outcome(await timed(faults), "done", pytest.approx(1.75))
 
 
 async def test_cancellation_is_never_swallowed() -> None:

@@ -500,13 +500,14 @@ class FaultInjection(Policy):
             await self._answer(send, b"injected error")
             return
         server = self._server
+        served: bool | None
         if server is None or server._serves_abandoned:
             served = await self._occupy(seconds)
         else:
             # A queued request whose caller hangs up leaves the queue: watch for it.
             receive, served = await self._occupy_while_connected(receive, seconds)
-            if served is None:
-                return
+        if served is None:
+            return
         if not served:
             await anyio.sleep(self._error_latency)
             await self._answer(send, b"injected overload: every slot taken and the queue full")
