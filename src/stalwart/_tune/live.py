@@ -35,6 +35,7 @@ import httpx
 from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
 
+from .. import _clock
 from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
 from .._faults import FAULTS_HEADER
 from .._pipeline import Pipeline
@@ -111,7 +112,7 @@ class _Recorder:
     """The live run's clock and series, in the engine's `Run` layout."""
 
     def __init__(self, size: int, speed: float) -> None:
-        self.start = time.monotonic()
+        self.start = _clock.now()
         self.speed = speed
         self.size = size
         self.calls = [0] * size
@@ -121,7 +122,7 @@ class _Recorder:
 
     def now(self) -> float:
         """Seconds since the run started (of the shortened timeline)."""
-        return time.monotonic() - self.start
+        return _clock.now() - self.start
 
     def position(self) -> float:
         """Where the service's timeline is now: the original scenario's seconds."""
