@@ -13,7 +13,9 @@ What is real: the `Retry`, `RetryBudget`, `CircuitBreaker`, `Bulkhead`,
 ``Pipeline(Timeout(deadline), *the setting's policies)``, the outer `Timeout`
 being the caller's deadline (the ambient deadline inside).
 What is simulated: the downstream (a server with ``capacity`` slots, a FIFO
-queue, a latency distribution and a timeline of failures) and its callers.
+queue, a latency distribution and a timeline of failures) and its callers,
+who cost nothing unless the scenario gives ``traffic.overhead`` (`_Overhead`:
+their event loop's time per attempt, which ``tune --live`` measures).
 The breaker's transitions are observed through its telemetry: the engine
 installs a stats object of its own for it (`BreakerLog`) before building it.
 """
@@ -30,10 +32,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
-from typing_extensions import ParamSpec
-
 from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
+from typing_extensions import ParamSpec
 
 from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
 from .._pipeline import Pipeline

@@ -25,8 +25,8 @@ import asyncio
 import dataclasses
 import functools
 import math
-import selectors
 import random
+import selectors
 import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
