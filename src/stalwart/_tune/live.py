@@ -298,7 +298,7 @@ class Comparison:
         }
 
 
-class _TimedSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _TimedSelector(selectors.DefaultSelector):
     """The loop's selector, timing how long the loop waits in it (idle)."""
 
     idle = 0.0
@@ -306,7 +306,7 @@ class _TimedSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         start = time.perf_counter()
         try:
-            return super().select(timeout)  # type: ignore[no-any-return]
+            return super().select(timeout)
         finally:
             self.idle += time.perf_counter() - start
 
