@@ -18,7 +18,7 @@ from stalwart._tune import builtin, schema
 from stalwart._tune.engine import BUCKET, Run, SimulationLoop, percentile, simulate
 from stalwart._tune.report import Report, Result, summarize
 from stalwart._tune.runner import run_all
-from stalwart._tune.scenario import Scenario, ScenarioError, from_dict
+from stalwart._tune.scenario import Scenario, from_dict
 
 
 def built_in(name: str) -> dict[str, Any]:
@@ -402,47 +402,3 @@ def test_percentiles_are_nearest_rank() -> None:
     assert percentile(values, 0.99) == 99.0
     assert percentile(values, 0.999) == 100.0
     assert percentile([], 0.5) == 0.0
-
-
-# -- the callers' own loop (traffic.overhead) ------------------------------------------------
-
-HERD: dict[str, Any] = {
-    "traffic": {"mode": "closed", "clients": 100, "calls": 1, "deadline": 5.0},
-    "downstream": {"latency": {"median": 0.01}, "error_rate": 0.0},
-}
-
-
-def herd(overhead: float, grid: dict[str, Any]) -> Run:
-    data = copy.deepcopy(HERD)
-    data["traffic"]["overhead"] = overhead
-    data["grid"] = grid
-    return simulate(scenario_of(data), 0)
-
-
-def test_without_overhead_a_herd_costs_its_callers_nothing() -> None:
-    run = herd(0.0, {})
-    assert run.end == pytest.approx(0.01)
-    assert run.outcomes["ok"] == 100
-
-
-def test_a_herd_waits_for_the_callers_loop_to_send_and_to_read() -> None:
-    run = herd(0.001, {})
-    # 100 sends of 1 ms, one at a time, then the 100 reads queued behind them.
-    assert run.end == pytest.approx(0.2)
-    assert run.latency["p50"] == pytest.approx(0.15, abs=0.002)
-    assert run.outcomes["ok"] == 100
-
-
-def test_waiting_for_the_callers_loop_counts_against_the_attempt_timeout() -> None:
-    run = herd(0.001, {"timeout": 0.05})
-    assert run.outcomes["timeout"] == 100
-    assert herd(0.0, {"timeout": 0.05}).outcomes["ok"] == 100
-
-
-def test_overhead_is_described_and_validated() -> None:
-    data = copy.deepcopy(HERD)
-    data["traffic"]["overhead"] = 0.002
-    assert "2 ms of the callers' loop per attempt" in scenario_of(data).describe()
-    data["traffic"]["overhead"] = -1.0
-    with pytest.raises(ScenarioError, match=r"traffic\.overhead: must be ≥ 0"):
-        scenario_of(data)

@@ -13,9 +13,7 @@ What is real: the `Retry`, `RetryBudget`, `CircuitBreaker`, `Bulkhead`,
 ``Pipeline(Timeout(deadline), *the setting's policies)``, the outer `Timeout`
 being the caller's deadline (the ambient deadline inside).
 What is simulated: the downstream (a server with ``capacity`` slots, a FIFO
-queue, a latency distribution and a timeline of failures) and its callers,
-who cost nothing unless the scenario gives ``traffic.overhead`` (`_Overhead`:
-their event loop's time per attempt, which ``tune --live`` measures).
+queue, a latency distribution and a timeline of failures) and its callers.
 The breaker's transitions are observed through its telemetry: the engine
 installs a stats object of its own for it (`BreakerLog`) before building it.
 """
@@ -30,15 +28,13 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
-from typing_extensions import ParamSpec
 
 from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
 from .._pipeline import Pipeline
-from .._policy import Policy
 from .._telemetry import BulkheadStats, CircuitStats, RetryStats, Telemetry, TimeoutStats
 from .._timeout import Timeout
 from .scenario import Scenario, Setting
@@ -52,9 +48,6 @@ __all__ = [
     "SimulationLoop",
     "simulate",
 ]
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 #: Seconds per sample of the time series.
 BUCKET: Final = 1.0
@@ -247,56 +240,6 @@ def simulate(
         loop.close()
 
 
-class _Overhead(Policy):
-    """The callers' event loop: one thing at a time, ``cost`` seconds per step.
-
-    A real caller spends CPU on every attempt that reaches the dependency
-    (opening a connection, writing the request, parsing the answer), on one
-    event loop that does one thing at a time. A simulated caller spends none
-    unless the scenario says so (``traffic.overhead``); then every attempt
-    waits its turn twice, inside its own timeout: to be sent, and to have its
-    outcome read. It matters when hundreds of attempts are due at once, as
-    the herd of retries that waited out an open breaker is: the last of them
-    wait for the loop long enough to time out, and a breaker that has just
-    closed counts those timeouts and opens again.
-    """
-
-    kind = "overhead"
-    __slots__ = ("_busy_until", "_cost", "_loop")
-
-    def __init__(self, cost: float, loop: asyncio.AbstractEventLoop, telemetry: Telemetry) -> None:
-        super().__init__(name="overhead", telemetry=telemetry)
-        self._cost = cost
-        self._loop = loop
-        self._busy_until = 0.0
-
-    async def _turn(self) -> None:
-        now = self._loop.time()
-        self._busy_until = max(now, self._busy_until) + self._cost
-        await asyncio.sleep(self._busy_until - now)
-
-    def _bind(
-        self,
-        fn: Callable[P, Coroutine[Any, Any, T]],
-        *,
-        origin: Callable[..., Any],
-        traced: bool,
-    ) -> Callable[P, Coroutine[Any, Any, T]]:
-        turn = self._turn
-
-        async def charged(*args: P.args, **kwargs: P.kwargs) -> T:
-            await turn()
-            try:
-                result = await fn(*args, **kwargs)
-            except Exception:
-                await turn()  # reading a failure costs too (cancellation does not wait)
-                raise
-            await turn()
-            return result
-
-        return charged
-
-
 class _Phases:
     """The downstream's profile at a moment, for moments that never go back in time.
 
@@ -460,10 +403,6 @@ class _Simulation:
         # do the same, and validate its argument 180,000 times an hour).
         patience = Timeout(traffic.deadline, name="deadline", telemetry=self.telemetry)
         policies = self.setting.policies(self.telemetry, self.policy_rng)
-        if traffic.overhead:
-            # Innermost: the caller's work on an attempt is part of the attempt,
-            # and its timeout runs while the attempt waits for the loop.
-            policies.append(_Overhead(traffic.overhead, loop, self.telemetry))
         guarded = Pipeline(patience, *policies, name="setting", telemetry=self.telemetry)(attempt)
         in_flight = 0
         starting = True  # new calls may still start

@@ -21,15 +21,13 @@ simulation it is compared with runs the same shortened scenario.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import math
 import random
-import selectors
 import time
 from array import array
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any, Final
 
 import anyio
@@ -48,7 +46,7 @@ from .engine import BUCKET, BreakerLog, Run, _breaker_time, percentile, simulate
 from .report import Report, Result, _secs, summarize, table_columns
 from .scenario import Scenario, Setting
 
-__all__ = ["Comparison", "compare", "drain_time", "measured", "play", "shortened"]
+__all__ = ["Comparison", "compare", "drain_time", "play", "shortened"]
 
 #: Connections the client may hold at once: enough that the pool never queues.
 _MAX_CONNECTIONS: Final = 2000
@@ -271,8 +269,6 @@ class Comparison:
     speed: float
     live: Report
     simulated: Report
-    #: the callers' loop's measured seconds per attempt and step, by setting index
-    overheads: Mapping[int, float] = dataclasses.field(default_factory=dict)
 
     def pairs(self) -> list[tuple[Result, Result]]:
         """(live, simulated) per setting, in the live report's order (best first)."""
@@ -287,7 +283,6 @@ class Comparison:
         return {
             "url": self.url,
             "speed": self.speed,
-            "overhead": {r.label: self.overheads.get(r.setting.index) for r in self.live.results},
             "live": self.live.to_json(),
             "simulated": {
                 "settings": [
@@ -296,45 +291,6 @@ class Comparison:
                 ]
             },
         }
-
-
-class _TimedSelector(selectors.DefaultSelector):
-    """The loop's selector, timing how long the loop waits in it (idle)."""
-
-    idle = 0.0
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        start = time.perf_counter()
-        try:
-            return super().select(timeout)
-        finally:
-            self.idle += time.perf_counter() - start
-
-
-def measured(
-    scenario: Scenario, setting: Setting, url: str, *, speed: float = 1.0
-) -> tuple[Run, float]:
-    """`play` on a loop of its own; the run and the loop's busy seconds per attempt.
-
-    Busy: the run's wall time the loop did not spend waiting for I/O or
-    timers, whether it was computing or waiting for a CPU on a loaded
-    machine. Each attempt is charged twice (sending it, reading its outcome):
-    that is the simulation's ``traffic.overhead``.
-    """
-    selector = _TimedSelector()
-
-    def new_loop() -> asyncio.AbstractEventLoop:
-        return asyncio.SelectorEventLoop(selector)
-
-    started = time.perf_counter()
-    run = anyio.run(
-        functools.partial(play, scenario, setting, url, speed=speed),
-        backend="asyncio",
-        backend_options={"loop_factory": new_loop},
-    )
-    busy = time.perf_counter() - started - selector.idle
-    attempts = sum(run.attempts)
-    return run, (busy / (2 * attempts) if attempts else 0.0)
 
 
 def compare(
@@ -351,7 +307,6 @@ def compare(
     chosen = list(range(len(short.settings))) if settings is None else list(settings)
     live: list[Run] = []
     simulated: list[Run] = []
-    overheads: dict[int, float] = {}
     pause = drain_time(short)
     for n, index in enumerate(chosen):
         setting = short.settings[index]
@@ -359,21 +314,14 @@ def compare(
             progress(f"[{n + 1}/{len(chosen)}] {setting.label}")
         if n:
             time.sleep(pause)  # what the service still queues for the last setting
-        run, overhead = measured(short, setting, url, speed=speed)
-        live.append(run)
-        overheads[index] = overhead
-        # The simulation of the same setting, with the callers' loop as busy as it was.
-        twin = dataclasses.replace(
-            short, traffic=dataclasses.replace(short.traffic, overhead=overhead)
-        )
-        simulated.append(simulate(twin, index))
+        live.append(anyio.run(functools.partial(play, short, setting, url, speed=speed)))
+        simulated.append(simulate(short, index))
     return Comparison(
         scenario=short,
         url=url,
         speed=speed,
         live=summarize(short, live, max_load=max_load),
         simulated=summarize(short, simulated, max_load=max_load),
-        overheads=overheads,
     )
 
 
@@ -422,9 +370,7 @@ def _side_by_side(comparison: Comparison) -> str:
     for rank, (live, sim) in enumerate(comparison.pairs(), 1):
         cells = [fn for _, _, fn in columns[2:]]
         rows.append([str(rank), live.label, "live", *(fn(live) for fn in cells)])
-        overhead = comparison.overheads.get(live.setting.index)
-        note = "" if overhead is None else f" ({overhead * 1e3:.1f} ms)"
-        rows.append(["", "", f"sim{note}", *(fn(sim) for fn in cells)])
+        rows.append(["", "", "sim", *(fn(sim) for fn in cells)])
         rows.append(["", "", "diff", *(_difference(h, live, sim) for h, _, _ in columns[2:])])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headings)]
 
@@ -444,9 +390,8 @@ def _side_by_side(comparison: Comparison) -> str:
         s.describe() + ".",
         f"{len(rows) // 3} setting{'s' if len(rows) != 3 else ''}, seed {s.seed}: "
         f"live against {comparison.url} (real time{shorter}) beside the simulation "
-        "of the same scenario, whose callers' loop costs what the live one did per "
-        "attempt (in brackets, traffic.overhead); diff: live minus simulated "
-        "(peak load: relative)." + (f" Options that do not vary: {s.common}." if s.common else ""),
+        "of the same scenario; diff: live minus simulated (peak load: relative)."
+        + (f" Options that do not vary: {s.common}." if s.common else ""),
         "",
         line(headings),
     ]

@@ -119,16 +119,8 @@ class Traffic:
     #: seconds during which calls start; None: until each closed client made its ``calls``
     duration: float | None
     deadline: float
-    #: seconds of the callers' event loop per attempt, to send and again to read it
-    overhead: float = 0.0
 
     def describe(self) -> str:
-        text = self._describe()
-        if self.overhead:
-            text += f", {_duration(self.overhead)} of the callers' loop per attempt"
-        return text
-
-    def _describe(self) -> str:
         if self.mode == "open":
             assert self.rate is not None
             assert self.duration is not None
@@ -492,7 +484,6 @@ def _traffic(
         calls=raw["calls"],
         duration=duration,
         deadline=raw["deadline"],
-        overhead=raw.get("overhead", 0.0),
     )
 
 

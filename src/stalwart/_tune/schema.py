@@ -521,15 +521,6 @@ TRAFFIC: Final = Table(
             "`Timeout`, so the ambient deadline of the policies): a call that hangs "
             "fails after this",
         ),
-        Field(
-            "overhead",
-            SECONDS,
-            0.0,
-            "seconds of the callers' event loop each attempt that reaches the downstream "
-            "costs, once to send it and once to read its outcome, within its timeout; the "
-            "loop does one thing at a time, so a herd of retries waits for it "
-            "(`tune --live` measures it)",
-        ),
     ),
 )
 
