@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 from benchmarks import validate
 
-from stalwart._tune import schema
+from stalwart._tune import builtin, schema
 from stalwart._tune.engine import simulate
 from stalwart._tune.live import Comparison
 from stalwart._tune.report import summarize
@@ -28,7 +28,7 @@ def test_the_scaled_scenarios_are_a_minute_of_the_built_in_grid(name: str) -> No
     scenario = scaled(name)
     assert scenario.traffic.duration == 60.0
     assert scenario.downstream.timeline[-1].end == 60.0
-    builtin_grid = validate.schema.loads_toml(validate.builtin.text(name), name)["grid"]
+    builtin_grid = schema.loads_toml(builtin.text(name), name)["grid"]
     assert validate.scaled(name)["grid"] == builtin_grid
 
 
