@@ -11,7 +11,8 @@ the live runner (``python -m stalwart tune --live``) calls it through
 `stalwart.httpx.ResilientTransport` with each setting's policies. Each
 setting must give, live, a success rate within 3 points of the simulation's
 and a peak load within 15% of it: of the simulation's run, among ten seeds,
-nearest to the live one (see `verdicts`). The side-by-side tables and the verdicts
+nearest to the live one (see `verdicts`), each simulated with the round trip
+the live run measured (``downstream.round_trip``). The side-by-side tables and the verdicts
 are written to ``benchmarks/results/validation.md``; the exit status is 1
 when a setting is out of tolerance.
 
@@ -50,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from stalwart._tune import builtin, schema
 from stalwart._tune.engine import simulate
-from stalwart._tune.live import Comparison, compare
+from stalwart._tune.live import Comparison, compare, with_round_trip
 from stalwart._tune.report import DEFAULT_MAX_LOAD, Result, summarize
 from stalwart._tune.scenario import Scenario, from_dict
 
@@ -220,8 +221,9 @@ def verdicts(comparison: Comparison) -> list[Verdict]:
     for live, _ in comparison.pairs():
         index = live.setting.index
         runs = []
+        trip = comparison.round_trips.get(index, 0.0)
         for seed in SEEDS:
-            seeded = dataclasses.replace(short, seed=seed)
+            seeded = with_round_trip(dataclasses.replace(short, seed=seed), trip)
             runs.append((seed, summarize(seeded, [simulate(seeded, index)]).results[0]))
         assert live.peak_load is not None
 

@@ -13,7 +13,8 @@ What is real: the `Retry`, `RetryBudget`, `CircuitBreaker`, `Bulkhead`,
 ``Pipeline(Timeout(deadline), *the setting's policies)``, the outer `Timeout`
 being the caller's deadline (the ambient deadline inside).
 What is simulated: the downstream (a server with ``capacity`` slots, a FIFO
-queue, a latency distribution and a timeline of failures) and its callers.
+queue, a latency distribution and a timeline of failures, behind an optional
+``round_trip``) and its callers.
 The breaker's transitions are observed through its telemetry: the engine
 installs a stats object of its own for it (`BreakerLog`) before building it.
 """
@@ -344,6 +345,8 @@ class _Simulation:
         queue_limit = ds.queue if ds.queue is not None else math.inf
         error_latency = ds.error_latency
         serves_abandoned = ds.serves_abandoned
+        half_trip = ds.round_trip / 2.0
+        sleep = asyncio.sleep
         queue: deque[tuple[asyncio.Future[None], float, int]] = deque()
         busy = 0
 
@@ -369,7 +372,17 @@ class _Simulation:
                 return
             busy -= 1
 
-        async def attempt() -> None:
+        async def travel() -> None:
+            # The network and both HTTP stacks: on the way there, then back.
+            await sleep(half_trip)
+            try:
+                await reach()
+            except DownstreamError:
+                await sleep(half_trip)
+                raise
+            await sleep(half_trip)
+
+        async def reach() -> None:
             nonlocal busy
             now = time()
             b = int(now * _PER_BUCKET + 1e-9)
@@ -403,6 +416,7 @@ class _Simulation:
         # do the same, and validate its argument 180,000 times an hour).
         patience = Timeout(traffic.deadline, name="deadline", telemetry=self.telemetry)
         policies = self.setting.policies(self.telemetry, self.policy_rng)
+        attempt = travel if half_trip else reach
         guarded = Pipeline(patience, *policies, name="setting", telemetry=self.telemetry)(attempt)
         in_flight = 0
         starting = True  # new calls may still start

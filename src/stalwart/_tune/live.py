@@ -21,13 +21,14 @@ simulation it is compared with runs the same shortened scenario.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import random
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any, Final
 
 import anyio
@@ -46,7 +47,7 @@ from .engine import BUCKET, BreakerLog, Run, _breaker_time, percentile, simulate
 from .report import Report, Result, _secs, summarize, table_columns
 from .scenario import Scenario, Setting
 
-__all__ = ["Comparison", "compare", "drain_time", "play", "shortened"]
+__all__ = ["Comparison", "compare", "drain_time", "play", "shortened", "with_round_trip"]
 
 #: Connections the client may hold at once: enough that the pool never queues.
 _MAX_CONNECTIONS: Final = 2000
@@ -150,11 +151,16 @@ async def play(
     *,
     speed: float = 1.0,
     transport: httpx.AsyncBaseTransport | None = None,
-) -> Run:
+) -> tuple[Run, float]:
     """Play ``scenario`` (already `shortened`) against ``url`` with ``setting``'s policies.
 
     ``speed``: how much the scenario was shortened, so that each attempt
     tells the service its position on the original timeline.
+
+    Returns the run and the round trip: the median time, measured twice a
+    second while the traffic runs, of a request without the faults header
+    (the network and both HTTP stacks, which the service's injected latency
+    does not include).
     """
     traffic = scenario.traffic
     horizon = (traffic.duration or 60.0) + traffic.deadline + 2 * BUCKET
@@ -203,34 +209,48 @@ async def play(
             latencies.append(finished - start)
             ended = max(ended, finished)
 
-        duration = traffic.duration
-        async with anyio.create_task_group() as group:
-            if traffic.mode == "open":
-                assert traffic.rate is not None
-                assert duration is not None
-                at = traffic_rng.expovariate(traffic.rate)
-                while at < duration:
-                    await anyio.sleep(max(0.0, at - recorder.now()))
-                    group.start_soon(call)
-                    at += traffic_rng.expovariate(traffic.rate)
-            else:
-                assert traffic.clients is not None
-                think, per_client = traffic.think_time, traffic.calls
+        trips: list[float] = []
 
-                async def client_loop() -> None:
-                    if think:
-                        await anyio.sleep(traffic_rng.expovariate(1.0 / think))
-                    n = 0
-                    while (per_client is None or n < per_client) and (
-                        duration is None or recorder.now() < duration
-                    ):
-                        await call()
-                        n += 1
+        async def probe() -> None:
+            async with httpx.AsyncClient(timeout=traffic.deadline) as plain:
+                while True:
+                    start = _clock.now()
+                    with contextlib.suppress(httpx.HTTPError):
+                        await plain.get(url)
+                        trips.append(_clock.now() - start)
+                    await anyio.sleep(0.5)
+
+        duration = traffic.duration
+        async with anyio.create_task_group() as probing:
+            probing.start_soon(probe)
+            async with anyio.create_task_group() as group:
+                if traffic.mode == "open":
+                    assert traffic.rate is not None
+                    assert duration is not None
+                    at = traffic_rng.expovariate(traffic.rate)
+                    while at < duration:
+                        await anyio.sleep(max(0.0, at - recorder.now()))
+                        group.start_soon(call)
+                        at += traffic_rng.expovariate(traffic.rate)
+                else:
+                    assert traffic.clients is not None
+                    think, per_client = traffic.think_time, traffic.calls
+
+                    async def client_loop() -> None:
                         if think:
                             await anyio.sleep(traffic_rng.expovariate(1.0 / think))
+                        n = 0
+                        while (per_client is None or n < per_client) and (
+                            duration is None or recorder.now() < duration
+                        ):
+                            await call()
+                            n += 1
+                            if think:
+                                await anyio.sleep(traffic_rng.expovariate(1.0 / think))
 
-                for _ in range(traffic.clients):
-                    group.start_soon(client_loop)
+                    for _ in range(traffic.clients):
+                        group.start_soon(client_loop)
+            probing.cancel_scope.cancel()
 
     end = ended
     used = min(recorder.size, max(1, int(end / BUCKET) + 1))
@@ -254,7 +274,8 @@ async def play(
     run.exhausted = telemetry.stats("retry", "retry", RetryStats).exhausted
     run.timeouts = telemetry.stats("timeout", "timeout", TimeoutStats).timeouts
     run.bulkhead_rejected = telemetry.stats("bulkhead", "bulkhead", BulkheadStats).rejected
-    return run
+    trips.sort()
+    return run, percentile(trips, 0.5)
 
 
 # -- side by side ----------------------------------------------------------------------
@@ -269,6 +290,8 @@ class Comparison:
     speed: float
     live: Report
     simulated: Report
+    #: the round trip measured live, by setting index: what its simulation adds
+    round_trips: Mapping[int, float] = dataclasses.field(default_factory=dict)
 
     def pairs(self) -> list[tuple[Result, Result]]:
         """(live, simulated) per setting, in the live report's order (best first)."""
@@ -283,6 +306,9 @@ class Comparison:
         return {
             "url": self.url,
             "speed": self.speed,
+            "round_trip": {
+                r.label: self.round_trips.get(r.setting.index) for r in self.live.results
+            },
             "live": self.live.to_json(),
             "simulated": {
                 "settings": [
@@ -307,6 +333,7 @@ def compare(
     chosen = list(range(len(short.settings))) if settings is None else list(settings)
     live: list[Run] = []
     simulated: list[Run] = []
+    round_trips: dict[int, float] = {}
     pause = drain_time(short)
     for n, index in enumerate(chosen):
         setting = short.settings[index]
@@ -314,15 +341,24 @@ def compare(
             progress(f"[{n + 1}/{len(chosen)}] {setting.label}")
         if n:
             time.sleep(pause)  # what the service still queues for the last setting
-        live.append(anyio.run(functools.partial(play, short, setting, url, speed=speed)))
-        simulated.append(simulate(short, index))
+        run, trip = anyio.run(functools.partial(play, short, setting, url, speed=speed))
+        live.append(run)
+        round_trips[index] = trip
+        simulated.append(simulate(with_round_trip(short, trip), index))
     return Comparison(
         scenario=short,
         url=url,
         speed=speed,
         live=summarize(short, live, max_load=max_load),
         simulated=summarize(short, simulated, max_load=max_load),
+        round_trips=round_trips,
     )
+
+
+def with_round_trip(scenario: Scenario, seconds: float) -> Scenario:
+    """``scenario`` whose downstream is ``seconds`` further away (``downstream.round_trip``)."""
+    downstream = dataclasses.replace(scenario.downstream, round_trip=seconds)
+    return dataclasses.replace(scenario, downstream=downstream)
 
 
 def _difference(heading: str, live: Result, sim: Result) -> str:
@@ -370,7 +406,9 @@ def _side_by_side(comparison: Comparison) -> str:
     for rank, (live, sim) in enumerate(comparison.pairs(), 1):
         cells = [fn for _, _, fn in columns[2:]]
         rows.append([str(rank), live.label, "live", *(fn(live) for fn in cells)])
-        rows.append(["", "", "sim", *(fn(sim) for fn in cells)])
+        trip = comparison.round_trips.get(live.setting.index)
+        note = "" if trip is None else f" ({trip * 1e3:.1f} ms)"
+        rows.append(["", "", f"sim{note}", *(fn(sim) for fn in cells)])
         rows.append(["", "", "diff", *(_difference(h, live, sim) for h, _, _ in columns[2:])])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headings)]
 
@@ -390,7 +428,8 @@ def _side_by_side(comparison: Comparison) -> str:
         s.describe() + ".",
         f"{len(rows) // 3} setting{'s' if len(rows) != 3 else ''}, seed {s.seed}: "
         f"live against {comparison.url} (real time{shorter}) beside the simulation "
-        "of the same scenario; diff: live minus simulated (peak load: relative)."
+        "of the same scenario, plus the round trip measured live (in brackets: "
+        "downstream.round_trip); diff: live minus simulated (peak load: relative)."
         + (f" Options that do not vary: {s.common}." if s.common else ""),
         "",
         line(headings),

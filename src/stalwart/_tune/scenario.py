@@ -143,6 +143,8 @@ class Downstream:
     queue: int | None
     serves_abandoned: bool
     timeline: tuple[Phase, ...]
+    #: seconds per attempt outside the downstream (network, HTTP stacks), half each way
+    round_trip: float = 0.0
 
     def at(self, t: float) -> tuple[float, float, float, bool]:
         """The profile ``t`` seconds into the timeline: (error rate, mu, sigma, hangs).
@@ -175,6 +177,8 @@ class Downstream:
 
     def describe(self) -> str:
         parts = [f"latency {self.latency.describe()}", f"{self.error_rate:.2%} errors"]
+        if self.round_trip:
+            parts.append(f"round trip {_duration(self.round_trip)}")
         if self.capacity is not None:
             queue = "unbounded queue" if self.queue is None else f"queue {self.queue}"
             parts.append(f"{self.capacity} at once, {queue}")
@@ -534,6 +538,7 @@ def _downstream(
         queue=raw["queue"],
         serves_abandoned=raw["serves_abandoned"],
         timeline=tuple(phases),
+        round_trip=raw.get("round_trip", 0.0),
     )
 
 
