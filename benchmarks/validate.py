@@ -26,11 +26,12 @@ client process can send on a shared 2-core machine. ``outage`` runs at
 open retries the moment it closes, and a herd of 500 new connections (50
 calls/s for the 10 s of a deadline) takes the uvicorn service's one event
 loop over a second to accept on a loaded 2-core machine, a cost of this
-harness that the dependency it plays does not have. Its outage ends,
-recovery included, before the breakers' trial calls: a trial made while the
-dependency is half-recovered is a coin toss that decides a whole open period
-(5 s of calls, 8 points of success), and one live run cannot agree with one
-simulated run on a coin toss.
+harness that the dependency it plays does not have. Its outage lasts 5 s,
+recovery included, and ends before any breaker's first trial call (the
+slowest to open, at 90% failures within a budget, opens 2 to 4 s into it): a
+trial made while the dependency is half-recovered is a coin toss that
+decides a whole open period (5 s of calls, 8 points of success), and one
+live run cannot agree with one simulated run on a coin toss.
 
 """
 
@@ -71,9 +72,9 @@ def scaled(name: str) -> dict[str, Any]:
         ds["capacity"], ds["queue"] = 6, 150
         durations = [20.0, 10.0, 30.0]
     elif name == "outage":
-        data["description"] = "a minute at 20 calls/s; the dependency fails every call for 9 s"
+        data["description"] = "a minute at 20 calls/s; the dependency fails every call for 4.5 s"
         data["traffic"]["rate"] = 20.0
-        durations = [20.0, 9.0, 1.0, 30.0]
+        durations = [20.0, 4.5, 0.5, 35.0]
     else:
         raise ValueError(name)
     for phase, duration in zip(ds["timeline"], durations, strict=True):
