@@ -1,9 +1,10 @@
 """FaultInjection as ASGI middleware in front of a real uvicorn server, called by real httpx.
 
 Real time: what the injection adds is measured from the client, through
-the loopback, on a machine other test suites are loading. Bounds are one-sided
-where they can be (nothing answers faster than its injected latency) and
-generous above: the figures below allow tens of milliseconds of overhead.
+the loopback, on a machine other test suites are loading. Bounds are tight
+below (nothing answers faster than its injected latency) and generous above.
+The quantiles are measured against a service in a process of its own, so the
+test's own event loop does not share a GIL with the server's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from benchmarks import validate
 
 from stalwart._tune.engine import percentile
 from stalwart.testing import FaultInjection
@@ -55,12 +57,24 @@ def url(faults: FaultInjection) -> Iterator[str]:
         yield base
 
 
-async def test_the_service_meets_the_profile_latency_and_error_rate(url: str) -> None:
+@pytest.fixture(scope="module")
+def separate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same profile served by a uvicorn process of its own (no GIL shared with the test)."""
+    path = tmp_path_factory.mktemp("faults") / "profile.toml"
+    path.write_text(validate._toml(PROFILE))
+    service = validate.Service(path)
+    try:
+        yield service.url.rstrip("/")
+    finally:
+        service.close()
+
+
+async def test_the_service_meets_the_profile_latency_and_error_rate(separate: str) -> None:
     n, at_once = 800, 8
     latencies: list[float] = []
     statuses: list[int] = []
     async with httpx.AsyncClient(
-        base_url=url, timeout=10.0, limits=httpx.Limits(max_connections=at_once)
+        base_url=separate, timeout=10.0, limits=httpx.Limits(max_connections=at_once)
     ) as client:
 
         async def caller(count: int) -> None:
@@ -79,8 +93,10 @@ async def test_the_service_meets_the_profile_latency_and_error_rate(url: str) ->
     # The draws are seeded: the error rate is that of 800 draws, within 3 points.
     assert statuses.count(503) / n == pytest.approx(0.1, abs=0.03)
     latencies.sort()
-    assert 0.045 <= percentile(latencies, 0.5) <= 0.05 + 0.04
-    assert 0.16 <= percentile(latencies, 0.99) <= 0.2 + 0.15
+    # Nothing answers before its injected latency: the lower bounds are tight.
+    # Above, a loaded machine adds its stalls to the tail: the bounds are loose.
+    assert 0.045 <= percentile(latencies, 0.5) <= 0.05 + 0.05
+    assert 0.16 <= percentile(latencies, 0.99) <= 0.2 + 0.4
 
 
 async def test_a_request_without_the_header_is_left_alone(url: str, faults: FaultInjection) -> None:
