@@ -20,12 +20,14 @@ from ._errors import (
     IdempotencyConflict,
     IdempotencyKeyReused,
     StalwartError,
+    StalwartWarning,
     StoreUnavailable,
 )
 from ._idempotency import Idempotency
 from ._idempotency_store import Completed, IdempotencyStore, InFlight, Lease, MemoryStore
+from ._metrics import MetricFamily, PolicyMetrics
 from ._pipeline import Pipeline
-from ._policy import Policy
+from ._policy import Binding, Policy
 from ._retry import Backoff, Jitter, Retry
 from ._retry_budget import RetryBudget, RetryBudgetStatistics
 from ._telemetry import Telemetry
@@ -35,6 +37,7 @@ from ._windows import CountWindow, TimeWindow
 
 __all__ = [
     "Backoff",
+    "Binding",
     "Bulkhead",
     "BulkheadFullError",
     "BulkheadStatistics",
@@ -58,12 +61,15 @@ __all__ = [
     "Jitter",
     "Lease",
     "MemoryStore",
+    "MetricFamily",
     "Pipeline",
     "Policy",
+    "PolicyMetrics",
     "Retry",
     "RetryBudget",
     "RetryBudgetStatistics",
     "StalwartError",
+    "StalwartWarning",
     "StoreUnavailable",
     "Telemetry",
     "TimeWindow",

@@ -24,19 +24,20 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar, Union, final
+from typing import Any, Final, ParamSpec, TypeVar, Union, final
 
 import anyio
-from typing_extensions import ParamSpec
 
 from . import _clock, _telemetry, _validate
 from ._circuit_store import CircuitRecord, CircuitState, CircuitStore
 from ._errors import CircuitOpenError
-from ._policy import Policy
-from ._telemetry import CircuitStats, Telemetry, add_event, listening, otel_probe, run_in_span
+from ._metrics import REJECTED, MetricFamily, PolicyMetrics
+from ._policy import Binding, Policy
+from ._telemetry import Telemetry, otel_probe, run_in_span
 from ._windows import CountRing, CountWindow, Ring, TimeWindow, ring_for
+from .events import CallRejected, CircuitStateChanged
 
 __all__ = ["CircuitBreaker", "CircuitBreakerStatistics", "CircuitState"]
 
@@ -92,6 +93,53 @@ class CircuitBreakerStatistics:
     #: seconds until a trial call is allowed: inf when forced open; None when not
     #: OPEN, or read outside a running event loop
     time_until_half_open: float | None
+
+
+CIRCUIT_STATES: Final = tuple(state.value for state in CircuitState)
+
+
+class CircuitBreakerMetrics(PolicyMetrics):
+    """A `CircuitBreaker`'s: its state (written at each transition), transitions, rejections."""
+
+    exclusive = True
+    __slots__ = ("state", "transitions")
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(kind, name)
+        self.state = "closed"
+        self.transitions: dict[tuple[str, str], int] = {}
+
+    def transition(self, from_state: str, to_state: str) -> None:
+        key = (from_state, to_state)
+        self.transitions[key] = self.transitions.get(key, 0) + 1
+        self.state = to_state
+
+    def _states(self) -> Iterator[tuple[tuple[str], float]]:
+        for state in CIRCUIT_STATES:
+            yield (state,), 1.0 if self.state == state else 0.0
+
+    def _transitions(self) -> Iterator[tuple[tuple[str, str], float]]:
+        yield from sorted(self.transitions.items())
+
+    families = (
+        MetricFamily(
+            "stalwart_circuit_state",
+            "gauge",
+            "1 for the circuit breaker's current state, 0 for the others.",
+            _states,
+            ("state",),
+        ),
+        MetricFamily(
+            "stalwart_circuit_transitions",
+            "counter",
+            "Circuit breaker state changes.",
+            _transitions,
+            ("from_state", "to_state"),
+        ),
+        MetricFamily(
+            "stalwart_circuit_rejected", "counter", "Calls an open circuit rejected.", "rejected"
+        ),
+    )
 
 
 def _matcher(param: str, value: Any, *, allow_empty: bool) -> ExceptionMatcher:
@@ -248,6 +296,8 @@ class CircuitBreaker(Policy):
     """
 
     kind = "circuit_breaker"
+    metrics_type = CircuitBreakerMetrics
+    _metrics: CircuitBreakerMetrics
     __slots__ = (
         "_fast",
         "_open_clock",
@@ -255,7 +305,6 @@ class CircuitBreaker(Policy):
         "_ring",
         "_rules",
         "_state",
-        "_stats",
         "_store",
         "_successes",
         "_timed",
@@ -281,7 +330,7 @@ class CircuitBreaker(Policy):
         name: str = "circuit",
         telemetry: Telemetry | None = None,
     ) -> None:
-        super().__init__(name=name, telemetry=telemetry)
+        super().__init__(name=name, telemetry=telemetry, shared_state=store)
         if isinstance(window, int) and not isinstance(window, bool):
             window = CountWindow(_validate.count("window", window))
         elif not isinstance(window, (CountWindow, TimeWindow)):
@@ -327,7 +376,6 @@ class CircuitBreaker(Policy):
         self._trials = 0
         self._successes = 0
         self._tripping = -1  # the version a transition to OPEN is being asked from
-        self._stats = self._telemetry.stats("circuit_breaker", self._name, CircuitStats)
         self._store = store
         if store is not None:
             self._on_answer(store.attach(self._name, self._on_record))
@@ -457,16 +505,8 @@ class CircuitBreaker(Policy):
             self._announce(before, state)
 
     def _announce(self, before: CircuitState, after: CircuitState) -> None:
-        self._stats.transition(before.value, after.value)
-        if listening():
-            add_event(
-                "stalwart.circuit.transition",
-                {
-                    **self._span_attributes,
-                    "stalwart.from_state": before.value,
-                    "stalwart.to_state": after.value,
-                },
-            )
+        self._metrics.transition(before.value, after.value)
+        self.report(CircuitStateChanged, from_state=before, to_state=after)
 
     def _on_record(self, record: CircuitRecord) -> None:
         """A record the store pushed: adopt it if it is newer than ours."""
@@ -575,21 +615,20 @@ class CircuitBreaker(Policy):
         """The error for a call rejected while OPEN (counted and reported here).
 
         Every rejection of an open breaker comes through here, so it is kept
-        to the bone: its budget is twice the cost of raising a bare exception.
+        to the bone: its budget is twice the cost of raising a bare exception
+        (the "CircuitBreaker open, rejection" row).
         """
         error = _new_error(CircuitOpenError)  # its message is made when read
         error.policy = self._name
         error.retry_after = retry_after
-        self._stats.rejected += 1
-        if _telemetry._explicit_tracing or otel_probe._TRACER_PROVIDER is not None:
-            self._rejection_event(retry_after)
+        self._metrics.rejected += 1
+        if (
+            self._telemetry._listeners
+            or _telemetry._explicit_tracing
+            or otel_probe._TRACER_PROVIDER is not None
+        ):
+            self.report(CallRejected, reason="circuit_open", retry_after=retry_after)
         return error
-
-    def _rejection_event(self, retry_after: float) -> None:
-        add_event(
-            "stalwart.circuit.rejected",
-            {**self._span_attributes, "stalwart.retry_after": retry_after},
-        )
 
     def _trials_taken(self) -> CircuitOpenError:
         """The error for a call rejected while HALF_OPEN: every trial slot is taken."""
@@ -602,43 +641,39 @@ class CircuitBreaker(Policy):
 
     # -- calls ---------------------------------------------------------------
 
-    async def _call(
-        self,
-        fn: Callable[..., Coroutine[Any, Any, T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> T:
-        """Any call the inlined paths of the wrapper do not take."""
-        now = _clock.now()
-        self._observe(now)
-        state = self._state
-        if state is _CLOSED:
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as exc:
-                if self._failed(exc, now):
-                    await self._trip()
-                raise
-            if self._record(False, now):
-                await self._trip()
-            return result
-        if state is _OPEN:
-            raise self._rejected(self._open_until - now)
-        return await self._trial(fn, args, kwargs)
+    async def _admit(self, start: float | None) -> int | None:
+        """Admit a call the wrapper could not admit or reject by itself.
 
-    async def _trial(
-        self,
-        fn: Callable[..., Coroutine[Any, Any, T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> T:
-        """Run ``fn`` as a half-open trial, if a permit is free."""
-        if self._trials >= self._rules.half_open_calls:
-            raise self._trials_taken()
-        version = self._version
-        self._trials += 1  # taken before asking the store: local callers see it
-        store = self._store
-        if store is not None:
+        Returns None for a call to run as a CLOSED one, or the version of the
+        half-open period whose trial permit it holds; raises the rejection
+        otherwise. Counts the call's outcome if it ends here.
+        """
+        try:
+            return await self._permit()
+        except CircuitOpenError:
+            if start is not None:
+                self._metrics.took(REJECTED, start)
+            raise
+        except BaseException as exc:
+            self._metrics.failed(exc, start)
+            raise
+
+    async def _permit(self) -> int | None:
+        while True:
+            now = _clock.now()
+            self._observe(now)
+            state = self._state
+            if state is _CLOSED:
+                return None
+            if state is _OPEN:
+                raise self._rejected(self._open_until - now)
+            if self._trials >= self._rules.half_open_calls:
+                raise self._trials_taken()
+            version = self._version
+            self._trials += 1  # taken before asking the store: local callers see it
+            store = self._store
+            if store is None:
+                return version
             try:
                 limit = self._rules.half_open_calls
                 refused = await store.acquire_trial(self._name, version, limit)
@@ -651,23 +686,9 @@ class CircuitBreaker(Policy):
                 self._end_trial(version)
                 self._on_answer(refused)
                 raise self._trials_taken()
-            if self._version != version:
-                # The state moved on while we asked: this permit is void.
-                return await self._call(fn, args, kwargs)
-        start = _clock.now() if self._rules.slow_call_duration is not None else 0.0
-        try:
-            result = await fn(*args, **kwargs)
-        except BaseException as exc:
-            kind = self._rules.classify(exc)
-            await self._settle_trial(version, kind, kind != _NEITHER and self._slow_since(start))
-            raise
-        await self._settle_trial(version, _SUCCESS, self._slow_since(start))
-        return result
-
-    def _slow_since(self, start: float) -> bool:
-        return self._rules.slow_call_duration is not None and self._rules.is_slow(
-            _clock.now() - start
-        )
+            if self._version == version:
+                return version
+            # The state moved on while we asked: this permit is void; look again.
 
     def _end_trial(self, version: int) -> bool:
         """Free the local trial slot of ``version``; False if that period is over."""
@@ -676,7 +697,10 @@ class CircuitBreaker(Policy):
         self._trials -= 1
         return True
 
-    async def _settle_trial(self, version: int, kind: int, slow: bool) -> None:
+    async def _settle_trial(self, version: int, error: BaseException | None, start: float) -> None:
+        """A trial of ``version`` (begun at ``start``) ended: returned, or raised ``error``."""
+        rules = self._rules
+        kind = _SUCCESS if error is None else rules.classify(error)
         if not self._end_trial(version):
             return  # the half-open period is over: its trials no longer count
         store = self._store
@@ -687,7 +711,7 @@ class CircuitBreaker(Policy):
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await store.release_trial(self._name, version, False)
             return
-        if kind == _FAILURE or slow:
+        if kind == _FAILURE or rules.is_slow(_clock.now() - start):
             await self._transition(version, _OPEN)
             return
         self._successes += 1
@@ -695,127 +719,79 @@ class CircuitBreaker(Policy):
         if store is not None:
             with contextlib.suppress(Exception):
                 successes = await store.release_trial(self._name, version, True)
-        if successes >= self._rules.half_open_calls:
+        if successes >= rules.half_open_calls:
             await self._transition(version, _CLOSED)
 
     # -- decorator -----------------------------------------------------------
 
-    def _bind(
-        self,
-        fn: Callable[P, Coroutine[Any, Any, T]],
-        *,
-        origin: Callable[..., Any],
-        traced: bool,
+    def wrap(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        breaker, ring, call, now = self, self._ring, self._call, _clock.now
-        rejected = self._rejected
-        tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
-
-        if isinstance(ring, CountRing) and not self._timed:
-            # Counting only: see `_record` for when `_fast` holds.
-            counter = ring
-
-            async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-                if breaker._fast:
-                    try:
-                        result = await (fn(*args, **kwargs) if kwargs else positional(*args))
-                    except BaseException as exc:
-                        if breaker._failed(exc, 0.0):
-                            await breaker._trip()
-                        raise
-                    # Still fast? The await may have let the state change
-                    # (mypy keeps its narrowing across an await, hence the ignore).
-                    if breaker._fast:
-                        counter.pending += 1
-                    elif breaker._record(False, 0.0):  # type: ignore[unreachable]
-                        await breaker._trip()
-                    return result
-                if breaker._state is _OPEN:
-                    clock, until = breaker._open_clock, breaker._open_until
-                    moment = now() if clock is None else clock()
-                    if moment < until:
-                        raise rejected(until - moment)
-                return await call(fn, args, kwargs)
-
-            if not traced:
-                return guarded
-
-            async def traced_guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-                if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
-                    return await run_in_span(tel, span_name, attrs, guarded, args, kwargs)
-                if breaker._fast:
-                    try:
-                        result = await (fn(*args, **kwargs) if kwargs else positional(*args))
-                    except BaseException as exc:
-                        if breaker._failed(exc, 0.0):
-                            await breaker._trip()
-                        raise
-                    # Still fast? The await may have let the state change
-                    # (mypy keeps its narrowing across an await, hence the ignore).
-                    if breaker._fast:
-                        counter.pending += 1
-                    elif breaker._record(False, 0.0):  # type: ignore[unreachable]
-                        await breaker._trip()
-                    return result
-                if breaker._state is _OPEN:
-                    clock, until = breaker._open_clock, breaker._open_until
-                    moment = now() if clock is None else clock()
-                    if moment < until:
-                        raise rejected(until - moment)
-                return await call(fn, args, kwargs)
-
-            return traced_guarded
-
-        # A TimeWindow or slow-call detection: every closed call is timed.
+        breaker, ring, now, metrics = self, self._ring, _clock.now, self._metrics
+        rejected, admit, settle = self._rejected, self._admit, self._settle_trial
+        tel, slot, registration = self._telemetry, self._telemetry.provider_slot, self._registration
+        timed = tel.latency is not None
+        # The start of a closed call or trial, when the breaker needs it (slow calls).
         starts = self._rules.slow_call_duration is not None
+        # `_fast` (see `_record`) is only ever set on a counting-only CountRing.
+        counter = ring if isinstance(ring, CountRing) else None
 
-        async def timed(*args: P.args, **kwargs: P.kwargs) -> T:
-            state = breaker._state
-            if state is _CLOSED:
-                start = now() if starts else 0.0
+        def make(
+            plain: Callable[P, Coroutine[Any, Any, T]] | None,
+        ) -> Callable[P, Coroutine[Any, Any, T]]:
+            async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+                if plain is not None and slot._TRACER_PROVIDER is not None:
+                    return await run_in_span(
+                        tel,
+                        registration.span_name,
+                        registration.span_attributes,
+                        plain,
+                        args,
+                        kwargs,
+                    )
+                start = now() if timed else None
+                trial: int | None = None
+                if not breaker._fast:
+                    state = breaker._state
+                    if state is _OPEN:
+                        clock, until = breaker._open_clock, breaker._open_until
+                        moment = now() if clock is None else clock()
+                        if moment < until:
+                            if timed:
+                                metrics.took(REJECTED, start)  # type: ignore[arg-type]
+                            raise rejected(until - moment)
+                    if state is not _CLOSED:
+                        trial = await admit(start)
+                began = now() if starts else 0.0
                 try:
                     result = await (fn(*args, **kwargs) if kwargs else positional(*args))
                 except BaseException as exc:
-                    if breaker._failed(exc, start):
+                    metrics.failed(exc, start)
+                    if trial is not None:
+                        await settle(trial, exc, began)
+                    elif breaker._failed(exc, began):
                         await breaker._trip()
                     raise
-                if breaker._record(False, start):
+                if trial is not None:
+                    await settle(trial, None, began)
+                elif breaker._fast:
+                    # Still fast: the await may have let the state change
+                    # (mypy keeps its narrowing across an await, hence the ignore).
+                    counter.pending += 1  # type: ignore[union-attr]
+                elif breaker._record(False, began):
                     await breaker._trip()
+                if timed:
+                    metrics.succeeded(start)
+                else:
+                    metrics.success += 1
                 return result
-            if state is _OPEN:
-                clock, until = breaker._open_clock, breaker._open_until
-                moment = now() if clock is None else clock()
-                if moment < until:
-                    raise rejected(until - moment)
-            return await call(fn, args, kwargs)
 
-        if not traced:
-            return timed
+            return guarded
 
-        async def traced_timed(*args: P.args, **kwargs: P.kwargs) -> T:
-            if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
-                return await run_in_span(tel, span_name, attrs, timed, args, kwargs)
-            state = breaker._state
-            if state is _CLOSED:
-                start = now() if starts else 0.0
-                try:
-                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
-                except BaseException as exc:
-                    if breaker._failed(exc, start):
-                        await breaker._trip()
-                    raise
-                if breaker._record(False, start):
-                    await breaker._trip()
-                return result
-            if state is _OPEN:
-                clock, until = breaker._open_clock, breaker._open_until
-                moment = now() if clock is None else clock()
-                if moment < until:
-                    raise rejected(until - moment)
-            return await call(fn, args, kwargs)
-
-        return traced_timed
+        # The traced wrapper runs its untraced twin inside the span.
+        plain = make(None)
+        return make(plain) if binding.traced else plain
 
     def __repr__(self) -> str:
         return (

@@ -16,6 +16,7 @@ __all__ = [
     "IdempotencyConflict",
     "IdempotencyKeyReused",
     "StalwartError",
+    "StalwartWarning",
     "StoreUnavailable",
 ]
 
@@ -138,6 +139,10 @@ class StoreUnavailable(StalwartError):
     """
 
 
+class StalwartWarning(UserWarning):
+    """A configuration that works but is probably a mistake."""
+
+
 # Errors are part of the public API: name them by where users import them
 # from (tracebacks, reprs, pickles and the spans' error.type all show this).
 for _error in (
@@ -148,6 +153,7 @@ for _error in (
     IdempotencyConflict,
     IdempotencyKeyReused,
     StoreUnavailable,
+    StalwartWarning,
 ):
     _error.__module__ = "stalwart"
 del _error

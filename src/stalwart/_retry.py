@@ -5,19 +5,19 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar, Union, final, get_args
-
-from typing_extensions import ParamSpec
+from typing import Any, Final, Literal, ParamSpec, TypeVar, Union, final, get_args
 
 from . import _clock, _validate
 from ._errors import DeadlineExceeded
-from ._policy import Policy
+from ._metrics import MetricFamily, PolicyMetrics
+from ._policy import Binding, Policy
 from ._retry_budget import RetryBudget
-from ._telemetry import RetryStats, Telemetry, add_event, listening, otel_probe, run_in_span
+from ._telemetry import Telemetry, observed, run_in_span
 from ._timeout import _Scope, remaining
+from .events import RetryGaveUp, Retrying
 
 __all__ = ["Backoff", "Jitter", "Retry", "retries_disabled"]
 
@@ -107,6 +107,33 @@ class Backoff:
 
 
 _DEFAULT_BACKOFF: Final = Backoff()
+_NO_SCOPE: Final = nullcontext()
+
+
+class RetryMetrics(PolicyMetrics):
+    """A `Retry`'s: retries made, and calls given up on while still failing."""
+
+    __slots__ = ("attempts", "exhausted")
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(kind, name)
+        self.attempts = 0
+        self.exhausted = 0
+
+    families = (
+        MetricFamily(
+            "stalwart_retry_attempts",
+            "counter",
+            "Retries made (attempts after the first).",
+            "attempts",
+        ),
+        MetricFamily(
+            "stalwart_retry_exhausted",
+            "counter",
+            "Calls given up on while still failing (attempts, deadline or budget ran out).",
+            "exhausted",
+        ),
+    )
 
 
 class _TestingMode:
@@ -197,6 +224,8 @@ class Retry(Policy):
     """
 
     kind = "retry"
+    metrics_type = RetryMetrics
+    _metrics: RetryMetrics
     __slots__ = (
         "_attempts",
         "_backoff",
@@ -206,7 +235,6 @@ class Retry(Policy):
         "_on",
         "_on_result",
         "_rng",
-        "_stats",
         "_timeout",
     )
 
@@ -244,7 +272,6 @@ class Retry(Policy):
         if rng is not None and not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
         self._rng = rng
-        self._stats = self._telemetry.stats("retry", self._name, RetryStats)
 
     @property
     def attempts(self) -> int:
@@ -272,79 +299,78 @@ class Retry(Policy):
             return isinstance(exc, Exception) and isinstance(exc, on)
         return isinstance(exc, Exception) and bool(self._matches(exc))
 
-    def _bind(
-        self,
-        fn: Callable[P, Coroutine[Any, Any, T]],
-        *,
-        origin: Callable[..., Any],
-        traced: bool,
+    def wrap(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        retryable, again, run = self._retryable, self._again, self._run
-        tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
+        retryable, again, first, counted = self._retryable, self._again, self._first, self._counted
+        # No result predicate, budget or timeout: the first attempt is made
+        # inline, with no coroutine between caller and `fn` ("Retry, success" row).
+        simple = self._on_result is None and self._timeout is None and self._budget is None
+        seconds, name, owner, metrics = self._timeout, self._name, self, self._metrics
+        tel, slot, registration = self._telemetry, self._telemetry.provider_slot, self._registration
+        timed, now = tel.latency is not None, _clock.now
 
-        if self._on_result is not None or self._timeout is not None or self._budget is not None:
-
+        def make(
+            plain: Callable[P, Coroutine[Any, Any, T]] | None,
+        ) -> Callable[P, Coroutine[Any, Any, T]]:
             async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
-                return await run(fn, args, kwargs)
-
-        else:
-
-            async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
+                if plain is not None and slot._TRACER_PROVIDER is not None:
+                    return await run_in_span(
+                        tel,
+                        registration.span_name,
+                        registration.span_attributes,
+                        plain,
+                        args,
+                        kwargs,
+                    )
+                start = now() if timed else None
+                if not simple:
+                    scope = None if seconds is None else _Scope(seconds, name, owner)
+                    return await counted(first(fn, args, kwargs), start, scope)
                 try:
-                    return await (fn(*args, **kwargs) if kwargs else positional(*args))
+                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
                 except BaseException as exc:
                     if not retryable(exc):
+                        metrics.failed(exc, start)
                         raise
                     failure = exc
+                else:
+                    if timed:
+                        metrics.succeeded(start)
+                    else:
+                        metrics.success += 1
+                    return result
                 # Retry outside the `except`, or every later error would
                 # carry this one as its __context__. And let go of it after:
                 # raised again, its traceback would hold this frame holding it.
                 try:
-                    return await again(fn, args, kwargs, failure, True)
+                    return await counted(again(fn, args, kwargs, failure, True), start, None)
                 finally:
                     del failure
 
-        if not traced:
             return retrying
 
-        if self._on_result is not None or self._timeout is not None or self._budget is not None:
+        # The traced wrapper runs its untraced twin inside the span.
+        plain = make(None)
+        return make(plain) if binding.traced else plain
 
-            async def traced_retrying(*args: P.args, **kwargs: P.kwargs) -> T:
-                if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
-                    return await run_in_span(tel, span_name, attrs, retrying, args, kwargs)
-                return await run(fn, args, kwargs)
-
-        else:
-            # The common case, inlined: one coroutine between caller and `fn`.
-            async def traced_retrying(*args: P.args, **kwargs: P.kwargs) -> T:
-                if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
-                    return await run_in_span(tel, span_name, attrs, retrying, args, kwargs)
-                try:
-                    return await (fn(*args, **kwargs) if kwargs else positional(*args))
-                except BaseException as exc:
-                    if not retryable(exc):
-                        raise
-                    failure = exc
-                try:
-                    return await again(fn, args, kwargs, failure, True)
-                finally:
-                    del failure  # no cycle if it is raised again
-
-        return traced_retrying
-
-    async def _run(
-        self,
-        fn: Callable[..., Coroutine[Any, Any, T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+    async def _counted(
+        self, work: Coroutine[Any, Any, T], start: float | None, scope: _Scope | None
     ) -> T:
-        if self._budget is not None:
-            self._budget.deposit()
-        if self._timeout is None:
-            return await self._first(fn, args, kwargs)
-        with _Scope(self._timeout, self._name, self):
-            return await self._first(fn, args, kwargs)
+        """Await the rest of a call (in its ``timeout`` scope, if any) and count how it ended."""
+        metrics = self._metrics
+        try:
+            with _NO_SCOPE if scope is None else scope:
+                result = await work
+        except BaseException as exc:
+            if scope is not None and scope.exceeded:
+                metrics.timed_out(start)
+            else:
+                metrics.failed(exc, start)
+            raise
+        metrics.succeeded(start)
+        return result
 
     async def _first(
         self,
@@ -352,6 +378,9 @@ class Retry(Policy):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> T:
+        """The first attempt of a call with a result predicate, budget or timeout."""
+        if self._budget is not None:
+            self._budget.deposit()
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
@@ -381,7 +410,8 @@ class Retry(Policy):
         if testing is not None and testing.attempts is not None:
             attempts = min(attempts, testing.attempts)
         backoff, rng, budget, on_result = self._backoff, self._rng, self._budget, self._on_result
-        hint_of, stats, retryable = self._hint, self._stats, self._retryable
+        hint_of, metrics, retryable = self._hint, self._metrics, self._retryable
+        telemetry = self._telemetry
         no_backoff = backoff.maximum == 0.0
         if not _retries_allowed.get():
             attempts = 1
@@ -406,21 +436,20 @@ class Retry(Policy):
             if budget is not None and not budget.try_withdraw():
                 break
             attempt += 1
-            stats.attempts += 1
+            metrics.attempts += 1
+            if observed(telemetry):
+                self.report(
+                    Retrying,
+                    attempt=attempt,
+                    delay=delay,
+                    error=failure if raised else None,
+                    result=None if raised else failure,
+                )
             if raised:
                 # The failure is handled: drop its traceback. It holds the
                 # frames that hold the failure, a reference cycle per retried
                 # error left for the garbage collector otherwise.
                 failure.__traceback__ = None
-            if listening():
-                add_event(
-                    "stalwart.retry",
-                    {
-                        **self._span_attributes,
-                        "stalwart.attempt": attempt,
-                        "stalwart.delay": delay,
-                    },
-                )
             if delay > 0.0:
                 await _clock.sleep(delay)
             try:
@@ -434,7 +463,14 @@ class Retry(Policy):
                 failure, raised = result, False
                 continue
             return result
-        stats.exhausted += 1
+        metrics.exhausted += 1
+        if observed(telemetry):
+            self.report(
+                RetryGaveUp,
+                attempts=attempt,
+                error=failure if raised else None,
+                result=None if raised else failure,
+            )
         if raised:
             try:
                 raise failure
@@ -448,10 +484,13 @@ class Retry(Policy):
 
     def deadline_exceeded(self, timeout: float) -> DeadlineExceeded:
         """The ``timeout`` budget ran out mid-attempt: the retry gave up."""
-        self._stats.exhausted += 1
-        return DeadlineExceeded(
+        self._metrics.exhausted += 1
+        error = DeadlineExceeded(
             f"{self._name!r} ran out of its {timeout:g}s budget", policy=self._name, timeout=timeout
         )
+        if observed(self._telemetry):
+            self.report(RetryGaveUp, attempts=0, error=error, result=None)
+        return error
 
     def __repr__(self) -> str:
         return f"Retry({self._attempts}, backoff={self._backoff!r}, name={self._name!r})"

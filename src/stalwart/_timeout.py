@@ -22,17 +22,18 @@ from collections.abc import Callable, Coroutine
 from contextvars import Context, ContextVar, Token
 from heapq import heapify, heappop, heappush
 from types import TracebackType
-from typing import Any, Final, Protocol, TypeVar, final
+from typing import Any, Final, ParamSpec, Protocol, TypeVar, final
 from weakref import WeakKeyDictionary, ref
 
 import anyio
-from typing_extensions import ParamSpec
 
 from . import _clock, _validate
 from ._clock import _current_task
 from ._errors import DeadlineExceeded
-from ._policy import Policy
-from ._telemetry import Telemetry, TimeoutStats, add_event, otel_probe, run_in_span
+from ._metrics import MetricFamily, PolicyMetrics
+from ._policy import Binding, Policy
+from ._telemetry import Telemetry, observed, run_in_span
+from .events import TimedOut
 
 __all__ = ["Timeout", "deadline", "remaining"]
 
@@ -264,6 +265,7 @@ class _Scope:
         "_task",
         "_timers",
         "_token",
+        "exceeded",
         "owner",
         "policy",
         "timeout",
@@ -281,6 +283,7 @@ class _Scope:
         self.timeout = seconds
         self.policy = policy
         self.owner = owner
+        self.exceeded = False  # set when it raises DeadlineExceeded itself
         self._expired = False
         self._token: Token[_Scope | None] | None = None
         self._cancel_scope: _CancelScope | None = None
@@ -421,6 +424,7 @@ class _Scope:
         return swallowed
 
     def _exceeded(self) -> DeadlineExceeded:
+        self.exceeded = True
         if self.owner is not None:
             return self.owner.deadline_exceeded(self.timeout)
         return DeadlineExceeded(
@@ -501,6 +505,15 @@ class deadline:  # noqa: N801 - used like a function: `with sw.deadline(5):`
         return f"deadline({self._seconds:g})"
 
 
+class TimeoutMetrics(PolicyMetrics):
+    """A `Timeout`'s: its ``timeout`` outcomes are ``stalwart_timeouts_total``."""
+
+    __slots__ = ()
+    families = (
+        MetricFamily("stalwart_timeouts", "counter", "Calls cancelled by a Timeout.", "timeout"),
+    )
+
+
 @final
 class Timeout(Policy):
     """Cancel a call that takes longer than ``seconds``.
@@ -523,53 +536,71 @@ class Timeout(Policy):
     """
 
     kind = "timeout"
-    __slots__ = ("_seconds", "_stats")
+    metrics_type = TimeoutMetrics
+    __slots__ = ("_seconds",)
 
     def __init__(
         self, seconds: float, *, name: str = "timeout", telemetry: Telemetry | None = None
     ) -> None:
         super().__init__(name=name, telemetry=telemetry)
         self._seconds = _validate.duration("seconds", seconds, positive=True)
-        self._stats = self._telemetry.stats("timeout", self._name, TimeoutStats)
 
     @property
     def seconds(self) -> float:
         """The limit for each call, before any nearer ambient deadline."""
         return self._seconds
 
-    def _bind(
-        self,
-        fn: Callable[P, Coroutine[Any, Any, T]],
-        *,
-        origin: Callable[..., Any],
-        traced: bool,
+    def wrap(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        seconds, name, attrs = self._seconds, self._name, self._span_attributes
+        seconds, name, owner, metrics = self._seconds, self._name, self, self._metrics
+        tel, slot, registration = self._telemetry, self._telemetry.provider_slot, self._registration
+        timed, now = tel.latency is not None, _clock.now
 
-        async def timed(*args: P.args, **kwargs: P.kwargs) -> T:
-            with _Scope(seconds, name, self):
-                return await (fn(*args, **kwargs) if kwargs else positional(*args))
+        def make(
+            plain: Callable[P, Coroutine[Any, Any, T]] | None,
+        ) -> Callable[P, Coroutine[Any, Any, T]]:
+            async def timing_out(*args: P.args, **kwargs: P.kwargs) -> T:
+                if plain is not None and slot._TRACER_PROVIDER is not None:
+                    return await run_in_span(
+                        tel,
+                        registration.span_name,
+                        registration.span_attributes,
+                        plain,
+                        args,
+                        kwargs,
+                    )
+                start = now() if timed else None
+                scope = _Scope(seconds, name, owner)
+                try:
+                    with scope:
+                        result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                except BaseException as exc:
+                    if scope.exceeded:
+                        metrics.timed_out(start)
+                    else:
+                        metrics.failed(exc, start)
+                    raise
+                if timed:
+                    metrics.succeeded(start)
+                else:
+                    metrics.success += 1
+                return result
 
-        if not traced:
-            return timed
-        tel, span_name = self._telemetry, self._span_name
+            return timing_out
 
-        async def traced_timed(*args: P.args, **kwargs: P.kwargs) -> T:
-            if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
-                return await run_in_span(tel, span_name, attrs, timed, args, kwargs)
-            with _Scope(seconds, name, self):
-                return await (fn(*args, **kwargs) if kwargs else positional(*args))
-
-        return traced_timed
+        # The traced wrapper runs its untraced twin inside the span.
+        plain = make(None)
+        return make(plain) if binding.traced else plain
 
     @property
     def claims_outer_deadline(self) -> bool:
         return True
 
     def deadline_exceeded(self, timeout: float) -> DeadlineExceeded:
-        self._stats.timeouts += 1
-        add_event("stalwart.timeout", {**self._span_attributes, "stalwart.timeout": timeout})
+        if observed(self._telemetry):
+            self.report(TimedOut, timeout=timeout)
         return DeadlineExceeded(
             f"{self._name!r} timed out after {timeout:g}s", policy=self._name, timeout=timeout
         )

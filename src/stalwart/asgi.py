@@ -30,16 +30,16 @@ from typing import Any, Final, Union, final
 from . import _clock, _telemetry, _validate
 from ._errors import DeadlineExceeded, StoreUnavailable
 from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
-from ._idempotency import LeaseKeeper
+from ._idempotency import IdempotencyMetrics, LeaseKeeper, Verdict, decide
 from ._idempotency_store import (
     Completed,
     IdempotencyStore,
-    InFlight,
     Lease,
     resolve_store,
 )
-from ._telemetry import IdempotencyStats, Telemetry, add_event
+from ._telemetry import Telemetry, report
 from ._timeout import deadline
+from .events import CallRejected, IdempotentReplay
 
 __all__ = [
     "ASGIApp",
@@ -282,7 +282,6 @@ _SF_ESCAPE: Final = re.compile(rb'\\(["\\])')
 _METHOD: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 _REPLAYED_HEADER: Final = (b"idempotent-replayed", b"true")
-_REPLAYED_EVENT: Final = "stalwart.idempotency.replayed"
 # Not part of a stored response: they describe one connection, not the answer.
 _HOP_BY_HOP: Final = frozenset(
     {
@@ -511,8 +510,11 @@ class IdempotencyMiddleware:
 
     Metrics: replays count in ``stalwart_idempotency_replays_total`` and
     409s in ``stalwart_idempotency_conflicts_total``, labelled ``policy=name``;
-    a replay adds the event ``stalwart.idempotency.replayed`` to the current
-    span, if one is recording.
+    keyed requests in ``stalwart_calls_total{kind="idempotency"}`` (a run or
+    a replay is a ``success``, a 409 or 422 ``rejected``, a store that cannot
+    be reached an ``error``). A replay is reported as an `IdempotentReplay`
+    event and a 409 as a `CallRejected` (reason ``"idempotency_conflict"``),
+    to the telemetry's listeners and to the current span, if one records.
 
     Args:
         app: the ASGI application to protect.
@@ -544,7 +546,6 @@ class IdempotencyMiddleware:
     __slots__ = (
         "_anonymous",
         "_app",
-        "_attributes",
         "_credentials",
         "_header",
         "_header_label",
@@ -553,10 +554,11 @@ class IdempotencyMiddleware:
         "_max_body",
         "_max_response",
         "_methods",
+        "_metrics",
         "_name",
+        "_registration",
         "_required",
         "_scope_prefix",
-        "_stats",
         "_store",
         "_telemetry",
         "_ttl",
@@ -606,8 +608,12 @@ class IdempotencyMiddleware:
         self._name = _validate.name(name)
         self._keeper = LeaseKeeper(store, f"IdempotencyMiddleware {self._name!r}", work="request")
         self._telemetry = _telemetry.resolve(telemetry)
-        self._stats = self._telemetry.stats("idempotency", self._name, IdempotencyStats)
-        self._attributes = {_telemetry.POLICY_ATTRIBUTE: self._name}
+        self._registration, _ = self._telemetry.register(
+            "idempotency", self._name, IdempotencyMetrics
+        )
+        metrics = self._registration.metrics
+        assert isinstance(metrics, IdempotencyMetrics)
+        self._metrics = metrics
         self._scope_prefix = f"{self._name}:asgi:"
         self._anonymous = self._scope_prefix + "anonymous"
 
@@ -689,6 +695,7 @@ class IdempotencyMiddleware:
             _log.warning(
                 "IdempotencyMiddleware %r: the store is unavailable", self._name, exc_info=True
             )
+            self._metrics.error += 1
             await _send_problem(
                 send,
                 503,
@@ -698,34 +705,45 @@ class IdempotencyMiddleware:
                 retry_after=1,
             )
             return
-        if isinstance(outcome, Lease):
-            await self._run(scope, receive, send, body, outcome)
-        elif isinstance(outcome, Completed):
-            if outcome.fingerprint != fingerprint:
-                await self._reused(send)
-                return
+        metrics = self._metrics
+        verdict = decide(outcome, fingerprint, self._store)
+        if verdict is Verdict.RUN:
+            assert isinstance(outcome, Lease)
+            try:
+                await self._run(scope, receive, send, body, outcome)
+            except BaseException as exc:
+                metrics.failed(exc, None)
+                raise
+            metrics.success += 1
+        elif verdict is Verdict.REPLAY:
+            assert isinstance(outcome, Completed)
             status, headers, content = _read_record(outcome.value)
-            self._stats.replays += 1
-            add_event(_REPLAYED_EVENT, self._attributes)
+            metrics.replays += 1
+            metrics.success += 1
+            report(self._telemetry, IdempotentReplay, self._name, "idempotency")
             headers.append(_REPLAYED_HEADER)
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": content, "more_body": False})
-        elif isinstance(outcome, InFlight):
-            if outcome.fingerprint != fingerprint:
-                await self._reused(send)
-                return
-            self._stats.conflicts += 1
+        elif verdict is Verdict.REUSED:
+            metrics.rejected += 1
+            await self._reused(send)
+        else:
+            metrics.conflicts += 1
+            metrics.rejected += 1
+            report(
+                self._telemetry,
+                CallRejected,
+                self._name,
+                "idempotency",
+                reason="idempotency_conflict",
+                retry_after=None,
+            )
             await _send_problem(
                 send,
                 409,
                 "Conflict",
                 f"A request with this {self._header_label} is still being processed; "
                 "retry later to get its response.",
-            )
-        else:
-            raise TypeError(
-                f"{self._store!r}.claim() returned {outcome!r}: expected a Lease, Completed "
-                "or InFlight"
             )
 
     async def _read_body(self, receive: Receive) -> bytes | None:

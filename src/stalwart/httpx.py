@@ -54,7 +54,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from . import _validate
 from ._errors import DeadlineExceeded
 from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
-from ._policy import Policy
+from ._policy import Binding, Policy
 from ._retry import Retry, retries_disabled
 from ._timeout import remaining
 
@@ -437,8 +437,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             )
         # As a Pipeline would bind them, without a span of its own: `policy`'s
         # span carries the per-host policy's events.
-        inner = own._bind(self._attempt, origin=self._attempt, traced=False)
-        send: _Send = self._policy._bind(inner, origin=self._attempt, traced=True)
+        inner = own.wrap(self._attempt, Binding(self._attempt, traced=False))
+        send: _Send = self._policy.wrap(inner, Binding(self._attempt))
         hosts[origin] = (own, send)
         if len(hosts) > self._max_hosts:
             hosts.popitem(last=False)

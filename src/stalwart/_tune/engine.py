@@ -14,8 +14,8 @@ What is real: the `Retry`, `RetryBudget`, `CircuitBreaker`, `Bulkhead`,
 being the caller's deadline (the ambient deadline inside).
 What is simulated: the downstream (a server with ``capacity`` slots, a FIFO
 queue, a latency distribution and a timeline of failures) and its callers.
-The breaker's transitions are observed through its telemetry: the engine
-installs a stats object of its own for it (`BreakerLog`) before building it.
+The breaker's transitions are observed through its telemetry's listeners
+(`BreakerLog`), the policies' counts read from their metrics.
 """
 
 from __future__ import annotations
@@ -33,10 +33,13 @@ from typing import Any, Final
 from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
 
+from .._bulkhead import Bulkhead
 from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
 from .._pipeline import Pipeline
-from .._telemetry import BulkheadStats, CircuitStats, RetryStats, Telemetry, TimeoutStats
+from .._retry import Retry, RetryMetrics
+from .._telemetry import Telemetry
 from .._timeout import Timeout
+from ..events import CircuitStateChanged, Event
 from .scenario import Scenario, Setting
 
 __all__ = [
@@ -138,19 +141,17 @@ class SimulationLoop(asyncio.SelectorEventLoop):
 # -- what is measured --------------------------------------------------------------------
 
 
-class BreakerLog(CircuitStats):
-    """The breaker's stats object, also noting when each transition happened."""
+class BreakerLog:
+    """A listener noting when each of the breaker's transitions happened, and to what."""
 
-    __slots__ = ("clock", "events")
+    __slots__ = ("events",)
 
-    def __init__(self, name: str, clock: Callable[[], float]) -> None:
-        super().__init__(name)
-        self.clock = clock
+    def __init__(self) -> None:
         self.events: list[tuple[float, str]] = []
 
-    def transition(self, from_state: str, to_state: str) -> None:
-        super().transition(from_state, to_state)
-        self.events.append((self.clock(), to_state))
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, CircuitStateChanged):
+            self.events.append((event.time, event.to_state.value))
 
 
 @dataclass
@@ -301,11 +302,13 @@ class _Simulation:
         self.scenario = scenario
         self.setting = setting
         self.progress = progress
-        self.telemetry = Telemetry(
-            registry=CollectorRegistry(), tracer_provider=NoOpTracerProvider()
-        )
-        self.breaker_log = self.telemetry.stats(
-            "circuit_breaker", "breaker", lambda name: BreakerLog(name, loop.time)
+        registry = CollectorRegistry()
+        self.telemetry = Telemetry(registry=registry, tracer_provider=NoOpTracerProvider())
+        # Only the breaker reports to a listener: with one, every policy on a
+        # telemetry builds its events, and the retries' would cost time.
+        self.breaker_log = BreakerLog()
+        self.breaker_telemetry = Telemetry(
+            registry=registry, tracer_provider=NoOpTracerProvider(), listeners=[self.breaker_log]
         )
         seed = scenario.seed
         self.traffic_rng = random.Random(f"stalwart-tune:{seed}:traffic")
@@ -402,7 +405,9 @@ class _Simulation:
         # ambient deadline every policy respects (`sw.deadline` per call would
         # do the same, and validate its argument 180,000 times an hour).
         patience = Timeout(traffic.deadline, name="deadline", telemetry=self.telemetry)
-        policies = self.setting.policies(self.telemetry, self.policy_rng)
+        policies = self.setting.policies(
+            self.telemetry, self.policy_rng, breaker_telemetry=self.breaker_telemetry
+        )
         guarded = Pipeline(patience, *policies, name="setting", telemetry=self.telemetry)(attempt)
         in_flight = 0
         starting = True  # new calls may still start
@@ -550,11 +555,15 @@ class _Simulation:
         }
         if self.setting.has_breaker:
             _breaker_time(self.breaker_log.events, self.setting.open_for, end, run)
-        tel = self.telemetry
-        run.retries = tel.stats("retry", "retry", RetryStats).attempts
-        run.exhausted = tel.stats("retry", "retry", RetryStats).exhausted
-        run.timeouts = tel.stats("timeout", "timeout", TimeoutStats).timeouts
-        run.bulkhead_rejected = tel.stats("bulkhead", "bulkhead", BulkheadStats).rejected
+        for policy in policies:
+            metrics = policy.metrics
+            if isinstance(policy, Retry):
+                assert isinstance(metrics, RetryMetrics)
+                run.retries, run.exhausted = metrics.attempts, metrics.exhausted
+            elif isinstance(policy, Timeout):
+                run.timeouts = metrics.timeout
+            elif isinstance(policy, Bulkhead):
+                run.bulkhead_rejected = metrics.rejected
         if progress := self.progress:
             progress(1.0)
         return run
