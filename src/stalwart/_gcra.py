@@ -209,10 +209,11 @@ class Gcra:
     def reserve(self, now: float, max_wait: float = 0.0) -> Turn | None:
         """Reserve the next turn at ``now`` if it comes within ``max_wait`` seconds.
 
-        Returns `GRANTED` when a permit is free now, a new `Turn` whose
-        ``delay`` (> 0, at most ``max_wait``) is the wait for the caller's
-        FIFO turn, or None when the turn would come later than ``max_wait``
-        (nothing reserved; `wait_time` says when a permit will be free).
+        Returns `GRANTED` when a permit is free now (whatever ``max_wait``),
+        a new `Turn` whose ``delay`` (> 0, at most ``max_wait``) is the wait
+        for the caller's FIFO turn, or None when the turn would come later
+        than ``max_wait`` (nothing reserved; `wait_time` says when a permit
+        will be free).
         The caller passes the smaller of its own ``max_wait`` and what is
         left of its deadline; ``math.inf`` waits as long as it takes.
         """
@@ -292,8 +293,9 @@ class KeyedGcra:
         max_keys: buckets kept, >= 1.
 
     O(1) per call whatever the number of keys. Keys are any hashable
-    values; the caller bounds and validates untrusted ones. See the module
-    docstring for what dropping a key costs (at most a burst of leniency).
+    values; the caller bounds and validates untrusted ones. A dropped key
+    comes back with a full bucket: at most ``burst`` calls of leniency, plus
+    one per turn it still had queued (see the module docstring).
     """
 
     __slots__ = ("_buckets", "_template", "max_keys")
