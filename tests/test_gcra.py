@@ -17,6 +17,14 @@ from hypothesis import strategies as st
 
 from stalwart._gcra import GRANTED, Gcra, KeyedGcra, Turn
 
+
+def turn_at(bucket: Gcra, now: float, max_wait: float = math.inf) -> float:
+    """The time of the turn ``bucket`` reserves at ``now`` (which must be granted)."""
+    turn = bucket.reserve(now, max_wait)
+    assert turn is not None
+    return now + turn.delay
+
+
 # -- validation ---------------------------------------------------------------------------
 
 
@@ -146,9 +154,7 @@ def test_nobody_jumps_the_queue_even_when_a_permit_refills() -> None:
     assert waiting is not None
     assert waiting.delay == 0.25
     # At 0.2 a permit has almost refilled; the newcomer queues behind the waiter.
-    newcomer = bucket.reserve(0.2, max_wait=1.0)
-    assert newcomer is not None
-    assert 0.2 + newcomer.delay == 0.5
+    assert turn_at(bucket, 0.2, 1.0) == 0.5
 
 
 def test_a_clock_that_goes_back_is_a_new_clock_and_the_bucket_starts_full() -> None:
@@ -189,9 +195,7 @@ def test_the_last_turn_given_back_is_the_next_callers() -> None:
     bucket.reserve(0.0)
     (turn,) = waiting_turns(bucket, 1)
     assert turn.cancel(0.1)
-    again = bucket.reserve(0.1, max_wait=1.0)
-    assert again is not None
-    assert 0.1 + again.delay == 0.25
+    assert turn_at(bucket, 0.1, 1.0) == 0.25
 
 
 def test_a_turn_with_turns_behind_it_is_not_given_back_alone() -> None:
@@ -199,9 +203,7 @@ def test_a_turn_with_turns_behind_it_is_not_given_back_alone() -> None:
     bucket.reserve(0.0)
     first, _second = waiting_turns(bucket, 2)
     assert not first.cancel(0.1)
-    nxt = bucket.reserve(0.1, max_wait=math.inf)
-    assert nxt is not None
-    assert 0.1 + nxt.delay == 0.75  # first's slot (0.25) is lost: the strict side
+    assert turn_at(bucket, 0.1) == 0.75  # first's slot (0.25) is lost: the strict side
 
 
 def test_turns_cancelled_front_first_are_all_given_back_with_the_last() -> None:
@@ -209,9 +211,7 @@ def test_turns_cancelled_front_first_are_all_given_back_with_the_last() -> None:
     bucket.reserve(0.0)
     turns = waiting_turns(bucket, 4)
     assert [t.cancel(0.1) for t in turns] == [False, False, False, True]
-    fresh = bucket.reserve(0.1, max_wait=math.inf)
-    assert fresh is not None
-    assert 0.1 + fresh.delay == 0.25  # as if none of the four had come
+    assert turn_at(bucket, 0.1) == 0.25  # as if none of the four had come
 
 
 def test_giving_back_stops_at_a_turn_that_still_stands() -> None:
@@ -227,9 +227,7 @@ def test_giving_back_stops_at_a_turn_that_still_stands() -> None:
     assert nxt.cancel(0.2)
     assert b.cancel(0.2)  # now b is last: b and a go back
     assert bucket.reserve(0.2, max_wait=0.0) is None
-    again = bucket.reserve(0.2, max_wait=1.0)
-    assert again is not None
-    assert 0.2 + again.delay == 0.25
+    assert turn_at(bucket, 0.2, 1.0) == 0.25
 
 
 def test_a_turn_whose_time_has_come_is_not_given_back() -> None:
