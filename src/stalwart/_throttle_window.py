@@ -65,9 +65,9 @@ class ThrottleWindow:
         window = ThrottleWindow(k=2.0, window=120.0)
         if not window.admit(now, rng):
             refuse()
-        ...call the dependency...
-        if the dependency did not reject it:
-            window.accept(later)
+        response = await call()
+        if response.status_code not in (429, 503):  # the dependency accepted it
+            window.accept(clock())
     """
 
     __slots__ = (
