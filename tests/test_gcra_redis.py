@@ -152,7 +152,9 @@ def test_without_now_the_server_clock_decides(script: Script) -> None:
     # The first call put the TAT at its own time plus an hour; the refusal came
     # moments later (generously: under 60 s on a loaded machine).
     assert 3600.0 - 60.0 < retry_after <= 3600.0
-    stored = float(script.client.get(script.prefix + "k"))
+    raw = script.client.get(script.prefix + "k")
+    assert isinstance(raw, bytes)
+    stored = float(raw)
     assert before_call + 2 * 3600.0 - 60.0 < stored < before_call + 2 * 3600.0 + 60.0
 
 
