@@ -7,7 +7,9 @@ All of them can be pickled, so they survive process pools and task queues.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "BulkheadFullError",
@@ -49,6 +51,18 @@ def _rebuild(cls: type[StalwartError], args: tuple[Any, ...], state: dict[str, A
     for name, value in state.items():
         setattr(error, name, value)
     return error
+
+
+def recast(error: StalwartError, cls: type[T]) -> T:
+    """``error`` as an instance of ``cls``: same message, ``policy`` and attributes.
+
+    ``cls`` subclasses ``type(error)``'s kind and an integration's own error
+    type (``grpc.aio.AioRpcError``, ``aiohttp.ClientError``), so that the
+    error an integration raises is caught by the handlers written for either.
+    Built the way unpickling builds it: no constructor of either side runs.
+    """
+    _, (_, args, state) = error.__reduce__()
+    return _rebuild(cls, args, state)  # type: ignore[arg-type, no-any-return]
 
 
 class CircuitOpenError(StalwartError):
