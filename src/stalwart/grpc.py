@@ -76,6 +76,7 @@ __all__ = [
     "RpcDeadlineExceeded",
     "RpcRateLimited",
     "ServerInterceptor",
+    "StreamingInterceptor",
     "parse_pushback",
     "service_of",
 ]
@@ -113,8 +114,8 @@ _LEAST_TIMEOUT: Final = 0.001
 # How long to let stalwart's own deadline catch up with grpc's timer (below).
 _DEADLINE_GRACE: Final = 0.05
 
-# A streaming attempt whose status was the answer: no message to hand on.
-_ANSWERED: Final = object()
+# A stream whose first message is still to be read (or whose status is the answer).
+_UNREAD: Final = object()
 
 _Continuation = Callable[[aio.ClientCallDetails, Any], Awaitable[Any]]
 _Send = Callable[[_Continuation, aio.ClientCallDetails, Any], Awaitable[Any]]
@@ -270,14 +271,15 @@ def _retried_by_default(error: BaseException) -> bool:
 
 
 @final
-class ClientInterceptor(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientInterceptor):
+class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     """A ``grpc.aio`` client interceptor that sends each call through a stalwart policy.
 
-    Give it to a channel::
+    Give it to a channel, with its `streaming` half for server-streaming
+    calls (a channel files each interceptor under one kind of call only)::
 
+        interceptor = ClientInterceptor(sw.Pipeline(sw.Retry(attempts=4), sw.Timeout(1)))
         channel = grpc.aio.insecure_channel(
-            "inventory:50051",
-            interceptors=[ClientInterceptor(sw.Pipeline(sw.Retry(attempts=4), sw.Timeout(1)))],
+            "inventory:50051", interceptors=[interceptor, interceptor.streaming]
         )
 
     Unary-unary calls are one call of ``policy`` each, every attempt a real
@@ -380,6 +382,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientIn
         "_policy",
         "_send_stream",
         "_send_unary",
+        "_streaming",
         "_target",
         "_targets",
     )
@@ -427,10 +430,20 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientIn
         # Decorated once: the policy's per-function set-up is not paid per call.
         self._send_unary: _Send = policy(self._unary)
         self._send_stream: _Send = policy(self._stream)
+        self._streaming = StreamingInterceptor(self)
 
     @property
     def policy(self) -> Policy:
         return self._policy
+
+    @property
+    def streaming(self) -> StreamingInterceptor:
+        """The same interceptor for server-streaming (unary-stream) calls.
+
+        Give both to the channel: ``interceptors=[interceptor, interceptor.streaming]``.
+        They share the policy and the per-target policies.
+        """
+        return self._streaming
 
     @property
     def retry_codes(self) -> frozenset[grpc.StatusCode]:
@@ -467,7 +480,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientIn
                 raise
             raise rpc_error from error
 
-    async def intercept_unary_stream(
+    async def _intercept_stream(
         self,
         continuation: _Continuation,
         client_call_details: aio.ClientCallDetails,
@@ -479,14 +492,14 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientIn
         try:
             call, first = await send(continuation, client_call_details, request)
         except RetryableRpcError as failed:
-            return failed.call
+            call, first = failed.call, _UNREAD
         except StalwartError as error:
             rpc_error = _as_rpc_error(error)
             if rpc_error is None:
                 raise
             raise rpc_error from error
-        if first is _ANSWERED:
-            return call  # iterating it raises its AioRpcError
+        # The caller meets a failed call's AioRpcError reading it. (Not the call
+        # itself: once read() has been used, grpc forbids iterating it.)
         return _messages(call, first)
 
     def _sends_for(self, details: aio.ClientCallDetails) -> tuple[_Send, _Send]:
@@ -538,7 +551,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientIn
             first = await call.read()
         except aio.AioRpcError as error:
             await self._failed(call, error, ours)
-            return call, _ANSWERED  # a status that is the answer: the caller meets it reading
+            return call, _UNREAD  # a status that is the answer: the caller meets it reading
         except asyncio.CancelledError:
             call.cancel()
             raise
@@ -597,10 +610,35 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientIn
         return f"ClientInterceptor({self._policy!r}, retry_codes={codes})"
 
 
+@final
+class StreamingInterceptor(aio.UnaryStreamClientInterceptor):
+    """The unary-stream half of a `ClientInterceptor`: see `ClientInterceptor.streaming`."""
+
+    __slots__ = ("_interceptor",)
+
+    def __init__(self, interceptor: ClientInterceptor) -> None:
+        if not isinstance(interceptor, ClientInterceptor):
+            raise TypeError(
+                f"interceptor must be a ClientInterceptor, not {type(interceptor).__name__}"
+            )
+        self._interceptor = interceptor
+
+    async def intercept_unary_stream(
+        self,
+        continuation: _Continuation,
+        client_call_details: aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await self._interceptor._intercept_stream(continuation, client_call_details, request)
+
+    def __repr__(self) -> str:
+        return f"{self._interceptor!r}.streaming"
+
+
 async def _messages(call: Any, first: Any) -> AsyncIterator[Any]:
     """The stream's messages: the first one (already read) and the rest, as they come."""
     try:
-        message = first
+        message = await call.read() if first is _UNREAD else first
         while message is not aio.EOF:
             yield message
             message = await call.read()
