@@ -24,7 +24,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Final, final
@@ -82,7 +82,7 @@ HTTP_STATUS_FOR_ERROR: Final[dict[type[StalwartError], int]] = {
 
 _DELTA_SECONDS: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
 
-_Handler = Callable[[aiohttp.ClientRequest], Coroutine[Any, Any, aiohttp.ClientResponse]]
+_Handler = Callable[[aiohttp.ClientRequest], Awaitable[aiohttp.ClientResponse]]
 _Send = Callable[
     [aiohttp.ClientRequest, _Handler, list[aiohttp.ClientResponse]],
     Coroutine[Any, Any, aiohttp.ClientResponse],
@@ -531,7 +531,7 @@ class DeadlineMiddleware:
     async def __call__(
         self,
         request: web.Request,
-        handler: Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]],
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         seconds = self.timeout_for(request)
         headers = [(name.lower(), value) for name, value in request.headers.items()]
