@@ -34,7 +34,9 @@ CONTRACT = [
 
 # Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.
 INTEGRATIONS = {
+    "aiohttp": ["DeadlineMiddleware", "ResilientMiddleware"],
     "asgi": ["DeadlineMiddleware", "IdempotencyMiddleware"],
+    "grpc": ["ClientInterceptor", "ServerInterceptor"],
     "httpx": ["ResilientTransport"],
     "redis": ["RedisStore"],
 }

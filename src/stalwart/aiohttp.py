@@ -52,15 +52,15 @@ from ._retry import Retry, retries_disabled
 from ._timeout import deadline, remaining
 from .asgi import parse_timeout_ms
 
-__all__ = [
-    "DEFAULT_RETRY_STATUSES",
-    "HTTP_STATUS_FOR_ERROR",
-    "IDEMPOTENT_METHODS",
+__all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks
     "ClientBulkheadFull",
     "ClientCircuitOpen",
     "ClientDeadlineExceeded",
     "ClientRateLimited",
+    "DEFAULT_RETRY_STATUSES",
     "DeadlineMiddleware",
+    "HTTP_STATUS_FOR_ERROR",
+    "IDEMPOTENT_METHODS",
     "ResilientMiddleware",
     "RetryableStatusError",
     "is_retryable",

@@ -64,17 +64,17 @@ from ._policy import Policy
 from ._retry import Retry
 from ._timeout import deadline, remaining
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks
+    "ClientInterceptor",
     "DEFAULT_MAX_TARGETS",
     "DEFAULT_RETRY_CODES",
     "PUSHBACK_KEY",
-    "STATUS_FOR_ERROR",
-    "ClientInterceptor",
     "RetryableRpcError",
     "RpcBulkheadFull",
     "RpcCircuitOpen",
     "RpcDeadlineExceeded",
     "RpcRateLimited",
+    "STATUS_FOR_ERROR",
     "ServerInterceptor",
     "StreamingInterceptor",
     "parse_pushback",
