@@ -210,6 +210,20 @@ async def test_a_post_with_an_idempotency_key_is_retried(server: Server) -> None
     assert [hit.body for hit in server.hits(key)] == [b"x", b"x"]
 
 
+async def test_a_409_to_a_keyed_request_is_retried(server: Server) -> None:
+    key, unkeyed = server.key(), server.key()
+    headers = {"Idempotency-Key": "order-8"}
+    params: dict[str, Any] = {"key": key, "fail": 1, "status": 409, "retry_after": "0.1"}
+    async with session(server) as http:
+        async with http.post("/flaky", params=params, headers=headers) as r:
+            assert r.status == 200
+        async with http.get("/flaky", params={**params, "key": unkeyed}) as r:
+            assert r.status == 409  # no key: a 409 is an answer like any other
+    first, second = server.hits(key)
+    assert second.at - first.at >= 0.1
+    assert len(server.hits(unkeyed)) == 1
+
+
 async def test_added_idempotency_keys_travel_with_every_attempt(server: Server) -> None:
     key = server.key()
     options: dict[str, Any] = {"add_idempotency_keys": True, "rng": random.Random(7)}

@@ -253,6 +253,9 @@ class ResilientMiddleware:
       `is_retryable` for the default policy's choice); after the last attempt
       the error propagates. So does an attempt that a `~stalwart.Timeout` in
       the policy cut short: the default policy retries it too.
+    * A ``409 Conflict`` to a request that carries an ``Idempotency-Key``
+      (the original request with that key is still running) fails the
+      attempt the same way, so it is retried after its ``Retry-After``.
     * Only requests safe to repeat are retried: the idempotent methods (GET,
       HEAD, OPTIONS, PUT, DELETE, TRACE) and requests that carry an
       ``Idempotency-Key`` header. With ``add_idempotency_keys=True`` every
@@ -414,7 +417,12 @@ class ResilientMiddleware:
             request.headers.update(trace)
         response = await handler(request)
         received.append(response)
-        if response.status in self._retry_statuses:
+        status = response.status
+        if status in self._retry_statuses or (
+            # The same key's first request is still running (the IETF draft's
+            # 409): wait it out, then this attempt is answered from its record.
+            status == 409 and self._key_header in request.headers
+        ):
             await response.read()  # so that predicates and the caller can read it
             response.release()
             raise RetryableStatusError(response, retry_after=_retry_after(response))
