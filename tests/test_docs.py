@@ -132,7 +132,7 @@ def test_the_runner_reports_a_wrong_output_and_the_failing_line(tmp_path: Path) 
 # -- the reference and the nav ---------------------------------------------------
 
 _DIRECTIVE = re.compile(r"^:::\s+(\S+)", re.MULTILINE)
-_OPTIONAL_MODULES = ("httpx", "asgi", "redis")
+_OPTIONAL_MODULES = ("httpx", "asgi", "redis", "grpc", "aiohttp")
 
 
 def _documented_objects() -> set[str]:
