@@ -14,6 +14,7 @@ CONTRACT = [
     "DeadlineExceeded",
     "IdempotencyConflict",
     "IdempotencyKeyReused",
+    "RateLimitExceeded",
     "Backoff",
     "Retry",
     "RetryBudget",
@@ -66,6 +67,7 @@ def test_errors_have_the_contract_bases() -> None:
         sw.DeadlineExceeded,
         sw.IdempotencyConflict,
         sw.IdempotencyKeyReused,
+        sw.RateLimitExceeded,
         sw.StoreUnavailable,
     ):
         assert issubclass(error, sw.StalwartError)
@@ -81,6 +83,7 @@ def test_errors_carry_their_attributes_and_survive_pickling() -> None:
         sw.DeadlineExceeded("late", policy="t", timeout=2.0),
         sw.BulkheadFullError("full", policy="b"),
         sw.StoreUnavailable("down", policy="redis"),
+        sw.RateLimitExceeded("limited", policy="rl", retry_after=0.25),
     ]
     for error in errors:
         copy = pickle.loads(pickle.dumps(error))
@@ -89,6 +92,7 @@ def test_errors_carry_their_attributes_and_survive_pickling() -> None:
         assert copy.__dict__ == error.__dict__
     assert errors[1].retry_after == 1.5  # type: ignore[attr-defined]
     assert errors[2].timeout == 2.0  # type: ignore[attr-defined]
+    assert errors[5].retry_after == 0.25  # type: ignore[attr-defined]
 
 
 def test_testing_module_is_importable() -> None:

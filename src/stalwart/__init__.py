@@ -19,6 +19,7 @@ from ._errors import (
     DeadlineExceeded,
     IdempotencyConflict,
     IdempotencyKeyReused,
+    RateLimitExceeded,
     StalwartError,
     StoreUnavailable,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "MemoryStore",
     "Pipeline",
     "Policy",
+    "RateLimitExceeded",
     "Retry",
     "RetryBudget",
     "RetryBudgetStatistics",

@@ -15,6 +15,7 @@ __all__ = [
     "DeadlineExceeded",
     "IdempotencyConflict",
     "IdempotencyKeyReused",
+    "RateLimitExceeded",
     "StalwartError",
     "StoreUnavailable",
 ]
@@ -117,6 +118,20 @@ class DeadlineExceeded(StalwartError, TimeoutError):
         self.timeout = timeout
 
 
+class RateLimitExceeded(StalwartError):
+    """A rate limit (or an adaptive throttle, or a concurrency limit) refused the call.
+
+    ``retry_after`` is the number of seconds until a permit is expected, or
+    None when the limit cannot tell. A call refused this way never ran.
+    """
+
+    retry_after: float | None
+
+    def __init__(self, message: str, *, policy: str, retry_after: float | None = None) -> None:
+        super().__init__(message, policy=policy)
+        self.retry_after = retry_after
+
+
 class IdempotencyConflict(StalwartError):
     """A call with the same idempotency key is in flight (``on_conflict="raise"``)."""
 
@@ -147,6 +162,7 @@ for _error in (
     DeadlineExceeded,
     IdempotencyConflict,
     IdempotencyKeyReused,
+    RateLimitExceeded,
     StoreUnavailable,
 ):
     _error.__module__ = "stalwart"
