@@ -33,8 +33,14 @@ CONTRACT = [
 
 # Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.
 INTEGRATIONS = {
-    "asgi": ["DeadlineMiddleware", "IdempotencyMiddleware"],
-    "httpx": ["ResilientTransport"],
+    "asgi": ["DeadlineMiddleware", "ErrorMiddleware", "IdempotencyMiddleware"],
+    "httpx": [
+        "ResilientTransport",
+        "TransportBulkheadFullError",
+        "TransportCircuitOpenError",
+        "TransportDeadlineExceeded",
+        "TransportRateLimitExceeded",
+    ],
     "redis": ["RedisStore"],
 }
 
