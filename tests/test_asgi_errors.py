@@ -49,6 +49,13 @@ def problem(response: httpx.Response, status: int) -> dict[str, Any]:
     [
         (sw.CircuitOpenError("x", policy="inventory", retry_after=29.2), 503, "circuit_open", "30"),
         (sw.CircuitOpenError("x", policy="inventory", retry_after=0.0), 503, "circuit_open", "0"),
+        # A clock's rounding is not a second more.
+        (
+            sw.CircuitOpenError("x", policy="inventory", retry_after=30.000000004),
+            503,
+            "circuit_open",
+            "30",
+        ),
         # A breaker forced open: no time to tell.
         (
             sw.CircuitOpenError("x", policy="inventory", retry_after=math.inf),

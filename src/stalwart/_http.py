@@ -216,4 +216,5 @@ def retry_after_header(error: BaseException) -> int | None:
         return None
     if not (math.isfinite(seconds) and seconds >= 0):
         return None
-    return math.ceil(seconds)
+    # To the millisecond first: a clock's rounding (30.000000000004) is not a second more.
+    return math.ceil(round(seconds, 3))
