@@ -302,3 +302,33 @@ async def call(app: Any, *, scope_type: str = "http", sent: list[Message] | None
 
     scope = {"type": scope_type, "method": "GET", "path": "/", "headers": []}
     await app(scope, receive, send)
+
+
+async def test_a_timeout_cut_short_by_the_requests_deadline_is_answered_once() -> None:
+    """The request's deadline is nearer than the handler's Timeout: one 504, whoever sends it."""
+
+    @sw.Timeout(10.0, name="report")
+    async def report() -> None:
+        await anyio.sleep(60)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await report()
+
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/report",
+        "headers": [(b"x-request-timeout-ms", b"200")],
+    }
+    await DeadlineMiddleware(ErrorMiddleware(app))(scope, receive, send)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 504
+    assert anyio.current_time() == pytest.approx(0.2)
