@@ -231,6 +231,24 @@ async def test_a_deadline_middleware_outside_still_answers_its_own_expiry() -> N
     assert problem(response, 504)["detail"].startswith("The request's deadline of 200 ms")
 
 
+async def test_a_timeout_cut_short_by_the_requests_deadline_is_answered_once() -> None:
+    """The request's deadline is nearer than the handler's Timeout: one 504, whoever sends it."""
+
+    @sw.Timeout(10.0, name="report")
+    async def report() -> None:
+        await anyio.sleep(60)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await report()
+
+    sent: list[Message] = []
+    service = DeadlineMiddleware(ErrorMiddleware(app))
+    await call(service, sent=sent, headers=[(b"x-request-timeout-ms", b"200")])
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 504
+    assert anyio.current_time() == pytest.approx(0.2)
+
+
 @pytest.mark.parametrize("scope_type", ["lifespan", "websocket"])
 async def test_other_scopes_pass_straight_through(scope_type: str) -> None:
     error = sw.BulkheadFullError("full", policy="p")
@@ -292,7 +310,13 @@ async def test_fastapi_exception_handlers_take_precedence() -> None:
 # -- plain ASGI calls ------------------------------------------------------------------------
 
 
-async def call(app: Any, *, scope_type: str = "http", sent: list[Message] | None = None) -> None:
+async def call(
+    app: Any,
+    *,
+    scope_type: str = "http",
+    sent: list[Message] | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     async def receive() -> Message:
         return {"type": "http.request", "body": b"", "more_body": False}
 
@@ -300,35 +324,5 @@ async def call(app: Any, *, scope_type: str = "http", sent: list[Message] | None
         if sent is not None:
             sent.append(message)
 
-    scope = {"type": scope_type, "method": "GET", "path": "/", "headers": []}
+    scope = {"type": scope_type, "method": "GET", "path": "/", "headers": headers or []}
     await app(scope, receive, send)
-
-
-async def test_a_timeout_cut_short_by_the_requests_deadline_is_answered_once() -> None:
-    """The request's deadline is nearer than the handler's Timeout: one 504, whoever sends it."""
-
-    @sw.Timeout(10.0, name="report")
-    async def report() -> None:
-        await anyio.sleep(60)
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await report()
-
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/report",
-        "headers": [(b"x-request-timeout-ms", b"200")],
-    }
-    await DeadlineMiddleware(ErrorMiddleware(app))(scope, receive, send)
-    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
-    assert sent[0]["status"] == 504
-    assert anyio.current_time() == pytest.approx(0.2)

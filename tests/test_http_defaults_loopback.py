@@ -32,7 +32,7 @@ from stalwart.asgi import ErrorMiddleware, IdempotencyMiddleware, Receive, Scope
 from stalwart.httpx import ResilientTransport
 
 from .docs_examples import ROOT, blocks
-from .http_support import serve
+from .http_support import read_body, respond, serve, wait_for_disconnect
 from .test_httpx_errors import needs_capped_hints
 
 pytestmark = pytest.mark.realtime
@@ -54,22 +54,6 @@ def query(scope: Scope) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
 
 
-async def respond(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers or []})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def read_body(receive: Receive) -> bytes:
-    body = b""
-    while True:
-        message = await receive()
-        body += bytes(message.get("body", b""))
-        if not message.get("more_body", False):
-            return body
-
-
 @dataclass
 class Upstream:
     """``/upstream/hang`` hangs on a key's first ``hangs`` requests; ``/upstream/status`` answers
@@ -82,8 +66,7 @@ class Upstream:
         key = params["key"]
         hit = self.hits[key] = self.hits.get(key, 0) + 1
         if scope["path"] == "/upstream/hang" and hit <= int(params.get("hangs", "0")):
-            while (await receive())["type"] != "http.disconnect":
-                pass  # until the client gives up on this attempt
+            await wait_for_disconnect(receive)  # until the client gives up on this attempt
             return
         if scope["path"] == "/upstream/status":
             hint = [(b"retry-after", params["retry_after"].encode())]
@@ -189,6 +172,7 @@ class Service:
 class App:
     def __init__(self) -> None:
         self.url = ""
+        self.keys = itertools.count()
         self.upstream = Upstream()
         self.service = Service(lambda: self.url)
         self.ledger = Ledger()
@@ -206,6 +190,10 @@ class App:
         else:
             await self.service.app(scope, receive, send)
 
+    def key(self) -> str:
+        """A fresh key: each test's requests have their own upstream state."""
+        return f"k{next(self.keys)}"
+
     def conflicts(self) -> float:
         value = self.registry.get_sample_value(
             "stalwart_idempotency_conflicts_total", {"policy": "idempotency"}
@@ -213,27 +201,16 @@ class App:
         return value or 0.0
 
 
-@dataclass
-class Running:
-    app: App
-    url: str
-    keys: Iterator[int] = field(default_factory=itertools.count)
-
-    def key(self) -> str:
-        """A fresh key: each test's requests have their own upstream state."""
-        return f"k{next(self.keys)}"
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[Running]:
+def server() -> Iterator[App]:
     app = App()
     with serve(app) as url:
         app.url = url
-        yield Running(app, url)
+        yield app
 
 
 @pytest.fixture
-async def http(server: Running) -> AsyncIterator[httpx.AsyncClient]:
+async def http(server: App) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
         yield client
 
@@ -258,7 +235,7 @@ def problem(response: httpx.Response, status: int) -> dict[str, Any]:
 
 
 async def test_an_attempt_cut_short_by_the_per_host_timeout_is_retried(
-    server: Running, http: httpx.AsyncClient
+    server: App, http: httpx.AsyncClient
 ) -> None:
     key = server.key()
     response = await http.get("/service/quote", params={"key": key, "hangs": 1})
@@ -267,19 +244,19 @@ async def test_an_attempt_cut_short_by_the_per_host_timeout_is_retried(
 
 
 async def test_an_upstream_that_always_hangs_makes_a_504_not_a_500(
-    server: Running, http: httpx.AsyncClient
+    server: App, http: httpx.AsyncClient
 ) -> None:
     key = server.key()
     start = anyio.current_time()
     response = await http.get("/service/hopeless", params={"key": key})
     body = problem(response, 504)
     assert body["kind"] == "deadline_exceeded"
-    assert server.app.upstream.hits[key] == 3  # the default policy's three attempts
+    assert server.upstream.hits[key] == 3  # the default policy's three attempts
     assert anyio.current_time() - start >= 3 * HOPELESS_ATTEMPT
 
 
 async def test_an_open_breaker_makes_a_503_with_retry_after(
-    server: Running, http: httpx.AsyncClient
+    server: App, http: httpx.AsyncClient
 ) -> None:
     response = await http.get("/service/fragile", params={"key": server.key()})
     body = problem(response, 503)
@@ -289,7 +266,7 @@ async def test_an_open_breaker_makes_a_503_with_retry_after(
 
 
 async def test_an_endpoint_catching_httpx_errors_catches_the_open_breaker(
-    server: Running, http: httpx.AsyncClient
+    server: App, http: httpx.AsyncClient
 ) -> None:
     response = await http.get("/service/careful", params={"key": server.key()})
     assert response.status_code == 502
@@ -300,10 +277,10 @@ async def test_an_endpoint_catching_httpx_errors_catches_the_open_breaker(
 
 
 async def test_a_409_from_the_idempotency_middleware_is_retried_until_the_replay(
-    server: Running, http: httpx.AsyncClient
+    server: App, http: httpx.AsyncClient
 ) -> None:
     key = server.key()
-    ledger, params = server.app.ledger, {"key": key, "gate": "1"}
+    ledger, params = server.ledger, {"key": key, "gate": "1"}
     headers = {"Idempotency-Key": f"order-{key}"}
     ledger.gate.clear()
     resilient = httpx.AsyncClient(
@@ -321,9 +298,9 @@ async def test_a_409_from_the_idempotency_middleware_is_retried_until_the_replay
         tg.start_soon(post, "first", http)
         await until(lambda: ledger.runs.get(key) == 1)
         duplicate = await http.post("/ledger/orders", params=params, headers=headers)
-        before = server.app.conflicts()
+        before = server.conflicts()
         tg.start_soon(post, "retried", resilient)
-        await until(lambda: server.app.conflicts() > before)  # it got its 409
+        await until(lambda: server.conflicts() > before)  # it got its 409
         ledger.gate.set()
     assert problem(duplicate, 409)["title"] == "Conflict"
     assert duplicate.headers["retry-after"] == "1"
@@ -337,7 +314,7 @@ async def test_a_409_from_the_idempotency_middleware_is_retried_until_the_replay
 @needs_capped_hints
 @pytest.mark.parametrize("status", [429, 503])
 async def test_a_default_transport_does_not_wait_out_a_huge_retry_after(
-    server: Running, status: int
+    server: App, status: int
 ) -> None:
     key = server.key()
     params: dict[str, str | int] = {"key": key, "status": status, "retry_after": "999999999"}
@@ -346,14 +323,14 @@ async def test_a_default_transport_does_not_wait_out_a_huge_retry_after(
             response = await client.get("/upstream/status", params=params)
     assert response.status_code == status
     assert response.headers["retry-after"] == "999999999"
-    assert server.app.upstream.hits[key] == 1
+    assert server.upstream.hits[key] == 1
 
 
 # -- idempotency keys and cookies ---------------------------------------------------------------
 
 
 async def test_a_cookie_authenticated_client_never_gets_anothers_response(
-    server: Running, http: httpx.AsyncClient
+    server: App, http: httpx.AsyncClient
 ) -> None:
     key = server.key()
     headers = {"Idempotency-Key": f"shared-{key}"}

@@ -27,7 +27,7 @@ import stalwart as sw
 from stalwart.asgi import DeadlineMiddleware, IdempotencyMiddleware, Message, Receive, Scope, Send
 from stalwart.httpx import ResilientTransport
 
-from .http_support import serve
+from .http_support import read_body, respond, serve, wait_for_disconnect
 
 pytestmark = pytest.mark.realtime
 
@@ -75,27 +75,6 @@ class Upstream:
             await wait_for_disconnect(receive)
         else:
             await respond(send, 200, json.dumps({"hit": len(seen), "headers": headers}).encode())
-
-
-async def read_body(receive: Receive) -> bytes:
-    body = b""
-    while True:
-        message = await receive()
-        body += bytes(message.get("body", b""))
-        if not message.get("more_body", False):
-            return body
-
-
-async def respond(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers or []})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def wait_for_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def reset(receive: Receive) -> None:

@@ -59,10 +59,10 @@ from ._idempotency_store import (
 from ._telemetry import IdempotencyStats, Telemetry, add_event
 from ._timeout import deadline
 
-__all__ = [
-    "DEFAULT_CREDENTIALS",
+__all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_public_api.py)
     "ASGIApp",
     "Credentials",
+    "DEFAULT_CREDENTIALS",
     "DeadlineMiddleware",
     "ErrorMiddleware",
     "IdempotencyMiddleware",
