@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 
 import stalwart as sw
 from stalwart.asgi import DeadlineMiddleware, ErrorMiddleware, Message, Receive, Scope, Send
@@ -29,6 +30,11 @@ class Raises:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"partial", "more_body": True})
         raise self.error
+
+
+def private() -> sw.Telemetry:
+    """A registry of its own: breakers of one name in several tests never meet."""
+    return sw.Telemetry(registry=CollectorRegistry())
 
 
 def client(app: Any) -> httpx.AsyncClient:
@@ -97,7 +103,9 @@ async def test_the_answer_tells_nothing_else_of_the_error() -> None:
 
 
 async def test_an_open_breaker_in_a_handler_is_a_503_to_come_back_when_it_half_opens() -> None:
-    breaker = sw.CircuitBreaker(consecutive_failures=1, open_for=30.0, name="pricing")
+    breaker = sw.CircuitBreaker(
+        consecutive_failures=1, open_for=30.0, name="pricing", telemetry=private()
+    )
 
     @breaker
     async def price() -> int:
@@ -140,7 +148,7 @@ async def test_the_errors_the_httpx_transport_raises_are_recognised() -> None:
     breakers: list[sw.CircuitBreaker] = []
 
     def per_host(origin: str) -> sw.Pipeline:
-        breakers.append(sw.CircuitBreaker(consecutive_failures=2, name=origin))
+        breakers.append(sw.CircuitBreaker(consecutive_failures=2, name=origin, telemetry=private()))
         return sw.Pipeline(breakers[-1], sw.Timeout(1.0, name="attempt"))
 
     upstream = httpx.AsyncClient(

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 import stalwart as sw
 from stalwart._http import ERROR_RULES
@@ -57,6 +58,13 @@ RETRY_CAPS_HINTS = _retry_caps_hints()
 needs_capped_hints = pytest.mark.skipif(
     not RETRY_CAPS_HINTS, reason="Retry's v2 cap on hints (backoff maximum) is not on this branch"
 )
+
+
+def private() -> sw.Telemetry:
+    """A registry of its own: breakers of one name in several tests never meet."""
+    return sw.Telemetry(registry=CollectorRegistry())
+
+
 # Waits out the hints it gets (up to 10 s), with no backoff of its own.
 HINTS_ONLY = sw.Backoff(initial=0.0, maximum=10.0)
 
@@ -118,7 +126,9 @@ async def test_an_open_per_host_breaker_is_an_httpx_transport_error() -> None:
     upstream = Upstream(503)
     transport = ResilientTransport(
         transport=httpx.MockTransport(upstream),
-        per_host=lambda origin: sw.CircuitBreaker(consecutive_failures=2, name=origin),
+        per_host=lambda origin: sw.CircuitBreaker(
+            consecutive_failures=2, name=origin, telemetry=private()
+        ),
     )
     async with httpx.AsyncClient(transport=transport) as client:
         with pytest.raises(httpx.TransportError) as info:
@@ -180,7 +190,9 @@ def documented(upstream: HangsFirst, **options: Any) -> httpx.AsyncClient:
     """The httpx how-to's recipe: a breaker and a per-attempt Timeout per host, default policy."""
     transport = ResilientTransport(
         transport=httpx.MockTransport(upstream),
-        per_host=lambda origin: sw.Pipeline(sw.CircuitBreaker(name=origin), sw.Timeout(2)),
+        per_host=lambda origin: sw.Pipeline(
+            sw.CircuitBreaker(name=origin, telemetry=private()), sw.Timeout(2)
+        ),
         **options,
     )
     return httpx.AsyncClient(transport=transport)
