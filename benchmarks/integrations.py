@@ -31,7 +31,7 @@ import stalwart as sw
 from benchmarks import _harness
 from benchmarks._harness import Call, Case
 from stalwart.aiohttp import ResilientMiddleware
-from stalwart.asgi import DeadlineMiddleware, IdempotencyMiddleware
+from stalwart.asgi import DeadlineMiddleware, ErrorMiddleware, IdempotencyMiddleware
 from stalwart.grpc import ClientInterceptor
 from stalwart.httpx import ResilientTransport
 
@@ -277,6 +277,15 @@ def cases() -> list[Case]:
             "ASGI app under the header's deadline, by hand",
             1.5,
             "header validated, response watched for a 504",
+        ),
+        Case("ASGI app, bare", lambda: _asgi(_app)),
+        Case(
+            "ASGI app behind ErrorMiddleware",
+            lambda: _asgi(ErrorMiddleware(_app)),
+            "ASGI app, bare",
+            2.0,
+            "a coroutine and a watched send around an app that does nothing; "
+            "the table read only when an error escapes",
         ),
         Case(
             "client.get, ResilientTransport with a per-host breaker",

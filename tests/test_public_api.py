@@ -35,9 +35,15 @@ CONTRACT = [
 # Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.
 INTEGRATIONS = {
     "aiohttp": ["DeadlineMiddleware", "ResilientMiddleware"],
-    "asgi": ["DeadlineMiddleware", "IdempotencyMiddleware"],
+    "asgi": ["DeadlineMiddleware", "ErrorMiddleware", "IdempotencyMiddleware"],
     "grpc": ["ClientInterceptor", "ServerInterceptor"],
-    "httpx": ["ResilientTransport"],
+    "httpx": [
+        "ResilientTransport",
+        "TransportBulkheadFullError",
+        "TransportCircuitOpenError",
+        "TransportDeadlineExceeded",
+        "TransportRateLimitExceeded",
+    ],
     "redis": ["RedisStore"],
 }
 
