@@ -14,6 +14,8 @@ CONTRACT = [
     "DeadlineExceeded",
     "IdempotencyConflict",
     "IdempotencyKeyReused",
+    "RateLimitExceeded",
+    "StalwartWarning",
     "Backoff",
     "Retry",
     "RetryBudget",
@@ -66,10 +68,13 @@ def test_errors_have_the_contract_bases() -> None:
         sw.DeadlineExceeded,
         sw.IdempotencyConflict,
         sw.IdempotencyKeyReused,
+        sw.RateLimitExceeded,
         sw.StoreUnavailable,
     ):
         assert issubclass(error, sw.StalwartError)
     assert issubclass(sw.DeadlineExceeded, TimeoutError)
+    assert issubclass(sw.StalwartWarning, UserWarning)
+    assert not issubclass(sw.StalwartWarning, sw.StalwartError)
 
 
 def test_errors_carry_their_attributes_and_survive_pickling() -> None:
@@ -81,6 +86,8 @@ def test_errors_carry_their_attributes_and_survive_pickling() -> None:
         sw.DeadlineExceeded("late", policy="t", timeout=2.0),
         sw.BulkheadFullError("full", policy="b"),
         sw.StoreUnavailable("down", policy="redis"),
+        sw.RateLimitExceeded("limited", policy="rl", retry_after=0.25),
+        sw.RateLimitExceeded("limited", policy="rl"),
     ]
     for error in errors:
         copy = pickle.loads(pickle.dumps(error))
@@ -89,6 +96,8 @@ def test_errors_carry_their_attributes_and_survive_pickling() -> None:
         assert copy.__dict__ == error.__dict__
     assert errors[1].retry_after == 1.5  # type: ignore[attr-defined]
     assert errors[2].timeout == 2.0  # type: ignore[attr-defined]
+    assert pickle.loads(pickle.dumps(errors[5])).retry_after == 0.25
+    assert pickle.loads(pickle.dumps(errors[6])).retry_after is None
 
 
 def test_testing_module_is_importable() -> None:
@@ -111,6 +120,8 @@ def test_the_integrations_export_their_contract_names(module: str) -> None:
 
 def test_errors_are_named_by_their_public_module() -> None:
     assert sw.DeadlineExceeded.__module__ == "stalwart"
+    assert sw.RateLimitExceeded.__module__ == "stalwart"
+    assert sw.StalwartWarning.__module__ == "stalwart"
     assert repr(sw.BulkheadFullError("full", policy="b")) == "BulkheadFullError('full')"
     assert f"{sw.CircuitOpenError.__module__}.{sw.CircuitOpenError.__qualname__}" == (
         "stalwart.CircuitOpenError"

@@ -19,7 +19,9 @@ from ._errors import (
     DeadlineExceeded,
     IdempotencyConflict,
     IdempotencyKeyReused,
+    RateLimitExceeded,
     StalwartError,
+    StalwartWarning,
     StoreUnavailable,
 )
 from ._idempotency import Idempotency
@@ -60,10 +62,12 @@ __all__ = [
     "MemoryStore",
     "Pipeline",
     "Policy",
+    "RateLimitExceeded",
     "Retry",
     "RetryBudget",
     "RetryBudgetStatistics",
     "StalwartError",
+    "StalwartWarning",
     "StoreUnavailable",
     "Telemetry",
     "TimeWindow",
