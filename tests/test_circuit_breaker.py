@@ -827,10 +827,22 @@ def flaky(failures: int) -> Dependency:
     return Flaky()
 
 
-async def test_retry_waits_out_an_open_breaker() -> None:
+async def test_a_default_retry_does_not_wait_out_an_open_breaker() -> None:
     cb = breaker(consecutive_failures=1, open_for=5.0)
     dependency = flaky(1)
     fn = sw.Pipeline(sw.Retry(attempts=3, backoff=FIXED), cb)(dependency)
+    start = anyio.current_time()
+    with pytest.raises(sw.CircuitOpenError):
+        await fn()
+    # fail; 0.5 s backoff; rejected, and the rejection propagates at once
+    assert anyio.current_time() - start == pytest.approx(0.5)
+    assert dependency.calls == 1
+
+
+async def test_a_retry_on_circuit_open_errors_waits_out_an_open_breaker() -> None:
+    cb = breaker(consecutive_failures=1, open_for=5.0)
+    dependency = flaky(1)
+    fn = sw.Pipeline(sw.Retry(attempts=3, on=Exception, backoff=FIXED), cb)(dependency)
     start = anyio.current_time()
     assert await fn() == "ok"
     # fail; 0.5 s backoff; rejected (retry_after 4.5); wait 4.5 s; a trial that succeeds
@@ -842,7 +854,7 @@ async def test_retry_waits_out_an_open_breaker() -> None:
 async def test_retry_fails_at_once_when_the_deadline_ends_before_retry_after() -> None:
     cb = breaker(consecutive_failures=1, open_for=5.0)
     dependency = flaky(1)
-    fn = sw.Pipeline(sw.Retry(attempts=3, backoff=FIXED), cb)(dependency)
+    fn = sw.Pipeline(sw.Retry(attempts=3, on=Exception, backoff=FIXED), cb)(dependency)
     start = anyio.current_time()
     with sw.deadline(3.0), pytest.raises(sw.CircuitOpenError):
         await fn()
@@ -853,7 +865,9 @@ async def test_retry_fails_at_once_when_the_deadline_ends_before_retry_after() -
 async def test_retry_fails_at_once_when_its_timeout_ends_before_retry_after() -> None:
     cb = breaker(consecutive_failures=1, open_for=5.0)
     dependency = flaky(1)
-    fn = sw.Pipeline(sw.Retry(attempts=3, backoff=FIXED, timeout=3.0), cb)(dependency)
+    fn = sw.Pipeline(sw.Retry(attempts=3, on=Exception, backoff=FIXED, timeout=3.0), cb)(
+        dependency
+    )
     start = anyio.current_time()
     with pytest.raises(sw.CircuitOpenError):
         await fn()
@@ -874,7 +888,7 @@ async def test_a_half_open_rejection_lets_retry_use_its_own_backoff() -> None:
     cb = breaker(consecutive_failures=1, open_for=5.0)
     _, plain = guard(cb)
     await opened(cb, plain)
-    fn = sw.Pipeline(sw.Retry(attempts=2, backoff=FIXED), cb)(Dependency())
+    fn = sw.Pipeline(sw.Retry(attempts=2, on=Exception, backoff=FIXED), cb)(Dependency())
     async with anyio.create_task_group() as tg:
         tg.start_soon(plain, "ok", 2.0)  # holds the only trial slot for 2 s
         await anyio.sleep(0.1)
