@@ -278,10 +278,12 @@ async def test_a_custom_retry_after_reads_hints_from_results() -> None:
     assert anyio.current_time() - start == pytest.approx(3.0)
 
 
+def circuit_open(attempt: int) -> sw.CircuitOpenError:
+    return sw.CircuitOpenError("open", policy="cb", retry_after=4.0)
+
+
 REFUSALS = [
-    pytest.param(
-        lambda n: sw.CircuitOpenError("open", policy="cb", retry_after=4.0), id="circuit-open"
-    ),
+    pytest.param(circuit_open, id="circuit-open"),
     pytest.param(
         lambda n: sw.RateLimitExceeded("limited", policy="rl", retry_after=0.5), id="rate-limit"
     ),
@@ -309,7 +311,7 @@ async def test_a_default_retry_retries_other_stalwart_errors() -> None:
 
 
 async def test_on_none_is_the_default() -> None:
-    fn = flaky(1, exc=REFUSALS[0].values[0])
+    fn = flaky(1, exc=circuit_open)
     with pytest.raises(sw.CircuitOpenError):
         await sw.Retry(attempts=3, on=None)(fn)()
 
@@ -320,7 +322,7 @@ async def test_on_none_is_the_default() -> None:
     ids=["Exception", "StalwartError", "tuple", "predicate"],
 )
 async def test_an_explicit_on_retries_what_it_matches_refusals_included(on: Any) -> None:
-    fn = flaky(1, exc=REFUSALS[0].values[0])
+    fn = flaky(1, exc=circuit_open)
     start = anyio.current_time()
     backoff = sw.Backoff(initial=0.0, maximum=10.0)
     assert await sw.Retry(attempts=2, on=on, backoff=backoff)(fn)() == "ok"
