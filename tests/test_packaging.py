@@ -1,4 +1,5 @@
-"""What ships: the sdist can run its own test suite, the wheel carries the license.
+"""What ships: the sdist can run its own test suite, the wheel carries the license,
+and a missing extra says how to install it.
 
 The distributions are built here with hatchling (the project's build backend)
 from this tree, into a temporary directory, in about a second.
@@ -6,6 +7,9 @@ from this tree, into a temporary directory, in about a second.
 
 from __future__ import annotations
 
+import importlib
+import re
+import sys
 import tarfile
 import tomllib
 import zipfile
@@ -98,3 +102,32 @@ def test_python_3_11_is_the_oldest_supported_everywhere() -> None:
 def test_no_license_classifier_beside_the_license_expression() -> None:
     # PEP 639: `license = "MIT"` (License-Expression) replaces the classifiers.
     assert not [c for c in PYPROJECT["project"]["classifiers"] if c.startswith("License ::")]
+
+
+# -- installing extras -------------------------------------------------------------------
+
+# An unquoted `pip install stalwart[httpx]` fails under zsh (a glob that matches nothing).
+_UNQUOTED_EXTRA = re.compile(r"pip install [^'\"\s`]*\[")
+
+
+@pytest.mark.parametrize(
+    ("module", "needs", "extra"),
+    [("stalwart.httpx", "httpx", "httpx"), ("stalwart.redis", "redis", "redis")],
+)
+def test_a_missing_extra_says_how_to_install_it_quoted(
+    monkeypatch: pytest.MonkeyPatch, module: str, needs: str, extra: str
+) -> None:
+    monkeypatch.setitem(sys.modules, needs, None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(ImportError, match=re.escape(f"pip install 'stalwart[{extra}]'")):
+        importlib.import_module(module)
+
+
+def test_every_install_command_quotes_its_extras() -> None:
+    files = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "src").rglob("*.py")]
+    unquoted = [
+        f"{path.relative_to(ROOT)}: {match.group(0)}"
+        for path in files
+        for match in _UNQUOTED_EXTRA.finditer(path.read_text(encoding="utf-8"))
+    ]
+    assert not unquoted

@@ -324,6 +324,7 @@ class CircuitBreaker(Policy):
     """
 
     kind = "circuit_breaker"
+    _decorator_call = "CircuitBreaker()"
     __slots__ = (
         "_fast",
         "_open_clock",

@@ -218,6 +218,7 @@ class Retry(Policy):
     """
 
     kind = "retry"
+    _decorator_call = "Retry()"
     __slots__ = (
         "_attempts",
         "_backoff",
