@@ -61,25 +61,29 @@ _NEITHER: Final = 2
 _DEFAULT_WINDOW: Final = 100
 
 
-class _FloatDefault(float):
-    """A default told apart from the same number given explicitly (by identity).
+# Defaults told apart from the same numbers given explicitly, by identity.
+# Numbers, so that signatures and help() show the numbers; copied or pickled
+# (the tuner sends options to worker processes), they stay themselves.
 
-    A number, so signatures and ``help()`` show the number.
-    """
 
+class _DefaultFailureRate(float):
     __slots__ = ()
 
+    def __reduce__(self) -> str:
+        return "_DEFAULT_FAILURE_RATE"
 
-class _IntDefault(int):
-    """As `_FloatDefault`, for an integer option."""
 
+class _DefaultMinimumCalls(int):
     __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "_DEFAULT_MINIMUM_CALLS"
 
 
 #: ``failure_rate`` not given: 0.5, or no rate trigger when ``consecutive_failures`` is given.
-_DEFAULT_FAILURE_RATE: Final = _FloatDefault(0.5)
+_DEFAULT_FAILURE_RATE: Final = _DefaultFailureRate(0.5)
 #: ``minimum_calls`` not given (given, it asks for a rate trigger: see `CircuitBreaker`).
-_DEFAULT_MINIMUM_CALLS: Final = _IntDefault(10)
+_DEFAULT_MINIMUM_CALLS: Final = _DefaultMinimumCalls(10)
 
 # `CircuitOpenError(...)` runs two Python-level __init__s with keyword
 # arguments: more than a bare `await` costs. Rejections build the object
