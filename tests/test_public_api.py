@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 
 import pytest
 
@@ -134,3 +135,52 @@ def test_errors_are_named_by_their_public_module() -> None:
     assert f"{sw.CircuitOpenError.__module__}.{sw.CircuitOpenError.__qualname__}" == (
         "stalwart.CircuitOpenError"
     )
+
+
+DECORATOR_CLASSES = [
+    (sw.Retry, "@sw.Retry()"),
+    (sw.Timeout, "@sw.Timeout(seconds)"),
+    (sw.CircuitBreaker, "@sw.CircuitBreaker()"),
+    (sw.Bulkhead, "@sw.Bulkhead(max_concurrent)"),
+    (sw.Idempotency, "@sw.Idempotency(key=...)"),
+    (sw.Pipeline, "@sw.Pipeline(policy, ...)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("cls", "call"), DECORATOR_CLASSES, ids=lambda v: getattr(v, "__name__", "")
+)
+def test_a_policy_class_used_bare_as_a_decorator_says_to_call_it(cls: type, call: str) -> None:
+    with pytest.raises(TypeError) as info:
+
+        @cls
+        async def fetch(url: str) -> bytes:
+            return b""
+
+    message = str(info.value)
+    assert f"write {call}, not @sw.{cls.__name__}" in message
+    assert "fetch" in message
+
+
+@pytest.mark.parametrize(
+    ("cls", "call"), DECORATOR_CLASSES, ids=lambda v: getattr(v, "__name__", "")
+)
+def test_a_policy_class_used_bare_on_a_method_or_sync_function_says_it_too(
+    cls: type, call: str
+) -> None:
+    def sync(url: str) -> bytes:
+        return b""
+
+    class Client:
+        async def get(self, url: str) -> bytes:
+            return b""
+
+    for fn in (sync, Client.get, Client().get):
+        with pytest.raises(TypeError, match=re.escape(f"write {call}")):
+            cls(fn)
+
+
+def test_a_policy_class_called_properly_is_not_mistaken_for_a_bare_decorator() -> None:
+    assert sw.Retry(3).attempts == 3
+    assert isinstance(sw.Pipeline(sw.Retry()), sw.Pipeline)
+    assert sw.Timeout(2.0).seconds == 2.0

@@ -104,6 +104,7 @@ class Bulkhead(Policy):
     """
 
     kind = "bulkhead"
+    _decorator_call = "Bulkhead(max_concurrent)"
     __slots__ = (
         "_abandoned",
         "_in_flight",

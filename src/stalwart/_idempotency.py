@@ -104,6 +104,7 @@ class Idempotency(Policy):
     """
 
     kind = "idempotency"
+    _decorator_call = "Idempotency(key=...)"
     __slots__ = (
         "_fingerprint",
         "_keeper",

@@ -523,6 +523,7 @@ class Timeout(Policy):
     """
 
     kind = "timeout"
+    _decorator_call = "Timeout(seconds)"
     __slots__ = ("_seconds", "_stats")
 
     def __init__(

@@ -46,7 +46,7 @@ try:
     import httpx
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "stalwart.httpx needs httpx: install it with `pip install stalwart[httpx]`"
+        "stalwart.httpx needs httpx: install it with `pip install 'stalwart[httpx]'`"
     ) from exc
 
 from . import _validate
