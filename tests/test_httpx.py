@@ -28,6 +28,9 @@ from stalwart.httpx import (
 from .conftest import jump, sample
 
 NO_WAIT = sw.Backoff(initial=0.0, maximum=0.0)
+# No backoff of its own, and a server's hint waited up to a minute (a hint
+# longer than the backoff's maximum stops the retrying).
+HINTED = sw.Backoff(initial=0.0, maximum=60.0)
 IDEMPOTENT = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"]
 
 
@@ -233,7 +236,7 @@ async def test_a_body_that_does_not_decode_is_still_retried_and_returned() -> No
 
 async def test_retry_after_in_seconds_is_waited_out() -> None:
     upstream = Upstream(reply(503, {"retry-after": "7"}), 200)
-    async with upstream.client(retry()) as client:
+    async with upstream.client(retry(backoff=HINTED)) as client:
         await client.get("/items")
     first, second = upstream.seen
     assert second.at - first.at == 7.0
@@ -255,7 +258,7 @@ async def test_retry_after_as_an_http_date_is_measured_from_the_servers_date() -
         "retry-after": format_datetime(now + timedelta(seconds=30), usegmt=True),
     }
     upstream = Upstream(reply(503, headers), 200)
-    async with upstream.client(retry()) as client:
+    async with upstream.client(retry(backoff=HINTED)) as client:
         await client.get("/items")
     first, second = upstream.seen
     assert second.at - first.at == 30.0
@@ -264,7 +267,7 @@ async def test_retry_after_as_an_http_date_is_measured_from_the_servers_date() -
 async def test_retry_after_as_an_http_date_without_a_date_uses_the_wall_clock() -> None:
     later = datetime.now(timezone.utc) + timedelta(seconds=60)
     upstream = Upstream(reply(503, {"retry-after": format_datetime(later, usegmt=True)}), 200)
-    async with upstream.client(retry()) as client:
+    async with upstream.client(retry(backoff=HINTED)) as client:
         await client.get("/items")
     first, second = upstream.seen
     assert 58.0 <= second.at - first.at <= 60.0
@@ -533,7 +536,7 @@ async def test_the_last_retryable_response_is_read_and_closed_too() -> None:
 async def test_every_attempt_carries_the_whole_milliseconds_left() -> None:
     upstream = Upstream(reply(503, {"retry-after": "1"}), 200)
     upstream.latency = 0.25
-    async with upstream.client(retry()) as client:
+    async with upstream.client(retry(backoff=HINTED)) as client:
         with sw.deadline(2.5):
             await client.get("/items")
     assert [seen.headers["x-request-timeout-ms"] for seen in upstream.seen] == ["2500", "1250"]
@@ -738,7 +741,11 @@ async def test_the_retry_waits_out_an_open_breaker_when_the_deadline_allows() ->
         calls.append(anyio.current_time())
         return httpx.Response(503 if len(calls) <= 2 else 200)
 
-    policy = sw.Retry(attempts=4, backoff=NO_WAIT)
+    # Waiting out a breaker is asked for: `on=` naming CircuitOpenError, and a
+    # backoff whose maximum covers its open period.
+    policy = sw.Retry(
+        attempts=4, on=Exception, backoff=sw.Backoff(initial=0.0, maximum=5.0, jitter="none")
+    )
     transport = ResilientTransport(
         policy, transport=httpx.MockTransport(recovering), per_host=breakers(open_for=5.0)
     )

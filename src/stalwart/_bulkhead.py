@@ -137,6 +137,7 @@ class Bulkhead(Policy):
     kind = "bulkhead"
     metrics_type = BulkheadMetrics
     _metrics: BulkheadMetrics
+    _decorator_call = "Bulkhead(max_concurrent)"
     __slots__ = (
         "_abandoned",
         "_in_flight",

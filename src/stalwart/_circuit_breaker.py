@@ -7,11 +7,12 @@ diagram): CLOSED opens when a trigger fires; OPEN becomes HALF_OPEN once
 
 How it stays cheap:
 
-* The hot path is one coroutine layer. While CLOSED and its window holds
-  at least ``minimum_calls`` calls (and nothing needs timing), a successful
-  call costs two attribute checks and ``ring.pending += 1``, with no clock
-  read: a success there can never trip the breaker (it never raises a rate
-  and ends any run of failures), so nothing needs checking.
+* The hot path is one coroutine layer. While CLOSED with a count window
+  (and nothing needs timing), once a success can no longer trip the breaker
+  (see `_record`), a successful call costs two attribute checks and
+  ``ring.pending += 1``, with no clock read. With a time window every
+  outcome is checked against the triggers: time moving old calls out can
+  raise a rate, whatever the new outcome was.
 * Rejection while OPEN reads the clock once and builds a fresh
   `CircuitOpenError` (a shared instance would keep every rejected caller's
   traceback alive).
@@ -36,6 +37,7 @@ from ._errors import CircuitOpenError
 from ._metrics import REJECTED, MetricFamily, PolicyMetrics
 from ._policy import Binding, Policy
 from ._telemetry import Telemetry, otel_probe, run_in_span
+from ._warnings import warn
 from ._windows import CountRing, CountWindow, Ring, TimeWindow, ring_for
 from .events import CallRejected, CircuitStateChanged
 
@@ -58,6 +60,31 @@ _FAILURE: Final = 1
 _NEITHER: Final = 2
 
 _DEFAULT_WINDOW: Final = 100
+
+
+# Defaults told apart from the same numbers given explicitly, by identity.
+# Numbers, so that signatures and help() show the numbers; copied or pickled
+# (the tuner sends options to worker processes), they stay themselves.
+
+
+class _DefaultFailureRate(float):
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "_DEFAULT_FAILURE_RATE"
+
+
+class _DefaultMinimumCalls(int):
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "_DEFAULT_MINIMUM_CALLS"
+
+
+#: ``failure_rate`` not given: 0.5, or no rate trigger when ``consecutive_failures`` is given.
+_DEFAULT_FAILURE_RATE: Final = _DefaultFailureRate(0.5)
+#: ``minimum_calls`` not given (given, it asks for a rate trigger: see `CircuitBreaker`).
+_DEFAULT_MINIMUM_CALLS: Final = _DefaultMinimumCalls(10)
 
 # `CircuitOpenError(...)` runs two Python-level __init__s with keyword
 # arguments: more than a bare `await` costs. Rejections build the object
@@ -177,7 +204,8 @@ class _Rules:
     a breaker per dependency mostly uses the defaults.
     """
 
-    failure_rate: float
+    #: None: no failure-rate trigger
+    failure_rate: float | None
     minimum_calls: int
     #: calls the window must hold for rates to count: ``minimum_calls``, or
     #: the size of a smaller `CountWindow`
@@ -208,9 +236,24 @@ class _Rules:
         calls = ring.calls
         if calls < self.enough:
             return False
-        if ring.failures / calls >= self.failure_rate:
+        rate = self.failure_rate
+        if rate is not None and ring.failures / calls >= rate:
             return True
         return self.slow_call_duration is not None and ring.slow / calls >= self.slow_call_rate
+
+    def triggers(self) -> str:
+        """The active triggers, as the constructor's keywords (for ``repr``)."""
+        parts = []
+        if self.failure_rate is not None:
+            parts.append(f"failure_rate={self.failure_rate:g}")
+        if self.consecutive_failures is not None:
+            parts.append(f"consecutive_failures={self.consecutive_failures}")
+        if self.slow_call_duration is not None:
+            parts.append(f"slow_call_duration={self.slow_call_duration:g}")
+            parts.append(f"slow_call_rate={self.slow_call_rate:g}")
+        if self.failure_rate is not None or self.slow_call_duration is not None:
+            parts.append(f"minimum_calls={self.minimum_calls}")
+        return ", ".join(parts) or "failure_rate=None"
 
 
 # Shared options objects, keyed by value. Only options made of types are
@@ -232,6 +275,27 @@ def _shared(rules: _Rules) -> _Rules:
     return rules
 
 
+def _warn_of_unused_minimum(
+    rules: _Rules, window: CountWindow | TimeWindow, *, given: bool
+) -> None:
+    """Warn of a ``minimum_calls`` that does not do what it says (see `CircuitBreaker`)."""
+    rated = rules.failure_rate is not None or rules.slow_call_duration is not None
+    if not rated:
+        if given:
+            warn(
+                f"minimum_calls={rules.minimum_calls} has no effect: no rate trigger is on "
+                "(failure_rate is off by default when consecutive_failures is given); "
+                "pass failure_rate too, or leave minimum_calls out"
+            )
+        return
+    if given and rules.enough < rules.minimum_calls:
+        warn(
+            f"minimum_calls={rules.minimum_calls} is more than the window holds "
+            f"({window!r}): its rate triggers count from {rules.enough} calls on; "
+            f"give minimum_calls <= {rules.enough}, or a larger window"
+        )
+
+
 def _now_or_none() -> float | None:
     try:
         return _clock.now()
@@ -247,11 +311,19 @@ class CircuitBreaker(Policy):
     ``window`` calls, or a `TimeWindow`). The breaker **opens** when
 
     * the window holds at least ``minimum_calls`` calls and the share of
-      failures is at least ``failure_rate``; or
+      failures is at least ``failure_rate`` (when not None); or
     * ``consecutive_failures`` calls in a row failed (when set); or
     * the window holds at least ``minimum_calls`` calls and the share that
       took ``slow_call_duration`` seconds or more (when set) is at least
       ``slow_call_rate``.
+
+    The triggers are checked each time an outcome is recorded, whatever it
+    was: in a `TimeWindow`, a success can come after older calls have left
+    the window and raised its failure rate. A breaker trips on the triggers
+    its caller named: ``CircuitBreaker(consecutive_failures=5)`` opens on
+    five failures in a row and on nothing else (pass ``failure_rate`` too to
+    have both). With no trigger at all (``failure_rate=None`` alone), only
+    `force_open` opens it: a switch for operators.
 
     **OPEN**, calls fail at once with `CircuitOpenError`, whose
     ``retry_after`` is the time left until trials are allowed: after
@@ -269,11 +341,15 @@ class CircuitBreaker(Policy):
     over.
 
     Args:
-        failure_rate: share of failures that opens, in [0, 1].
+        failure_rate: share of failures that opens, in [0, 1], or None for
+            no failure-rate trigger. Not given: 0.5, or None when
+            ``consecutive_failures`` is given.
         window: an ``int`` n (= ``CountWindow(n)``, the last n calls) or a
             `TimeWindow`. Recording an outcome is O(1) whatever its size.
-        minimum_calls: calls the window must hold before rates count, >= 1
-            (at most the size of a `CountWindow`).
+        minimum_calls: calls the window must hold before rates count, >= 1.
+            A `CountWindow` smaller than that never holds so many: its size
+            is used instead, with a `StalwartWarning`. Given while no rate
+            trigger is on, it would do nothing: a `StalwartWarning` too.
         consecutive_failures: failures in a row that open, >= 1, or None.
         slow_call_duration: seconds from which a call is slow, > 0, or None.
         slow_call_rate: share of slow calls that opens, in [0, 1].
@@ -298,6 +374,7 @@ class CircuitBreaker(Policy):
     kind = "circuit_breaker"
     metrics_type = CircuitBreakerMetrics
     _metrics: CircuitBreakerMetrics
+    _decorator_call = "CircuitBreaker()"
     __slots__ = (
         "_fast",
         "_open_clock",
@@ -316,9 +393,9 @@ class CircuitBreaker(Policy):
     def __init__(
         self,
         *,
-        failure_rate: float = 0.5,
+        failure_rate: float | None = _DEFAULT_FAILURE_RATE,
         window: int | CountWindow | TimeWindow = _DEFAULT_WINDOW,
-        minimum_calls: int = 10,
+        minimum_calls: int = _DEFAULT_MINIMUM_CALLS,
         consecutive_failures: int | None = None,
         slow_call_duration: float | None = None,
         slow_call_rate: float = 1.0,
@@ -338,18 +415,24 @@ class CircuitBreaker(Policy):
                 "window must be an int (a number of calls), a CountWindow or a TimeWindow, "
                 f"not {type(window).__name__}"
             )
-        minimum_calls = _validate.count("minimum_calls", minimum_calls)
+        minimum_given = minimum_calls is not _DEFAULT_MINIMUM_CALLS
+        minimum_calls = int(_validate.count("minimum_calls", minimum_calls))
+        consecutive_failures = _validate.optional_count(
+            "consecutive_failures", consecutive_failures
+        )
+        if failure_rate is _DEFAULT_FAILURE_RATE:
+            failure_rate = None if consecutive_failures is not None else float(failure_rate)
+        elif failure_rate is not None:
+            failure_rate = _validate.rate("failure_rate", failure_rate)
         rules = _Rules(
-            failure_rate=_validate.rate("failure_rate", failure_rate),
+            failure_rate=failure_rate,
             minimum_calls=minimum_calls,
             enough=(
                 min(minimum_calls, window.size)
                 if isinstance(window, CountWindow)
                 else minimum_calls
             ),
-            consecutive_failures=_validate.optional_count(
-                "consecutive_failures", consecutive_failures
-            ),
+            consecutive_failures=consecutive_failures,
             slow_call_duration=_validate.optional_duration(
                 "slow_call_duration", slow_call_duration, positive=True
             ),
@@ -364,6 +447,7 @@ class CircuitBreaker(Policy):
                 "store must be a circuit store (InProcessCircuitStore, RedisStore) or None, "
                 f"not {type(store).__name__}"
             )
+        _warn_of_unused_minimum(rules, window, given=minimum_given)
         self._rules = _shared(rules)
         timing = rules.slow_call_duration is not None
         self._ring: Ring = ring_for(window, slow=timing)
@@ -383,7 +467,8 @@ class CircuitBreaker(Policy):
     # -- options -------------------------------------------------------------
 
     @property
-    def failure_rate(self) -> float:
+    def failure_rate(self) -> float | None:
+        """The failure-rate trigger's threshold, or None when it is off."""
         return self._rules.failure_rate
 
     @property
@@ -589,23 +674,26 @@ class CircuitBreaker(Policy):
             return False
         ring, rules = self._ring, self._rules
         if self._timed:
+            # Checked whatever the outcome: calls leaving a time window (here,
+            # or in a `statistics()` read since the last outcome) can raise
+            # its rates, so even a success may find the breaker tripped.
             now = _clock.now()
             threshold = rules.slow_call_duration
-            slow = threshold is not None and now - start >= threshold
-            expired = ring.record(failure, slow, now)
-            if not (failure or slow or expired or ring.calls == rules.enough):
-                # A success, and nothing left the window but older outcomes
-                # it replaced: no rate went up, no run of failures grew.
-                return False
+            ring.record(failure, threshold is not None and now - start >= threshold, now)
         else:
             ring.record(failure, False, 0.0)
         if rules.tripped(ring):
             if self._store is not None:
                 return True
             self._install(_OPEN, self._version + 1, _clock.now() + rules.open_for)
-        elif not self._timed and ring.calls >= rules.enough:
-            # From now on a success cannot trip the breaker (it lowers no
-            # rate and ends any run of failures): the wrapper only counts it.
+        elif not self._timed and (rules.failure_rate is None or ring.calls >= rules.enough):
+            # From now on a success cannot trip the breaker, so the wrapper
+            # only counts it. With a count window and no slow-call trigger,
+            # a success ends any run of failures; it adds a call or replaces
+            # the oldest, so no call ever leaves and the failure rate cannot
+            # rise; and with `enough` calls held (or no rate trigger) no rate
+            # trigger starts to count. The first failure (or any change of
+            # state: `_install`) brings the breaker back here.
             self._fast = True
         return False
 
@@ -795,6 +883,6 @@ class CircuitBreaker(Policy):
 
     def __repr__(self) -> str:
         return (
-            f"CircuitBreaker(failure_rate={self._rules.failure_rate:g}, window={self.window!r}, "
+            f"CircuitBreaker({self._rules.triggers()}, window={self.window!r}, "
             f"open_for={self._rules.open_for:g}, name={self._name!r})"
         )

@@ -166,6 +166,7 @@ class Idempotency(Policy):
     kind = "idempotency"
     metrics_type = IdempotencyMetrics
     _metrics: IdempotencyMetrics
+    _decorator_call = "Idempotency(key=...)"
     __slots__ = (
         "_fingerprint",
         "_keeper",

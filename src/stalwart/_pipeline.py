@@ -46,6 +46,7 @@ class Pipeline(Policy):
     """
 
     kind = "pipeline"
+    _decorator_call = "Pipeline(policy, ...)"
     __slots__ = ("_policies",)
 
     def __init__(

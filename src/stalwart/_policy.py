@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, ClassVar, Final, ParamSpec, TypeVar, final
+from typing import Any, ClassVar, Final, ParamSpec, Self, TypeVar, final
 
 from . import _telemetry, _validate
 from ._metrics import PolicyMetrics
@@ -120,6 +120,10 @@ class Policy(ABC):
     #: the class of its metrics: `PolicyMetrics`, or a subclass declaring more families
     metrics_type: ClassVar[type[PolicyMetrics]] = PolicyMetrics
 
+    #: How to call the class to get a decorator (``"Retry()"``), for a class
+    #: none of whose arguments is ever a function: used bare (``@sw.Retry``),
+    #: it says so (see `__new__`). None: the class takes functions.
+    _decorator_call: ClassVar[str | None] = None
     __slots__ = (
         "__weakref__",
         "_call_cache",
@@ -130,6 +134,18 @@ class Policy(ABC):
         "_suspect",
         "_telemetry",
     )
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        # `@sw.Retry` (no parentheses) is `Retry(fn)`: say that, rather than
+        # "attempts must be an int, not function".
+        call = cls._decorator_call
+        if call is not None and len(args) == 1 and not kwargs and inspect.isroutine(args[0]):
+            name = getattr(args[0], "__qualname__", None) or repr(args[0])
+            raise TypeError(
+                f"{cls.__name__} makes a decorator when called: write @sw.{call}, "
+                f"not @sw.{cls.__name__} (it was given the function {name})"
+            )
+        return super().__new__(cls)
 
     def __init__(
         self, *, name: str, telemetry: Telemetry | None, shared_state: object = None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, ParamSpec, TypeVar, Union, final, get_args
 
 from . import _clock, _validate
-from ._errors import DeadlineExceeded
+from ._errors import CircuitOpenError, DeadlineExceeded, RateLimitExceeded
 from ._metrics import MetricFamily, PolicyMetrics
 from ._policy import Binding, Policy
 from ._retry_budget import RetryBudget
@@ -182,6 +182,18 @@ def _exception_matcher(on: Any) -> Callable[[BaseException], bool]:
     )
 
 
+#: What a `Retry` given no ``on`` does not retry: refusals this process made to
+#: protect a dependency. Waiting them out would block the caller for as long
+#: as the refusal lasts (an open breaker's ``open_for``) and then send every
+#: waiting caller at once.
+_REFUSALS: Final = (CircuitOpenError, RateLimitExceeded)
+
+
+def _retry_by_default(exc: BaseException) -> bool:
+    """The default ``on``: every `Exception` except the refusals above."""
+    return not isinstance(exc, _REFUSALS)
+
+
 def _default_hint(outcome: object) -> float | None:
     hint = getattr(outcome, "retry_after", None) if isinstance(outcome, BaseException) else None
     return hint if isinstance(hint, (int, float)) else None
@@ -194,9 +206,13 @@ class Retry(Policy):
     Args:
         attempts: total tries including the first, >= 1.
         on: which exceptions to retry: a type, a tuple of types, or a
-            predicate ``exc -> bool``. Only `Exception` subclasses are ever
-            retried: cancellation, ``KeyboardInterrupt`` and ``SystemExit``
-            propagate at once, even with ``on=BaseException``.
+            predicate ``exc -> bool``. Not given (or None): every `Exception`
+            except `CircuitOpenError` and `RateLimitExceeded`, so an open
+            breaker or a rate limit fails the call at once instead of being
+            waited out; ``on=Exception`` retries those too. Only `Exception`
+            subclasses are ever retried: cancellation, ``KeyboardInterrupt``
+            and ``SystemExit`` propagate at once, even with
+            ``on=BaseException``.
         on_result: ``result -> bool``, True to retry a returned value.
         backoff: the delays between attempts (a `Backoff`).
         timeout: seconds for all attempts and sleeps together; works like a
@@ -204,7 +220,8 @@ class Retry(Policy):
         budget: a shared `RetryBudget`; a retry it denies is not made.
         retry_after: ``exc_or_result -> float | None``, a server's hint of
             how long to wait. By default an exception's ``retry_after``
-            attribute (so a `CircuitOpenError` is waited out, not hammered).
+            attribute (a server's ``Retry-After``, as `stalwart.httpx` and
+            others attach it).
         rng: the ``random.Random`` jitter draws from (default: the ``random``
             module's), for reproducible delays.
         name: the ``policy`` label of its metrics and attribute of its spans.
@@ -212,7 +229,11 @@ class Retry(Policy):
 
     The delay before a retry is ``max(backoff delay, hint)``; when it would
     end after the ambient deadline or the ``timeout``, no more attempts are
-    made. When retrying stops, the last exception propagates unchanged, or
+    made. A hint longer than the backoff's ``maximum`` (``inf`` included) is
+    not waited either: retrying stops at once, so no call ever sleeps longer
+    than ``maximum`` between attempts (an upstream answering ``Retry-After:
+    86400`` is down for the day, not for a retry). When retrying stops, the
+    last exception propagates unchanged, or
     for result-based retries the last result is returned. An exception that
     was retried is done with: its ``__traceback__`` is cleared before the
     next attempt (it would otherwise keep alive the frames that hold it).
@@ -226,6 +247,7 @@ class Retry(Policy):
     kind = "retry"
     metrics_type = RetryMetrics
     _metrics: RetryMetrics
+    _decorator_call = "Retry()"
     __slots__ = (
         "_attempts",
         "_backoff",
@@ -242,7 +264,7 @@ class Retry(Policy):
         self,
         attempts: int = 3,
         *,
-        on: ExceptionMatcher = Exception,
+        on: ExceptionMatcher | None = None,
         on_result: Callable[[Any], bool] | None = None,
         backoff: Backoff = _DEFAULT_BACKOFF,
         timeout: float | None = None,
@@ -254,8 +276,10 @@ class Retry(Policy):
     ) -> None:
         super().__init__(name=name, telemetry=telemetry)
         self._attempts = _validate.count("attempts", attempts)
-        self._on = on
-        self._matches = _exception_matcher(on)
+        # The default is a predicate like any other: `_retryable` checks it
+        # only once an attempt has failed, so the hot path does not see it.
+        self._on = _retry_by_default if on is None else on
+        self._matches = _exception_matcher(self._on)
         if on_result is not None and not callable(on_result):
             raise TypeError(f"on_result must be callable, not {type(on_result).__name__}")
         self._on_result = on_result
@@ -412,7 +436,8 @@ class Retry(Policy):
         backoff, rng, budget, on_result = self._backoff, self._rng, self._budget, self._on_result
         hint_of, metrics, retryable = self._hint, self._metrics, self._retryable
         telemetry = self._telemetry
-        no_backoff = backoff.maximum == 0.0
+        maximum = backoff.maximum
+        no_backoff = maximum == 0.0
         if not _retries_allowed.get():
             attempts = 1
         attempt = 1
@@ -421,12 +446,10 @@ class Retry(Policy):
             delay = 0.0 if no_backoff else backoff.delay(attempt, previous, rng)
             previous = delay
             hint = hint_of(failure)
-            if (
-                hint is not None
-                and isinstance(hint, (int, float))
-                and hint > delay
-                and math.isfinite(hint)
-            ):
+            # (NaN compares false: ignored like a negative or absent hint.)
+            if hint is not None and isinstance(hint, (int, float)) and hint > delay:
+                if hint > maximum:
+                    break  # longer than we ever wait: give up now, in tests too
                 delay = float(hint)
             if testing is not None:
                 delay = 0.0

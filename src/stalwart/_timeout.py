@@ -537,6 +537,7 @@ class Timeout(Policy):
 
     kind = "timeout"
     metrics_type = TimeoutMetrics
+    _decorator_call = "Timeout(seconds)"
     __slots__ = ("_seconds",)
 
     def __init__(

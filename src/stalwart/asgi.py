@@ -1,15 +1,17 @@
-"""ASGI middleware: the inbound end of stalwart's deadlines and idempotency keys.
+"""ASGI middleware: the inbound end of stalwart's deadlines, errors and idempotency keys.
 
 `DeadlineMiddleware` reads the deadline a caller sent (``x-request-timeout-ms``,
 as `stalwart.httpx.ResilientTransport` sends it, or gRPC's ``grpc-timeout``)
 and runs the request under `stalwart.deadline`, so every policy and every
-outbound call inside it knows how long it has left. `IdempotencyMiddleware`
-runs each request that carries an ``Idempotency-Key`` once, and answers its
-repeats with the stored response::
+outbound call inside it knows how long it has left. `ErrorMiddleware` answers
+an open circuit, a full bulkhead or a rate limit with a 503 and a passed
+deadline with a 504, instead of a 500. `IdempotencyMiddleware` runs each
+request that carries an ``Idempotency-Key`` once, and answers its repeats
+with the stored response::
 
-    from stalwart.asgi import DeadlineMiddleware, IdempotencyMiddleware
+    from stalwart.asgi import DeadlineMiddleware, ErrorMiddleware, IdempotencyMiddleware
 
-    app = IdempotencyMiddleware(DeadlineMiddleware(app, max_timeout=30.0))
+    app = IdempotencyMiddleware(DeadlineMiddleware(ErrorMiddleware(app), max_timeout=30.0))
 
 Plain ASGI 3: they work under any server and around any framework (Starlette,
 FastAPI, Django, Quart, ...). Only ``http`` requests are handled; lifespan and
@@ -24,12 +26,28 @@ import json
 import logging
 import re
 import struct
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+import sys
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from typing import Any, Final, Union, final
 
 from . import _clock, _telemetry, _validate
-from ._errors import DeadlineExceeded, StoreUnavailable
-from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
+from ._errors import DeadlineExceeded, StalwartError, StoreUnavailable
+from ._http import (
+    DEADLINE_HEADER,
+    IDEMPOTENCY_HEADER,
+    ErrorRule,
+    error_rule,
+    header_name,
+    retry_after_header,
+)
 from ._idempotency import IdempotencyMetrics, LeaseKeeper, Verdict, decide
 from ._idempotency_store import (
     Completed,
@@ -41,10 +59,12 @@ from ._telemetry import Telemetry, report
 from ._timeout import deadline
 from .events import CallRejected, IdempotentReplay
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_public_api.py)
     "ASGIApp",
     "Credentials",
+    "DEFAULT_CREDENTIALS",
     "DeadlineMiddleware",
+    "ErrorMiddleware",
     "IdempotencyMiddleware",
     "Message",
     "Receive",
@@ -122,11 +142,13 @@ async def _send_problem(
     detail: str,
     *,
     retry_after: int | None = None,
+    extensions: Mapping[str, str] | None = None,
 ) -> None:
     """Send a complete ``application/problem+json`` response (RFC 9457)."""
-    body = json.dumps(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    ).encode()
+    problem = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    if extensions:
+        problem.update(extensions)
+    body = json.dumps(problem).encode()
     headers = [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(body)).encode()),
@@ -135,6 +157,22 @@ async def _send_problem(
         headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+@final
+class _Watched:
+    """The app's ``send``: passes every message on, notes when the response starts."""
+
+    __slots__ = ("send", "started")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
 
 
 @final
@@ -234,24 +272,17 @@ class DeadlineMiddleware:
         if seconds is None:
             await self._app(scope, receive, send)
             return
-        started = False
-
-        async def watched_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        watched = _Watched(send)
         scope_deadline = deadline(seconds, name="DeadlineMiddleware")
         try:
             with scope_deadline:
-                await self._app(scope, receive, watched_send)
+                await self._app(scope, receive, watched)
         except DeadlineExceeded:
             # The app's own errors (an inner Timeout it let through) are not
             # ours to answer: only the expiry of this request's deadline is.
             if _clock.now() < scope_deadline.when:
                 raise
-            if not started:
+            if not watched.started:
                 await _send_problem(
                     send,
                     504,
@@ -264,12 +295,135 @@ class DeadlineMiddleware:
         return f"DeadlineMiddleware({self._app!r}, max_timeout={self._max})"
 
 
-# -- idempotency keys -------------------------------------------------------------------
+# -- stalwart errors as answers ---------------------------------------------------------
 
 _log = logging.getLogger("stalwart.asgi")
 
-Credentials = Union[str, Callable[[Scope], Union[str, bytes, None]]]  # noqa: UP007 - runtime alias
-"""A header name, or a callable of the request's scope returning who is calling."""
+
+if sys.version_info >= (3, 11):
+
+    def _alone(error: BaseException) -> BaseException:
+        """The one exception that (nested) groups of one hold, or ``error``."""
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        return error
+
+else:  # pragma: no cover - 3.10's groups are a backport's: left to propagate
+
+    def _alone(error: BaseException) -> BaseException:
+        return error
+
+
+def _stalwart_error(exc: Exception) -> tuple[StalwartError, ErrorRule] | None:
+    """The error of `ERROR_RULES` that ``exc`` is, or holds alone in (nested) groups."""
+    error = _alone(exc)
+    rule = error_rule(error)
+    if rule is None or not isinstance(error, StalwartError):
+        return None
+    return error, rule
+
+
+@final
+class ErrorMiddleware:
+    """Answer a stalwart error that escapes the app with a 503 or a 504, not a 500.
+
+    An open circuit, a full bulkhead or a rate limit inside a request handler
+    mean "the service cannot do this now", and a deadline that passed means
+    "not in time": a client or a load balancer acts on a ``503 Service
+    Unavailable`` (with a ``Retry-After`` when the error knows when to come
+    back) or a ``504 Gateway Timeout``, not on a 500 with a traceback. When
+    one of these errors escapes the app before its response has started, the
+    client gets an ``application/problem+json`` answer (RFC 9457) instead:
+
+    * `~stalwart.CircuitOpenError`: 503, with ``Retry-After`` from its
+      ``retry_after``;
+    * `~stalwart.RateLimitExceeded`: 503, with ``Retry-After`` from its
+      ``retry_after`` when it knows one;
+    * `~stalwart.BulkheadFullError`: 503;
+    * `~stalwart.DeadlineExceeded`: 504.
+
+    ``Retry-After`` is in whole seconds, rounded up. The body's ``title``
+    is the status's phrase; ``detail`` is a sentence naming the policy;
+    the extension members ``policy`` (the error's ``policy``) and ``kind``
+    (``"circuit_open"``, ``"rate_limited"``, ``"bulkhead_full"``,
+    ``"deadline_exceeded"``) are for programs. Nothing else of the error
+    (its message, its traceback) reaches the client; the traceback is logged
+    at DEBUG level on the ``stalwart.asgi`` logger.
+
+    The errors are recognised by class, subclasses included: the httpx
+    errors `stalwart.httpx.ResilientTransport` raises for them (a
+    ``TransportCircuitOpenError`` is a `~stalwart.CircuitOpenError`) are
+    answered alike, and so is an exception group holding one of them alone
+    (an ``anyio`` task group's). Any other exception propagates, for the
+    server (or the framework's error handling) to answer; so does every
+    exception once the response has started, so that the server closes the
+    connection on a truncated response rather than appending to it.
+
+    Add it around the application: ``app = ErrorMiddleware(app)``, or with
+    FastAPI and Starlette ``app.add_middleware(ErrorMiddleware)``, which puts
+    it inside the framework's own 500 handler and outside the routes, so
+    that exception handlers registered for these errors
+    (``@app.exception_handler(sw.CircuitOpenError)``) still take precedence.
+    Only ``http`` requests are handled; other scopes pass straight through.
+    """
+
+    __slots__ = ("_app",)
+
+    def __init__(self, app: ASGIApp) -> None:
+        if not callable(app):
+            raise TypeError(f"app must be an ASGI application, not {type(app).__name__}")
+        self._app = app
+
+    @property
+    def app(self) -> ASGIApp:
+        """The wrapped application."""
+        return self._app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        watched = _Watched(send)
+        try:
+            await self._app(scope, receive, watched)
+        except Exception as exc:
+            found = None if watched.started else _stalwart_error(exc)
+            if found is None:
+                raise
+            error, rule = found
+            _log.debug(
+                "ErrorMiddleware: %s from %r answered %d",
+                type(error).__name__,
+                error.policy,
+                rule.status,
+                exc_info=True,
+            )
+            await _send_problem(
+                send,
+                rule.status,
+                rule.status.phrase,
+                rule.detail.format(policy=error.policy),
+                retry_after=retry_after_header(error),
+                extensions={"policy": error.policy, "kind": rule.kind},
+            )
+
+    def __repr__(self) -> str:
+        return f"ErrorMiddleware({self._app!r})"
+
+
+# -- idempotency keys -------------------------------------------------------------------
+
+Credentials = Union[  # noqa: UP007 - runtime alias
+    str, Sequence[str], Callable[[Scope], str | bytes | None]
+]
+"""Header names, or a callable of the request's scope returning who is calling."""
+
+DEFAULT_CREDENTIALS: Final = ("Authorization", "Cookie")
+"""The headers that tell `IdempotencyMiddleware`'s callers apart by default."""
+
+# What sets the values of one header apart from the next one's in a scope's
+# hash: no value is this long, so no value's length prefix can pass for it.
+_NEXT_HEADER: Final = 1 << 63
 
 
 _KEY_MAX_LENGTH: Final = 255
@@ -297,6 +451,9 @@ _HOP_BY_HOP: Final = frozenset(
 # "Try again later" answers: replaying them would refuse the retry they invite.
 _TRY_AGAIN_LATER: Final = frozenset({408, 425, 429})
 _RECORD_VERSION: Final = 1
+# Seconds a 409's client is told to wait: the first request's end cannot be
+# known, and a second is long for most requests and short enough for a client.
+_CONFLICT_RETRY_AFTER: Final = 1
 _LENGTHS: Final = struct.Struct(">4Q")
 # A holder whose request failed or was cancelled gets this long, shielded from
 # cancellation, to tell a shared store; past it the lease frees the key.
@@ -430,6 +587,63 @@ def _fingerprint(scope: Scope, body: bytes) -> str:
     return hashlib.sha256(b"".join((lengths, method, path, query, body))).hexdigest()
 
 
+def _credentials(value: Any) -> tuple[bytes, ...] | Callable[[Scope], str | bytes | None]:
+    """Header names (lower case, each once) or the callable, from ``credentials``."""
+    if isinstance(value, str):
+        value = (value,)
+    elif callable(value):
+        return value  # type: ignore[no-any-return]
+    elif not isinstance(value, (list, tuple)):
+        raise TypeError(
+            "credentials must be a header name, a sequence of them, or a callable of the "
+            f"ASGI scope, not {type(value).__name__}"
+        )
+    if not value:
+        raise ValueError("credentials must name at least one header")
+    names = (header_name("credentials", name).lower().encode() for name in value)
+    return tuple(dict.fromkeys(names))
+
+
+def _headers_digest(headers: Iterable[tuple[bytes, bytes]], names: tuple[bytes, ...]) -> str | None:
+    """SHA-256 of the values of the headers ``names``, or None if the request has none.
+
+    Every value counts, length-prefixed: a request that adds a second
+    Authorization header to someone else's never lands in that one's scope,
+    whichever value the app reads. The first header's values are hashed
+    alone, as when it was the only one (records stored then stay reachable);
+    each other header present follows a mark of its own. Cookies count as a
+    set of ``name=value`` pairs, however the client split or ordered them.
+    """
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        if name in names:
+            found.setdefault(name, []).append(value)
+    if not found:
+        return None
+    digest = hashlib.sha256()
+    for index, name in enumerate(names):
+        values = found.get(name)
+        if values is None:
+            continue
+        if name == b"cookie":
+            values = sorted(_cookie_pairs(values))
+        if index:
+            digest.update((_NEXT_HEADER + index).to_bytes(8, "big"))
+        for value in values:
+            digest.update(len(value).to_bytes(8, "big"))
+            digest.update(value)
+    return digest.hexdigest()
+
+
+def _cookie_pairs(values: list[bytes]) -> Iterator[bytes]:
+    """The ``name=value`` pairs of ``Cookie`` header values (RFC 6265: ``; `` between)."""
+    for value in values:
+        for pair in value.split(b";"):
+            pair = pair.strip(b" \t")
+            if pair:
+                yield pair
+
+
 def _methods(value: Any) -> frozenset[str]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError(
@@ -464,7 +678,8 @@ class IdempotencyMiddleware:
       without running the app, with the extra header ``Idempotent-Replayed:
       true``;
     * a repeat that arrives **while the first is still running** gets ``409
-      Conflict``: the client retries later and then gets the replay;
+      Conflict`` with ``Retry-After: 1``: the client retries later and then
+      gets the replay (`stalwart.httpx.ResilientTransport` does so);
     * a key reused for a **different request** (another method, path, query
       string or body) gets ``422 Unprocessable Content``, also while the
       first is running;
@@ -488,14 +703,19 @@ class IdempotencyMiddleware:
     does not stop it storing the response: its retry gets the replay.
 
     **Whose keys.** Records are scoped to the caller's credentials: by
-    default all values of the ``Authorization`` header, hashed (SHA-256), so
-    a client that reuses or guesses another's key only ever reaches its own
-    records, and no credential is written to the store. Requests without
-    credentials share one anonymous scope: if your callers authenticate
-    some other way (a session cookie, a client certificate, an API key
-    header), say so with ``credentials`` (a header name, or a callable
-    given the ASGI scope and returning a ``str``/``bytes`` that identifies
-    the caller, or None for anonymous).
+    default all values of the ``Authorization`` and ``Cookie`` headers,
+    hashed (SHA-256), so a client that reuses or guesses another's key only
+    ever reaches its own records, whether the app authenticates with a
+    token or a session cookie, and no credential is written to the store.
+    (The cookies count as a set: their order, and whether they come in one
+    header or several, do not matter; any cookie that differs makes another
+    caller.) Requests with none of these headers share one anonymous scope.
+    If your callers authenticate some other way (an API key header, a
+    client certificate), say so with ``credentials``: header names, or a
+    callable given the ASGI scope and returning a ``str``/``bytes`` that
+    identifies the caller, or None for anonymous. Naming only the header
+    that really identifies the caller (``credentials="Authorization"``) lets
+    a retry that comes back with other cookies still get its replay.
 
     **Where.** Records live in ``store``, any `stalwart.IdempotencyStore`:
     by default a private in-process `stalwart.MemoryStore` of
@@ -523,8 +743,9 @@ class IdempotencyMiddleware:
         methods: the methods handled (others pass straight through).
         ttl: seconds a response is replayed for, > 0 (default one day).
         required: answer 400 to a request of those methods without a key.
-        credentials: what identifies the caller: a header name (default
-            ``"Authorization"``; all its values count) or a callable of the
+        credentials: what identifies the caller: a header name or a
+            sequence of them (default `DEFAULT_CREDENTIALS`, ``Authorization``
+            and ``Cookie``; all their values count), or a callable of the
             ASGI scope returning ``str``, ``bytes`` or None.
         max_body_size: the largest request body accepted with a key, in
             bytes (default 1 MiB).
@@ -573,7 +794,7 @@ class IdempotencyMiddleware:
         methods: Iterable[str] = ("POST", "PATCH"),
         ttl: float = 86_400.0,
         required: bool = False,
-        credentials: Credentials = "Authorization",
+        credentials: Credentials = DEFAULT_CREDENTIALS,
         max_body_size: int = 1_048_576,
         max_response_size: int = 65_536,
         max_entries: int | None = None,
@@ -592,16 +813,7 @@ class IdempotencyMiddleware:
         if not isinstance(required, bool):
             raise TypeError(f"required must be a bool, not {type(required).__name__}")
         self._required = required
-        self._credentials: bytes | Callable[[Scope], str | bytes | None]
-        if isinstance(credentials, str):
-            self._credentials = header_name("credentials", credentials).lower().encode()
-        elif callable(credentials):
-            self._credentials = credentials
-        else:
-            raise TypeError(
-                "credentials must be a header name or a callable of the ASGI scope, "
-                f"not {type(credentials).__name__}"
-            )
+        self._credentials = _credentials(credentials)
         self._max_body = _validate.count("max_body_size", max_body_size, minimum=0)
         self._max_response = _validate.count("max_response_size", max_response_size, minimum=0)
         self._lease = _validate.duration("lease", lease, positive=True)
@@ -744,6 +956,7 @@ class IdempotencyMiddleware:
                 "Conflict",
                 f"A request with this {self._header_label} is still being processed; "
                 "retry later to get its response.",
+                retry_after=_CONFLICT_RETRY_AFTER,
             )
 
     async def _read_body(self, receive: Receive) -> bytes | None:
@@ -770,20 +983,9 @@ class IdempotencyMiddleware:
     def _record_scope(self, scope: Scope) -> str:
         """Whose records: a hash of the caller's credentials."""
         reader = self._credentials
-        if isinstance(reader, bytes):
-            digest = None
-            for name, value in scope["headers"]:
-                if name == reader:
-                    if digest is None:
-                        digest = hashlib.sha256()
-                    # Every value, length-prefixed: a request that adds a
-                    # second Authorization header to someone else's never
-                    # lands in that one's scope, whichever value the app reads.
-                    digest.update(len(value).to_bytes(8, "big"))
-                    digest.update(value)
-            if digest is None:
-                return self._anonymous
-            return self._scope_prefix + digest.hexdigest()
+        if isinstance(reader, tuple):
+            digest = _headers_digest(scope["headers"], reader)
+            return self._anonymous if digest is None else self._scope_prefix + digest
         identity = reader(scope)
         if identity is None:
             return self._anonymous

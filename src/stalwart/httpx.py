@@ -21,7 +21,10 @@ What the transport adds to the policy:
 * a ``Retry-After`` header (seconds or an HTTP date) becomes the error's
   ``retry_after``, which `~stalwart.Retry` waits out;
 * only requests that are safe to repeat are retried: idempotent methods and
-  requests carrying an ``Idempotency-Key`` (which it can add for you);
+  requests carrying an ``Idempotency-Key`` (which it can add for you), also
+  when the server answers 409 because the key's first request still runs;
+* every error that leaves it is an ``httpx.HTTPError``, and the stalwart
+  error it stands for too (`TransportCircuitOpenError`, ...);
 * under an ambient deadline (`~stalwart.deadline`) every attempt tells the
   server how long it has left, in ``x-request-timeout-ms``, and never waits on
   the network longer than that itself;
@@ -32,15 +35,10 @@ What the transport adds to the policy:
 
 from __future__ import annotations
 
-import math
 import random
-import re
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable
-from datetime import timezone
-from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Final, final
 
@@ -48,12 +46,29 @@ try:
     import httpx
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "stalwart.httpx needs httpx: install it with `pip install stalwart[httpx]`"
+        "stalwart.httpx needs httpx: install it with `pip install 'stalwart[httpx]'`"
     ) from exc
 
 from . import _validate
-from ._errors import DeadlineExceeded
-from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
+from ._errors import (
+    BulkheadFullError,
+    CircuitOpenError,
+    DeadlineExceeded,
+    RateLimitExceeded,
+    StalwartError,
+    _rebuild,
+)
+from ._http import (
+    DEADLINE_HEADER,
+    DEFAULT_RETRY_STATUSES,
+    IDEMPOTENCY_HEADER,
+    IDEMPOTENT_METHODS,
+    header_name,
+    http_date,
+    parse_retry_after,
+    retryable_status,
+    safe_to_repeat,
+)
 from ._policy import Binding, Policy
 from ._retry import Retry, retries_disabled
 from ._timeout import remaining
@@ -65,19 +80,16 @@ __all__ = [
     "IDEMPOTENT_METHODS",
     "ResilientTransport",
     "RetryableStatusError",
+    "TransportBulkheadFullError",
+    "TransportCircuitOpenError",
+    "TransportDeadlineExceeded",
+    "TransportRateLimitExceeded",
     "parse_retry_after",
 ]
-
-DEFAULT_RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
-"""Statuses that mean "try again later": rate limited, or a gateway's upstream failed."""
-
-IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-"""Methods RFC 9110 defines as idempotent: repeating them is safe."""
 
 DEFAULT_MAX_HOSTS: Final = 100
 """How many upstreams keep a ``per_host`` policy at once, by default."""
 
-_DELTA_SECONDS: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 _Send = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
@@ -86,6 +98,9 @@ _Origin = tuple[str, bytes, int | None]  # scheme, raw host, port (None: the def
 
 class RetryableStatusError(httpx.HTTPStatusError):
     """An attempt got a response whose status is in ``retry_statuses``.
+
+    (Or a 409 to a request carrying an ``Idempotency-Key``: the server is
+    still running that key's first request.)
 
     `ResilientTransport` raises it inside the policy, so a `~stalwart.Retry`
     retries it and a circuit breaker counts it as a failure; it never reaches
@@ -123,47 +138,95 @@ DEFAULT_RETRY_ON: Final[tuple[type[Exception], ...]] = (
     httpx.RemoteProtocolError,
     httpx.ProxyError,
     RetryableStatusError,
+    DeadlineExceeded,
 )
 """What the default policy retries: every ``httpx.TransportError`` a retry can
-mend (not ``UnsupportedProtocol`` or ``LocalProtocolError``), and
-`RetryableStatusError`."""
+mend (not ``UnsupportedProtocol`` or ``LocalProtocolError``),
+`RetryableStatusError`, and an attempt cut short by a `~stalwart.Timeout`
+(`~stalwart.DeadlineExceeded`), like httpx's own timeouts. (A deadline
+that has passed leaves no time for another attempt: the retry stops.)"""
 
 
-def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
-    """Seconds to wait according to a ``Retry-After`` value, or None.
+# -- the errors that escape the transport ----------------------------------------------
+#
+# Each is the stalwart error it stands for and an httpx error, so that
+# `except httpx.HTTPError` and `except sw.CircuitOpenError` both catch it. Which
+# httpx error follows `_http.ERROR_RULES`: a timeout, or a request not sent.
 
-    ``value`` is delta-seconds (``"120"``; a decimal fraction is accepted) or
-    an HTTP date (``"Wed, 21 Oct 2015 07:28:00 GMT"``), which is compared to
-    ``now`` (a POSIX timestamp; default: the wall clock). A date in the past
-    gives 0.0. Anything malformed or negative gives None: a hint that cannot
-    be read is no hint.
 
-    Example::
+@final
+class TransportDeadlineExceeded(httpx.TimeoutException, DeadlineExceeded):
+    """An ``httpx.TimeoutException`` that is a `~stalwart.DeadlineExceeded`.
 
-        parse_retry_after("3")  # 3.0
-        parse_retry_after("-1")  # None
+    Raised instead of it when a deadline, a `~stalwart.Timeout` or a
+    ``Retry(timeout=)`` in the policy ends a request: ``except
+    httpx.TimeoutException``, ``except httpx.HTTPError`` and ``except
+    sw.DeadlineExceeded`` all catch it. ``timeout``, ``policy`` and
+    ``request`` are set; the original error is its ``__cause__``.
     """
-    match = _DELTA_SECONDS.fullmatch(value)
-    if match is not None:
-        seconds = float(match.group(1))
-        return seconds if math.isfinite(seconds) else None
-    when = _http_date(value)
-    if when is None:
-        return None
-    # A date needs the wall clock: the event loop's clock has no epoch.
-    reference = time.time() if now is None else now
-    return max(0.0, when - reference)
 
 
-def _http_date(value: str) -> float | None:
-    """An HTTP date as a POSIX timestamp, or None if malformed."""
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # HTTP dates are always GMT
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
+@final
+class TransportCircuitOpenError(httpx.TransportError, CircuitOpenError):
+    """An ``httpx.TransportError`` that is a `~stalwart.CircuitOpenError`.
+
+    Raised instead of it when an open circuit breaker in the policy refuses
+    a request (or its next attempt): ``except httpx.HTTPError`` and
+    ``except sw.CircuitOpenError`` both catch it. ``retry_after``, ``policy`` and
+    ``request`` are set; the original error is its ``__cause__``.
+    """
+
+
+@final
+class TransportBulkheadFullError(httpx.TransportError, BulkheadFullError):
+    """An ``httpx.TransportError`` that is a `~stalwart.BulkheadFullError`.
+
+    Raised instead of it when a full bulkhead in the policy refuses a request
+    (or its next attempt): ``except httpx.HTTPError`` and ``except
+    sw.BulkheadFullError`` both catch it. ``policy`` and ``request`` are set;
+    the original error is its ``__cause__``.
+    """
+
+
+@final
+class TransportRateLimitExceeded(httpx.TransportError, RateLimitExceeded):
+    """An ``httpx.TransportError`` that is a `~stalwart.RateLimitExceeded`.
+
+    Raised instead of it when a rate limit in the policy refuses a request
+    (or its next attempt): ``except httpx.HTTPError`` and ``except
+    sw.RateLimitExceeded`` both catch it. ``retry_after``, ``policy`` and
+    ``request`` are set; the original error is its ``__cause__``.
+    """
+
+
+# Each by the stalwart error it stands for: its last base.
+_AS_HTTPX: Final[dict[type[StalwartError], type[StalwartError]]] = {
+    error.__bases__[-1]: error
+    for error in (
+        TransportDeadlineExceeded,
+        TransportCircuitOpenError,
+        TransportBulkheadFullError,
+        TransportRateLimitExceeded,
+    )
+}
+
+
+def _as_httpx_error(error: StalwartError, request: httpx.Request) -> StalwartError | None:
+    """``error`` made the httpx error it stands for (see `_AS_HTTPX`), or None if none.
+
+    The copy keeps the original's message, ``policy`` and other attributes,
+    and pickles as they do.
+    """
+    if isinstance(error, httpx.HTTPError):
+        return None  # one already
+    for cls in type(error).__mro__:
+        translated = _AS_HTTPX.get(cls)
+        if translated is not None:
+            _, (_, args, state) = error.__reduce__()
+            copy: StalwartError = _rebuild(translated, args, state)
+            copy.request = request  # type: ignore[attr-defined]
+            return copy
+    return None
 
 
 def _origin_text(origin: _Origin) -> str:
@@ -225,8 +288,19 @@ class ResilientTransport(httpx.AsyncBaseTransport):
       (see `parse_retry_after`), which `~stalwart.Retry` honours as a minimum
       delay, as far as the deadline allows. When the policy gives up on it,
       the last response is returned, as it would be without the transport.
+    * A 409 to a request that carries an ``Idempotency-Key`` fails the
+      attempt in the same way: the server is still running the key's first
+      request (stalwart's ``IdempotencyMiddleware`` answers so), and a later
+      attempt, after its ``Retry-After``, gets that request's response.
     * ``httpx.TransportError`` (connection refused or reset, timeouts, ...)
       fail the attempt too; after the last attempt the error propagates.
+    * Every error that leaves the transport is an ``httpx.HTTPError``: the
+      stalwart errors a policy raises become httpx errors that are still
+      what they were (`TransportDeadlineExceeded` is an
+      ``httpx.TimeoutException`` and a `~stalwart.DeadlineExceeded`;
+      `TransportCircuitOpenError`, `TransportBulkheadFullError` and
+      `TransportRateLimitExceeded` are ``httpx.TransportError``), so that
+      ``except httpx.HTTPError`` and ``except sw.CircuitOpenError`` both work.
     * Only requests safe to repeat are retried: the idempotent methods (GET,
       HEAD, OPTIONS, PUT, DELETE, TRACE) and requests that carry an
       ``Idempotency-Key`` header. With ``add_idempotency_keys=True`` every
@@ -260,8 +334,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     request goes there, and the policy it returns runs **inside** ``policy``,
     around each attempt: a breaker counts every attempt's outcome, and when
     it is open the `~stalwart.CircuitOpenError` it raises reaches ``policy``
-    (which waits it out if it retries that error and the deadline allows,
-    else lets it propagate). One upstream failing opens its own breaker
+    (which waits it out only if it retries that error and the wait fits in
+    its backoff's ``maximum`` and the deadline, else lets it propagate, as a
+    `TransportCircuitOpenError`). One upstream failing opens its own breaker
     only; requests to the others go on. At most ``max_hosts`` upstreams keep
     their policy; beyond that the least recently used one is dropped (an
     upstream that comes back later starts afresh, with a closed breaker).
@@ -276,9 +351,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     Args:
         policy: the policy each request goes through. Default:
             ``Retry(attempts=3, on=DEFAULT_RETRY_ON, name=name)``, which
-            retries transport failures and retryable statuses with the
-            default `~stalwart.Backoff`, but not errors that a retry cannot
-            mend (``httpx.UnsupportedProtocol``, ``httpx.LocalProtocolError``).
+            retries transport failures, retryable statuses and attempts cut
+            short by a `~stalwart.Timeout` with the default
+            `~stalwart.Backoff`, but not errors that a retry cannot mend
+            (``httpx.UnsupportedProtocol``, ``httpx.LocalProtocolError``) nor
+            an open circuit.
         transport: the inner transport (an ``httpx.AsyncBaseTransport``).
         retry_statuses: statuses that fail an attempt (may be empty).
         deadline_header: the header carrying the deadline downstream, or None
@@ -402,7 +479,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         """Send ``request`` through the policy; see the class documentation."""
         await request.aread()
         headers = request.headers
-        retryable = request.method in IDEMPOTENT_METHODS or self._key_header in headers
+        retryable = safe_to_repeat(request.method, headers, self._key_header)
         if not retryable and self._add_keys:
             headers[self._key_header] = self._new_key()
             retryable = True
@@ -419,6 +496,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 return exc.response
             # A fresh copy, unread: the caller may stream it, raw or decoded.
             return _in_memory(exc.response, exc._body, request)
+        except StalwartError as exc:
+            translated = _as_httpx_error(exc, request)
+            if translated is None:
+                raise
+            raise translated from exc
 
     def _send_to(self, url: httpx.URL) -> _Send:
         """``policy`` around the per-host policy of ``url``'s origin (made on first use)."""
@@ -449,7 +531,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         left = remaining()
         sent = request if left is None else self._under_deadline(request, left)
         response = await self._transport.handle_async_request(sent)
-        if response.status_code in self._retry_statuses:
+        if retryable_status(
+            response.status_code, self._retry_statuses, request.headers, self._key_header
+        ):
             raise await self._failed(request, response)
         return response
 
@@ -509,7 +593,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             # The server's own `Date`, when it sent one, makes an HTTP date immune
             # to the skew between its clock and ours.
             date = response.headers.get("date")
-            hint = parse_retry_after(retry_after, now=None if date is None else _http_date(date))
+            hint = parse_retry_after(retry_after, now=None if date is None else http_date(date))
         error = RetryableStatusError(
             f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}",
             request=request,

@@ -3,7 +3,7 @@
 One `RedisStore` serves as the ``store=`` of `CircuitBreaker`, of `Idempotency`
 and of the ASGI ``IdempotencyMiddleware``, so that a service running as many
 replicas (processes, pods, hosts) learns of an outage once and runs a
-duplicated request once. ``pip install stalwart[redis]``; it runs on asyncio
+duplicated request once. ``pip install 'stalwart[redis]'``; it runs on asyncio
 (redis-py's ``redis.asyncio`` client), not on trio. Example::
 
     import redis.asyncio
@@ -44,7 +44,7 @@ try:
     from redis import exceptions as _rx
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "stalwart.redis needs redis-py: install it with `pip install stalwart[redis]`"
+        "stalwart.redis needs redis-py: install it with `pip install 'stalwart[redis]'`"
     ) from exc
 
 from . import _clock, _redis_scripts, _validate

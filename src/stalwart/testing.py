@@ -42,6 +42,8 @@ def set_testing(enabled: bool, *, attempts: int | None = None) -> None:
     While on, every `Retry` retries at once (no backoff, no server-hinted
     waits) and, if ``attempts`` is given, makes at most that many attempts
     (``attempts=1`` switches retrying off). Policies need not be rebuilt.
+    Which retries are made does not change: a hint longer than the backoff's
+    ``maximum`` still stops retrying, as it would in production.
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, not {type(enabled).__name__}")

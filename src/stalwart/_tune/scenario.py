@@ -21,7 +21,7 @@ from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
 
 from .._bulkhead import Bulkhead
-from .._circuit_breaker import CircuitBreaker
+from .._circuit_breaker import _DEFAULT_FAILURE_RATE, CircuitBreaker
 from .._policy import Policy
 from .._retry import Backoff, Retry
 from .._retry_budget import RetryBudget
@@ -529,6 +529,8 @@ def _grid(raw: dict[str, Any], problems: Problems) -> tuple[tuple[Setting, ...],
             if f.name == "breaker":
                 _both_windows(raw[f.name], path, problems)
             options = schema.expand(raw[f.name], f, path, problems)
+            if f.name == "breaker":
+                options = [_trigger_defaults(option) for option in options]
         else:
             options = [None]
         axes.append([(f.name, option) for option in options])
@@ -567,6 +569,18 @@ def _refusal(setting: Setting, telemetry: Telemetry) -> tuple[str, str] | None:
     except _PolicyRefused as exc:
         return exc.path, exc.message
     return None
+
+
+def _trigger_defaults(breaker: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A breaker's options with ``failure_rate`` as `CircuitBreaker` reads it when not given.
+
+    Not given, it is 0.5, or off when ``consecutive_failures`` is given: the
+    labels, the options in the JSON and the breaker then say the same.
+    """
+    if breaker is None or breaker["failure_rate"] is not _DEFAULT_FAILURE_RATE:
+        return breaker
+    off = breaker["consecutive_failures"] is not None
+    return {**breaker, "failure_rate": None if off else float(_DEFAULT_FAILURE_RATE)}
 
 
 def _both_windows(raw: Any, path: str, problems: Problems) -> None:
@@ -666,9 +680,11 @@ def _labels(leaves: Sequence[Mapping[str, str]]) -> list[str]:
 def _common(leaves: Sequence[Mapping[str, str]]) -> str:
     """The options that never vary, where they differ from stalwart's defaults.
 
-    A section present in every setting is named even with default options.
+    A section on in every setting whose options are all defaults is named by
+    its headline option (``attempts=3``), or as ``breaker=on``.
     """
-    shared = []
+    shared: list[tuple[str, str]] = []  # (path, text)
+    present: list[str] = []  # sections on in every setting
     for path in _ORDER:
         if path.endswith(".label"):
             continue
@@ -679,11 +695,28 @@ def _common(leaves: Sequence[Mapping[str, str]]) -> str:
         value = values.pop()
         if value in ("on", "off"):
             if value == "on" and len(rows) == len(leaves) and "." not in path:
-                shared.append(path)
+                present.append(path)
             continue
-        if _DEFAULTS.get(path) != value:
-            shared.append(f"{_alias(path)}={value}")
-    return ", ".join(shared)
+        if _default_text(path, rows[0]) != value:
+            shared.append((path, f"{_alias(path)}={value}"))
+    named = []
+    for section in present:
+        if any(path.startswith(section + ".") for path, _ in shared):
+            continue  # its options say it is there
+        headline = _HEADLINES.get(section)
+        if headline is None:
+            named.append(f"{section}=on")
+        else:
+            option = f"{section}.{headline}"
+            named.append(f"{_alias(option)}={leaves[0][option]}")
+    return ", ".join([*named, *(text for _, text in shared)])
+
+
+def _default_text(path: str, row: Mapping[str, str]) -> str | None:
+    """The text of ``path``'s default in ``row``'s setting."""
+    if path == "breaker.failure_rate" and row.get("breaker.consecutive_failures", "off") != "off":
+        return "off"  # not given, it is off when consecutive_failures is given
+    return _DEFAULTS.get(path)
 
 
 def _full_defaults() -> dict[str, Any]:

@@ -670,7 +670,8 @@ BUDGET: Final = Table(
 
 RETRY: Final = Table(
     "retry",
-    "A `stalwart.Retry` (it retries every failure, a `CircuitOpenError` after its `retry_after`).",
+    "A `stalwart.Retry`, as built with no `on`: it retries every failure but a breaker's "
+    "`CircuitOpenError` (an open breaker fails the call at once).",
     (
         Field(
             "label",
@@ -710,7 +711,9 @@ BREAKER: Final = Table(
             "failure_rate",
             SHARE,
             _signature_default(CircuitBreaker, "failure_rate"),
-            "share of failures that opens",
+            "share of failures that opens (false: no failure-rate trigger; absent: "
+            "`0.5`, or off when `consecutive_failures` is given)",
+            switchable=True,
         ),
         Field(
             "window",
@@ -729,7 +732,7 @@ BREAKER: Final = Table(
             "minimum_calls",
             Integer(minimum=1),
             _signature_default(CircuitBreaker, "minimum_calls"),
-            "calls the window must hold before rates count",
+            "calls the window must hold before rates (failures, slow calls) count",
         ),
         Field(
             "consecutive_failures",

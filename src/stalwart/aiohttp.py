@@ -1,0 +1,594 @@
+"""aiohttp with stalwart: `ResilientMiddleware` for clients, `DeadlineMiddleware` for servers.
+
+The client middleware sends every request of an ``aiohttp.ClientSession``
+through a stalwart policy, with the same rules as
+`stalwart.httpx.ResilientTransport`; the server middleware runs every
+request of a ``web.Application`` under the deadline its caller sent::
+
+    import aiohttp
+    from aiohttp import web
+    import stalwart as sw
+    from stalwart.aiohttp import DeadlineMiddleware, ResilientMiddleware
+
+    session = aiohttp.ClientSession(middlewares=[ResilientMiddleware(sw.Retry(attempts=4))])
+    app = web.Application(middlewares=[DeadlineMiddleware(max_timeout=30.0)])
+
+Client middlewares need aiohttp 3.12 or later. aiohttp runs on asyncio only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from datetime import timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar, Final, final
+
+try:
+    import aiohttp
+    from aiohttp import payload, web
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "stalwart.aiohttp needs aiohttp: install it with `pip install stalwart[aiohttp]`"
+    ) from exc
+
+from . import _clock, _propagation, _validate
+from ._errors import (
+    BulkheadFullError,
+    CircuitOpenError,
+    DeadlineExceeded,
+    RateLimitExceeded,
+    StalwartError,
+    recast,
+)
+from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
+from ._policy import Policy
+from ._retry import Retry, retries_disabled
+from ._timeout import deadline, remaining
+from .asgi import parse_timeout_ms
+
+__all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks
+    "ClientBulkheadFull",
+    "ClientCircuitOpen",
+    "ClientDeadlineExceeded",
+    "ClientRateLimited",
+    "DEFAULT_RETRY_STATUSES",
+    "DeadlineMiddleware",
+    "HTTP_STATUS_FOR_ERROR",
+    "IDEMPOTENT_METHODS",
+    "ResilientMiddleware",
+    "RetryableStatusError",
+    "is_retryable",
+]
+
+DEFAULT_RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
+"""Statuses that mean "try again later": rate limited, or a gateway's upstream failed."""
+
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+"""Methods RFC 9110 defines as idempotent: repeating them is safe."""
+
+HTTP_STATUS_FOR_ERROR: Final[dict[type[StalwartError], int]] = {
+    DeadlineExceeded: 504,
+    CircuitOpenError: 503,
+    BulkheadFullError: 503,
+    RateLimitExceeded: 503,
+}
+"""The answer `DeadlineMiddleware` gives for each stalwart error a handler lets escape."""
+
+_DELTA_SECONDS: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
+
+_Handler = Callable[[aiohttp.ClientRequest], Awaitable[aiohttp.ClientResponse]]
+_Send = Callable[
+    [aiohttp.ClientRequest, _Handler, list[aiohttp.ClientResponse]],
+    Coroutine[Any, Any, aiohttp.ClientResponse],
+]
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> float | None:
+    """The response's ``Retry-After`` in seconds (an HTTP date measured by its ``Date``)."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    match = _DELTA_SECONDS.fullmatch(value)
+    if match is not None:
+        seconds = float(match.group(1))
+        return seconds if math.isfinite(seconds) else None
+    when = _http_date(value)
+    if when is None:
+        return None
+    # The server's own `Date`, when it sent one, makes the hint immune to the
+    # skew between its clock and ours; else the wall clock (the loop's has no epoch).
+    date = response.headers.get("date")
+    now = _http_date(date) if date is not None else None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def _http_date(value: str) -> float | None:
+    """An HTTP date as a POSIX timestamp, or None if malformed."""
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # HTTP dates are always GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+class RetryableStatusError(aiohttp.ClientResponseError):
+    """An attempt got a response whose status is in ``retry_statuses``.
+
+    `ResilientMiddleware` raises it inside the policy, so a `~stalwart.Retry`
+    retries it and a circuit breaker counts it as a failure; it never reaches
+    the caller, who gets ``response`` back when the policy gives up. As an
+    ``aiohttp.ClientResponseError`` it has ``status``, ``headers`` and
+    ``request_info``, and ``Retry(on=aiohttp.ClientError)`` matches it.
+
+    Attributes:
+        response: the response, its body read into memory (``await
+            response.text()`` and ``.json()`` work; its connection is
+            already back in the pool).
+        retry_after: the server's ``Retry-After`` in seconds, or None.
+    """
+
+    response: aiohttp.ClientResponse
+    retry_after: float | None
+
+    def __init__(self, response: aiohttp.ClientResponse, *, retry_after: float | None) -> None:
+        super().__init__(
+            response.request_info,
+            response.history,
+            status=response.status,
+            message=response.reason or "",
+            headers=response.headers,
+        )
+        self.response = response
+        self.retry_after = retry_after
+
+
+def is_retryable(error: BaseException) -> bool:
+    """What the default policy retries: failures that another attempt can mend.
+
+    Connection failures, resets and timeouts (``aiohttp.ClientConnectionError``
+    and its kind), a broken response (``aiohttp.ClientPayloadError``),
+    `RetryableStatusError`, and an attempt cut short by a `~stalwart.Timeout`
+    in the policy. Not TLS and certificate failures, nor a server whose
+    certificate fingerprint does not match: those fail the same way again.
+    """
+    if isinstance(error, (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch)):
+        return False
+    if isinstance(error, (CircuitOpenError, BulkheadFullError, RateLimitExceeded)):
+        return False  # stalwart's own refusals, which are `ClientConnectionError`s here too
+    return isinstance(
+        error,
+        (
+            aiohttp.ClientConnectionError,
+            aiohttp.ClientPayloadError,
+            RetryableStatusError,
+            DeadlineExceeded,
+        ),
+    )
+
+
+class ClientDeadlineExceeded(aiohttp.ServerTimeoutError, DeadlineExceeded):
+    """`~stalwart.DeadlineExceeded` from the policy, as an ``aiohttp.ServerTimeoutError``."""
+
+
+class ClientCircuitOpen(aiohttp.ClientConnectionError, CircuitOpenError):
+    """`~stalwart.CircuitOpenError` from the policy, as an ``aiohttp.ClientConnectionError``."""
+
+
+class ClientBulkheadFull(aiohttp.ClientConnectionError, BulkheadFullError):
+    """`~stalwart.BulkheadFullError` from the policy, as an ``aiohttp.ClientConnectionError``."""
+
+
+class ClientRateLimited(aiohttp.ClientConnectionError, RateLimitExceeded):
+    """`~stalwart.RateLimitExceeded` from the policy, as an ``aiohttp.ClientConnectionError``."""
+
+
+_CLIENT_ERROR_FOR: Final[dict[type[StalwartError], type[aiohttp.ClientError]]] = {
+    DeadlineExceeded: ClientDeadlineExceeded,
+    CircuitOpenError: ClientCircuitOpen,
+    BulkheadFullError: ClientBulkheadFull,
+    RateLimitExceeded: ClientRateLimited,
+}
+
+
+def _as_client_error(error: StalwartError) -> aiohttp.ClientError | None:
+    """The error a caller sees for ``error``, or None to let it through as it is."""
+    if isinstance(error, aiohttp.ClientError):
+        return None  # one already (a nested session's)
+    for kind, cls in _CLIENT_ERROR_FOR.items():
+        if isinstance(error, kind):
+            return recast(error, cls)
+    return None
+
+
+def _retry_statuses(value: Any) -> frozenset[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"retry_statuses must be a collection of HTTP status codes, not {type(value).__name__}"
+        )
+    statuses = frozenset(value)
+    for status in statuses:
+        if not isinstance(status, int) or isinstance(status, bool):
+            raise TypeError(
+                f"retry_statuses must hold int status codes, got {type(status).__name__}"
+            )
+        if not 100 <= status <= 599:
+            raise ValueError(f"retry_statuses must hold status codes in 100-599, got {status!r}")
+    return statuses
+
+
+@final
+class ResilientMiddleware:
+    """An aiohttp client middleware that sends each request through a stalwart policy.
+
+    Give it to a session (or to one request, ``session.get(url,
+    middlewares=[...])``)::
+
+        async with aiohttp.ClientSession(
+            middlewares=[ResilientMiddleware(sw.Retry(attempts=4, timeout=10))]
+        ) as session:
+            async with session.get("https://inventory.internal/items/42") as response:
+                item = await response.json()
+
+    Each request is one call of ``policy``, each attempt one real round trip
+    (redirects are followed outside the middleware: each hop is a request of
+    its own). The rules are those of `stalwart.httpx.ResilientTransport`:
+
+    * A response whose status is in ``retry_statuses`` fails the attempt with
+      `RetryableStatusError` after its body is read (its connection goes
+      back to the pool). Its ``retry_after`` is the server's ``Retry-After``
+      (seconds, or an HTTP date measured against the response's ``Date``),
+      which `~stalwart.Retry` honours as a minimum delay, as far as the
+      deadline allows. When the policy gives up on it, the last response is
+      returned, its body still readable, as it would be without the
+      middleware.
+    * Connection failures and timeouts fail the attempt too (see
+      `is_retryable` for the default policy's choice); after the last attempt
+      the error propagates. So does an attempt that a `~stalwart.Timeout` in
+      the policy cut short: the default policy retries it too.
+    * A ``409 Conflict`` to a request that carries an ``Idempotency-Key``
+      (the original request with that key is still running) fails the
+      attempt the same way, so it is retried after its ``Retry-After``.
+    * Only requests safe to repeat are retried: the idempotent methods (GET,
+      HEAD, OPTIONS, PUT, DELETE, TRACE) and requests that carry an
+      ``Idempotency-Key`` header. With ``add_idempotency_keys=True`` every
+      other request gets a fresh random key, the same on all its attempts.
+      Any other request makes one attempt whatever the policy says
+      (`~stalwart.Retry` is switched off for it); breakers, timeouts and
+      bulkheads still apply.
+    * A streamed request body (an async iterable) of a request that may be
+      retried is read into memory once, so every attempt sends the same
+      bytes; files are re-read from where they started (aiohttp rewinds them).
+    * Under an ambient deadline (`~stalwart.deadline`, a ``Retry(timeout=)``,
+      a `~stalwart.Timeout`), every attempt carries ``deadline_header`` with
+      the whole milliseconds left, and is cancelled when the deadline passes.
+      With less than a millisecond left the request is not sent:
+      `~stalwart.DeadlineExceeded` is raised.
+    * Every response an attempt got and the caller does not get back is
+      released, its connection returned to the pool.
+    * The current trace context travels in the request's headers (unless it
+      already carries a ``traceparent``), so the server's spans join the
+      caller's trace.
+
+    Only sending the request and receiving the response's headers runs under
+    the policy: reading a large body later is not retried.
+
+    **Errors.** Every error that escapes the middleware is an
+    ``aiohttp.ClientError`` (so ``except aiohttp.ClientError`` still works);
+    one that stands for a stalwart error is also that error (so ``except
+    sw.CircuitOpenError`` works), with the same ``policy`` and attributes:
+    `~stalwart.DeadlineExceeded` escapes as `ClientDeadlineExceeded` (an
+    ``aiohttp.ServerTimeoutError``), `~stalwart.CircuitOpenError`,
+    `~stalwart.BulkheadFullError` and `~stalwart.RateLimitExceeded` as
+    `ClientCircuitOpen`, `ClientBulkheadFull` and `ClientRateLimited` (each
+    an ``aiohttp.ClientConnectionError``: the request was not sent).
+
+    Args:
+        policy: the policy each request goes through. Default:
+            ``Retry(attempts=3, on=is_retryable, name=name)``.
+        retry_statuses: statuses that fail an attempt (may be empty).
+        deadline_header: the header carrying the deadline downstream, or
+            None to send none.
+        add_idempotency_keys: give non-idempotent requests an
+            ``Idempotency-Key`` so that they can be retried.
+        idempotency_header: the name of that header.
+        name: reported as the ``policy`` of the middleware's own errors,
+            and the name of the default policy.
+        rng: the ``random.Random`` keys are drawn from (default:
+            ``uuid.uuid4()``, from the operating system's randomness).
+    """
+
+    __slots__ = (
+        "_add_keys",
+        "_deadline_header",
+        "_key_header",
+        "_name",
+        "_policy",
+        "_retry_statuses",
+        "_rng",
+        "_send",
+    )
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        retry_statuses: Iterable[int] = DEFAULT_RETRY_STATUSES,
+        deadline_header: str | None = DEADLINE_HEADER,
+        add_idempotency_keys: bool = False,
+        idempotency_header: str = IDEMPOTENCY_HEADER,
+        name: str = "aiohttp",
+        rng: random.Random | None = None,
+    ) -> None:
+        self._name = _validate.name(name)
+        if policy is None:
+            policy = Retry(attempts=3, on=is_retryable, name=self._name)
+        elif not isinstance(policy, Policy):
+            raise TypeError(
+                f"policy must be a stalwart policy or None, not {type(policy).__name__}"
+            )
+        self._policy = policy
+        self._retry_statuses = _retry_statuses(retry_statuses)
+        self._deadline_header = (
+            None if deadline_header is None else header_name("deadline_header", deadline_header)
+        )
+        if not isinstance(add_idempotency_keys, bool):
+            raise TypeError(
+                f"add_idempotency_keys must be a bool, not {type(add_idempotency_keys).__name__}"
+            )
+        self._add_keys = add_idempotency_keys
+        self._key_header = header_name("idempotency_header", idempotency_header)
+        if rng is not None and not isinstance(rng, random.Random):
+            raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
+        self._rng = rng
+        # Decorated once: the policy's per-function set-up is not paid per request.
+        self._send: _Send = policy(self._attempt)
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def retry_statuses(self) -> frozenset[int]:
+        return self._retry_statuses
+
+    async def __call__(
+        self, request: aiohttp.ClientRequest, handler: _Handler
+    ) -> aiohttp.ClientResponse:
+        """Send ``request`` through the policy; see the class documentation."""
+        headers = request.headers
+        retryable = request.method in IDEMPOTENT_METHODS or self._key_header in headers
+        if not retryable and self._add_keys:
+            headers[self._key_header] = self._new_key()
+            retryable = True
+        body = request.body
+        if retryable and isinstance(body, payload.AsyncIterablePayload):
+            await body.as_bytes()  # kept by the payload: every attempt sends it again
+        received: list[aiohttp.ClientResponse] = []
+        try:
+            if retryable:
+                response = await self._send(request, handler, received)
+            else:
+                with retries_disabled():
+                    response = await self._send(request, handler, received)
+        except RetryableStatusError as failed:
+            if failed.response not in received:
+                raise  # a nested middleware's, for its own caller
+            response = failed.response
+        except StalwartError as error:
+            _release(received, None)
+            client_error = _as_client_error(error)
+            if client_error is None:
+                raise
+            raise client_error from error
+        except BaseException:
+            _release(received, None)
+            raise
+        _release(received, response)
+        return response
+
+    async def _attempt(
+        self,
+        request: aiohttp.ClientRequest,
+        handler: _Handler,
+        received: list[aiohttp.ClientResponse],
+    ) -> aiohttp.ClientResponse:
+        """One round trip: what the policy calls, retries and times."""
+        left = remaining()
+        if left is not None:
+            millis = int(left * 1000.0)
+            if millis < 1:
+                raise DeadlineExceeded(
+                    f"no time left before the deadline: {request.method} {request.url} not sent",
+                    policy=self._name,
+                    timeout=left,
+                )
+            if self._deadline_header is not None:
+                request.headers[self._deadline_header] = str(millis)
+        trace = _propagation.outgoing()
+        if trace and _propagation.TRACEPARENT not in request.headers:
+            request.headers.update(trace)
+        response = await handler(request)
+        received.append(response)
+        status = response.status
+        if status in self._retry_statuses or (
+            # The same key's first request is still running (the IETF draft's
+            # 409): wait it out, then this attempt is answered from its record.
+            status == 409 and self._key_header in request.headers
+        ):
+            await response.read()  # so that predicates and the caller can read it
+            response.release()
+            raise RetryableStatusError(response, retry_after=_retry_after(response))
+        return response
+
+    def _new_key(self) -> str:
+        rng = self._rng
+        if rng is None:
+            return str(uuid.uuid4())
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+    def __repr__(self) -> str:
+        return f"ResilientMiddleware({self._policy!r})"
+
+
+def _release(received: list[aiohttp.ClientResponse], kept: aiohttp.ClientResponse | None) -> None:
+    """Give back the connection of every response the caller will not get."""
+    for response in received:
+        if response is not kept:
+            response.release()
+
+
+# -- the server side --------------------------------------------------------------------
+
+
+def _problem(status: int, title: str, detail: str, *, retry_after: float | None) -> web.Response:
+    """An ``application/problem+json`` answer (RFC 9457), as `stalwart.asgi` gives."""
+    body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
+    response = web.Response(status=status, text=body, content_type="application/problem+json")
+    if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
+        response.headers["Retry-After"] = str(math.ceil(retry_after))
+    return response
+
+
+@final
+class DeadlineMiddleware:
+    """An aiohttp server middleware: each request runs under the deadline its caller sent.
+
+    Give it to the application::
+
+        app = web.Application(middlewares=[DeadlineMiddleware(max_timeout=10.0)])
+
+    The request's time limit is read from ``header`` (milliseconds, as
+    `ResilientMiddleware` and `stalwart.httpx.ResilientTransport` send it),
+    capped at ``max_timeout``; a request without a usable value gets
+    ``default_timeout`` (None: no deadline). A malformed value is ignored as
+    if absent: a caller's typo never turns into a 500.
+
+    The handler then runs inside ``stalwart.deadline(limit)``:
+    `stalwart.remaining` reports the time left, every stalwart policy
+    respects it, and outbound calls through `ResilientMiddleware` (or a gRPC
+    channel with `stalwart.grpc.ClientInterceptor`) pass what remains on.
+    When the deadline passes, the handler is cancelled and, if its response
+    has not started, the client gets ``504 Gateway Timeout``; one that has
+    started streaming is left unfinished and its connection closed, so that
+    the client sees a truncated response rather than one that looks
+    complete.
+
+    A stalwart error that escapes the handler is answered as
+    `stalwart.asgi`'s ``ErrorMiddleware`` answers it, with a small
+    ``application/problem+json`` body naming the error's kind and policy
+    (never a traceback): `~stalwart.DeadlineExceeded` → 504,
+    `~stalwart.CircuitOpenError`, `~stalwart.BulkheadFullError`,
+    `~stalwart.RateLimitExceeded` → 503 with ``Retry-After`` (whole seconds,
+    rounded up) when the error knows it.
+
+    The trace context the caller sent (W3C ``traceparent``) is the
+    handler's current context, unless a span is already current (an
+    OpenTelemetry server instrumentation made the request's span).
+
+    Args:
+        header: the header carrying milliseconds, or None to ignore it.
+        max_timeout: the longest deadline a caller may ask for, in seconds
+            (> 0), or None for no cap.
+        default_timeout: seconds allowed to requests that carry no usable
+            value (> 0), or None to run them without a deadline. It is
+            capped at ``max_timeout`` too.
+    """
+
+    # aiohttp calls a middleware marked so as `middleware(request, handler)`.
+    __middleware_version__: ClassVar[int] = 1
+    __slots__ = ("_default", "_header", "_max")
+
+    def __init__(
+        self,
+        *,
+        header: str | None = DEADLINE_HEADER,
+        max_timeout: float | None = 60.0,
+        default_timeout: float | None = None,
+    ) -> None:
+        self._header = None if header is None else header_name("header", header)
+        self._max = _validate.optional_duration("max_timeout", max_timeout, positive=True)
+        default = _validate.optional_duration("default_timeout", default_timeout, positive=True)
+        if default is not None and self._max is not None:
+            default = min(default, self._max)
+        self._default = default
+
+    def timeout_for(self, request: web.BaseRequest) -> float | None:
+        """The deadline, in seconds, that this request gets (None: none)."""
+        limit: float | None = None
+        if self._header is not None:
+            value = request.headers.get(self._header)
+            if value is not None:
+                try:
+                    limit = parse_timeout_ms(value.encode("ascii"))
+                except UnicodeEncodeError:
+                    limit = None
+        if limit is None:
+            return self._default
+        if self._max is not None and limit > self._max:
+            return self._max
+        return limit
+
+    async def __call__(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        seconds = self.timeout_for(request)
+        headers = [(name.lower(), value) for name, value in request.headers.items()]
+        with _propagation.extracted(headers):
+            if seconds is None:
+                try:
+                    return await handler(request)
+                except StalwartError as error:
+                    return self._answer(request, error, None)
+            scope = deadline(seconds, name="DeadlineMiddleware")
+            try:
+                with scope:
+                    return await handler(request)
+            except StalwartError as error:
+                expired = isinstance(error, DeadlineExceeded) and _clock.now() >= scope.when
+                return self._answer(request, error, seconds if expired else None)
+
+    def _answer(
+        self, request: web.Request, error: StalwartError, expired: float | None
+    ) -> web.StreamResponse:
+        """The problem answer for ``error`` (``expired``: this request's deadline passed)."""
+        found = next(
+            (
+                (kind, code)
+                for kind, code in HTTP_STATUS_FOR_ERROR.items()
+                if isinstance(error, kind)
+            ),
+            None,
+        )
+        if found is None or request.writer.output_size > 0:
+            # Not ours, or too late for an answer: aiohttp closes the connection
+            # of a response that has started.
+            raise error
+        kind, status = found
+        if expired is not None:
+            detail = (
+                f"The request's deadline of {expired * 1000.0:g} ms passed "
+                "before a response was ready."
+            )
+        else:
+            detail = f"{kind.__name__} from policy {error.policy!r}: {error}"
+        title = "Gateway Timeout" if status == 504 else "Service Unavailable"
+        retry_after = getattr(error, "retry_after", None)
+        return _problem(
+            status,
+            title,
+            detail,
+            retry_after=retry_after if isinstance(retry_after, (int, float)) else None,
+        )
+
+    def __repr__(self) -> str:
+        return f"DeadlineMiddleware(max_timeout={self._max})"
