@@ -16,7 +16,10 @@ import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
+from prometheus_client import CollectorRegistry
+
 import stalwart as sw
+import stalwart.events as sw_events
 
 from ._harness import Call, Case
 
@@ -147,11 +150,25 @@ def contended(guarded: Callable[[], Coroutine[Any, Any, Any]]) -> Call:
     return call
 
 
-def open_breaker_rejection() -> Call:
-    breaker = sw.CircuitBreaker(name=unique("breaker"))
+def open_breaker_rejection(telemetry: sw.Telemetry | None = None) -> Call:
+    breaker = sw.CircuitBreaker(name=unique("breaker"), telemetry=telemetry)
     guarded = breaker(f)
     breaker.force_open()
     return caught(guarded, sw.CircuitOpenError)
+
+
+def ignore(event: sw_events.Event) -> None:
+    """A listener that keeps nothing: what is timed is stalwart's side of an event."""
+
+
+def listened() -> sw.Telemetry:
+    """A telemetry with one listener (on a registry of its own, as the default one's)."""
+    return sw.Telemetry(registry=CollectorRegistry(), listeners=[ignore])
+
+
+def timed() -> sw.Telemetry:
+    """A telemetry that measures latency (``stalwart_call_duration_seconds``)."""
+    return sw.Telemetry(registry=CollectorRegistry(), latency=True)
 
 
 def one_in_ten_fails(wrap: Callable[[Callable[[], Coroutine[Any, Any, int]]], Call]) -> Call:
@@ -224,11 +241,26 @@ def cases() -> list[Case]:
         ),
         Case("Retry, success", lambda: sw.Retry()(f), BARE, 3, group=RETRY),
         Case(
+            "Retry, success, latency measured",
+            lambda: sw.Retry(telemetry=timed())(f),
+            BARE,
+            group=RETRY,
+            note="Telemetry(latency=True): two clock reads and a histogram bucket per call",
+        ),
+        Case(
             "Retry, fails twice then succeeds (zero backoff)",
             lambda: sw.Retry(attempts=3, backoff=ZERO)(fails_twice()),
             HAND_LOOP,
             4,
             group=RETRY_FAILING,
+            note="no listener: no event is built",
+        ),
+        Case(
+            "the same, one listener on its telemetry",
+            lambda: sw.Retry(attempts=3, backoff=ZERO, telemetry=listened())(fails_twice()),
+            HAND_LOOP,
+            group=RETRY_FAILING,
+            note="two Retrying events per call, built and handed to a listener",
         ),
         Case(
             "CircuitBreaker closed, success",
@@ -250,6 +282,14 @@ def cases() -> list[Case]:
             RAISE,
             2,
             group=OPEN,
+            note="no listener: no event is built",
+        ),
+        Case(
+            "the same, one listener on its telemetry",
+            lambda: open_breaker_rejection(listened()),
+            RAISE,
+            group=OPEN,
+            note="a CallRejected event per call, built and handed to a listener",
         ),
         Case(
             "CircuitBreaker closed, success, TimeWindow(60)",
@@ -340,8 +380,6 @@ def breaker_memory(quick: bool = False) -> list[tuple[str, str, float, float | N
 
 
 def _breaker_memory(quick: bool) -> list[tuple[str, str, float, float | None]]:
-    from prometheus_client import CollectorRegistry
-
     telemetry = sw.Telemetry(registry=CollectorRegistry())
     n = 100 if quick else 1000
     return [

@@ -71,7 +71,7 @@ class Shed(sw.Policy):
     def wrap(
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: sw.Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        metrics = self.metrics
+        metrics, timer = self.metrics, self.timer()
 
         def make(
             plain: Callable[P, Coroutine[Any, Any, T]] | None,
@@ -79,7 +79,7 @@ class Shed(sw.Policy):
             async def shedding(*args: P.args, **kwargs: P.kwargs) -> T:
                 if plain is not None and self.tracing():
                     return await self.in_span(plain, args, kwargs)
-                start = self.start()
+                start = None if timer is None else timer()
                 if self.running >= self.limit:
                     metrics.refused(start)
                     self.report(CallRejected, reason="overload", retry_after=None)
@@ -92,13 +92,12 @@ class Shed(sw.Policy):
                     raise
                 finally:
                     self.running -= 1
-                metrics.succeeded(start)
-                return result
+                metrics.success += 1
+                return result if start is None else metrics.returned(result, start)
 
             return shedding
 
-        plain = make(None)
-        return make(plain) if binding.traced else plain
+        return self.build(make, binding)
 
 
 async def hold(seconds: float) -> str:

@@ -14,8 +14,8 @@ import anyio
 from . import _clock, _validate
 from ._errors import BulkheadFullError
 from ._metrics import MetricFamily, PolicyMetrics
-from ._policy import Binding, Policy
-from ._telemetry import Telemetry, observed, run_in_span
+from ._policy import AsyncCallable, Binding, Policy
+from ._telemetry import Telemetry, observed
 from .events import CallRejected
 
 __all__ = ["Bulkhead", "BulkheadStatistics"]
@@ -207,23 +207,13 @@ class Bulkhead(Policy):
             self._hand_over,
         )
         bulkhead, metrics = self, self._metrics
-        tel, slot, registration = self._telemetry, self._telemetry.provider_slot, self._registration
-        timed, now = tel.latency is not None, _clock.now
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
 
-        def make(
-            plain: Callable[P, Coroutine[Any, Any, T]] | None,
-        ) -> Callable[P, Coroutine[Any, Any, T]]:
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-                if plain is not None and slot._TRACER_PROVIDER is not None:
-                    return await run_in_span(
-                        tel,
-                        registration.span_name,
-                        registration.span_attributes,
-                        plain,
-                        args,
-                        kwargs,
-                    )
-                start = now() if timed else None
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
+                start = None if timer is None else timer()
                 # While any caller waits, every slot is taken (a freed slot is
                 # handed over, not released): this check alone keeps FIFO order.
                 if bulkhead._in_flight < limit:
@@ -240,17 +230,12 @@ class Bulkhead(Policy):
                         hand_over()
                     else:
                         bulkhead._in_flight -= 1
-                if timed:
-                    metrics.succeeded(start)
-                else:
-                    metrics.success += 1
-                return result
+                metrics.success += 1
+                return result if start is None else metrics.returned(result, start)
 
             return guarded
 
-        # The traced wrapper runs its untraced twin inside the span.
-        plain = make(None)
-        return make(plain) if binding.traced else plain
+        return self.build(make, binding)
 
     async def _acquire(self, start: float | None) -> None:
         """Wait for a slot, or raise `BulkheadFullError` (the call's outcome is counted here)."""

@@ -35,8 +35,8 @@ from . import _clock, _telemetry, _validate
 from ._circuit_store import CircuitRecord, CircuitState, CircuitStore
 from ._errors import CircuitOpenError
 from ._metrics import REJECTED, MetricFamily, PolicyMetrics
-from ._policy import Binding, Policy
-from ._telemetry import Telemetry, otel_probe, run_in_span
+from ._policy import AsyncCallable, Binding, Policy
+from ._telemetry import Telemetry, otel_probe
 from ._warnings import warn
 from ._windows import CountRing, CountWindow, Ring, TimeWindow, ring_for
 from .events import CallRejected, CircuitStateChanged
@@ -818,27 +818,17 @@ class CircuitBreaker(Policy):
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         breaker, ring, now, metrics = self, self._ring, _clock.now, self._metrics
         rejected, admit, settle = self._rejected, self._admit, self._settle_trial
-        tel, slot, registration = self._telemetry, self._telemetry.provider_slot, self._registration
-        timed = tel.latency is not None
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
         # The start of a closed call or trial, when the breaker needs it (slow calls).
         starts = self._rules.slow_call_duration is not None
         # `_fast` (see `_record`) is only ever set on a counting-only CountRing.
         counter = ring if isinstance(ring, CountRing) else None
 
-        def make(
-            plain: Callable[P, Coroutine[Any, Any, T]] | None,
-        ) -> Callable[P, Coroutine[Any, Any, T]]:
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-                if plain is not None and slot._TRACER_PROVIDER is not None:
-                    return await run_in_span(
-                        tel,
-                        registration.span_name,
-                        registration.span_attributes,
-                        plain,
-                        args,
-                        kwargs,
-                    )
-                start = now() if timed else None
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
+                start = None if timer is None else timer()
                 trial: int | None = None
                 if not breaker._fast:
                     state = breaker._state
@@ -846,8 +836,8 @@ class CircuitBreaker(Policy):
                         clock, until = breaker._open_clock, breaker._open_until
                         moment = now() if clock is None else clock()
                         if moment < until:
-                            if timed:
-                                metrics.took(REJECTED, start)  # type: ignore[arg-type]
+                            if start is not None:
+                                metrics.took(REJECTED, start)
                             raise rejected(until - moment)
                     if state is not _CLOSED:
                         trial = await admit(start)
@@ -869,17 +859,12 @@ class CircuitBreaker(Policy):
                     counter.pending += 1  # type: ignore[union-attr]
                 elif breaker._record(False, began):
                     await breaker._trip()
-                if timed:
-                    metrics.succeeded(start)
-                else:
-                    metrics.success += 1
-                return result
+                metrics.success += 1
+                return result if start is None else metrics.returned(result, start)
 
             return guarded
 
-        # The traced wrapper runs its untraced twin inside the span.
-        plain = make(None)
-        return make(plain) if binding.traced else plain
+        return self.build(make, binding)
 
     def __repr__(self) -> str:
         return (

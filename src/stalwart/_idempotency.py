@@ -13,7 +13,7 @@ from typing import Any, Final, Literal, ParamSpec, TypeVar, Union, final
 
 import anyio
 
-from . import _clock, _codec, _validate
+from . import _codec, _validate
 from ._errors import IdempotencyConflict, IdempotencyKeyReused
 from ._idempotency_store import (
     ClaimOutcome,
@@ -26,8 +26,8 @@ from ._idempotency_store import (
     resolve_store,
 )
 from ._metrics import MetricFamily, PolicyMetrics
-from ._policy import Binding, Policy
-from ._telemetry import Telemetry, observed, run_in_span
+from ._policy import AsyncCallable, Binding, Policy
+from ._telemetry import Telemetry, observed
 from ._timeout import is_cancellation
 from .events import CallRejected, IdempotentReplay
 
@@ -253,8 +253,7 @@ class Idempotency(Policy):
         fingerprint_of = self._fingerprint_reader(origin, pname, label)
         ttl, metrics, settle, replayed = self._ttl, self._metrics, self._settle, self._replayed
         memory = self._store if type(self._store) is MemoryStore else None
-        tel, slot, registration = self._telemetry, self._telemetry.provider_slot, self._registration
-        timed, now = tel.latency is not None, _clock.now
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
         key_name = pname or ""
 
         def bad_key(key: object) -> Exception:
@@ -269,22 +268,14 @@ class Idempotency(Policy):
                 f"got {len(key)} characters: {shown}"
             )
 
-        def make(
-            plain: Callable[P, Coroutine[Any, Any, T]] | None,
-        ) -> Callable[P, Coroutine[Any, Any, T]]:
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def idempotent(*args: P.args, **kwargs: P.kwargs) -> T:
-                if plain is not None and slot._TRACER_PROVIDER is not None:
-                    return await run_in_span(
-                        tel,
-                        registration.span_name,
-                        registration.span_attributes,
-                        plain,
-                        args,
-                        kwargs,
-                    )
-                start = now() if timed else None
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
+                start = None if timer is None else timer()
                 fp: str | None = None
-                fast: Any = None  # the in-process store's answer to a claim
+                held: Any = None  # the in-process store's answer to a claim, then our claim
+                record: Slot | None = None
                 key: Any
                 try:
                     if key_fn is None:
@@ -301,37 +292,32 @@ class Idempotency(Policy):
                         if fingerprint_of is not None:
                             fp = fingerprint_of(args, kwargs)
                         if memory is not None:
-                            fast = memory._claim_now((scope, key), fp)
+                            record = (scope, key)
+                            held = memory._claim_now(record, fp)
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     raise
-                held: tuple[Slot, list[Any]] | None = None  # our claim on the in-process store
-                if type(fast) is list:
-                    held = ((scope, key), fast)
-                elif type(fast) is tuple:
-                    return replayed(fast[1], fast[2], fp, label, start)  # type: ignore[no-any-return]
-                elif key is not None and key is not _MISSING:
-                    return await settle(fn, args, kwargs, scope, key, fp, fast, label, start)
+                if type(held) is tuple:
+                    return replayed(held[1], held[2], fp, label, start)  # type: ignore[no-any-return]
+                if type(held) is not list:
+                    if key is not None and key is not _MISSING:
+                        return await settle(fn, args, kwargs, scope, key, fp, held, label, start)
+                    record = None  # no key: no record
                 try:
                     result = await (fn(*args, **kwargs) if kwargs else positional(*args))
-                    if held is not None:
-                        memory._complete_now(*held, result, ttl)  # type: ignore[union-attr]
+                    if record is not None:
+                        memory._complete_now(record, held, result, ttl)  # type: ignore[union-attr]
                 except BaseException as exc:
-                    if held is not None:
-                        memory._release_now(*held)  # type: ignore[union-attr]
+                    if record is not None:
+                        memory._release_now(record, held)  # type: ignore[union-attr]
                     metrics.failed(exc, start)
                     raise
-                if timed:
-                    metrics.succeeded(start)
-                else:
-                    metrics.success += 1
-                return result
+                metrics.success += 1
+                return result if start is None else metrics.returned(result, start)
 
             return idempotent
 
-        # The traced wrapper runs its untraced twin inside the span.
-        plain = make(None)
-        return make(plain) if binding.traced else plain
+        return self.build(make, binding)
 
     def _replayed(
         self, value: Any, stored: str | None, fp: str | None, label: str, start: float | None

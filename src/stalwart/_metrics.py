@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound="PolicyMetrics")
+T = TypeVar("T")
 
 POLICY_ATTRIBUTE: Final = "stalwart.policy"
 
@@ -226,6 +227,15 @@ class PolicyMetrics:
         if start is not None:
             self.took(SUCCESS, start)
 
+    def returned(self, result: T, start: float) -> T:
+        """Time a call that returned ``result`` (counted already) and pass the result on.
+
+        The tail of a wrapper: ``metrics.success += 1`` then ``return result
+        if start is None else metrics.returned(result, start)``.
+        """
+        self.took(SUCCESS, start)
+        return result
+
     def failed(self, error: BaseException, start: float | None) -> None:
         """A call raised ``error``, which this policy did not raise itself."""
         if isinstance(error, Exception):
@@ -257,6 +267,42 @@ class PolicyMetrics:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.kind} {self.name!r}>"
+
+
+class Counted:
+    """A block whose outcome counts as one call's: ``with Counted(metrics, start):``.
+
+    Success when the block ends, else `PolicyMetrics.failed` with what it
+    raised. `stalwart.Timeout`'s deadline scope is one, which also counts its
+    own expiry as a ``timeout``. ``metrics`` None: nothing is counted (a bare
+    `stalwart.deadline`).
+    """
+
+    __slots__ = ("metrics", "start")
+
+    def __init__(self, metrics: PolicyMetrics | None, start: float | None = None) -> None:
+        self.metrics = metrics
+        self.start = start
+
+    def __enter__(self) -> Counted:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> bool | None:
+        self.ended(exc)
+        return None
+
+    def ended(self, error: BaseException | None) -> None:
+        """The block ended, raising ``error`` (None: it did not)."""
+        metrics = self.metrics
+        if metrics is not None:
+            if error is not None:
+                metrics.failed(error, self.start)
+            else:
+                metrics.success += 1
+                if self.start is not None:
+                    metrics.took(SUCCESS, self.start)
 
 
 # The classes of metrics, in the order they were defined: each exports its

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, final
 
-from . import _clock
-from ._policy import Binding, Policy
-from ._telemetry import Telemetry, run_in_span
+from ._policy import AsyncCallable, Binding, Policy
+from ._telemetry import Telemetry
 
 __all__ = ["Pipeline"]
 
@@ -73,39 +72,25 @@ class Pipeline(Policy):
         for policy in reversed(self._policies):
             inner = policy.wrap(inner, members)
         chain: Callable[..., Coroutine[Any, Any, T]] = inner
-        metrics, timed, now = self._metrics, self._telemetry.latency is not None, _clock.now
-        tel, slot, registration = self._telemetry, self._telemetry.provider_slot, self._registration
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        metrics = self._metrics
 
-        def make(
-            plain: Callable[P, Coroutine[Any, Any, T]] | None,
-        ) -> Callable[P, Coroutine[Any, Any, T]]:
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def pipeline(*args: P.args, **kwargs: P.kwargs) -> T:
-                if plain is not None and slot._TRACER_PROVIDER is not None:
-                    return await run_in_span(
-                        tel,
-                        registration.span_name,
-                        registration.span_attributes,
-                        plain,
-                        args,
-                        kwargs,
-                    )
-                start = now() if timed else None
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
+                start = None if timer is None else timer()
                 try:
                     result = await (chain(*args, **kwargs) if kwargs else chain(*args))
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     raise
-                if timed:
-                    metrics.succeeded(start)
-                else:
-                    metrics.success += 1
-                return result
+                metrics.success += 1
+                return result if start is None else metrics.returned(result, start)
 
             return pipeline
 
-        # The traced wrapper runs its untraced twin inside the span.
-        plain = make(None)
-        return make(plain) if binding.traced else plain
+        return self.build(make, binding)
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(p) for p in self._policies)

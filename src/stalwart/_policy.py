@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar, Final, ParamSpec, Self, TypeVar, final
 
-from . import _telemetry, _validate
+from . import _clock, _telemetry, _validate
 from ._metrics import PolicyMetrics
 from ._telemetry import Telemetry, resolve, run_in_span
 from ._warnings import warn
@@ -272,6 +272,21 @@ class Policy(ABC):
 
     # -- for wrappers ---------------------------------------------------------
 
+    def build(
+        self,
+        make: Callable[[AsyncCallable[P, T] | None], AsyncCallable[P, T]],
+        binding: Binding,
+    ) -> AsyncCallable[P, T]:
+        """The wrapper ``make`` writes, traced as ``binding`` asks.
+
+        ``make(None)`` must return the untraced wrapper; ``make(plain)`` the
+        traced one, which runs ``plain`` inside the policy's span (`in_span`)
+        when a tracer listens (`tracing`), and does the work itself otherwise.
+        One body, written once, closed over the choice.
+        """
+        plain = make(None)
+        return make(plain) if binding.traced else plain
+
     def tracing(self) -> bool:
         """Might a call be traced now? The gate of a traced wrapper.
 
@@ -280,30 +295,30 @@ class Policy(ABC):
         """
         return self._telemetry._slot._TRACER_PROVIDER is not None
 
-    async def in_span(
+    def in_span(
         self,
         fn: Callable[..., Coroutine[Any, Any, T]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> T:
-        """Await ``fn(*args, **kwargs)`` in this policy's span (``stalwart.<kind> <name>``).
+    ) -> Coroutine[Any, Any, T]:
+        """``fn(*args, **kwargs)``, to await in the policy's span (``stalwart.<kind> <name>``).
 
         The span ends with status ERROR and the exception recorded when
         ``fn`` raises; its ``stalwart.policy`` attribute is the policy's name.
         """
         registration = self._registration
-        return await run_in_span(
-            self._telemetry,
-            registration.span_name,
-            registration.span_attributes,
-            fn,
-            args,
-            kwargs,
+        return run_in_span(
+            self._telemetry, registration.span_name, registration.span_attributes, fn, args, kwargs
         )
 
-    def start(self) -> float | None:
-        """The start of a call, for `PolicyMetrics` to time it: None unless latency is measured."""
-        return _telemetry.event_time() if self._telemetry._buckets is not None else None
+    def timer(self) -> Callable[[], float] | None:
+        """The clock to time calls with, or None when the telemetry does not measure latency.
+
+        A wrapper takes ``start = None if timer is None else timer()`` and
+        hands ``start`` to its `PolicyMetrics`, which fill
+        ``stalwart_call_duration_seconds`` when it is not None.
+        """
+        return _clock.now if self._telemetry._buckets is not None else None
 
     @property
     def observed(self) -> bool:

@@ -5,17 +5,17 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, Literal, ParamSpec, TypeVar, Union, final, get_args
 
 from . import _clock, _validate
 from ._errors import CircuitOpenError, DeadlineExceeded, RateLimitExceeded
-from ._metrics import MetricFamily, PolicyMetrics
-from ._policy import Binding, Policy
+from ._metrics import Counted, MetricFamily, PolicyMetrics
+from ._policy import AsyncCallable, Binding, Policy
 from ._retry_budget import RetryBudget
-from ._telemetry import Telemetry, observed, run_in_span
+from ._telemetry import Telemetry, observed
 from ._timeout import _Scope, remaining
 from .events import RetryGaveUp, Retrying
 
@@ -107,7 +107,6 @@ class Backoff:
 
 
 _DEFAULT_BACKOFF: Final = Backoff()
-_NO_SCOPE: Final = nullcontext()
 
 
 class RetryMetrics(PolicyMetrics):
@@ -327,74 +326,51 @@ class Retry(Policy):
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        retryable, again, first, counted = self._retryable, self._again, self._first, self._counted
-        # No result predicate, budget or timeout: the first attempt is made
-        # inline, with no coroutine between caller and `fn` ("Retry, success" row).
-        simple = self._on_result is None and self._timeout is None and self._budget is None
-        seconds, name, owner, metrics = self._timeout, self._name, self, self._metrics
-        tel, slot, registration = self._telemetry, self._telemetry.provider_slot, self._registration
-        timed, now = tel.latency is not None, _clock.now
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        retryable, again, first, metrics = self._retryable, self._again, self._first, self._metrics
+        seconds, name, owner = self._timeout, self._name, self
+        # No result predicate, budget, timeout nor latency to measure: the first
+        # attempt is made inline, with nothing to time and no coroutine between
+        # caller and `fn` (the "Retry, success" row).
+        simple = (
+            self._on_result is None and seconds is None and self._budget is None and timer is None
+        )
 
-        def make(
-            plain: Callable[P, Coroutine[Any, Any, T]] | None,
-        ) -> Callable[P, Coroutine[Any, Any, T]]:
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
-                if plain is not None and slot._TRACER_PROVIDER is not None:
-                    return await run_in_span(
-                        tel,
-                        registration.span_name,
-                        registration.span_attributes,
-                        plain,
-                        args,
-                        kwargs,
-                    )
-                start = now() if timed else None
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
                 if not simple:
-                    scope = None if seconds is None else _Scope(seconds, name, owner)
-                    return await counted(first(fn, args, kwargs), start, scope)
+                    start = None if timer is None else timer()
+                    # The block counts the call's outcome; a `timeout` scope also its expiry.
+                    with (
+                        Counted(metrics, start)
+                        if seconds is None
+                        else _Scope(seconds, name, owner, metrics, start)
+                    ):
+                        return await first(fn, args, kwargs)
                 try:
                     result = await (fn(*args, **kwargs) if kwargs else positional(*args))
                 except BaseException as exc:
                     if not retryable(exc):
-                        metrics.failed(exc, start)
+                        metrics.failed(exc, None)
                         raise
                     failure = exc
                 else:
-                    if timed:
-                        metrics.succeeded(start)
-                    else:
-                        metrics.success += 1
+                    metrics.success += 1
                     return result
                 # Retry outside the `except`, or every later error would
                 # carry this one as its __context__. And let go of it after:
                 # raised again, its traceback would hold this frame holding it.
                 try:
-                    return await counted(again(fn, args, kwargs, failure, True), start, None)
+                    with Counted(metrics):
+                        return await again(fn, args, kwargs, failure, True)
                 finally:
                     del failure
 
             return retrying
 
-        # The traced wrapper runs its untraced twin inside the span.
-        plain = make(None)
-        return make(plain) if binding.traced else plain
-
-    async def _counted(
-        self, work: Coroutine[Any, Any, T], start: float | None, scope: _Scope | None
-    ) -> T:
-        """Await the rest of a call (in its ``timeout`` scope, if any) and count how it ended."""
-        metrics = self._metrics
-        try:
-            with _NO_SCOPE if scope is None else scope:
-                result = await work
-        except BaseException as exc:
-            if scope is not None and scope.exceeded:
-                metrics.timed_out(start)
-            else:
-                metrics.failed(exc, start)
-            raise
-        metrics.succeeded(start)
-        return result
+        return self.build(make, binding)
 
     async def _first(
         self,

@@ -30,9 +30,9 @@ import anyio
 from . import _clock, _validate
 from ._clock import _current_task
 from ._errors import DeadlineExceeded
-from ._metrics import MetricFamily, PolicyMetrics
-from ._policy import Binding, Policy
-from ._telemetry import Telemetry, observed, run_in_span
+from ._metrics import Counted, MetricFamily, PolicyMetrics
+from ._policy import AsyncCallable, Binding, Policy
+from ._telemetry import Telemetry, observed
 from .events import TimedOut
 
 __all__ = ["Timeout", "deadline", "remaining"]
@@ -242,7 +242,7 @@ class ScopeOwner(Protocol):
         ...
 
 
-class _Scope:
+class _Scope(Counted):
     """One deadline scope: the ambient deadline inside it, and its canceller.
 
     ``timeout`` is the effective limit (``seconds``, or less when an
@@ -251,7 +251,8 @@ class _Scope:
     An ``owner`` (a `Timeout`, or a `Retry` with a ``timeout``) builds the
     error and counts the expiry; one that ``claims_outer_deadline`` (a
     `Timeout`) also reports the enclosing deadline's expiry as its own, as the
-    contract asks of a `Timeout`.
+    contract asks of a `Timeout`. With ``metrics``, the block's outcome counts
+    as a call's (see `Counted`), its expiry as a ``timeout``.
     """
 
     __slots__ = (
@@ -279,7 +280,16 @@ class _Scope:
     _cancelling: int
     _timers: _Timers
 
-    def __init__(self, seconds: float, policy: str, owner: ScopeOwner | None = None) -> None:
+    def __init__(
+        self,
+        seconds: float,
+        policy: str,
+        owner: ScopeOwner | None = None,
+        metrics: PolicyMetrics | None = None,
+        start: float | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.start = start
         self.timeout = seconds
         self.policy = policy
         self.owner = owner
@@ -397,6 +407,7 @@ class _Scope:
                 and outer.expired()
             ):
                 raise self._exceeded() from exc
+            self.ended(exc)
             return None
         _current.reset(token)
         cancel_scope = self._cancel_scope
@@ -417,14 +428,18 @@ class _Scope:
                 and issubclass(exc_type, CancelledError)
             ):
                 raise self._exceeded() from exc
+            self.ended(exc)
             return None
         swallowed = cancel_scope.__exit__(exc_type, exc, tb)
         if cancel_scope.cancelled_caught:
             raise self._exceeded() from exc
+        self.ended(exc)
         return swallowed
 
     def _exceeded(self) -> DeadlineExceeded:
         self.exceeded = True
+        if self.metrics is not None:
+            self.metrics.timed_out(self.start)
         if self.owner is not None:
             return self.owner.deadline_exceeded(self.timeout)
         return DeadlineExceeded(
@@ -555,45 +570,21 @@ class Timeout(Policy):
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
         seconds, name, owner, metrics = self._seconds, self._name, self, self._metrics
-        tel, slot, registration = self._telemetry, self._telemetry.provider_slot, self._registration
-        timed, now = tel.latency is not None, _clock.now
 
-        def make(
-            plain: Callable[P, Coroutine[Any, Any, T]] | None,
-        ) -> Callable[P, Coroutine[Any, Any, T]]:
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def timing_out(*args: P.args, **kwargs: P.kwargs) -> T:
-                if plain is not None and slot._TRACER_PROVIDER is not None:
-                    return await run_in_span(
-                        tel,
-                        registration.span_name,
-                        registration.span_attributes,
-                        plain,
-                        args,
-                        kwargs,
-                    )
-                start = now() if timed else None
-                scope = _Scope(seconds, name, owner)
-                try:
-                    with scope:
-                        result = await (fn(*args, **kwargs) if kwargs else positional(*args))
-                except BaseException as exc:
-                    if scope.exceeded:
-                        metrics.timed_out(start)
-                    else:
-                        metrics.failed(exc, start)
-                    raise
-                if timed:
-                    metrics.succeeded(start)
-                else:
-                    metrics.success += 1
-                return result
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
+                # The scope counts the call's outcome, its own expiry as a timeout.
+                start = None if timer is None else timer()
+                with _Scope(seconds, name, owner, metrics, start):
+                    return await (fn(*args, **kwargs) if kwargs else positional(*args))
 
             return timing_out
 
-        # The traced wrapper runs its untraced twin inside the span.
-        plain = make(None)
-        return make(plain) if binding.traced else plain
+        return self.build(make, binding)
 
     @property
     def claims_outer_deadline(self) -> bool:
