@@ -304,7 +304,7 @@ if sys.version_info >= (3, 11):
 
     def _alone(error: BaseException) -> BaseException:
         """The one exception that (nested) groups of one hold, or ``error``."""
-        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:  # noqa: F821
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
         return error
 
