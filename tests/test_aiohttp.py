@@ -39,7 +39,9 @@ from .conftest import Spans
 
 pytestmark = pytest.mark.realtime
 
-NO_WAIT = sw.Backoff(initial=0.0, maximum=0.0)
+# No backoff of its own, but room for the server's hints: a hint longer than
+# the backoff's maximum stops the retries (contract v2).
+NO_WAIT = sw.Backoff(initial=0.0, maximum=5.0)
 
 
 @pytest.fixture
@@ -166,7 +168,7 @@ async def test_the_last_503_is_returned_after_the_last_attempt(server: Server) -
 
 async def test_a_429_with_retry_after_is_waited_out(server: Server) -> None:
     key = server.key()
-    params = {"key": key, "fail": 1, "status": 429, "retry_after": "0.2"}
+    params: dict[str, str | int] = {"key": key, "fail": 1, "status": 429, "retry_after": "0.2"}
     async with session(server) as http, http.get("/flaky", params=params) as r:
         assert r.status == 200
     first, second = server.hits(key)
@@ -183,7 +185,7 @@ async def test_a_retry_after_date_is_read(server: Server) -> None:
         return False
 
     when = email.utils.formatdate(time.time() + 120, usegmt=True)
-    params = {"key": key, "fail": 1, "retry_after": when}
+    params: dict[str, str | int] = {"key": key, "fail": 1, "retry_after": when}
     async with session(server, sw.Retry(on=on)) as http, http.get("/flaky", params=params) as r:
         assert r.status == 503
     [error] = seen
@@ -273,7 +275,7 @@ async def test_without_a_deadline_no_header_is_sent(server: Server) -> None:
 async def test_an_attempt_cut_by_a_timeout_is_retried(server: Server) -> None:
     key = server.key()
     policy = sw.Pipeline(sw.Retry(attempts=2, on=is_retryable, backoff=NO_WAIT), sw.Timeout(0.2))
-    params = {"key": key, "sleep": 30, "sleepy": 1}
+    params: dict[str, str | int] = {"key": key, "sleep": 30, "sleepy": 1}
     async with session(server, policy) as http, http.get("/flaky", params=params) as r:
         assert r.status == 200
     assert len(server.hits(key)) == 2

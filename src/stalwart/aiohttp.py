@@ -34,7 +34,7 @@ try:
     from aiohttp import payload, web
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "stalwart.aiohttp needs aiohttp: install it with `pip install stalwart[aiohttp]`"
+        "stalwart.aiohttp needs aiohttp: install it with `pip install 'stalwart[aiohttp]'`"
     ) from exc
 
 from . import _clock, _propagation, _validate

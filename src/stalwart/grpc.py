@@ -47,7 +47,7 @@ try:
     from grpc import aio
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "stalwart.grpc needs grpcio: install it with `pip install stalwart[grpc]`"
+        "stalwart.grpc needs grpcio: install it with `pip install 'stalwart[grpc]'`"
     ) from exc
 
 from . import _propagation, _validate
