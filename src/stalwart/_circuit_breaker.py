@@ -36,7 +36,8 @@ from ._circuit_store import CircuitRecord, CircuitState, CircuitStore
 from ._errors import CircuitOpenError
 from ._metrics import REJECTED, MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
-from ._telemetry import Telemetry, otel_probe
+from ._privates import otel_probe
+from ._telemetry import Telemetry
 from ._warnings import warn
 from ._windows import CountRing, CountWindow, Ring, TimeWindow, ring_for
 from .events import CallRejected, CircuitStateChanged

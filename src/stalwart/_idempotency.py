@@ -14,6 +14,7 @@ from typing import Any, Final, Literal, ParamSpec, TypeVar, Union, final
 import anyio
 
 from . import _codec, _validate
+from ._deadline import is_cancellation
 from ._errors import IdempotencyConflict, IdempotencyKeyReused
 from ._idempotency_store import (
     ClaimOutcome,
@@ -28,7 +29,6 @@ from ._idempotency_store import (
 from ._metrics import MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
 from ._telemetry import Telemetry, observed
-from ._timeout import is_cancellation
 from .events import CallRejected, IdempotentReplay
 
 __all__ = ["Idempotency", "OnConflict"]

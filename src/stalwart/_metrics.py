@@ -495,7 +495,11 @@ class Collector:
             retired = set(self._retired)
             buckets = self.buckets
         with _declared_lock:
-            classes = list(_declared)
+            # By the name of their first family: an order that does not hang on imports.
+            classes = sorted(
+                _declared,
+                key=lambda c: c.__dict__["families"][0].name if c.__dict__["families"] else "",
+            )
         by_class: dict[type[PolicyMetrics], list[tuple[PolicyMetrics, bool]]] = {}
         if fill:
             for key, metrics in everything:

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, ParamSpec, TypeVar, Union, final, get_args
 
 from . import _clock, _validate
+from ._deadline import _Scope, remaining
 from ._errors import CircuitOpenError, DeadlineExceeded, RateLimitExceeded
 from ._metrics import Counted, MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
 from ._retry_budget import RetryBudget
 from ._telemetry import Telemetry, observed
-from ._timeout import _Scope, remaining
 from .events import RetryGaveUp, Retrying
 
 __all__ = ["Backoff", "Jitter", "Retry", "retries_disabled"]

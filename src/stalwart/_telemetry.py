@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import Any, Final, Protocol, TypeVar, cast, final
+from typing import Any, Final, TypeVar, final
 
 import opentelemetry.trace as _ot
 from opentelemetry.context import attach as _attach
@@ -35,6 +35,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _clock, _metrics
 from ._metrics import POLICY_ATTRIBUTE, PolicyMetrics, Registration
+from ._privates import ProviderSlot, otel_probe
 from ._version import __version__
 from .events import Event, Listener
 
@@ -45,29 +46,6 @@ M = TypeVar("M", bound=PolicyMetrics)
 
 _INSTRUMENTATION = "stalwart"
 _log = logging.getLogger("stalwart")
-
-
-class ProviderSlot(Protocol):
-    """Where a telemetry's tracer provider is: set (not None) when spans may be opened."""
-
-    _TRACER_PROVIDER: Any
-
-
-class _SlowProbe:
-    """Fallback if the OpenTelemetry API ever renames its global slot."""
-
-    @property
-    def _TRACER_PROVIDER(self) -> Any:  # noqa: N802 - mirrors the API's name
-        provider = _ot.get_tracer_provider()
-        return None if isinstance(provider, ProxyTracerProvider) else provider
-
-
-# ``opentelemetry.trace._TRACER_PROVIDER`` is None until an application calls
-# ``set_tracer_provider`` (which the API allows exactly once). Reading that
-# module attribute is the cheapest possible "is an SDK configured?" check.
-otel_probe: ProviderSlot = cast(
-    ProviderSlot, _ot if hasattr(_ot, "_TRACER_PROVIDER") else _SlowProbe()
-)
 
 
 class _Fixed:

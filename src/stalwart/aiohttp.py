@@ -38,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import _clock, _propagation, _validate
+from ._deadline import deadline, remaining
 from ._errors import (
     BulkheadFullError,
     CircuitOpenError,
@@ -49,7 +50,6 @@ from ._errors import (
 from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
 from ._policy import Policy
 from ._retry import Retry, retries_disabled
-from ._timeout import deadline, remaining
 from .asgi import parse_timeout_ms
 
 __all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks

@@ -39,6 +39,7 @@ from collections.abc import (
 from typing import Any, Final, Union, final
 
 from . import _clock, _telemetry, _validate
+from ._deadline import deadline
 from ._errors import DeadlineExceeded, StalwartError, StoreUnavailable
 from ._http import (
     DEADLINE_HEADER,
@@ -56,7 +57,6 @@ from ._idempotency_store import (
     resolve_store,
 )
 from ._telemetry import Telemetry, report
-from ._timeout import deadline
 from .events import CallRejected, IdempotentReplay
 
 __all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_public_api.py)

@@ -51,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import _propagation, _validate
+from ._deadline import deadline, remaining
 from ._errors import (
     BulkheadFullError,
     CircuitOpenError,
@@ -62,7 +63,6 @@ from ._errors import (
 from ._pipeline import Pipeline
 from ._policy import Policy
 from ._retry import Retry
-from ._timeout import deadline, remaining
 
 __all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks
     "ClientInterceptor",

@@ -50,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import _validate
+from ._deadline import remaining
 from ._errors import (
     BulkheadFullError,
     CircuitOpenError,
@@ -71,7 +72,6 @@ from ._http import (
 )
 from ._policy import Binding, Policy
 from ._retry import Retry, retries_disabled
-from ._timeout import remaining
 
 __all__ = [
     "DEFAULT_MAX_HOSTS",

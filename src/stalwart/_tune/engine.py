@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry
 from .._bulkhead import Bulkhead
 from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
 from .._pipeline import Pipeline
+from .._privates import scheduled_timers
 from .._retry import Retry, RetryMetrics
 from .._telemetry import Telemetry
 from .._timeout import Timeout
@@ -104,7 +105,7 @@ class _NoIO(selectors.BaseSelector):
             # error, and the errors add up over an hour of jumps (a call due at
             # 3.0 s would then be counted in second 2). asyncio's heap of timers
             # has been ``_scheduled`` since 3.4; without it, add.
-            scheduled = getattr(loop, "_scheduled", None)
+            scheduled = scheduled_timers(loop)
             if scheduled:
                 loop._now = max(loop._now, scheduled[0].when())
             else:
