@@ -12,12 +12,11 @@ import time
 import tracemalloc
 from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import Any
+from typing import Any, assert_type
 
 import anyio
 import pytest
 from prometheus_client import CollectorRegistry
-from typing_extensions import assert_type
 
 import stalwart as sw
 from stalwart import CircuitState, _clock

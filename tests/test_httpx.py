@@ -7,7 +7,7 @@ import json
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
@@ -252,7 +252,7 @@ async def test_retry_after_is_a_minimum_the_backoff_can_exceed() -> None:
 
 
 async def test_retry_after_as_an_http_date_is_measured_from_the_servers_date() -> None:
-    now = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    now = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     headers = {
         "date": format_datetime(now, usegmt=True),
         "retry-after": format_datetime(now + timedelta(seconds=30), usegmt=True),
@@ -265,7 +265,7 @@ async def test_retry_after_as_an_http_date_is_measured_from_the_servers_date() -
 
 
 async def test_retry_after_as_an_http_date_without_a_date_uses_the_wall_clock() -> None:
-    later = datetime.now(timezone.utc) + timedelta(seconds=60)
+    later = datetime.now(UTC) + timedelta(seconds=60)
     upstream = Upstream(reply(503, {"retry-after": format_datetime(later, usegmt=True)}), 200)
     async with upstream.client(retry(backoff=HINTED)) as client:
         await client.get("/items")
@@ -306,7 +306,7 @@ def test_parse_retry_after(value: str, expected: float | None) -> None:
 
 
 def test_parse_retry_after_reads_dates_against_the_wall_clock_by_default() -> None:
-    later = datetime.now(timezone.utc) + timedelta(seconds=100)
+    later = datetime.now(UTC) + timedelta(seconds=100)
     hint = parse_retry_after(format_datetime(later, usegmt=True))
     assert hint is not None
     assert 98.0 <= hint <= 100.0

@@ -27,13 +27,14 @@ import math
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, ParamSpec, TypeVar, Union, final
+from typing import Any, Final, ParamSpec, TypeVar, final
 
 import anyio
 
 from . import _clock, _telemetry, _validate
 from ._circuit_store import CircuitRecord, CircuitState, CircuitStore
 from ._errors import CircuitOpenError
+from ._matchers import ExceptionMatcher, Matcher
 from ._metrics import REJECTED, MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
 from ._privates import otel_probe
@@ -47,9 +48,6 @@ __all__ = ["CircuitBreaker", "CircuitBreakerStatistics", "CircuitState"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-ExceptionMatcher = Union[  # noqa: UP007 - a runtime alias: `|` needs 3.10 types on both sides
-    type[BaseException], tuple[type[BaseException], ...], Callable[[BaseException], bool]
-]
 
 _CLOSED: Final = CircuitState.CLOSED
 _OPEN: Final = CircuitState.OPEN
@@ -170,32 +168,6 @@ class CircuitBreakerMetrics(PolicyMetrics):
     )
 
 
-def _matcher(param: str, value: Any, *, allow_empty: bool) -> ExceptionMatcher:
-    if isinstance(value, type) and issubclass(value, BaseException):
-        return value
-    if isinstance(value, tuple):
-        if (not value and not allow_empty) or not all(
-            isinstance(t, type) and issubclass(t, BaseException) for t in value
-        ):
-            raise TypeError(
-                f"{param} must be an exception type, a "
-                f"{'' if allow_empty else 'non-empty '}tuple of them, or a predicate"
-            )
-        return value
-    if callable(value):
-        return value  # type: ignore[no-any-return]
-    raise TypeError(
-        f"{param} must be an exception type, a tuple of them, or a predicate, "
-        f"not {type(value).__name__}"
-    )
-
-
-def _matches(matcher: ExceptionMatcher, exc: BaseException) -> bool:
-    if isinstance(matcher, (type, tuple)):
-        return isinstance(exc, matcher)
-    return bool(matcher(exc))
-
-
 @final
 @dataclass(frozen=True, slots=True)
 class _Rules:
@@ -216,14 +188,14 @@ class _Rules:
     slow_call_rate: float
     open_for: float
     half_open_calls: int
-    failure_on: ExceptionMatcher
-    ignore: ExceptionMatcher
+    failure_on: Matcher
+    ignore: Matcher
 
     def classify(self, exc: BaseException) -> int:
         """How a call that raised ``exc`` counts: success, failure or neither."""
-        if not isinstance(exc, Exception) or _matches(self.ignore, exc):
+        if not isinstance(exc, Exception) or self.ignore(exc):
             return _NEITHER
-        return _FAILURE if _matches(self.failure_on, exc) else _SUCCESS
+        return _FAILURE if self.failure_on(exc) else _SUCCESS
 
     def is_slow(self, duration: float) -> bool:
         threshold = self.slow_call_duration
@@ -264,9 +236,7 @@ _RULES_KEPT: Final = 256
 
 
 def _shared(rules: _Rules) -> _Rules:
-    if callable(rules.failure_on) and not isinstance(rules.failure_on, type):
-        return rules
-    if callable(rules.ignore) and not isinstance(rules.ignore, type):
+    if rules.failure_on.is_predicate or rules.ignore.is_predicate:
         return rules
     found = _rules_by_value.get(rules)
     if found is not None:
@@ -440,8 +410,8 @@ class CircuitBreaker(Policy):
             slow_call_rate=_validate.rate("slow_call_rate", slow_call_rate),
             open_for=_validate.duration("open_for", open_for),
             half_open_calls=_validate.count("half_open_calls", half_open_calls),
-            failure_on=_matcher("failure_on", failure_on, allow_empty=False),
-            ignore=_matcher("ignore", ignore, allow_empty=True),
+            failure_on=Matcher("failure_on", failure_on),
+            ignore=Matcher("ignore", ignore, allow_empty=True),
         )
         if store is not None and not isinstance(store, CircuitStore):
             raise TypeError(

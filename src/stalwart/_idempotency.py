@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, Literal, ParamSpec, TypeVar, Union, final
+from typing import Any, Final, Literal, ParamSpec, TypeAlias, TypeVar, final
 
 import anyio
 
@@ -37,8 +37,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 OnConflict = Literal["wait", "raise"]
-KeySpec = Union[str, Callable[..., Union[str, None]]]  # noqa: UP007 - runtime alias on 3.10
-FingerprintSpec = Union[Literal["args"], Callable[..., str], None]  # noqa: UP007
+KeySpec: TypeAlias = str | Callable[..., str | None]
+FingerprintSpec: TypeAlias = Literal["args"] | Callable[..., str] | None
 
 DEFAULT_TTL: Final = 86_400.0
 DEFAULT_LEASE: Final = 30.0

@@ -8,11 +8,12 @@ from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final, Literal, ParamSpec, TypeVar, Union, final, get_args
+from typing import Any, Final, Literal, ParamSpec, TypeVar, final, get_args
 
 from . import _clock, _validate
 from ._deadline import _Scope, remaining
 from ._errors import CircuitOpenError, DeadlineExceeded, RateLimitExceeded
+from ._matchers import ExceptionMatcher, Matcher
 from ._metrics import Counted, MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
 from ._retry_budget import RetryBudget
@@ -27,10 +28,6 @@ T = TypeVar("T")
 Jitter = Literal["full", "equal", "decorrelated", "none"]
 """The jitter strategies of a `Backoff` (see `Backoff` for their formulas)."""
 _JITTERS: Final = frozenset(get_args(Jitter))
-
-ExceptionMatcher = Union[  # noqa: UP007 - a runtime alias: `|` needs 3.10 types on both sides
-    type[BaseException], tuple[type[BaseException], ...], Callable[[BaseException], bool]
-]
 
 
 @final
@@ -165,22 +162,6 @@ def retries_disabled() -> Iterator[None]:
         _retries_allowed.reset(token)
 
 
-def _exception_matcher(on: Any) -> Callable[[BaseException], bool]:
-    if isinstance(on, type) and issubclass(on, BaseException):
-        return lambda exc: isinstance(exc, on)
-    if isinstance(on, tuple):
-        if not on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
-            raise TypeError(
-                "on must be an exception type, a non-empty tuple of them, or a predicate"
-            )
-        return lambda exc: isinstance(exc, on)
-    if callable(on):
-        return on  # type: ignore[no-any-return]
-    raise TypeError(
-        f"on must be an exception type, a tuple of them, or a predicate, not {type(on).__name__}"
-    )
-
-
 #: What a `Retry` given no ``on`` does not retry: refusals this process made to
 #: protect a dependency. Waiting them out would block the caller for as long
 #: as the refusal lasts (an open breaker's ``open_for``) and then send every
@@ -278,7 +259,7 @@ class Retry(Policy):
         # The default is a predicate like any other: `_retryable` checks it
         # only once an attempt has failed, so the hot path does not see it.
         self._on = _retry_by_default if on is None else on
-        self._matches = _exception_matcher(self._on)
+        self._matches = Matcher("on", self._on)
         if on_result is not None and not callable(on_result):
             raise TypeError(f"on_result must be callable, not {type(on_result).__name__}")
         self._on_result = on_result
@@ -317,10 +298,8 @@ class Retry(Policy):
         return self._budget
 
     def _retryable(self, exc: BaseException) -> bool:
-        on = self._on
-        if isinstance(on, (type, tuple)):
-            return isinstance(exc, Exception) and isinstance(exc, on)
-        return isinstance(exc, Exception) and bool(self._matches(exc))
+        # Only `Exception`s: cancellation and exits are never retried, whatever `on` says.
+        return isinstance(exc, Exception) and self._matches(exc)
 
     def wrap(
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding

@@ -25,7 +25,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from datetime import timezone
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Final, final
 
@@ -115,7 +115,7 @@ def _http_date(value: str) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:  # HTTP dates are always GMT
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return when.timestamp()
 
 

@@ -26,7 +26,6 @@ import json
 import logging
 import re
 import struct
-import sys
 from collections.abc import (
     Awaitable,
     Callable,
@@ -36,7 +35,7 @@ from collections.abc import (
     MutableMapping,
     Sequence,
 )
-from typing import Any, Final, Union, final
+from typing import Any, Final, TypeAlias, final
 
 from . import _clock, _telemetry, _validate
 from ._deadline import deadline
@@ -300,18 +299,11 @@ class DeadlineMiddleware:
 _log = logging.getLogger("stalwart.asgi")
 
 
-if sys.version_info >= (3, 11):
-
-    def _alone(error: BaseException) -> BaseException:
-        """The one exception that (nested) groups of one hold, or ``error``."""
-        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-            error = error.exceptions[0]
-        return error
-
-else:  # pragma: no cover - 3.10's groups are a backport's: left to propagate
-
-    def _alone(error: BaseException) -> BaseException:
-        return error
+def _alone(error: BaseException) -> BaseException:
+    """The one exception that (nested) groups of one hold, or ``error``."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def _stalwart_error(exc: Exception) -> tuple[StalwartError, ErrorRule] | None:
@@ -413,9 +405,7 @@ class ErrorMiddleware:
 
 # -- idempotency keys -------------------------------------------------------------------
 
-Credentials = Union[  # noqa: UP007 - runtime alias
-    str, Sequence[str], Callable[[Scope], str | bytes | None]
-]
+Credentials: TypeAlias = str | Sequence[str] | Callable[[Scope], str | bytes | None]
 """Header names, or a callable of the request's scope returning who is calling."""
 
 DEFAULT_CREDENTIALS: Final = ("Authorization", "Cookie")

@@ -33,11 +33,9 @@ import logging
 import math
 import secrets
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, final
-
-import anyio
 
 try:
     import redis.asyncio as _aioredis
@@ -56,15 +54,7 @@ from ._redis_scripts import Script
 
 __all__ = ["OnUnavailable", "RedisStore"]
 
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as _within
-else:  # pragma: no cover - depends on the interpreter
-
-    @contextlib.asynccontextmanager
-    async def _within(delay: float) -> AsyncIterator[None]:
-        with anyio.fail_after(delay):
-            yield
-
+from asyncio import timeout as _within
 
 #: What idempotency calls do when Redis cannot be reached (see `RedisStore`).
 OnUnavailable = Literal["raise", "bypass"]
