@@ -23,9 +23,8 @@ import redis
 import redis.asyncio
 
 import stalwart as sw
-from stalwart import Completed, InFlight, Lease
+from stalwart import Completed, InFlight, Lease, _redis_scripts
 from stalwart._circuit_store import CircuitStore
-from stalwart import _redis_scripts
 from stalwart.redis import RedisStore, _digest
 
 from . import redis_support
@@ -165,11 +164,12 @@ class Sent:
     @property
     def scripts(self) -> list[str]:
         """The names of the scripts run (by EVALSHA), in order."""
-        found: list[str] = []
-        for _, blob in self.writes:
-            for sha in re.findall(rb"EVALSHA\r\n\$40\r\n([0-9a-f]{40})", blob, re.IGNORECASE):
-                found.append(_SCRIPTS.get(sha, sha.decode()))
-        return found
+        pattern = re.compile(rb"EVALSHA\r\n\$40\r\n([0-9a-f]{40})", re.IGNORECASE)
+        return [
+            _SCRIPTS.get(sha, sha.decode())
+            for _, blob in self.writes
+            for sha in pattern.findall(blob)
+        ]
 
 
 def counting_client(url: str | None = None) -> tuple[redis.asyncio.Redis, Sent]:
