@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ def test_hypothesis_runs_the_same_examples_every_time() -> None:
     if os.environ.get("HYPOTHESIS_PROFILE", "ci") != "ci":
         pytest.skip("another hypothesis profile was asked for")
     current = settings.default
+    assert current is not None
     assert current.derandomize
     assert current.database is None
     assert current.deadline is None
@@ -56,7 +58,7 @@ def _runs_redis_server(pid: int) -> bool:
 
 
 def test_without_a_redis_the_suite_starts_its_own_and_stops_it() -> None:
-    if redis_support.shutil.which("redis-server") is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
     nowhere = f"redis://127.0.0.1:{redis_support.free_port()}/0"  # nothing listens there
     done = subprocess.run(
