@@ -153,13 +153,15 @@ class PrivateRedis:
     does it in a ``finally``, whatever the test did to the server.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
+        """``args``: more options for ``redis-server`` (``--cluster-enabled yes``, ...)."""
         binary = shutil.which("redis-server")
         if binary is None:
             if os.environ.get("CI"):
                 pytest.fail("redis-server is not installed", pytrace=False)
             pytest.skip("redis-server is not installed")
         self.binary = binary
+        self.args = args
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self._started = False
@@ -188,6 +190,7 @@ class PrivateRedis:
             [
                 *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
                 *("--save", "", "--appendonly", "no"),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -228,8 +231,9 @@ class PrivateRedis:
 
 
 @contextlib.contextmanager
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
+def private_redis(*args: str) -> Iterator[PrivateRedis]:
+    """A started `PrivateRedis`, stopped by its process when the block ends, whatever happens."""
+    server = PrivateRedis(*args)
     try:
         server.start()
         yield server
