@@ -32,6 +32,7 @@ import hashlib
 import logging
 import math
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -867,7 +868,9 @@ class RedisStore:
                     _redis_scripts.ACQUIRE_TRIAL, keys, (version, limit, lease_ms, token, not_after)
                 )
             except BaseException as exc:
-                if not isinstance(exc, Exception) or _is_unavailable(exc):
+                if not isinstance(exc, Exception) or (
+                    _is_unavailable(exc) and not _never_sent(exc)
+                ):
                     self._settle_later(
                         _Settlement(
                             "trial permit given back",
@@ -1002,7 +1005,7 @@ class RedisStore:
                 )
             except BaseException as exc:
                 unavailable = isinstance(exc, Exception) and _is_unavailable(exc)
-                if unavailable or not isinstance(exc, Exception):
+                if not isinstance(exc, Exception) or (unavailable and not _never_sent(exc)):
                     self._settle_later(
                         _Settlement(
                             "claim given back",
@@ -1390,3 +1393,19 @@ def _leaf(exc: BaseException) -> BaseException:
 
 def _is_unavailable(exc: BaseException) -> bool:
     return all(isinstance(one, _UNAVAILABLE) for one in _leaves(exc))
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Did ``exc`` come from a connection refused, so the request never left this process?
+
+    Then there is nothing to give back. (redis-py wraps the socket's error
+    in its own ``ConnectionError``, raised while handling it.)
+    """
+    seen: BaseException | None = _leaf(exc)
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, (ConnectionRefusedError, socket.gaierror)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
