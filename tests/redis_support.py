@@ -17,6 +17,7 @@ where that is a failure.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -26,7 +27,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -95,6 +96,26 @@ def require_redis() -> None:
         if os.environ.get("CI"):
             pytest.fail(message + " (under CI, a missing Redis is a failure)", pytrace=False)
         pytest.skip(message)
+
+
+async def until(
+    check: Callable[[], bool | Awaitable[bool]], *, within: float = 10.0, every: float = 0.005
+) -> float:
+    """Seconds until ``check()`` holds, polled every ``every`` seconds; fails after ``within``.
+
+    For what happens in the background (a pub/sub message, a task's next
+    step): the bound is generous, since a loaded machine is slow, not wrong.
+    """
+    start = time.monotonic()
+    while True:
+        held = check()
+        if not isinstance(held, bool):
+            held = await held
+        if held:
+            return time.monotonic() - start
+        if time.monotonic() - start > within:
+            raise AssertionError(f"still not true after {within}s")
+        await asyncio.sleep(every)
 
 
 def unique_prefix() -> str:

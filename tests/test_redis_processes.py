@@ -132,7 +132,13 @@ async def boom() -> None:
     raise Boom
 
 
-async def test_a_transition_reaches_every_process_within_100ms(pool: Pool, prefix: str) -> None:
+# A push (a pub/sub hop: a millisecond or so) reaches the other processes long
+# before their next periodic re-read (`reconcile_interval`, 5 s by default),
+# however loaded the machine.
+PUSHED = 2.5
+
+
+async def test_a_transition_reaches_every_process_by_a_push(pool: Pool, prefix: str) -> None:
     with pool.take("watch", 2, prefix) as watchers:
         for watcher in watchers:
             assert await watcher.read() == {"ready": True}
@@ -143,7 +149,7 @@ async def test_a_transition_reaches_every_process_within_100ms(pool: Pool, prefi
             tripped = time.time()
             seen = [(await watcher.read())["open_at"] - tripped for watcher in watchers]
             await store.client.aclose()
-    assert all(delay < 0.1 for delay in seen), seen
+    assert all(delay < PUSHED for delay in seen), seen
 
 
 async def test_half_open_trials_are_limited_across_processes(pool: Pool, prefix: str) -> None:
@@ -154,10 +160,14 @@ async def test_half_open_trials_are_limited_across_processes(pool: Pool, prefix:
             cb = sw.CircuitBreaker(name="dep", consecutive_failures=1, open_for=0.5, store=store)
             with pytest.raises(Boom):
                 await cb(boom)()
-            outcomes = sorted([(await t.read())["trial"] for t in trialists])
+            # The trial that got the permit holds it until told to finish.
+            first = [(await t.read())["trial"] for t in trialists]
+            assert sorted(first) == ["rejected", "rejected", "running"]
+            [runner] = [t for t, said in zip(trialists, first, strict=True) if said == "running"]
+            runner.send("finish")
+            assert await runner.read() == {"trial": "ran"}
             trials = await store.client.get(f"{prefix}test:trials")
             await store.client.aclose()
-    assert outcomes == ["ran", "rejected", "rejected"]
     assert trials == b"1"  # one trial in the whole fleet
 
 
@@ -189,7 +199,7 @@ async def test_a_dead_holders_lease_frees_the_key_for_another_process(
         result = (await charger.read())["result"]
         waited = time.monotonic() - died
     assert result["by"] != "holder"
-    assert waited < 0.3 + 1.0  # the lease, and some slack for a busy machine
+    assert waited < LEASE + 10.0  # the lease, and slack for a loaded machine
 
 
 # -- the workers -------------------------------------------------------------------
@@ -236,7 +246,8 @@ async def _trial(store: RedisStore) -> None:
 
     async def probe() -> None:
         await store.client.incr(f"{store.prefix}test:trials")
-        await asyncio.sleep(0.2)
+        _say({"trial": "running"})
+        assert await asyncio.to_thread(sys.stdin.readline) == "finish\n"
 
     try:
         await cb(probe)()

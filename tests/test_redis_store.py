@@ -23,6 +23,7 @@ import redis
 import redis.asyncio
 
 import stalwart as sw
+import stalwart.redis
 from stalwart import Completed, InFlight, Lease, _redis_scripts
 from stalwart._circuit_store import CircuitStore
 from stalwart.redis import RedisStore, _digest
@@ -46,6 +47,11 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
 async def store() -> AsyncIterator[RedisStore]:
     async with opened_store() as opened:
         yield opened
+
+
+async def _channels(store: RedisStore, count: int) -> bool:
+    """Has the store ``count`` pub/sub channels subscribed in Redis?"""
+    return len(await store.client.pubsub_channels(f"{store.prefix}*")) == count
 
 
 def tasks_left() -> set[asyncio.Task[Any]]:
@@ -254,7 +260,12 @@ async def test_a_waiter_takes_over_from_a_holder_that_died(store: RedisStore) ->
     assert await store.complete(dead, "too late", ttl=10.0) is False
 
 
-async def test_waiters_are_woken_when_the_holder_finishes(store: RedisStore) -> None:
+async def test_waiters_are_woken_when_the_holder_finishes(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without notifications waiters would look again only every minute (and
+    # the lease is 30 s): finishing well within that shows they were woken.
+    monkeypatch.setattr(stalwart.redis, "_SAFETY_POLL", 60.0)
     runs = 0
 
     @sw.Idempotency(key="k", store=store, lease=30.0)
@@ -267,7 +278,7 @@ async def test_waiters_are_woken_when_the_holder_finishes(store: RedisStore) -> 
     loop = asyncio.get_running_loop()
     start = loop.time()
     assert await asyncio.gather(*(slow("k") for _ in range(5))) == [1] * 5
-    assert loop.time() - start < 0.3  # notified, not polled at the lease's pace
+    assert loop.time() - start < 10.0  # notified, not polled
 
 
 async def test_results_cross_through_the_codec_not_pickle(store: RedisStore) -> None:
@@ -327,11 +338,7 @@ async def test_a_resp2_client_works_the_same() -> None:
                 assert await store.complete(lease, [1, "two"], ttl=10.0)
                 assert await store.wait("scope", "k", timeout=1.0) == Completed([1, "two"], None)
                 await plain.transition("dep", 0, sw.CircuitState.OPEN, 10.0)  # another replica
-                for _ in range(200):
-                    if cb.state is sw.CircuitState.OPEN:
-                        break
-                    await asyncio.sleep(0.005)
-                assert cb.state is sw.CircuitState.OPEN
+                await redis_support.until(lambda: cb.state is sw.CircuitState.OPEN)
         finally:
             await old.aclose()
 
@@ -344,11 +351,8 @@ async def test_a_store_forgets_the_breakers_that_are_gone() -> None:
         del gone
         gc.collect()
         store._kick()
-        for _ in range(200):
-            channels = await store.client.pubsub_channels(f"{store.prefix}*")
-            if len(channels) == 1:
-                break
-            await asyncio.sleep(0.005)
+        await redis_support.until(lambda: _channels(store, 1))
+        channels = await store.client.pubsub_channels(f"{store.prefix}*")
         assert channels == [f"{store.prefix}circuit:{_digest('kept')}".encode()]
         assert kept.state is sw.CircuitState.CLOSED
 
@@ -430,26 +434,22 @@ async def test_a_wait_subscribes_only_while_it_waits(store: RedisStore) -> None:
     assert isinstance(lease, Lease)
 
     async def finish() -> None:
-        await asyncio.sleep(0.05)
-        channels = await store.client.pubsub_channels(f"{store.prefix}*")
-        assert len(channels) == 1  # the key's channel, while someone waits on it
+        # The key's channel, while someone waits on it.
+        await redis_support.until(lambda: _channels(store, 1))
         await store.complete(lease, "v", ttl=10.0)
 
     finisher = asyncio.create_task(finish())
-    assert await store.wait("scope", "k", timeout=2.0) == Completed("v", None)
+    assert await store.wait("scope", "k", timeout=30.0) == Completed("v", None)
     await finisher
-    for _ in range(100):  # the follower unsubscribes, then closes the connection
-        if not await store.client.pubsub_channels(f"{store.prefix}*"):
-            break
-        await asyncio.sleep(0.005)
-    assert await store.client.pubsub_channels(f"{store.prefix}*") == []
+    # The follower unsubscribes, then closes the connection.
+    await redis_support.until(lambda: _channels(store, 0))
 
 
 async def test_a_wait_that_ends_after_aclose_does_not_restart_the_store(store: RedisStore) -> None:
     lease = await store.claim("scope", "k", fingerprint=None, lease=5.0)
     assert isinstance(lease, Lease)
-    waiter = asyncio.create_task(store.wait("scope", "k", timeout=0.2))
-    await asyncio.sleep(0.05)
+    waiter = asyncio.create_task(store.wait("scope", "k", timeout=1.0))
+    await redis_support.until(lambda: _channels(store, 1))  # it waits, subscribed
     await store.aclose()
     assert await waiter is None  # it polled on, and gave up at its timeout
     assert not tasks_left()

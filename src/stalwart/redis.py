@@ -610,10 +610,19 @@ class RedisStore:
             if _clock.now() >= end:
                 raise self._unavailable("subscribe", TimeoutError())
             await self._acks.wait(acked, end - _clock.now())
+        for circuit in circuits:
+            # Subscribed: this read is as fresh as the one the follower was
+            # about to make, which it need not make now.
+            circuit.needs_read = False
         try:
             await self._read_circuits(circuits)
-        except _UNAVAILABLE as exc:
-            raise self._unavailable("read", exc) from exc
+        except BaseException as exc:
+            for circuit in circuits:
+                circuit.needs_read = True  # the follower reads them, then
+            self._wake.fire()
+            if isinstance(exc, _UNAVAILABLE):
+                raise self._unavailable("read", exc) from exc
+            raise
 
     def _follow_soon(self) -> None:
         """Start the follower task if it is not running (needs a running asyncio loop)."""
