@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import sys
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -504,3 +505,56 @@ def test_only_connection_failures_make_the_store_unavailable() -> None:
     assert _is_unavailable(ExceptionGroup("task group", [down, redis.TimeoutError()]))
     assert not _is_unavailable(redis.ResponseError("ERR a bug in a script"))
     assert not _is_unavailable(ExceptionGroup("task group", [down, KeyError()]))
+
+
+# -- giving back: tokens, late requests, void markers -------------------------------
+
+
+async def test_a_request_that_reaches_redis_too_late_does_nothing(store: RedisStore) -> None:
+    name = store._record_key("scope", "k")
+    past = (await store.client.time())[0] * 1000 - 1  # Redis's clock, a moment ago
+    reply = await store._eval(
+        _redis_scripts.CLAIM, (name, f"{name}:void:t1"), ("t1", "0", b"", 5000, past)
+    )
+    assert reply[0] == b"late"
+    assert not await store.client.exists(name)  # nothing claimed
+
+
+async def test_a_claim_given_back_before_it_runs_does_nothing_when_it_comes(
+    store: RedisStore,
+) -> None:
+    name = store._record_key("scope", "k")
+    void = f"{name}:void:t1"
+    soon = (await store.client.time())[0] * 1000 + 60_000
+    # The give-back overtakes its claim (another connection, a stalled Redis).
+    assert await store._eval(_redis_scripts.RELEASE, (name, void), ("t1", name, soon)) == 0
+    assert 0 < await store.client.pttl(void) <= 60_000  # the marker lapses on its own
+    reply = await store._eval(_redis_scripts.CLAIM, (name, void), ("t1", "0", b"", 5000, soon))
+    assert reply[0] == b"late"
+    assert not await store.client.exists(name)
+    assert isinstance(await store.claim("scope", "k", fingerprint=None, lease=5.0), Lease)
+
+
+async def test_a_store_whose_idea_of_redis_clock_is_wrong_learns_and_asks_again(
+    store: RedisStore,
+) -> None:
+    loop = asyncio.get_running_loop()
+    truth = (time.time() - loop.time()) * 1000.0  # Redis's clock (ms) minus the loop's
+    store._skew = truth - 3600_000.0  # it believes Redis an hour behind: every limit is past
+    lease = await store.claim("scope", "k", fingerprint=None, lease=5.0)
+    assert isinstance(lease, Lease)  # refused as late once, then asked again
+    assert store._skew is not None
+    assert abs(store._skew - truth) < 10_000.0
+
+
+async def test_a_trial_success_given_back_twice_counts_once(store: RedisStore) -> None:
+    record = await store.transition("dep", 0, sw.CircuitState.OPEN, 0.0)
+    assert await store.acquire_trial("dep", record.version, 1) is None
+    [(version, token)] = store._circuits["dep"].permits
+    circuit = store._circuits["dep"]
+    keys = (circuit.key, circuit.trials, f"{circuit.key}:void:{token}")
+    args = (version, "1", token, 0)
+    # The first reply was lost; the background sends it again.
+    assert await store._eval(_redis_scripts.RELEASE_TRIAL, keys, args) == 1
+    assert await store._eval(_redis_scripts.RELEASE_TRIAL, keys, args) == 1
+    assert await store.client.zcard(circuit.trials) == 0

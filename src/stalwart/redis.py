@@ -130,8 +130,12 @@ _READ_BATCH: Final = 500
 _LATE_MARGIN: Final = 1.0
 _UNLEARNT_MARGIN: Final = 60.0
 # Settlements (give-backs, releases, completions) waiting for Redis: at most
-# this many, the oldest dropped first (their leases free their keys).
+# this many, the oldest dropped first (their leases free their keys); tried
+# again at most this many seconds apart while Redis does not answer, so that
+# they go through soon after it does (an attempt against a Redis that is down
+# costs little: a refused connection, or one request queued in a stalled one).
 _MAX_PENDING: Final = 10_000
+_GIVE_BACK_MAX: Final = 0.5
 
 
 def _digest(text: str) -> str:
@@ -748,10 +752,10 @@ class RedisStore:
             )
         pending.append(settlement)
         giver = self._giver
-        if giver is None or giver.done():
-            info = _clock.asyncio_loop()
-            if info is None:
-                return  # no loop (it is closing): the leases will free the keys
+        info = _clock.asyncio_loop()
+        if info is None:
+            return  # no loop (it is closing): the leases will free the keys
+        if giver is None or giver.done() or giver.get_loop() is not info.loop:
             self._giver = info.loop.create_task(
                 self._give_back(), name=f"stalwart.redis give-backs ({self._prefix})"
             )
@@ -771,7 +775,7 @@ class RedisStore:
                 await self._eval(settlement.script, settlement.keys, settlement.args)
             except _UNAVAILABLE:
                 await asyncio.sleep(delay * (0.5 + secrets.randbelow(500) / 1000.0))
-                delay = min(delay * 2.0, _RECONNECT_MAX)
+                delay = min(delay * 2.0, _GIVE_BACK_MAX)
                 continue
             except Exception:  # noqa: BLE001 - logged; the others must still go
                 _log.exception("Redis store %r: a %s failed", self._name, settlement.what)
@@ -1039,6 +1043,8 @@ class RedisStore:
                 return InFlight(_text(reply[2]))
             # Taken for a late request, though Redis answered in time: its
             # clock moved. Learnt now: ask again, once.
+        if self._on_unavailable == "bypass":
+            return Lease(scope, key, fingerprint, "", None)
         raise self._unavailable("claim", TimeoutError("Redis's clock keeps moving"))
 
     def _decode(self, data: Any, scope: str) -> Any:
