@@ -136,7 +136,7 @@ return r
 
 #: KEYS: circuit, trials, void marker of the token. ARGV: version, limit,
 #: permit lease ms, token, not_after (server ms; 0: none).
-#: Returns {"granted", now}, {"late", now}, or the current record and now.
+#: Returns {"granted", now}, {"late", now}, or {"refused", now, <the record>}.
 ACQUIRE_TRIAL: Final = Script(
     "acquire_trial",
     _CIRCUIT_PRELUDE
@@ -156,8 +156,7 @@ if h[1] == 'open' and h[4] ~= '1' and tonumber(h[2]) == tonumber(ARGV[1])
   end
 end
 local r = record(KEYS[1], now)
-r[5] = now
-return r
+return {'refused', now, r[1], r[2], r[3], r[4]}
 """,
 )
 

@@ -818,6 +818,44 @@ class RedisStore:
             self._settle_later(settlement)  # cancelled: it may have reached Redis
             raise
 
+    async def _take(
+        self,
+        what: str,
+        script: Script,
+        keys: Callable[[str], tuple[str, ...]],
+        args: Callable[[str, int], tuple[Any, ...]],
+        give_back: Callable[[tuple[str, ...], str, int, float], _Settlement],
+    ) -> tuple[Any, str]:
+        """Run ``script``, which takes something (a claim, a permit) for a fresh token.
+
+        ``keys(token)`` and ``args(token, not_after)`` make the request; the
+        script answers ``[status, Redis's time in ms, ...]``, or ``["late",
+        ...]`` when it ran too late to take anything. If the request fails
+        or is cancelled after it may have reached Redis, ``give_back(keys,
+        token, not_after, last)`` is sent from the background (see
+        `_not_after` for ``last``). Returns the reply and the token; raises
+        `StoreUnavailable` if Redis cannot be reached.
+        """
+        for _ in range(2):
+            token = secrets.token_hex(16)
+            names = keys(token)
+            not_after, last = self._not_after(_clock.now())
+            try:
+                reply = await self._eval(script, names, args(token, not_after))
+            except BaseException as exc:
+                unavailable = isinstance(exc, Exception) and _is_unavailable(exc)
+                if not isinstance(exc, Exception) or (unavailable and not _never_sent(exc)):
+                    self._settle_later(give_back(names, token, not_after, last))
+                if unavailable:
+                    raise self._unavailable(what, exc) from exc
+                raise
+            self._learn_clock(reply[1])
+            if reply[0] != b"late":
+                return reply, token
+            # Taken for a late request, though Redis answered in time: its
+            # clock moved. Learnt now: ask again, once.
+        raise self._unavailable(what, TimeoutError("Redis's clock keeps moving"))
+
     # -- circuit breakers: the CircuitStore protocol -----------------------------
 
     def _circuit(self, name: str) -> _Circuit:
@@ -872,41 +910,26 @@ class RedisStore:
         if self._assignments:
             await self._flush_assignments()
         lease_ms = _ms("trial_lease", self._trial_lease)
-        for _ in range(2):
-            token = secrets.token_hex(16)
-            keys = (circuit.key, circuit.trials, _void_key(circuit.key, token))
-            not_after, last = self._not_after(_clock.now())
-            try:
-                reply = await self._eval(
-                    _redis_scripts.ACQUIRE_TRIAL, keys, (version, limit, lease_ms, token, not_after)
-                )
-            except BaseException as exc:
-                if not isinstance(exc, Exception) or (
-                    _is_unavailable(exc) and not _never_sent(exc)
-                ):
-                    self._settle_later(
-                        _Settlement(
-                            "trial permit given back",
-                            _redis_scripts.RELEASE_TRIAL,
-                            keys,
-                            (version, "0", token, not_after + 1000),
-                            last + self._trial_lease,
-                        )
-                    )
-                raise
-            self._learn_clock(reply[-1])
-            status = reply[0]
-            if status == b"granted":
-                circuit.permits = [p for p in circuit.permits if p[0] == version]
-                circuit.permits.append((version, token))
-                return None
-            if status != b"late":
-                record = _record(*reply[:4])
-                self._learn(circuit, record)
-                return record
-            # Redis took the request for a late one, though it answered in
-            # time: its clock moved. Learnt now: ask again, once.
-        raise self._unavailable("trial permit", TimeoutError("Redis's clock keeps moving"))
+        reply, token = await self._take(
+            "trial permit",
+            _redis_scripts.ACQUIRE_TRIAL,
+            lambda token: (circuit.key, circuit.trials, _void_key(circuit.key, token)),
+            lambda token, not_after: (version, limit, lease_ms, token, not_after),
+            lambda keys, token, not_after, last: _Settlement(
+                "trial permit given back",
+                _redis_scripts.RELEASE_TRIAL,
+                keys,
+                (version, "0", token, not_after + 1000),
+                last + self._trial_lease,
+            ),
+        )
+        if reply[0] == b"granted":
+            circuit.permits = [p for p in circuit.permits if p[0] == version]
+            circuit.permits.append((version, token))
+            return None
+        record = _record(*reply[2:6])
+        self._learn(circuit, record)
+        return record
 
     async def release_trial(self, key: str, version: int, succeeded: bool) -> int:
         """See `CircuitStore.release_trial`: gives back a permit this store holds.
@@ -1000,52 +1023,32 @@ class RedisStore:
         """
         lease_ms = _ms("lease", lease)
         name = self._record_key(scope, key)
-        for _ in range(2):
-            token = secrets.token_hex(16)
-            keys = (name, _void_key(name, token))
-            not_after, last = self._not_after(_clock.now())
-            try:
-                reply = await self._eval(
-                    _redis_scripts.CLAIM,
+        flag = "0" if fingerprint is None else "1"
+        mark = b"" if fingerprint is None else _bytes(fingerprint)
+        try:
+            reply, token = await self._take(
+                "claim",
+                _redis_scripts.CLAIM,
+                lambda token: (name, _void_key(name, token)),
+                lambda token, not_after: (token, flag, mark, lease_ms, not_after),
+                lambda keys, token, not_after, last: _Settlement(
+                    "claim given back",
+                    _redis_scripts.RELEASE,
                     keys,
-                    (
-                        token,
-                        "0" if fingerprint is None else "1",
-                        b"" if fingerprint is None else _bytes(fingerprint),
-                        lease_ms,
-                        not_after,
-                    ),
-                )
-            except BaseException as exc:
-                unavailable = isinstance(exc, Exception) and _is_unavailable(exc)
-                if not isinstance(exc, Exception) or (unavailable and not _never_sent(exc)):
-                    self._settle_later(
-                        _Settlement(
-                            "claim given back",
-                            _redis_scripts.RELEASE,
-                            keys,
-                            (token, name, not_after + 1000),
-                            last + lease,
-                        )
-                    )
-                if not unavailable:
-                    raise
-                if self._on_unavailable == "bypass":
-                    return Lease(scope, key, fingerprint, "", None)
-                raise self._unavailable("claim", exc) from exc
-            self._learn_clock(reply[1])
-            status = reply[0]
-            if status == b"leased":
-                return Lease(scope, key, fingerprint, token, lease)
-            if status == b"done":
-                return Completed(self._decode(reply[3], scope), _text(reply[2]))
-            if status == b"running":
-                return InFlight(_text(reply[2]))
-            # Taken for a late request, though Redis answered in time: its
-            # clock moved. Learnt now: ask again, once.
-        if self._on_unavailable == "bypass":
-            return Lease(scope, key, fingerprint, "", None)
-        raise self._unavailable("claim", TimeoutError("Redis's clock keeps moving"))
+                    (token, name, not_after + 1000),
+                    last + lease,
+                ),
+            )
+        except StoreUnavailable:
+            if self._on_unavailable == "bypass":
+                return Lease(scope, key, fingerprint, "", None)
+            raise
+        status = reply[0]
+        if status == b"leased":
+            return Lease(scope, key, fingerprint, token, lease)
+        if status == b"done":
+            return Completed(self._decode(reply[3], scope), _text(reply[2]))
+        return InFlight(_text(reply[2]))
 
     def _decode(self, data: Any, scope: str) -> Any:
         try:
