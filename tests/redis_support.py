@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +40,7 @@ import redis.asyncio
 import stalwart as sw
 from stalwart.redis import RedisStore
 
+ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 #: Where the Redis tests connect; `bootstrap` may point it at a server of its own.
 REDIS_URL = os.environ.get("REDIS_URL", DEFAULT_URL)
@@ -260,6 +264,50 @@ def private_redis(*args: str) -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.stop()
+
+
+class WorkerProcess:
+    """A Python process of the tests (``python -m <module> <args>``), talking JSON lines.
+
+    It prints one JSON object per line on its stdout, and reads commands,
+    one per line, on its stdin.
+    """
+
+    def __init__(self, module: str, *args: str, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    async def read(self) -> dict[str, Any]:
+        """The next line it prints, decoded; fails after ``timeout`` seconds."""
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(self.process.stdout.readline), self.timeout)
+        if not line:
+            raise AssertionError(f"worker {self.process.pid} ended without answering")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def kill(self) -> None:
+        """Kill it (by its process) and close its pipes."""
+        if self.alive:
+            self.process.kill()
+        self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 @contextlib.contextmanager

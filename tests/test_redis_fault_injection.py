@@ -25,7 +25,6 @@ import asyncio
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -54,7 +53,6 @@ OVERSHOOT = 0.5
 # How long Redis stalls: longer than the requests' deadlines and timeouts.
 STALL = 1.5
 WORKER_TIMEOUT = 30.0
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -451,44 +449,18 @@ async def test_a_plain_client_of_a_cluster_node_finds_the_store_unavailable(
 # -- several replicas as processes --------------------------------------------------------
 
 
-class Worker:
+def _worker(url: str, prefix: str, role: str, *options: str) -> redis_support.WorkerProcess:
     """A Python process playing one replica (a role at the bottom of this file)."""
-
-    def __init__(self, url: str, prefix: str, role: str, *options: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.test_redis_fault_injection", url, prefix, role, *options],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-
-    async def read(self) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        line = await asyncio.wait_for(
-            asyncio.to_thread(self.process.stdout.readline), WORKER_TIMEOUT
-        )
-        if not line:
-            raise AssertionError(f"worker {self.process.pid} ended without answering")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def send(self, line: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(line.encode() + b"\n")
-        self.process.stdin.flush()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        for pipe in (self.process.stdin, self.process.stdout):
-            if pipe is not None:
-                pipe.close()
+    return redis_support.WorkerProcess(
+        "tests.test_redis_fault_injection", url, prefix, role, *options, timeout=WORKER_TIMEOUT
+    )
 
 
 @contextmanager
-def workers(url: str, prefix: str, role: str, count: int, *options: str) -> Iterator[list[Worker]]:
-    started = [Worker(url, prefix, role, *options) for _ in range(count)]
+def workers(
+    url: str, prefix: str, role: str, count: int, *options: str
+) -> Iterator[list[redis_support.WorkerProcess]]:
+    started = [_worker(url, prefix, role, *options) for _ in range(count)]
     try:
         yield started
     finally:

@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +29,6 @@ from . import redis_support
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKER_TIMEOUT = 15.0
 
 
@@ -40,46 +37,16 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
     return ("asyncio", {})
 
 
-class Worker:
+class Worker(redis_support.WorkerProcess):
     """A Python process that runs roles (bottom of this file) on command."""
 
     def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.test_redis_processes", redis_support.REDIS_URL],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+        super().__init__(
+            "tests.test_redis_processes", redis_support.REDIS_URL, timeout=WORKER_TIMEOUT
         )
-
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    async def read(self) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        line = await asyncio.wait_for(
-            asyncio.to_thread(self.process.stdout.readline), WORKER_TIMEOUT
-        )
-        if not line:
-            raise AssertionError(f"worker {self.process.pid} ended without answering")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def send(self, line: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(line.encode() + b"\n")
-        self.process.stdin.flush()
 
     def start(self, role: str, prefix: str) -> None:
         self.send(json.dumps({"role": role, "prefix": prefix}))
-
-    def kill(self) -> None:
-        if self.alive:
-            self.process.kill()
-        self.process.wait()
-        for pipe in (self.process.stdin, self.process.stdout):
-            if pipe is not None:
-                pipe.close()
 
 
 class Pool:

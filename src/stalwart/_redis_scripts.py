@@ -71,11 +71,23 @@ class Script:
         return f"<Script {self.name} {self.sha[:8]}>"
 
 
-_CIRCUIT_PRELUDE: Final = """
+# Redis's time, in milliseconds since the epoch; and whether a request that
+# takes something comes too late to take it (its client gave up: see the
+# module's docstring).
+_COMMON: Final = """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local function given_up(now, not_after, marker)
+  local limit = tonumber(not_after)
+  return (limit > 0 and now > limit) or redis.call('EXISTS', marker) == 1
+end
+"""
+
+_CIRCUIT_PRELUDE: Final = (
+    _COMMON
+    + """
 local function int(n)
   return string.format('%.0f', n)
 end
@@ -100,6 +112,7 @@ local function change(key, trials, state, until_ms, forced, name, now)
   redis.call('DEL', trials)
 end
 """
+)
 
 #: KEYS: circuit, trials. ARGV: expected version, "open"/"closed", open_for ms,
 #: channel, name. Returns the record (new, or current if the version differs).
@@ -142,9 +155,7 @@ ACQUIRE_TRIAL: Final = Script(
     _CIRCUIT_PRELUDE
     + """
 local now = now_ms()
-local not_after = tonumber(ARGV[5])
-if not_after > 0 and now > not_after then return {'late', now} end
-if redis.call('EXISTS', KEYS[3]) == 1 then return {'late', now} end
+if given_up(now, ARGV[5], KEYS[3]) then return {'late', now} end
 local h = redis.call('HMGET', KEYS[1], 'state', 'version', 'until', 'forced')
 if h[1] == 'open' and h[4] ~= '1' and tonumber(h[2]) == tonumber(ARGV[1])
     and now >= (tonumber(h[3]) or 0) then
@@ -197,25 +208,16 @@ return out
 """,
 )
 
-_IDEMPOTENCY_PRELUDE: Final = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
-
 #: KEYS: record, void marker of the token. ARGV: token, "1" if there is a
 #: fingerprint, fingerprint, lease ms, not_after (server ms; 0: none).
 #: Returns {"leased", now}, {"done", now, fingerprint, value},
 #: {"running", now, fingerprint} or {"late", now}.
 CLAIM: Final = Script(
     "claim",
-    _IDEMPOTENCY_PRELUDE
+    _COMMON
     + """
 local now = now_ms()
-local not_after = tonumber(ARGV[5])
-if not_after > 0 and now > not_after then return {'late', now} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'late', now} end
+if given_up(now, ARGV[5], KEYS[2]) then return {'late', now} end
 local h = redis.call('HMGET', KEYS[1], 's', 'f', 'v', 't')
 if not h[1] then
   if ARGV[2] == '1' then
@@ -251,7 +253,7 @@ return 1
 #: returns 1 if it did.
 RELEASE: Final = Script(
     "release",
-    _IDEMPOTENCY_PRELUDE
+    _COMMON
     + """
 local h = redis.call('HMGET', KEYS[1], 's', 't')
 if h[1] == 'r' and h[2] == ARGV[1] then
