@@ -498,8 +498,9 @@ class LeaseKeeper:
     of it (best effort: a failed renewal is logged and the work goes on). On a
     shared store, storing the outcome and freeing the key are shielded from
     cancellation for up to 10 seconds, so a cancelled holder does not leave its
-    key claimed until the lease runs out. Freeing never raises: the holder's
-    own outcome is what propagates.
+    key claimed until the lease runs out (a store may wait less: ``RedisStore``
+    stops at the ambient deadline, and finishes in the background). Freeing
+    never raises: the holder's own outcome is what propagates.
     """
 
     __slots__ = ("_label", "_shield", "_store", "_work")
