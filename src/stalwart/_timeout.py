@@ -7,11 +7,14 @@ past it, the httpx transport sends it downstream as a header.
 
 How a deadline cancels work depends on the backend:
 
-* asyncio (3.11+): one heap of expiry entries per event loop, drained by a
-  single loop timer, cancels the task with ``Task.cancel()`` and counts it
-  back with ``Task.uncancel()``, exactly as ``asyncio.timeout`` does but
-  without allocating a timer handle per call (that is most of its cost);
-* trio: a trio ``CancelScope`` with a deadline; asyncio 3.10: anyio's.
+* asyncio: one heap of expiry entries per event loop, drained by a single
+  loop timer, cancels the task with ``Task.cancel()`` and counts it back
+  with ``Task.uncancel()``, exactly as ``asyncio.timeout`` does but without
+  allocating a timer handle per call (that is most of its cost). A deadline
+  already due on entry cancels from a ``call_soon`` callback, as
+  ``asyncio.timeout(0)`` does: a block that ends without suspending is not
+  cancelled, and leaves no cancellation behind in its task;
+* trio: a trio ``CancelScope`` with a deadline.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable, Coroutine
 from contextvars import Context, ContextVar, Token
 from heapq import heapify, heappop, heappush
 from types import TracebackType
-from typing import Any, Final, Protocol, TypeVar, final
+from typing import Any, Protocol, TypeVar, final
 from weakref import WeakKeyDictionary, ref
 
 import anyio
@@ -38,8 +41,6 @@ __all__ = ["Timeout", "deadline", "remaining"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-_NATIVE: Final = sys.version_info >= (3, 11)
 
 _current: ContextVar[_Scope | None] = ContextVar("stalwart_deadline", default=None)
 
@@ -215,7 +216,7 @@ def _timers_of(info: _clock.LoopInfo) -> _Timers:
 
 
 class _CancelScope(Protocol):
-    """What _Scope uses of a cancel scope: trio's own on trio, anyio's on asyncio 3.10."""
+    """What _Scope uses of trio's ``CancelScope``."""
 
     @property
     def cancel_called(self) -> bool: ...
@@ -261,6 +262,7 @@ class _Scope:
         "_entry",
         "_expired",
         "_outer",
+        "_soon",
         "_task",
         "_timers",
         "_token",
@@ -285,9 +287,10 @@ class _Scope:
         self._token: Token[_Scope | None] | None = None
         self._cancel_scope: _CancelScope | None = None
         self._entry: list[Any] | None = None
+        self._soon: Any = None  # the call_soon handle of a deadline due on entry
 
     def __enter__(self) -> _Scope:
-        info = _clock.asyncio_loop() if _NATIVE else None
+        info = _clock.asyncio_loop()
         if info is not None:
             now = info.time()
             task: Any = _current_task(info.loop)
@@ -317,33 +320,38 @@ class _Scope:
             else:
                 self._anyio_scope = _innermost_anyio_scope(task)
             self._deferral = 0.0
+            timers = info.timers
+            if timers is None:
+                timers = _timers_of(info)
+            self._timers = timers
             if when <= now:
-                self.expire()  # already due: cancel at the first checkpoint
+                # Already due: cancel at the first checkpoint, from the loop
+                # (as asyncio.timeout(0) does). Cancelling the task here would
+                # leave a block that never suspends with a cancellation that
+                # its exit cannot take back (before 3.13, uncancel() does
+                # not clear a pending cancel()): the task's next, unrelated
+                # await would raise a bare CancelledError.
+                self._soon = info.loop.call_soon(self.expire, context=Context())
             else:
                 # _Timers.add, inlined: this is most of a Timeout's cost.
-                timers = info.timers
-                if timers is None:
-                    timers = _timers_of(info)
-                self._timers = timers
                 timers._seq += 1
                 self._entry = entry = [when, timers._seq, self]
                 heappush(timers._heap, entry)
                 if timers._handle is None or when < timers._armed_at:
                     timers._arm(when)
         else:
-            cancel_scope: _CancelScope
-            if _NATIVE:
-                # No asyncio loop is running: this is trio. Its own scope costs
-                # a third less than anyio's wrapper of it.
-                cancel_scope = sys.modules["trio"].CancelScope(deadline=when)
-            else:
-                cancel_scope = anyio.CancelScope(deadline=when)
+            # No asyncio loop is running: this is trio. Its own scope costs a
+            # third less than anyio's wrapper of it.
+            cancel_scope: _CancelScope = sys.modules["trio"].CancelScope(deadline=when)
             cancel_scope.__enter__()
             self._cancel_scope = cancel_scope
         return self
 
     def expire(self) -> None:
         """Called by the loop's timer heap when ``when`` has come."""
+        self._soon = None
+        if self._task is None:
+            return  # exited meanwhile (a due-on-entry call_soon that ran late)
         if self._shielded():
             # Like trio (and anyio's own scopes), let a shielded block finish:
             # look again soon, backing off, and cancel once it is over.
@@ -398,6 +406,10 @@ class _Scope:
         _current.reset(token)
         cancel_scope = self._cancel_scope
         if cancel_scope is None:
+            soon = self._soon
+            if soon is not None:
+                soon.cancel()
+                self._soon = None
             entry = self._entry
             if entry is not None:
                 heap = self._timers._heap
