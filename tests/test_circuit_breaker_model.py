@@ -402,7 +402,7 @@ class TimeWindowMachine(BreakerMachine):
     time_window = True
 
 
-SETTINGS = settings(max_examples=150, stateful_step_count=40, deadline=None)
+SETTINGS = settings(max_examples=150, stateful_step_count=40)
 TestCountWindow = CountWindowMachine.TestCase
 TestCountWindow.settings = SETTINGS
 TestTimeWindow = TimeWindowMachine.TestCase

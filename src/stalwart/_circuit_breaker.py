@@ -380,7 +380,9 @@ class CircuitBreaker(Policy):
     ) -> None:
         super().__init__(name=name, telemetry=telemetry, shared_state=store)
         if isinstance(window, int) and not isinstance(window, bool):
-            window = CountWindow(_validate.count("window", window))
+            window = CountWindow(
+                _validate.count("window", window, maximum=_validate.MAX_WINDOW_CALLS)
+            )
         elif not isinstance(window, (CountWindow, TimeWindow)):
             raise TypeError(
                 "window must be an int (a number of calls), a CountWindow or a TimeWindow, "
@@ -418,6 +420,7 @@ class CircuitBreaker(Policy):
                 "store must be a circuit store (InProcessCircuitStore, RedisStore) or None, "
                 f"not {type(store).__name__}"
             )
+        _validate.stored_duration("open_for", rules.open_for, store)
         _warn_of_unused_minimum(rules, window, given=minimum_given)
         self._rules = _shared(rules)
         timing = rules.slow_call_duration is not None

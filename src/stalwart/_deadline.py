@@ -10,7 +10,10 @@ How a deadline cancels work depends on the backend:
 * asyncio: one heap of expiry entries per event loop, drained by a single
   loop timer, cancels the task with ``Task.cancel()`` and counts it back with
   ``Task.uncancel()``, exactly as ``asyncio.timeout`` does but without
-  allocating a timer handle per call (that is most of its cost);
+  allocating a timer handle per call (that is most of its cost). A deadline
+  already due on entry cancels from a ``call_soon`` callback, as
+  ``asyncio.timeout(0)`` does: a block that ends without suspending is not
+  cancelled, and leaves no cancellation behind in its task;
 * trio: a trio ``CancelScope`` with a deadline.
 
 A scope (`_Scope`) can also count the outcome of the block it guards as a
@@ -249,6 +252,7 @@ class _Scope(Counted):
         "_entry",
         "_expired",
         "_outer",
+        "_soon",
         "_task",
         "_timers",
         "_token",
@@ -284,6 +288,7 @@ class _Scope(Counted):
         self._token: Token[_Scope | None] | None = None
         self._cancel_scope: _CancelScope | None = None
         self._entry: list[Any] | None = None
+        self._soon: Any = None  # the call_soon handle of a deadline due on entry
 
     def __enter__(self) -> _Scope:
         info = _clock.asyncio_loop()
@@ -316,14 +321,20 @@ class _Scope(Counted):
             else:
                 self._anyio_scope = _innermost_anyio_scope(task)
             self._deferral = 0.0
+            timers = info.timers
+            if timers is None:
+                timers = _timers_of(info)
+            self._timers = timers
             if when <= now:
-                self.expire()  # already due: cancel at the first checkpoint
+                # Already due: cancel at the first checkpoint, from the loop
+                # (as asyncio.timeout(0) does). Cancelling the task here would
+                # leave a block that never suspends with a cancellation that
+                # its exit cannot take back (before 3.13, uncancel() does
+                # not clear a pending cancel()): the task's next, unrelated
+                # await would raise a bare CancelledError.
+                self._soon = info.loop.call_soon(self.expire, context=Context())
             else:
                 # _Timers.add, inlined: this is most of a Timeout's cost.
-                timers = info.timers
-                if timers is None:
-                    timers = _timers_of(info)
-                self._timers = timers
                 timers._seq += 1
                 self._entry = entry = [when, timers._seq, self]
                 heappush(timers._heap, entry)
@@ -339,6 +350,9 @@ class _Scope(Counted):
 
     def expire(self) -> None:
         """Called by the loop's timer heap when ``when`` has come."""
+        self._soon = None
+        if self._task is None:
+            return  # exited meanwhile (a due-on-entry call_soon that ran late)
         if self._shielded():
             # Like trio (and anyio's own scopes), let a shielded block finish:
             # look again soon, backing off, and cancel once it is over.
@@ -388,6 +402,10 @@ class _Scope(Counted):
         _current.reset(token)
         cancel_scope = self._cancel_scope
         if cancel_scope is None:
+            soon = self._soon
+            if soon is not None:
+                soon.cancel()
+                self._soon = None
             entry = self._entry
             if entry is not None:
                 heap = self._timers._heap

@@ -202,7 +202,9 @@ class Idempotency(Policy):
         self._key = key
         self._store = store = resolve_store(store, max_entries)
         self._keeper = LeaseKeeper(store, f"idempotency policy {self._name!r}")
-        self._ttl = _validate.duration("ttl", ttl, positive=True)
+        self._ttl = _validate.stored_duration(
+            "ttl", _validate.duration("ttl", ttl, positive=True), store
+        )
         spec: object = fingerprint
         if spec is not None and spec != "args" and not callable(spec):
             if isinstance(spec, str):
@@ -215,7 +217,9 @@ class Idempotency(Policy):
             raise ValueError(f"on_conflict must be 'wait' or 'raise', got {on_conflict!r}")
         self._on_conflict: OnConflict = on_conflict
         self._raise_on_conflict = on_conflict == "raise"
-        self._lease = _validate.duration("lease", lease, positive=True)
+        self._lease = _validate.stored_duration(
+            "lease", _validate.duration("lease", lease, positive=True), store
+        )
 
     @property
     def store(self) -> IdempotencyStore:
@@ -420,8 +424,9 @@ class Idempotency(Policy):
             raise
         if not stored:
             _log.warning(
-                "idempotency policy %r: the claim on a key of %s ended before its call did "
-                "(lease expired or store unreachable); its result was not stored",
+                "idempotency policy %r: the result of a call of %s was not stored (its claim "
+                "ended before the call did, or the store did not answer in time: a shared "
+                "store may still store it in the background while the claim holds)",
                 self._name,
                 lease.scope,
             )
@@ -565,8 +570,9 @@ class LeaseKeeper:
     of it (best effort: a failed renewal is logged and the work goes on). On a
     shared store, storing the outcome and freeing the key are shielded from
     cancellation for up to 10 seconds, so a cancelled holder does not leave its
-    key claimed until the lease runs out. Freeing never raises: the holder's
-    own outcome is what propagates.
+    key claimed until the lease runs out (a store may wait less: ``RedisStore``
+    stops at the ambient deadline, and finishes in the background). Freeing
+    never raises: the holder's own outcome is what propagates.
     """
 
     __slots__ = ("_label", "_shield", "_store", "_work")
@@ -623,7 +629,10 @@ class LeaseKeeper:
                 _log.warning("%s: releasing a key timed out; its lease will free it", self._label)
         except Exception:  # noqa: BLE001 - logged; the holder's own outcome propagates
             _log.warning(
-                "%s: could not release a key; its lease will free it", self._label, exc_info=True
+                "%s: could not release a key now; the store goes on trying in the background "
+                "if it can, and the key's lease frees it in any case",
+                self._label,
+                exc_info=True,
             )
 
     async def _keep_renewing(self, lease: Lease) -> None:

@@ -130,8 +130,17 @@ class IdempotencyStore(Protocol):
     **Cancellation.** Callers run ``complete`` and ``release`` shielded from
     cancellation, for at most a few seconds, so that a cancelled holder
     still frees its key; a shared store should still bound its own network
-    waits. If ``release`` never gets through (the process died, the network
-    is down), the lease's expiry frees the key.
+    waits, by the ambient deadline too (`stalwart.remaining`), and may
+    finish in the background what did not get through in time (as
+    ``RedisStore`` does). A claim whose request fails or is cancelled after
+    it may have reached a shared store must not stay held: ``RedisStore``
+    names each claim by a token of its own choosing and gives it back. If
+    ``release`` never gets through (the process died, the network is down),
+    the lease's expiry frees the key.
+
+    **Limits.** A store that keeps durations where they are bounded says so
+    with a ``max_duration`` attribute (seconds); `Idempotency` and the ASGI
+    middleware refuse a longer ``ttl`` or ``lease`` when they are built.
 
     **Costs.** `Idempotency` makes one ``claim`` per call, plus one
     ``complete`` (success) or ``release`` (failure) when it ran the call,

@@ -76,7 +76,10 @@ class Backoff:
             return 0.0
         # Compare in log space: multiplier**(retry-1) overflows long before
         # a retry loop would give up.
-        if (retry - 1) * math.log(self.multiplier) >= math.log(self.maximum / self.initial):
+        # (A difference of logs: maximum / initial itself may overflow.)
+        if (retry - 1) * math.log(self.multiplier) >= math.log(self.maximum) - math.log(
+            self.initial
+        ):
             return self.maximum
         return min(self.maximum, self.initial * self.multiplier ** (retry - 1))
 

@@ -64,24 +64,11 @@ _NO_PROVIDER: Final = _Fixed(None)
 _explicit_tracing = False
 
 
-def spans_possible() -> bool:
-    """Could any span be recording? Guards span-event work on rare paths."""
-    return _explicit_tracing or otel_probe._TRACER_PROVIDER is not None
-
-
 def observed(telemetry: Telemetry) -> bool:
     """Would an event of a policy on ``telemetry`` reach anyone?"""
     return (
         bool(telemetry._listeners) or _explicit_tracing or otel_probe._TRACER_PROVIDER is not None
     )
-
-
-def add_event(name: str, attributes: Mapping[str, AttributeValue]) -> None:
-    """Record ``name`` on the current span, if one is recording."""
-    if _explicit_tracing or otel_probe._TRACER_PROVIDER is not None:
-        span = _ot.get_current_span()
-        if span.is_recording():
-            span.add_event(name, attributes)
 
 
 def event_time() -> float:

@@ -31,6 +31,7 @@ from . import _validate
 __all__ = ["CountWindow", "TimeWindow"]
 
 _DEFAULT_BUCKETS: Final = 10
+_MIN_BUCKET_WIDTH: Final = 1e-6  # seconds
 
 
 @final
@@ -46,7 +47,7 @@ class CountWindow:
     size: int
 
     def __post_init__(self) -> None:
-        _validate.count("size", self.size)
+        _validate.count("size", self.size, maximum=_validate.MAX_WINDOW_CALLS)
 
 
 @final
@@ -68,10 +69,13 @@ class TimeWindow:
         object.__setattr__(
             self, "seconds", _validate.duration("seconds", self.seconds, positive=True)
         )
-        _validate.count("buckets", self.buckets)
-        if self.seconds / self.buckets == 0.0:
+        _validate.count("buckets", self.buckets, maximum=_validate.MAX_BUCKETS)
+        if self.seconds / self.buckets < _MIN_BUCKET_WIDTH:
+            # Finer than any event loop's clock, and bucket numbers
+            # (time / width) would overflow.
             raise ValueError(
-                f"seconds / buckets must be > 0, got {self.seconds!r} / {self.buckets}"
+                f"seconds / buckets must be at least {_MIN_BUCKET_WIDTH:g}, "
+                f"got {self.seconds!r} / {self.buckets}"
             )
 
 
