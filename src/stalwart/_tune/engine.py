@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import selectors
 from array import array
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -36,11 +35,11 @@ from prometheus_client import CollectorRegistry
 from .._bulkhead import Bulkhead
 from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
 from .._pipeline import Pipeline
-from .._privates import scheduled_timers
 from .._retry import Retry, RetryMetrics
 from .._telemetry import Telemetry
 from .._timeout import Timeout
 from ..events import CircuitStateChanged, Event
+from ..testing import VirtualClockEventLoop
 from .scenario import Scenario, Setting
 
 __all__ = [
@@ -76,67 +75,15 @@ class Overloaded(DownstreamError):
 # -- the loop ----------------------------------------------------------------------------
 
 
-class _NoIO(selectors.BaseSelector):
-    """A selector for a loop that never does I/O: "waiting" means jumping the clock."""
+class SimulationLoop(VirtualClockEventLoop):
+    """The loop a setting runs on: `stalwart.testing.VirtualClockEventLoop` without I/O.
 
-    def __init__(self, loop: SimulationLoop) -> None:
-        self._loop = loop
-        self._keys: dict[Any, selectors.SelectorKey] = {}
-
-    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        key = selectors.SelectorKey(fileobj, self._fd(fileobj), events, data)
-        self._keys[fileobj] = key
-        return key
-
-    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
-        return self._keys.pop(fileobj)
-
-    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        self.unregister(fileobj)
-        return self.register(fileobj, events, data)
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is None:
-            raise RuntimeError("the simulation is stuck: no timer is pending and no task can run")
-        if timeout > 0:
-            loop = self._loop
-            # Land exactly on the next timer's time rather than adding the
-            # timeout the loop computed from it: that sum is off by a rounding
-            # error, and the errors add up over an hour of jumps (a call due at
-            # 3.0 s would then be counted in second 2). asyncio's heap of timers
-            # has been ``_scheduled`` since 3.4; without it, add.
-            scheduled = scheduled_timers(loop)
-            if scheduled:
-                loop._now = max(loop._now, scheduled[0].when())
-            else:
-                loop._now += timeout
-        return []
-
-    def get_map(self) -> Any:
-        return self._keys
-
-    def close(self) -> None:
-        self._keys.clear()
-
-    @staticmethod
-    def _fd(fileobj: Any) -> int:
-        return fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
-
-
-class SimulationLoop(asyncio.SelectorEventLoop):
-    """An asyncio loop on a virtual clock that starts at 0 and jumps to the next timer.
-
-    Like `stalwart.testing.VirtualClockEventLoop`, minus real I/O: it never
-    polls a socket, which makes each turn of the loop cheaper. A simulation
-    has no I/O to do.
+    Its clock starts at 0 and jumps exactly to the next timer whenever every
+    task waits; it never polls a socket, which makes each turn of the loop
+    cheaper. A simulation has no I/O to do.
     """
 
-    def __init__(self) -> None:
-        self._now = 0.0
-        super().__init__(selector=_NoIO(self))
-
-    def time(self) -> float:
-        return self._now
+    _io = False
 
 
 # -- what is measured --------------------------------------------------------------------
