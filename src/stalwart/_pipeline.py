@@ -82,10 +82,10 @@ class Pipeline(Policy):
                 start = None if timer is None else timer()
                 try:
                     result = await (chain(*args, **kwargs) if kwargs else chain(*args))
+                    metrics.success += 1
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     raise
-                metrics.success += 1
                 return result if start is None else metrics.returned(result, start)
 
             return pipeline
