@@ -18,7 +18,6 @@ Client middlewares need aiohttp 3.12 or later. aiohttp runs on asyncio only.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -46,11 +45,21 @@ from ._errors import (
     StalwartError,
     recast,
 )
-from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
+from ._http import (
+    DEADLINE_HEADER,
+    ERROR_RULES,
+    IDEMPOTENCY_HEADER,
+    PROBLEM_JSON,
+    InboundDeadline,
+    deadline_passed,
+    header_name,
+    problem_json,
+    retry_after_header,
+)
 from ._policy import Policy
 from ._retry import Retry, retries_disabled
 from ._timeout import deadline, remaining
-from .asgi import parse_timeout_ms
+from ._transport import error_details, kind_of
 
 __all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks
     "ClientBulkheadFull",
@@ -73,12 +82,12 @@ IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"
 """Methods RFC 9110 defines as idempotent: repeating them is safe."""
 
 HTTP_STATUS_FOR_ERROR: Final[dict[type[StalwartError], int]] = {
-    DeadlineExceeded: 504,
-    CircuitOpenError: 503,
-    BulkheadFullError: 503,
-    RateLimitExceeded: 503,
+    kind: int(rule.status) for kind, rule in ERROR_RULES.items()
 }
-"""The answer `DeadlineMiddleware` gives for each stalwart error a handler lets escape."""
+"""The answer `DeadlineMiddleware` gives for each stalwart error a handler lets escape.
+
+(A view of the translation table that `stalwart.asgi.ErrorMiddleware` answers by too.)
+"""
 
 _DELTA_SECONDS: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
 
@@ -448,12 +457,13 @@ def _release(received: list[aiohttp.ClientResponse], kept: aiohttp.ClientRespons
 # -- the server side --------------------------------------------------------------------
 
 
-def _problem(status: int, title: str, detail: str, *, retry_after: float | None) -> web.Response:
+def _problem(status: int, title: str, detail: str, *, retry_after: int | None) -> web.Response:
     """An ``application/problem+json`` answer (RFC 9457), as `stalwart.asgi` gives."""
-    body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
-    response = web.Response(status=status, text=body, content_type="application/problem+json")
-    if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
-        response.headers["Retry-After"] = str(math.ceil(retry_after))
+    response = web.Response(
+        status=status, text=problem_json(status, title, detail), content_type=PROBLEM_JSON
+    )
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
     return response
 
 
@@ -504,7 +514,7 @@ class DeadlineMiddleware:
 
     # aiohttp calls a middleware marked so as `middleware(request, handler)`.
     __middleware_version__: ClassVar[int] = 1
-    __slots__ = ("_default", "_header", "_max")
+    __slots__ = ("_header", "_limits")
 
     def __init__(
         self,
@@ -514,27 +524,13 @@ class DeadlineMiddleware:
         default_timeout: float | None = None,
     ) -> None:
         self._header = None if header is None else header_name("header", header)
-        self._max = _validate.optional_duration("max_timeout", max_timeout, positive=True)
-        default = _validate.optional_duration("default_timeout", default_timeout, positive=True)
-        if default is not None and self._max is not None:
-            default = min(default, self._max)
-        self._default = default
+        self._limits = InboundDeadline(max_timeout=max_timeout, default_timeout=default_timeout)
 
     def timeout_for(self, request: web.BaseRequest) -> float | None:
         """The deadline, in seconds, that this request gets (None: none)."""
-        limit: float | None = None
-        if self._header is not None:
-            value = request.headers.get(self._header)
-            if value is not None:
-                try:
-                    limit = parse_timeout_ms(value.encode("ascii"))
-                except UnicodeEncodeError:
-                    limit = None
-        if limit is None:
-            return self._default
-        if self._max is not None and limit > self._max:
-            return self._max
-        return limit
+        value = None if self._header is None else request.headers.get(self._header)
+        # A character beyond ASCII becomes "?", which makes the value malformed.
+        return self._limits.limit(None if value is None else value.encode("ascii", "replace"))
 
     async def __call__(
         self,
@@ -561,34 +557,14 @@ class DeadlineMiddleware:
         self, request: web.Request, error: StalwartError, expired: float | None
     ) -> web.StreamResponse:
         """The problem answer for ``error`` (``expired``: this request's deadline passed)."""
-        found = next(
-            (
-                (kind, code)
-                for kind, code in HTTP_STATUS_FOR_ERROR.items()
-                if isinstance(error, kind)
-            ),
-            None,
-        )
-        if found is None or request.writer.output_size > 0:
+        kind = kind_of(error, ERROR_RULES)
+        if kind is None or request.writer.output_size > 0:
             # Not ours, or too late for an answer: aiohttp closes the connection
             # of a response that has started.
             raise error
-        kind, status = found
-        if expired is not None:
-            detail = (
-                f"The request's deadline of {expired * 1000.0:g} ms passed "
-                "before a response was ready."
-            )
-        else:
-            detail = f"{kind.__name__} from policy {error.policy!r}: {error}"
-        title = "Gateway Timeout" if status == 504 else "Service Unavailable"
-        retry_after = getattr(error, "retry_after", None)
-        return _problem(
-            status,
-            title,
-            detail,
-            retry_after=retry_after if isinstance(retry_after, (int, float)) else None,
-        )
+        status = ERROR_RULES[kind].status
+        detail = error_details(kind, error) if expired is None else deadline_passed(expired)
+        return _problem(status, status.phrase, detail, retry_after=retry_after_header(error))
 
     def __repr__(self) -> str:
-        return f"DeadlineMiddleware(max_timeout={self._max})"
+        return f"DeadlineMiddleware(max_timeout={self._limits.max_timeout})"
