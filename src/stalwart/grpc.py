@@ -63,6 +63,16 @@ from ._pipeline import Pipeline
 from ._policy import Policy
 from ._retry import Retry
 from ._timeout import deadline, remaining
+from ._transport import (
+    by_kind,
+    error_details,
+    kind_of,
+    made_policy,
+    policy_factory,
+    policy_option,
+    retry_after_of,
+    time_left,
+)
 
 __all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks
     "ClientInterceptor",
@@ -109,8 +119,6 @@ them after the pushback the server sent.
 
 # At most 10 digits: over a hundred days, longer than anyone waits to retry.
 _PUSHBACK: Final = re.compile(r"\d{1,10}")
-# A call with less time left than this is not sent: it could only time out.
-_LEAST_TIMEOUT: Final = 0.001
 # How long to let stalwart's own deadline catch up with grpc's timer (below).
 _DEADLINE_GRACE: Final = 0.05
 
@@ -223,19 +231,15 @@ class RpcRateLimited(_RpcRefusal, RateLimitExceeded):
     """`~stalwart.RateLimitExceeded` from a limiter, as a ``RESOURCE_EXHAUSTED`` call error."""
 
 
-_RPC_ERROR_FOR: Final[dict[type[StalwartError], type[_RpcRefusal]]] = {
-    DeadlineExceeded: RpcDeadlineExceeded,
-    CircuitOpenError: RpcCircuitOpen,
-    BulkheadFullError: RpcBulkheadFull,
-    RateLimitExceeded: RpcRateLimited,
-}
+_RPC_ERROR_FOR: Final[dict[type[StalwartError], type[_RpcRefusal]]] = by_kind(
+    RpcDeadlineExceeded, RpcCircuitOpen, RpcBulkheadFull, RpcRateLimited
+)
 
 
 def _status_for(error: BaseException) -> tuple[type[StalwartError], grpc.StatusCode] | None:
-    for kind, code in STATUS_FOR_ERROR.items():
-        if isinstance(error, kind):
-            return kind, code
-    return None
+    """The class of `STATUS_FOR_ERROR` that ``error`` is, and its status; or None."""
+    kind = kind_of(error, STATUS_FOR_ERROR)
+    return None if kind is None else (kind, STATUS_FOR_ERROR[kind])
 
 
 def _as_rpc_error(error: StalwartError) -> aio.AioRpcError | None:
@@ -400,24 +404,11 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         self._name = _validate.name(name)
         if policy is None:
             policy = Retry(attempts=3, on=_retried_by_default, name=self._name)
-        elif not isinstance(policy, Policy):
-            raise TypeError(
-                f"policy must be a stalwart policy or None, not {type(policy).__name__}"
-            )
-        self._policy = policy
+        self._policy = policy = policy_option(policy)
         self._codes = _retry_codes(retry_codes)
-        if isinstance(per_target, Policy):
-            raise TypeError(
-                "per_target must be a callable making a new policy for each target "
-                "(`per_target=lambda target: sw.CircuitBreaker(...)`), not a policy: "
-                "one policy for every target is what `policy` is for"
-            )
-        if per_target is not None and not callable(per_target):
-            raise TypeError(
-                "per_target must be a callable taking a target and returning a policy, "
-                f"not {type(per_target).__name__}"
-            )
-        self._per_target = per_target
+        self._per_target = policy_factory(
+            "per_target", per_target, key="target", a_key="a target", each="target"
+        )
         if not callable(target):
             raise TypeError(
                 "target must be a callable taking a method name and returning a str, "
@@ -514,11 +505,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
             targets.move_to_end(key)
             return entry[1], entry[2]
         assert self._per_target is not None
-        own = self._per_target(key)
-        if not isinstance(own, Policy):
-            raise TypeError(
-                f"per_target must return a stalwart policy, returned {type(own).__name__} for {key}"
-            )
+        own = made_policy("per_target", self._per_target(key), key)
         both = Pipeline(self._policy, own, name=self._policy.name, telemetry=self._policy.telemetry)
         entry = (own, both(self._unary), both(self._stream))
         targets[key] = entry
@@ -561,16 +548,9 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         """The call's details for one attempt; and whether its timeout is the ambient deadline."""
         timeout = details.timeout
         ours = False
-        left = remaining()
-        if left is not None:
-            if left < _LEAST_TIMEOUT:
-                raise DeadlineExceeded(
-                    f"no time left before the deadline: {details.method!r} not called",
-                    policy=self._name,
-                    timeout=left,
-                )
-            if timeout is None or left < timeout:
-                timeout, ours = left, True
+        left = time_left(self._name, "{!r} not called", details.method)
+        if left is not None and (timeout is None or left < timeout):
+            timeout, ours = left, True
         metadata = details.metadata
         trace = _propagation.outgoing()
         if trace and _first(metadata, _propagation.TRACEPARENT) is None:
@@ -798,10 +778,6 @@ async def _abort(context: aio.ServicerContext[Any, Any], error: StalwartError) -
     if found is None:
         return
     kind, code = found
-    trailing: list[tuple[str, str]] = []
-    retry_after = getattr(error, "retry_after", None)
-    if isinstance(retry_after, (int, float)) and math.isfinite(retry_after) and retry_after >= 0:
-        trailing.append((PUSHBACK_KEY, str(math.ceil(retry_after * 1000.0))))
-    await context.abort(
-        code, f"{kind.__name__} from policy {error.policy!r}: {error}", tuple(trailing)
-    )
+    seconds = retry_after_of(error)
+    trailing = () if seconds is None else ((PUSHBACK_KEY, str(math.ceil(seconds * 1000.0))),)
+    await context.abort(code, error_details(kind, error), trailing)
