@@ -18,14 +18,8 @@ Client middlewares need aiohttp 3.12 or later. aiohttp runs on asyncio only.
 
 from __future__ import annotations
 
-import math
 import random
-import re
-import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from datetime import timezone
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Final, final
 
 try:
@@ -43,23 +37,37 @@ from ._errors import (
     DeadlineExceeded,
     RateLimitExceeded,
     StalwartError,
-    recast,
 )
 from ._http import (
     DEADLINE_HEADER,
+    DEFAULT_RETRY_STATUSES,
     ERROR_RULES,
     IDEMPOTENCY_HEADER,
+    IDEMPOTENT_METHODS,
     PROBLEM_JSON,
     InboundDeadline,
     deadline_passed,
     header_name,
+    milliseconds,
+    new_idempotency_key,
     problem_json,
+    response_retry_after,
     retry_after_header,
+    retryable_status,
+    safe_to_repeat,
+    status_codes,
 )
 from ._policy import Policy
 from ._retry import Retry, retries_disabled
-from ._timeout import deadline, remaining
-from ._transport import error_details, kind_of
+from ._timeout import deadline
+from ._transport import (
+    by_kind,
+    error_details,
+    kind_of,
+    policy_option,
+    time_left,
+    translated,
+)
 
 __all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks
     "ClientBulkheadFull",
@@ -75,12 +83,6 @@ __all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks
     "is_retryable",
 ]
 
-DEFAULT_RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
-"""Statuses that mean "try again later": rate limited, or a gateway's upstream failed."""
-
-IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-"""Methods RFC 9110 defines as idempotent: repeating them is safe."""
-
 HTTP_STATUS_FOR_ERROR: Final[dict[type[StalwartError], int]] = {
     kind: int(rule.status) for kind, rule in ERROR_RULES.items()
 }
@@ -89,43 +91,11 @@ HTTP_STATUS_FOR_ERROR: Final[dict[type[StalwartError], int]] = {
 (A view of the translation table that `stalwart.asgi.ErrorMiddleware` answers by too.)
 """
 
-_DELTA_SECONDS: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
-
 _Handler = Callable[[aiohttp.ClientRequest], Awaitable[aiohttp.ClientResponse]]
 _Send = Callable[
     [aiohttp.ClientRequest, _Handler, list[aiohttp.ClientResponse]],
     Coroutine[Any, Any, aiohttp.ClientResponse],
 ]
-
-
-def _retry_after(response: aiohttp.ClientResponse) -> float | None:
-    """The response's ``Retry-After`` in seconds (an HTTP date measured by its ``Date``)."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    match = _DELTA_SECONDS.fullmatch(value)
-    if match is not None:
-        seconds = float(match.group(1))
-        return seconds if math.isfinite(seconds) else None
-    when = _http_date(value)
-    if when is None:
-        return None
-    # The server's own `Date`, when it sent one, makes the hint immune to the
-    # skew between its clock and ours; else the wall clock (the loop's has no epoch).
-    date = response.headers.get("date")
-    now = _http_date(date) if date is not None else None
-    return max(0.0, when - (time.time() if now is None else now))
-
-
-def _http_date(value: str) -> float | None:
-    """An HTTP date as a POSIX timestamp, or None if malformed."""
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # HTTP dates are always GMT
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
 
 
 class RetryableStatusError(aiohttp.ClientResponseError):
@@ -199,38 +169,17 @@ class ClientRateLimited(aiohttp.ClientConnectionError, RateLimitExceeded):
     """`~stalwart.RateLimitExceeded` from the policy, as an ``aiohttp.ClientConnectionError``."""
 
 
-_CLIENT_ERROR_FOR: Final[dict[type[StalwartError], type[aiohttp.ClientError]]] = {
-    DeadlineExceeded: ClientDeadlineExceeded,
-    CircuitOpenError: ClientCircuitOpen,
-    BulkheadFullError: ClientBulkheadFull,
-    RateLimitExceeded: ClientRateLimited,
-}
+_CLIENT_ERROR_FOR: Final[dict[type[StalwartError], type[aiohttp.ClientError]]] = by_kind(
+    ClientDeadlineExceeded, ClientCircuitOpen, ClientBulkheadFull, ClientRateLimited
+)
 
 
 def _as_client_error(error: StalwartError) -> aiohttp.ClientError | None:
-    """The error a caller sees for ``error``, or None to let it through as it is."""
-    if isinstance(error, aiohttp.ClientError):
-        return None  # one already (a nested session's)
-    for kind, cls in _CLIENT_ERROR_FOR.items():
-        if isinstance(error, kind):
-            return recast(error, cls)
-    return None
+    """The error a caller sees for ``error``, or None to let it through as it is.
 
-
-def _retry_statuses(value: Any) -> frozenset[int]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(
-            f"retry_statuses must be a collection of HTTP status codes, not {type(value).__name__}"
-        )
-    statuses = frozenset(value)
-    for status in statuses:
-        if not isinstance(status, int) or isinstance(status, bool):
-            raise TypeError(
-                f"retry_statuses must hold int status codes, got {type(status).__name__}"
-            )
-        if not 100 <= status <= 599:
-            raise ValueError(f"retry_statuses must hold status codes in 100-599, got {status!r}")
-    return statuses
+    None for an ``aiohttp.ClientError`` already (a nested session's).
+    """
+    return translated(error, _CLIENT_ERROR_FOR, unless=aiohttp.ClientError)
 
 
 @final
@@ -339,12 +288,8 @@ class ResilientMiddleware:
         self._name = _validate.name(name)
         if policy is None:
             policy = Retry(attempts=3, on=is_retryable, name=self._name)
-        elif not isinstance(policy, Policy):
-            raise TypeError(
-                f"policy must be a stalwart policy or None, not {type(policy).__name__}"
-            )
-        self._policy = policy
-        self._retry_statuses = _retry_statuses(retry_statuses)
+        self._policy = policy = policy_option(policy)
+        self._retry_statuses = status_codes("retry_statuses", retry_statuses)
         self._deadline_header = (
             None if deadline_header is None else header_name("deadline_header", deadline_header)
         )
@@ -373,9 +318,9 @@ class ResilientMiddleware:
     ) -> aiohttp.ClientResponse:
         """Send ``request`` through the policy; see the class documentation."""
         headers = request.headers
-        retryable = request.method in IDEMPOTENT_METHODS or self._key_header in headers
+        retryable = safe_to_repeat(request.method, headers, self._key_header)
         if not retryable and self._add_keys:
-            headers[self._key_header] = self._new_key()
+            headers[self._key_header] = new_idempotency_key(self._rng)
             retryable = True
         body = request.body
         if retryable and isinstance(body, payload.AsyncIterablePayload):
@@ -410,38 +355,21 @@ class ResilientMiddleware:
         received: list[aiohttp.ClientResponse],
     ) -> aiohttp.ClientResponse:
         """One round trip: what the policy calls, retries and times."""
-        left = remaining()
-        if left is not None:
-            millis = int(left * 1000.0)
-            if millis < 1:
-                raise DeadlineExceeded(
-                    f"no time left before the deadline: {request.method} {request.url} not sent",
-                    policy=self._name,
-                    timeout=left,
-                )
-            if self._deadline_header is not None:
-                request.headers[self._deadline_header] = str(millis)
+        left = time_left(self._name, "{} {} not sent", request.method, request.url)
+        if left is not None and self._deadline_header is not None:
+            request.headers[self._deadline_header] = milliseconds(left)
         trace = _propagation.outgoing()
         if trace and _propagation.TRACEPARENT not in request.headers:
             request.headers.update(trace)
         response = await handler(request)
         received.append(response)
-        status = response.status
-        if status in self._retry_statuses or (
-            # The same key's first request is still running (the IETF draft's
-            # 409): wait it out, then this attempt is answered from its record.
-            status == 409 and self._key_header in request.headers
+        if retryable_status(
+            response.status, self._retry_statuses, request.headers, self._key_header
         ):
             await response.read()  # so that predicates and the caller can read it
             response.release()
-            raise RetryableStatusError(response, retry_after=_retry_after(response))
+            raise RetryableStatusError(response, retry_after=response_retry_after(response.headers))
         return response
-
-    def _new_key(self) -> str:
-        rng = self._rng
-        if rng is None:
-            return str(uuid.uuid4())
-        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
     def __repr__(self) -> str:
         return f"ResilientMiddleware({self._policy!r})"
