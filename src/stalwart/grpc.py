@@ -124,6 +124,9 @@ _DEADLINE_GRACE: Final = 0.05
 
 # A stream whose first message is still to be read (or whose status is the answer).
 _UNREAD: Final = object()
+# Where the unary and the streaming send are in a `_sends` pair.
+_UNARY: Final = 0
+_STREAM: Final = 1
 
 _Continuation = Callable[[aio.ClientCallDetails, Any], Awaitable[Any]]
 _Send = Callable[[_Continuation, aio.ClientCallDetails, Any], Awaitable[Any]]
@@ -384,8 +387,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         "_name",
         "_per_target",
         "_policy",
-        "_send_stream",
-        "_send_unary",
+        "_sends",
         "_streaming",
         "_target",
         "_targets",
@@ -419,8 +421,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         # target -> (its policy, the unary and the streaming send through both)
         self._targets: OrderedDict[str, tuple[Policy, _Send, _Send]] = OrderedDict()
         # Decorated once: the policy's per-function set-up is not paid per call.
-        self._send_unary: _Send = policy(self._unary)
-        self._send_stream: _Send = policy(self._stream)
+        self._sends: tuple[_Send, _Send] = (policy(self._unary), policy(self._stream))
         self._streaming = StreamingInterceptor(self)
 
     @property
@@ -458,18 +459,10 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         client_call_details: aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        send = self._send_unary
-        if self._per_target is not None:
-            send = self._sends_for(client_call_details)[0]
         try:
-            return await send(continuation, client_call_details, request)
+            return await self._through(_UNARY, continuation, client_call_details, request)
         except RetryableRpcError as failed:
             return failed.call  # awaiting it raises the attempt's own AioRpcError
-        except StalwartError as error:
-            rpc_error = _as_rpc_error(error)
-            if rpc_error is None:
-                raise
-            raise rpc_error from error
 
     async def _intercept_stream(
         self,
@@ -477,21 +470,29 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         client_call_details: aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        send = self._send_stream
-        if self._per_target is not None:
-            send = self._sends_for(client_call_details)[1]
         try:
-            call, first = await send(continuation, client_call_details, request)
+            call, first = await self._through(_STREAM, continuation, client_call_details, request)
         except RetryableRpcError as failed:
             call, first = failed.call, _UNREAD
+        # The caller meets a failed call's AioRpcError reading it. (Not the call
+        # itself: once read() has been used, grpc forbids iterating it.)
+        return _messages(call, first)
+
+    async def _through(
+        self, kind: int, continuation: _Continuation, details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        """A call through the policy (and its target's): the ``kind`` of `_sends`.
+
+        Stalwart's errors escape as the call errors that stand for them.
+        """
+        sends = self._sends if self._per_target is None else self._sends_for(details)
+        try:
+            return await sends[kind](continuation, details, request)
         except StalwartError as error:
             rpc_error = _as_rpc_error(error)
             if rpc_error is None:
                 raise
             raise rpc_error from error
-        # The caller meets a failed call's AioRpcError reading it. (Not the call
-        # itself: once read() has been used, grpc forbids iterating it.)
-        return _messages(call, first)
 
     def _sends_for(self, details: aio.ClientCallDetails) -> tuple[_Send, _Send]:
         """``policy`` and the target's policy around the attempts (made on first use)."""
