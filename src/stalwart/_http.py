@@ -18,7 +18,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
@@ -43,6 +43,7 @@ __all__ = [
     "IDEMPOTENCY_HEADER",
     "IDEMPOTENT_METHODS",
     "PROBLEM_JSON",
+    "ClientRules",
     "ErrorRule",
     "InboundDeadline",
     "deadline_passed",
@@ -161,6 +162,59 @@ def response_retry_after(headers: Mapping[str, str]) -> float | None:
         return None
     date = headers.get("date")
     return parse_retry_after(value, now=None if date is None else http_date(date))
+
+
+@final
+class ClientRules:
+    """An HTTP client integration's options for what it retries and adds, checked once.
+
+    `stalwart.httpx.ResilientTransport` and `stalwart.aiohttp.ResilientMiddleware`
+    take the same options (see theirs for what each means) and apply them
+    by these rules: `repeatable` before a request's first attempt,
+    `retryable` on each answer, ``deadline_header`` on each attempt.
+    """
+
+    __slots__ = ("add_keys", "deadline_header", "key_header", "retry_statuses", "rng")
+
+    def __init__(
+        self,
+        *,
+        retry_statuses: Any,
+        deadline_header: Any,
+        add_idempotency_keys: Any,
+        idempotency_header: Any,
+        rng: Any,
+    ) -> None:
+        self.retry_statuses = status_codes("retry_statuses", retry_statuses)
+        self.deadline_header: str | None = (
+            None if deadline_header is None else header_name("deadline_header", deadline_header)
+        )
+        if not isinstance(add_idempotency_keys, bool):
+            raise TypeError(
+                f"add_idempotency_keys must be a bool, not {type(add_idempotency_keys).__name__}"
+            )
+        self.add_keys = add_idempotency_keys
+        self.key_header = header_name("idempotency_header", idempotency_header)
+        if rng is not None and not isinstance(rng, random.Random):
+            raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
+        self.rng: random.Random | None = rng
+
+    def repeatable(self, method: str, headers: MutableMapping[str, str]) -> bool:
+        """Whether a request may be sent again (see `safe_to_repeat`).
+
+        With ``add_keys``, a request that may not gets a fresh key in its
+        ``headers`` (see `new_idempotency_key`), and then it may.
+        """
+        if safe_to_repeat(method, headers, self.key_header):
+            return True
+        if not self.add_keys:
+            return False
+        headers[self.key_header] = new_idempotency_key(self.rng)
+        return True
+
+    def retryable(self, status: int, headers: Container[str]) -> bool:
+        """Whether an answer of ``status`` to a request with these ``headers`` fails its attempt."""
+        return retryable_status(status, self.retry_statuses, headers, self.key_header)
 
 
 def parse_retry_after(value: str, *, now: float | None = None) -> float | None:

@@ -45,17 +45,14 @@ from ._http import (
     IDEMPOTENCY_HEADER,
     IDEMPOTENT_METHODS,
     PROBLEM_JSON,
+    ClientRules,
     InboundDeadline,
     deadline_passed,
     header_name,
     milliseconds,
-    new_idempotency_key,
     problem_json,
     response_retry_after,
     retry_after_header,
-    retryable_status,
-    safe_to_repeat,
-    status_codes,
 )
 from ._policy import Policy
 from ._retry import Retry, retries_disabled
@@ -264,13 +261,9 @@ class ResilientMiddleware:
     """
 
     __slots__ = (
-        "_add_keys",
-        "_deadline_header",
-        "_key_header",
         "_name",
         "_policy",
-        "_retry_statuses",
-        "_rng",
+        "_rules",
         "_send",
     )
 
@@ -289,19 +282,13 @@ class ResilientMiddleware:
         if policy is None:
             policy = Retry(attempts=3, on=is_retryable, name=self._name)
         self._policy = policy = policy_option(policy)
-        self._retry_statuses = status_codes("retry_statuses", retry_statuses)
-        self._deadline_header = (
-            None if deadline_header is None else header_name("deadline_header", deadline_header)
+        self._rules = ClientRules(
+            retry_statuses=retry_statuses,
+            deadline_header=deadline_header,
+            add_idempotency_keys=add_idempotency_keys,
+            idempotency_header=idempotency_header,
+            rng=rng,
         )
-        if not isinstance(add_idempotency_keys, bool):
-            raise TypeError(
-                f"add_idempotency_keys must be a bool, not {type(add_idempotency_keys).__name__}"
-            )
-        self._add_keys = add_idempotency_keys
-        self._key_header = header_name("idempotency_header", idempotency_header)
-        if rng is not None and not isinstance(rng, random.Random):
-            raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
-        self._rng = rng
         # Decorated once: the policy's per-function set-up is not paid per request.
         self._send: _Send = policy(self._attempt)
 
@@ -311,17 +298,13 @@ class ResilientMiddleware:
 
     @property
     def retry_statuses(self) -> frozenset[int]:
-        return self._retry_statuses
+        return self._rules.retry_statuses
 
     async def __call__(
         self, request: aiohttp.ClientRequest, handler: _Handler
     ) -> aiohttp.ClientResponse:
         """Send ``request`` through the policy; see the class documentation."""
-        headers = request.headers
-        retryable = safe_to_repeat(request.method, headers, self._key_header)
-        if not retryable and self._add_keys:
-            headers[self._key_header] = new_idempotency_key(self._rng)
-            retryable = True
+        retryable = self._rules.repeatable(request.method, request.headers)
         body = request.body
         if retryable and isinstance(body, payload.AsyncIterablePayload):
             await body.as_bytes()  # kept by the payload: every attempt sends it again
@@ -356,16 +339,15 @@ class ResilientMiddleware:
     ) -> aiohttp.ClientResponse:
         """One round trip: what the policy calls, retries and times."""
         left = time_left(self._name, "{} {} not sent", request.method, request.url)
-        if left is not None and self._deadline_header is not None:
-            request.headers[self._deadline_header] = milliseconds(left)
+        header = self._rules.deadline_header
+        if left is not None and header is not None:
+            request.headers[header] = milliseconds(left)
         trace = _propagation.outgoing()
         if trace and _propagation.TRACEPARENT not in request.headers:
             request.headers.update(trace)
         response = await handler(request)
         received.append(response)
-        if retryable_status(
-            response.status, self._retry_statuses, request.headers, self._key_header
-        ):
+        if self._rules.retryable(response.status, request.headers):
             await response.read()  # so that predicates and the caller can read it
             response.release()
             raise RetryableStatusError(response, retry_after=response_retry_after(response.headers))

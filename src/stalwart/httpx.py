@@ -61,14 +61,10 @@ from ._http import (
     DEFAULT_RETRY_STATUSES,
     IDEMPOTENCY_HEADER,
     IDEMPOTENT_METHODS,
-    header_name,
+    ClientRules,
     milliseconds,
-    new_idempotency_key,
     parse_retry_after,
     response_retry_after,
-    retryable_status,
-    safe_to_repeat,
-    status_codes,
 )
 from ._policy import Policy
 from ._retry import Retry, retries_disabled
@@ -356,16 +352,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     """
 
     __slots__ = (
-        "_add_keys",
-        "_deadline_header",
         "_hosts",
-        "_key_header",
         "_max_hosts",
         "_name",
         "_per_host",
         "_policy",
-        "_retry_statuses",
-        "_rng",
+        "_rules",
         "_send",
         "_transport",
     )
@@ -396,19 +388,13 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             )
         self._policy = policy
         self._transport = transport
-        self._retry_statuses = status_codes("retry_statuses", retry_statuses)
-        self._deadline_header = (
-            None if deadline_header is None else header_name("deadline_header", deadline_header)
+        self._rules = ClientRules(
+            retry_statuses=retry_statuses,
+            deadline_header=deadline_header,
+            add_idempotency_keys=add_idempotency_keys,
+            idempotency_header=idempotency_header,
+            rng=rng,
         )
-        if not isinstance(add_idempotency_keys, bool):
-            raise TypeError(
-                f"add_idempotency_keys must be a bool, not {type(add_idempotency_keys).__name__}"
-            )
-        self._add_keys = add_idempotency_keys
-        self._key_header = header_name("idempotency_header", idempotency_header)
-        if rng is not None and not isinstance(rng, random.Random):
-            raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
-        self._rng = rng
         self._per_host = policy_factory(
             "per_host", per_host, key="origin", a_key="an origin", each="host"
         )
@@ -429,7 +415,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     @property
     def retry_statuses(self) -> frozenset[int]:
-        return self._retry_statuses
+        return self._rules.retry_statuses
 
     @property
     def max_hosts(self) -> int:
@@ -448,11 +434,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the policy; see the class documentation."""
         await request.aread()
-        headers = request.headers
-        retryable = safe_to_repeat(request.method, headers, self._key_header)
-        if not retryable and self._add_keys:
-            headers[self._key_header] = new_idempotency_key(self._rng)
-            retryable = True
+        retryable = self._rules.repeatable(request.method, request.headers)
         send = self._send if self._per_host is None else self._send_to(request.url)
         try:
             if retryable:
@@ -497,17 +479,16 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         left = time_left(self._name, "{} {} not sent", request.method, request.url)
         sent = request if left is None else self._under_deadline(request, left)
         response = await self._transport.handle_async_request(sent)
-        if retryable_status(
-            response.status_code, self._retry_statuses, request.headers, self._key_header
-        ):
+        if self._rules.retryable(response.status_code, request.headers):
             raise await self._failed(request, response)
         return response
 
     def _under_deadline(self, request: httpx.Request, left: float) -> httpx.Request:
         """A copy of ``request`` that tells the server, and httpx, the time left."""
         headers = request.headers.copy()
-        if self._deadline_header is not None:
-            headers[self._deadline_header] = milliseconds(left)
+        header = self._rules.deadline_header
+        if header is not None:
+            headers[header] = milliseconds(left)
         extensions = dict(request.extensions)
         timeouts: dict[str, float | None] = dict(extensions.get("timeout") or {})
         for phase in ("connect", "read", "write", "pool"):
