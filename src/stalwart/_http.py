@@ -18,7 +18,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Container, Iterable, Mapping, MutableMapping
+from collections.abc import Container, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
@@ -102,11 +102,7 @@ def header_name(param: str, value: Any) -> str:
 
 def status_codes(param: str, value: Any) -> frozenset[int]:
     """A collection of HTTP status codes (100-599), as a frozenset; it may be empty."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(
-            f"{param} must be a collection of HTTP status codes, not {type(value).__name__}"
-        )
-    statuses = frozenset(value)
+    statuses = _validate.collection(param, value, "HTTP status codes")
     for status in statuses:
         if not isinstance(status, int) or isinstance(status, bool):
             raise TypeError(f"{param} must hold int status codes, got {type(status).__name__}")

@@ -1,18 +1,19 @@
 """The rules every transport integration shares, HTTP or gRPC, as plain functions.
 
-How a client integration checks its options, when an attempt has no time
-left to be sent, which of stalwart's errors a transport has an error of its
-own for and how it becomes that error, and how a server integration tells
-its caller about one: one place for the rules, so that `stalwart.httpx`,
-`stalwart.aiohttp`, `stalwart.grpc` and `stalwart.asgi` apply the same ones.
-The HTTP-only rules (statuses, headers, problem answers) are in `_http`.
+How a client integration checks its options, which value of a repeated
+header or metadata key counts, when an attempt has no time left to be sent,
+which of stalwart's errors a transport has an error of its own for and how
+it becomes that error, and how a server integration tells its caller about
+one: one place for the rules, so that `stalwart.httpx`, `stalwart.aiohttp`,
+`stalwart.grpc` and `stalwart.asgi` apply the same ones. The HTTP-only rules
+(statuses, headers, problem answers) are in `_http`.
 Nothing here imports a transport's library.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any, Final, TypeVar
 
 from ._errors import DeadlineExceeded, StalwartError, recast
@@ -23,6 +24,7 @@ __all__ = [
     "LEAST_TIME_LEFT",
     "by_kind",
     "error_details",
+    "first_value",
     "kind_of",
     "made_policy",
     "policy_factory",
@@ -33,6 +35,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 LEAST_TIME_LEFT: Final = 0.001
 """Seconds: an attempt with less time left than this is not sent, it could only time out."""
@@ -77,6 +80,22 @@ def made_policy(param: str, made: Any, key: str) -> Policy:
             f"{param} must return a stalwart policy, returned {type(made).__name__} for {key}"
         )
     return made
+
+
+# -- headers and metadata ----------------------------------------------------------------
+
+
+def first_value(pairs: Iterable[tuple[object, V]] | None, key: object) -> V | None:
+    """The value of the first of ``pairs`` named ``key`` (None: there is none).
+
+    ``pairs`` are a request's headers or a call's metadata, as (name, value)
+    pairs; a name that comes more than once counts as its first.
+    """
+    if pairs:
+        for name, value in pairs:
+            if name == key:
+                return value
+    return None
 
 
 # -- an attempt's deadline ---------------------------------------------------------------

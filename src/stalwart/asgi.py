@@ -64,6 +64,7 @@ from ._idempotency_store import (
 )
 from ._telemetry import IdempotencyStats, Telemetry, add_event
 from ._timeout import deadline
+from ._transport import first_value
 
 __all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_public_api.py)
     "ASGIApp",
@@ -86,14 +87,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-def _header_value(scope: Scope, name: bytes) -> bytes | None:
-    """The first value of header ``name`` (lower case) in an HTTP scope."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value  # type: ignore[no-any-return]
-    return None
 
 
 async def _send_problem(
@@ -203,8 +196,8 @@ class DeadlineMiddleware:
         """The deadline, in seconds, that this request gets (None: none)."""
         header = self._header
         return self._limits.limit(
-            None if header is None else _header_value(scope, header),
-            _header_value(scope, b"grpc-timeout") if self._grpc else None,
+            None if header is None else first_value(scope["headers"], header),
+            first_value(scope["headers"], b"grpc-timeout") if self._grpc else None,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -582,12 +575,8 @@ def _cookie_pairs(values: list[bytes]) -> Iterator[bytes]:
 
 
 def _methods(value: Any) -> frozenset[str]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(
-            f"methods must be a collection of HTTP method names, not {type(value).__name__}"
-        )
     methods = set()
-    for method in value:
+    for method in _validate.collection("methods", value, "HTTP method names"):
         if not isinstance(method, str):
             raise TypeError(f"methods must hold str method names, got {type(method).__name__}")
         if not is_token(method):

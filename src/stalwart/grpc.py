@@ -66,6 +66,7 @@ from ._timeout import deadline, remaining
 from ._transport import (
     by_kind,
     error_details,
+    first_value,
     kind_of,
     made_policy,
     policy_factory,
@@ -161,16 +162,6 @@ def service_of(method: str) -> str:
     return service or method
 
 
-def _first(metadata: Any, key: str) -> str | bytes | None:
-    """The first value of ``key`` in gRPC metadata (pairs), or None."""
-    if not metadata:
-        return None
-    for name, value in metadata:
-        if name == key:
-            return value  # type: ignore[no-any-return]
-    return None
-
-
 class RetryableRpcError(aio.AioRpcError):
     """An attempt ended with a status in ``retry_codes``.
 
@@ -259,11 +250,7 @@ def _as_rpc_error(error: StalwartError) -> aio.AioRpcError | None:
 
 
 def _retry_codes(value: Any) -> frozenset[grpc.StatusCode]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(
-            f"retry_codes must be a collection of grpc.StatusCode, not {type(value).__name__}"
-        )
-    codes = frozenset(value)
+    codes = _validate.collection("retry_codes", value, "grpc.StatusCode")
     for code in codes:
         if not isinstance(code, grpc.StatusCode):
             raise TypeError(f"retry_codes must hold grpc.StatusCode members, got {code!r}")
@@ -554,7 +541,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
             timeout, ours = left, True
         metadata = details.metadata
         trace = _propagation.outgoing()
-        if trace and _first(metadata, _propagation.TRACEPARENT) is None:
+        if trace and first_value(metadata, _propagation.TRACEPARENT) is None:
             metadata = aio.Metadata(*(metadata or ()))
             for key, value in trace.items():
                 metadata.add(key, value)
@@ -566,7 +553,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         """Raise what a failed attempt means to the policy; return if the status is the answer."""
         code = error.code()
         if code in self._codes:
-            pushback = _first(error.trailing_metadata(), PUSHBACK_KEY)
+            pushback = first_value(error.trailing_metadata(), PUSHBACK_KEY)
             raise RetryableRpcError(
                 error, call=call, retry_after=None if pushback is None else parse_pushback(pushback)
             ) from None
