@@ -452,13 +452,10 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
             return failed.call  # awaiting it raises the attempt's own AioRpcError
 
     async def _intercept_stream(
-        self,
-        continuation: _Continuation,
-        client_call_details: aio.ClientCallDetails,
-        request: Any,
+        self, continuation: _Continuation, details: aio.ClientCallDetails, request: Any
     ) -> Any:
         try:
-            call, first = await self._through(_STREAM, continuation, client_call_details, request)
+            call, first = await self._through(_STREAM, continuation, details, request)
         except RetryableRpcError as failed:
             call, first = failed.call, _UNREAD
         # The caller meets a failed call's AioRpcError reading it. (Not the call
