@@ -17,9 +17,15 @@ import anyio
 import pytest
 
 import stalwart as sw
-from stalwart import _validate
 from stalwart._http import response_retry_after, retry_after_header
-from stalwart._transport import by_kind, first_value, kind_of, retry_after_of, time_left
+from stalwart._transport import (
+    by_kind,
+    collection_option,
+    first_value,
+    kind_of,
+    retry_after_of,
+    time_left,
+)
 from stalwart.httpx import ResilientTransport
 
 
@@ -101,12 +107,12 @@ def test_the_first_value_of_a_key_counts() -> None:
 @pytest.mark.parametrize("value", ["GET", b"GET", 3, None])
 def test_a_collection_option_is_not_a_lone_str_or_a_scalar(value: Any) -> None:
     with pytest.raises(TypeError, match=r"^methods must be a collection of HTTP method names"):
-        _validate.collection("methods", value, "HTTP method names")
+        collection_option("methods", value, "HTTP method names")
 
 
 def test_a_collection_option_with_unhashable_members_names_the_parameter() -> None:
     with pytest.raises(TypeError, match=r"^retry_statuses must be a collection"):
-        _validate.collection("retry_statuses", [[503]], "HTTP status codes")
+        collection_option("retry_statuses", [[503]], "HTTP status codes")
     with pytest.raises(TypeError, match=r"^retry_statuses"):
         ResilientTransport(retry_statuses=[[503]])  # type: ignore[list-item]
 

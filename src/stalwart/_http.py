@@ -33,7 +33,7 @@ from ._errors import (
     RateLimitExceeded,
     StalwartError,
 )
-from ._transport import kind_of, retry_after_of
+from ._transport import collection_option, kind_of, retry_after_of
 
 __all__ = [
     "CONFLICT",
@@ -102,7 +102,7 @@ def header_name(param: str, value: Any) -> str:
 
 def status_codes(param: str, value: Any) -> frozenset[int]:
     """A collection of HTTP status codes (100-599), as a frozenset; it may be empty."""
-    statuses = _validate.collection(param, value, "HTTP status codes")
+    statuses = collection_option(param, value, "HTTP status codes")
     for status in statuses:
         if not isinstance(status, int) or isinstance(status, bool):
             raise TypeError(f"{param} must hold int status codes, got {type(status).__name__}")

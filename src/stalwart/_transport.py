@@ -23,6 +23,7 @@ from ._timeout import remaining
 __all__ = [
     "LEAST_TIME_LEFT",
     "by_kind",
+    "collection_option",
     "error_details",
     "first_value",
     "kind_of",
@@ -49,6 +50,16 @@ def policy_option(value: Any) -> Policy:
     if not isinstance(value, Policy):
         raise TypeError(f"policy must be a stalwart policy or None, not {type(value).__name__}")
     return value
+
+
+def collection_option(param: str, value: Any, what: str) -> frozenset[Any]:
+    """The members of a collection of ``what`` (not a lone str or bytes), as a frozenset."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{param} must be a collection of {what}, not {type(value).__name__}")
+    try:
+        return frozenset(value)
+    except TypeError:
+        raise TypeError(f"{param} must be a collection of {what}, got an unhashable one") from None
 
 
 def policy_factory(

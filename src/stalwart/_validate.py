@@ -7,7 +7,6 @@ at its line instead of at a traceback deep inside a call.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 _NAME_MAX = 200
@@ -68,16 +67,6 @@ def count(param: str, value: Any, *, minimum: int = 1) -> int:
 
 def optional_count(param: str, value: Any, *, minimum: int = 1) -> int | None:
     return None if value is None else count(param, value, minimum=minimum)
-
-
-def collection(param: str, value: Any, what: str) -> frozenset[Any]:
-    """The members of a collection of ``what`` (not a lone str or bytes), as a frozenset."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(f"{param} must be a collection of {what}, not {type(value).__name__}")
-    try:
-        return frozenset(value)
-    except TypeError:
-        raise TypeError(f"{param} must be a collection of {what}, got an unhashable one") from None
 
 
 def name(value: Any) -> str:

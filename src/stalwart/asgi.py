@@ -64,7 +64,7 @@ from ._idempotency_store import (
 )
 from ._telemetry import IdempotencyStats, Telemetry, add_event
 from ._timeout import deadline
-from ._transport import first_value
+from ._transport import collection_option, first_value
 
 __all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_public_api.py)
     "ASGIApp",
@@ -576,7 +576,7 @@ def _cookie_pairs(values: list[bytes]) -> Iterator[bytes]:
 
 def _methods(value: Any) -> frozenset[str]:
     methods = set()
-    for method in _validate.collection("methods", value, "HTTP method names"):
+    for method in collection_option("methods", value, "HTTP method names"):
         if not isinstance(method, str):
             raise TypeError(f"methods must hold str method names, got {type(method).__name__}")
         if not is_token(method):

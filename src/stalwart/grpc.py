@@ -65,6 +65,7 @@ from ._retry import Retry
 from ._timeout import deadline, remaining
 from ._transport import (
     by_kind,
+    collection_option,
     error_details,
     first_value,
     kind_of,
@@ -250,7 +251,7 @@ def _as_rpc_error(error: StalwartError) -> aio.AioRpcError | None:
 
 
 def _retry_codes(value: Any) -> frozenset[grpc.StatusCode]:
-    codes = _validate.collection("retry_codes", value, "grpc.StatusCode")
+    codes = collection_option("retry_codes", value, "grpc.StatusCode")
     for code in codes:
         if not isinstance(code, grpc.StatusCode):
             raise TypeError(f"retry_codes must hold grpc.StatusCode members, got {code!r}")
