@@ -160,6 +160,45 @@ def response_retry_after(headers: Mapping[str, str]) -> float | None:
     return parse_retry_after(value, now=None if date is None else http_date(date))
 
 
+def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
+    """Seconds to wait according to a ``Retry-After`` value, or None.
+
+    ``value`` is delta-seconds (``"120"``; a decimal fraction is accepted) or
+    an HTTP date (``"Wed, 21 Oct 2015 07:28:00 GMT"``), which is compared to
+    ``now`` (a POSIX timestamp; default: the wall clock). A date in the past
+    gives 0.0. Anything malformed or negative gives None: a hint that cannot
+    be read is no hint. A very long wait is returned as it is: a
+    `~stalwart.Retry` never waits longer than its backoff's ``maximum``
+    (a longer hint stops the retries), so a server cannot park a client.
+
+    Example::
+
+        parse_retry_after("3")  # 3.0
+        parse_retry_after("-1")  # None
+    """
+    match = _DELTA_SECONDS.fullmatch(value)
+    if match is not None:
+        seconds = float(match.group(1))
+        return seconds if math.isfinite(seconds) else None
+    when = http_date(value)
+    if when is None:
+        return None
+    # A date needs the wall clock: the event loop's clock has no epoch.
+    reference = time.time() if now is None else now
+    return max(0.0, when - reference)
+
+
+def http_date(value: str) -> float | None:
+    """An HTTP date as a POSIX timestamp, or None if malformed."""
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # HTTP dates are always GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
 @final
 class ClientRules:
     """An HTTP client integration's options for what it retries and adds, checked once.
@@ -211,45 +250,6 @@ class ClientRules:
     def retryable(self, status: int, headers: Container[str]) -> bool:
         """Whether an answer of ``status`` to a request with these ``headers`` fails its attempt."""
         return retryable_status(status, self.retry_statuses, headers, self.key_header)
-
-
-def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
-    """Seconds to wait according to a ``Retry-After`` value, or None.
-
-    ``value`` is delta-seconds (``"120"``; a decimal fraction is accepted) or
-    an HTTP date (``"Wed, 21 Oct 2015 07:28:00 GMT"``), which is compared to
-    ``now`` (a POSIX timestamp; default: the wall clock). A date in the past
-    gives 0.0. Anything malformed or negative gives None: a hint that cannot
-    be read is no hint. A very long wait is returned as it is: a
-    `~stalwart.Retry` never waits longer than its backoff's ``maximum``
-    (a longer hint stops the retries), so a server cannot park a client.
-
-    Example::
-
-        parse_retry_after("3")  # 3.0
-        parse_retry_after("-1")  # None
-    """
-    match = _DELTA_SECONDS.fullmatch(value)
-    if match is not None:
-        seconds = float(match.group(1))
-        return seconds if math.isfinite(seconds) else None
-    when = http_date(value)
-    if when is None:
-        return None
-    # A date needs the wall clock: the event loop's clock has no epoch.
-    reference = time.time() if now is None else now
-    return max(0.0, when - reference)
-
-
-def http_date(value: str) -> float | None:
-    """An HTTP date as a POSIX timestamp, or None if malformed."""
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # HTTP dates are always GMT
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
 
 
 # -- a deadline in a header -------------------------------------------------------------
