@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import re
 import struct
@@ -43,9 +42,16 @@ from ._errors import DeadlineExceeded, StalwartError, StoreUnavailable
 from ._http import (
     DEADLINE_HEADER,
     IDEMPOTENCY_HEADER,
+    PROBLEM_JSON,
     ErrorRule,
+    InboundDeadline,
+    deadline_passed,
     error_rule,
     header_name,
+    is_token,
+    parse_grpc_timeout,
+    parse_timeout_ms,
+    problem_json,
     retry_after_header,
 )
 from ._idempotency import LeaseKeeper
@@ -58,6 +64,7 @@ from ._idempotency_store import (
 )
 from ._telemetry import IdempotencyStats, Telemetry, add_event
 from ._timeout import deadline
+from ._transport import collection_option, first_value
 
 __all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_public_api.py)
     "ASGIApp",
@@ -81,59 +88,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# At most 15 integer digits: longer values are not durations anyone means.
-_MILLISECONDS: Final = re.compile(rb"\s*(\d{1,15}(?:\.\d+)?)\s*")
-# gRPC over HTTP/2: "TimeoutValue TimeoutUnit", at most 8 digits.
-_GRPC_TIMEOUT: Final = re.compile(rb"(\d{1,8})([HMSmun])")
-_GRPC_UNITS: Final = {
-    b"H": 3600.0,
-    b"M": 60.0,
-    b"S": 1.0,
-    b"m": 1e-3,
-    b"u": 1e-6,
-    b"n": 1e-9,
-}
-
-
-def parse_timeout_ms(value: bytes) -> float | None:
-    """Seconds from an ``x-request-timeout-ms`` value, or None if malformed.
-
-    The value is a non-negative number of milliseconds (an integer as
-    stalwart sends it; a decimal fraction is accepted).
-
-    Example::
-
-        parse_timeout_ms(b"1500")  # 1.5
-        parse_timeout_ms(b"soon")  # None
-    """
-    if value.isdigit() and len(value) <= 15:  # the common case, without a regex
-        return int(value) / 1000.0
-    match = _MILLISECONDS.fullmatch(value)
-    if match is None:
-        return None
-    return float(match.group(1)) / 1000.0
-
-
-def parse_grpc_timeout(value: bytes) -> float | None:
-    """Seconds from a ``grpc-timeout`` value (``"250m"``, ``"3S"``), or None.
-
-    The gRPC format: at most 8 digits, then a unit: ``H`` hours, ``M``
-    minutes, ``S`` seconds, ``m`` milliseconds, ``u`` microseconds, ``n``
-    nanoseconds.
-    """
-    match = _GRPC_TIMEOUT.fullmatch(value)
-    if match is None:
-        return None
-    return int(match.group(1)) * _GRPC_UNITS[match.group(2)]
-
-
-def _header_value(scope: Scope, name: bytes) -> bytes | None:
-    """The first value of header ``name`` (lower case) in an HTTP scope."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value  # type: ignore[no-any-return]
-    return None
-
 
 async def _send_problem(
     send: Send,
@@ -145,12 +99,9 @@ async def _send_problem(
     extensions: Mapping[str, str] | None = None,
 ) -> None:
     """Send a complete ``application/problem+json`` response (RFC 9457)."""
-    problem = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    if extensions:
-        problem.update(extensions)
-    body = json.dumps(problem).encode()
+    body = problem_json(status, title, detail, extensions).encode()
     headers = [
-        (b"content-type", b"application/problem+json"),
+        (b"content-type", PROBLEM_JSON.encode()),
         (b"content-length", str(len(body)).encode()),
     ]
     if retry_after is not None:
@@ -216,7 +167,7 @@ class DeadlineMiddleware:
         app = DeadlineMiddleware(app, max_timeout=10.0, default_timeout=5.0)
     """
 
-    __slots__ = ("_app", "_default", "_grpc", "_header", "_max")
+    __slots__ = ("_app", "_grpc", "_header", "_limits")
 
     def __init__(
         self,
@@ -231,11 +182,7 @@ class DeadlineMiddleware:
             raise TypeError(f"app must be an ASGI application, not {type(app).__name__}")
         self._app = app
         self._header = None if header is None else header_name("header", header).lower().encode()
-        self._max = _validate.optional_duration("max_timeout", max_timeout, positive=True)
-        default = _validate.optional_duration("default_timeout", default_timeout, positive=True)
-        if default is not None and self._max is not None:
-            default = min(default, self._max)
-        self._default = default
+        self._limits = InboundDeadline(max_timeout=max_timeout, default_timeout=default_timeout)
         if not isinstance(grpc_timeout, bool):
             raise TypeError(f"grpc_timeout must be a bool, not {type(grpc_timeout).__name__}")
         self._grpc = grpc_timeout
@@ -247,22 +194,11 @@ class DeadlineMiddleware:
 
     def timeout_for(self, scope: Scope) -> float | None:
         """The deadline, in seconds, that this request gets (None: none)."""
-        limit: float | None = None
-        if self._header is not None:
-            value = _header_value(scope, self._header)
-            if value is not None:
-                limit = parse_timeout_ms(value)
-        if self._grpc:
-            value = _header_value(scope, b"grpc-timeout")
-            if value is not None:
-                grpc = parse_grpc_timeout(value)
-                if grpc is not None and (limit is None or grpc < limit):
-                    limit = grpc
-        if limit is None:
-            return self._default
-        if self._max is not None and limit > self._max:
-            return self._max
-        return limit
+        header = self._header
+        return self._limits.limit(
+            None if header is None else first_value(scope["headers"], header),
+            first_value(scope["headers"], b"grpc-timeout") if self._grpc else None,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -283,16 +219,10 @@ class DeadlineMiddleware:
             if _clock.now() < scope_deadline.when:
                 raise
             if not watched.started:
-                await _send_problem(
-                    send,
-                    504,
-                    "Gateway Timeout",
-                    f"The request's deadline of {seconds * 1000.0:g} ms passed "
-                    "before a response was ready.",
-                )
+                await _send_problem(send, 504, "Gateway Timeout", deadline_passed(seconds))
 
     def __repr__(self) -> str:
-        return f"DeadlineMiddleware({self._app!r}, max_timeout={self._max})"
+        return f"DeadlineMiddleware({self._app!r}, max_timeout={self._limits.max_timeout})"
 
 
 # -- stalwart errors as answers ---------------------------------------------------------
@@ -433,7 +363,6 @@ _BARE_KEY: Final = re.compile(rb"[\x21\x23-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e]
 # RFC 8941 sf-string: printable ASCII in double quotes, `"` and `\` escaped.
 _SF_STRING: Final = re.compile(rb'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\]){1,255})"')
 _SF_ESCAPE: Final = re.compile(rb'\\(["\\])')
-_METHOD: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 _REPLAYED_HEADER: Final = (b"idempotent-replayed", b"true")
 _REPLAYED_EVENT: Final = "stalwart.idempotency.replayed"
@@ -646,15 +575,11 @@ def _cookie_pairs(values: list[bytes]) -> Iterator[bytes]:
 
 
 def _methods(value: Any) -> frozenset[str]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(
-            f"methods must be a collection of HTTP method names, not {type(value).__name__}"
-        )
     methods = set()
-    for method in value:
+    for method in collection_option("methods", value, "HTTP method names"):
         if not isinstance(method, str):
             raise TypeError(f"methods must hold str method names, got {type(method).__name__}")
-        if not _METHOD.fullmatch(method):
+        if not is_token(method):
             raise ValueError(f"methods must hold HTTP method names, got {method!r}")
         methods.add(method.upper())
     if not methods:
