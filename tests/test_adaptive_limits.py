@@ -350,7 +350,7 @@ def test_a_window_waits_for_its_samples_and_its_round_trip() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(
     samples=st.lists(
         st.tuples(

@@ -363,7 +363,7 @@ def most_in_any_window(grants: list[float], length: float) -> int:
     return best
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(rate=RATES, per=PERS, burst=BURSTS, ops=OPS)
 def test_over_any_window_of_per_seconds_at_most_rate_plus_burst_calls_pass(
     rate: int, per: float, burst: int, ops: Ops
@@ -377,7 +377,7 @@ def test_over_any_window_of_per_seconds_at_most_rate_plus_burst_calls_pass(
         assert most_in_any_window(grants, windows * interval) <= burst + windows
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(rate=RATES, per=PERS, burst=BURSTS, ops=OPS)
 def test_turns_are_granted_in_the_order_they_were_reserved(
     rate: int, per: float, burst: int, ops: Ops
@@ -388,7 +388,7 @@ def test_turns_are_granted_in_the_order_they_were_reserved(
     assert grants == sorted(grants)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(rate=RATES, per=PERS, burst=BURSTS, ops=OPS)
 def test_turns_given_back_leave_no_trace(rate: int, per: float, burst: int, ops: Ops) -> None:
     """Replaying only the turns kept gives each the same time and leaves the same state.
@@ -412,7 +412,7 @@ def test_turns_given_back_leave_no_trace(rate: int, per: float, burst: int, ops:
     assert replay.wait_time(end) == played.bucket.wait_time(end)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(
     rate=RATES,
     per=PERS,
@@ -437,7 +437,7 @@ def test_without_waiting_it_is_exactly_a_token_bucket(
         assert (bucket.reserve(float(now)) is GRANTED) == expected
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(
     rate=st.floats(min_value=0.1, max_value=1000.0),
     per=st.floats(min_value=0.01, max_value=100.0),

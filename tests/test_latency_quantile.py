@@ -179,7 +179,7 @@ def test_with_decay_the_estimate_is_within_the_accuracy_of_the_exact_weighted_qu
             assert_within(estimator, samples, 0.95)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     q=st.floats(min_value=0.01, max_value=0.99),
     half_life=st.one_of(st.none(), st.floats(min_value=0.5, max_value=100.0)),

@@ -225,6 +225,7 @@ async def test_huge_but_valid_values_work() -> None:
     breaker = sw.CircuitBreaker(
         open_for=big,
         consecutive_failures=1,
+        failure_rate=0.5,  # minimum_calls counts only with a rate trigger on
         window=sw.TimeWindow(big),
         minimum_calls=HUGE_INT,
         half_open_calls=HUGE_INT,

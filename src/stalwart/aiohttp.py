@@ -18,15 +18,8 @@ Client middlewares need aiohttp 3.12 or later. aiohttp runs on asyncio only.
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import re
-import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Final, final
 
 try:
@@ -38,19 +31,40 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import _clock, _propagation, _validate
-from ._deadline import deadline, remaining
+from ._deadline import deadline
 from ._errors import (
     BulkheadFullError,
     CircuitOpenError,
     DeadlineExceeded,
     RateLimitExceeded,
     StalwartError,
-    recast,
 )
-from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
+from ._http import (
+    DEADLINE_HEADER,
+    DEFAULT_RETRY_STATUSES,
+    ERROR_RULES,
+    IDEMPOTENCY_HEADER,
+    IDEMPOTENT_METHODS,
+    PROBLEM_JSON,
+    ClientRules,
+    InboundDeadline,
+    deadline_passed,
+    header_name,
+    milliseconds,
+    problem_json,
+    response_retry_after,
+    retry_after_header,
+)
 from ._policy import Policy
 from ._retry import Retry, retries_disabled
-from .asgi import parse_timeout_ms
+from ._transport import (
+    by_kind,
+    error_details,
+    kind_of,
+    policy_option,
+    time_left,
+    translated,
+)
 
 __all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks
     "ClientBulkheadFull",
@@ -66,57 +80,19 @@ __all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks
     "is_retryable",
 ]
 
-DEFAULT_RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
-"""Statuses that mean "try again later": rate limited, or a gateway's upstream failed."""
-
-IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-"""Methods RFC 9110 defines as idempotent: repeating them is safe."""
-
 HTTP_STATUS_FOR_ERROR: Final[dict[type[StalwartError], int]] = {
-    DeadlineExceeded: 504,
-    CircuitOpenError: 503,
-    BulkheadFullError: 503,
-    RateLimitExceeded: 503,
+    kind: int(rule.status) for kind, rule in ERROR_RULES.items()
 }
-"""The answer `DeadlineMiddleware` gives for each stalwart error a handler lets escape."""
+"""The answer `DeadlineMiddleware` gives for each stalwart error a handler lets escape.
 
-_DELTA_SECONDS: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
+(A view of the translation table that `stalwart.asgi.ErrorMiddleware` answers by too.)
+"""
 
 _Handler = Callable[[aiohttp.ClientRequest], Awaitable[aiohttp.ClientResponse]]
 _Send = Callable[
     [aiohttp.ClientRequest, _Handler, list[aiohttp.ClientResponse]],
     Coroutine[Any, Any, aiohttp.ClientResponse],
 ]
-
-
-def _retry_after(response: aiohttp.ClientResponse) -> float | None:
-    """The response's ``Retry-After`` in seconds (an HTTP date measured by its ``Date``)."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    match = _DELTA_SECONDS.fullmatch(value)
-    if match is not None:
-        seconds = float(match.group(1))
-        return seconds if math.isfinite(seconds) else None
-    when = _http_date(value)
-    if when is None:
-        return None
-    # The server's own `Date`, when it sent one, makes the hint immune to the
-    # skew between its clock and ours; else the wall clock (the loop's has no epoch).
-    date = response.headers.get("date")
-    now = _http_date(date) if date is not None else None
-    return max(0.0, when - (time.time() if now is None else now))
-
-
-def _http_date(value: str) -> float | None:
-    """An HTTP date as a POSIX timestamp, or None if malformed."""
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # HTTP dates are always GMT
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
 
 
 class RetryableStatusError(aiohttp.ClientResponseError):
@@ -190,38 +166,17 @@ class ClientRateLimited(aiohttp.ClientConnectionError, RateLimitExceeded):
     """`~stalwart.RateLimitExceeded` from the policy, as an ``aiohttp.ClientConnectionError``."""
 
 
-_CLIENT_ERROR_FOR: Final[dict[type[StalwartError], type[aiohttp.ClientError]]] = {
-    DeadlineExceeded: ClientDeadlineExceeded,
-    CircuitOpenError: ClientCircuitOpen,
-    BulkheadFullError: ClientBulkheadFull,
-    RateLimitExceeded: ClientRateLimited,
-}
+_CLIENT_ERROR_FOR: Final[dict[type[StalwartError], type[aiohttp.ClientError]]] = by_kind(
+    ClientDeadlineExceeded, ClientCircuitOpen, ClientBulkheadFull, ClientRateLimited
+)
 
 
 def _as_client_error(error: StalwartError) -> aiohttp.ClientError | None:
-    """The error a caller sees for ``error``, or None to let it through as it is."""
-    if isinstance(error, aiohttp.ClientError):
-        return None  # one already (a nested session's)
-    for kind, cls in _CLIENT_ERROR_FOR.items():
-        if isinstance(error, kind):
-            return recast(error, cls)
-    return None
+    """The error a caller sees for ``error``, or None to let it through as it is.
 
-
-def _retry_statuses(value: Any) -> frozenset[int]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(
-            f"retry_statuses must be a collection of HTTP status codes, not {type(value).__name__}"
-        )
-    statuses = frozenset(value)
-    for status in statuses:
-        if not isinstance(status, int) or isinstance(status, bool):
-            raise TypeError(
-                f"retry_statuses must hold int status codes, got {type(status).__name__}"
-            )
-        if not 100 <= status <= 599:
-            raise ValueError(f"retry_statuses must hold status codes in 100-599, got {status!r}")
-    return statuses
+    None for an ``aiohttp.ClientError`` already (a nested session's).
+    """
+    return translated(error, _CLIENT_ERROR_FOR, unless=aiohttp.ClientError)
 
 
 @final
@@ -306,13 +261,9 @@ class ResilientMiddleware:
     """
 
     __slots__ = (
-        "_add_keys",
-        "_deadline_header",
-        "_key_header",
         "_name",
         "_policy",
-        "_retry_statuses",
-        "_rng",
+        "_rules",
         "_send",
     )
 
@@ -330,24 +281,14 @@ class ResilientMiddleware:
         self._name = _validate.name(name)
         if policy is None:
             policy = Retry(attempts=3, on=is_retryable, name=self._name)
-        elif not isinstance(policy, Policy):
-            raise TypeError(
-                f"policy must be a stalwart policy or None, not {type(policy).__name__}"
-            )
-        self._policy = policy
-        self._retry_statuses = _retry_statuses(retry_statuses)
-        self._deadline_header = (
-            None if deadline_header is None else header_name("deadline_header", deadline_header)
+        self._policy = policy = policy_option(policy)
+        self._rules = ClientRules(
+            retry_statuses=retry_statuses,
+            deadline_header=deadline_header,
+            add_idempotency_keys=add_idempotency_keys,
+            idempotency_header=idempotency_header,
+            rng=rng,
         )
-        if not isinstance(add_idempotency_keys, bool):
-            raise TypeError(
-                f"add_idempotency_keys must be a bool, not {type(add_idempotency_keys).__name__}"
-            )
-        self._add_keys = add_idempotency_keys
-        self._key_header = header_name("idempotency_header", idempotency_header)
-        if rng is not None and not isinstance(rng, random.Random):
-            raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
-        self._rng = rng
         # Decorated once: the policy's per-function set-up is not paid per request.
         self._send: _Send = policy(self._attempt)
 
@@ -357,17 +298,13 @@ class ResilientMiddleware:
 
     @property
     def retry_statuses(self) -> frozenset[int]:
-        return self._retry_statuses
+        return self._rules.retry_statuses
 
     async def __call__(
         self, request: aiohttp.ClientRequest, handler: _Handler
     ) -> aiohttp.ClientResponse:
         """Send ``request`` through the policy; see the class documentation."""
-        headers = request.headers
-        retryable = request.method in IDEMPOTENT_METHODS or self._key_header in headers
-        if not retryable and self._add_keys:
-            headers[self._key_header] = self._new_key()
-            retryable = True
+        retryable = self._rules.repeatable(request.method, request.headers)
         body = request.body
         if retryable and isinstance(body, payload.AsyncIterablePayload):
             await body.as_bytes()  # kept by the payload: every attempt sends it again
@@ -401,38 +338,20 @@ class ResilientMiddleware:
         received: list[aiohttp.ClientResponse],
     ) -> aiohttp.ClientResponse:
         """One round trip: what the policy calls, retries and times."""
-        left = remaining()
-        if left is not None:
-            millis = int(left * 1000.0)
-            if millis < 1:
-                raise DeadlineExceeded(
-                    f"no time left before the deadline: {request.method} {request.url} not sent",
-                    policy=self._name,
-                    timeout=left,
-                )
-            if self._deadline_header is not None:
-                request.headers[self._deadline_header] = str(millis)
+        left = time_left(self._name, "{} {} not sent", request.method, request.url)
+        header = self._rules.deadline_header
+        if left is not None and header is not None:
+            request.headers[header] = milliseconds(left)
         trace = _propagation.outgoing()
         if trace and _propagation.TRACEPARENT not in request.headers:
             request.headers.update(trace)
         response = await handler(request)
         received.append(response)
-        status = response.status
-        if status in self._retry_statuses or (
-            # The same key's first request is still running (the IETF draft's
-            # 409): wait it out, then this attempt is answered from its record.
-            status == 409 and self._key_header in request.headers
-        ):
+        if self._rules.retryable(response.status, request.headers):
             await response.read()  # so that predicates and the caller can read it
             response.release()
-            raise RetryableStatusError(response, retry_after=_retry_after(response))
+            raise RetryableStatusError(response, retry_after=response_retry_after(response.headers))
         return response
-
-    def _new_key(self) -> str:
-        rng = self._rng
-        if rng is None:
-            return str(uuid.uuid4())
-        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
     def __repr__(self) -> str:
         return f"ResilientMiddleware({self._policy!r})"
@@ -448,12 +367,13 @@ def _release(received: list[aiohttp.ClientResponse], kept: aiohttp.ClientRespons
 # -- the server side --------------------------------------------------------------------
 
 
-def _problem(status: int, title: str, detail: str, *, retry_after: float | None) -> web.Response:
+def _problem(status: int, title: str, detail: str, *, retry_after: int | None) -> web.Response:
     """An ``application/problem+json`` answer (RFC 9457), as `stalwart.asgi` gives."""
-    body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
-    response = web.Response(status=status, text=body, content_type="application/problem+json")
-    if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
-        response.headers["Retry-After"] = str(math.ceil(retry_after))
+    response = web.Response(
+        status=status, text=problem_json(status, title, detail), content_type=PROBLEM_JSON
+    )
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
     return response
 
 
@@ -504,7 +424,7 @@ class DeadlineMiddleware:
 
     # aiohttp calls a middleware marked so as `middleware(request, handler)`.
     __middleware_version__: ClassVar[int] = 1
-    __slots__ = ("_default", "_header", "_max")
+    __slots__ = ("_header", "_limits")
 
     def __init__(
         self,
@@ -514,27 +434,13 @@ class DeadlineMiddleware:
         default_timeout: float | None = None,
     ) -> None:
         self._header = None if header is None else header_name("header", header)
-        self._max = _validate.optional_duration("max_timeout", max_timeout, positive=True)
-        default = _validate.optional_duration("default_timeout", default_timeout, positive=True)
-        if default is not None and self._max is not None:
-            default = min(default, self._max)
-        self._default = default
+        self._limits = InboundDeadline(max_timeout=max_timeout, default_timeout=default_timeout)
 
     def timeout_for(self, request: web.BaseRequest) -> float | None:
         """The deadline, in seconds, that this request gets (None: none)."""
-        limit: float | None = None
-        if self._header is not None:
-            value = request.headers.get(self._header)
-            if value is not None:
-                try:
-                    limit = parse_timeout_ms(value.encode("ascii"))
-                except UnicodeEncodeError:
-                    limit = None
-        if limit is None:
-            return self._default
-        if self._max is not None and limit > self._max:
-            return self._max
-        return limit
+        value = None if self._header is None else request.headers.get(self._header)
+        # A character beyond ASCII becomes "?", which makes the value malformed.
+        return self._limits.limit(None if value is None else value.encode("ascii", "replace"))
 
     async def __call__(
         self,
@@ -561,34 +467,14 @@ class DeadlineMiddleware:
         self, request: web.Request, error: StalwartError, expired: float | None
     ) -> web.StreamResponse:
         """The problem answer for ``error`` (``expired``: this request's deadline passed)."""
-        found = next(
-            (
-                (kind, code)
-                for kind, code in HTTP_STATUS_FOR_ERROR.items()
-                if isinstance(error, kind)
-            ),
-            None,
-        )
-        if found is None or request.writer.output_size > 0:
+        kind = kind_of(error, ERROR_RULES)
+        if kind is None or request.writer.output_size > 0:
             # Not ours, or too late for an answer: aiohttp closes the connection
             # of a response that has started.
             raise error
-        kind, status = found
-        if expired is not None:
-            detail = (
-                f"The request's deadline of {expired * 1000.0:g} ms passed "
-                "before a response was ready."
-            )
-        else:
-            detail = f"{kind.__name__} from policy {error.policy!r}: {error}"
-        title = "Gateway Timeout" if status == 504 else "Service Unavailable"
-        retry_after = getattr(error, "retry_after", None)
-        return _problem(
-            status,
-            title,
-            detail,
-            retry_after=retry_after if isinstance(retry_after, (int, float)) else None,
-        )
+        status = ERROR_RULES[kind].status
+        detail = error_details(kind, error) if expired is None else deadline_passed(expired)
+        return _problem(status, status.phrase, detail, retry_after=retry_after_header(error))
 
     def __repr__(self) -> str:
-        return f"DeadlineMiddleware(max_timeout={self._max})"
+        return f"DeadlineMiddleware(max_timeout={self._limits.max_timeout})"

@@ -63,6 +63,18 @@ from ._errors import (
 from ._pipeline import Pipeline
 from ._policy import Policy
 from ._retry import Retry
+from ._transport import (
+    by_kind,
+    collection_option,
+    error_details,
+    first_value,
+    kind_of,
+    made_policy,
+    policy_factory,
+    policy_option,
+    retry_after_of,
+    time_left,
+)
 
 __all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks
     "ClientInterceptor",
@@ -109,13 +121,14 @@ them after the pushback the server sent.
 
 # At most 10 digits: over a hundred days, longer than anyone waits to retry.
 _PUSHBACK: Final = re.compile(r"\d{1,10}")
-# A call with less time left than this is not sent: it could only time out.
-_LEAST_TIMEOUT: Final = 0.001
 # How long to let stalwart's own deadline catch up with grpc's timer (below).
 _DEADLINE_GRACE: Final = 0.05
 
 # A stream whose first message is still to be read (or whose status is the answer).
 _UNREAD: Final = object()
+# Where the unary and the streaming send are in a `_sends` pair.
+_UNARY: Final = 0
+_STREAM: Final = 1
 
 _Continuation = Callable[[aio.ClientCallDetails, Any], Awaitable[Any]]
 _Send = Callable[[_Continuation, aio.ClientCallDetails, Any], Awaitable[Any]]
@@ -148,16 +161,6 @@ def service_of(method: str) -> str:
     """The service of a full method name: ``"/shop.Inventory/Reserve"`` → ``"shop.Inventory"``."""
     service, _, _ = method.lstrip("/").rpartition("/")
     return service or method
-
-
-def _first(metadata: Any, key: str) -> str | bytes | None:
-    """The first value of ``key`` in gRPC metadata (pairs), or None."""
-    if not metadata:
-        return None
-    for name, value in metadata:
-        if name == key:
-            return value  # type: ignore[no-any-return]
-    return None
 
 
 class RetryableRpcError(aio.AioRpcError):
@@ -223,19 +226,15 @@ class RpcRateLimited(_RpcRefusal, RateLimitExceeded):
     """`~stalwart.RateLimitExceeded` from a limiter, as a ``RESOURCE_EXHAUSTED`` call error."""
 
 
-_RPC_ERROR_FOR: Final[dict[type[StalwartError], type[_RpcRefusal]]] = {
-    DeadlineExceeded: RpcDeadlineExceeded,
-    CircuitOpenError: RpcCircuitOpen,
-    BulkheadFullError: RpcBulkheadFull,
-    RateLimitExceeded: RpcRateLimited,
-}
+_RPC_ERROR_FOR: Final[dict[type[StalwartError], type[_RpcRefusal]]] = by_kind(
+    RpcDeadlineExceeded, RpcCircuitOpen, RpcBulkheadFull, RpcRateLimited
+)
 
 
 def _status_for(error: BaseException) -> tuple[type[StalwartError], grpc.StatusCode] | None:
-    for kind, code in STATUS_FOR_ERROR.items():
-        if isinstance(error, kind):
-            return kind, code
-    return None
+    """The class of `STATUS_FOR_ERROR` that ``error`` is, and its status; or None."""
+    kind = kind_of(error, STATUS_FOR_ERROR)
+    return None if kind is None else (kind, STATUS_FOR_ERROR[kind])
 
 
 def _as_rpc_error(error: StalwartError) -> aio.AioRpcError | None:
@@ -252,11 +251,7 @@ def _as_rpc_error(error: StalwartError) -> aio.AioRpcError | None:
 
 
 def _retry_codes(value: Any) -> frozenset[grpc.StatusCode]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(
-            f"retry_codes must be a collection of grpc.StatusCode, not {type(value).__name__}"
-        )
-    codes = frozenset(value)
+    codes = collection_option("retry_codes", value, "grpc.StatusCode")
     for code in codes:
         if not isinstance(code, grpc.StatusCode):
             raise TypeError(f"retry_codes must hold grpc.StatusCode members, got {code!r}")
@@ -380,8 +375,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         "_name",
         "_per_target",
         "_policy",
-        "_send_stream",
-        "_send_unary",
+        "_sends",
         "_streaming",
         "_target",
         "_targets",
@@ -400,24 +394,11 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         self._name = _validate.name(name)
         if policy is None:
             policy = Retry(attempts=3, on=_retried_by_default, name=self._name)
-        elif not isinstance(policy, Policy):
-            raise TypeError(
-                f"policy must be a stalwart policy or None, not {type(policy).__name__}"
-            )
-        self._policy = policy
+        self._policy = policy = policy_option(policy)
         self._codes = _retry_codes(retry_codes)
-        if isinstance(per_target, Policy):
-            raise TypeError(
-                "per_target must be a callable making a new policy for each target "
-                "(`per_target=lambda target: sw.CircuitBreaker(...)`), not a policy: "
-                "one policy for every target is what `policy` is for"
-            )
-        if per_target is not None and not callable(per_target):
-            raise TypeError(
-                "per_target must be a callable taking a target and returning a policy, "
-                f"not {type(per_target).__name__}"
-            )
-        self._per_target = per_target
+        self._per_target = policy_factory(
+            "per_target", per_target, key="target", a_key="a target", each="target"
+        )
         if not callable(target):
             raise TypeError(
                 "target must be a callable taking a method name and returning a str, "
@@ -428,8 +409,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         # target -> (its policy, the unary and the streaming send through both)
         self._targets: OrderedDict[str, tuple[Policy, _Send, _Send]] = OrderedDict()
         # Decorated once: the policy's per-function set-up is not paid per call.
-        self._send_unary: _Send = policy(self._unary)
-        self._send_stream: _Send = policy(self._stream)
+        self._sends: tuple[_Send, _Send] = (policy(self._unary), policy(self._stream))
         self._streaming = StreamingInterceptor(self)
 
     @property
@@ -467,40 +447,37 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         client_call_details: aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        send = self._send_unary
-        if self._per_target is not None:
-            send = self._sends_for(client_call_details)[0]
         try:
-            return await send(continuation, client_call_details, request)
+            return await self._through(_UNARY, continuation, client_call_details, request)
         except RetryableRpcError as failed:
             return failed.call  # awaiting it raises the attempt's own AioRpcError
-        except StalwartError as error:
-            rpc_error = _as_rpc_error(error)
-            if rpc_error is None:
-                raise
-            raise rpc_error from error
 
     async def _intercept_stream(
-        self,
-        continuation: _Continuation,
-        client_call_details: aio.ClientCallDetails,
-        request: Any,
+        self, continuation: _Continuation, details: aio.ClientCallDetails, request: Any
     ) -> Any:
-        send = self._send_stream
-        if self._per_target is not None:
-            send = self._sends_for(client_call_details)[1]
         try:
-            call, first = await send(continuation, client_call_details, request)
+            call, first = await self._through(_STREAM, continuation, details, request)
         except RetryableRpcError as failed:
             call, first = failed.call, _UNREAD
-        except StalwartError as error:
-            rpc_error = _as_rpc_error(error)
-            if rpc_error is None:
-                raise
-            raise rpc_error from error
         # The caller meets a failed call's AioRpcError reading it. (Not the call
         # itself: once read() has been used, grpc forbids iterating it.)
         return _messages(call, first)
+
+    async def _through(
+        self, kind: int, continuation: _Continuation, details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        """A call through the policy (and its target's): the ``kind`` of `_sends`.
+
+        Stalwart's errors escape as the call errors that stand for them.
+        """
+        sends = self._sends if self._per_target is None else self._sends_for(details)
+        try:
+            return await sends[kind](continuation, details, request)
+        except StalwartError as error:
+            rpc_error = _as_rpc_error(error)
+            if rpc_error is None:
+                raise
+            raise rpc_error from error
 
     def _sends_for(self, details: aio.ClientCallDetails) -> tuple[_Send, _Send]:
         """``policy`` and the target's policy around the attempts (made on first use)."""
@@ -514,11 +491,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
             targets.move_to_end(key)
             return entry[1], entry[2]
         assert self._per_target is not None
-        own = self._per_target(key)
-        if not isinstance(own, Policy):
-            raise TypeError(
-                f"per_target must return a stalwart policy, returned {type(own).__name__} for {key}"
-            )
+        own = made_policy("per_target", self._per_target(key), key)
         both = Pipeline(self._policy, own, name=self._policy.name, telemetry=self._policy.telemetry)
         entry = (own, both(self._unary), both(self._stream))
         targets[key] = entry
@@ -561,19 +534,12 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         """The call's details for one attempt; and whether its timeout is the ambient deadline."""
         timeout = details.timeout
         ours = False
-        left = remaining()
-        if left is not None:
-            if left < _LEAST_TIMEOUT:
-                raise DeadlineExceeded(
-                    f"no time left before the deadline: {details.method!r} not called",
-                    policy=self._name,
-                    timeout=left,
-                )
-            if timeout is None or left < timeout:
-                timeout, ours = left, True
+        left = time_left(self._name, "{!r} not called", details.method)
+        if left is not None and (timeout is None or left < timeout):
+            timeout, ours = left, True
         metadata = details.metadata
         trace = _propagation.outgoing()
-        if trace and _first(metadata, _propagation.TRACEPARENT) is None:
+        if trace and first_value(metadata, _propagation.TRACEPARENT) is None:
             metadata = aio.Metadata(*(metadata or ()))
             for key, value in trace.items():
                 metadata.add(key, value)
@@ -585,7 +551,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         """Raise what a failed attempt means to the policy; return if the status is the answer."""
         code = error.code()
         if code in self._codes:
-            pushback = _first(error.trailing_metadata(), PUSHBACK_KEY)
+            pushback = first_value(error.trailing_metadata(), PUSHBACK_KEY)
             raise RetryableRpcError(
                 error, call=call, retry_after=None if pushback is None else parse_pushback(pushback)
             ) from None
@@ -798,10 +764,6 @@ async def _abort(context: aio.ServicerContext[Any, Any], error: StalwartError) -
     if found is None:
         return
     kind, code = found
-    trailing: list[tuple[str, str]] = []
-    retry_after = getattr(error, "retry_after", None)
-    if isinstance(retry_after, (int, float)) and math.isfinite(retry_after) and retry_after >= 0:
-        trailing.append((PUSHBACK_KEY, str(math.ceil(retry_after * 1000.0))))
-    await context.abort(
-        code, f"{kind.__name__} from policy {error.policy!r}: {error}", tuple(trailing)
-    )
+    seconds = retry_after_of(error)
+    trailing = () if seconds is None else ((PUSHBACK_KEY, str(math.ceil(seconds * 1000.0))),)
+    await context.abort(code, error_details(kind, error), trailing)

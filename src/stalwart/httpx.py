@@ -36,7 +36,6 @@ What the transport adds to the policy:
 from __future__ import annotations
 
 import random
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
@@ -50,28 +49,33 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import _validate
-from ._deadline import remaining
 from ._errors import (
     BulkheadFullError,
     CircuitOpenError,
     DeadlineExceeded,
     RateLimitExceeded,
     StalwartError,
-    _rebuild,
 )
 from ._http import (
     DEADLINE_HEADER,
     DEFAULT_RETRY_STATUSES,
     IDEMPOTENCY_HEADER,
     IDEMPOTENT_METHODS,
-    header_name,
-    http_date,
+    ClientRules,
+    milliseconds,
     parse_retry_after,
-    retryable_status,
-    safe_to_repeat,
+    response_retry_after,
 )
 from ._policy import Binding, Policy
 from ._retry import Retry, retries_disabled
+from ._transport import (
+    by_kind,
+    made_policy,
+    policy_factory,
+    policy_option,
+    time_left,
+    translated,
+)
 
 __all__ = [
     "DEFAULT_MAX_HOSTS",
@@ -199,16 +203,12 @@ class TransportRateLimitExceeded(httpx.TransportError, RateLimitExceeded):
     """
 
 
-# Each by the stalwart error it stands for: its last base.
-_AS_HTTPX: Final[dict[type[StalwartError], type[StalwartError]]] = {
-    error.__bases__[-1]: error
-    for error in (
-        TransportDeadlineExceeded,
-        TransportCircuitOpenError,
-        TransportBulkheadFullError,
-        TransportRateLimitExceeded,
-    )
-}
+_AS_HTTPX: Final[dict[type[StalwartError], type[StalwartError]]] = by_kind(
+    TransportDeadlineExceeded,
+    TransportCircuitOpenError,
+    TransportBulkheadFullError,
+    TransportRateLimitExceeded,
+)
 
 
 def _as_httpx_error(error: StalwartError, request: httpx.Request) -> StalwartError | None:
@@ -217,16 +217,10 @@ def _as_httpx_error(error: StalwartError, request: httpx.Request) -> StalwartErr
     The copy keeps the original's message, ``policy`` and other attributes,
     and pickles as they do.
     """
-    if isinstance(error, httpx.HTTPError):
-        return None  # one already
-    for cls in type(error).__mro__:
-        translated = _AS_HTTPX.get(cls)
-        if translated is not None:
-            _, (_, args, state) = error.__reduce__()
-            copy: StalwartError = _rebuild(translated, args, state)
-            copy.request = request  # type: ignore[attr-defined]
-            return copy
-    return None
+    copy = translated(error, _AS_HTTPX, unless=httpx.HTTPError)  # None for one already
+    if copy is not None:
+        copy.request = request  # type: ignore[attr-defined]
+    return copy
 
 
 def _origin_text(origin: _Origin) -> str:
@@ -249,22 +243,6 @@ def _in_memory(response: httpx.Response, body: bytes, request: httpx.Request) ->
         extensions=response.extensions,
         request=request,
     )
-
-
-def _retry_statuses(value: Any) -> frozenset[int]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(
-            f"retry_statuses must be a collection of HTTP status codes, not {type(value).__name__}"
-        )
-    statuses = frozenset(value)
-    for status in statuses:
-        if not isinstance(status, int) or isinstance(status, bool):
-            raise TypeError(
-                f"retry_statuses must hold int status codes, got {type(status).__name__}"
-            )
-        if not 100 <= status <= 599:
-            raise ValueError(f"retry_statuses must hold status codes in 100-599, got {status!r}")
-    return statuses
 
 
 @final
@@ -374,16 +352,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     """
 
     __slots__ = (
-        "_add_keys",
-        "_deadline_header",
         "_hosts",
-        "_key_header",
         "_max_hosts",
         "_name",
         "_per_host",
         "_policy",
-        "_retry_statuses",
-        "_rng",
+        "_rules",
         "_send",
         "_transport",
     )
@@ -405,10 +379,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._name = _validate.name(name)
         if policy is None:
             policy = Retry(attempts=3, on=DEFAULT_RETRY_ON, name=self._name)
-        elif not isinstance(policy, Policy):
-            raise TypeError(
-                f"policy must be a stalwart policy or None, not {type(policy).__name__}"
-            )
+        policy = policy_option(policy)
         if transport is None:
             transport = httpx.AsyncHTTPTransport()
         elif not isinstance(transport, httpx.AsyncBaseTransport):
@@ -417,31 +388,16 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             )
         self._policy = policy
         self._transport = transport
-        self._retry_statuses = _retry_statuses(retry_statuses)
-        self._deadline_header = (
-            None if deadline_header is None else header_name("deadline_header", deadline_header)
+        self._rules = ClientRules(
+            retry_statuses=retry_statuses,
+            deadline_header=deadline_header,
+            add_idempotency_keys=add_idempotency_keys,
+            idempotency_header=idempotency_header,
+            rng=rng,
         )
-        if not isinstance(add_idempotency_keys, bool):
-            raise TypeError(
-                f"add_idempotency_keys must be a bool, not {type(add_idempotency_keys).__name__}"
-            )
-        self._add_keys = add_idempotency_keys
-        self._key_header = header_name("idempotency_header", idempotency_header)
-        if rng is not None and not isinstance(rng, random.Random):
-            raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
-        self._rng = rng
-        if isinstance(per_host, Policy):
-            raise TypeError(
-                "per_host must be a callable making a new policy for each origin "
-                "(`per_host=lambda origin: sw.CircuitBreaker(...)`), not a policy: "
-                "one policy for every host is what `policy` is for"
-            )
-        if per_host is not None and not callable(per_host):
-            raise TypeError(
-                "per_host must be a callable taking an origin and returning a policy, "
-                f"not {type(per_host).__name__}"
-            )
-        self._per_host = per_host
+        self._per_host = policy_factory(
+            "per_host", per_host, key="origin", a_key="an origin", each="host"
+        )
         self._max_hosts = _validate.count("max_hosts", max_hosts)
         # origin -> (its policy, `policy` bound around it); least recently used first.
         self._hosts: OrderedDict[_Origin, tuple[Policy, _Send]] = OrderedDict()
@@ -459,7 +415,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     @property
     def retry_statuses(self) -> frozenset[int]:
-        return self._retry_statuses
+        return self._rules.retry_statuses
 
     @property
     def max_hosts(self) -> int:
@@ -478,11 +434,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the policy; see the class documentation."""
         await request.aread()
-        headers = request.headers
-        retryable = safe_to_repeat(request.method, headers, self._key_header)
-        if not retryable and self._add_keys:
-            headers[self._key_header] = self._new_key()
-            retryable = True
+        retryable = self._rules.repeatable(request.method, request.headers)
         send = self._send if self._per_host is None else self._send_to(request.url)
         try:
             if retryable:
@@ -512,11 +464,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             return entry[1]
         assert self._per_host is not None
         text = _origin_text(origin)
-        own = self._per_host(text)
-        if not isinstance(own, Policy):
-            raise TypeError(
-                f"per_host must return a stalwart policy, returned {type(own).__name__} for {text}"
-            )
+        own = made_policy("per_host", self._per_host(text), text)
         # As a Pipeline would bind them, without a span of its own: `policy`'s
         # span carries the per-host policy's events.
         inner = own.wrap(self._attempt, Binding(self._attempt, traced=False))
@@ -528,27 +476,19 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
         """One round trip: what the policy calls, retries and times."""
-        left = remaining()
+        left = time_left(self._name, "{} {} not sent", request.method, request.url)
         sent = request if left is None else self._under_deadline(request, left)
         response = await self._transport.handle_async_request(sent)
-        if retryable_status(
-            response.status_code, self._retry_statuses, request.headers, self._key_header
-        ):
+        if self._rules.retryable(response.status_code, request.headers):
             raise await self._failed(request, response)
         return response
 
     def _under_deadline(self, request: httpx.Request, left: float) -> httpx.Request:
         """A copy of ``request`` that tells the server, and httpx, the time left."""
-        millis = int(left * 1000.0)
-        if millis < 1:
-            raise DeadlineExceeded(
-                f"no time left before the deadline: {request.method} {request.url} not sent",
-                policy=self._name,
-                timeout=left,
-            )
         headers = request.headers.copy()
-        if self._deadline_header is not None:
-            headers[self._deadline_header] = str(millis)
+        header = self._rules.deadline_header
+        if header is not None:
+            headers[header] = milliseconds(left)
         extensions = dict(request.extensions)
         timeouts: dict[str, float | None] = dict(extensions.get("timeout") or {})
         for phase in ("connect", "read", "write", "pool"):
@@ -587,27 +527,14 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         except httpx.DecodingError:
             # Left unread for the caller to meet, if this is the response it gets.
             kept = _in_memory(response, body, request)
-        hint: float | None = None
-        retry_after = response.headers.get("retry-after")
-        if retry_after is not None:
-            # The server's own `Date`, when it sent one, makes an HTTP date immune
-            # to the skew between its clock and ours.
-            date = response.headers.get("date")
-            hint = parse_retry_after(retry_after, now=None if date is None else http_date(date))
         error = RetryableStatusError(
             f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}",
             request=request,
             response=kept,
-            retry_after=hint,
+            retry_after=response_retry_after(response.headers),
         )
         error._body = body
         return error
-
-    def _new_key(self) -> str:
-        rng = self._rng
-        if rng is None:
-            return str(uuid.uuid4())
-        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
     async def __aenter__(self) -> ResilientTransport:
         await self._transport.__aenter__()

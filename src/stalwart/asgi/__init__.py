@@ -20,7 +20,8 @@ websocket scopes pass straight through.
 
 from __future__ import annotations
 
-from ._deadline import DeadlineMiddleware, parse_grpc_timeout, parse_timeout_ms
+from .._http import parse_grpc_timeout, parse_timeout_ms
+from ._deadline import DeadlineMiddleware
 from ._errors import ErrorMiddleware
 from ._idempotency import (
     DEFAULT_CREDENTIALS,

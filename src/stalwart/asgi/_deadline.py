@@ -2,62 +2,19 @@
 
 from __future__ import annotations
 
-import re
-from typing import Final, final
+from typing import final
 
-from .. import _clock, _validate
+from .. import _clock
 from .._deadline import deadline
 from .._errors import DeadlineExceeded
 from .._http import (
     DEADLINE_HEADER,
+    InboundDeadline,
+    deadline_passed,
     header_name,
 )
-from ._types import ASGIApp, Receive, Scope, Send, _header_value, _send_problem, _Watched
-
-# At most 15 integer digits: longer values are not durations anyone means.
-_MILLISECONDS: Final = re.compile(rb"\s*(\d{1,15}(?:\.\d+)?)\s*")
-# gRPC over HTTP/2: "TimeoutValue TimeoutUnit", at most 8 digits.
-_GRPC_TIMEOUT: Final = re.compile(rb"(\d{1,8})([HMSmun])")
-_GRPC_UNITS: Final = {
-    b"H": 3600.0,
-    b"M": 60.0,
-    b"S": 1.0,
-    b"m": 1e-3,
-    b"u": 1e-6,
-    b"n": 1e-9,
-}
-
-
-def parse_timeout_ms(value: bytes) -> float | None:
-    """Seconds from an ``x-request-timeout-ms`` value, or None if malformed.
-
-    The value is a non-negative number of milliseconds (an integer as
-    stalwart sends it; a decimal fraction is accepted).
-
-    Example::
-
-        parse_timeout_ms(b"1500")  # 1.5
-        parse_timeout_ms(b"soon")  # None
-    """
-    if value.isdigit() and len(value) <= 15:  # the common case, without a regex
-        return int(value) / 1000.0
-    match = _MILLISECONDS.fullmatch(value)
-    if match is None:
-        return None
-    return float(match.group(1)) / 1000.0
-
-
-def parse_grpc_timeout(value: bytes) -> float | None:
-    """Seconds from a ``grpc-timeout`` value (``"250m"``, ``"3S"``), or None.
-
-    The gRPC format: at most 8 digits, then a unit: ``H`` hours, ``M``
-    minutes, ``S`` seconds, ``m`` milliseconds, ``u`` microseconds, ``n``
-    nanoseconds.
-    """
-    match = _GRPC_TIMEOUT.fullmatch(value)
-    if match is None:
-        return None
-    return int(match.group(1)) * _GRPC_UNITS[match.group(2)]
+from .._transport import first_value
+from ._types import ASGIApp, Receive, Scope, Send, _send_problem, _Watched
 
 
 @final
@@ -101,7 +58,7 @@ class DeadlineMiddleware:
         app = DeadlineMiddleware(app, max_timeout=10.0, default_timeout=5.0)
     """
 
-    __slots__ = ("_app", "_default", "_grpc", "_header", "_max")
+    __slots__ = ("_app", "_grpc", "_header", "_limits")
 
     def __init__(
         self,
@@ -116,11 +73,7 @@ class DeadlineMiddleware:
             raise TypeError(f"app must be an ASGI application, not {type(app).__name__}")
         self._app = app
         self._header = None if header is None else header_name("header", header).lower().encode()
-        self._max = _validate.optional_duration("max_timeout", max_timeout, positive=True)
-        default = _validate.optional_duration("default_timeout", default_timeout, positive=True)
-        if default is not None and self._max is not None:
-            default = min(default, self._max)
-        self._default = default
+        self._limits = InboundDeadline(max_timeout=max_timeout, default_timeout=default_timeout)
         if not isinstance(grpc_timeout, bool):
             raise TypeError(f"grpc_timeout must be a bool, not {type(grpc_timeout).__name__}")
         self._grpc = grpc_timeout
@@ -132,22 +85,11 @@ class DeadlineMiddleware:
 
     def timeout_for(self, scope: Scope) -> float | None:
         """The deadline, in seconds, that this request gets (None: none)."""
-        limit: float | None = None
-        if self._header is not None:
-            value = _header_value(scope, self._header)
-            if value is not None:
-                limit = parse_timeout_ms(value)
-        if self._grpc:
-            value = _header_value(scope, b"grpc-timeout")
-            if value is not None:
-                grpc = parse_grpc_timeout(value)
-                if grpc is not None and (limit is None or grpc < limit):
-                    limit = grpc
-        if limit is None:
-            return self._default
-        if self._max is not None and limit > self._max:
-            return self._max
-        return limit
+        header = self._header
+        return self._limits.limit(
+            None if header is None else first_value(scope["headers"], header),
+            first_value(scope["headers"], b"grpc-timeout") if self._grpc else None,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -168,13 +110,7 @@ class DeadlineMiddleware:
             if _clock.now() < scope_deadline.when:
                 raise
             if not watched.started:
-                await _send_problem(
-                    send,
-                    504,
-                    "Gateway Timeout",
-                    f"The request's deadline of {seconds * 1000.0:g} ms passed "
-                    "before a response was ready.",
-                )
+                await _send_problem(send, 504, "Gateway Timeout", deadline_passed(seconds))
 
     def __repr__(self) -> str:
-        return f"DeadlineMiddleware({self._app!r}, max_timeout={self._max})"
+        return f"DeadlineMiddleware({self._app!r}, max_timeout={self._limits.max_timeout})"

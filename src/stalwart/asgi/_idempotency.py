@@ -19,6 +19,7 @@ from .._errors import StoreUnavailable
 from .._http import (
     IDEMPOTENCY_HEADER,
     header_name,
+    is_token,
 )
 from .._idempotency import IdempotencyMetrics, LeaseKeeper, Verdict, decide
 from .._idempotency_store import (
@@ -28,6 +29,7 @@ from .._idempotency_store import (
     resolve_store,
 )
 from .._telemetry import Telemetry, report
+from .._transport import collection_option
 from ..events import CallRejected, IdempotentReplay
 from ._types import ASGIApp, Message, Receive, Scope, Send, _log, _send_problem
 
@@ -49,7 +51,6 @@ _BARE_KEY: Final = re.compile(rb"[\x21\x23-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e]
 # RFC 8941 sf-string: printable ASCII in double quotes, `"` and `\` escaped.
 _SF_STRING: Final = re.compile(rb'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\]){1,255})"')
 _SF_ESCAPE: Final = re.compile(rb'\\(["\\])')
-_METHOD: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 _REPLAYED_HEADER: Final = (b"idempotent-replayed", b"true")
 # Not part of a stored response: they describe one connection, not the answer.
@@ -261,15 +262,11 @@ def _cookie_pairs(values: list[bytes]) -> Iterator[bytes]:
 
 
 def _methods(value: Any) -> frozenset[str]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(
-            f"methods must be a collection of HTTP method names, not {type(value).__name__}"
-        )
     methods = set()
-    for method in value:
+    for method in collection_option("methods", value, "HTTP method names"):
         if not isinstance(method, str):
             raise TypeError(f"methods must hold str method names, got {type(method).__name__}")
-        if not _METHOD.fullmatch(method):
+        if not is_token(method):
             raise ValueError(f"methods must hold HTTP method names, got {method!r}")
         methods.add(method.upper())
     if not methods:
@@ -527,7 +524,6 @@ class IdempotencyMiddleware:
             _log.warning(
                 "IdempotencyMiddleware %r: the store is unavailable", self._name, exc_info=True
             )
-            self._metrics.error += 1
             await _send_problem(
                 send,
                 503,
@@ -536,6 +532,7 @@ class IdempotencyMiddleware:
                 "retry later.",
                 retry_after=1,
             )
+            self._metrics.error += 1
             return
         metrics = self._metrics
         verdict = decide(outcome, fingerprint, self._store)
@@ -568,7 +565,7 @@ class IdempotencyMiddleware:
                 self._name,
                 "idempotency",
                 reason="idempotency_conflict",
-                retry_after=None,
+                retry_after=float(_CONFLICT_RETRY_AFTER),
             )
             await _send_problem(
                 send,

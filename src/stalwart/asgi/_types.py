@@ -1,8 +1,7 @@
-"""What the middlewares share: the ASGI types, reading a header, a problem answer."""
+"""What the middlewares share: the ASGI types, a problem answer, a watched ``send``."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import (
     Awaitable,
@@ -12,19 +11,16 @@ from collections.abc import (
 )
 from typing import Any, final
 
+from .._http import (
+    PROBLEM_JSON,
+    problem_json,
+)
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-def _header_value(scope: Scope, name: bytes) -> bytes | None:
-    """The first value of header ``name`` (lower case) in an HTTP scope."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value  # type: ignore[no-any-return]
-    return None
 
 
 async def _send_problem(
@@ -37,21 +33,15 @@ async def _send_problem(
     extensions: Mapping[str, str] | None = None,
 ) -> None:
     """Send a complete ``application/problem+json`` response (RFC 9457)."""
-    problem = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    if extensions:
-        problem.update(extensions)
-    body = json.dumps(problem).encode()
+    body = problem_json(status, title, detail, extensions).encode()
     headers = [
-        (b"content-type", b"application/problem+json"),
+        (b"content-type", PROBLEM_JSON.encode()),
         (b"content-length", str(len(body)).encode()),
     ]
     if retry_after is not None:
         headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-_log = logging.getLogger("stalwart.asgi")
 
 
 @final
@@ -68,3 +58,6 @@ class _Watched:
         if message["type"] == "http.response.start":
             self.started = True
         await self.send(message)
+
+
+_log = logging.getLogger("stalwart.asgi")
