@@ -465,8 +465,16 @@ async def test_stalwart_errors_are_answered_like_error_middleware(
     assert headers.get("Retry-After") == retry_after
     problem = json.loads(body)
     assert problem["status"] == status
-    assert "policy" in problem["detail"]
+    raised = ERRORS[error]()
+    assert repr(raised.policy) in problem["detail"]  # type: ignore[attr-defined]
+    assert str(raised) not in problem["detail"]  # the message may name internal hosts
     assert "Traceback" not in problem["detail"]
+    assert (problem["policy"], problem["kind"]) == (
+        raised.policy,  # type: ignore[attr-defined]
+        {"circuit": "circuit_open", "bulkhead": "bulkhead_full", "rate": "rate_limited"}.get(
+            error, "deadline_exceeded"
+        ),
+    )
 
 
 async def test_the_callers_trace_is_the_handlers_context(server: Server) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "ErrorRule",
     "InboundDeadline",
     "deadline_passed",
+    "error_details",
     "error_rule",
     "header_name",
     "http_date",
@@ -444,3 +445,12 @@ def problem_json(
     if extensions:
         problem.update(extensions)
     return json.dumps(problem)
+
+
+def error_details(kind: type[StalwartError], error: StalwartError) -> str:
+    """What a server tells its caller of ``error``: its rule's sentence, naming its policy.
+
+    Never the error's message: it may name internal hosts or keys (the rule
+    every server side follows, `ErrorMiddleware` first).
+    """
+    return ERROR_RULES[kind].detail.format(policy=error.policy)

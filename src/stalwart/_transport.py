@@ -24,7 +24,6 @@ __all__ = [
     "LEAST_TIME_LEFT",
     "by_kind",
     "collection_option",
-    "error_details",
     "first_value",
     "kind_of",
     "made_policy",
@@ -175,11 +174,6 @@ def translated(
         return None
     kind = kind_of(error, table)
     return None if kind is None else recast(error, table[kind])
-
-
-def error_details(kind: type[StalwartError], error: StalwartError) -> str:
-    """What a server tells its caller of ``error``: its ``kind``, its policy, its message."""
-    return f"{kind.__name__} from policy {error.policy!r}: {error}"
 
 
 def retry_after_of(error: BaseException) -> float | None:

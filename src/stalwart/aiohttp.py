@@ -19,7 +19,7 @@ Client middlewares need aiohttp 3.12 or later. aiohttp runs on asyncio only.
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, ClassVar, Final, final
 
 try:
@@ -49,6 +49,7 @@ from ._http import (
     ClientRules,
     InboundDeadline,
     deadline_passed,
+    error_details,
     header_name,
     milliseconds,
     problem_json,
@@ -59,7 +60,6 @@ from ._policy import Policy
 from ._retry import Retry, retries_disabled
 from ._transport import (
     by_kind,
-    error_details,
     kind_of,
     policy_option,
     time_left,
@@ -367,10 +367,19 @@ def _release(received: list[aiohttp.ClientResponse], kept: aiohttp.ClientRespons
 # -- the server side --------------------------------------------------------------------
 
 
-def _problem(status: int, title: str, detail: str, *, retry_after: int | None) -> web.Response:
+def _problem(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    retry_after: int | None,
+    extensions: Mapping[str, str] | None = None,
+) -> web.Response:
     """An ``application/problem+json`` answer (RFC 9457), as `stalwart.asgi` gives."""
     response = web.Response(
-        status=status, text=problem_json(status, title, detail), content_type=PROBLEM_JSON
+        status=status,
+        text=problem_json(status, title, detail, extensions),
+        content_type=PROBLEM_JSON,
     )
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
@@ -472,9 +481,15 @@ class DeadlineMiddleware:
             # Not ours, or too late for an answer: aiohttp closes the connection
             # of a response that has started.
             raise error
-        status = ERROR_RULES[kind].status
+        rule = ERROR_RULES[kind]
         detail = error_details(kind, error) if expired is None else deadline_passed(expired)
-        return _problem(status, status.phrase, detail, retry_after=retry_after_header(error))
+        return _problem(
+            rule.status,
+            rule.status.phrase,
+            detail,
+            retry_after=retry_after_header(error),
+            extensions={"policy": error.policy, "kind": rule.kind},
+        )
 
     def __repr__(self) -> str:
         return f"DeadlineMiddleware(max_timeout={self._limits.max_timeout})"

@@ -60,13 +60,13 @@ from ._errors import (
     StalwartError,
     recast,
 )
+from ._http import error_details
 from ._pipeline import Pipeline
 from ._policy import Policy
 from ._retry import Retry
 from ._transport import (
     by_kind,
     collection_option,
-    error_details,
     first_value,
     kind_of,
     made_policy,
