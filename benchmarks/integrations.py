@@ -291,7 +291,7 @@ def cases() -> list[Case]:
             "client.get, ResilientTransport with a per-host breaker",
             lambda: _get(
                 ResilientTransport(
-                    transport=mock, per_host=lambda origin: sw.CircuitBreaker(name="upstream")
+                    transport=mock, per_host=lambda origin: sw.CircuitBreaker(name=origin)
                 )
             ),
             "client.get, ResilientTransport (default policy)",

@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+from prometheus_client import CollectorRegistry
 
 import stalwart as sw
 from stalwart.redis import RedisStore
@@ -333,5 +334,11 @@ class Boom(Exception):
 
 
 def breaker(store: RedisStore, name: str = "dep", **options: Any) -> sw.CircuitBreaker:
-    options = {"consecutive_failures": 1, "open_for": 0.1, **options}
+    """A replica's breaker: on a registry of its own, as in a process of its own."""
+    options = {
+        "consecutive_failures": 1,
+        "open_for": 0.1,
+        "telemetry": sw.Telemetry(registry=CollectorRegistry()),
+        **options,
+    }
     return sw.CircuitBreaker(name=name, store=store, **options)

@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import math
 import pickle
 import time
 import tracemalloc
 from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import Any
+from typing import Any, assert_type
 
 import anyio
 import pytest
 from prometheus_client import CollectorRegistry
-from typing_extensions import assert_type
 
 import stalwart as sw
 from stalwart import CircuitState, _clock
@@ -93,8 +93,13 @@ async def trip(fn: Guarded, failures: int) -> None:
     await outcomes(fn, *["fail"] * failures)
 
 
+_names = itertools.count()
+
+
 def breaker(**options: Any) -> sw.CircuitBreaker:
+    """A breaker of a name of its own (two live ones of one name would warn)."""
     options.setdefault("ignore", Ignored)
+    options.setdefault("name", f"breaker-{next(_names)}")
     return sw.CircuitBreaker(**options)
 
 
@@ -768,7 +773,7 @@ async def test_the_options_are_readable() -> None:
         3.0,
         2,
     )
-    assert sw.CircuitBreaker(window=20).window == sw.CountWindow(20)
+    assert breaker(window=20).window == sw.CountWindow(20)
 
 
 @pytest.mark.parametrize(
@@ -860,10 +865,13 @@ async def test_breakers_count_calls_of_every_function_they_guard() -> None:
 
 
 def test_series_exist_from_construction(registry: CollectorRegistry) -> None:
-    sw.CircuitBreaker(name="fresh", telemetry=sw.Telemetry(registry=registry))
+    cb = sw.CircuitBreaker(name="fresh", telemetry=sw.Telemetry(registry=registry))
     assert sample(registry, "stalwart_circuit_state", policy="fresh", state="closed") == 1
     assert sample(registry, "stalwart_circuit_state", policy="fresh", state="open") == 0
     assert sample(registry, "stalwart_circuit_state", policy="fresh", state="half_open") == 0
+    assert sample(registry, "stalwart_circuit_rejected_total", policy="fresh") == 0
+    del cb  # gauges describe live breakers; counters outlive them
+    assert sample(registry, "stalwart_circuit_state", policy="fresh", state="closed") is None
     assert sample(registry, "stalwart_circuit_rejected_total", policy="fresh") == 0
 
 
@@ -927,6 +935,7 @@ async def test_transitions_and_rejections_are_span_events(
     assert rejected.events[0].name == "stalwart.circuit.rejected"
     assert rejected.events[0].attributes == {
         "stalwart.policy": "quotes",
+        "stalwart.reason": "circuit_open",
         "stalwart.retry_after": 5.0,
     }
 
@@ -1079,6 +1088,7 @@ def test_a_closed_breaker_reads_no_clock_for_a_success() -> None:
         loop.close()
 
 
+@pytest.mark.filterwarnings("ignore::stalwart.StalwartWarning")  # a thousand of one name
 def test_a_breaker_with_the_default_window_takes_at_most_400_bytes() -> None:
     telemetry = sw.Telemetry(registry=CollectorRegistry())
     kept = [sw.CircuitBreaker(telemetry=telemetry)]  # first-use caches are not the breaker's

@@ -376,7 +376,7 @@ class BreakerMachine(RuleBasedStateMachine):
         model.observe(now)
         stats = self.breaker.statistics()
         assert stats.state.value == model.state
-        assert self.breaker._stats.state == model.state  # the metric follows
+        assert self.breaker.metrics.state == model.state  # type: ignore[attr-defined]  # the metric follows
         calls, failures, slow = model.counts(now)
         assert (stats.calls, stats.failures, stats.slow_calls) == (calls, failures, slow)
         assert stats.consecutive_failures == model.run

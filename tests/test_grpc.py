@@ -348,7 +348,7 @@ async def test_targets_can_be_keyed_per_method(server: Server) -> None:
 
 async def test_the_least_recently_used_target_is_dropped(server: Server) -> None:
     interceptor = ClientInterceptor(
-        per_target=lambda target: sw.Bulkhead(4, name="grpc-lru"), max_targets=1
+        per_target=lambda target: sw.Bulkhead(4, name=f"grpc-lru {target}"), max_targets=1
     )
     async with channel(server, interceptor) as ch:
         await unary(ch)(ask(server.key()))

@@ -36,6 +36,7 @@ import httpx
 import pytest
 import redis.asyncio
 import redis.crc
+from prometheus_client import CollectorRegistry
 
 import stalwart as sw
 from stalwart import CircuitState, Lease, _redis_scripts
@@ -58,6 +59,17 @@ WORKER_TIMEOUT = 30.0
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, Any]]:
     return ("asyncio", {})
+
+
+def replica_breaker(store: Any, *, open_for: float) -> sw.CircuitBreaker:
+    """A replica's breaker on "dep": its own registry, as in a process of its own."""
+    return sw.CircuitBreaker(
+        name="dep",
+        consecutive_failures=1,
+        open_for=open_for,
+        store=store,
+        telemetry=sw.Telemetry(registry=CollectorRegistry()),
+    )
 
 
 def tasks_left() -> set[asyncio.Task[Any]]:
@@ -259,8 +271,8 @@ async def test_trial_permits_taken_by_requests_that_gave_up_are_given_back() -> 
     """In one process: two replicas half-open while Redis stalls; their trials give up."""
     with private_redis() as server:
         async with stores(server.url, 2, timeout=1.0) as (one, two):
-            a = sw.CircuitBreaker(name="dep", consecutive_failures=1, open_for=0.2, store=one)
-            b = sw.CircuitBreaker(name="dep", consecutive_failures=1, open_for=0.2, store=two)
+            a = replica_breaker(one, open_for=0.2)
+            b = replica_breaker(two, open_for=0.2)
             await one.sync()
             await two.sync()
             with suppress(Boom):
@@ -362,8 +374,8 @@ async def test_after_a_flushall_calls_and_breakers_carry_on() -> None:
                 return key
 
             guarded = sw.Idempotency(key="key", store=one)(charge)
-            a = sw.CircuitBreaker(name="dep", consecutive_failures=1, open_for=0.3, store=one)
-            b = sw.CircuitBreaker(name="dep", consecutive_failures=1, open_for=0.3, store=two)
+            a = replica_breaker(one, open_for=0.3)
+            b = replica_breaker(two, open_for=0.3)
             await one.sync()
             await two.sync()
             assert await guarded("k1") == "k1"

@@ -13,7 +13,6 @@ import gc
 import os
 import pickle
 import re
-import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -31,9 +30,6 @@ from stalwart.redis import RedisStore, _digest
 
 from . import redis_support
 from .redis_support import opened_store, unique_prefix
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import ExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 

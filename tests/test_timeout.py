@@ -429,9 +429,9 @@ async def test_many_sequential_timeouts_leave_no_timers_behind() -> None:
     await anyio.lowlevel.checkpoint()
     info = sw._clock.asyncio_loop()
     if sys.version_info >= (3, 11) and info is not None:
-        from stalwart import _timeout
+        from stalwart import _deadline
 
-        timers = _timeout._timers_of(info)
+        timers = _deadline._timers_of(info)
         assert len(timers._heap) <= 600  # compacted: never all 2000 dead entries
 
 

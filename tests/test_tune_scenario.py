@@ -188,8 +188,10 @@ def test_a_breaker_given_consecutive_failures_has_no_rate_trigger_unless_asked()
         "breaker.failure_rate=off breaker.consecutive_failures=off breaker.slow_call_duration=1s",
         "breaker.failure_rate=0.5 breaker.consecutive_failures=off breaker.slow_call_duration=off",
     ]
-    telemetry = sw.Telemetry(registry=CollectorRegistry())
-    built = [s.policies(telemetry, random.Random(1))[0] for s in scenario.settings]
+    built = [  # each on a registry of its own, as each setting runs on its own
+        s.policies(sw.Telemetry(registry=CollectorRegistry()), random.Random(1))[0]
+        for s in scenario.settings
+    ]
     assert [b.failure_rate for b in built] == rates  # type: ignore[attr-defined]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, Union, cast, final, runtime_checkable
+from typing import Any, Final, Protocol, TypeAlias, cast, final, runtime_checkable
 
 import anyio
 
@@ -30,7 +30,7 @@ __all__ = [
 DEFAULT_MAX_ENTRIES: Final = 10_000
 
 Slot = tuple[str, str]  # (scope, key)
-Record = tuple[float, Any, Union[str, None]]  # noqa: UP007 - (expires, value, fingerprint)
+Record: TypeAlias = tuple[float, Any, str | None]  # (expires, value, fingerprint)
 
 
 @final
@@ -86,7 +86,7 @@ class InFlight:
     fingerprint: str | None
 
 
-ClaimOutcome = Union[Lease, Completed, InFlight]  # noqa: UP007 - a runtime alias on 3.10
+ClaimOutcome: TypeAlias = Lease | Completed | InFlight
 
 
 @runtime_checkable

@@ -16,9 +16,9 @@ import math
 from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any, Final, TypeVar
 
+from ._deadline import remaining
 from ._errors import DeadlineExceeded, StalwartError, recast
 from ._policy import Policy
-from ._timeout import remaining
 
 __all__ = [
     "LEAST_TIME_LEFT",

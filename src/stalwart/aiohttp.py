@@ -31,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import _clock, _propagation, _validate
+from ._deadline import deadline
 from ._errors import (
     BulkheadFullError,
     CircuitOpenError,
@@ -57,7 +58,6 @@ from ._http import (
 )
 from ._policy import Policy
 from ._retry import Retry, retries_disabled
-from ._timeout import deadline
 from ._transport import (
     by_kind,
     kind_of,

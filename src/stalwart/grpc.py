@@ -51,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import _propagation, _validate
+from ._deadline import deadline, remaining
 from ._errors import (
     BulkheadFullError,
     CircuitOpenError,
@@ -63,7 +64,6 @@ from ._http import error_details
 from ._pipeline import Pipeline
 from ._policy import Policy
 from ._retry import Retry
-from ._timeout import deadline, remaining
 from ._transport import (
     by_kind,
     collection_option,

@@ -66,7 +66,7 @@ from ._http import (
     parse_retry_after,
     response_retry_after,
 )
-from ._policy import Policy
+from ._policy import Binding, Policy
 from ._retry import Retry, retries_disabled
 from ._transport import (
     by_kind,
@@ -467,8 +467,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         own = made_policy("per_host", self._per_host(text), text)
         # As a Pipeline would bind them, without a span of its own: `policy`'s
         # span carries the per-host policy's events.
-        inner = own._bind(self._attempt, origin=self._attempt, traced=False)
-        send: _Send = self._policy._bind(inner, origin=self._attempt, traced=True)
+        inner = own.wrap(self._attempt, Binding(self._attempt, traced=False))
+        send: _Send = self._policy.wrap(inner, Binding(self._attempt))
         hosts[origin] = (own, send)
         if len(hosts) > self._max_hosts:
             hosts.popitem(last=False)

@@ -50,14 +50,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from . import _clock, _redis_scripts, _validate
 from ._circuit_store import CircuitRecord, CircuitState, Listener, _weakly
 from ._codec import Codec, JSONCodec
+from ._deadline import remaining
 from ._errors import StoreUnavailable
 from ._idempotency_store import Completed, InFlight, Lease
 from ._redis_scripts import Script
-from ._timeout import remaining
 
 __all__ = ["OnUnavailable", "RedisStore"]
 
-_within: Final = asyncio.timeout  # type: ignore[attr-defined,unused-ignore] # mypy: 3.10
+_within: Final = asyncio.timeout
 
 
 #: What idempotency calls do when Redis cannot be reached (see `RedisStore`).

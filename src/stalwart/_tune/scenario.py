@@ -168,16 +168,26 @@ class Setting:
         breaker = self.options["breaker"]
         return 0.0 if breaker is None else float(breaker["open_for"])
 
-    def policies(self, telemetry: Telemetry, rng: random.Random) -> list[Policy]:
+    def policies(
+        self,
+        telemetry: Telemetry,
+        rng: random.Random,
+        *,
+        breaker_telemetry: Telemetry | None = None,
+    ) -> list[Policy]:
         """The real stalwart policies of this setting, outermost first.
 
         Named ``retry``, ``breaker``, ``bulkhead`` and ``timeout``; each
         `Retry` gets a `RetryBudget` of its own when configured (so one
-        setting's calls share one budget).
+        setting's calls share one budget). The breaker reports to
+        ``breaker_telemetry`` when given (the engine listens to it there).
         """
-        return [policy for _, policy in self._build(telemetry, rng)]
+        built = self._build(telemetry, rng, breaker_telemetry or telemetry)
+        return [policy for _, policy in built]
 
-    def _build(self, telemetry: Telemetry, rng: random.Random) -> Iterator[tuple[str, Policy]]:
+    def _build(
+        self, telemetry: Telemetry, rng: random.Random, breaker_telemetry: Telemetry
+    ) -> Iterator[tuple[str, Policy]]:
         o = self.options
         retry = o["retry"]
         if retry is not None:
@@ -212,7 +222,7 @@ class Setting:
                 "breaker",
                 _made(
                     "grid.breaker",
-                    lambda: CircuitBreaker(**options, name="breaker", telemetry=telemetry),
+                    lambda: CircuitBreaker(**options, name="breaker", telemetry=breaker_telemetry),
                 ),
             )
         bulkhead = o["bulkhead"]

@@ -21,6 +21,7 @@ import itertools
 import math
 import sys
 import textwrap
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +31,6 @@ from .._bulkhead import Bulkhead
 from .._circuit_breaker import CircuitBreaker
 from .._retry import Backoff, Retry
 from .._retry_budget import RetryBudget
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - depends on the interpreter
-    try:
-        import tomli as tomllib
-    except ImportError:
-        tomllib = None
 
 __all__ = [
     "GRID",
@@ -107,10 +100,6 @@ class Problems:
 
 def loads_toml(text: str, source: str) -> dict[str, Any]:
     """Parse TOML, or raise a `ScenarioError` saying where it is not TOML."""
-    if tomllib is None:  # pragma: no cover - Python 3.10 without the extra
-        raise ScenarioError(
-            [("", "reading TOML on Python 3.10 needs tomli: pip install 'stalwart[tune]'")], source
-        )
     try:
         parsed: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -1,351 +1,39 @@
-"""ASGI middleware: the inbound end of stalwart's deadlines, errors and idempotency keys.
-
-`DeadlineMiddleware` reads the deadline a caller sent (``x-request-timeout-ms``,
-as `stalwart.httpx.ResilientTransport` sends it, or gRPC's ``grpc-timeout``)
-and runs the request under `stalwart.deadline`, so every policy and every
-outbound call inside it knows how long it has left. `ErrorMiddleware` answers
-an open circuit, a full bulkhead or a rate limit with a 503 and a passed
-deadline with a 504, instead of a 500. `IdempotencyMiddleware` runs each
-request that carries an ``Idempotency-Key`` once, and answers its repeats
-with the stored response::
-
-    from stalwart.asgi import DeadlineMiddleware, ErrorMiddleware, IdempotencyMiddleware
-
-    app = IdempotencyMiddleware(DeadlineMiddleware(ErrorMiddleware(app), max_timeout=30.0))
-
-Plain ASGI 3: they work under any server and around any framework (Starlette,
-FastAPI, Django, Quart, ...). Only ``http`` requests are handled; lifespan and
-websocket scopes pass straight through.
-"""
+"""Requests with an ``Idempotency-Key`` run once, repeats replayed: `IdempotencyMiddleware`."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import logging
 import re
 import struct
-import sys
 from collections.abc import (
-    Awaitable,
     Callable,
     Iterable,
     Iterator,
-    Mapping,
-    MutableMapping,
     Sequence,
 )
-from typing import Any, Final, Union, final
+from typing import Any, Final, TypeAlias, final
 
-from . import _clock, _telemetry, _validate
-from ._errors import DeadlineExceeded, StalwartError, StoreUnavailable
-from ._http import (
-    DEADLINE_HEADER,
+from .. import _telemetry, _validate
+from .._errors import StoreUnavailable
+from .._http import (
     IDEMPOTENCY_HEADER,
-    PROBLEM_JSON,
-    ErrorRule,
-    InboundDeadline,
-    deadline_passed,
-    error_rule,
     header_name,
     is_token,
-    parse_grpc_timeout,
-    parse_timeout_ms,
-    problem_json,
-    retry_after_header,
 )
-from ._idempotency import LeaseKeeper
-from ._idempotency_store import (
+from .._idempotency import IdempotencyMetrics, LeaseKeeper, Verdict, decide
+from .._idempotency_store import (
     Completed,
     IdempotencyStore,
-    InFlight,
     Lease,
     resolve_store,
 )
-from ._telemetry import IdempotencyStats, Telemetry, add_event
-from ._timeout import deadline
-from ._transport import collection_option, first_value
+from .._telemetry import Telemetry, report
+from .._transport import collection_option
+from ..events import CallRejected, IdempotentReplay
+from ._types import ASGIApp, Message, Receive, Scope, Send, _log, _send_problem
 
-__all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_public_api.py)
-    "ASGIApp",
-    "Credentials",
-    "DEFAULT_CREDENTIALS",
-    "DeadlineMiddleware",
-    "ErrorMiddleware",
-    "IdempotencyMiddleware",
-    "Message",
-    "Receive",
-    "Scope",
-    "Send",
-    "parse_grpc_timeout",
-    "parse_idempotency_key",
-    "parse_timeout_ms",
-]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-async def _send_problem(
-    send: Send,
-    status: int,
-    title: str,
-    detail: str,
-    *,
-    retry_after: int | None = None,
-    extensions: Mapping[str, str] | None = None,
-) -> None:
-    """Send a complete ``application/problem+json`` response (RFC 9457)."""
-    body = problem_json(status, title, detail, extensions).encode()
-    headers = [
-        (b"content-type", PROBLEM_JSON.encode()),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-@final
-class _Watched:
-    """The app's ``send``: passes every message on, notes when the response starts."""
-
-    __slots__ = ("send", "started")
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.started = False
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.started = True
-        await self.send(message)
-
-
-@final
-class DeadlineMiddleware:
-    """Run each HTTP request under the deadline its caller sent.
-
-    The request's time limit is read from ``header`` (milliseconds, as
-    `stalwart.httpx.ResilientTransport` sends it) and, with
-    ``grpc_timeout=True``, from ``grpc-timeout`` too (the nearer wins). It is
-    capped at ``max_timeout``; a request without a usable value gets
-    ``default_timeout`` (None: no deadline). A malformed value is ignored as
-    if absent: a caller's typo never turns into a 500.
-
-    The app then runs inside ``stalwart.deadline(limit)``: `stalwart.remaining`
-    reports the time left, every stalwart policy respects it, and outbound
-    calls through `stalwart.httpx.ResilientTransport` pass what remains on.
-    When the deadline passes, the app is cancelled and:
-
-    * if the response has not started, the client gets ``504 Gateway
-      Timeout`` with a small ``application/problem+json`` body;
-    * if it has, the response is left unfinished, so the server closes the
-      connection and the client sees a truncated response rather than one
-      that looks complete. (Servers log that, uvicorn as "ASGI callable
-      returned without completing response".)
-
-    The time a request spends on the network before it reaches the app is
-    not deducted: the app gets the full limit from when it starts.
-
-    Args:
-        app: the ASGI application to protect.
-        header: the header carrying milliseconds, or None to ignore it.
-        max_timeout: the longest deadline a caller may ask for, in seconds
-            (> 0), or None for no cap.
-        default_timeout: seconds allowed to requests that carry no usable
-            value (> 0), or None to run them without a deadline. It is
-            capped at ``max_timeout`` too.
-        grpc_timeout: also read gRPC's ``grpc-timeout`` header.
-
-    Example::
-
-        app = DeadlineMiddleware(app, max_timeout=10.0, default_timeout=5.0)
-    """
-
-    __slots__ = ("_app", "_grpc", "_header", "_limits")
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        header: str | None = DEADLINE_HEADER,
-        max_timeout: float | None = 60.0,
-        default_timeout: float | None = None,
-        grpc_timeout: bool = False,
-    ) -> None:
-        if not callable(app):
-            raise TypeError(f"app must be an ASGI application, not {type(app).__name__}")
-        self._app = app
-        self._header = None if header is None else header_name("header", header).lower().encode()
-        self._limits = InboundDeadline(max_timeout=max_timeout, default_timeout=default_timeout)
-        if not isinstance(grpc_timeout, bool):
-            raise TypeError(f"grpc_timeout must be a bool, not {type(grpc_timeout).__name__}")
-        self._grpc = grpc_timeout
-
-    @property
-    def app(self) -> ASGIApp:
-        """The wrapped application."""
-        return self._app
-
-    def timeout_for(self, scope: Scope) -> float | None:
-        """The deadline, in seconds, that this request gets (None: none)."""
-        header = self._header
-        return self._limits.limit(
-            None if header is None else first_value(scope["headers"], header),
-            first_value(scope["headers"], b"grpc-timeout") if self._grpc else None,
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-        seconds = self.timeout_for(scope)
-        if seconds is None:
-            await self._app(scope, receive, send)
-            return
-        watched = _Watched(send)
-        scope_deadline = deadline(seconds, name="DeadlineMiddleware")
-        try:
-            with scope_deadline:
-                await self._app(scope, receive, watched)
-        except DeadlineExceeded:
-            # The app's own errors (an inner Timeout it let through) are not
-            # ours to answer: only the expiry of this request's deadline is.
-            if _clock.now() < scope_deadline.when:
-                raise
-            if not watched.started:
-                await _send_problem(send, 504, "Gateway Timeout", deadline_passed(seconds))
-
-    def __repr__(self) -> str:
-        return f"DeadlineMiddleware({self._app!r}, max_timeout={self._limits.max_timeout})"
-
-
-# -- stalwart errors as answers ---------------------------------------------------------
-
-_log = logging.getLogger("stalwart.asgi")
-
-
-if sys.version_info >= (3, 11):
-
-    def _alone(error: BaseException) -> BaseException:
-        """The one exception that (nested) groups of one hold, or ``error``."""
-        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-            error = error.exceptions[0]
-        return error
-
-else:  # pragma: no cover - 3.10's groups are a backport's: left to propagate
-
-    def _alone(error: BaseException) -> BaseException:
-        return error
-
-
-def _stalwart_error(exc: Exception) -> tuple[StalwartError, ErrorRule] | None:
-    """The error of `ERROR_RULES` that ``exc`` is, or holds alone in (nested) groups."""
-    error = _alone(exc)
-    rule = error_rule(error)
-    if rule is None or not isinstance(error, StalwartError):
-        return None
-    return error, rule
-
-
-@final
-class ErrorMiddleware:
-    """Answer a stalwart error that escapes the app with a 503 or a 504, not a 500.
-
-    An open circuit, a full bulkhead or a rate limit inside a request handler
-    mean "the service cannot do this now", and a deadline that passed means
-    "not in time": a client or a load balancer acts on a ``503 Service
-    Unavailable`` (with a ``Retry-After`` when the error knows when to come
-    back) or a ``504 Gateway Timeout``, not on a 500 with a traceback. When
-    one of these errors escapes the app before its response has started, the
-    client gets an ``application/problem+json`` answer (RFC 9457) instead:
-
-    * `~stalwart.CircuitOpenError`: 503, with ``Retry-After`` from its
-      ``retry_after``;
-    * `~stalwart.RateLimitExceeded`: 503, with ``Retry-After`` from its
-      ``retry_after`` when it knows one;
-    * `~stalwart.BulkheadFullError`: 503;
-    * `~stalwart.DeadlineExceeded`: 504.
-
-    ``Retry-After`` is in whole seconds, rounded up. The body's ``title``
-    is the status's phrase; ``detail`` is a sentence naming the policy;
-    the extension members ``policy`` (the error's ``policy``) and ``kind``
-    (``"circuit_open"``, ``"rate_limited"``, ``"bulkhead_full"``,
-    ``"deadline_exceeded"``) are for programs. Nothing else of the error
-    (its message, its traceback) reaches the client; the traceback is logged
-    at DEBUG level on the ``stalwart.asgi`` logger.
-
-    The errors are recognised by class, subclasses included: the httpx
-    errors `stalwart.httpx.ResilientTransport` raises for them (a
-    ``TransportCircuitOpenError`` is a `~stalwart.CircuitOpenError`) are
-    answered alike, and so is an exception group holding one of them alone
-    (an ``anyio`` task group's). Any other exception propagates, for the
-    server (or the framework's error handling) to answer; so does every
-    exception once the response has started, so that the server closes the
-    connection on a truncated response rather than appending to it.
-
-    Add it around the application: ``app = ErrorMiddleware(app)``, or with
-    FastAPI and Starlette ``app.add_middleware(ErrorMiddleware)``, which puts
-    it inside the framework's own 500 handler and outside the routes, so
-    that exception handlers registered for these errors
-    (``@app.exception_handler(sw.CircuitOpenError)``) still take precedence.
-    Only ``http`` requests are handled; other scopes pass straight through.
-    """
-
-    __slots__ = ("_app",)
-
-    def __init__(self, app: ASGIApp) -> None:
-        if not callable(app):
-            raise TypeError(f"app must be an ASGI application, not {type(app).__name__}")
-        self._app = app
-
-    @property
-    def app(self) -> ASGIApp:
-        """The wrapped application."""
-        return self._app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-        watched = _Watched(send)
-        try:
-            await self._app(scope, receive, watched)
-        except Exception as exc:
-            found = None if watched.started else _stalwart_error(exc)
-            if found is None:
-                raise
-            error, rule = found
-            _log.debug(
-                "ErrorMiddleware: %s from %r answered %d",
-                type(error).__name__,
-                error.policy,
-                rule.status,
-                exc_info=True,
-            )
-            await _send_problem(
-                send,
-                rule.status,
-                rule.status.phrase,
-                rule.detail.format(policy=error.policy),
-                retry_after=retry_after_header(error),
-                extensions={"policy": error.policy, "kind": rule.kind},
-            )
-
-    def __repr__(self) -> str:
-        return f"ErrorMiddleware({self._app!r})"
-
-
-# -- idempotency keys -------------------------------------------------------------------
-
-Credentials = Union[  # noqa: UP007 - runtime alias
-    str, Sequence[str], Callable[[Scope], str | bytes | None]
-]
+Credentials: TypeAlias = str | Sequence[str] | Callable[[Scope], str | bytes | None]
 """Header names, or a callable of the request's scope returning who is calling."""
 
 DEFAULT_CREDENTIALS: Final = ("Authorization", "Cookie")
@@ -365,7 +53,6 @@ _SF_STRING: Final = re.compile(rb'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\]){1,2
 _SF_ESCAPE: Final = re.compile(rb'\\(["\\])')
 
 _REPLAYED_HEADER: Final = (b"idempotent-replayed", b"true")
-_REPLAYED_EVENT: Final = "stalwart.idempotency.replayed"
 # Not part of a stored response: they describe one connection, not the answer.
 _HOP_BY_HOP: Final = frozenset(
     {
@@ -656,8 +343,11 @@ class IdempotencyMiddleware:
 
     Metrics: replays count in ``stalwart_idempotency_replays_total`` and
     409s in ``stalwart_idempotency_conflicts_total``, labelled ``policy=name``;
-    a replay adds the event ``stalwart.idempotency.replayed`` to the current
-    span, if one is recording.
+    keyed requests in ``stalwart_calls_total{kind="idempotency"}`` (a run or
+    a replay is a ``success``, a 409 or 422 ``rejected``, a store that cannot
+    be reached an ``error``). A replay is reported as an `IdempotentReplay`
+    event and a 409 as a `CallRejected` (reason ``"idempotency_conflict"``),
+    to the telemetry's listeners and to the current span, if one records.
 
     Args:
         app: the ASGI application to protect.
@@ -690,7 +380,6 @@ class IdempotencyMiddleware:
     __slots__ = (
         "_anonymous",
         "_app",
-        "_attributes",
         "_credentials",
         "_header",
         "_header_label",
@@ -699,10 +388,11 @@ class IdempotencyMiddleware:
         "_max_body",
         "_max_response",
         "_methods",
+        "_metrics",
         "_name",
+        "_registration",
         "_required",
         "_scope_prefix",
-        "_stats",
         "_store",
         "_telemetry",
         "_ttl",
@@ -747,8 +437,12 @@ class IdempotencyMiddleware:
         self._name = _validate.name(name)
         self._keeper = LeaseKeeper(store, f"IdempotencyMiddleware {self._name!r}", work="request")
         self._telemetry = _telemetry.resolve(telemetry)
-        self._stats = self._telemetry.stats("idempotency", self._name, IdempotencyStats)
-        self._attributes = {_telemetry.POLICY_ATTRIBUTE: self._name}
+        self._registration, _ = self._telemetry.register(
+            "idempotency", self._name, IdempotencyMetrics
+        )
+        metrics = self._registration.metrics
+        assert isinstance(metrics, IdempotencyMetrics)
+        self._metrics = metrics
         self._scope_prefix = f"{self._name}:asgi:"
         self._anonymous = self._scope_prefix + "anonymous"
 
@@ -838,24 +532,41 @@ class IdempotencyMiddleware:
                 "retry later.",
                 retry_after=1,
             )
+            self._metrics.error += 1
             return
-        if isinstance(outcome, Lease):
-            await self._run(scope, receive, send, body, outcome)
-        elif isinstance(outcome, Completed):
-            if outcome.fingerprint != fingerprint:
-                await self._reused(send)
-                return
+        metrics = self._metrics
+        verdict = decide(outcome, fingerprint, self._store)
+        if verdict is Verdict.RUN:
+            assert isinstance(outcome, Lease)
+            try:
+                await self._run(scope, receive, send, body, outcome)
+            except BaseException as exc:
+                metrics.failed(exc, None)
+                raise
+            metrics.success += 1
+        elif verdict is Verdict.REPLAY:
+            assert isinstance(outcome, Completed)
             status, headers, content = _read_record(outcome.value)
-            self._stats.replays += 1
-            add_event(_REPLAYED_EVENT, self._attributes)
+            metrics.replays += 1
+            metrics.success += 1
+            report(self._telemetry, IdempotentReplay, self._name, "idempotency")
             headers.append(_REPLAYED_HEADER)
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": content, "more_body": False})
-        elif isinstance(outcome, InFlight):
-            if outcome.fingerprint != fingerprint:
-                await self._reused(send)
-                return
-            self._stats.conflicts += 1
+        elif verdict is Verdict.REUSED:
+            metrics.rejected += 1
+            await self._reused(send)
+        else:
+            metrics.conflicts += 1
+            metrics.rejected += 1
+            report(
+                self._telemetry,
+                CallRejected,
+                self._name,
+                "idempotency",
+                reason="idempotency_conflict",
+                retry_after=float(_CONFLICT_RETRY_AFTER),
+            )
             await _send_problem(
                 send,
                 409,
@@ -863,11 +574,6 @@ class IdempotencyMiddleware:
                 f"A request with this {self._header_label} is still being processed; "
                 "retry later to get its response.",
                 retry_after=_CONFLICT_RETRY_AFTER,
-            )
-        else:
-            raise TypeError(
-                f"{self._store!r}.claim() returned {outcome!r}: expected a Lease, Completed "
-                "or InFlight"
             )
 
     async def _read_body(self, receive: Receive) -> bytes | None:
