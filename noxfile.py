@@ -1,6 +1,6 @@
 """Development tasks: ``nox -s tests lint typecheck`` before every commit.
 
-Sessions run with the interpreter that runs nox (Python 3.10+).
+Sessions run with the interpreter that runs nox (Python 3.11+).
 """
 
 from __future__ import annotations

@@ -12,10 +12,14 @@ import gc
 import itertools
 import sys
 import tracemalloc
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
+from prometheus_client import CollectorRegistry
+
 import stalwart as sw
+import stalwart.events as sw_events
 
 from ._harness import Call, Case
 
@@ -57,6 +61,13 @@ SLOTS: Final = 4
 PER_TASK: Final = 8
 
 ZERO = sw.Backoff(initial=0.0, maximum=0.0)
+
+_ids = itertools.count()
+
+
+def unique(kind: str) -> str:
+    """A name of its own for a breaker or bulkhead: two live ones of one name would warn."""
+    return f"{kind}-{next(_ids)}"
 
 
 async def f() -> int:
@@ -139,11 +150,25 @@ def contended(guarded: Callable[[], Coroutine[Any, Any, Any]]) -> Call:
     return call
 
 
-def open_breaker_rejection() -> Call:
-    breaker = sw.CircuitBreaker()
+def open_breaker_rejection(telemetry: sw.Telemetry | None = None) -> Call:
+    breaker = sw.CircuitBreaker(name=unique("breaker"), telemetry=telemetry)
     guarded = breaker(f)
     breaker.force_open()
     return caught(guarded, sw.CircuitOpenError)
+
+
+def ignore(event: sw_events.Event) -> None:
+    """A listener that keeps nothing: what is timed is stalwart's side of an event."""
+
+
+def listened() -> sw.Telemetry:
+    """A telemetry with one listener (on a registry of its own, as the default one's)."""
+    return sw.Telemetry(registry=CollectorRegistry(), listeners=[ignore])
+
+
+def timed() -> sw.Telemetry:
+    """A telemetry that measures latency (``stalwart_call_duration_seconds``)."""
+    return sw.Telemetry(registry=CollectorRegistry(), latency=True)
 
 
 def one_in_ten_fails(wrap: Callable[[Callable[[], Coroutine[Any, Any, int]]], Call]) -> Call:
@@ -216,18 +241,37 @@ def cases() -> list[Case]:
         ),
         Case("Retry, success", lambda: sw.Retry()(f), BARE, 3, group=RETRY),
         Case(
+            "Retry, success, latency measured",
+            lambda: sw.Retry(telemetry=timed())(f),
+            BARE,
+            group=RETRY,
+            note="Telemetry(latency=True): two clock reads and a histogram bucket per call",
+        ),
+        Case(
             "Retry, fails twice then succeeds (zero backoff)",
             lambda: sw.Retry(attempts=3, backoff=ZERO)(fails_twice()),
             HAND_LOOP,
             4,
             group=RETRY_FAILING,
+            note="no listener: no event is built",
         ),
         Case(
-            "CircuitBreaker closed, success", lambda: sw.CircuitBreaker()(f), BARE, 4, group=CLOSED
+            "the same, one listener on its telemetry",
+            lambda: sw.Retry(attempts=3, backoff=ZERO, telemetry=listened())(fails_twice()),
+            HAND_LOOP,
+            group=RETRY_FAILING,
+            note="two Retrying events per call, built and handed to a listener",
+        ),
+        Case(
+            "CircuitBreaker closed, success",
+            lambda: sw.CircuitBreaker(name=unique("breaker"))(f),
+            BARE,
+            4,
+            group=CLOSED,
         ),
         Case(
             "CircuitBreaker closed, success, window 1,000,000",
-            lambda: sw.CircuitBreaker(window=big)(f),
+            lambda: sw.CircuitBreaker(window=big, name=unique("breaker"))(f),
             BARE,
             4,
             group=CLOSED,
@@ -238,38 +282,54 @@ def cases() -> list[Case]:
             RAISE,
             2,
             group=OPEN,
+            note="no listener: no event is built",
+        ),
+        Case(
+            "the same, one listener on its telemetry",
+            lambda: open_breaker_rejection(listened()),
+            RAISE,
+            group=OPEN,
+            note="a CallRejected event per call, built and handed to a listener",
         ),
         Case(
             "CircuitBreaker closed, success, TimeWindow(60)",
-            lambda: sw.CircuitBreaker(window=sw.TimeWindow(60))(f),
+            lambda: sw.CircuitBreaker(window=sw.TimeWindow(60), name=unique("breaker"))(f),
             BARE,
             note="reads the clock",
             group=BREAKER_OPTIONS,
         ),
         Case(
             "CircuitBreaker closed, success, slow_call_duration",
-            lambda: sw.CircuitBreaker(slow_call_duration=1.0)(f),
+            lambda: sw.CircuitBreaker(slow_call_duration=1.0, name=unique("breaker"))(f),
             BARE,
             note="reads the clock twice",
             group=BREAKER_OPTIONS,
         ),
         Case(
             "CircuitBreaker, 1 in 10 fails, window 10",
-            lambda: one_in_ten_fails(sw.CircuitBreaker(window=10)),
+            lambda: one_in_ten_fails(sw.CircuitBreaker(window=10, name=unique("breaker"))),
             ONE_IN_TEN,
             group=BREAKER_OPTIONS,
         ),
         Case(
             "CircuitBreaker, 1 in 10 fails, window 1,000,000",
-            lambda: one_in_ten_fails(sw.CircuitBreaker(window=big)),
+            lambda: one_in_ten_fails(sw.CircuitBreaker(window=big, name=unique("breaker"))),
             ONE_IN_TEN,
             note="same cost as window 10: O(1)",
             group=BREAKER_OPTIONS,
         ),
-        Case("Bulkhead, uncontended", lambda: sw.Bulkhead(8)(f), BARE, 4, group=BULKHEAD),
+        Case(
+            "Bulkhead, uncontended",
+            lambda: sw.Bulkhead(8, name=unique("bulkhead"))(f),
+            BARE,
+            4,
+            group=BULKHEAD,
+        ),
         Case(
             f"Bulkhead({SLOTS}, max_queued={TASKS - SLOTS})",
-            lambda: contended(sw.Bulkhead(SLOTS, max_queued=TASKS - SLOTS)(f_yielding)),
+            lambda: contended(
+                sw.Bulkhead(SLOTS, max_queued=TASKS - SLOTS, name=unique("bulkhead"))(f_yielding)
+            ),
             UNLIMITED,
             batch=TASKS * PER_TASK,
             group=CONTENDED,
@@ -286,14 +346,21 @@ def cases() -> list[Case]:
         ),
         Case(
             "Pipeline(Timeout, Retry, Bulkhead)",
-            lambda: sw.Pipeline(sw.Timeout(10), sw.Retry(), sw.Bulkhead(8))(f),
+            lambda: sw.Pipeline(
+                sw.Timeout(10), sw.Retry(), sw.Bulkhead(8, name=unique("bulkhead"))
+            )(f),
             BARE,
             30,
             group=PIPELINE,
         ),
         Case(
             "Pipeline(Timeout, Retry, CircuitBreaker, Bulkhead)",
-            lambda: sw.Pipeline(sw.Timeout(10), sw.Retry(), sw.CircuitBreaker(), sw.Bulkhead(8))(f),
+            lambda: sw.Pipeline(
+                sw.Timeout(10),
+                sw.Retry(),
+                sw.CircuitBreaker(name=unique("breaker")),
+                sw.Bulkhead(8, name=unique("bulkhead")),
+            )(f),
             BARE,
             35,
             group=PIPELINE,
@@ -302,9 +369,17 @@ def cases() -> list[Case]:
 
 
 def breaker_memory(quick: bool = False) -> list[tuple[str, str, float, float | None]]:
-    """Bytes per breaker (tracemalloc): (item, library, bytes, budget)."""
-    from prometheus_client import CollectorRegistry
+    """Bytes per breaker (tracemalloc): (item, library, bytes, budget).
 
+    The breakers of one name all live at once: stalwart warns that their
+    state series merge (`StalwartWarning`), which is beside the point here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sw.StalwartWarning)
+        return _breaker_memory(quick)
+
+
+def _breaker_memory(quick: bool) -> list[tuple[str, str, float, float | None]]:
     telemetry = sw.Telemetry(registry=CollectorRegistry())
     n = 100 if quick else 1000
     return [

@@ -1,28 +1,38 @@
-"""What the HTTP integrations add to a request, against the same request without them.
+"""What the integrations add to a request, against the same request without them.
 
 python benchmarks/integrations.py            # full run
 python benchmarks/integrations.py --quick    # a few seconds, for smoke tests
 
-The network is a ``MockTransport`` (outbound) or a direct ASGI call (inbound),
-so the numbers are the integrations' own cost, not I/O.
+For httpx and ASGI the network is a ``MockTransport`` (outbound) or a direct
+ASGI call (inbound), so the numbers are the integrations' own cost, not I/O.
+gRPC and aiohttp have no such seam: their rows make real calls to a server
+in the same process over loopback, so each ratio is the interceptor's (or the
+middleware's) cost on top of a real round trip, the way a service pays it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import grpc
 import httpx
+from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import stalwart as sw
 from benchmarks import _harness
 from benchmarks._harness import Call, Case
-from stalwart.asgi import DeadlineMiddleware, IdempotencyMiddleware
+from stalwart.aiohttp import ResilientMiddleware
+from stalwart.asgi import DeadlineMiddleware, ErrorMiddleware, IdempotencyMiddleware
+from stalwart.grpc import ClientInterceptor
 from stalwart.httpx import ResilientTransport
 
 
@@ -156,6 +166,92 @@ def _idempotent() -> IdempotencyMiddleware:
     return IdempotencyMiddleware(_app, store=sw.MemoryStore(max_entries=10_000_000))
 
 
+# -- gRPC and aiohttp: real calls over loopback -------------------------------------------
+
+_servers: list[Any] = []  # kept alive for the run (one of each per event loop)
+
+
+async def _echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
+async def _grpc_target() -> str:
+    server = grpc.aio.server()
+    handler: Any = grpc.unary_unary_rpc_method_handler(_echo)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Echo", {"Call": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    _servers.append(server)
+    return f"127.0.0.1:{port}"
+
+
+class _PassThrough(grpc.aio.UnaryUnaryClientInterceptor):
+    """The least an interceptor does: grpc's own cost of intercepting a call."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(details, request)
+
+
+async def _grpc_call(
+    *interceptors: Any, deadline: float | None = None, timeout: float | None = None
+) -> Call:
+    channel = grpc.aio.insecure_channel(await _grpc_target(), interceptors=list(interceptors))
+    _servers.append(channel)
+    method: Any = channel.unary_unary("/bench.Echo/Call")
+    await method(b"warm up")
+
+    if deadline is None:
+
+        async def call() -> Any:
+            return await method(b"ping", timeout=timeout)
+
+    else:
+
+        async def call() -> Any:
+            with sw.deadline(deadline):
+                return await method(b"ping")
+
+    return call
+
+
+async def _ok_handler(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def _aiohttp_url() -> str:
+    app = web.Application()
+    app.router.add_get("/", _ok_handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    _servers.append(runner)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}/"
+
+
+async def _aiohttp_get(*middlewares: Any, deadline: float | None = None) -> Call:
+    url = await _aiohttp_url()
+    session = aiohttp.ClientSession(middlewares=middlewares)
+    _servers.append(session)
+
+    async def get() -> Any:
+        async with session.get(url) as response:
+            return await response.read()
+
+    await get()
+    if deadline is None:
+        return get
+
+    async def call() -> Any:
+        with sw.deadline(deadline):
+            return await get()
+
+    return call
+
+
 def cases() -> list[Case]:
     mock = httpx.MockTransport(_ok)
     return [
@@ -182,11 +278,20 @@ def cases() -> list[Case]:
             1.5,
             "header validated, response watched for a 504",
         ),
+        Case("ASGI app, bare", lambda: _asgi(_app)),
+        Case(
+            "ASGI app behind ErrorMiddleware",
+            lambda: _asgi(ErrorMiddleware(_app)),
+            "ASGI app, bare",
+            2.0,
+            "a coroutine and a watched send around an app that does nothing; "
+            "the table read only when an error escapes",
+        ),
         Case(
             "client.get, ResilientTransport with a per-host breaker",
             lambda: _get(
                 ResilientTransport(
-                    transport=mock, per_host=lambda origin: sw.CircuitBreaker(name="upstream")
+                    transport=mock, per_host=lambda origin: sw.CircuitBreaker(name=origin)
                 )
             ),
             "client.get, ResilientTransport (default policy)",
@@ -219,7 +324,64 @@ def cases() -> list[Case]:
             5.0,
             "key validated, credentials and fingerprint hashed, the record decoded and sent",
         ),
+        Case("grpc.aio unary call, bare channel", lambda: _grpc_call()),
+        Case(
+            "grpc.aio unary call, a pass-through interceptor",
+            lambda: _grpc_call(_PassThrough()),
+            "grpc.aio unary call, bare channel",
+            reference=True,
+            note="grpc's own cost of running an interceptor (a task per call)",
+        ),
+        Case(
+            "grpc.aio unary call, ClientInterceptor (default policy)",
+            lambda: _grpc_call(ClientInterceptor()),
+            "grpc.aio unary call, bare channel",
+            1.5,
+            "the policy, the call awaited inside it, its status checked",
+        ),
+        Case("grpc.aio unary call with a timeout, bare channel", lambda: _grpc_call(timeout=10.0)),
+        Case(
+            "grpc.aio unary call under a deadline, ClientInterceptor",
+            lambda: _grpc_call(ClientInterceptor(), deadline=10.0),
+            "grpc.aio unary call with a timeout, bare channel",
+            1.5,
+            "the deadline as the call's timeout (new call details), against a timeout by hand",
+        ),
+        Case("aiohttp GET, bare session", lambda: _aiohttp_get()),
+        Case(
+            "aiohttp GET, ResilientMiddleware (default policy)",
+            lambda: _aiohttp_get(ResilientMiddleware()),
+            "aiohttp GET, bare session",
+            1.2,
+            "the policy around the round trip, the response checked",
+        ),
+        Case(
+            "aiohttp GET under a deadline, ResilientMiddleware",
+            lambda: _aiohttp_get(ResilientMiddleware(), deadline=10.0),
+            "aiohttp GET, bare session",
+            1.3,
+            "the deadline header set on the request",
+        ),
     ]
+
+
+async def _close() -> None:
+    """Stop the servers and close the clients the gRPC and aiohttp rows made."""
+    for thing in reversed(_servers):
+        if isinstance(thing, grpc.aio.Server):
+            await thing.stop(None)
+        elif isinstance(thing, web.AppRunner):
+            await thing.cleanup()
+        else:
+            await thing.close()
+    _servers.clear()
+
+
+async def _measure(cases: list[Case], *, rounds: int, calls: int) -> None:
+    try:
+        await _harness.measure(cases, rounds=rounds, n=calls)
+    finally:
+        await _close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rounds, calls = (3, 200) if args.quick else (15, 2_000)
     cases_ = cases()
-    _harness.run(cases_, rounds=rounds, n=calls)
+    asyncio.run(_measure(cases_, rounds=rounds, calls=calls))
     print(_harness.table(cases_))
     return 0
 

@@ -27,7 +27,6 @@ import asyncio
 import importlib
 import importlib.metadata
 import importlib.util
-import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -542,20 +541,17 @@ def builtin_cases() -> list[Case]:
             note="a new task per call before Python 3.12",
         ),
     ]
-    if sys.version_info >= (3, 11):
 
-        def with_asyncio_timeout() -> Call:
-            async def call() -> int:
-                async with asyncio.timeout(10):
-                    return await f()
+    def with_asyncio_timeout() -> Call:
+        async def call() -> int:
+            async with asyncio.timeout(10):
+                return await f()
 
-            return call
+        return call
 
-        result.append(
-            Case(
-                "asyncio.timeout(10)", with_asyncio_timeout, BARE, group=TIMEOUT, library="asyncio"
-            )
-        )
+    result.append(
+        Case("asyncio.timeout(10)", with_asyncio_timeout, BARE, group=TIMEOUT, library="asyncio")
+    )
     return result
 
 

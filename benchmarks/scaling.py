@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 import stalwart as sw
 
 from ._harness import Call, Case, measure
-from .hot_path import f, f_yielding, keyed, one_in_ten_fails, per_object
+from .hot_path import f, f_yielding, keyed, one_in_ten_fails, per_object, unique
 
 # -- circuit breaker: window size ---------------------------------------------
 
@@ -62,16 +62,18 @@ def breaker_scaling(*, quick: bool, rounds: int, calls: int, sample_ns: float) -
         label = _window_label(window)
 
         def closed(window: sw.CountWindow | sw.TimeWindow = window) -> Call:
-            return sw.CircuitBreaker(window=window, telemetry=telemetry)(f)
+            return sw.CircuitBreaker(window=window, name=unique("breaker"), telemetry=telemetry)(f)
 
         def sometimes(window: sw.CountWindow | sw.TimeWindow = window) -> Call:
-            return one_in_ten_fails(sw.CircuitBreaker(window=window, telemetry=telemetry))
+            return one_in_ten_fails(
+                sw.CircuitBreaker(window=window, name=unique("breaker"), telemetry=telemetry)
+            )
 
         size = window.size if isinstance(window, sw.CountWindow) else window.buckets * 24
         count = max(10, min(1000, 2_000_000 // size))
 
         def make(i: int, window: sw.CountWindow | sw.TimeWindow = window) -> object:
-            return sw.CircuitBreaker(window=window, telemetry=telemetry)
+            return sw.CircuitBreaker(window=window, name=unique("breaker"), telemetry=telemetry)
 
         rows.append(
             WindowRow(
@@ -132,7 +134,7 @@ def _semaphore_guard() -> Call:
 
 def _bulkhead_guard() -> Call:
     telemetry = sw.Telemetry(registry=CollectorRegistry())
-    return sw.Bulkhead(1, max_queued=None, telemetry=telemetry)(f_yielding)
+    return sw.Bulkhead(1, max_queued=None, name=unique("bulkhead"), telemetry=telemetry)(f_yielding)
 
 
 @dataclass

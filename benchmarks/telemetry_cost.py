@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 import stalwart as sw
 
 from ._harness import Call, Case
-from .hot_path import BARE, f
+from .hot_path import BARE, f, unique
 
 GROUP: Final = "Telemetry: Pipeline(Timeout, Retry, CircuitBreaker, Bulkhead)"
 SPAN: Final = "one bare SDK span around await f()"
@@ -53,8 +53,8 @@ def pipeline(telemetry: sw.Telemetry | None) -> Call:
     return sw.Pipeline(
         sw.Timeout(10, telemetry=telemetry),
         sw.Retry(telemetry=telemetry),
-        sw.CircuitBreaker(telemetry=telemetry),
-        sw.Bulkhead(8, telemetry=telemetry),
+        sw.CircuitBreaker(name=unique("breaker"), telemetry=telemetry),
+        sw.Bulkhead(8, name=unique("bulkhead"), telemetry=telemetry),
         telemetry=telemetry,
     )(f)
 

@@ -15,7 +15,7 @@ import trio
 import stalwart as sw
 
 from ._harness import Call, Case, measure
-from .hot_path import f
+from .hot_path import f, unique
 from .peer_cases import CHECKPOINT, RETRY_NAMES, installed, retrying
 
 BARE_TRIO: Final = "bare await f() (trio)"
@@ -60,11 +60,16 @@ def cases() -> list[Case]:
         Case("Retry, success (trio)", lambda: sw.Retry()(f), BARE_TRIO, group=RETRY),
         Case(
             "CircuitBreaker closed, success (trio)",
-            lambda: sw.CircuitBreaker()(f),
+            lambda: sw.CircuitBreaker(name=unique("breaker"))(f),
             BARE_TRIO,
             group=CLOSED,
         ),
-        Case("Bulkhead, uncontended (trio)", lambda: sw.Bulkhead(8)(f), BARE_TRIO, group=BULKHEAD),
+        Case(
+            "Bulkhead, uncontended (trio)",
+            lambda: sw.Bulkhead(8, name=unique("bulkhead"))(f),
+            BARE_TRIO,
+            group=BULKHEAD,
+        ),
         Case(
             "trio.CapacityLimiter(8)",
             lambda: _limited(trio.CapacityLimiter(8)),

@@ -10,7 +10,9 @@ show that as "Example::" over an unhighlighted block, so this extension turns
   followed by a fenced ``python`` block.
 
 It also shows a parameter whose default is a private module constant
-(``backoff=_DEFAULT_BACKOFF``) with the constant's value (``Backoff()``).
+(``backoff=_DEFAULT_BACKOFF``) with the constant's value (``Backoff()``), and
+a constant that only marks a number as a default
+(``_DEFAULT_FAILURE_RATE = _FloatDefault(0.5)``) with that number (``0.5``).
 """
 
 from __future__ import annotations
@@ -75,4 +77,16 @@ class RestLiterals(griffe.Extension):
                 if isinstance(default, griffe.ExprName) and default.name.startswith("_"):
                     constant = obj.module.members.get(default.name)
                     if isinstance(constant, griffe.Attribute) and constant.value is not None:
-                        parameter.default = constant.value
+                        parameter.default = _unmarked(constant.value)
+
+
+def _unmarked(value: str | griffe.Expr) -> str | griffe.Expr:
+    """``_Marker(x)`` (a private class marking a default) as ``x``; anything else as is."""
+    if (
+        isinstance(value, griffe.ExprCall)
+        and isinstance(value.function, griffe.ExprName)
+        and value.function.name.startswith("_")
+        and len(value.arguments) == 1
+    ):
+        return value.arguments[0]
+    return value

@@ -7,11 +7,13 @@ to the next timer, so timing tests are exact and take no real time.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import trio.testing
+from hypothesis import HealthCheck, settings
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -19,6 +21,48 @@ from prometheus_client import CollectorRegistry
 
 import stalwart as sw
 from stalwart.testing import VirtualClockEventLoop
+
+from . import redis_support
+
+# Hypothesis: the same examples on every run ("ci", the default), so a red
+# run is a real bug that reproduces, never a draw of the dice; no deadline
+# (a loaded machine is slow, not wrong). ``HYPOTHESIS_PROFILE=explore`` draws
+# new examples, many more of them, to look for bugs on purpose. Tests that set
+# their own ``max_examples`` inherit everything else from the loaded profile.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    max_examples=100,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "explore",
+    max_examples=2_000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_redis_header = ""
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Find Redis, or start a server of our own (before the test modules are imported)."""
+    global _redis_header
+    _redis_header = redis_support.bootstrap()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return _redis_header
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    redis_support.shutdown()
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -362,6 +362,7 @@ async def test_a_repeat_while_the_first_runs_gets_409_then_the_replay() -> None:
     assert responses["first"].status_code == 201
     body = problem(responses["duplicate"], 409)
     assert body["title"] == "Conflict"
+    assert responses["duplicate"].headers["retry-after"] == "1"
     assert replayed(later)
     assert later.content == responses["first"].content
     assert app.runs == 1
@@ -632,6 +633,76 @@ async def test_a_credentials_callable_returning_something_else_fails_loudly() ->
     bad: Any = lambda scope: 42  # noqa: E731
     with pytest.raises(TypeError, match="must return str, bytes or None, not int"):
         await call(IdempotencyMiddleware(Orders(), credentials=bad), headers=keyed())
+
+
+async def test_callers_with_other_session_cookies_never_share_a_response_by_default() -> None:
+    """An app that authenticates with a cookie is safe with the default options."""
+    app = Orders()
+    async with client(IdempotencyMiddleware(app)) as http:
+        alice = await http.post("/orders", headers=keyed(Cookie="session=alice"))
+        bob = await http.post("/orders", headers=keyed(Cookie="session=bob"))
+        alice_again = await http.post("/orders", headers=keyed(Cookie="session=alice"))
+    assert [alice.json()["order"], bob.json()["order"]] == [1, 2]
+    assert not replayed(bob)
+    assert replayed(alice_again)
+    assert alice_again.json()["order"] == 1
+
+
+async def test_cookies_are_a_set_however_they_are_ordered_or_split() -> None:
+    middleware = IdempotencyMiddleware(Orders())
+    await call(middleware, headers=keyed(), raw_headers=[(b"cookie", b"session=alice; theme=dark")])
+    for same in (
+        [(b"cookie", b"theme=dark; session=alice")],
+        [(b"cookie", b"session=alice"), (b"cookie", b"theme=dark")],  # HTTP/2 crumbs
+        [(b"cookie", b"session=alice;theme=dark;")],
+    ):
+        sent = await call(middleware, headers=keyed(), raw_headers=same)
+        assert (b"idempotent-replayed", b"true") in sent[0]["headers"], same
+    for other in (
+        [(b"cookie", b"session=alice")],
+        [(b"cookie", b"session=alice; theme=dark; session=mallory")],
+        [(b"cookie", b"session=alice; theme=dark"), (b"authorization", b"Bearer alice")],
+    ):
+        sent = await call(middleware, headers=keyed(), raw_headers=other)
+        assert (b"idempotent-replayed", b"true") not in sent[0]["headers"], other
+
+
+async def test_a_cookie_cannot_pass_for_an_authorization_header() -> None:
+    middleware = IdempotencyMiddleware(Orders())
+    await call(middleware, headers=keyed(), raw_headers=[(b"authorization", b"Bearer alice")])
+    sent = await call(middleware, headers=keyed(), raw_headers=[(b"cookie", b"Bearer alice")])
+    assert (b"idempotent-replayed", b"true") not in sent[0]["headers"]
+
+
+async def test_records_stored_with_authorization_alone_are_found_by_the_default() -> None:
+    """Records stored before cookies counted stay reachable by the same token."""
+    store = sw.MemoryStore()
+    app = Orders()
+    before = IdempotencyMiddleware(app, store=store, credentials="Authorization")
+    after = IdempotencyMiddleware(app, store=store)
+    token = [(b"authorization", b"Bearer alice")]
+    await call(before, headers=keyed(), raw_headers=token)
+    sent = await call(after, headers=keyed(), raw_headers=token)
+    assert (b"idempotent-replayed", b"true") in sent[0]["headers"]
+    assert app.runs == 1
+
+
+async def test_credentials_can_name_several_headers() -> None:
+    app = Orders()
+    middleware = IdempotencyMiddleware(app, credentials=["X-API-Key", "X-Tenant"])
+    async with client(middleware) as http:
+        await http.post("/orders", headers=keyed(**{"X-API-Key": "k1", "X-Tenant": "t1"}))
+        same = await http.post(
+            "/orders", headers=keyed(**{"X-API-Key": "k1", "X-Tenant": "t1", "Cookie": "a=b"})
+        )
+        other_tenant = await http.post(
+            "/orders", headers=keyed(**{"X-API-Key": "k1", "X-Tenant": "t2"})
+        )
+        key_alone = await http.post("/orders", headers=keyed(**{"X-API-Key": "k1"}))
+    assert replayed(same)
+    assert not replayed(other_tenant)
+    assert not replayed(key_alone)
+    assert app.runs == 3
 
 
 async def test_credentials_are_hashed_before_they_reach_the_store() -> None:
@@ -966,6 +1037,9 @@ def test_parsing_never_yields_a_key_that_is_not_printable_ascii(value: bytes) ->
         ({"required": "yes"}, TypeError, "required"),
         ({"credentials": "bad header"}, ValueError, "credentials"),
         ({"credentials": 5}, TypeError, "credentials"),
+        ({"credentials": ()}, ValueError, "credentials"),
+        ({"credentials": ["Authorization", 5]}, TypeError, "credentials"),
+        ({"credentials": ["Authorization", "bad header"]}, ValueError, "credentials"),
         ({"max_body_size": -1}, ValueError, "max_body_size"),
         ({"max_body_size": 1.5}, TypeError, "max_body_size"),
         ({"max_response_size": -1}, ValueError, "max_response_size"),

@@ -295,11 +295,14 @@ async def test_gauges_and_rejections_are_reported(
     assert [e.name for e in rejected[0].events] == ["stalwart.bulkhead.rejected", "exception"]
 
 
-async def test_bulkheads_sharing_a_name_share_their_gauges(registry: CollectorRegistry) -> None:
+async def test_bulkheads_sharing_a_name_warn_and_share_their_gauges(
+    registry: CollectorRegistry,
+) -> None:
     telemetry = sw.Telemetry(registry=registry)
     gate = Gate()
     a = sw.Bulkhead(1, name="shared", telemetry=telemetry)
-    b = sw.Bulkhead(1, name="shared", telemetry=telemetry)
+    with pytest.warns(sw.StalwartWarning, match="another live bulkhead named 'shared'"):
+        b = sw.Bulkhead(1, name="shared", telemetry=telemetry)
     async with anyio.create_task_group() as tg:
         tg.start_soon(a(gate))
         tg.start_soon(b(gate))

@@ -172,9 +172,19 @@ async def attempt(fn: Call) -> str:
 def pair(
     store: CircuitStore | None = None, other: CircuitStore | None = None, **options: Any
 ) -> tuple[sw.CircuitBreaker, sw.CircuitBreaker]:
-    """Two breakers, as if in two processes, sharing the state of "dep"."""
+    """Two breakers, as if in two processes, sharing the state of "dep".
+
+    Each reports to a registry of its own, as it would in its own process.
+    """
     options = {"consecutive_failures": 1, "open_for": 10.0, "name": "dep", **options}
-    return sw.CircuitBreaker(store=store, **options), sw.CircuitBreaker(store=other, **options)
+    return (
+        sw.CircuitBreaker(store=store, **{"telemetry": _own(), **options}),
+        sw.CircuitBreaker(store=other, **{"telemetry": _own(), **options}),
+    )
+
+
+def _own() -> sw.Telemetry:
+    return sw.Telemetry(registry=CollectorRegistry())
 
 
 # -- every rule, whatever the store ---------------------------------------------
@@ -219,7 +229,8 @@ async def test_an_ignored_trial_gives_its_permit_back_on_any_store(
     store: CircuitStore | None,
 ) -> None:
     cb = sw.CircuitBreaker(consecutive_failures=1, open_for=1.0, ignore=Boom, store=store)
-    await attempt(cb(sw.CircuitBreaker(consecutive_failures=1)(boom)))  # nothing counted
+    inner = sw.CircuitBreaker(consecutive_failures=1, name="inner")
+    await attempt(cb(inner(boom)))  # nothing counted
     assert cb.state is CLOSED
 
     async def fail() -> str:
@@ -316,13 +327,7 @@ async def test_trial_successes_are_counted_across_breakers() -> None:
 
 async def test_a_breaker_that_loses_a_race_adopts_the_winners_state() -> None:
     server = Server(immediate=False)  # messages wait until delivered
-    registry = CollectorRegistry()
-    a, b = pair(
-        SharedStore(server),
-        SharedStore(server),
-        telemetry=sw.Telemetry(registry=registry),
-        open_for=10.0,
-    )
+    a, b = pair(SharedStore(server), SharedStore(server), open_for=10.0)
     await attempt(a(boom))  # a opens the circuit (version 1)...
     await anyio.sleep(2.0)
     assert b.state is CLOSED  # ...but b has not heard yet
@@ -332,14 +337,17 @@ async def test_a_breaker_that_loses_a_race_adopts_the_winners_state() -> None:
     assert b.statistics().time_until_half_open == pytest.approx(8.0)  # a's open period
     server.deliver()  # late messages of older versions change nothing
     assert b.statistics().time_until_half_open == pytest.approx(8.0)
-    both = sample(
-        registry,
-        "stalwart_circuit_transitions_total",
-        policy="dep",
-        from_state="closed",
-        to_state="open",
-    )
-    assert both == 2  # one transition seen by each breaker
+    seen = [
+        sample(
+            breaker.telemetry.registry,
+            "stalwart_circuit_transitions_total",
+            policy="dep",
+            from_state="closed",
+            to_state="open",
+        )
+        for breaker in (a, b)
+    ]
+    assert seen == [1, 1]  # one transition seen by each breaker
 
 
 async def test_force_open_and_reset_reach_every_breaker() -> None:

@@ -32,7 +32,7 @@ def check_count_ring(ring: CountRing, history: list[Outcome], size: int) -> None
     assert ring.run == run
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     size=st.one_of(st.integers(1, 40), st.sampled_from([63, 64, 65, 257, 1000])),
     slow=st.booleans(),
@@ -89,7 +89,7 @@ def check_time_ring(ring: TimeRing, history: list[tuple[float, bool, bool]], now
     assert ring.slow == sum(slow for _, _, slow in held)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     seconds=st.sampled_from([0.5, 1.0, 4.0, 10.0, 3.0]),
     buckets=st.integers(1, 12),

@@ -11,7 +11,7 @@ import pytest
 import stalwart as sw
 
 
-class Color(str, Enum):
+class Color(str, Enum):  # noqa: UP042 - a str-valued Enum as users write them
     RED = "red"
 
 

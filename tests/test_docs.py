@@ -132,7 +132,7 @@ def test_the_runner_reports_a_wrong_output_and_the_failing_line(tmp_path: Path) 
 # -- the reference and the nav ---------------------------------------------------
 
 _DIRECTIVE = re.compile(r"^:::\s+(\S+)", re.MULTILINE)
-_OPTIONAL_MODULES = ("httpx", "asgi", "redis")
+_OPTIONAL_MODULES = ("httpx", "asgi", "redis", "grpc", "aiohttp")
 
 
 def _documented_objects() -> set[str]:
@@ -192,6 +192,33 @@ def _anchors(page: Path) -> set[str]:
         slug = re.sub(r"[^\w\s-]", "", heading).strip().lower()
         anchors.add(re.sub(r"[-\s]+", "-", slug))
     return anchors
+
+
+def test_the_errors_page_has_a_row_for_every_error() -> None:
+    text = (ROOT / "docs" / "reference" / "errors.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `(\w+)` \|", text, re.MULTILINE))
+    exported = [getattr(stalwart, name) for name in stalwart.__all__]
+    errors = {
+        obj.__name__
+        for obj in exported
+        if inspect.isclass(obj) and issubclass(obj, stalwart.StalwartError)
+    }
+    assert errors <= rows
+    assert "StalwartWarning" in text
+
+
+# Packages a page's examples may use that `pip install stalwart` does not bring
+# (stalwart depends on the OpenTelemetry API only), with what the page must say.
+_NOT_INSTALLED_WITH_STALWART = {"opentelemetry.sdk": "pip install opentelemetry-sdk"}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_a_page_whose_examples_need_another_package_says_how_to_install_it(page: Path) -> None:
+    code = "\n".join(b.code for b in blocks(page) if b.lang in ("python", "py"))
+    text = page.read_text(encoding="utf-8")
+    for module, install in _NOT_INSTALLED_WITH_STALWART.items():
+        if re.search(rf"^\s*(from|import) {re.escape(module)}\b", code, re.MULTILINE):
+            assert install in text, f"{page_id(page)} uses {module}: say `{install}`"
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if p != README], ids=page_id)

@@ -14,7 +14,6 @@ import json
 import socket
 import ssl
 import struct
-import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +22,12 @@ from urllib.parse import parse_qs
 import anyio
 import httpx
 import pytest
-import uvicorn
 
 import stalwart as sw
 from stalwart.asgi import DeadlineMiddleware, IdempotencyMiddleware, Message, Receive, Scope, Send
 from stalwart.httpx import ResilientTransport
+
+from .http_support import read_body, respond, serve, wait_for_disconnect
 
 pytestmark = pytest.mark.realtime
 
@@ -75,27 +75,6 @@ class Upstream:
             await wait_for_disconnect(receive)
         else:
             await respond(send, 200, json.dumps({"hit": len(seen), "headers": headers}).encode())
-
-
-async def read_body(receive: Receive) -> bytes:
-    body = b""
-    while True:
-        message = await receive()
-        body += bytes(message.get("body", b""))
-        if not message.get("more_body", False):
-            return body
-
-
-async def respond(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers or []})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def wait_for_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def reset(receive: Receive) -> None:
@@ -185,16 +164,6 @@ class App:
             await self.upstream(scope, receive, send)
 
 
-class Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        self.ready.set()
-
-
 @dataclass
 class Running:
     app: App
@@ -212,31 +181,8 @@ class Running:
 @pytest.fixture(scope="module")
 def server() -> Iterator[Running]:
     app = App()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    # Inherited by accepted connections: without it, uvicorn's separate writes
-    # of head and body meet delayed ACKs, 40 ms per response.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        http="h11",
-        ws="none",
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=1,
-    )
-    server = Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        assert server.ready.wait(10), "uvicorn did not start"
-        yield Running(app, f"http://127.0.0.1:{port}")
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serve(app) as url:
+        yield Running(app, url)
 
 
 def client(
@@ -277,7 +223,8 @@ async def test_the_last_503_is_returned_after_the_last_attempt(server: Running) 
 async def test_a_429_with_retry_after_is_waited_out(server: Running) -> None:
     key = server.key()
     params: dict[str, str | int] = {"key": key, "fail": 1, "status": 429, "retry_after": "0.1"}
-    async with client(server) as http:
+    hinted = sw.Retry(attempts=3, backoff=sw.Backoff(initial=0.0, maximum=1.0))
+    async with client(server, hinted) as http:
         start = anyio.current_time()
         response = await http.get("/flaky", params=params)
     assert response.status_code == 200

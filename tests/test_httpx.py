@@ -7,7 +7,7 @@ import json
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
@@ -28,6 +28,9 @@ from stalwart.httpx import (
 from .conftest import jump, sample
 
 NO_WAIT = sw.Backoff(initial=0.0, maximum=0.0)
+# No backoff of its own, and a server's hint waited up to a minute (a hint
+# longer than the backoff's maximum stops the retrying).
+HINTED = sw.Backoff(initial=0.0, maximum=60.0)
 IDEMPOTENT = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"]
 
 
@@ -171,7 +174,7 @@ class Recorder(sw.Policy):
         super().__init__(name="recorder", telemetry=None)
         self.outcomes: list[object] = []
 
-    def _bind(self, fn: Any, *, origin: Any, traced: bool) -> Any:
+    def wrap(self, fn: Any, binding: sw.Binding) -> Any:
         async def recorded(*args: Any, **kwargs: Any) -> Any:
             try:
                 response = await fn(*args, **kwargs)
@@ -233,7 +236,7 @@ async def test_a_body_that_does_not_decode_is_still_retried_and_returned() -> No
 
 async def test_retry_after_in_seconds_is_waited_out() -> None:
     upstream = Upstream(reply(503, {"retry-after": "7"}), 200)
-    async with upstream.client(retry()) as client:
+    async with upstream.client(retry(backoff=HINTED)) as client:
         await client.get("/items")
     first, second = upstream.seen
     assert second.at - first.at == 7.0
@@ -249,22 +252,22 @@ async def test_retry_after_is_a_minimum_the_backoff_can_exceed() -> None:
 
 
 async def test_retry_after_as_an_http_date_is_measured_from_the_servers_date() -> None:
-    now = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    now = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     headers = {
         "date": format_datetime(now, usegmt=True),
         "retry-after": format_datetime(now + timedelta(seconds=30), usegmt=True),
     }
     upstream = Upstream(reply(503, headers), 200)
-    async with upstream.client(retry()) as client:
+    async with upstream.client(retry(backoff=HINTED)) as client:
         await client.get("/items")
     first, second = upstream.seen
     assert second.at - first.at == 30.0
 
 
 async def test_retry_after_as_an_http_date_without_a_date_uses_the_wall_clock() -> None:
-    later = datetime.now(timezone.utc) + timedelta(seconds=60)
+    later = datetime.now(UTC) + timedelta(seconds=60)
     upstream = Upstream(reply(503, {"retry-after": format_datetime(later, usegmt=True)}), 200)
-    async with upstream.client(retry()) as client:
+    async with upstream.client(retry(backoff=HINTED)) as client:
         await client.get("/items")
     first, second = upstream.seen
     assert 58.0 <= second.at - first.at <= 60.0
@@ -303,7 +306,7 @@ def test_parse_retry_after(value: str, expected: float | None) -> None:
 
 
 def test_parse_retry_after_reads_dates_against_the_wall_clock_by_default() -> None:
-    later = datetime.now(timezone.utc) + timedelta(seconds=100)
+    later = datetime.now(UTC) + timedelta(seconds=100)
     hint = parse_retry_after(format_datetime(later, usegmt=True))
     assert hint is not None
     assert 98.0 <= hint <= 100.0
@@ -533,7 +536,7 @@ async def test_the_last_retryable_response_is_read_and_closed_too() -> None:
 async def test_every_attempt_carries_the_whole_milliseconds_left() -> None:
     upstream = Upstream(reply(503, {"retry-after": "1"}), 200)
     upstream.latency = 0.25
-    async with upstream.client(retry()) as client:
+    async with upstream.client(retry(backoff=HINTED)) as client:
         with sw.deadline(2.5):
             await client.get("/items")
     assert [seen.headers["x-request-timeout-ms"] for seen in upstream.seen] == ["2500", "1250"]
@@ -738,7 +741,11 @@ async def test_the_retry_waits_out_an_open_breaker_when_the_deadline_allows() ->
         calls.append(anyio.current_time())
         return httpx.Response(503 if len(calls) <= 2 else 200)
 
-    policy = sw.Retry(attempts=4, backoff=NO_WAIT)
+    # Waiting out a breaker is asked for: `on=` naming CircuitOpenError, and a
+    # backoff whose maximum covers its open period.
+    policy = sw.Retry(
+        attempts=4, on=Exception, backoff=sw.Backoff(initial=0.0, maximum=5.0, jitter="none")
+    )
     transport = ResilientTransport(
         policy, transport=httpx.MockTransport(recovering), per_host=breakers(open_for=5.0)
     )
@@ -814,7 +821,7 @@ async def test_one_policy_per_scheme_host_and_port(first: str, second: str, shar
 
     def per_host(origin: str) -> sw.Policy:
         made.append(origin)
-        return sw.CircuitBreaker(name="upstream")
+        return sw.CircuitBreaker(name=origin)
 
     async with Hosts().client(per_host=per_host) as client:
         await client.get(first)
@@ -827,7 +834,7 @@ async def test_the_factory_gets_the_origin_with_the_port_spelt_out() -> None:
 
     def per_host(origin: str) -> sw.Policy:
         made.append(origin)
-        return sw.CircuitBreaker(name="upstream")
+        return sw.CircuitBreaker(name=origin)
 
     async with Hosts().client(per_host=per_host) as client:
         for url in (
@@ -851,7 +858,7 @@ async def test_at_most_max_hosts_policies_are_kept_least_recently_used_out() -> 
 
     def per_host(origin: str) -> sw.Policy:
         made.append(origin)
-        return sw.CircuitBreaker(name="upstream")
+        return sw.CircuitBreaker(name=origin)
 
     transport = ResilientTransport(
         retry(attempts=1), transport=httpx.MockTransport(Hosts()), per_host=per_host, max_hosts=2
@@ -901,7 +908,7 @@ async def test_a_per_host_bulkhead_limits_each_upstream_on_its_own() -> None:
     transport = ResilientTransport(
         retry(attempts=1),
         transport=httpx.MockTransport(slow),
-        per_host=lambda origin: sw.Bulkhead(2, max_queued=None),
+        per_host=lambda origin: sw.Bulkhead(2, max_queued=None, name=origin),
     )
     async with httpx.AsyncClient(transport=transport) as client, anyio.create_task_group() as tg:
         for host in ("a", "b") * 4:
@@ -919,7 +926,10 @@ async def test_the_per_host_breaker_reports_on_the_policys_span(spans: Any) -> N
         await client.get("http://sick.test/")
     span = spans.only()
     assert span.name == "stalwart.retry outbound"
-    assert [e.name for e in span.events if e.name != "exception"] == ["stalwart.circuit.transition"]
+    assert [e.name for e in span.events if e.name != "exception"] == [
+        "stalwart.circuit.transition",
+        "stalwart.retry.gave_up",
+    ]
 
 
 async def test_the_per_host_breakers_metrics_are_labelled_by_their_names() -> None:
@@ -1031,7 +1041,7 @@ def test_the_default_inner_transport_is_an_http_transport() -> None:
         ({"idempotency_header": None}, TypeError, "idempotency_header"),
         ({"name": ""}, ValueError, "name"),
         ({"rng": 42}, TypeError, "rng"),
-        ({"per_host": sw.CircuitBreaker()}, TypeError, "per_host"),
+        ({"per_host": sw.CircuitBreaker(name="not-a-factory")}, TypeError, "per_host"),
         ({"max_hosts": 0}, ValueError, "max_hosts"),
         ({"max_hosts": 1.5}, TypeError, "max_hosts"),
     ],

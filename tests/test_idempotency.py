@@ -5,13 +5,12 @@ import inspect
 import logging
 import math
 from collections.abc import Callable
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, assert_type
 
 import anyio
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from typing_extensions import assert_type
 
 import stalwart as sw
 from stalwart import IdempotencyStore
@@ -138,7 +137,7 @@ async def test_a_result_the_codec_cannot_encode_fails_the_call_and_frees_the_key
     async def handle(key: str) -> Any:
         nonlocal runs
         runs += 1
-        return {"when": datetime(2024, 1, 1, tzinfo=timezone.utc)}
+        return {"when": datetime(2024, 1, 1, tzinfo=UTC)}
 
     with pytest.raises(TypeError, match=r"JSONCodec cannot encode value\['when'\].*datetime"):
         await handle("k")
@@ -824,7 +823,7 @@ async def test_the_args_fingerprint_names_an_argument_it_cannot_encode() -> None
         raise AssertionError("not reached")
 
     with pytest.raises(TypeError, match=r"cannot encode argument items\[1\] of type datetime"):
-        await charge("p", ["ok", datetime.now(timezone.utc)])
+        await charge("p", ["ok", datetime.now(UTC)])
     with pytest.raises(ValueError, match=r"items\[0\]"):
         await charge("p", [math.nan])
 

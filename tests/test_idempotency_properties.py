@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import anyio
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stalwart as sw
@@ -61,7 +61,7 @@ def expected_runs(scenario: Scenario) -> tuple[dict[str, list[int]], list[int]]:
 
 
 @pytest.mark.parametrize("store_kind", list(STORES))
-@settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=75)
 @given(scenario=scenarios)
 async def test_each_key_runs_exactly_once_per_ttl(store_kind: str, scenario: Scenario) -> None:
     start = anyio.current_time()

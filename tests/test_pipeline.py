@@ -40,13 +40,22 @@ async def outcome(fn: Callable[[], Coroutine[Any, Any, Any]]) -> tuple[str, floa
     return result, anyio.current_time() - start
 
 
+def own() -> sw.Telemetry:
+    """A registry of its own: the stacked and the piped bulkhead live side by side."""
+    return sw.Telemetry(registry=CollectorRegistry())
+
+
 @pytest.mark.parametrize(
     "make",
     [
         lambda: [sw.Timeout(10), sw.Retry(attempts=3, backoff=NONE)],
         lambda: [sw.Retry(attempts=3, backoff=NONE), sw.Timeout(2)],
         lambda: [sw.Timeout(4), sw.Retry(attempts=5, backoff=NONE), sw.Timeout(2)],
-        lambda: [sw.Retry(attempts=3, backoff=NONE), sw.Bulkhead(1), sw.Timeout(1)],
+        lambda: [
+            sw.Retry(attempts=3, backoff=NONE),
+            sw.Bulkhead(1, telemetry=own()),
+            sw.Timeout(1),
+        ],
     ],
     ids=["timeout-outside-retry", "timeout-per-attempt", "both", "with-bulkhead"],
 )
@@ -113,8 +122,14 @@ async def test_a_pipeline_opens_one_span_carrying_its_members_events(
         ("stalwart.timeout", "t"),
         ("stalwart.retry", "r"),
         ("stalwart.timeout", "t"),
+        ("stalwart.retry.gave_up", "r"),
         ("exception", None),
     ]
+    # Each retry says why: the error that made it.
+    retries = [e for e in span.events if e.name == "stalwart.retry"]
+    assert [(e.attributes or {}).get("error.type") for e in retries] == [
+        "stalwart.DeadlineExceeded"
+    ] * 2
 
 
 async def test_members_still_count_their_metrics(registry: CollectorRegistry) -> None:
@@ -175,13 +190,18 @@ def each_policy() -> list[sw.Policy]:
     return [
         sw.Retry(),
         sw.Retry(timeout=10.0),
-        sw.CircuitBreaker(),
-        sw.CircuitBreaker(window=sw.TimeWindow(10.0)),
-        sw.CircuitBreaker(slow_call_duration=1.0),
-        sw.Bulkhead(2),
+        sw.CircuitBreaker(name="each-count"),
+        sw.CircuitBreaker(window=sw.TimeWindow(10.0), name="each-time"),
+        sw.CircuitBreaker(slow_call_duration=1.0, name="each-slow"),
+        sw.Bulkhead(2, name="each"),
         sw.Timeout(10.0),
         sw.Idempotency(key="key"),
-        sw.Pipeline(sw.Timeout(10.0), sw.Retry(), sw.CircuitBreaker(), sw.Bulkhead(2)),
+        sw.Pipeline(
+            sw.Timeout(10.0),
+            sw.Retry(),
+            sw.CircuitBreaker(name="each-piped"),
+            sw.Bulkhead(2, name="each-piped"),
+        ),
     ]
 
 

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 import stalwart as sw
 from stalwart.asgi import IdempotencyMiddleware
@@ -35,7 +36,11 @@ class Service:
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
-        self.breaker = sw.CircuitBreaker(name="bank", consecutive_failures=1, store=store)
+        # A registry of its own, as a replica in a process of its own.
+        telemetry = sw.Telemetry(registry=CollectorRegistry())
+        self.breaker = sw.CircuitBreaker(
+            name="bank", consecutive_failures=1, store=store, telemetry=telemetry
+        )
         self.notify = sw.Idempotency(key="order", store=store)(self._notify)
         self.app = IdempotencyMiddleware(self._app, store=store)
 

@@ -57,7 +57,7 @@ async def attempt(fn: Callable[[], Any]) -> str:
         return "boom"
 
 
-async def eventually(check: Callable[[], bool], within: float = 1.0) -> float:
+async def eventually(check: Callable[[], bool], within: float = 10.0) -> float:
     """Seconds until ``check()`` holds (polling every millisecond); fails after ``within``."""
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -73,28 +73,38 @@ async def test_closed_successes_and_open_rejections_never_reach_redis() -> None:
     client, sent = counting_client()
     prefix = redis_support.unique_prefix()
     try:
-        # No periodic re-read during the test (it is a round trip of its own,
-        # and a loaded machine can make the test last past one interval).
-        async with RedisStore(client, prefix=prefix, reconcile_interval=3600.0) as store:
+        async with RedisStore(client, prefix=prefix, timeout=30.0) as store:
             cb = breaker(store, minimum_calls=5, consecutive_failures=None, open_for=60.0)
             await store.sync()
-            await asyncio.sleep(0.05)  # the store's own first read is over
             guarded = cb(ok)
             sent.clear()
             for _ in range(200):
                 await guarded()
-            assert sent.round_trips == 0
+            # Nothing from the calls: the store's background task may still
+            # re-read the record it just subscribed to (a loaded machine
+            # delays it), and that is all it may do.
+            assert sent.mine().round_trips == 0
+            assert set(sent.scripts) <= {"read_circuits"}
             cb.force_open()
-            await eventually(lambda: sent.round_trips == 1)  # the write, in the background
+            await eventually(lambda: "assign" in sent.scripts, within=10.0)  # in the background
+            sent.clear()
             for _ in range(200):
                 assert await attempt(guarded) == "rejected"
-            assert sent.round_trips == 1
+            assert sent.mine().round_trips == 0
+            assert set(sent.scripts) <= {"read_circuits"}
     finally:
         await redis_support.delete_prefix(client, prefix)
         await client.aclose()
 
 
-async def test_a_transition_reaches_the_other_replicas_within_100ms(
+# A push reaches the other replicas in a pub/sub hop (a millisecond or so; the
+# benchmarks measure it); without it they would learn at the next re-read,
+# every `reconcile_interval` (5 s by default). Sooner than this shows a push,
+# however loaded the machine.
+PUSHED = 2.5
+
+
+async def test_a_transition_reaches_the_other_replicas_by_a_push(
     stores: tuple[RedisStore, RedisStore],
 ) -> None:
     one, two = stores
@@ -103,7 +113,7 @@ async def test_a_transition_reaches_the_other_replicas_within_100ms(
     await two.sync()
     assert await attempt(a(boom)) == "boom"
     assert a.state is OPEN
-    assert await eventually(lambda: b.state is not CLOSED) < 0.1
+    assert await eventually(lambda: b.state is not CLOSED) < PUSHED
     assert await attempt(b(ok)) == "rejected"
 
 
@@ -118,7 +128,7 @@ async def test_a_successful_trial_on_one_replica_closes_them_all(
     await asyncio.sleep(0.1)
     assert await attempt(b(ok)) == "ok"
     assert b.state is CLOSED
-    assert await eventually(lambda: a.state is CLOSED) < 0.1
+    assert await eventually(lambda: a.state is CLOSED) < PUSHED
 
 
 async def test_force_open_and_reset_reach_every_replica(
@@ -148,9 +158,15 @@ async def test_force_open_then_reset_are_written_in_order(
     a.force_open()
     await eventually(lambda: b.state is OPEN)
     assert b.statistics().time_until_half_open == float("inf")
-    await asyncio.sleep(0.05)
-    fields = await one.client.hgetall(f"{one.prefix}circuit:{_digest('dep')}")
-    assert (fields[b"state"], fields[b"forced"]) == (b"open", b"1")
+
+    async def written() -> bool:
+        fields = await one.client.hgetall(f"{one.prefix}circuit:{_digest('dep')}")
+        return (fields.get(b"state"), fields.get(b"forced")) == (b"open", b"1")
+
+    # The last write wins: in the wrong order, the reset would be last.
+    await redis_support.until(written)
+    await asyncio.sleep(0.1)
+    assert await written()
 
 
 async def test_half_open_trials_are_limited_across_replicas(
@@ -161,11 +177,19 @@ async def test_half_open_trials_are_limited_across_replicas(
     await attempt(a(boom))
     await eventually(lambda: b.state is OPEN)
     await asyncio.sleep(0.1)
-    trial = asyncio.create_task(a(ok)(0.1))
-    await asyncio.sleep(0.05)
+    running, finish = asyncio.Event(), asyncio.Event()
+
+    async def held() -> str:
+        running.set()  # the trial runs: its permit is taken, fleet-wide
+        await finish.wait()
+        return "ok"
+
+    trial = asyncio.create_task(a(held)())
+    await running.wait()
     with pytest.raises(sw.CircuitOpenError) as rejected:
         await b(ok)()
     assert rejected.value.retry_after == 0.0
+    finish.set()
     assert await trial == "ok"
     await eventually(lambda: b.state is CLOSED)
 
@@ -224,16 +248,15 @@ async def test_a_breaker_built_later_starts_from_the_fleets_state(
 async def test_a_lost_message_is_repaired_by_the_next_reconciliation() -> None:
     async with opened_store(reconcile_interval=0.2) as store:
         cb = breaker(store, open_for=60.0)
-        await store.sync()
-        await asyncio.sleep(0.05)  # the store's own first read is over
+        await store.sync()  # the store's own first read is over
         # Another replica's write whose message never arrived: the record
-        # changes in Redis, and nobody is told.
+        # changes in Redis, and nobody is told. Without re-reads, the
+        # breaker would stay closed for ever.
         await store.client.hset(
             f"{store.prefix}circuit:{_digest('dep')}",
             mapping={"state": "open", "version": 2**40, "until": 0, "forced": "1"},
         )
-        assert cb.state is CLOSED
-        assert await eventually(lambda: cb.state is OPEN) < 0.5
+        await eventually(lambda: cb.state is OPEN)
 
 
 def test_breakers_built_before_the_loop_follow_once_the_store_runs() -> None:
@@ -264,14 +287,14 @@ async def test_a_pubsub_connection_that_reconnects_is_followed_by_a_re_read() ->
             async with RedisStore(client, prefix=plain.prefix, reconcile_interval=60.0) as store:
                 cb = breaker(store, open_for=60.0)
                 await store.sync()
-                await asyncio.sleep(0.05)
                 await client.hset(  # a change whose message is lost...
                     f"{store.prefix}circuit:{_digest('dep')}",
                     mapping={"state": "open", "version": 2**40, "until": 0, "forced": "1"},
                 )
                 [ours] = [c for c in await client.client_list(_type="pubsub") if c["name"] == name]
                 await client.client_kill_filter(_id=ours["id"])  # ...as the connection drops
-                assert await eventually(lambda: cb.state is OPEN, within=3.0) < 3.0
+                # Re-read on reconnection, long before the next periodic re-read (60 s).
+                await eventually(lambda: cb.state is OPEN, within=20.0)
         finally:
             await client.aclose()
 

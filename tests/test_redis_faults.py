@@ -56,6 +56,10 @@ async def eventually(check: Callable[[], bool], within: float) -> float:
     return loop.time() - start
 
 
+def tasks_left() -> set[asyncio.Task[Any]]:
+    return {t for t in asyncio.all_tasks() if t.get_name().startswith("stalwart.redis")}
+
+
 class Clock:
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -88,6 +92,9 @@ async def test_with_nothing_listening_a_claim_fails_fast_and_clearly() -> None:
         assert clock() < 0.5
         assert info.value.policy == "orders-redis"
         assert runs == []  # the call did not run
+        # Refused: the claim never left the process, so there is nothing to give back.
+        assert not store._pending
+        assert not tasks_left()
     finally:
         await client.aclose()
 
@@ -102,6 +109,13 @@ async def test_a_hung_redis_holds_a_call_no_longer_than_the_store_timeout() -> N
             with pytest.raises(sw.StoreUnavailable, match=r"no answer within 0\.15s"):
                 await guarded("p-1")
             assert 0.15 <= clock() < 0.5
+            # The claim may run whenever the server answers: it is being given back...
+            assert len(store._pending) == 1
+            assert tasks_left()
+            clock = Clock()
+            await store.aclose()  # ...for at most the store's timeout more
+            assert clock() < 0.15 + 0.5
+            assert not tasks_left()
         finally:
             await client.aclose()
 
@@ -144,12 +158,13 @@ async def test_a_waiter_fails_fast_when_redis_dies_under_it() -> None:
             )
             guarded = sw.Idempotency(key="payment", store=store, lease=0.3)(charge)
             waiter = asyncio.create_task(guarded("p-1"))
-            await asyncio.sleep(0.05)
+            # It waits (subscribed to the key's channel) when Redis dies.
+            await redis_support.until(lambda: bool(store._watches))
             server.stop()
             clock = Clock()
             with pytest.raises(sw.StoreUnavailable):
                 await waiter
-            assert clock() < 1.0
+            assert clock() < 5.0  # it does not hang
             await store.aclose()
         finally:
             await client.aclose()

@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +29,6 @@ from . import redis_support
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKER_TIMEOUT = 15.0
 
 
@@ -40,46 +37,16 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
     return ("asyncio", {})
 
 
-class Worker:
+class Worker(redis_support.WorkerProcess):
     """A Python process that runs roles (bottom of this file) on command."""
 
     def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.test_redis_processes", redis_support.REDIS_URL],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+        super().__init__(
+            "tests.test_redis_processes", redis_support.REDIS_URL, timeout=WORKER_TIMEOUT
         )
-
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    async def read(self) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        line = await asyncio.wait_for(
-            asyncio.to_thread(self.process.stdout.readline), WORKER_TIMEOUT
-        )
-        if not line:
-            raise AssertionError(f"worker {self.process.pid} ended without answering")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def send(self, line: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(line.encode() + b"\n")
-        self.process.stdin.flush()
 
     def start(self, role: str, prefix: str) -> None:
         self.send(json.dumps({"role": role, "prefix": prefix}))
-
-    def kill(self) -> None:
-        if self.alive:
-            self.process.kill()
-        self.process.wait()
-        for pipe in (self.process.stdin, self.process.stdout):
-            if pipe is not None:
-                pipe.close()
 
 
 class Pool:
@@ -132,7 +99,13 @@ async def boom() -> None:
     raise Boom
 
 
-async def test_a_transition_reaches_every_process_within_100ms(pool: Pool, prefix: str) -> None:
+# A push (a pub/sub hop: a millisecond or so) reaches the other processes long
+# before their next periodic re-read (`reconcile_interval`, 5 s by default),
+# however loaded the machine.
+PUSHED = 2.5
+
+
+async def test_a_transition_reaches_every_process_by_a_push(pool: Pool, prefix: str) -> None:
     with pool.take("watch", 2, prefix) as watchers:
         for watcher in watchers:
             assert await watcher.read() == {"ready": True}
@@ -143,7 +116,7 @@ async def test_a_transition_reaches_every_process_within_100ms(pool: Pool, prefi
             tripped = time.time()
             seen = [(await watcher.read())["open_at"] - tripped for watcher in watchers]
             await store.client.aclose()
-    assert all(delay < 0.1 for delay in seen), seen
+    assert all(delay < PUSHED for delay in seen), seen
 
 
 async def test_half_open_trials_are_limited_across_processes(pool: Pool, prefix: str) -> None:
@@ -154,10 +127,14 @@ async def test_half_open_trials_are_limited_across_processes(pool: Pool, prefix:
             cb = sw.CircuitBreaker(name="dep", consecutive_failures=1, open_for=0.5, store=store)
             with pytest.raises(Boom):
                 await cb(boom)()
-            outcomes = sorted([(await t.read())["trial"] for t in trialists])
+            # The trial that got the permit holds it until told to finish.
+            first = [(await t.read())["trial"] for t in trialists]
+            assert sorted(first) == ["rejected", "rejected", "running"]
+            [runner] = [t for t, said in zip(trialists, first, strict=True) if said == "running"]
+            runner.send("finish")
+            assert await runner.read() == {"trial": "ran"}
             trials = await store.client.get(f"{prefix}test:trials")
             await store.client.aclose()
-    assert outcomes == ["ran", "rejected", "rejected"]
     assert trials == b"1"  # one trial in the whole fleet
 
 
@@ -189,7 +166,7 @@ async def test_a_dead_holders_lease_frees_the_key_for_another_process(
         result = (await charger.read())["result"]
         waited = time.monotonic() - died
     assert result["by"] != "holder"
-    assert waited < 0.3 + 1.0  # the lease, and some slack for a busy machine
+    assert waited < LEASE + 10.0  # the lease, and slack for a loaded machine
 
 
 # -- the workers -------------------------------------------------------------------
@@ -236,7 +213,8 @@ async def _trial(store: RedisStore) -> None:
 
     async def probe() -> None:
         await store.client.incr(f"{store.prefix}test:trials")
-        await asyncio.sleep(0.2)
+        _say({"trial": "running"})
+        assert await asyncio.to_thread(sys.stdin.readline) == "finish\n"
 
     try:
         await cb(probe)()

@@ -253,7 +253,7 @@ async def test_a_hint_shorter_than_the_backoff_does_not_shorten_it() -> None:
     assert anyio.current_time() - start == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("hint", [-3.0, math.nan, math.inf, "7", None])
+@pytest.mark.parametrize("hint", [-3.0, math.nan, "7", None])
 async def test_invalid_hints_are_ignored(hint: object) -> None:
     fn = flaky(1, exc=lambda n: ThrottledError(hint))
     start = anyio.current_time()
@@ -268,7 +268,7 @@ async def test_a_custom_retry_after_reads_hints_from_results() -> None:
         attempts=2,
         on_result=lambda r: r[0] == 429,
         retry_after=lambda r: r[1] if isinstance(r, tuple) else None,
-        backoff=sw.Backoff(initial=0.0, maximum=0.0),
+        backoff=sw.Backoff(initial=0.0, maximum=5.0),
     )
     async def fn() -> tuple[int, float | None]:
         return next(results)
@@ -278,20 +278,134 @@ async def test_a_custom_retry_after_reads_hints_from_results() -> None:
     assert anyio.current_time() - start == pytest.approx(3.0)
 
 
-async def test_circuit_open_errors_are_waited_out() -> None:
-    fn = flaky(1, exc=lambda n: sw.CircuitOpenError("open", policy="cb", retry_after=4.0))
+def circuit_open(attempt: int) -> sw.CircuitOpenError:
+    return sw.CircuitOpenError("open", policy="cb", retry_after=4.0)
+
+
+REFUSALS = [
+    pytest.param(circuit_open, id="circuit-open"),
+    pytest.param(
+        lambda n: sw.RateLimitExceeded("limited", policy="rl", retry_after=0.5), id="rate-limit"
+    ),
+    pytest.param(lambda n: sw.RateLimitExceeded("limited", policy="rl"), id="rate-limit-no-hint"),
+]
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+async def test_a_default_retry_lets_refusals_through_at_once(
+    refusal: Callable[[int], BaseException], registry: CollectorRegistry
+) -> None:
+    fn = flaky(1, exc=refusal)
+    retry = sw.Retry(attempts=3, telemetry=sw.Telemetry(registry=registry))
     start = anyio.current_time()
-    assert await sw.Retry(attempts=2, backoff=NO_WAIT)(fn)() == "ok"
-    assert anyio.current_time() - start == pytest.approx(4.0)
+    with pytest.raises(sw.StalwartError) as info:
+        await retry(fn)()
+    assert info.value is fn.raised[0]
+    assert anyio.current_time() == start
+    assert sample(registry, "stalwart_retry_attempts_total", policy="retry") == 0.0
+
+
+async def test_a_default_retry_retries_other_stalwart_errors() -> None:
+    fn = flaky(2, exc=lambda n: sw.BulkheadFullError("full", policy="b"))
+    assert await sw.Retry(attempts=3, backoff=NO_WAIT)(fn)() == "ok"
+
+
+async def test_on_none_is_the_default() -> None:
+    fn = flaky(1, exc=circuit_open)
+    with pytest.raises(sw.CircuitOpenError):
+        await sw.Retry(attempts=3, on=None)(fn)()
+
+
+@pytest.mark.parametrize(
+    "on",
+    [Exception, sw.StalwartError, (ValueError, sw.CircuitOpenError), lambda exc: True],
+    ids=["Exception", "StalwartError", "tuple", "predicate"],
+)
+async def test_an_explicit_on_retries_what_it_matches_refusals_included(on: Any) -> None:
+    fn = flaky(1, exc=circuit_open)
+    start = anyio.current_time()
+    backoff = sw.Backoff(initial=0.0, maximum=10.0)
+    assert await sw.Retry(attempts=2, on=on, backoff=backoff)(fn)() == "ok"
+    assert anyio.current_time() - start == pytest.approx(4.0)  # its retry_after, waited
+
+
+@pytest.mark.parametrize("hint", [999_999_999.0, math.inf, 10.001])
+async def test_a_hint_longer_than_the_backoff_maximum_stops_retrying_at_once(
+    hint: float, registry: CollectorRegistry
+) -> None:
+    fn = flaky(2, exc=lambda n: ThrottledError(hint))
+    retry = sw.Retry(attempts=3, telemetry=sw.Telemetry(registry=registry))  # maximum 10 s
+    start = anyio.current_time()
+    with pytest.raises(ThrottledError) as info:
+        await retry(fn)()
+    assert info.value is fn.raised[0]
+    assert anyio.current_time() == start
+    assert sample(registry, "stalwart_retry_exhausted_total", policy="retry") == 1.0
+
+
+async def test_a_hint_equal_to_the_backoff_maximum_is_waited() -> None:
+    fn = flaky(1, exc=lambda n: ThrottledError(3.0))
+    start = anyio.current_time()
+    await sw.Retry(attempts=2, backoff=sw.Backoff(initial=0.1, maximum=3.0))(fn)()
+    assert anyio.current_time() - start == pytest.approx(3.0)
+
+
+async def test_a_long_hint_on_a_later_attempt_stops_with_that_attempts_error() -> None:
+    fn = flaky(3, exc=lambda n: ThrottledError(1.0 if n == 1 else 60.0))
+    start = anyio.current_time()
+    with pytest.raises(ThrottledError) as info:
+        await sw.Retry(attempts=5, backoff=sw.Backoff(initial=0.0, maximum=10.0))(fn)()
+    assert info.value is fn.raised[1]
+    assert anyio.current_time() - start == pytest.approx(1.0)
+
+
+async def test_a_long_hint_for_a_result_returns_that_result_at_once() -> None:
+    results = iter([(503, 1.0), (503, 120.0), (200, None)])
+
+    @sw.Retry(
+        attempts=3,
+        on_result=lambda r: r[0] == 503,
+        retry_after=lambda r: r[1] if isinstance(r, tuple) else None,
+        backoff=sw.Backoff(initial=0.0, maximum=30.0),
+    )
+    async def fn() -> tuple[int, float | None]:
+        return next(results)
+
+    start = anyio.current_time()
+    assert await fn() == (503, 120.0)
+    assert anyio.current_time() - start == pytest.approx(1.0)
 
 
 async def test_a_hint_past_the_deadline_fails_at_once_with_the_last_error() -> None:
-    fn = flaky(1, exc=lambda n: sw.CircuitOpenError("open", policy="cb", retry_after=30.0))
+    fn = flaky(1, exc=lambda n: ThrottledError(8.0))
     start = anyio.current_time()
-    with sw.deadline(10.0), pytest.raises(sw.CircuitOpenError):
-        await sw.Retry(attempts=3, backoff=NO_WAIT)(fn)()
+    with sw.deadline(5.0), pytest.raises(ThrottledError):
+        await sw.Retry(attempts=3, backoff=sw.Backoff(initial=0.0, maximum=60.0))(fn)()
     assert anyio.current_time() == start
     assert len(fn.raised) == 1
+
+
+async def test_a_pipeline_of_default_retry_and_breaker_fails_fast_once_open() -> None:
+    calls = 0
+
+    @sw.Pipeline(sw.Retry(attempts=3), sw.CircuitBreaker(consecutive_failures=2))
+    async def fn() -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError
+
+    start = anyio.current_time()
+    with pytest.raises(sw.CircuitOpenError) as info:
+        await fn()  # two failures open the breaker; the third attempt is rejected
+    assert calls == 2
+    assert info.value.retry_after == pytest.approx(30.0, abs=1.0)
+    opened = anyio.current_time()
+    assert opened - start < 1.0  # the backoff of one retry, never the 30 s open period
+    for _ in range(3):
+        with pytest.raises(sw.CircuitOpenError):
+            await fn()
+    assert anyio.current_time() == opened
+    assert calls == 2
 
 
 async def test_no_sleep_outlives_the_ambient_deadline() -> None:
@@ -437,11 +551,18 @@ async def test_testing_mode_makes_retries_instant() -> None:
 
 
 async def test_testing_mode_ignores_server_hints() -> None:
-    fn = flaky(1, exc=lambda n: ThrottledError(60.0))
+    fn = flaky(1, exc=lambda n: ThrottledError(6.0))
     start = anyio.current_time()
     with instant_retries():
         await sw.Retry(attempts=2)(fn)()
     assert anyio.current_time() == start
+
+
+async def test_testing_mode_still_gives_up_on_a_hint_longer_than_the_maximum() -> None:
+    fn = flaky(1, exc=lambda n: ThrottledError(60.0))
+    with instant_retries(), pytest.raises(ThrottledError):
+        await sw.Retry(attempts=2)(fn)()
+    assert len(fn.raised) == 1
 
 
 async def test_testing_mode_can_cap_attempts() -> None:

@@ -89,6 +89,54 @@ async def test_a_zero_deadline_cancels_at_the_first_checkpoint() -> None:
         await anyio.lowlevel.checkpoint()
 
 
+async def test_a_zero_deadline_around_a_block_that_never_suspends_leaves_nothing_behind() -> None:
+    # As asyncio.timeout(0): the block is not cancelled, and neither is the
+    # task afterwards (on asyncio 3.11/3.12 the next await used to raise a
+    # bare CancelledError).
+    with sw.deadline(0):
+        value = "cached"
+    assert value == "cached"
+    await anyio.lowlevel.checkpoint()
+    with anyio.fail_after(1):
+        await anyio.sleep(0.5)
+
+
+async def test_a_timeout_entered_after_its_inherited_deadline_passed_leaves_no_trace() -> None:
+    cache = {"sku-1": 42}
+
+    @sw.Timeout(5.0)
+    async def price(sku: str) -> int:
+        return cache[sku]  # a cache hit: no await
+
+    outcome: list[object] = []
+
+    async def child() -> None:
+        await anyio.sleep(2.0)  # the deadline it inherited passes meanwhile
+        assert sw.remaining() == 0.0
+        outcome.append(await price("sku-1"))
+        await anyio.sleep(0.1)  # unrelated to the deadline: must not be cancelled
+        outcome.append("went on")
+
+    async with anyio.create_task_group() as tg:
+        with sw.deadline(1.0):  # the task group is outside: only the child inherits it
+            tg.start_soon(child)
+    assert outcome == [42, "went on"]
+
+
+async def test_a_timeout_entered_after_its_deadline_passed_still_cancels_at_a_checkpoint() -> None:
+    @sw.Timeout(5.0)
+    async def slow() -> str:
+        await anyio.sleep(10.0)
+        return "done"
+
+    with sw.deadline(1.0):
+        jump(2.0)
+        with pytest.raises(sw.DeadlineExceeded) as info:
+            await slow()
+    assert info.value.timeout == 0.0
+    await anyio.lowlevel.checkpoint()  # and the task goes on
+
+
 async def test_nested_deadlines_only_shorten() -> None:
     start = anyio.current_time()
     with pytest.raises(sw.DeadlineExceeded) as info, sw.deadline(1.0), sw.deadline(60.0):
@@ -381,9 +429,9 @@ async def test_many_sequential_timeouts_leave_no_timers_behind() -> None:
     await anyio.lowlevel.checkpoint()
     info = sw._clock.asyncio_loop()
     if sys.version_info >= (3, 11) and info is not None:
-        from stalwart import _timeout
+        from stalwart import _deadline
 
-        timers = _timeout._timers_of(info)
+        timers = _deadline._timers_of(info)
         assert len(timers._heap) <= 600  # compacted: never all 2000 dead entries
 
 

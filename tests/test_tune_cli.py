@@ -102,6 +102,34 @@ def test_the_table_ranks_the_settings_and_recommends_one(
     assert lines[-1].startswith("Recommended: breaker=on (")
 
 
+def test_the_table_has_a_legend_for_the_columns_it_shows(
+    capsys: pytest.CaptureFixture[str], small: Path
+) -> None:
+    out = tune(capsys, str(small))[1]
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("#"))
+    start = lines.index("", at) + 1
+    legend = lines[start : lines.index("", start)]
+    assert [line.split("  ")[1] for line in legend] == [
+        "success",
+        "p50 p99 p99.9",
+        "attempts/call",
+        "peak load",
+        "detect",
+        "recover",
+        "open",
+    ]
+    assert "from the start of the outage to the breaker's first opening" in out
+
+
+def test_the_legend_leaves_out_the_columns_not_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    out = tune(capsys, "--scenario", "contention")[1]
+    for shown in ("  success ", "  p50 p99 p99.9 ", "  attempts/call ", "  all done "):
+        assert shown in out
+    for absent in ("peak load", "detect", "recover", "open "):
+        assert absent not in out
+
+
 def test_json_holds_every_number_per_setting(
     capsys: pytest.CaptureFixture[str], small: Path
 ) -> None:

@@ -248,6 +248,32 @@ def test_in_a_brownout_a_breaker_saves_calls() -> None:
     assert results["breaker=on failures"].success_rate > results["breaker=off"].success_rate
 
 
+def test_in_a_hang_a_breaker_fails_fast_and_spares_the_downstream_at_no_cost() -> None:
+    data = built_in("hang")
+    data["traffic"]["rate"] = 20.0
+    data["downstream"]["timeline"] = [
+        {"phase": "healthy", "duration": 60.0},
+        {"phase": "outage", "failure": "hangs", "duration": 60.0},
+        {"phase": "healthy", "duration": 60.0},
+    ]
+    data["grid"]["retry"] = data["grid"]["retry"][1]  # with a budget
+    data["grid"]["breaker"] = data["grid"]["breaker"][:2]  # off, and 5 in a row for 5 s
+    results = by_label(report_of(scenario_of(data)))
+    off, on = results["breaker=off"], results["breaker=5 in a row/5s"]
+    # Without a breaker, a call of the outage fails only when its attempt times
+    # out; with one, it is rejected at once (but for the trials and the five
+    # calls that open it).
+    assert off.run.outcomes["timeout"] > 20 * on.run.outcomes["timeout"]
+    assert off.run.latency["p99"] >= 1.0
+    assert on.run.latency["mean"] < 0.1 * off.run.latency["mean"]
+    assert on.outage_load is not None
+    assert off.outage_load is not None
+    assert on.outage_load < 0.2 * off.outage_load
+    assert on.success_rate == pytest.approx(off.success_rate, abs=0.01)
+    assert on.time_to_detect is not None
+    assert on.time_to_detect < 2.0
+
+
 # -- the simulated downstream ----------------------------------------------------------------
 
 

@@ -151,7 +151,55 @@ def test_labels_name_only_what_varies() -> None:
         "attempts=3 breaker=off",
         "attempts=3 breaker=on",
     ]
-    assert scenario.common == "retry, backoff.initial=0.05s, breaker.open_for=5s, timeout=1s"
+    # Every setting retries: its options listed say so, a bare "retry" would not add to it.
+    assert scenario.common == "backoff.initial=0.05s, breaker.open_for=5s, timeout=1s"
+
+
+def test_a_section_on_everywhere_with_default_options_is_named_by_its_headline() -> None:
+    scenario = parse_text(with_grid("timeout = [1.0, 2.0]\nretry = {}\nbreaker = {}\n"), name="t")
+    assert scenario.common == "attempts=3, breaker=on"
+
+
+def test_a_breaker_given_consecutive_failures_has_no_rate_trigger_unless_asked() -> None:
+    import random
+
+    from prometheus_client import CollectorRegistry
+
+    import stalwart as sw
+
+    scenario = parse_text(
+        with_grid(
+            """\
+            breaker = [
+              { consecutive_failures = 5 },
+              { consecutive_failures = 5, failure_rate = 0.5 },
+              { failure_rate = false, slow_call_duration = 1.0 },
+              {},
+            ]
+            """
+        ),
+        name="t",
+    )
+    rates = [s.options["breaker"]["failure_rate"] for s in scenario.settings]
+    assert rates == [None, 0.5, None, 0.5]
+    assert [s.label for s in scenario.settings] == [
+        "breaker.failure_rate=off breaker.consecutive_failures=5 breaker.slow_call_duration=off",
+        "breaker.failure_rate=0.5 breaker.consecutive_failures=5 breaker.slow_call_duration=off",
+        "breaker.failure_rate=off breaker.consecutive_failures=off breaker.slow_call_duration=1s",
+        "breaker.failure_rate=0.5 breaker.consecutive_failures=off breaker.slow_call_duration=off",
+    ]
+    built = [  # each on a registry of its own, as each setting runs on its own
+        s.policies(sw.Telemetry(registry=CollectorRegistry()), random.Random(1))[0]
+        for s in scenario.settings
+    ]
+    assert [b.failure_rate for b in built] == rates  # type: ignore[attr-defined]
+
+
+def test_a_common_consecutive_failures_breaker_does_not_list_its_rate_as_off() -> None:
+    scenario = parse_text(
+        with_grid("timeout = [1.0, 2.0]\nbreaker = { consecutive_failures = 5 }\n"), name="t"
+    )
+    assert scenario.common == "breaker.consecutive_failures=5"
 
 
 def test_an_alternative_with_a_label_is_shown_by_it() -> None:

@@ -13,28 +13,33 @@ from ._bulkhead import Bulkhead, BulkheadStatistics
 from ._circuit_breaker import CircuitBreaker, CircuitBreakerStatistics, CircuitState
 from ._circuit_store import CircuitRecord, CircuitStore, InProcessCircuitStore
 from ._codec import Codec, JSONCodec
+from ._deadline import deadline, remaining
 from ._errors import (
     BulkheadFullError,
     CircuitOpenError,
     DeadlineExceeded,
     IdempotencyConflict,
     IdempotencyKeyReused,
+    RateLimitExceeded,
     StalwartError,
+    StalwartWarning,
     StoreUnavailable,
 )
 from ._idempotency import Idempotency
 from ._idempotency_store import Completed, IdempotencyStore, InFlight, Lease, MemoryStore
+from ._metrics import MetricFamily, PolicyMetrics
 from ._pipeline import Pipeline
-from ._policy import Policy
+from ._policy import Binding, Policy
 from ._retry import Backoff, Jitter, Retry
 from ._retry_budget import RetryBudget, RetryBudgetStatistics
 from ._telemetry import Telemetry
-from ._timeout import Timeout, deadline, remaining
+from ._timeout import Timeout
 from ._version import __version__
 from ._windows import CountWindow, TimeWindow
 
 __all__ = [
     "Backoff",
+    "Binding",
     "Bulkhead",
     "BulkheadFullError",
     "BulkheadStatistics",
@@ -58,12 +63,16 @@ __all__ = [
     "Jitter",
     "Lease",
     "MemoryStore",
+    "MetricFamily",
     "Pipeline",
     "Policy",
+    "PolicyMetrics",
+    "RateLimitExceeded",
     "Retry",
     "RetryBudget",
     "RetryBudgetStatistics",
     "StalwartError",
+    "StalwartWarning",
     "StoreUnavailable",
     "Telemetry",
     "TimeWindow",

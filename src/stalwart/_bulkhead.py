@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, NoReturn, ParamSpec, TypeVar, final
 
 import anyio
-from typing_extensions import ParamSpec
 
 from . import _clock, _validate
 from ._errors import BulkheadFullError
-from ._policy import Policy
-from ._telemetry import BulkheadStats, Telemetry, add_event, otel_probe, run_in_span
+from ._metrics import MetricFamily, PolicyMetrics
+from ._policy import AsyncCallable, Binding, Policy
+from ._telemetry import Telemetry, observed
+from .events import CallRejected
 
 __all__ = ["Bulkhead", "BulkheadStatistics"]
 
@@ -75,6 +77,35 @@ class _Waiter:
             future.set_result(None)
 
 
+class BulkheadMetrics(PolicyMetrics):
+    """A `Bulkhead`'s: its rejections, and its occupancy read from the live bulkheads."""
+
+    exclusive = True
+    __slots__ = ("live",)
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(kind, name)
+        self.live: weakref.WeakSet[Bulkhead] = weakref.WeakSet()
+
+    def _in_flight(self) -> Iterator[tuple[tuple[()], float]]:
+        yield (), sum(b.in_flight for b in list(self.live))
+
+    def _queued(self) -> Iterator[tuple[tuple[()], float]]:
+        yield (), sum(b.queued for b in list(self.live))
+
+    families = (
+        MetricFamily(
+            "stalwart_bulkhead_in_flight", "gauge", "Calls running inside a bulkhead.", _in_flight
+        ),
+        MetricFamily(
+            "stalwart_bulkhead_queued", "gauge", "Calls waiting for a bulkhead slot.", _queued
+        ),
+        MetricFamily(
+            "stalwart_bulkhead_rejected", "counter", "Calls a bulkhead turned away.", "rejected"
+        ),
+    )
+
+
 @final
 class Bulkhead(Policy):
     """Run at most ``max_concurrent`` calls at once; queue a bounded few more.
@@ -104,6 +135,9 @@ class Bulkhead(Policy):
     """
 
     kind = "bulkhead"
+    metrics_type = BulkheadMetrics
+    _metrics: BulkheadMetrics
+    _decorator_call = "Bulkhead(max_concurrent)"
     __slots__ = (
         "_abandoned",
         "_in_flight",
@@ -111,7 +145,6 @@ class Bulkhead(Policy):
         "_max_queued",
         "_max_wait",
         "_queued",
-        "_stats",
         "_waiters",
     )
 
@@ -132,8 +165,7 @@ class Bulkhead(Policy):
         self._queued = 0
         self._abandoned = 0
         self._waiters: deque[_Waiter] = deque()
-        self._stats = self._telemetry.stats("bulkhead", self._name, BulkheadStats)
-        self._stats.live.add(self)
+        self._metrics.live.add(self)
 
     @property
     def max_concurrent(self) -> int:
@@ -164,12 +196,8 @@ class Bulkhead(Policy):
         """A snapshot of the limits and of the calls running and waiting now."""
         return BulkheadStatistics(self._max, self._max_queued, self._in_flight, self._queued)
 
-    def _bind(
-        self,
-        fn: Callable[P, Coroutine[Any, Any, T]],
-        *,
-        origin: Callable[..., Any],
-        traced: bool,
+    def wrap(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         limit, waiters, acquire, hand_over = (
@@ -178,49 +206,42 @@ class Bulkhead(Policy):
             self._acquire,
             self._hand_over,
         )
-        bulkhead = self
+        bulkhead, metrics = self, self._metrics
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
 
-        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-            # While any caller waits, every slot is taken (a freed slot is
-            # handed over, not released): this check alone keeps FIFO order.
-            if bulkhead._in_flight < limit:
-                bulkhead._in_flight += 1
-            else:
-                await acquire()
-            try:
-                return await (fn(*args, **kwargs) if kwargs else positional(*args))
-            finally:
-                if waiters:
-                    hand_over()
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
+            async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
+                start = None if timer is None else timer()
+                # While any caller waits, every slot is taken (a freed slot is
+                # handed over, not released): this check alone keeps FIFO order.
+                if bulkhead._in_flight < limit:
+                    bulkhead._in_flight += 1
                 else:
-                    bulkhead._in_flight -= 1
+                    await acquire(start)
+                try:
+                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                except BaseException as exc:
+                    metrics.failed(exc, start)
+                    raise
+                finally:
+                    if waiters:
+                        hand_over()
+                    else:
+                        bulkhead._in_flight -= 1
+                metrics.success += 1
+                return result if start is None else metrics.returned(result, start)
 
-        if not traced:
             return guarded
-        tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
 
-        async def traced_guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-            if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
-                return await run_in_span(tel, span_name, attrs, guarded, args, kwargs)
-            if bulkhead._in_flight < limit:
-                bulkhead._in_flight += 1
-            else:
-                await acquire()
-            try:
-                return await (fn(*args, **kwargs) if kwargs else positional(*args))
-            finally:
-                if waiters:
-                    hand_over()
-                else:
-                    bulkhead._in_flight -= 1
+        return self.build(make, binding)
 
-        return traced_guarded
-
-    async def _acquire(self) -> None:
-        """Wait for a slot, or raise `BulkheadFullError`."""
+    async def _acquire(self, start: float | None) -> None:
+        """Wait for a slot, or raise `BulkheadFullError` (the call's outcome is counted here)."""
         max_queued, max_wait = self._max_queued, self._max_wait
         if (max_queued is not None and self._queued >= max_queued) or max_wait == 0.0:
-            self._reject()
+            self._reject(start)
         waiter = _Waiter()
         self._waiters.append(waiter)
         self._queued += 1
@@ -230,15 +251,16 @@ class Bulkhead(Policy):
             else:
                 with anyio.move_on_after(max_wait):
                     await waiter.wait()
-        except BaseException:
+        except BaseException as exc:
             if waiter.granted:
                 self._hand_over()  # granted as we were cancelled: pass it on
             else:
                 self._abandon(waiter)
+            self._metrics.failed(exc, start)
             raise
         if not waiter.granted:
             self._abandon(waiter)
-            self._reject()
+            self._reject(start)
 
     def _hand_over(self) -> None:
         """Give a finishing call's slot to the longest waiter, else free it."""
@@ -265,9 +287,10 @@ class Bulkhead(Policy):
             waiters.extend(live)
             self._abandoned = 0
 
-    def _reject(self) -> None:
-        self._stats.rejected += 1
-        add_event("stalwart.bulkhead.rejected", self._span_attributes)
+    def _reject(self, start: float | None) -> NoReturn:
+        self._metrics.refused(start)
+        if observed(self._telemetry):
+            self.report(CallRejected, reason="bulkhead_full", retry_after=None)
         raise BulkheadFullError(
             f"bulkhead {self._name!r} is full: {self._in_flight} of {self._max} slots "
             f"taken, {self._queued} calls queued",

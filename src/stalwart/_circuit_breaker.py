@@ -7,11 +7,12 @@ diagram): CLOSED opens when a trigger fires; OPEN becomes HALF_OPEN once
 
 How it stays cheap:
 
-* The hot path is one coroutine layer. While CLOSED and its window holds
-  at least ``minimum_calls`` calls (and nothing needs timing), a successful
-  call costs two attribute checks and ``ring.pending += 1``, with no clock
-  read: a success there can never trip the breaker (it never raises a rate
-  and ends any run of failures), so nothing needs checking.
+* The hot path is one coroutine layer. While CLOSED with a count window
+  (and nothing needs timing), once a success can no longer trip the breaker
+  (see `_record`), a successful call costs two attribute checks and
+  ``ring.pending += 1``, with no clock read. With a time window every
+  outcome is checked against the triggers: time moving old calls out can
+  raise a rate, whatever the new outcome was.
 * Rejection while OPEN reads the clock once and builds a fresh
   `CircuitOpenError` (a shared instance would keep every rejected caller's
   traceback alive).
@@ -24,28 +25,29 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar, Union, final
+from typing import Any, Final, ParamSpec, TypeVar, final
 
 import anyio
-from typing_extensions import ParamSpec
 
 from . import _clock, _telemetry, _validate
 from ._circuit_store import CircuitRecord, CircuitState, CircuitStore
 from ._errors import CircuitOpenError
-from ._policy import Policy
-from ._telemetry import CircuitStats, Telemetry, add_event, listening, otel_probe, run_in_span
+from ._matchers import ExceptionMatcher, Matcher
+from ._metrics import REJECTED, MetricFamily, PolicyMetrics
+from ._policy import AsyncCallable, Binding, Policy
+from ._privates import otel_probe
+from ._telemetry import Telemetry
+from ._warnings import warn
 from ._windows import CountRing, CountWindow, Ring, TimeWindow, ring_for
+from .events import CallRejected, CircuitStateChanged
 
 __all__ = ["CircuitBreaker", "CircuitBreakerStatistics", "CircuitState"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-ExceptionMatcher = Union[  # noqa: UP007 - a runtime alias: `|` needs 3.10 types on both sides
-    type[BaseException], tuple[type[BaseException], ...], Callable[[BaseException], bool]
-]
 
 _CLOSED: Final = CircuitState.CLOSED
 _OPEN: Final = CircuitState.OPEN
@@ -57,6 +59,31 @@ _FAILURE: Final = 1
 _NEITHER: Final = 2
 
 _DEFAULT_WINDOW: Final = 100
+
+
+# Defaults told apart from the same numbers given explicitly, by identity.
+# Numbers, so that signatures and help() show the numbers; copied or pickled
+# (the tuner sends options to worker processes), they stay themselves.
+
+
+class _DefaultFailureRate(float):
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "_DEFAULT_FAILURE_RATE"
+
+
+class _DefaultMinimumCalls(int):
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "_DEFAULT_MINIMUM_CALLS"
+
+
+#: ``failure_rate`` not given: 0.5, or no rate trigger when ``consecutive_failures`` is given.
+_DEFAULT_FAILURE_RATE: Final = _DefaultFailureRate(0.5)
+#: ``minimum_calls`` not given (given, it asks for a rate trigger: see `CircuitBreaker`).
+_DEFAULT_MINIMUM_CALLS: Final = _DefaultMinimumCalls(10)
 
 # `CircuitOpenError(...)` runs two Python-level __init__s with keyword
 # arguments: more than a bare `await` costs. Rejections build the object
@@ -94,30 +121,51 @@ class CircuitBreakerStatistics:
     time_until_half_open: float | None
 
 
-def _matcher(param: str, value: Any, *, allow_empty: bool) -> ExceptionMatcher:
-    if isinstance(value, type) and issubclass(value, BaseException):
-        return value
-    if isinstance(value, tuple):
-        if (not value and not allow_empty) or not all(
-            isinstance(t, type) and issubclass(t, BaseException) for t in value
-        ):
-            raise TypeError(
-                f"{param} must be an exception type, a "
-                f"{'' if allow_empty else 'non-empty '}tuple of them, or a predicate"
-            )
-        return value
-    if callable(value):
-        return value  # type: ignore[no-any-return]
-    raise TypeError(
-        f"{param} must be an exception type, a tuple of them, or a predicate, "
-        f"not {type(value).__name__}"
+CIRCUIT_STATES: Final = tuple(state.value for state in CircuitState)
+
+
+class CircuitBreakerMetrics(PolicyMetrics):
+    """A `CircuitBreaker`'s: its state (written at each transition), transitions, rejections."""
+
+    exclusive = True
+    __slots__ = ("state", "transitions")
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(kind, name)
+        self.state = "closed"
+        self.transitions: dict[tuple[str, str], int] = {}
+
+    def transition(self, from_state: str, to_state: str) -> None:
+        key = (from_state, to_state)
+        self.transitions[key] = self.transitions.get(key, 0) + 1
+        self.state = to_state
+
+    def _states(self) -> Iterator[tuple[tuple[str], float]]:
+        for state in CIRCUIT_STATES:
+            yield (state,), 1.0 if self.state == state else 0.0
+
+    def _transitions(self) -> Iterator[tuple[tuple[str, str], float]]:
+        yield from sorted(self.transitions.items())
+
+    families = (
+        MetricFamily(
+            "stalwart_circuit_state",
+            "gauge",
+            "1 for the circuit breaker's current state, 0 for the others.",
+            _states,
+            ("state",),
+        ),
+        MetricFamily(
+            "stalwart_circuit_transitions",
+            "counter",
+            "Circuit breaker state changes.",
+            _transitions,
+            ("from_state", "to_state"),
+        ),
+        MetricFamily(
+            "stalwart_circuit_rejected", "counter", "Calls an open circuit rejected.", "rejected"
+        ),
     )
-
-
-def _matches(matcher: ExceptionMatcher, exc: BaseException) -> bool:
-    if isinstance(matcher, (type, tuple)):
-        return isinstance(exc, matcher)
-    return bool(matcher(exc))
 
 
 @final
@@ -129,7 +177,8 @@ class _Rules:
     a breaker per dependency mostly uses the defaults.
     """
 
-    failure_rate: float
+    #: None: no failure-rate trigger
+    failure_rate: float | None
     minimum_calls: int
     #: calls the window must hold for rates to count: ``minimum_calls``, or
     #: the size of a smaller `CountWindow`
@@ -139,14 +188,14 @@ class _Rules:
     slow_call_rate: float
     open_for: float
     half_open_calls: int
-    failure_on: ExceptionMatcher
-    ignore: ExceptionMatcher
+    failure_on: Matcher
+    ignore: Matcher
 
     def classify(self, exc: BaseException) -> int:
         """How a call that raised ``exc`` counts: success, failure or neither."""
-        if not isinstance(exc, Exception) or _matches(self.ignore, exc):
+        if not isinstance(exc, Exception) or self.ignore(exc):
             return _NEITHER
-        return _FAILURE if _matches(self.failure_on, exc) else _SUCCESS
+        return _FAILURE if self.failure_on(exc) else _SUCCESS
 
     def is_slow(self, duration: float) -> bool:
         threshold = self.slow_call_duration
@@ -160,9 +209,24 @@ class _Rules:
         calls = ring.calls
         if calls < self.enough:
             return False
-        if ring.failures / calls >= self.failure_rate:
+        rate = self.failure_rate
+        if rate is not None and ring.failures / calls >= rate:
             return True
         return self.slow_call_duration is not None and ring.slow / calls >= self.slow_call_rate
+
+    def triggers(self) -> str:
+        """The active triggers, as the constructor's keywords (for ``repr``)."""
+        parts = []
+        if self.failure_rate is not None:
+            parts.append(f"failure_rate={self.failure_rate:g}")
+        if self.consecutive_failures is not None:
+            parts.append(f"consecutive_failures={self.consecutive_failures}")
+        if self.slow_call_duration is not None:
+            parts.append(f"slow_call_duration={self.slow_call_duration:g}")
+            parts.append(f"slow_call_rate={self.slow_call_rate:g}")
+        if self.failure_rate is not None or self.slow_call_duration is not None:
+            parts.append(f"minimum_calls={self.minimum_calls}")
+        return ", ".join(parts) or "failure_rate=None"
 
 
 # Shared options objects, keyed by value. Only options made of types are
@@ -172,9 +236,7 @@ _RULES_KEPT: Final = 256
 
 
 def _shared(rules: _Rules) -> _Rules:
-    if callable(rules.failure_on) and not isinstance(rules.failure_on, type):
-        return rules
-    if callable(rules.ignore) and not isinstance(rules.ignore, type):
+    if rules.failure_on.is_predicate or rules.ignore.is_predicate:
         return rules
     found = _rules_by_value.get(rules)
     if found is not None:
@@ -182,6 +244,27 @@ def _shared(rules: _Rules) -> _Rules:
     if len(_rules_by_value) < _RULES_KEPT:
         _rules_by_value[rules] = rules
     return rules
+
+
+def _warn_of_unused_minimum(
+    rules: _Rules, window: CountWindow | TimeWindow, *, given: bool
+) -> None:
+    """Warn of a ``minimum_calls`` that does not do what it says (see `CircuitBreaker`)."""
+    rated = rules.failure_rate is not None or rules.slow_call_duration is not None
+    if not rated:
+        if given:
+            warn(
+                f"minimum_calls={rules.minimum_calls} has no effect: no rate trigger is on "
+                "(failure_rate is off by default when consecutive_failures is given); "
+                "pass failure_rate too, or leave minimum_calls out"
+            )
+        return
+    if given and rules.enough < rules.minimum_calls:
+        warn(
+            f"minimum_calls={rules.minimum_calls} is more than the window holds "
+            f"({window!r}): its rate triggers count from {rules.enough} calls on; "
+            f"give minimum_calls <= {rules.enough}, or a larger window"
+        )
 
 
 def _now_or_none() -> float | None:
@@ -199,11 +282,19 @@ class CircuitBreaker(Policy):
     ``window`` calls, or a `TimeWindow`). The breaker **opens** when
 
     * the window holds at least ``minimum_calls`` calls and the share of
-      failures is at least ``failure_rate``; or
+      failures is at least ``failure_rate`` (when not None); or
     * ``consecutive_failures`` calls in a row failed (when set); or
     * the window holds at least ``minimum_calls`` calls and the share that
       took ``slow_call_duration`` seconds or more (when set) is at least
       ``slow_call_rate``.
+
+    The triggers are checked each time an outcome is recorded, whatever it
+    was: in a `TimeWindow`, a success can come after older calls have left
+    the window and raised its failure rate. A breaker trips on the triggers
+    its caller named: ``CircuitBreaker(consecutive_failures=5)`` opens on
+    five failures in a row and on nothing else (pass ``failure_rate`` too to
+    have both). With no trigger at all (``failure_rate=None`` alone), only
+    `force_open` opens it: a switch for operators.
 
     **OPEN**, calls fail at once with `CircuitOpenError`, whose
     ``retry_after`` is the time left until trials are allowed: after
@@ -221,11 +312,15 @@ class CircuitBreaker(Policy):
     over.
 
     Args:
-        failure_rate: share of failures that opens, in [0, 1].
+        failure_rate: share of failures that opens, in [0, 1], or None for
+            no failure-rate trigger. Not given: 0.5, or None when
+            ``consecutive_failures`` is given.
         window: an ``int`` n (= ``CountWindow(n)``, the last n calls) or a
             `TimeWindow`. Recording an outcome is O(1) whatever its size.
-        minimum_calls: calls the window must hold before rates count, >= 1
-            (at most the size of a `CountWindow`).
+        minimum_calls: calls the window must hold before rates count, >= 1.
+            A `CountWindow` smaller than that never holds so many: its size
+            is used instead, with a `StalwartWarning`. Given while no rate
+            trigger is on, it would do nothing: a `StalwartWarning` too.
         consecutive_failures: failures in a row that open, >= 1, or None.
         slow_call_duration: seconds from which a call is slow, > 0, or None.
         slow_call_rate: share of slow calls that opens, in [0, 1].
@@ -248,6 +343,9 @@ class CircuitBreaker(Policy):
     """
 
     kind = "circuit_breaker"
+    metrics_type = CircuitBreakerMetrics
+    _metrics: CircuitBreakerMetrics
+    _decorator_call = "CircuitBreaker()"
     __slots__ = (
         "_fast",
         "_open_clock",
@@ -255,7 +353,6 @@ class CircuitBreaker(Policy):
         "_ring",
         "_rules",
         "_state",
-        "_stats",
         "_store",
         "_successes",
         "_timed",
@@ -267,9 +364,9 @@ class CircuitBreaker(Policy):
     def __init__(
         self,
         *,
-        failure_rate: float = 0.5,
+        failure_rate: float | None = _DEFAULT_FAILURE_RATE,
         window: int | CountWindow | TimeWindow = _DEFAULT_WINDOW,
-        minimum_calls: int = 10,
+        minimum_calls: int = _DEFAULT_MINIMUM_CALLS,
         consecutive_failures: int | None = None,
         slow_call_duration: float | None = None,
         slow_call_rate: float = 1.0,
@@ -281,40 +378,50 @@ class CircuitBreaker(Policy):
         name: str = "circuit",
         telemetry: Telemetry | None = None,
     ) -> None:
-        super().__init__(name=name, telemetry=telemetry)
+        super().__init__(name=name, telemetry=telemetry, shared_state=store)
         if isinstance(window, int) and not isinstance(window, bool):
-            window = CountWindow(_validate.count("window", window))
+            window = CountWindow(
+                _validate.count("window", window, maximum=_validate.MAX_WINDOW_CALLS)
+            )
         elif not isinstance(window, (CountWindow, TimeWindow)):
             raise TypeError(
                 "window must be an int (a number of calls), a CountWindow or a TimeWindow, "
                 f"not {type(window).__name__}"
             )
-        minimum_calls = _validate.count("minimum_calls", minimum_calls)
+        minimum_given = minimum_calls is not _DEFAULT_MINIMUM_CALLS
+        minimum_calls = int(_validate.count("minimum_calls", minimum_calls))
+        consecutive_failures = _validate.optional_count(
+            "consecutive_failures", consecutive_failures
+        )
+        if failure_rate is _DEFAULT_FAILURE_RATE:
+            failure_rate = None if consecutive_failures is not None else float(failure_rate)
+        elif failure_rate is not None:
+            failure_rate = _validate.rate("failure_rate", failure_rate)
         rules = _Rules(
-            failure_rate=_validate.rate("failure_rate", failure_rate),
+            failure_rate=failure_rate,
             minimum_calls=minimum_calls,
             enough=(
                 min(minimum_calls, window.size)
                 if isinstance(window, CountWindow)
                 else minimum_calls
             ),
-            consecutive_failures=_validate.optional_count(
-                "consecutive_failures", consecutive_failures
-            ),
+            consecutive_failures=consecutive_failures,
             slow_call_duration=_validate.optional_duration(
                 "slow_call_duration", slow_call_duration, positive=True
             ),
             slow_call_rate=_validate.rate("slow_call_rate", slow_call_rate),
             open_for=_validate.duration("open_for", open_for),
             half_open_calls=_validate.count("half_open_calls", half_open_calls),
-            failure_on=_matcher("failure_on", failure_on, allow_empty=False),
-            ignore=_matcher("ignore", ignore, allow_empty=True),
+            failure_on=Matcher("failure_on", failure_on),
+            ignore=Matcher("ignore", ignore, allow_empty=True),
         )
         if store is not None and not isinstance(store, CircuitStore):
             raise TypeError(
                 "store must be a circuit store (InProcessCircuitStore, RedisStore) or None, "
                 f"not {type(store).__name__}"
             )
+        _validate.stored_duration("open_for", rules.open_for, store)
+        _warn_of_unused_minimum(rules, window, given=minimum_given)
         self._rules = _shared(rules)
         timing = rules.slow_call_duration is not None
         self._ring: Ring = ring_for(window, slow=timing)
@@ -327,7 +434,6 @@ class CircuitBreaker(Policy):
         self._trials = 0
         self._successes = 0
         self._tripping = -1  # the version a transition to OPEN is being asked from
-        self._stats = self._telemetry.stats("circuit_breaker", self._name, CircuitStats)
         self._store = store
         if store is not None:
             self._on_answer(store.attach(self._name, self._on_record))
@@ -335,7 +441,8 @@ class CircuitBreaker(Policy):
     # -- options -------------------------------------------------------------
 
     @property
-    def failure_rate(self) -> float:
+    def failure_rate(self) -> float | None:
+        """The failure-rate trigger's threshold, or None when it is off."""
         return self._rules.failure_rate
 
     @property
@@ -457,16 +564,8 @@ class CircuitBreaker(Policy):
             self._announce(before, state)
 
     def _announce(self, before: CircuitState, after: CircuitState) -> None:
-        self._stats.transition(before.value, after.value)
-        if listening():
-            add_event(
-                "stalwart.circuit.transition",
-                {
-                    **self._span_attributes,
-                    "stalwart.from_state": before.value,
-                    "stalwart.to_state": after.value,
-                },
-            )
+        self._metrics.transition(before.value, after.value)
+        self.report(CircuitStateChanged, from_state=before, to_state=after)
 
     def _on_record(self, record: CircuitRecord) -> None:
         """A record the store pushed: adopt it if it is newer than ours."""
@@ -549,23 +648,26 @@ class CircuitBreaker(Policy):
             return False
         ring, rules = self._ring, self._rules
         if self._timed:
+            # Checked whatever the outcome: calls leaving a time window (here,
+            # or in a `statistics()` read since the last outcome) can raise
+            # its rates, so even a success may find the breaker tripped.
             now = _clock.now()
             threshold = rules.slow_call_duration
-            slow = threshold is not None and now - start >= threshold
-            expired = ring.record(failure, slow, now)
-            if not (failure or slow or expired or ring.calls == rules.enough):
-                # A success, and nothing left the window but older outcomes
-                # it replaced: no rate went up, no run of failures grew.
-                return False
+            ring.record(failure, threshold is not None and now - start >= threshold, now)
         else:
             ring.record(failure, False, 0.0)
         if rules.tripped(ring):
             if self._store is not None:
                 return True
             self._install(_OPEN, self._version + 1, _clock.now() + rules.open_for)
-        elif not self._timed and ring.calls >= rules.enough:
-            # From now on a success cannot trip the breaker (it lowers no
-            # rate and ends any run of failures): the wrapper only counts it.
+        elif not self._timed and (rules.failure_rate is None or ring.calls >= rules.enough):
+            # From now on a success cannot trip the breaker, so the wrapper
+            # only counts it. With a count window and no slow-call trigger,
+            # a success ends any run of failures; it adds a call or replaces
+            # the oldest, so no call ever leaves and the failure rate cannot
+            # rise; and with `enough` calls held (or no rate trigger) no rate
+            # trigger starts to count. The first failure (or any change of
+            # state: `_install`) brings the breaker back here.
             self._fast = True
         return False
 
@@ -575,21 +677,20 @@ class CircuitBreaker(Policy):
         """The error for a call rejected while OPEN (counted and reported here).
 
         Every rejection of an open breaker comes through here, so it is kept
-        to the bone: its budget is twice the cost of raising a bare exception.
+        to the bone: its budget is twice the cost of raising a bare exception
+        (the "CircuitBreaker open, rejection" row).
         """
         error = _new_error(CircuitOpenError)  # its message is made when read
         error.policy = self._name
         error.retry_after = retry_after
-        self._stats.rejected += 1
-        if _telemetry._explicit_tracing or otel_probe._TRACER_PROVIDER is not None:
-            self._rejection_event(retry_after)
+        self._metrics.rejected += 1
+        if (
+            self._telemetry._listeners
+            or _telemetry._explicit_tracing
+            or otel_probe._TRACER_PROVIDER is not None
+        ):
+            self.report(CallRejected, reason="circuit_open", retry_after=retry_after)
         return error
-
-    def _rejection_event(self, retry_after: float) -> None:
-        add_event(
-            "stalwart.circuit.rejected",
-            {**self._span_attributes, "stalwart.retry_after": retry_after},
-        )
 
     def _trials_taken(self) -> CircuitOpenError:
         """The error for a call rejected while HALF_OPEN: every trial slot is taken."""
@@ -602,43 +703,39 @@ class CircuitBreaker(Policy):
 
     # -- calls ---------------------------------------------------------------
 
-    async def _call(
-        self,
-        fn: Callable[..., Coroutine[Any, Any, T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> T:
-        """Any call the inlined paths of the wrapper do not take."""
-        now = _clock.now()
-        self._observe(now)
-        state = self._state
-        if state is _CLOSED:
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as exc:
-                if self._failed(exc, now):
-                    await self._trip()
-                raise
-            if self._record(False, now):
-                await self._trip()
-            return result
-        if state is _OPEN:
-            raise self._rejected(self._open_until - now)
-        return await self._trial(fn, args, kwargs)
+    async def _admit(self, start: float | None) -> int | None:
+        """Admit a call the wrapper could not admit or reject by itself.
 
-    async def _trial(
-        self,
-        fn: Callable[..., Coroutine[Any, Any, T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> T:
-        """Run ``fn`` as a half-open trial, if a permit is free."""
-        if self._trials >= self._rules.half_open_calls:
-            raise self._trials_taken()
-        version = self._version
-        self._trials += 1  # taken before asking the store: local callers see it
-        store = self._store
-        if store is not None:
+        Returns None for a call to run as a CLOSED one, or the version of the
+        half-open period whose trial permit it holds; raises the rejection
+        otherwise. Counts the call's outcome if it ends here.
+        """
+        try:
+            return await self._permit()
+        except CircuitOpenError:
+            if start is not None:
+                self._metrics.took(REJECTED, start)
+            raise
+        except BaseException as exc:
+            self._metrics.failed(exc, start)
+            raise
+
+    async def _permit(self) -> int | None:
+        while True:
+            now = _clock.now()
+            self._observe(now)
+            state = self._state
+            if state is _CLOSED:
+                return None
+            if state is _OPEN:
+                raise self._rejected(self._open_until - now)
+            if self._trials >= self._rules.half_open_calls:
+                raise self._trials_taken()
+            version = self._version
+            self._trials += 1  # taken before asking the store: local callers see it
+            store = self._store
+            if store is None:
+                return version
             try:
                 limit = self._rules.half_open_calls
                 refused = await store.acquire_trial(self._name, version, limit)
@@ -651,23 +748,9 @@ class CircuitBreaker(Policy):
                 self._end_trial(version)
                 self._on_answer(refused)
                 raise self._trials_taken()
-            if self._version != version:
-                # The state moved on while we asked: this permit is void.
-                return await self._call(fn, args, kwargs)
-        start = _clock.now() if self._rules.slow_call_duration is not None else 0.0
-        try:
-            result = await fn(*args, **kwargs)
-        except BaseException as exc:
-            kind = self._rules.classify(exc)
-            await self._settle_trial(version, kind, kind != _NEITHER and self._slow_since(start))
-            raise
-        await self._settle_trial(version, _SUCCESS, self._slow_since(start))
-        return result
-
-    def _slow_since(self, start: float) -> bool:
-        return self._rules.slow_call_duration is not None and self._rules.is_slow(
-            _clock.now() - start
-        )
+            if self._version == version:
+                return version
+            # The state moved on while we asked: this permit is void; look again.
 
     def _end_trial(self, version: int) -> bool:
         """Free the local trial slot of ``version``; False if that period is over."""
@@ -676,7 +759,10 @@ class CircuitBreaker(Policy):
         self._trials -= 1
         return True
 
-    async def _settle_trial(self, version: int, kind: int, slow: bool) -> None:
+    async def _settle_trial(self, version: int, error: BaseException | None, start: float) -> None:
+        """A trial of ``version`` (begun at ``start``) ended: returned, or raised ``error``."""
+        rules = self._rules
+        kind = _SUCCESS if error is None else rules.classify(error)
         if not self._end_trial(version):
             return  # the half-open period is over: its trials no longer count
         store = self._store
@@ -687,7 +773,7 @@ class CircuitBreaker(Policy):
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await store.release_trial(self._name, version, False)
             return
-        if kind == _FAILURE or slow:
+        if kind == _FAILURE or rules.is_slow(_clock.now() - start):
             await self._transition(version, _OPEN)
             return
         self._successes += 1
@@ -695,130 +781,67 @@ class CircuitBreaker(Policy):
         if store is not None:
             with contextlib.suppress(Exception):
                 successes = await store.release_trial(self._name, version, True)
-        if successes >= self._rules.half_open_calls:
+        if successes >= rules.half_open_calls:
             await self._transition(version, _CLOSED)
 
     # -- decorator -----------------------------------------------------------
 
-    def _bind(
-        self,
-        fn: Callable[P, Coroutine[Any, Any, T]],
-        *,
-        origin: Callable[..., Any],
-        traced: bool,
+    def wrap(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        breaker, ring, call, now = self, self._ring, self._call, _clock.now
-        rejected = self._rejected
-        tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
-
-        if isinstance(ring, CountRing) and not self._timed:
-            # Counting only: see `_record` for when `_fast` holds.
-            counter = ring
-
-            async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-                if breaker._fast:
-                    try:
-                        result = await (fn(*args, **kwargs) if kwargs else positional(*args))
-                    except BaseException as exc:
-                        if breaker._failed(exc, 0.0):
-                            await breaker._trip()
-                        raise
-                    # Still fast? The await may have let the state change
-                    # (mypy keeps its narrowing across an await, hence the ignore).
-                    if breaker._fast:
-                        counter.pending += 1
-                    elif breaker._record(False, 0.0):  # type: ignore[unreachable]
-                        await breaker._trip()
-                    return result
-                if breaker._state is _OPEN:
-                    clock, until = breaker._open_clock, breaker._open_until
-                    moment = now() if clock is None else clock()
-                    if moment < until:
-                        raise rejected(until - moment)
-                return await call(fn, args, kwargs)
-
-            if not traced:
-                return guarded
-
-            async def traced_guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-                if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
-                    return await run_in_span(tel, span_name, attrs, guarded, args, kwargs)
-                if breaker._fast:
-                    try:
-                        result = await (fn(*args, **kwargs) if kwargs else positional(*args))
-                    except BaseException as exc:
-                        if breaker._failed(exc, 0.0):
-                            await breaker._trip()
-                        raise
-                    # Still fast? The await may have let the state change
-                    # (mypy keeps its narrowing across an await, hence the ignore).
-                    if breaker._fast:
-                        counter.pending += 1
-                    elif breaker._record(False, 0.0):  # type: ignore[unreachable]
-                        await breaker._trip()
-                    return result
-                if breaker._state is _OPEN:
-                    clock, until = breaker._open_clock, breaker._open_until
-                    moment = now() if clock is None else clock()
-                    if moment < until:
-                        raise rejected(until - moment)
-                return await call(fn, args, kwargs)
-
-            return traced_guarded
-
-        # A TimeWindow or slow-call detection: every closed call is timed.
+        breaker, ring, now, metrics = self, self._ring, _clock.now, self._metrics
+        rejected, admit, settle = self._rejected, self._admit, self._settle_trial
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        # The start of a closed call or trial, when the breaker needs it (slow calls).
         starts = self._rules.slow_call_duration is not None
+        # `_fast` (see `_record`) is only ever set on a counting-only CountRing.
+        counter = ring if isinstance(ring, CountRing) else None
 
-        async def timed(*args: P.args, **kwargs: P.kwargs) -> T:
-            state = breaker._state
-            if state is _CLOSED:
-                start = now() if starts else 0.0
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
+            async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
+                start = None if timer is None else timer()
+                trial: int | None = None
+                if not breaker._fast:
+                    state = breaker._state
+                    if state is _OPEN:
+                        clock, until = breaker._open_clock, breaker._open_until
+                        moment = now() if clock is None else clock()
+                        if moment < until:
+                            if start is not None:
+                                metrics.took(REJECTED, start)
+                            raise rejected(until - moment)
+                    if state is not _CLOSED:
+                        trial = await admit(start)
+                began = now() if starts else 0.0
                 try:
                     result = await (fn(*args, **kwargs) if kwargs else positional(*args))
                 except BaseException as exc:
-                    if breaker._failed(exc, start):
+                    metrics.failed(exc, start)
+                    if trial is not None:
+                        await settle(trial, exc, began)
+                    elif breaker._failed(exc, began):
                         await breaker._trip()
                     raise
-                if breaker._record(False, start):
+                if trial is not None:
+                    await settle(trial, None, began)
+                elif breaker._fast:
+                    # Still fast: the await may have let the state change
+                    # (mypy keeps its narrowing across an await, hence the ignore).
+                    counter.pending += 1  # type: ignore[union-attr]
+                elif breaker._record(False, began):
                     await breaker._trip()
-                return result
-            if state is _OPEN:
-                clock, until = breaker._open_clock, breaker._open_until
-                moment = now() if clock is None else clock()
-                if moment < until:
-                    raise rejected(until - moment)
-            return await call(fn, args, kwargs)
+                metrics.success += 1
+                return result if start is None else metrics.returned(result, start)
 
-        if not traced:
-            return timed
+            return guarded
 
-        async def traced_timed(*args: P.args, **kwargs: P.kwargs) -> T:
-            if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
-                return await run_in_span(tel, span_name, attrs, timed, args, kwargs)
-            state = breaker._state
-            if state is _CLOSED:
-                start = now() if starts else 0.0
-                try:
-                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
-                except BaseException as exc:
-                    if breaker._failed(exc, start):
-                        await breaker._trip()
-                    raise
-                if breaker._record(False, start):
-                    await breaker._trip()
-                return result
-            if state is _OPEN:
-                clock, until = breaker._open_clock, breaker._open_until
-                moment = now() if clock is None else clock()
-                if moment < until:
-                    raise rejected(until - moment)
-            return await call(fn, args, kwargs)
-
-        return traced_timed
+        return self.build(make, binding)
 
     def __repr__(self) -> str:
         return (
-            f"CircuitBreaker(failure_rate={self._rules.failure_rate:g}, window={self.window!r}, "
+            f"CircuitBreaker({self._rules.triggers()}, window={self.window!r}, "
             f"open_for={self._rules.open_for:g}, name={self._name!r})"
         )

@@ -120,13 +120,19 @@ class CircuitStore(Protocol):
       other version than the current one are ignored. Trials are short, but a
       process can die holding a permit: a remote store should let permits
       lapse (for instance after the open period's length), so that a lost
-      release cannot keep the circuit half-open forever.
+      release cannot keep the circuit half-open forever. A permit whose
+      request failed or was cancelled after it may have reached a remote
+      store must be given back by the store (``RedisStore`` names permits
+      by tokens of its own choosing for that).
     * **Cancellation.** A trial that is cancelled gives its permit back with
       `release_trial` from the cancelled task, inside a shielded cancel scope:
       the call is not interrupted, so it must bound its own time (a remote
       store's requests have short timeouts). Other calls to the store are not
       shielded, and a cancelled caller may not see them through: the next
       outcome that needs the transition asks again.
+    * **Limits.** A store that keeps durations where they are bounded says
+      so with a ``max_duration`` attribute (seconds): a breaker refuses a
+      longer ``open_for`` when it is built.
     * **Failure.** A store that cannot reach its backend must not hang the
       call: it raises (any `Exception`) or answers from what it knows. The
       breaker never lets a store's error replace the outcome of a call: when

@@ -18,22 +18,15 @@ import asyncio
 import sys
 import time
 from asyncio import AbstractEventLoop, Task
-from asyncio.events import _get_running_loop
 from collections.abc import Callable
 from threading import get_ident
 from typing import Any
 
 import anyio
 
-__all__ = ["LoopInfo", "asyncio_loop", "monotonic_or_none", "now", "sleep"]
+from ._privates import LOOP_THREAD_ID, current_task, loop_thread_missing, running_loop
 
-if sys.version_info >= (3, 12):  # pragma: no cover - C implementation there
-    _current_task: Callable[[AbstractEventLoop], Task[Any] | None] = asyncio.current_task
-else:  # pragma: no cover - depends on the interpreter
-    # 3.10/3.11: asyncio.current_task() is Python and looks the loop up again;
-    # the C-level table it reads is the same.
-    _current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
-    _current_task = asyncio.current_task if _current_tasks is None else _current_tasks.get
+__all__ = ["LoopInfo", "asyncio_loop", "monotonic_or_none", "now", "sleep"]
 
 
 class LoopInfo:
@@ -51,7 +44,7 @@ class LoopInfo:
         self.timers: Any = None  # the loop's deadline timers, set by _timeout
 
     def current_task(self) -> Task[Any] | None:
-        task: Task[Any] | None = _current_task(self.loop)
+        task: Task[Any] | None = current_task(self.loop)
         return task
 
 
@@ -71,7 +64,7 @@ def asyncio_loop() -> LoopInfo | None:
     if (
         info is not None
         and info.thread_id == get_ident()
-        and getattr(info.loop, "_thread_id", None) == info.thread_id
+        and getattr(info.loop, LOOP_THREAD_ID, None) == info.thread_id
     ):
         return info
     return _lookup()
@@ -79,13 +72,15 @@ def asyncio_loop() -> LoopInfo | None:
 
 def _lookup() -> LoopInfo | None:
     global _cached
-    loop = _get_running_loop()
+    loop = running_loop()
     if loop is None:
         _cached = None  # do not keep a finished loop alive
         return None
     info = _cached
     if info is None or info.loop is not loop or info.thread_id != get_ident():
         info = _cached = LoopInfo(loop)
+        if getattr(loop, LOOP_THREAD_ID, None) is None:
+            loop_thread_missing(loop)  # every read will take this lookup: say so once
     return info
 
 
@@ -95,7 +90,7 @@ def now() -> float:
     # thread is this thread's running loop): a breaker's rejection reads the
     # clock, and must cost at most twice raising an exception.
     info = _cached
-    if info is None or getattr(info.loop, "_thread_id", None) != get_ident():
+    if info is None or getattr(info.loop, LOOP_THREAD_ID, None) != get_ident():
         info = _lookup()
         if info is None:
             return _trio_now()
@@ -112,7 +107,7 @@ def monotonic_or_none() -> Callable[[], float] | None:
     Virtual clocks, trio, or no running loop: None, ask `now`.
     """
     info = _cached
-    if info is None or getattr(info.loop, "_thread_id", None) != get_ident():
+    if info is None or getattr(info.loop, LOOP_THREAD_ID, None) != get_ident():
         info = _lookup()
         if info is None:
             return None

@@ -7,7 +7,9 @@ All of them can be pickled, so they survive process pools and task queues.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "BulkheadFullError",
@@ -15,7 +17,9 @@ __all__ = [
     "DeadlineExceeded",
     "IdempotencyConflict",
     "IdempotencyKeyReused",
+    "RateLimitExceeded",
     "StalwartError",
+    "StalwartWarning",
     "StoreUnavailable",
 ]
 
@@ -47,6 +51,18 @@ def _rebuild(cls: type[StalwartError], args: tuple[Any, ...], state: dict[str, A
     for name, value in state.items():
         setattr(error, name, value)
     return error
+
+
+def recast(error: StalwartError, cls: type[T]) -> T:
+    """``error`` as an instance of ``cls``: same message, ``policy`` and attributes.
+
+    ``cls`` subclasses ``type(error)``'s kind and an integration's own error
+    type (``grpc.aio.AioRpcError``, ``aiohttp.ClientError``), so that the
+    error an integration raises is caught by the handlers written for either.
+    Built the way unpickling builds it: no constructor of either side runs.
+    """
+    _, (_, args, state) = error.__reduce__()
+    return _rebuild(cls, args, state)  # type: ignore[arg-type, no-any-return]
 
 
 class CircuitOpenError(StalwartError):
@@ -125,6 +141,22 @@ class IdempotencyKeyReused(StalwartError):
     """An idempotency key was reused with different arguments (another fingerprint)."""
 
 
+class RateLimitExceeded(StalwartError):
+    """A rate or concurrency limit refused the call without running it.
+
+    ``retry_after`` is the number of seconds until the limit would admit the
+    call, when the limiter knows it, else ``None``. A default `Retry` does
+    not retry it: the limit is this process's own decision, and waiting it
+    out belongs to the caller (or to the limiter's own ``max_wait``).
+    """
+
+    retry_after: float | None
+
+    def __init__(self, message: str, *, policy: str, retry_after: float | None = None) -> None:
+        super().__init__(message, policy=policy)
+        self.retry_after = retry_after
+
+
 class StoreUnavailable(StalwartError):
     """A shared store (Redis) could not be reached in time, so the call did not run.
 
@@ -138,6 +170,16 @@ class StoreUnavailable(StalwartError):
     """
 
 
+class StalwartWarning(UserWarning):
+    """A configuration that works, but is probably a mistake.
+
+    Emitted when a policy is built (so ``-W error::stalwart.StalwartWarning``,
+    or pytest's ``filterwarnings = ["error::stalwart.StalwartWarning"]``,
+    turns it into a failure at startup). The message says what stalwart does
+    instead and how to say what you meant.
+    """
+
+
 # Errors are part of the public API: name them by where users import them
 # from (tracebacks, reprs, pickles and the spans' error.type all show this).
 for _error in (
@@ -147,7 +189,9 @@ for _error in (
     DeadlineExceeded,
     IdempotencyConflict,
     IdempotencyKeyReused,
+    RateLimitExceeded,
     StoreUnavailable,
+    StalwartWarning,
 ):
     _error.__module__ = "stalwart"
 del _error

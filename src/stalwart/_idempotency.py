@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import inspect
 import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, Literal, TypeVar, Union, final
+from typing import Any, Final, Literal, ParamSpec, TypeAlias, TypeVar, final
 
 import anyio
-from typing_extensions import ParamSpec
 
-from . import _codec, _telemetry, _validate
+from . import _codec, _validate
+from ._deadline import is_cancellation
 from ._errors import IdempotencyConflict, IdempotencyKeyReused
 from ._idempotency_store import (
     ClaimOutcome,
@@ -22,11 +23,13 @@ from ._idempotency_store import (
     InFlight,
     Lease,
     MemoryStore,
+    Slot,
     resolve_store,
 )
-from ._policy import Policy
-from ._telemetry import IdempotencyStats, Telemetry, add_event, otel_probe, run_in_span
-from ._timeout import is_cancellation
+from ._metrics import MetricFamily, PolicyMetrics
+from ._policy import AsyncCallable, Binding, Policy
+from ._telemetry import Telemetry, observed
+from .events import CallRejected, IdempotentReplay
 
 __all__ = ["Idempotency", "OnConflict"]
 
@@ -34,8 +37,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 OnConflict = Literal["wait", "raise"]
-KeySpec = Union[str, Callable[..., Union[str, None]]]  # noqa: UP007 - runtime alias on 3.10
-FingerprintSpec = Union[Literal["args"], Callable[..., str], None]  # noqa: UP007
+KeySpec: TypeAlias = str | Callable[..., str | None]
+FingerprintSpec: TypeAlias = Literal["args"] | Callable[..., str] | None
 
 DEFAULT_TTL: Final = 86_400.0
 DEFAULT_LEASE: Final = 30.0
@@ -51,6 +54,63 @@ _POSITIONAL: Final = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSIT
 _VARIADIC: Final = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 _log = logging.getLogger("stalwart.idempotency")
+
+
+class Verdict(enum.Enum):
+    """What to do with a request, given the store's answer to its claim on a key."""
+
+    RUN = "run"  #: the claim is ours: run, then store the outcome
+    REPLAY = "replay"  #: a stored outcome answers it
+    CONFLICT = "conflict"  #: the same request is in flight
+    REUSED = "reused"  #: the key was used for a different request
+
+
+def mismatch(stored: str | None, fingerprint: str | None) -> bool:
+    """Do two fingerprints (None: not checked) name different requests?"""
+    return fingerprint is not None and stored is not None and stored != fingerprint
+
+
+def decide(outcome: ClaimOutcome, fingerprint: str | None, store: object) -> Verdict:
+    """The verdict on a claim: the one decision the decorator and the middleware share.
+
+    A key reused for another request (another fingerprint) is refused
+    before anything else, also while the first request is in flight.
+    """
+    if isinstance(outcome, Lease):
+        return Verdict.RUN
+    if not isinstance(outcome, (Completed, InFlight)):
+        raise TypeError(
+            f"{store!r}.claim() returned {outcome!r}: expected a Lease, Completed or InFlight"
+        )
+    if mismatch(outcome.fingerprint, fingerprint):
+        return Verdict.REUSED
+    return Verdict.REPLAY if isinstance(outcome, Completed) else Verdict.CONFLICT
+
+
+class IdempotencyMetrics(PolicyMetrics):
+    """An idempotency policy's (or middleware's): replays, and keys found in flight."""
+
+    __slots__ = ("conflicts", "replays")
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(kind, name)
+        self.replays = 0
+        self.conflicts = 0
+
+    families = (
+        MetricFamily(
+            "stalwart_idempotency_replays",
+            "counter",
+            "Calls answered from a stored result.",
+            "replays",
+        ),
+        MetricFamily(
+            "stalwart_idempotency_conflicts",
+            "counter",
+            "Calls whose key was already in flight.",
+            "conflicts",
+        ),
+    )
 
 
 @final
@@ -104,6 +164,9 @@ class Idempotency(Policy):
     """
 
     kind = "idempotency"
+    metrics_type = IdempotencyMetrics
+    _metrics: IdempotencyMetrics
+    _decorator_call = "Idempotency(key=...)"
     __slots__ = (
         "_fingerprint",
         "_keeper",
@@ -111,7 +174,6 @@ class Idempotency(Policy):
         "_lease",
         "_on_conflict",
         "_raise_on_conflict",
-        "_stats",
         "_store",
         "_ttl",
     )
@@ -140,7 +202,9 @@ class Idempotency(Policy):
         self._key = key
         self._store = store = resolve_store(store, max_entries)
         self._keeper = LeaseKeeper(store, f"idempotency policy {self._name!r}")
-        self._ttl = _validate.duration("ttl", ttl, positive=True)
+        self._ttl = _validate.stored_duration(
+            "ttl", _validate.duration("ttl", ttl, positive=True), store
+        )
         spec: object = fingerprint
         if spec is not None and spec != "args" and not callable(spec):
             if isinstance(spec, str):
@@ -153,8 +217,9 @@ class Idempotency(Policy):
             raise ValueError(f"on_conflict must be 'wait' or 'raise', got {on_conflict!r}")
         self._on_conflict: OnConflict = on_conflict
         self._raise_on_conflict = on_conflict == "raise"
-        self._lease = _validate.duration("lease", lease, positive=True)
-        self._stats = self._telemetry.stats("idempotency", self._name, IdempotencyStats)
+        self._lease = _validate.stored_duration(
+            "lease", _validate.duration("lease", lease, positive=True), store
+        )
 
     @property
     def store(self) -> IdempotencyStore:
@@ -172,14 +237,11 @@ class Idempotency(Policy):
     def lease(self) -> float:
         return self._lease
 
-    def _bind(
-        self,
-        fn: Callable[P, Coroutine[Any, Any, T]],
-        *,
-        origin: Callable[..., Any],
-        traced: bool,
+    def wrap(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        origin = binding.origin
         label = _qualified_name(origin)
         scope = f"{self._name}:{label}"
         key_fn: Callable[..., Any] | None
@@ -193,15 +255,9 @@ class Idempotency(Policy):
             key_fn = self._key
             what = f"the idempotency key returned by key={_callable_name(key_fn)}"
         fingerprint_of = self._fingerprint_reader(origin, pname, label)
-        store, ttl, lease, stats, settle = (
-            self._store,
-            self._ttl,
-            self._lease,
-            self._stats,
-            self._settle,
-        )
-        memory = store if type(store) is MemoryStore else None
-        tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
+        ttl, metrics, settle, replayed = self._ttl, self._metrics, self._settle, self._replayed
+        memory = self._store if type(self._store) is MemoryStore else None
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
         key_name = pname or ""
 
         def bad_key(key: object) -> Exception:
@@ -216,62 +272,70 @@ class Idempotency(Policy):
                 f"got {len(key)} characters: {shown}"
             )
 
-        def reused() -> IdempotencyKeyReused:
-            return self._key_reused(label)
-
-        def make(
-            traced: bool, inner: Callable[P, Coroutine[Any, Any, T]] | None
-        ) -> Callable[P, Coroutine[Any, Any, T]]:
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def idempotent(*args: P.args, **kwargs: P.kwargs) -> T:
-                if traced and (otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None):
-                    return await run_in_span(tel, span_name, attrs, inner, args, kwargs)  # type: ignore[arg-type]
-                if key_fn is None:
-                    key = args[index] if len(args) > index else kwargs.get(key_name, default)
-                else:
-                    key = key_fn(*args, **kwargs)
-                if key is None or key is _MISSING:
-                    return await (fn(*args, **kwargs) if kwargs else positional(*args))
-                if (
-                    not isinstance(key, str)
-                    or not 0 < len(key) <= KEY_MAX_LENGTH
-                    or not key.isprintable()
-                ):
-                    raise bad_key(key)
-                fp = None if fingerprint_of is None else fingerprint_of(args, kwargs)
-                outcome: ClaimOutcome
-                if memory is not None:
-                    slot = (scope, key)
-                    fast = memory._claim_now(slot, fp)
-                    if type(fast) is list:
-                        try:
-                            result = await (fn(*args, **kwargs) if kwargs else positional(*args))
-                        except BaseException:
-                            memory._release_now(slot, fast)
-                            raise
-                        try:
-                            memory._complete_now(slot, fast, result, ttl)
-                        except BaseException:
-                            memory._release_now(slot, fast)
-                            raise
-                        return result
-                    if type(fast) is tuple:
-                        stored = fast[2]
-                        if fp is not None and stored is not None and stored != fp:
-                            raise reused()
-                        stats.replays += 1
-                        if _telemetry._explicit_tracing or otel_probe._TRACER_PROVIDER is not None:
-                            add_event(REPLAYED_EVENT, attrs)
-                        return fast[1]  # type: ignore[no-any-return]
-                    assert type(fast) is InFlight
-                    outcome = fast
-                else:
-                    outcome = await store.claim(scope, key, fingerprint=fp, lease=lease)
-                return await settle(fn, args, kwargs, scope, key, fp, outcome, label)
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
+                start = None if timer is None else timer()
+                fp: str | None = None
+                held: Any = None  # the in-process store's answer to a claim, then our claim
+                record: Slot | None = None
+                key: Any
+                try:
+                    if key_fn is None:
+                        key = args[index] if len(args) > index else kwargs.get(key_name, default)
+                    else:
+                        key = key_fn(*args, **kwargs)
+                    if key is not None and key is not _MISSING:
+                        if (
+                            not isinstance(key, str)
+                            or not 0 < len(key) <= KEY_MAX_LENGTH
+                            or not key.isprintable()
+                        ):
+                            raise bad_key(key)  # noqa: TRY301 - counted as the call's error below
+                        if fingerprint_of is not None:
+                            fp = fingerprint_of(args, kwargs)
+                        if memory is not None:
+                            record = (scope, key)
+                            held = memory._claim_now(record, fp)
+                except BaseException as exc:
+                    metrics.failed(exc, start)
+                    raise
+                if type(held) is tuple:
+                    return replayed(held[1], held[2], fp, label, start)  # type: ignore[no-any-return]
+                if type(held) is not list:
+                    if key is not None and key is not _MISSING:
+                        return await settle(fn, args, kwargs, scope, key, fp, held, label, start)
+                    record = None  # no key: no record
+                try:
+                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                    if record is not None:
+                        memory._complete_now(record, held, result, ttl)  # type: ignore[union-attr]
+                except BaseException as exc:
+                    if record is not None:
+                        memory._release_now(record, held)  # type: ignore[union-attr]
+                    metrics.failed(exc, start)
+                    raise
+                metrics.success += 1
+                return result if start is None else metrics.returned(result, start)
 
             return idempotent
 
-        untraced = make(False, None)
-        return make(True, untraced) if traced else untraced
+        return self.build(make, binding)
+
+    def _replayed(
+        self, value: Any, stored: str | None, fp: str | None, label: str, start: float | None
+    ) -> Any:
+        """Answer a call with a stored result (``stored``: its fingerprint), or refuse it."""
+        metrics = self._metrics
+        if mismatch(stored, fp):
+            metrics.refused(start)
+            raise self._key_reused(label)
+        metrics.replays += 1
+        metrics.succeeded(start)
+        if observed(self._telemetry):
+            self.report(IdempotentReplay)
+        return value
 
     async def _settle(
         self,
@@ -281,44 +345,56 @@ class Idempotency(Policy):
         scope: str,
         key: str,
         fp: str | None,
-        outcome: ClaimOutcome,
+        outcome: ClaimOutcome | None,
         label: str,
+        start: float | None,
     ) -> T:
-        """Everything but a plain first run or replay on the in-process store."""
-        store = self._store
-        counted = False
-        while True:
-            if isinstance(outcome, Lease):
-                return await self._run_holding(fn, args, kwargs, outcome)
-            if isinstance(outcome, Completed):
-                self._check_fingerprint(outcome.fingerprint, fp, label)
-                self._stats.replays += 1
-                add_event(REPLAYED_EVENT, self._span_attributes)
-                return outcome.value  # type: ignore[no-any-return]
-            if not isinstance(outcome, InFlight):
-                raise TypeError(
-                    f"{store!r}.claim() returned {outcome!r}: expected a Lease, Completed "
-                    "or InFlight"
-                )
-            self._check_fingerprint(outcome.fingerprint, fp, label)
-            if not counted:
-                counted = True
-                self._stats.conflicts += 1
-            if self._raise_on_conflict:
-                raise IdempotencyConflict(
-                    f"a call to {label} with this idempotency key is already in flight "
-                    f"(policy {self._name!r}, on_conflict='raise')",
-                    policy=self._name,
-                )
-            done = await store.wait(scope, key, timeout=self._lease)
-            if done is not None:
-                outcome = done
-            else:
-                outcome = await store.claim(scope, key, fingerprint=fp, lease=self._lease)
+        """Everything but a plain first run or replay on the in-process store.
 
-    def _check_fingerprint(self, stored: str | None, fp: str | None, label: str) -> None:
-        if fp is not None and stored is not None and stored != fp:
+        ``outcome`` is the store's answer to a claim, or None to claim now.
+        Counts the call's outcome.
+        """
+        store, metrics = self._store, self._metrics
+        waited = False
+        try:
+            while True:
+                if outcome is None:
+                    outcome = await store.claim(scope, key, fingerprint=fp, lease=self._lease)
+                verdict = decide(outcome, fp, store)
+                if verdict is not Verdict.CONFLICT:
+                    break
+                if not waited:
+                    metrics.conflicts += 1  # once per call, however long it waits
+                if self._raise_on_conflict:
+                    break
+                waited = True
+                outcome = await store.wait(scope, key, timeout=self._lease)
+        except BaseException as exc:
+            metrics.failed(exc, start)
+            raise
+        if verdict is Verdict.REPLAY:
+            assert isinstance(outcome, Completed)
+            return self._replayed(outcome.value, None, None, label, start)  # type: ignore[no-any-return]
+        if verdict is Verdict.REUSED:
+            metrics.refused(start)
             raise self._key_reused(label)
+        if verdict is Verdict.CONFLICT:
+            metrics.refused(start)
+            if observed(self._telemetry):
+                self.report(CallRejected, reason="idempotency_conflict", retry_after=None)
+            raise IdempotencyConflict(
+                f"a call to {label} with this idempotency key is already in flight "
+                f"(policy {self._name!r}, on_conflict='raise')",
+                policy=self._name,
+            )
+        assert isinstance(outcome, Lease)
+        try:
+            result = await self._run_holding(fn, args, kwargs, outcome)
+        except BaseException as exc:
+            metrics.failed(exc, start)
+            raise
+        metrics.succeeded(start)
+        return result
 
     def _key_reused(self, label: str) -> IdempotencyKeyReused:
         return IdempotencyKeyReused(
@@ -348,8 +424,9 @@ class Idempotency(Policy):
             raise
         if not stored:
             _log.warning(
-                "idempotency policy %r: the claim on a key of %s ended before its call did "
-                "(lease expired or store unreachable); its result was not stored",
+                "idempotency policy %r: the result of a call of %s was not stored (its claim "
+                "ended before the call did, or the store did not answer in time: a shared "
+                "store may still store it in the background while the claim holds)",
                 self._name,
                 lease.scope,
             )
@@ -493,8 +570,9 @@ class LeaseKeeper:
     of it (best effort: a failed renewal is logged and the work goes on). On a
     shared store, storing the outcome and freeing the key are shielded from
     cancellation for up to 10 seconds, so a cancelled holder does not leave its
-    key claimed until the lease runs out. Freeing never raises: the holder's
-    own outcome is what propagates.
+    key claimed until the lease runs out (a store may wait less: ``RedisStore``
+    stops at the ambient deadline, and finishes in the background). Freeing
+    never raises: the holder's own outcome is what propagates.
     """
 
     __slots__ = ("_label", "_shield", "_store", "_work")
@@ -551,7 +629,10 @@ class LeaseKeeper:
                 _log.warning("%s: releasing a key timed out; its lease will free it", self._label)
         except Exception:  # noqa: BLE001 - logged; the holder's own outcome propagates
             _log.warning(
-                "%s: could not release a key; its lease will free it", self._label, exc_info=True
+                "%s: could not release a key now; the store goes on trying in the background "
+                "if it can, and the key's lease frees it in any case",
+                self._label,
+                exc_info=True,
             )
 
     async def _keep_renewing(self, lease: Lease) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, Union, cast, final, runtime_checkable
+from typing import Any, Final, Protocol, TypeAlias, cast, final, runtime_checkable
 
 import anyio
 
@@ -30,7 +30,7 @@ __all__ = [
 DEFAULT_MAX_ENTRIES: Final = 10_000
 
 Slot = tuple[str, str]  # (scope, key)
-Record = tuple[float, Any, Union[str, None]]  # noqa: UP007 - (expires, value, fingerprint)
+Record: TypeAlias = tuple[float, Any, str | None]  # (expires, value, fingerprint)
 
 
 @final
@@ -86,7 +86,7 @@ class InFlight:
     fingerprint: str | None
 
 
-ClaimOutcome = Union[Lease, Completed, InFlight]  # noqa: UP007 - a runtime alias on 3.10
+ClaimOutcome: TypeAlias = Lease | Completed | InFlight
 
 
 @runtime_checkable
@@ -130,8 +130,17 @@ class IdempotencyStore(Protocol):
     **Cancellation.** Callers run ``complete`` and ``release`` shielded from
     cancellation, for at most a few seconds, so that a cancelled holder
     still frees its key; a shared store should still bound its own network
-    waits. If ``release`` never gets through (the process died, the network
-    is down), the lease's expiry frees the key.
+    waits, by the ambient deadline too (`stalwart.remaining`), and may
+    finish in the background what did not get through in time (as
+    ``RedisStore`` does). A claim whose request fails or is cancelled after
+    it may have reached a shared store must not stay held: ``RedisStore``
+    names each claim by a token of its own choosing and gives it back. If
+    ``release`` never gets through (the process died, the network is down),
+    the lease's expiry frees the key.
+
+    **Limits.** A store that keeps durations where they are bounded says so
+    with a ``max_duration`` attribute (seconds); `Idempotency` and the ASGI
+    middleware refuse a longer ``ttl`` or ``lease`` when they are built.
 
     **Costs.** `Idempotency` makes one ``claim`` per call, plus one
     ``complete`` (success) or ``release`` (failure) when it ran the call,

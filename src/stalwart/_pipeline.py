@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar, final
+from typing import Any, ParamSpec, TypeVar, final
 
-from typing_extensions import ParamSpec
-
-from ._policy import Policy
-from ._telemetry import Telemetry, otel_probe, run_in_span
+from ._policy import AsyncCallable, Binding, Policy
+from ._telemetry import Telemetry
 
 __all__ = ["Pipeline"]
 
@@ -24,7 +22,8 @@ class Pipeline(Policy):
     difference in tracing: the pipeline opens a single span
     (``stalwart.pipeline <name>``) and its members record their events on it
     instead of opening spans of their own. Members still count their metrics
-    on their own telemetry.
+    and send their events on their own telemetry; the pipeline counts its
+    calls (``stalwart_calls_total{kind="pipeline"}``) on its own.
 
     The order matters. A typical stack, outermost first::
 
@@ -46,6 +45,7 @@ class Pipeline(Policy):
     """
 
     kind = "pipeline"
+    _decorator_call = "Pipeline(policy, ...)"
     __slots__ = ("_policies",)
 
     def __init__(
@@ -64,31 +64,33 @@ class Pipeline(Policy):
         """The policies, outermost first."""
         return self._policies
 
-    def _bind(
-        self,
-        fn: Callable[P, Coroutine[Any, Any, T]],
-        *,
-        origin: Callable[..., Any],
-        traced: bool,
+    def wrap(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         inner = fn
+        members = Binding(binding.origin, traced=False)
         for policy in reversed(self._policies):
-            inner = policy._bind(inner, origin=origin, traced=False)
-        if not traced:
-            return inner
-        tel, span_name, attrs, chain = (
-            self._telemetry,
-            self._span_name,
-            self._span_attributes,
-            inner,
-        )
+            inner = policy.wrap(inner, members)
+        chain: Callable[..., Coroutine[Any, Any, T]] = inner
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        metrics = self._metrics
 
-        async def traced_pipeline(*args: P.args, **kwargs: P.kwargs) -> T:
-            if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
-                return await run_in_span(tel, span_name, attrs, chain, args, kwargs)
-            return await chain(*args, **kwargs)
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
+            async def pipeline(*args: P.args, **kwargs: P.kwargs) -> T:
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
+                start = None if timer is None else timer()
+                try:
+                    result = await (chain(*args, **kwargs) if kwargs else chain(*args))
+                    metrics.success += 1
+                except BaseException as exc:
+                    metrics.failed(exc, start)
+                    raise
+                return result if start is None else metrics.returned(result, start)
 
-        return traced_pipeline
+            return pipeline
+
+        return self.build(make, binding)
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(p) for p in self._policies)

@@ -8,16 +8,17 @@ from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar, Union, final, get_args
-
-from typing_extensions import ParamSpec
+from typing import Any, Final, Literal, ParamSpec, TypeVar, final, get_args
 
 from . import _clock, _validate
-from ._errors import DeadlineExceeded
-from ._policy import Policy
+from ._deadline import _Scope, remaining
+from ._errors import CircuitOpenError, DeadlineExceeded, RateLimitExceeded
+from ._matchers import ExceptionMatcher, Matcher
+from ._metrics import Counted, MetricFamily, PolicyMetrics
+from ._policy import AsyncCallable, Binding, Policy
 from ._retry_budget import RetryBudget
-from ._telemetry import RetryStats, Telemetry, add_event, listening, otel_probe, run_in_span
-from ._timeout import _Scope, remaining
+from ._telemetry import Telemetry, observed
+from .events import RetryGaveUp, Retrying
 
 __all__ = ["Backoff", "Jitter", "Retry", "retries_disabled"]
 
@@ -27,10 +28,6 @@ T = TypeVar("T")
 Jitter = Literal["full", "equal", "decorrelated", "none"]
 """The jitter strategies of a `Backoff` (see `Backoff` for their formulas)."""
 _JITTERS: Final = frozenset(get_args(Jitter))
-
-ExceptionMatcher = Union[  # noqa: UP007 - a runtime alias: `|` needs 3.10 types on both sides
-    type[BaseException], tuple[type[BaseException], ...], Callable[[BaseException], bool]
-]
 
 
 @final
@@ -79,7 +76,10 @@ class Backoff:
             return 0.0
         # Compare in log space: multiplier**(retry-1) overflows long before
         # a retry loop would give up.
-        if (retry - 1) * math.log(self.multiplier) >= math.log(self.maximum / self.initial):
+        # (A difference of logs: maximum / initial itself may overflow.)
+        if (retry - 1) * math.log(self.multiplier) >= math.log(self.maximum) - math.log(
+            self.initial
+        ):
             return self.maximum
         return min(self.maximum, self.initial * self.multiplier ** (retry - 1))
 
@@ -107,6 +107,32 @@ class Backoff:
 
 
 _DEFAULT_BACKOFF: Final = Backoff()
+
+
+class RetryMetrics(PolicyMetrics):
+    """A `Retry`'s: retries made, and calls given up on while still failing."""
+
+    __slots__ = ("attempts", "exhausted")
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(kind, name)
+        self.attempts = 0
+        self.exhausted = 0
+
+    families = (
+        MetricFamily(
+            "stalwart_retry_attempts",
+            "counter",
+            "Retries made (attempts after the first).",
+            "attempts",
+        ),
+        MetricFamily(
+            "stalwart_retry_exhausted",
+            "counter",
+            "Calls given up on while still failing (attempts, deadline or budget ran out).",
+            "exhausted",
+        ),
+    )
 
 
 class _TestingMode:
@@ -139,20 +165,16 @@ def retries_disabled() -> Iterator[None]:
         _retries_allowed.reset(token)
 
 
-def _exception_matcher(on: Any) -> Callable[[BaseException], bool]:
-    if isinstance(on, type) and issubclass(on, BaseException):
-        return lambda exc: isinstance(exc, on)
-    if isinstance(on, tuple):
-        if not on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
-            raise TypeError(
-                "on must be an exception type, a non-empty tuple of them, or a predicate"
-            )
-        return lambda exc: isinstance(exc, on)
-    if callable(on):
-        return on  # type: ignore[no-any-return]
-    raise TypeError(
-        f"on must be an exception type, a tuple of them, or a predicate, not {type(on).__name__}"
-    )
+#: What a `Retry` given no ``on`` does not retry: refusals this process made to
+#: protect a dependency. Waiting them out would block the caller for as long
+#: as the refusal lasts (an open breaker's ``open_for``) and then send every
+#: waiting caller at once.
+_REFUSALS: Final = (CircuitOpenError, RateLimitExceeded)
+
+
+def _retry_by_default(exc: BaseException) -> bool:
+    """The default ``on``: every `Exception` except the refusals above."""
+    return not isinstance(exc, _REFUSALS)
 
 
 def _default_hint(outcome: object) -> float | None:
@@ -167,9 +189,13 @@ class Retry(Policy):
     Args:
         attempts: total tries including the first, >= 1.
         on: which exceptions to retry: a type, a tuple of types, or a
-            predicate ``exc -> bool``. Only `Exception` subclasses are ever
-            retried: cancellation, ``KeyboardInterrupt`` and ``SystemExit``
-            propagate at once, even with ``on=BaseException``.
+            predicate ``exc -> bool``. Not given (or None): every `Exception`
+            except `CircuitOpenError` and `RateLimitExceeded`, so an open
+            breaker or a rate limit fails the call at once instead of being
+            waited out; ``on=Exception`` retries those too. Only `Exception`
+            subclasses are ever retried: cancellation, ``KeyboardInterrupt``
+            and ``SystemExit`` propagate at once, even with
+            ``on=BaseException``.
         on_result: ``result -> bool``, True to retry a returned value.
         backoff: the delays between attempts (a `Backoff`).
         timeout: seconds for all attempts and sleeps together; works like a
@@ -177,7 +203,8 @@ class Retry(Policy):
         budget: a shared `RetryBudget`; a retry it denies is not made.
         retry_after: ``exc_or_result -> float | None``, a server's hint of
             how long to wait. By default an exception's ``retry_after``
-            attribute (so a `CircuitOpenError` is waited out, not hammered).
+            attribute (a server's ``Retry-After``, as `stalwart.httpx` and
+            others attach it).
         rng: the ``random.Random`` jitter draws from (default: the ``random``
             module's), for reproducible delays.
         name: the ``policy`` label of its metrics and attribute of its spans.
@@ -185,7 +212,11 @@ class Retry(Policy):
 
     The delay before a retry is ``max(backoff delay, hint)``; when it would
     end after the ambient deadline or the ``timeout``, no more attempts are
-    made. When retrying stops, the last exception propagates unchanged, or
+    made. A hint longer than the backoff's ``maximum`` (``inf`` included) is
+    not waited either: retrying stops at once, so no call ever sleeps longer
+    than ``maximum`` between attempts (an upstream answering ``Retry-After:
+    86400`` is down for the day, not for a retry). When retrying stops, the
+    last exception propagates unchanged, or
     for result-based retries the last result is returned. An exception that
     was retried is done with: its ``__traceback__`` is cleared before the
     next attempt (it would otherwise keep alive the frames that hold it).
@@ -197,6 +228,9 @@ class Retry(Policy):
     """
 
     kind = "retry"
+    metrics_type = RetryMetrics
+    _metrics: RetryMetrics
+    _decorator_call = "Retry()"
     __slots__ = (
         "_attempts",
         "_backoff",
@@ -206,7 +240,6 @@ class Retry(Policy):
         "_on",
         "_on_result",
         "_rng",
-        "_stats",
         "_timeout",
     )
 
@@ -214,7 +247,7 @@ class Retry(Policy):
         self,
         attempts: int = 3,
         *,
-        on: ExceptionMatcher = Exception,
+        on: ExceptionMatcher | None = None,
         on_result: Callable[[Any], bool] | None = None,
         backoff: Backoff = _DEFAULT_BACKOFF,
         timeout: float | None = None,
@@ -226,8 +259,10 @@ class Retry(Policy):
     ) -> None:
         super().__init__(name=name, telemetry=telemetry)
         self._attempts = _validate.count("attempts", attempts)
-        self._on = on
-        self._matches = _exception_matcher(on)
+        # The default is a predicate like any other: `_retryable` checks it
+        # only once an attempt has failed, so the hot path does not see it.
+        self._on = _retry_by_default if on is None else on
+        self._matches = Matcher("on", self._on)
         if on_result is not None and not callable(on_result):
             raise TypeError(f"on_result must be callable, not {type(on_result).__name__}")
         self._on_result = on_result
@@ -244,7 +279,6 @@ class Retry(Policy):
         if rng is not None and not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
         self._rng = rng
-        self._stats = self._telemetry.stats("retry", self._name, RetryStats)
 
     @property
     def attempts(self) -> int:
@@ -267,84 +301,58 @@ class Retry(Policy):
         return self._budget
 
     def _retryable(self, exc: BaseException) -> bool:
-        on = self._on
-        if isinstance(on, (type, tuple)):
-            return isinstance(exc, Exception) and isinstance(exc, on)
-        return isinstance(exc, Exception) and bool(self._matches(exc))
+        # Only `Exception`s: cancellation and exits are never retried, whatever `on` says.
+        return isinstance(exc, Exception) and self._matches(exc)
 
-    def _bind(
-        self,
-        fn: Callable[P, Coroutine[Any, Any, T]],
-        *,
-        origin: Callable[..., Any],
-        traced: bool,
+    def wrap(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        retryable, again, run = self._retryable, self._again, self._run
-        tel, span_name, attrs = self._telemetry, self._span_name, self._span_attributes
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        retryable, again, first, metrics = self._retryable, self._again, self._first, self._metrics
+        seconds, name, owner = self._timeout, self._name, self
+        # No result predicate, budget, timeout nor latency to measure: the first
+        # attempt is made inline, with nothing to time and no coroutine between
+        # caller and `fn` (the "Retry, success" row).
+        simple = (
+            self._on_result is None and seconds is None and self._budget is None and timer is None
+        )
 
-        if self._on_result is not None or self._timeout is not None or self._budget is not None:
-
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
-                return await run(fn, args, kwargs)
-
-        else:
-
-            async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
+                if not simple:
+                    start = None if timer is None else timer()
+                    # The block counts the call's outcome; a `timeout` scope also its expiry.
+                    with (
+                        Counted(metrics, start)
+                        if seconds is None
+                        else _Scope(seconds, name, owner, metrics, start)
+                    ):
+                        return await first(fn, args, kwargs)
                 try:
-                    return await (fn(*args, **kwargs) if kwargs else positional(*args))
+                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
                 except BaseException as exc:
                     if not retryable(exc):
+                        metrics.failed(exc, None)
                         raise
                     failure = exc
+                else:
+                    metrics.success += 1
+                    return result
                 # Retry outside the `except`, or every later error would
                 # carry this one as its __context__. And let go of it after:
                 # raised again, its traceback would hold this frame holding it.
                 try:
-                    return await again(fn, args, kwargs, failure, True)
+                    with Counted(metrics):
+                        return await again(fn, args, kwargs, failure, True)
                 finally:
                     del failure
 
-        if not traced:
             return retrying
 
-        if self._on_result is not None or self._timeout is not None or self._budget is not None:
-
-            async def traced_retrying(*args: P.args, **kwargs: P.kwargs) -> T:
-                if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
-                    return await run_in_span(tel, span_name, attrs, retrying, args, kwargs)
-                return await run(fn, args, kwargs)
-
-        else:
-            # The common case, inlined: one coroutine between caller and `fn`.
-            async def traced_retrying(*args: P.args, **kwargs: P.kwargs) -> T:
-                if otel_probe._TRACER_PROVIDER is not None or tel._tracer is not None:
-                    return await run_in_span(tel, span_name, attrs, retrying, args, kwargs)
-                try:
-                    return await (fn(*args, **kwargs) if kwargs else positional(*args))
-                except BaseException as exc:
-                    if not retryable(exc):
-                        raise
-                    failure = exc
-                try:
-                    return await again(fn, args, kwargs, failure, True)
-                finally:
-                    del failure  # no cycle if it is raised again
-
-        return traced_retrying
-
-    async def _run(
-        self,
-        fn: Callable[..., Coroutine[Any, Any, T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> T:
-        if self._budget is not None:
-            self._budget.deposit()
-        if self._timeout is None:
-            return await self._first(fn, args, kwargs)
-        with _Scope(self._timeout, self._name, self):
-            return await self._first(fn, args, kwargs)
+        return self.build(make, binding)
 
     async def _first(
         self,
@@ -352,6 +360,9 @@ class Retry(Policy):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> T:
+        """The first attempt of a call with a result predicate, budget or timeout."""
+        if self._budget is not None:
+            self._budget.deposit()
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
@@ -381,8 +392,10 @@ class Retry(Policy):
         if testing is not None and testing.attempts is not None:
             attempts = min(attempts, testing.attempts)
         backoff, rng, budget, on_result = self._backoff, self._rng, self._budget, self._on_result
-        hint_of, stats, retryable = self._hint, self._stats, self._retryable
-        no_backoff = backoff.maximum == 0.0
+        hint_of, metrics, retryable = self._hint, self._metrics, self._retryable
+        telemetry = self._telemetry
+        maximum = backoff.maximum
+        no_backoff = maximum == 0.0
         if not _retries_allowed.get():
             attempts = 1
         attempt = 1
@@ -391,12 +404,10 @@ class Retry(Policy):
             delay = 0.0 if no_backoff else backoff.delay(attempt, previous, rng)
             previous = delay
             hint = hint_of(failure)
-            if (
-                hint is not None
-                and isinstance(hint, (int, float))
-                and hint > delay
-                and math.isfinite(hint)
-            ):
+            # (NaN compares false: ignored like a negative or absent hint.)
+            if hint is not None and isinstance(hint, (int, float)) and hint > delay:
+                if hint > maximum:
+                    break  # longer than we ever wait: give up now, in tests too
                 delay = float(hint)
             if testing is not None:
                 delay = 0.0
@@ -406,21 +417,20 @@ class Retry(Policy):
             if budget is not None and not budget.try_withdraw():
                 break
             attempt += 1
-            stats.attempts += 1
+            metrics.attempts += 1
+            if observed(telemetry):
+                self.report(
+                    Retrying,
+                    attempt=attempt,
+                    delay=delay,
+                    error=failure if raised else None,
+                    result=None if raised else failure,
+                )
             if raised:
                 # The failure is handled: drop its traceback. It holds the
                 # frames that hold the failure, a reference cycle per retried
                 # error left for the garbage collector otherwise.
                 failure.__traceback__ = None
-            if listening():
-                add_event(
-                    "stalwart.retry",
-                    {
-                        **self._span_attributes,
-                        "stalwart.attempt": attempt,
-                        "stalwart.delay": delay,
-                    },
-                )
             if delay > 0.0:
                 await _clock.sleep(delay)
             try:
@@ -434,7 +444,14 @@ class Retry(Policy):
                 failure, raised = result, False
                 continue
             return result
-        stats.exhausted += 1
+        metrics.exhausted += 1
+        if observed(telemetry):
+            self.report(
+                RetryGaveUp,
+                attempts=attempt,
+                error=failure if raised else None,
+                result=None if raised else failure,
+            )
         if raised:
             try:
                 raise failure
@@ -448,10 +465,13 @@ class Retry(Policy):
 
     def deadline_exceeded(self, timeout: float) -> DeadlineExceeded:
         """The ``timeout`` budget ran out mid-attempt: the retry gave up."""
-        self._stats.exhausted += 1
-        return DeadlineExceeded(
+        self._metrics.exhausted += 1
+        error = DeadlineExceeded(
             f"{self._name!r} ran out of its {timeout:g}s budget", policy=self._name, timeout=timeout
         )
+        if observed(self._telemetry):
+            self.report(RetryGaveUp, attempts=0, error=error, result=None)
+        return error
 
     def __repr__(self) -> str:
         return f"Retry({self._attempts}, backoff={self._backoff!r}, name={self._name!r})"

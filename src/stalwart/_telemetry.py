@@ -1,26 +1,29 @@
-"""Metrics and traces, cheap when nobody listens.
+"""Metrics, traces and events, cheap when nobody listens.
 
-Two decisions keep the hot path free of telemetry cost:
+Three decisions keep the hot path free of telemetry cost:
 
 * **Metrics are read at scrape time.** A policy counts into plain integer
-  slots of a small stats object, bound once at construction and shared by all
-  policies of the same kind and name on one registry. A single custom
-  `Collector` per registry turns them into Prometheus families when scraped.
-  No label lookups, locks or formatting happen per call. (Counting is an
-  unlocked ``+= 1``: exact on one event loop, the way policies are used.)
+  slots of its `PolicyMetrics` (see `_metrics`), shared by the policies of
+  one kind and name on one registry, and turned into Prometheus families
+  only when the registry is scraped.
 * **Spans are opened only when a real tracer provider is configured.** The
   OpenTelemetry API's no-op path still costs ~50x a bare ``await``, so each
-  decorated call first checks two attributes (see `Telemetry.tracing_gate`);
-  with no SDK installed that check is all the tracing work there is.
+  decorated call first reads one attribute of its telemetry's *provider
+  slot* (`Telemetry.provider_slot`): with no SDK installed, that read is all
+  the tracing work there is.
+* **Events are built only for someone.** A policy builds an event (see
+  `stalwart.events`) only when its telemetry has listeners or a span may be
+  recording (`observed`); otherwise reporting it costs one test.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-import weakref
-from collections.abc import Callable, Coroutine, Iterator, Mapping
-from typing import Any, Final, Protocol, TypeVar, cast, final
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, Final, TypeVar, final
 
 import opentelemetry.trace as _ot
 from opentelemetry.context import attach as _attach
@@ -29,55 +32,76 @@ from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
 from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from . import _clock, _metrics
+from ._metrics import POLICY_ATTRIBUTE, PolicyMetrics, Registration
+from ._privates import ProviderSlot, otel_probe
 from ._version import __version__
+from .events import Event, Listener
 
-__all__ = ["Telemetry"]
+__all__ = ["POLICY_ATTRIBUTE", "Telemetry"]
 
 T = TypeVar("T")
-S = TypeVar("S")
+M = TypeVar("M", bound=PolicyMetrics)
 
 _INSTRUMENTATION = "stalwart"
-POLICY_ATTRIBUTE: Final = "stalwart.policy"
+_log = logging.getLogger("stalwart")
 
 
-class _ProviderProbe(Protocol):
-    _TRACER_PROVIDER: Any
+class _Fixed:
+    """The provider slot of a telemetry given its own provider: it never changes."""
+
+    __slots__ = ("_TRACER_PROVIDER",)
+
+    def __init__(self, provider: object) -> None:
+        self._TRACER_PROVIDER = provider
 
 
-class _SlowProbe:
-    """Fallback if the OpenTelemetry API ever renames its global slot."""
-
-    @property
-    def _TRACER_PROVIDER(self) -> Any:  # noqa: N802 - mirrors the API's name
-        provider = _ot.get_tracer_provider()
-        return None if isinstance(provider, ProxyTracerProvider) else provider
-
-
-# ``opentelemetry.trace._TRACER_PROVIDER`` is None until an application calls
-# ``set_tracer_provider`` (which the API allows exactly once). Reading that
-# module attribute is the cheapest possible "is an SDK configured?" check.
-otel_probe: _ProviderProbe = cast(
-    _ProviderProbe, _ot if hasattr(_ot, "_TRACER_PROVIDER") else _SlowProbe()
-)
+_NO_PROVIDER: Final = _Fixed(None)
 
 # True once any Telemetry was given an explicit, real tracer provider: events
 # must then be looked for even while the global provider is unset.
 _explicit_tracing = False
 
 
-def listening() -> bool:
-    """Could any span be recording? Guards event work on rare paths."""
-    return _explicit_tracing or otel_probe._TRACER_PROVIDER is not None
+def observed(telemetry: Telemetry) -> bool:
+    """Would an event of a policy on ``telemetry`` reach anyone?"""
+    return (
+        bool(telemetry._listeners) or _explicit_tracing or otel_probe._TRACER_PROVIDER is not None
+    )
 
 
-def add_event(name: str, attributes: Mapping[str, AttributeValue]) -> None:
-    """Record ``name`` on the current span, if one is recording."""
+def event_time() -> float:
+    """Now, on the running loop's clock; outside a loop, ``time.monotonic()``."""
+    try:
+        return _clock.now()
+    except RuntimeError:
+        return time.monotonic()
+
+
+def report(
+    telemetry: Telemetry, event_type: type[Event], policy: str, kind: str, **fields: Any
+) -> None:
+    """Build an event of ``policy`` (of ``kind``) and `emit` it, if anyone listens."""
+    if telemetry._listeners or _explicit_tracing or otel_probe._TRACER_PROVIDER is not None:
+        emit(telemetry, event_type(policy=policy, kind=kind, time=event_time(), **fields))
+
+
+def emit(telemetry: Telemetry, event: Event) -> None:
+    """Record ``event`` on the current span and hand it to every listener.
+
+    Build the event only when `observed` says someone is there. A listener
+    that raises is logged, and the next one still called.
+    """
     if _explicit_tracing or otel_probe._TRACER_PROVIDER is not None:
         span = _ot.get_current_span()
         if span.is_recording():
-            span.add_event(name, attributes)
+            span.add_event(event.span_event, event.span_attributes())
+    for listener in telemetry._listeners:
+        try:
+            listener(event)
+        except Exception:  # noqa: BLE001 - a listener's failure must not reach the call
+            _log.exception("a stalwart event listener (%r) raised on %s", listener, event)
 
 
 @final
@@ -94,17 +118,41 @@ class Telemetry:
             Pass ``opentelemetry.trace.NoOpTracerProvider()`` to switch
             tracing off for a policy.
 
+        listeners: callables ``(event) -> None`` given every event (see
+            `stalwart.events`) of every policy reporting here, in order and
+            synchronously. One that raises is logged on the ``stalwart``
+            logger and never reaches the call.
+        latency: also measure how long calls take, in the histogram
+            ``stalwart_call_duration_seconds`` (labelled ``kind`` and
+            ``outcome``): ``True`` for the default buckets (5 ms to 5 s),
+            or a tuple of bucket bounds in seconds. One registry has one set
+            of buckets. Off by default: it reads the clock twice per call.
+
     Metric series exist from the construction of each policy; they are
     computed at scrape time, so the per-call cost is an integer increment.
+    Metrics of policies that no longer exist are kept (counters only, not
+    gauges) for the last 1,000 names per registry, so that a service that
+    makes policies per request or per host keeps bounded metric state.
     """
 
-    __slots__ = ("_collector", "_follow_global", "_registry", "_tracer", "_tracer_provider")
+    __slots__ = (
+        "_buckets",
+        "_collector",
+        "_follow_global",
+        "_listeners",
+        "_registry",
+        "_slot",
+        "_tracer",
+        "_tracer_provider",
+    )
 
     def __init__(
         self,
         *,
         registry: CollectorRegistry | None = None,
         tracer_provider: _ot.TracerProvider | None = None,
+        listeners: Iterable[Listener] = (),
+        latency: bool | tuple[float, ...] = False,
     ) -> None:
         global _explicit_tracing
         if registry is None:
@@ -121,19 +169,32 @@ class Telemetry:
                 "tracer_provider must be an opentelemetry TracerProvider, "
                 f"not {type(tracer_provider).__name__}"
             )
+        if not isinstance(listeners, Iterable) or isinstance(listeners, (str, bytes)):  # type: ignore[unreachable]
+            raise TypeError(
+                f"listeners must be an iterable of callables, not {type(listeners).__name__}"
+            )
+        self._listeners: tuple[Listener, ...] = tuple(listeners)
+        for listener in self._listeners:
+            if not callable(listener):
+                raise TypeError(f"listeners must hold callables, got {type(listener).__name__}")
+        self._buckets = _metrics.buckets(latency)
         self._registry = registry
         self._tracer_provider = tracer_provider
-        self._collector = _collector_for(registry)
+        self._collector = _metrics.collector_for(registry)
         self._tracer: _ot.Tracer | None = None
         self._follow_global = tracer_provider is None or isinstance(
             tracer_provider, ProxyTracerProvider
         )
+        self._slot: ProviderSlot = otel_probe
         if self._follow_global:
             if OTEL_PYTHON_TRACER_PROVIDER in os.environ:
                 _ot.get_tracer_provider()  # loads the provider named by the environment
-        elif not isinstance(tracer_provider, NoOpTracerProvider):
+        elif isinstance(tracer_provider, NoOpTracerProvider):
+            self._slot = _NO_PROVIDER
+        else:
             assert tracer_provider is not None
             self._tracer = tracer_provider.get_tracer(_INSTRUMENTATION, __version__)
+            self._slot = _Fixed(tracer_provider)
             _explicit_tracing = True
 
     @property
@@ -146,13 +207,31 @@ class Telemetry:
         """The provider given at construction (None: the global one)."""
         return self._tracer_provider
 
-    def tracing_gate(self) -> bool:
-        """Might a call be traced now? Hot paths inline this very expression.
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        """The listeners given at construction."""
+        return self._listeners
 
-        True also for a policy switched off by an explicit no-op provider
-        while a global one is installed: `resolve_tracer` then says no.
+    @property
+    def latency(self) -> tuple[float, ...] | None:
+        """The latency histogram's bucket bounds, or None when latency is not measured."""
+        return self._buckets
+
+    @property
+    def provider_slot(self) -> ProviderSlot:
+        """Where this telemetry's tracer provider is, for a wrapper's tracing gate.
+
+        ``slot._TRACER_PROVIDER is not None`` is the gate: a wrapper that
+        sees it set opens its span (`run_in_span`), otherwise it opens none.
+        The slot is the OpenTelemetry API's global one for a telemetry that
+        follows the global provider; read it per call (the global provider
+        can be set after the policy was built).
         """
-        return otel_probe._TRACER_PROVIDER is not None or self._tracer is not None
+        return self._slot
+
+    def tracing_gate(self) -> bool:
+        """Might a call be traced now? (Wrappers read `provider_slot` themselves.)"""
+        return self._slot._TRACER_PROVIDER is not None
 
     def resolve_tracer(self) -> _ot.Tracer | None:
         """The tracer to use, or None when nobody listens."""
@@ -165,13 +244,26 @@ class Telemetry:
                     self._tracer = provider.get_tracer(_INSTRUMENTATION, __version__)
         return self._tracer
 
-    def stats(self, kind: str, name: str, factory: Callable[[str], S]) -> S:
-        """The stats object shared by policies of ``kind`` named ``name``."""
-        return self._collector.stats(kind, name, factory)
+    def register(
+        self, kind: str, name: str, metrics_type: type[M], *, state: object = None
+    ) -> tuple[Registration, bool]:
+        """The hold of a policy of ``kind`` named ``name`` on its shared metrics.
+
+        `Policy` does this for every policy it constructs;
+        ``registration.metrics`` is the `PolicyMetrics` object, of class
+        ``metrics_type``, it counts into. The flag says whether another live
+        policy may hold these metrics while they are exclusive (a suspected
+        clash, see `Collector.confirm`), unless both share their state
+        through the same ``state`` object.
+        """
+        return self._collector.register(kind, name, metrics_type, self._buckets, state)
 
     def __repr__(self) -> str:
         provider = "global" if self._tracer_provider is None else repr(self._tracer_provider)
-        return f"Telemetry(registry={self._registry!r}, tracer_provider={provider})"
+        extra = f", listeners={list(self._listeners)!r}" if self._listeners else ""
+        if self._buckets is not None:
+            extra += f", latency={self._buckets!r}"
+        return f"Telemetry(registry={self._registry!r}, tracer_provider={provider}{extra})"
 
 
 _default: Telemetry | None = None
@@ -237,185 +329,3 @@ def _error_type(exc: BaseException) -> str:
     cls = type(exc)
     module = cls.__module__
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
-
-
-# -- metrics -----------------------------------------------------------------
-
-
-class RetryStats:
-    __slots__ = ("attempts", "exhausted", "name")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.attempts = 0
-        self.exhausted = 0
-
-
-class TimeoutStats:
-    __slots__ = ("name", "timeouts")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.timeouts = 0
-
-
-class _Gauged(Protocol):
-    @property
-    def in_flight(self) -> int: ...
-    @property
-    def queued(self) -> int: ...
-
-
-class BulkheadStats:
-    """Rejections are counted; the gauges are read from live bulkheads."""
-
-    __slots__ = ("live", "name", "rejected")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.rejected = 0
-        self.live: weakref.WeakSet[_Gauged] = weakref.WeakSet()
-
-
-CIRCUIT_STATES: Final = ("closed", "open", "half_open")
-
-
-class CircuitStats:
-    __slots__ = ("name", "rejected", "state", "transitions")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.rejected = 0
-        self.state = "closed"
-        self.transitions: dict[tuple[str, str], int] = {}
-
-    def transition(self, from_state: str, to_state: str) -> None:
-        key = (from_state, to_state)
-        self.transitions[key] = self.transitions.get(key, 0) + 1
-        self.state = to_state
-
-
-class IdempotencyStats:
-    __slots__ = ("conflicts", "name", "replays")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.replays = 0
-        self.conflicts = 0
-
-
-class _Collector:
-    """Turns the stats of every policy on one registry into metric families."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._kinds: dict[str, dict[str, Any]] = {
-            "retry": {},
-            "timeout": {},
-            "bulkhead": {},
-            "circuit_breaker": {},
-            "idempotency": {},
-        }
-
-    def stats(self, kind: str, name: str, factory: Callable[[str], S]) -> S:
-        table = self._kinds[kind]
-        found = table.get(name)
-        if found is None:
-            with self._lock:
-                found = table.setdefault(name, factory(name))
-        return found  # type: ignore[no-any-return]
-
-    def describe(self) -> Iterator[Metric]:
-        yield from self._families()
-
-    def collect(self) -> Iterator[Metric]:
-        yield from self._families(fill=True)
-
-    def _families(self, fill: bool = False) -> Iterator[Metric]:
-        k = self._kinds
-        with self._lock:
-            retry = list(k["retry"].values())
-            timeout = list(k["timeout"].values())
-            bulkhead = list(k["bulkhead"].values())
-            circuit = list(k["circuit_breaker"].values())
-            idem = list(k["idempotency"].values())
-
-        attempts = CounterMetricFamily(
-            "stalwart_retry_attempts", "Retries made (attempts after the first).", labels=["policy"]
-        )
-        exhausted = CounterMetricFamily(
-            "stalwart_retry_exhausted",
-            "Calls given up on while still failing (attempts, deadline or budget ran out).",
-            labels=["policy"],
-        )
-        timeouts = CounterMetricFamily(
-            "stalwart_timeouts", "Calls cancelled by a Timeout.", labels=["policy"]
-        )
-        in_flight = GaugeMetricFamily(
-            "stalwart_bulkhead_in_flight", "Calls running inside a bulkhead.", labels=["policy"]
-        )
-        queued = GaugeMetricFamily(
-            "stalwart_bulkhead_queued", "Calls waiting for a bulkhead slot.", labels=["policy"]
-        )
-        bh_rejected = CounterMetricFamily(
-            "stalwart_bulkhead_rejected", "Calls a bulkhead turned away.", labels=["policy"]
-        )
-        state = GaugeMetricFamily(
-            "stalwart_circuit_state",
-            "1 for the circuit breaker's current state, 0 for the others.",
-            labels=["policy", "state"],
-        )
-        transitions = CounterMetricFamily(
-            "stalwart_circuit_transitions",
-            "Circuit breaker state changes.",
-            labels=["policy", "from_state", "to_state"],
-        )
-        cb_rejected = CounterMetricFamily(
-            "stalwart_circuit_rejected", "Calls an open circuit rejected.", labels=["policy"]
-        )
-        replays = CounterMetricFamily(
-            "stalwart_idempotency_replays",
-            "Calls answered from a stored result.",
-            labels=["policy"],
-        )
-        conflicts = CounterMetricFamily(
-            "stalwart_idempotency_conflicts",
-            "Calls whose key was already in flight.",
-            labels=["policy"],
-        )
-        if fill:
-            for r in retry:
-                attempts.add_metric([r.name], r.attempts)
-                exhausted.add_metric([r.name], r.exhausted)
-            for t in timeout:
-                timeouts.add_metric([t.name], t.timeouts)
-            for b in bulkhead:
-                live = list(b.live)
-                in_flight.add_metric([b.name], sum(x.in_flight for x in live))
-                queued.add_metric([b.name], sum(x.queued for x in live))
-                bh_rejected.add_metric([b.name], b.rejected)
-            for c in circuit:
-                for s in CIRCUIT_STATES:
-                    state.add_metric([c.name, s], 1.0 if c.state == s else 0.0)
-                for (from_state, to_state), n in sorted(c.transitions.items()):
-                    transitions.add_metric([c.name, from_state, to_state], n)
-                cb_rejected.add_metric([c.name], c.rejected)
-            for i in idem:
-                replays.add_metric([i.name], i.replays)
-                conflicts.add_metric([i.name], i.conflicts)
-        yield from (attempts, exhausted, timeouts, in_flight, queued, bh_rejected)
-        yield from (state, transitions, cb_rejected, replays, conflicts)
-
-
-_collectors: weakref.WeakKeyDictionary[CollectorRegistry, _Collector] = weakref.WeakKeyDictionary()
-_collectors_lock = threading.Lock()
-
-
-def _collector_for(registry: CollectorRegistry) -> _Collector:
-    with _collectors_lock:
-        collector = _collectors.get(registry)
-        if collector is None:
-            collector = _Collector()
-            registry.register(collector)
-            _collectors[registry] = collector
-        return collector

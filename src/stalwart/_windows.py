@@ -31,6 +31,7 @@ from . import _validate
 __all__ = ["CountWindow", "TimeWindow"]
 
 _DEFAULT_BUCKETS: Final = 10
+_MIN_BUCKET_WIDTH: Final = 1e-6  # seconds
 
 
 @final
@@ -46,7 +47,7 @@ class CountWindow:
     size: int
 
     def __post_init__(self) -> None:
-        _validate.count("size", self.size)
+        _validate.count("size", self.size, maximum=_validate.MAX_WINDOW_CALLS)
 
 
 @final
@@ -68,10 +69,13 @@ class TimeWindow:
         object.__setattr__(
             self, "seconds", _validate.duration("seconds", self.seconds, positive=True)
         )
-        _validate.count("buckets", self.buckets)
-        if self.seconds / self.buckets == 0.0:
+        _validate.count("buckets", self.buckets, maximum=_validate.MAX_BUCKETS)
+        if self.seconds / self.buckets < _MIN_BUCKET_WIDTH:
+            # Finer than any event loop's clock, and bucket numbers
+            # (time / width) would overflow.
             raise ValueError(
-                f"seconds / buckets must be > 0, got {self.seconds!r} / {self.buckets}"
+                f"seconds / buckets must be at least {_MIN_BUCKET_WIDTH:g}, "
+                f"got {self.seconds!r} / {self.buckets}"
             )
 
 
@@ -91,12 +95,8 @@ class Ring(Protocol):
     @property
     def window(self) -> CountWindow | TimeWindow: ...
 
-    def record(self, failure: bool, slow: bool, now: float) -> bool:
-        """Add an outcome that ended at ``now`` (count windows ignore ``now``).
-
-        True if time moved older outcomes out of the window, which may raise
-        its rates (a count window only ever replaces its oldest outcome).
-        """
+    def record(self, failure: bool, slow: bool, now: float) -> None:
+        """Add an outcome that ended at ``now`` (count windows ignore ``now``)."""
 
     def refresh(self, now: float | None) -> None:
         """Bring the totals up to date (to ``now``, unless None: no clock)."""
@@ -142,7 +142,7 @@ class CountRing:
     def window(self) -> CountWindow:
         return CountWindow(self.size)
 
-    def record(self, failure: bool, slow: bool, now: float) -> bool:
+    def record(self, failure: bool, slow: bool, now: float) -> None:
         if self.pending:
             self._lay_pending()
         i = self.next
@@ -168,7 +168,6 @@ class CountRing:
         if self.calls < self.size:
             self.calls += 1
         self.next = 0 if i + 1 == self.size else i + 1
-        return False
 
     def refresh(self, now: float | None) -> None:
         if self.pending:
@@ -257,12 +256,11 @@ class TimeRing:
         self._at = 0  # where its counts are in `_counts`
         self.calls = self.failures = self.slow = self.run = 0
 
-    def _advance(self, current: float) -> bool:
-        """Move the window on to bucket number ``current``; True if calls left it."""
+    def _advance(self, current: float) -> None:
+        """Move the window on to bucket number ``current``."""
         last = self._current
         buckets = self.window.buckets
         counts = self._counts
-        left = self.calls
         if current < last or current - last >= buckets:
             # First use, a long pause, or a new clock (another event loop).
             counts[:] = array("q", bytes(8 * 3 * buckets))
@@ -277,11 +275,11 @@ class TimeRing:
                     counts[at] = counts[at + 1] = counts[at + 2] = 0
         self._current = current
         self._at = 3 * (int(current) % buckets)
-        return self.calls != left
 
-    def record(self, failure: bool, slow: bool, now: float) -> bool:
+    def record(self, failure: bool, slow: bool, now: float) -> None:
         current = now // self._width
-        expired = current != self._current and self._advance(current)
+        if current != self._current:
+            self._advance(current)
         at = self._at
         counts = self._counts
         counts[at] += 1
@@ -295,7 +293,6 @@ class TimeRing:
         if slow:
             counts[at + 2] += 1
             self.slow += 1
-        return expired
 
     def refresh(self, now: float | None) -> None:
         if now is not None:

@@ -21,7 +21,10 @@ What the transport adds to the policy:
 * a ``Retry-After`` header (seconds or an HTTP date) becomes the error's
   ``retry_after``, which `~stalwart.Retry` waits out;
 * only requests that are safe to repeat are retried: idempotent methods and
-  requests carrying an ``Idempotency-Key`` (which it can add for you);
+  requests carrying an ``Idempotency-Key`` (which it can add for you), also
+  when the server answers 409 because the key's first request still runs;
+* every error that leaves it is an ``httpx.HTTPError``, and the stalwart
+  error it stands for too (`TransportCircuitOpenError`, ...);
 * under an ambient deadline (`~stalwart.deadline`) every attempt tells the
   server how long it has left, in ``x-request-timeout-ms``, and never waits on
   the network longer than that itself;
@@ -32,15 +35,9 @@ What the transport adds to the policy:
 
 from __future__ import annotations
 
-import math
 import random
-import re
-import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable
-from datetime import timezone
-from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Final, final
 
@@ -48,15 +45,37 @@ try:
     import httpx
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "stalwart.httpx needs httpx: install it with `pip install stalwart[httpx]`"
+        "stalwart.httpx needs httpx: install it with `pip install 'stalwart[httpx]'`"
     ) from exc
 
 from . import _validate
-from ._errors import DeadlineExceeded
-from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
-from ._policy import Policy
+from ._errors import (
+    BulkheadFullError,
+    CircuitOpenError,
+    DeadlineExceeded,
+    RateLimitExceeded,
+    StalwartError,
+)
+from ._http import (
+    DEADLINE_HEADER,
+    DEFAULT_RETRY_STATUSES,
+    IDEMPOTENCY_HEADER,
+    IDEMPOTENT_METHODS,
+    ClientRules,
+    milliseconds,
+    parse_retry_after,
+    response_retry_after,
+)
+from ._policy import Binding, Policy
 from ._retry import Retry, retries_disabled
-from ._timeout import remaining
+from ._transport import (
+    by_kind,
+    made_policy,
+    policy_factory,
+    policy_option,
+    time_left,
+    translated,
+)
 
 __all__ = [
     "DEFAULT_MAX_HOSTS",
@@ -65,19 +84,16 @@ __all__ = [
     "IDEMPOTENT_METHODS",
     "ResilientTransport",
     "RetryableStatusError",
+    "TransportBulkheadFullError",
+    "TransportCircuitOpenError",
+    "TransportDeadlineExceeded",
+    "TransportRateLimitExceeded",
     "parse_retry_after",
 ]
-
-DEFAULT_RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
-"""Statuses that mean "try again later": rate limited, or a gateway's upstream failed."""
-
-IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-"""Methods RFC 9110 defines as idempotent: repeating them is safe."""
 
 DEFAULT_MAX_HOSTS: Final = 100
 """How many upstreams keep a ``per_host`` policy at once, by default."""
 
-_DELTA_SECONDS: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 _Send = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
@@ -86,6 +102,9 @@ _Origin = tuple[str, bytes, int | None]  # scheme, raw host, port (None: the def
 
 class RetryableStatusError(httpx.HTTPStatusError):
     """An attempt got a response whose status is in ``retry_statuses``.
+
+    (Or a 409 to a request carrying an ``Idempotency-Key``: the server is
+    still running that key's first request.)
 
     `ResilientTransport` raises it inside the policy, so a `~stalwart.Retry`
     retries it and a circuit breaker counts it as a failure; it never reaches
@@ -123,47 +142,85 @@ DEFAULT_RETRY_ON: Final[tuple[type[Exception], ...]] = (
     httpx.RemoteProtocolError,
     httpx.ProxyError,
     RetryableStatusError,
+    DeadlineExceeded,
 )
 """What the default policy retries: every ``httpx.TransportError`` a retry can
-mend (not ``UnsupportedProtocol`` or ``LocalProtocolError``), and
-`RetryableStatusError`."""
+mend (not ``UnsupportedProtocol`` or ``LocalProtocolError``),
+`RetryableStatusError`, and an attempt cut short by a `~stalwart.Timeout`
+(`~stalwart.DeadlineExceeded`), like httpx's own timeouts. (A deadline
+that has passed leaves no time for another attempt: the retry stops.)"""
 
 
-def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
-    """Seconds to wait according to a ``Retry-After`` value, or None.
+# -- the errors that escape the transport ----------------------------------------------
+#
+# Each is the stalwart error it stands for and an httpx error, so that
+# `except httpx.HTTPError` and `except sw.CircuitOpenError` both catch it. Which
+# httpx error follows `_http.ERROR_RULES`: a timeout, or a request not sent.
 
-    ``value`` is delta-seconds (``"120"``; a decimal fraction is accepted) or
-    an HTTP date (``"Wed, 21 Oct 2015 07:28:00 GMT"``), which is compared to
-    ``now`` (a POSIX timestamp; default: the wall clock). A date in the past
-    gives 0.0. Anything malformed or negative gives None: a hint that cannot
-    be read is no hint.
 
-    Example::
+@final
+class TransportDeadlineExceeded(httpx.TimeoutException, DeadlineExceeded):
+    """An ``httpx.TimeoutException`` that is a `~stalwart.DeadlineExceeded`.
 
-        parse_retry_after("3")  # 3.0
-        parse_retry_after("-1")  # None
+    Raised instead of it when a deadline, a `~stalwart.Timeout` or a
+    ``Retry(timeout=)`` in the policy ends a request: ``except
+    httpx.TimeoutException``, ``except httpx.HTTPError`` and ``except
+    sw.DeadlineExceeded`` all catch it. ``timeout``, ``policy`` and
+    ``request`` are set; the original error is its ``__cause__``.
     """
-    match = _DELTA_SECONDS.fullmatch(value)
-    if match is not None:
-        seconds = float(match.group(1))
-        return seconds if math.isfinite(seconds) else None
-    when = _http_date(value)
-    if when is None:
-        return None
-    # A date needs the wall clock: the event loop's clock has no epoch.
-    reference = time.time() if now is None else now
-    return max(0.0, when - reference)
 
 
-def _http_date(value: str) -> float | None:
-    """An HTTP date as a POSIX timestamp, or None if malformed."""
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # HTTP dates are always GMT
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
+@final
+class TransportCircuitOpenError(httpx.TransportError, CircuitOpenError):
+    """An ``httpx.TransportError`` that is a `~stalwart.CircuitOpenError`.
+
+    Raised instead of it when an open circuit breaker in the policy refuses
+    a request (or its next attempt): ``except httpx.HTTPError`` and
+    ``except sw.CircuitOpenError`` both catch it. ``retry_after``, ``policy`` and
+    ``request`` are set; the original error is its ``__cause__``.
+    """
+
+
+@final
+class TransportBulkheadFullError(httpx.TransportError, BulkheadFullError):
+    """An ``httpx.TransportError`` that is a `~stalwart.BulkheadFullError`.
+
+    Raised instead of it when a full bulkhead in the policy refuses a request
+    (or its next attempt): ``except httpx.HTTPError`` and ``except
+    sw.BulkheadFullError`` both catch it. ``policy`` and ``request`` are set;
+    the original error is its ``__cause__``.
+    """
+
+
+@final
+class TransportRateLimitExceeded(httpx.TransportError, RateLimitExceeded):
+    """An ``httpx.TransportError`` that is a `~stalwart.RateLimitExceeded`.
+
+    Raised instead of it when a rate limit in the policy refuses a request
+    (or its next attempt): ``except httpx.HTTPError`` and ``except
+    sw.RateLimitExceeded`` both catch it. ``retry_after``, ``policy`` and
+    ``request`` are set; the original error is its ``__cause__``.
+    """
+
+
+_AS_HTTPX: Final[dict[type[StalwartError], type[StalwartError]]] = by_kind(
+    TransportDeadlineExceeded,
+    TransportCircuitOpenError,
+    TransportBulkheadFullError,
+    TransportRateLimitExceeded,
+)
+
+
+def _as_httpx_error(error: StalwartError, request: httpx.Request) -> StalwartError | None:
+    """``error`` made the httpx error it stands for (see `_AS_HTTPX`), or None if none.
+
+    The copy keeps the original's message, ``policy`` and other attributes,
+    and pickles as they do.
+    """
+    copy = translated(error, _AS_HTTPX, unless=httpx.HTTPError)  # None for one already
+    if copy is not None:
+        copy.request = request  # type: ignore[attr-defined]
+    return copy
 
 
 def _origin_text(origin: _Origin) -> str:
@@ -188,22 +245,6 @@ def _in_memory(response: httpx.Response, body: bytes, request: httpx.Request) ->
     )
 
 
-def _retry_statuses(value: Any) -> frozenset[int]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(
-            f"retry_statuses must be a collection of HTTP status codes, not {type(value).__name__}"
-        )
-    statuses = frozenset(value)
-    for status in statuses:
-        if not isinstance(status, int) or isinstance(status, bool):
-            raise TypeError(
-                f"retry_statuses must hold int status codes, got {type(status).__name__}"
-            )
-        if not 100 <= status <= 599:
-            raise ValueError(f"retry_statuses must hold status codes in 100-599, got {status!r}")
-    return statuses
-
-
 @final
 class ResilientTransport(httpx.AsyncBaseTransport):
     """An httpx transport that sends each request through a stalwart policy.
@@ -225,8 +266,19 @@ class ResilientTransport(httpx.AsyncBaseTransport):
       (see `parse_retry_after`), which `~stalwart.Retry` honours as a minimum
       delay, as far as the deadline allows. When the policy gives up on it,
       the last response is returned, as it would be without the transport.
+    * A 409 to a request that carries an ``Idempotency-Key`` fails the
+      attempt in the same way: the server is still running the key's first
+      request (stalwart's ``IdempotencyMiddleware`` answers so), and a later
+      attempt, after its ``Retry-After``, gets that request's response.
     * ``httpx.TransportError`` (connection refused or reset, timeouts, ...)
       fail the attempt too; after the last attempt the error propagates.
+    * Every error that leaves the transport is an ``httpx.HTTPError``: the
+      stalwart errors a policy raises become httpx errors that are still
+      what they were (`TransportDeadlineExceeded` is an
+      ``httpx.TimeoutException`` and a `~stalwart.DeadlineExceeded`;
+      `TransportCircuitOpenError`, `TransportBulkheadFullError` and
+      `TransportRateLimitExceeded` are ``httpx.TransportError``), so that
+      ``except httpx.HTTPError`` and ``except sw.CircuitOpenError`` both work.
     * Only requests safe to repeat are retried: the idempotent methods (GET,
       HEAD, OPTIONS, PUT, DELETE, TRACE) and requests that carry an
       ``Idempotency-Key`` header. With ``add_idempotency_keys=True`` every
@@ -260,8 +312,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     request goes there, and the policy it returns runs **inside** ``policy``,
     around each attempt: a breaker counts every attempt's outcome, and when
     it is open the `~stalwart.CircuitOpenError` it raises reaches ``policy``
-    (which waits it out if it retries that error and the deadline allows,
-    else lets it propagate). One upstream failing opens its own breaker
+    (which waits it out only if it retries that error and the wait fits in
+    its backoff's ``maximum`` and the deadline, else lets it propagate, as a
+    `TransportCircuitOpenError`). One upstream failing opens its own breaker
     only; requests to the others go on. At most ``max_hosts`` upstreams keep
     their policy; beyond that the least recently used one is dropped (an
     upstream that comes back later starts afresh, with a closed breaker).
@@ -276,9 +329,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     Args:
         policy: the policy each request goes through. Default:
             ``Retry(attempts=3, on=DEFAULT_RETRY_ON, name=name)``, which
-            retries transport failures and retryable statuses with the
-            default `~stalwart.Backoff`, but not errors that a retry cannot
-            mend (``httpx.UnsupportedProtocol``, ``httpx.LocalProtocolError``).
+            retries transport failures, retryable statuses and attempts cut
+            short by a `~stalwart.Timeout` with the default
+            `~stalwart.Backoff`, but not errors that a retry cannot mend
+            (``httpx.UnsupportedProtocol``, ``httpx.LocalProtocolError``) nor
+            an open circuit.
         transport: the inner transport (an ``httpx.AsyncBaseTransport``).
         retry_statuses: statuses that fail an attempt (may be empty).
         deadline_header: the header carrying the deadline downstream, or None
@@ -297,16 +352,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     """
 
     __slots__ = (
-        "_add_keys",
-        "_deadline_header",
         "_hosts",
-        "_key_header",
         "_max_hosts",
         "_name",
         "_per_host",
         "_policy",
-        "_retry_statuses",
-        "_rng",
+        "_rules",
         "_send",
         "_transport",
     )
@@ -328,10 +379,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._name = _validate.name(name)
         if policy is None:
             policy = Retry(attempts=3, on=DEFAULT_RETRY_ON, name=self._name)
-        elif not isinstance(policy, Policy):
-            raise TypeError(
-                f"policy must be a stalwart policy or None, not {type(policy).__name__}"
-            )
+        policy = policy_option(policy)
         if transport is None:
             transport = httpx.AsyncHTTPTransport()
         elif not isinstance(transport, httpx.AsyncBaseTransport):
@@ -340,31 +388,16 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             )
         self._policy = policy
         self._transport = transport
-        self._retry_statuses = _retry_statuses(retry_statuses)
-        self._deadline_header = (
-            None if deadline_header is None else header_name("deadline_header", deadline_header)
+        self._rules = ClientRules(
+            retry_statuses=retry_statuses,
+            deadline_header=deadline_header,
+            add_idempotency_keys=add_idempotency_keys,
+            idempotency_header=idempotency_header,
+            rng=rng,
         )
-        if not isinstance(add_idempotency_keys, bool):
-            raise TypeError(
-                f"add_idempotency_keys must be a bool, not {type(add_idempotency_keys).__name__}"
-            )
-        self._add_keys = add_idempotency_keys
-        self._key_header = header_name("idempotency_header", idempotency_header)
-        if rng is not None and not isinstance(rng, random.Random):
-            raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
-        self._rng = rng
-        if isinstance(per_host, Policy):
-            raise TypeError(
-                "per_host must be a callable making a new policy for each origin "
-                "(`per_host=lambda origin: sw.CircuitBreaker(...)`), not a policy: "
-                "one policy for every host is what `policy` is for"
-            )
-        if per_host is not None and not callable(per_host):
-            raise TypeError(
-                "per_host must be a callable taking an origin and returning a policy, "
-                f"not {type(per_host).__name__}"
-            )
-        self._per_host = per_host
+        self._per_host = policy_factory(
+            "per_host", per_host, key="origin", a_key="an origin", each="host"
+        )
         self._max_hosts = _validate.count("max_hosts", max_hosts)
         # origin -> (its policy, `policy` bound around it); least recently used first.
         self._hosts: OrderedDict[_Origin, tuple[Policy, _Send]] = OrderedDict()
@@ -382,7 +415,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     @property
     def retry_statuses(self) -> frozenset[int]:
-        return self._retry_statuses
+        return self._rules.retry_statuses
 
     @property
     def max_hosts(self) -> int:
@@ -401,11 +434,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the policy; see the class documentation."""
         await request.aread()
-        headers = request.headers
-        retryable = request.method in IDEMPOTENT_METHODS or self._key_header in headers
-        if not retryable and self._add_keys:
-            headers[self._key_header] = self._new_key()
-            retryable = True
+        retryable = self._rules.repeatable(request.method, request.headers)
         send = self._send if self._per_host is None else self._send_to(request.url)
         try:
             if retryable:
@@ -419,6 +448,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 return exc.response
             # A fresh copy, unread: the caller may stream it, raw or decoded.
             return _in_memory(exc.response, exc._body, request)
+        except StalwartError as exc:
+            translated = _as_httpx_error(exc, request)
+            if translated is None:
+                raise
+            raise translated from exc
 
     def _send_to(self, url: httpx.URL) -> _Send:
         """``policy`` around the per-host policy of ``url``'s origin (made on first use)."""
@@ -430,15 +464,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             return entry[1]
         assert self._per_host is not None
         text = _origin_text(origin)
-        own = self._per_host(text)
-        if not isinstance(own, Policy):
-            raise TypeError(
-                f"per_host must return a stalwart policy, returned {type(own).__name__} for {text}"
-            )
+        own = made_policy("per_host", self._per_host(text), text)
         # As a Pipeline would bind them, without a span of its own: `policy`'s
         # span carries the per-host policy's events.
-        inner = own._bind(self._attempt, origin=self._attempt, traced=False)
-        send: _Send = self._policy._bind(inner, origin=self._attempt, traced=True)
+        inner = own.wrap(self._attempt, Binding(self._attempt, traced=False))
+        send: _Send = self._policy.wrap(inner, Binding(self._attempt))
         hosts[origin] = (own, send)
         if len(hosts) > self._max_hosts:
             hosts.popitem(last=False)
@@ -446,25 +476,19 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
         """One round trip: what the policy calls, retries and times."""
-        left = remaining()
+        left = time_left(self._name, "{} {} not sent", request.method, request.url)
         sent = request if left is None else self._under_deadline(request, left)
         response = await self._transport.handle_async_request(sent)
-        if response.status_code in self._retry_statuses:
+        if self._rules.retryable(response.status_code, request.headers):
             raise await self._failed(request, response)
         return response
 
     def _under_deadline(self, request: httpx.Request, left: float) -> httpx.Request:
         """A copy of ``request`` that tells the server, and httpx, the time left."""
-        millis = int(left * 1000.0)
-        if millis < 1:
-            raise DeadlineExceeded(
-                f"no time left before the deadline: {request.method} {request.url} not sent",
-                policy=self._name,
-                timeout=left,
-            )
         headers = request.headers.copy()
-        if self._deadline_header is not None:
-            headers[self._deadline_header] = str(millis)
+        header = self._rules.deadline_header
+        if header is not None:
+            headers[header] = milliseconds(left)
         extensions = dict(request.extensions)
         timeouts: dict[str, float | None] = dict(extensions.get("timeout") or {})
         for phase in ("connect", "read", "write", "pool"):
@@ -503,27 +527,14 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         except httpx.DecodingError:
             # Left unread for the caller to meet, if this is the response it gets.
             kept = _in_memory(response, body, request)
-        hint: float | None = None
-        retry_after = response.headers.get("retry-after")
-        if retry_after is not None:
-            # The server's own `Date`, when it sent one, makes an HTTP date immune
-            # to the skew between its clock and ours.
-            date = response.headers.get("date")
-            hint = parse_retry_after(retry_after, now=None if date is None else _http_date(date))
         error = RetryableStatusError(
             f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}",
             request=request,
             response=kept,
-            retry_after=hint,
+            retry_after=response_retry_after(response.headers),
         )
         error._body = body
         return error
-
-    def _new_key(self) -> str:
-        rng = self._rng
-        if rng is None:
-            return str(uuid.uuid4())
-        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
     async def __aenter__(self) -> ResilientTransport:
         await self._transport.__aenter__()

@@ -3,7 +3,7 @@
 One `RedisStore` serves as the ``store=`` of `CircuitBreaker`, of `Idempotency`
 and of the ASGI ``IdempotencyMiddleware``, so that a service running as many
 replicas (processes, pods, hosts) learns of an outage once and runs a
-duplicated request once. ``pip install stalwart[redis]``; it runs on asyncio
+duplicated request once. ``pip install 'stalwart[redis]'``; it runs on asyncio
 (redis-py's ``redis.asyncio`` client), not on trio. Example::
 
     import redis.asyncio
@@ -32,38 +32,32 @@ import hashlib
 import logging
 import math
 import secrets
+import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Final, Literal, final
-
-import anyio
+from typing import Any, Final, Literal, cast, final
 
 try:
     import redis.asyncio as _aioredis
     from redis import exceptions as _rx
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "stalwart.redis needs redis-py: install it with `pip install stalwart[redis]`"
+        "stalwart.redis needs redis-py: install it with `pip install 'stalwart[redis]'`"
     ) from exc
 
 from . import _clock, _redis_scripts, _validate
 from ._circuit_store import CircuitRecord, CircuitState, Listener, _weakly
 from ._codec import Codec, JSONCodec
+from ._deadline import remaining
 from ._errors import StoreUnavailable
 from ._idempotency_store import Completed, InFlight, Lease
 from ._redis_scripts import Script
 
 __all__ = ["OnUnavailable", "RedisStore"]
 
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as _within
-else:  # pragma: no cover - depends on the interpreter
-
-    @contextlib.asynccontextmanager
-    async def _within(delay: float) -> AsyncIterator[None]:
-        with anyio.fail_after(delay):
-            yield
+_within: Final = asyncio.timeout
 
 
 #: What idempotency calls do when Redis cannot be reached (see `RedisStore`).
@@ -73,6 +67,11 @@ DEFAULT_PREFIX: Final = "stalwart:"
 DEFAULT_TIMEOUT: Final = 1.0
 DEFAULT_RECONCILE_INTERVAL: Final = 5.0
 DEFAULT_TRIAL_LEASE: Final = 30.0
+#: The longest duration a `RedisStore` keeps in Redis (a TTL, a lease, an
+#: open period): 10**12 seconds, some 31,700 years. Redis keeps expiry times
+#: as milliseconds in 64-bit integers, and the scripts reckon with Lua's
+#: numbers, exact up to 2**53: this keeps every sum exact.
+MAX_DURATION: Final = 1e12
 
 _log = logging.getLogger("stalwart.redis")
 
@@ -93,8 +92,24 @@ _UNAVAILABLE: Final = (
     OSError,
     _rx.ReadOnlyError,  # a replica promoted late, or a failover in progress
     _rx.OutOfMemoryError,
-    _rx.ClusterDownError,
     _rx.TryAgainError,
+    # A cluster (not supported yet) answering a plain client: MOVED and ASK
+    # for keys served elsewhere, CLUSTERDOWN, CROSSSLOT. The store cannot
+    # serve, as with a Redis that is down; the first one is logged with why.
+    _rx.ClusterError,  # CLUSTERDOWN, and a master down
+    _rx.AskError,  # MOVED too
+    _rx.ClusterCrossSlotError,
+    _rx.RedisClusterException,
+)
+_DEADLINE_PASSED: Final = TimeoutError("the ambient deadline has passed")
+_CLUSTER_HINT: Final = (
+    " (this Redis is a cluster node: RedisStore does not support Redis Cluster yet)"
+)
+_CLUSTER_ERRORS: Final = (
+    _rx.ClusterError,
+    _rx.AskError,
+    _rx.ClusterCrossSlotError,
+    _rx.RedisClusterException,
 )
 
 # Waiters look at a record this often when the notification that should wake
@@ -107,14 +122,40 @@ _RECONNECT_MIN: Final = 0.05
 _RECONNECT_MAX: Final = 2.0
 _READ_BATCH: Final = 500
 
+# A request that takes something (a claim, a trial permit) carries the
+# latest time, on Redis's clock, at which it may still run: twice the
+# store's timeout after it was sent, plus this margin for clock drift; before
+# the store has learnt how Redis's clock differs from its own, a margin of a
+# minute (see `RedisStore._not_after`).
+_LATE_MARGIN: Final = 1.0
+_UNLEARNT_MARGIN: Final = 60.0
+# Settlements (give-backs, releases, completions) waiting for Redis: at most
+# this many, the oldest dropped first (their leases free their keys); tried
+# again at most this many seconds apart while Redis does not answer, so that
+# they go through soon after it does (an attempt against a Redis that is down
+# costs little: a refused connection, or one request queued in a stalled one).
+_MAX_PENDING: Final = 10_000
+_GIVE_BACK_MAX: Final = 0.5
+
 
 def _digest(text: str) -> str:
     """128 bits of SHA-256: what user-chosen names become in Redis keys."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def _ms(seconds: float) -> int:
+def _ms(param: str, seconds: float) -> int:
+    """``seconds`` as whole milliseconds for Redis (at least 1), checked against its limit."""
+    if not 0.0 <= seconds <= MAX_DURATION:  # also NaN
+        raise ValueError(
+            f"{param} must be between 0 and {MAX_DURATION:g} seconds with a RedisStore, "
+            f"got {seconds!r}"
+        )
     return max(1, math.ceil(seconds * 1000.0))
+
+
+def _void_key(key: str, token: str) -> str:
+    """The marker that makes a late request naming ``token`` do nothing."""
+    return f"{key}:void:{token}"
 
 
 def _text(value: Any) -> str | None:
@@ -150,6 +191,7 @@ class _Circuit:
         "listeners",
         "name",
         "needs_read",
+        "permits",
         "record",
         "trials",
     )
@@ -158,6 +200,8 @@ class _Circuit:
         self.name = name
         self.key = key
         self.trials = key + ":trials"
+        # The trial permits this store holds in Redis: (version, token).
+        self.permits: list[tuple[int, str]] = []
         self.channel = key
         self.listeners: list[Callable[[], Listener | None]] = []
         self.record = CircuitRecord(_CLOSED, 0)
@@ -229,6 +273,27 @@ def _settle(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+@final
+class _Settlement:
+    """A request that gives something back, waiting for Redis to answer it.
+
+    Idempotent by construction (it names its token), so it may be sent
+    again however many times it was sent before; moot after ``until`` (loop
+    time), when whatever it gives back has lapsed in Redis anyway.
+    """
+
+    __slots__ = ("args", "keys", "script", "until", "what")
+
+    def __init__(
+        self, what: str, script: Script, keys: tuple[str, ...], args: tuple[Any, ...], until: float
+    ) -> None:
+        self.what = what
+        self.script = script
+        self.keys = keys
+        self.args = args
+        self.until = until
+
+
 class _Watch:
     """The local waiters on one idempotency key, and its notification channel."""
 
@@ -278,8 +343,10 @@ class RedisStore:
     loop at a time.
 
     **Failure.** Every request to Redis is bounded by ``timeout`` seconds,
-    whatever the client's own socket timeouts and retries (an ambient
-    deadline still applies on top). When Redis cannot be reached:
+    whatever the client's own socket timeouts and retries; an ambient
+    deadline (`deadline`, a `Timeout`) cuts it shorter, also for the
+    completions and releases that callers shield from cancellation. When
+    Redis cannot be reached:
 
     * breakers go on alone: each trips, half-opens and closes on its own
       state, admitting its own trials; when Redis answers again the store
@@ -289,9 +356,25 @@ class RedisStore:
       not run, ``on_unavailable="raise"``, the default), or run the call
       without de-duplication (``on_unavailable="bypass"``: nothing is
       stored, and a duplicate may run twice). A result that cannot be
-      stored after the call ran is not an error: the caller gets it, a
-      warning is logged, and the lease lapses. Releases and renewals that
+      stored at once after the call ran is not an error: the caller gets
+      it, and the store stores it in the background (below). Renewals that
       fail raise `StoreUnavailable` to the policy, which logs them.
+
+    **Nothing left behind.** Each claim and trial permit is named by a
+    token the store chooses, so the store can give it back whatever happens
+    to the request that took it. A request that times out, is cancelled
+    (the caller's deadline) or loses its connection may still reach Redis
+    and run later (a stalled Redis runs what was queued when it resumes):
+    the store then gives its token back in the background, retrying until
+    Redis answers (a late request finds the key or permit given back, or
+    finds a marker that makes it do nothing). A request that reaches Redis
+    more than ``2 * timeout + 1`` seconds after it was sent does nothing.
+    Releases, completions and trial permits given back that do not get
+    through in time (``timeout``, or the ambient deadline) are finished the
+    same way, in the background, for as long as the lease or permit would
+    hold: when Redis answers again, no key stays claimed and no permit
+    stays taken by a request that gave up. The background task ends when
+    nothing is pending; `aclose` gives it ``timeout`` seconds to finish.
 
     **Keys.** Everything lives under ``prefix``: ``{prefix}circuit:<h>``
     (and ``...:trials``) per breaker name, ``{prefix}idem:<h>`` per
@@ -299,14 +382,24 @@ class RedisStore:
     name (or of the scope and key): no user-chosen text reaches a key name,
     so none can collide with or reach into another. Pub/sub channels carry
     the same names. Breaker records never expire (there is one per breaker
-    name); idempotency records expire with their lease or TTL.
+    name); idempotency records expire with their lease or TTL; the markers
+    of requests given up (``...:void:<token>``) within seconds.
+
+    **Limits.** Durations kept in Redis (the policies' ``ttl``, ``lease``,
+    ``open_for``, and ``trial_lease``) are at most `max_duration` seconds:
+    policies given this store check theirs when they are built. A Redis
+    Cluster client (``redis.asyncio.RedisCluster``) is not supported yet:
+    the constructor refuses it, and a plain client of a cluster node finds
+    the store unavailable (``MOVED``, ``CLUSTERDOWN``).
 
     **Values** cross Redis through ``codec`` (`JSONCodec` by default): never
     pickle. A stored value that does not decode raises `ValueError`; it is
     never executed.
 
     Args:
-        client: a ``redis.asyncio.Redis`` client (any ``decode_responses``).
+        client: a ``redis.asyncio.Redis`` client (any ``decode_responses``)
+            of a standalone Redis (or one managed by Sentinel); not a
+            cluster client, yet.
         prefix: the namespace of every key and channel; stores with the same
             prefix on the same Redis share everything.
         codec: how idempotency results become bytes (default `JSONCodec`).
@@ -317,7 +410,9 @@ class RedisStore:
             followed, and health checks of the pub/sub connection, > 0
             (default 5.0).
         trial_lease: seconds after which a half-open trial permit that was
-            never given back (its process died) lapses, > 0 (default 30.0).
+            never given back (its process died) lapses, > 0, at most
+            `max_duration` (default 30.0). A trial that runs longer loses
+            its permit, and its success does not count.
         name: the store's name, reported as ``policy`` by `StoreUnavailable`.
     """
 
@@ -330,15 +425,18 @@ class RedisStore:
         "_client",
         "_codec",
         "_confirmed",
+        "_giver",
         "_healthy",
         "_name",
         "_on_unavailable",
+        "_pending",
         "_ping_sent",
         "_pong",
         "_prefix",
         "_pubsub",
         "_reconcile_interval",
         "_reconcile_soon",
+        "_skew",
         "_subscribed",
         "_task",
         "_timeout",
@@ -359,6 +457,12 @@ class RedisStore:
         trial_lease: float = DEFAULT_TRIAL_LEASE,
         name: str = "redis",
     ) -> None:
+        if isinstance(cast(object, client), _aioredis.RedisCluster):
+            raise TypeError(
+                "client is a Redis Cluster client (redis.asyncio.RedisCluster): RedisStore "
+                "does not support Redis Cluster yet. Give it a redis.asyncio.Redis client of "
+                "a standalone Redis (or of the master that Sentinel names)"
+            )
         if not isinstance(client, _aioredis.Redis):
             raise TypeError(
                 "client must be a redis.asyncio.Redis client (redis-py's asyncio API), "
@@ -384,7 +488,9 @@ class RedisStore:
         self._reconcile_interval = _validate.duration(
             "reconcile_interval", reconcile_interval, positive=True
         )
-        self._trial_lease = _validate.duration("trial_lease", trial_lease, positive=True)
+        self._trial_lease = _validate.duration(
+            "trial_lease", trial_lease, positive=True, maximum=MAX_DURATION
+        )
         self._name = _validate.name(name)
         self._circuits: dict[str, _Circuit] = {}
         self._by_channel: dict[str, _Circuit] = {}
@@ -402,6 +508,13 @@ class RedisStore:
         self._ping_sent: float | None = None
         self._pong = 0.0
         self._reconcile_soon = False
+        # Redis's clock minus the loop's, in milliseconds, as last seen in a
+        # reply (None: not yet; see `_not_after`).
+        self._skew: float | None = None
+        # Give-backs, releases and completions waiting for Redis, in order,
+        # and the task that sends them (see `_settle_later`).
+        self._pending: collections.deque[_Settlement] = collections.deque()
+        self._giver: asyncio.Task[None] | None = None
 
     # -- options ---------------------------------------------------------------
 
@@ -429,6 +542,15 @@ class RedisStore:
     def name(self) -> str:
         return self._name
 
+    @property
+    def max_duration(self) -> float:
+        """The longest duration, in seconds, this store keeps in Redis (`MAX_DURATION`).
+
+        Policies given the store refuse a longer ``ttl``, ``lease`` or
+        ``open_for`` when they are built.
+        """
+        return MAX_DURATION
+
     # -- lifecycle -------------------------------------------------------------
 
     async def __aenter__(self) -> RedisStore:
@@ -445,20 +567,30 @@ class RedisStore:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop the background task: unsubscribe, close the pub/sub connection.
+        """Stop the background tasks: unsubscribe, close the pub/sub connection.
 
-        Idempotent. Breakers attached to the store keep their state but hear
-        of no more transitions until the store is used (or entered) again,
-        which starts the task anew. The client is not closed.
+        Idempotent. Give-backs still pending (Redis did not answer) get up
+        to ``timeout`` seconds more; those that do not get through then are
+        dropped, and their leases free their keys. Breakers attached to the
+        store keep their state but hear of no more transitions until the
+        store is used (or entered) again, which starts the task anew. The
+        client is not closed.
         """
+        giver, self._giver = self._giver, None
+        if giver is not None and _ours(giver):
+            if not giver.done():
+                await asyncio.wait({giver}, timeout=self._timeout)
+            await _stop(giver)
+            if self._pending:
+                _log.warning(
+                    "Redis store %r: closed with %d give-backs that Redis did not take; "
+                    "their leases will free them",
+                    self._name,
+                    len(self._pending),
+                )
+        self._pending.clear()
         task, self._task = self._task, None
-        if task is None or task.done():
-            return
-        try:
-            same_loop = task.get_loop() is asyncio.get_running_loop()
-        except RuntimeError:
-            same_loop = False
-        if not same_loop:  # its loop is gone, and the task with it
+        if task is None or task.done() or not _ours(task):
             return
         await _stop(task)
         if not task.cancelled() and task.exception() is not None:
@@ -482,10 +614,19 @@ class RedisStore:
             if _clock.now() >= end:
                 raise self._unavailable("subscribe", TimeoutError())
             await self._acks.wait(acked, end - _clock.now())
+        for circuit in circuits:
+            # Subscribed: this read is as fresh as the one the follower was
+            # about to make, which it need not make now.
+            circuit.needs_read = False
         try:
             await self._read_circuits(circuits)
-        except _UNAVAILABLE as exc:
-            raise self._unavailable("read", exc) from exc
+        except BaseException as exc:
+            for circuit in circuits:
+                circuit.needs_read = True  # the follower reads them, then
+            self._wake.fire()
+            if isinstance(exc, _UNAVAILABLE):
+                raise self._unavailable("read", exc) from exc
+            raise
 
     def _follow_soon(self) -> None:
         """Start the follower task if it is not running (needs a running asyncio loop)."""
@@ -512,14 +653,24 @@ class RedisStore:
 
     # -- requests ----------------------------------------------------------------
 
-    async def _eval(self, script: Script, keys: Sequence[str], args: Iterable[Any]) -> Any:
-        """Run ``script`` (by SHA, loading it on NOSCRIPT), within the store's timeout."""
+    async def _eval(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Iterable[Any],
+        *,
+        within: float | None = None,
+    ) -> Any:
+        """Run ``script`` (by SHA, loading it on NOSCRIPT), within the store's timeout.
+
+        ``within``: a shorter bound (an ambient deadline's time left).
+        """
         if _clock.asyncio_loop() is None:
             _raise_if_trio()
         client: Any = self._client  # redis-py's command methods are untyped
         argv = (script.sha, len(keys), *keys, *args)
         try:
-            async with _within(self._timeout):
+            async with _within(self._timeout if within is None else within):
                 try:
                     reply = await client.execute_command("EVALSHA", *argv, **_RAW)
                 except _rx.NoScriptError:
@@ -530,23 +681,180 @@ class RedisStore:
         except _UNAVAILABLE as exc:
             if self._healthy:
                 self._healthy = False
-                _log.warning("Redis store %r: Redis unreachable: %s", self._name, _describe(exc))
+                _log.warning(
+                    "Redis store %r: Redis unreachable: %s%s",
+                    self._name,
+                    _describe(exc),
+                    _CLUSTER_HINT if isinstance(exc, _CLUSTER_ERRORS) else "",
+                )
             raise
         if not self._healthy:
             self._healthy = True
             _log.info("Redis store %r: Redis reachable again", self._name)
         return reply
 
-    def _unavailable(self, operation: str, exc: BaseException) -> StoreUnavailable:
+    def _unavailable(
+        self, operation: str, exc: BaseException, within: float | None = None
+    ) -> StoreUnavailable:
         reason = (
-            f"no answer within {self._timeout:g}s"
+            f"no answer within {self._timeout if within is None else within:g}s"
             if isinstance(exc, TimeoutError) and not str(exc)
             else _describe(exc)
         )
+        if isinstance(exc, _CLUSTER_ERRORS):
+            reason += _CLUSTER_HINT
         return StoreUnavailable(
             f"Redis store {self._name!r} is unavailable ({operation}: {reason})",
             policy=self._name,
         )
+
+    # -- taking and giving back: tokens, late requests, settlements in the background --
+
+    def _not_after(self, sent: float) -> tuple[int, float]:
+        """The latest time at which a request sent at ``sent`` may run.
+
+        On Redis's clock, in milliseconds (for the request), and on the
+        loop's (for the store: when a give-back of it may stop caring).
+
+        Twice the timeout after it was sent, plus a margin: the client gives
+        up after one timeout, and its estimate of Redis's clock (learnt from
+        the last reply) errs by at most that reply's round trip, itself under
+        one timeout. Until a reply has taught it, the store takes Redis's
+        clock to be its host's wall clock, with a margin of a minute.
+        """
+        skew = self._skew
+        if skew is None:
+            skew = (time.time() - sent) * 1000.0  # the wall clock, read only here
+            margin = _UNLEARNT_MARGIN
+        else:
+            margin = _LATE_MARGIN
+        last = sent + 2.0 * self._timeout + margin
+        return math.ceil(last * 1000.0 + skew), last
+
+    def _learn_clock(self, server_ms: Any) -> None:
+        """Redis said its time was ``server_ms`` just now: keep how its clock differs."""
+        self._skew = float(server_ms) - _clock.now() * 1000.0
+
+    def _settle_later(self, settlement: _Settlement) -> None:
+        """Send ``settlement`` from the background until Redis takes it (or it is moot).
+
+        Never blocks and never raises: callers run it while they fail or are
+        cancelled. Needs the store's running event loop.
+        """
+        pending = self._pending
+        if len(pending) >= _MAX_PENDING:
+            dropped = pending.popleft()
+            _log.warning(
+                "Redis store %r: too many give-backs pending; dropped a %s (its lease will "
+                "free it)",
+                self._name,
+                dropped.what,
+            )
+        pending.append(settlement)
+        giver = self._giver
+        info = _clock.asyncio_loop()
+        if info is None:
+            return  # no loop (it is closing): the leases will free the keys
+        if giver is None or giver.done() or giver.get_loop() is not info.loop:
+            self._giver = info.loop.create_task(
+                self._give_back(), name=f"stalwart.redis give-backs ({self._prefix})"
+            )
+
+    async def _give_back(self) -> None:
+        """Send the pending settlements, in order, until none is left."""
+        pending = self._pending
+        delay = _RECONNECT_MIN
+        dropped = 0
+        while pending:
+            settlement = pending[0]
+            if _clock.now() >= settlement.until:
+                pending.popleft()
+                dropped += 1
+                continue
+            try:
+                await self._eval(settlement.script, settlement.keys, settlement.args)
+            except _UNAVAILABLE:
+                await asyncio.sleep(delay * (0.5 + secrets.randbelow(500) / 1000.0))
+                delay = min(delay * 2.0, _GIVE_BACK_MAX)
+                continue
+            except Exception:  # noqa: BLE001 - logged; the others must still go
+                _log.exception("Redis store %r: a %s failed", self._name, settlement.what)
+            if pending and pending[0] is settlement:
+                pending.popleft()
+            delay = _RECONNECT_MIN
+        if dropped:
+            _log.warning(
+                "Redis store %r: Redis did not answer in time for %d give-backs; their "
+                "leases freed them",
+                self._name,
+                dropped,
+            )
+
+    def _time_left(self) -> float:
+        """How long a settlement may wait for Redis: the timeout, or the deadline's time left."""
+        left = remaining()
+        return self._timeout if left is None else min(self._timeout, left)
+
+    async def _settle(self, settlement: _Settlement) -> Any:
+        """Send ``settlement`` now, within `_time_left`; if it does not get through, later.
+
+        Returns the script's reply, or raises `StoreUnavailable` (or the
+        cancellation) once the settlement is left to the background.
+        """
+        within = self._time_left()
+        if within <= 0.0:
+            self._settle_later(settlement)
+            raise self._unavailable(settlement.what, _DEADLINE_PASSED)
+        try:
+            return await self._eval(
+                settlement.script, settlement.keys, settlement.args, within=within
+            )
+        except _UNAVAILABLE as exc:
+            self._settle_later(settlement)
+            raise self._unavailable(settlement.what, exc, within) from exc
+        except Exception:
+            raise  # a bug, not Redis being away: sending it again would not help
+        except BaseException:
+            self._settle_later(settlement)  # cancelled: it may have reached Redis
+            raise
+
+    async def _take(
+        self,
+        what: str,
+        script: Script,
+        keys: Callable[[str], tuple[str, ...]],
+        args: Callable[[str, int], tuple[Any, ...]],
+        give_back: Callable[[tuple[str, ...], str, int, float], _Settlement],
+    ) -> tuple[Any, str]:
+        """Run ``script``, which takes something (a claim, a permit) for a fresh token.
+
+        ``keys(token)`` and ``args(token, not_after)`` make the request; the
+        script answers ``[status, Redis's time in ms, ...]``, or ``["late",
+        ...]`` when it ran too late to take anything. If the request fails
+        or is cancelled after it may have reached Redis, ``give_back(keys,
+        token, not_after, last)`` is sent from the background (see
+        `_not_after` for ``last``). Returns the reply and the token; raises
+        `StoreUnavailable` if Redis cannot be reached.
+        """
+        for _ in range(2):
+            token = secrets.token_hex(16)
+            names = keys(token)
+            not_after, last = self._not_after(_clock.now())
+            try:
+                reply = await self._eval(script, names, args(token, not_after))
+            except BaseException as exc:
+                unavailable = isinstance(exc, Exception) and _is_unavailable(exc)
+                if not isinstance(exc, Exception) or (unavailable and not _never_sent(exc)):
+                    self._settle_later(give_back(names, token, not_after, last))
+                if unavailable:
+                    raise self._unavailable(what, exc) from exc
+                raise
+            self._learn_clock(reply[1])
+            if reply[0] != b"late":
+                return reply, token
+            # Taken for a late request, though Redis answered in time: its
+            # clock moved. Learnt now: ask again, once.
+        raise self._unavailable(what, TimeoutError("Redis's clock keeps moving"))
 
     # -- circuit breakers: the CircuitStore protocol -----------------------------
 
@@ -581,7 +889,7 @@ class RedisStore:
             (
                 expected_version,
                 "open" if opening else "closed",
-                math.ceil(open_for * 1000.0) if opening else 0,
+                _ms("open_for", open_for) if opening and open_for > 0 else 0,
                 circuit.channel,
                 circuit.name,
             ),
@@ -591,31 +899,70 @@ class RedisStore:
         return record
 
     async def acquire_trial(self, key: str, version: int, limit: int) -> CircuitRecord | None:
-        """See `CircuitStore.acquire_trial`: permits are counted fleet-wide and lapse."""
+        """See `CircuitStore.acquire_trial`: permits are counted fleet-wide and lapse.
+
+        The permit is named by a token of this store's choosing; a request
+        that fails or is cancelled after it may have reached Redis has its
+        token given back in the background (see "Nothing left behind").
+        """
         circuit = self._circuit(key)
         self._follow_soon()
         if self._assignments:
             await self._flush_assignments()
-        reply = await self._eval(
+        lease_ms = _ms("trial_lease", self._trial_lease)
+        reply, token = await self._take(
+            "trial permit",
             _redis_scripts.ACQUIRE_TRIAL,
-            (circuit.key, circuit.trials),
-            (version, limit, _ms(self._trial_lease)),
+            lambda token: (circuit.key, circuit.trials, _void_key(circuit.key, token)),
+            lambda token, not_after: (version, limit, lease_ms, token, not_after),
+            lambda keys, token, not_after, last: _Settlement(
+                "trial permit given back",
+                _redis_scripts.RELEASE_TRIAL,
+                keys,
+                (version, "0", token, not_after + 1000),
+                last + self._trial_lease,
+            ),
         )
-        if reply is None:
+        if reply[0] == b"granted":
+            circuit.permits = [p for p in circuit.permits if p[0] == version]
+            circuit.permits.append((version, token))
             return None
-        record = _record(*reply)
+        record = _record(*reply[2:6])
         self._learn(circuit, record)
         return record
 
     async def release_trial(self, key: str, version: int, succeeded: bool) -> int:
-        """See `CircuitStore.release_trial`."""
+        """See `CircuitStore.release_trial`: gives back a permit this store holds.
+
+        Within ``timeout`` or the ambient deadline, whichever is nearer; if
+        Redis does not answer by then, the permit is given back (and the
+        success counted, once) in the background, and this raises
+        `StoreUnavailable`.
+        """
         circuit = self._circuit(key)
-        reply = await self._eval(
+        token = ""
+        for i, (held, one) in enumerate(circuit.permits):
+            if held == version:
+                token = one
+                del circuit.permits[i]
+                break
+        settlement = _Settlement(
+            "trial permit given back",
             _redis_scripts.RELEASE_TRIAL,
-            (circuit.key, circuit.trials),
-            (version, "1" if succeeded else "0"),
+            (circuit.key, circuit.trials, _void_key(circuit.key, token)),
+            (version, "1" if succeeded else "0", token, 0),
+            _clock.now() + self._trial_lease,
         )
-        return int(reply)
+        if token:
+            return int(await self._settle(settlement))
+        # No permit of ours in Redis (it was granted while Redis was away):
+        # count the success if Redis answers now; there is nothing to give back.
+        within = self._time_left()
+        if within <= 0.0:
+            raise self._unavailable(settlement.what, _DEADLINE_PASSED)
+        return int(
+            await self._eval(settlement.script, settlement.keys, settlement.args, within=within)
+        )
 
     def assign(self, key: str, state: CircuitState) -> None:
         """See `CircuitStore.assign`: written by the background task, in order.
@@ -670,31 +1017,38 @@ class RedisStore:
 
         Raises `StoreUnavailable` if Redis cannot be reached (or, with
         ``on_unavailable="bypass"``, returns a lease that holds nothing: the
-        call runs, and nothing is stored).
+        call runs, and nothing is stored). A claim that fails or is cancelled
+        after it may have reached Redis is given back in the background
+        (see "Nothing left behind").
         """
+        lease_ms = _ms("lease", lease)
         name = self._record_key(scope, key)
-        token = secrets.token_hex(16)
+        flag = "0" if fingerprint is None else "1"
+        mark = b"" if fingerprint is None else _bytes(fingerprint)
         try:
-            reply = await self._eval(
+            reply, token = await self._take(
+                "claim",
                 _redis_scripts.CLAIM,
-                (name,),
-                (
-                    token,
-                    "0" if fingerprint is None else "1",
-                    b"" if fingerprint is None else _bytes(fingerprint),
-                    _ms(lease),
+                lambda token: (name, _void_key(name, token)),
+                lambda token, not_after: (token, flag, mark, lease_ms, not_after),
+                lambda keys, token, not_after, last: _Settlement(
+                    "claim given back",
+                    _redis_scripts.RELEASE,
+                    keys,
+                    (token, name, not_after + 1000),
+                    last + lease,
                 ),
             )
-        except _UNAVAILABLE as exc:
+        except StoreUnavailable:
             if self._on_unavailable == "bypass":
                 return Lease(scope, key, fingerprint, "", None)
-            raise self._unavailable("claim", exc) from exc
+            raise
         status = reply[0]
         if status == b"leased":
             return Lease(scope, key, fingerprint, token, lease)
         if status == b"done":
-            return Completed(self._decode(reply[2], scope), _text(reply[1]))
-        return InFlight(_text(reply[1]))
+            return Completed(self._decode(reply[3], scope), _text(reply[2]))
+        return InFlight(_text(reply[2]))
 
     def _decode(self, data: Any, scope: str) -> Any:
         try:
@@ -708,30 +1062,52 @@ class RedisStore:
     async def complete(self, lease: Lease, value: Any, *, ttl: float) -> bool:
         """See `IdempotencyStore.complete`; wakes the key's waiters by pub/sub.
 
-        False also when Redis cannot be reached: the call has run, its
-        caller gets its result, and the lease will lapse.
+        Waits for Redis for at most ``timeout`` seconds, or until the
+        ambient deadline, whichever is nearer (a caller's shield does not
+        lift that bound). If Redis has not answered by then, the result is
+        stored in the background as soon as it does, while the lease holds,
+        and this returns False: the call has run, its caller gets its
+        result, and its retries get it too once it is stored.
         """
         payload = self._codec.encode(value)  # before any I/O: a TypeError keeps the claim
+        ttl_ms = _ms("ttl", ttl)
         if not lease.token:
             return False  # bypassed: this lease never held the key
         name = self._record_key(lease.scope, lease.key)
         try:
-            stored = await self._eval(
-                _redis_scripts.COMPLETE, (name,), (lease.token, payload, _ms(ttl), name)
+            stored = await self._settle(
+                _Settlement(
+                    "result stored",
+                    _redis_scripts.COMPLETE,
+                    (name,),
+                    (lease.token, payload, ttl_ms, name),
+                    _clock.now() + (lease.duration or 0.0),
+                )
             )
-        except _UNAVAILABLE:
+        except StoreUnavailable:
             return False
         return bool(stored)
 
     async def release(self, lease: Lease) -> None:
-        """See `IdempotencyStore.release`; raises `StoreUnavailable` if Redis cannot be reached."""
+        """See `IdempotencyStore.release`.
+
+        Waits for Redis for at most ``timeout`` seconds, or until the
+        ambient deadline, whichever is nearer; if Redis has not answered by
+        then, the key is released in the background as soon as it does, and
+        this raises `StoreUnavailable` (which the policies log).
+        """
         if not lease.token:
             return
         name = self._record_key(lease.scope, lease.key)
-        try:
-            await self._eval(_redis_scripts.RELEASE, (name,), (lease.token, name))
-        except _UNAVAILABLE as exc:
-            raise self._unavailable("release", exc) from exc
+        await self._settle(
+            _Settlement(
+                "claim released",
+                _redis_scripts.RELEASE,
+                (name, _void_key(name, lease.token)),
+                (lease.token, name, 0),
+                _clock.now() + (lease.duration or 0.0),
+            )
+        )
 
     async def renew(self, lease: Lease) -> bool:
         """See `IdempotencyStore.renew`; raises `StoreUnavailable` if Redis cannot be reached."""
@@ -740,7 +1116,7 @@ class RedisStore:
         name = self._record_key(lease.scope, lease.key)
         try:
             held = await self._eval(
-                _redis_scripts.RENEW, (name,), (lease.token, _ms(lease.duration))
+                _redis_scripts.RENEW, (name,), (lease.token, _ms("lease", lease.duration))
             )
         except _UNAVAILABLE as exc:
             raise self._unavailable("renew", exc) from exc
@@ -988,6 +1364,14 @@ async def _stop(task: asyncio.Task[Any]) -> None:
         await asyncio.wait({task}, timeout=0.05)
 
 
+def _ours(task: asyncio.Task[Any]) -> bool:
+    """Is ``task`` on the running loop (not on one that is gone)?"""
+    try:
+        return task.get_loop() is asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+
+
 def _now_or_none() -> float | None:
     try:
         return _clock.now()
@@ -1027,3 +1411,19 @@ def _leaf(exc: BaseException) -> BaseException:
 
 def _is_unavailable(exc: BaseException) -> bool:
     return all(isinstance(one, _UNAVAILABLE) for one in _leaves(exc))
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Did ``exc`` come from a connection refused, so the request never left this process?
+
+    Then there is nothing to give back. (redis-py wraps the socket's error
+    in its own ``ConnectionError``, raised while handling it.)
+    """
+    seen: BaseException | None = _leaf(exc)
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, (ConnectionRefusedError, socket.gaierror)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

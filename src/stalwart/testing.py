@@ -33,10 +33,11 @@ import asyncio
 import selectors
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 from . import _retry, _validate
 from ._faults import FAULTS_HEADER, FaultInjection, FaultStatistics, InjectedFault
+from ._privates import scheduled_timers
 
 __all__ = [
     "FAULTS_HEADER",
@@ -56,6 +57,8 @@ def set_testing(enabled: bool, *, attempts: int | None = None) -> None:
     While on, every `Retry` retries at once (no backoff, no server-hinted
     waits) and, if ``attempts`` is given, makes at most that many attempts
     (``attempts=1`` switches retrying off). Policies need not be rebuilt.
+    Which retries are made does not change: a hint longer than the backoff's
+    ``maximum`` still stops retrying, as it would in production.
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, not {type(enabled).__name__}")
@@ -88,43 +91,75 @@ def instant_retries(*, attempts: int | None = None) -> Iterator[None]:
 
 
 class _AutojumpSelector(selectors.BaseSelector):
-    """Polls real I/O without blocking; when idle, advances the virtual clock."""
+    """Polls real I/O without blocking; when idle, jumps the virtual clock to the next timer.
 
-    def __init__(self, loop: VirtualClockEventLoop, threshold: float) -> None:
+    Without I/O (the tuner's simulations), "waiting" is only ever jumping.
+    The clock lands exactly on the next timer's time rather than on now plus
+    the timeout the loop computed from it: that sum is off by a rounding
+    error, and over an hour of jumps the errors add up.
+    """
+
+    def __init__(self, loop: VirtualClockEventLoop, threshold: float, *, io: bool) -> None:
         self._loop = loop
         self._threshold = threshold
-        self._inner = selectors.DefaultSelector()
+        self._inner: selectors.BaseSelector | None = selectors.DefaultSelector() if io else None
+        self._keys: dict[Any, selectors.SelectorKey] = {}  # without I/O: registered, never ready
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        return self._inner.register(fileobj, events, data)
+        if self._inner is not None:
+            return self._inner.register(fileobj, events, data)
+        fd = fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
+        key = self._keys[fileobj] = selectors.SelectorKey(fileobj, fd, events, data)
+        return key
 
     def unregister(self, fileobj: Any) -> selectors.SelectorKey:
-        return self._inner.unregister(fileobj)
+        if self._inner is not None:
+            return self._inner.unregister(fileobj)
+        return self._keys.pop(fileobj)
 
     def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        return self._inner.modify(fileobj, events, data)
+        if self._inner is not None:
+            return self._inner.modify(fileobj, events, data)
+        self.unregister(fileobj)
+        return self.register(fileobj, events, data)
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        inner = self._inner
         if timeout is None:  # no timer pending: only real I/O can wake the loop
-            return self._inner.select(None)
+            if inner is None:
+                raise RuntimeError("the loop is stuck: no timer is pending and no task can run")
+            return inner.select(None)
         if timeout <= 0:
-            return self._inner.select(0)
-        # A timer is pending: real I/O first, for up to the threshold...
-        ready = self._inner.select(min(timeout, self._threshold))
-        if ready:
-            return ready
+            return [] if inner is None else inner.select(0)
+        if inner is not None:
+            # A timer is pending: real I/O first, for up to the threshold...
+            ready = inner.select(min(timeout, self._threshold))
+            if ready:
+                return ready
         # ...then nothing can happen before that timer: jump to it.
-        self._loop.advance(timeout)
+        loop = self._loop
+        scheduled = scheduled_timers(loop)
+        if scheduled:
+            loop._virtual_time = max(loop._virtual_time, scheduled[0].when())
+        else:
+            loop.advance(timeout)
         return []
 
     def close(self) -> None:
-        self._inner.close()
+        if self._inner is not None:
+            self._inner.close()
+        self._keys.clear()
 
     def get_key(self, fileobj: Any) -> selectors.SelectorKey:
-        return self._inner.get_key(fileobj)
+        if self._inner is not None:
+            return self._inner.get_key(fileobj)
+        try:
+            return self._keys[fileobj]
+        except KeyError:
+            raise KeyError(f"{fileobj!r} is not registered") from None
 
     def get_map(self) -> Any:
-        return self._inner.get_map()
+        return self._keys if self._inner is None else self._inner.get_map()
 
 
 class VirtualClockEventLoop(asyncio.SelectorEventLoop):
@@ -146,9 +181,13 @@ class VirtualClockEventLoop(asyncio.SelectorEventLoop):
         _validate.duration("autojump_threshold", autojump_threshold)
         return super().__new__(cls)
 
+    #: whether it polls real I/O (the tuner's simulations do none: `_tune.engine`)
+    _io: ClassVar[bool] = True
+
     def __init__(self, *, autojump_threshold: float = 0.0) -> None:
         self._virtual_time = 0.0
-        super().__init__(selector=_AutojumpSelector(self, float(autojump_threshold)))
+        selector = _AutojumpSelector(self, float(autojump_threshold), io=self._io)
+        super().__init__(selector=selector)
 
     def time(self) -> float:
         return self._virtual_time

@@ -15,8 +15,8 @@ being the caller's deadline (the ambient deadline inside).
 What is simulated: the downstream (a server with ``capacity`` slots, a FIFO
 queue, a latency distribution and a timeline of failures, behind an optional
 ``round_trip``) and its callers.
-The breaker's transitions are observed through its telemetry: the engine
-installs a stats object of its own for it (`BreakerLog`) before building it.
+The breaker's transitions are observed through its telemetry's listeners
+(`BreakerLog`), the policies' counts read from their metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import selectors
 from array import array
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -34,10 +33,14 @@ from typing import Any, Final
 from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
 
+from .._bulkhead import Bulkhead
 from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
 from .._pipeline import Pipeline
-from .._telemetry import BulkheadStats, CircuitStats, RetryStats, Telemetry, TimeoutStats
+from .._retry import Retry, RetryMetrics
+from .._telemetry import Telemetry
 from .._timeout import Timeout
+from ..events import CircuitStateChanged, Event
+from ..testing import VirtualClockEventLoop
 from .scenario import Scenario, Setting
 
 __all__ = [
@@ -73,85 +76,31 @@ class Overloaded(DownstreamError):
 # -- the loop ----------------------------------------------------------------------------
 
 
-class _NoIO(selectors.BaseSelector):
-    """A selector for a loop that never does I/O: "waiting" means jumping the clock."""
+class SimulationLoop(VirtualClockEventLoop):
+    """The loop a setting runs on: `stalwart.testing.VirtualClockEventLoop` without I/O.
 
-    def __init__(self, loop: SimulationLoop) -> None:
-        self._loop = loop
-        self._keys: dict[Any, selectors.SelectorKey] = {}
-
-    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        key = selectors.SelectorKey(fileobj, self._fd(fileobj), events, data)
-        self._keys[fileobj] = key
-        return key
-
-    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
-        return self._keys.pop(fileobj)
-
-    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        self.unregister(fileobj)
-        return self.register(fileobj, events, data)
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is None:
-            raise RuntimeError("the simulation is stuck: no timer is pending and no task can run")
-        if timeout > 0:
-            loop = self._loop
-            # Land exactly on the next timer's time rather than adding the
-            # timeout the loop computed from it: that sum is off by a rounding
-            # error, and the errors add up over an hour of jumps (a call due at
-            # 3.0 s would then be counted in second 2). asyncio's heap of timers
-            # has been ``_scheduled`` since 3.4; without it, add.
-            scheduled = getattr(loop, "_scheduled", None)
-            if scheduled:
-                loop._now = max(loop._now, scheduled[0].when())
-            else:
-                loop._now += timeout
-        return []
-
-    def get_map(self) -> Any:
-        return self._keys
-
-    def close(self) -> None:
-        self._keys.clear()
-
-    @staticmethod
-    def _fd(fileobj: Any) -> int:
-        return fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
-
-
-class SimulationLoop(asyncio.SelectorEventLoop):
-    """An asyncio loop on a virtual clock that starts at 0 and jumps to the next timer.
-
-    Like `stalwart.testing.VirtualClockEventLoop`, minus real I/O: it never
-    polls a socket, which makes each turn of the loop cheaper. A simulation
-    has no I/O to do.
+    Its clock starts at 0 and jumps exactly to the next timer whenever every
+    task waits; it never polls a socket, which makes each turn of the loop
+    cheaper. A simulation has no I/O to do.
     """
 
-    def __init__(self) -> None:
-        self._now = 0.0
-        super().__init__(selector=_NoIO(self))
-
-    def time(self) -> float:
-        return self._now
+    _io = False
 
 
 # -- what is measured --------------------------------------------------------------------
 
 
-class BreakerLog(CircuitStats):
-    """The breaker's stats object, also noting when each transition happened."""
+class BreakerLog:
+    """A listener noting when each of the breaker's transitions happened, and to what."""
 
-    __slots__ = ("clock", "events")
+    __slots__ = ("events",)
 
-    def __init__(self, name: str, clock: Callable[[], float]) -> None:
-        super().__init__(name)
-        self.clock = clock
+    def __init__(self) -> None:
         self.events: list[tuple[float, str]] = []
 
-    def transition(self, from_state: str, to_state: str) -> None:
-        super().transition(from_state, to_state)
-        self.events.append((self.clock(), to_state))
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, CircuitStateChanged):
+            self.events.append((event.time, event.to_state.value))
 
 
 @dataclass
@@ -302,11 +251,13 @@ class _Simulation:
         self.scenario = scenario
         self.setting = setting
         self.progress = progress
-        self.telemetry = Telemetry(
-            registry=CollectorRegistry(), tracer_provider=NoOpTracerProvider()
-        )
-        self.breaker_log = self.telemetry.stats(
-            "circuit_breaker", "breaker", lambda name: BreakerLog(name, loop.time)
+        registry = CollectorRegistry()
+        self.telemetry = Telemetry(registry=registry, tracer_provider=NoOpTracerProvider())
+        # Only the breaker reports to a listener: with one, every policy on a
+        # telemetry builds its events, and the retries' would cost time.
+        self.breaker_log = BreakerLog()
+        self.breaker_telemetry = Telemetry(
+            registry=registry, tracer_provider=NoOpTracerProvider(), listeners=[self.breaker_log]
         )
         seed = scenario.seed
         self.traffic_rng = random.Random(f"stalwart-tune:{seed}:traffic")
@@ -415,7 +366,9 @@ class _Simulation:
         # ambient deadline every policy respects (`sw.deadline` per call would
         # do the same, and validate its argument 180,000 times an hour).
         patience = Timeout(traffic.deadline, name="deadline", telemetry=self.telemetry)
-        policies = self.setting.policies(self.telemetry, self.policy_rng)
+        policies = self.setting.policies(
+            self.telemetry, self.policy_rng, breaker_telemetry=self.breaker_telemetry
+        )
         attempt = travel if half_trip else reach
         guarded = Pipeline(patience, *policies, name="setting", telemetry=self.telemetry)(attempt)
         in_flight = 0
@@ -564,11 +517,15 @@ class _Simulation:
         }
         if self.setting.has_breaker:
             _breaker_time(self.breaker_log.events, self.setting.open_for, end, run)
-        tel = self.telemetry
-        run.retries = tel.stats("retry", "retry", RetryStats).attempts
-        run.exhausted = tel.stats("retry", "retry", RetryStats).exhausted
-        run.timeouts = tel.stats("timeout", "timeout", TimeoutStats).timeouts
-        run.bulkhead_rejected = tel.stats("bulkhead", "bulkhead", BulkheadStats).rejected
+        for policy in policies:
+            metrics = policy.metrics
+            if isinstance(policy, Retry):
+                assert isinstance(metrics, RetryMetrics)
+                run.retries, run.exhausted = metrics.attempts, metrics.exhausted
+            elif isinstance(policy, Timeout):
+                run.timeouts = metrics.timeout
+            elif isinstance(policy, Bulkhead):
+                run.bulkhead_rejected = metrics.rejected
         if progress := self.progress:
             progress(1.0)
         return run

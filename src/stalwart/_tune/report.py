@@ -405,5 +405,33 @@ def _table(report: Report) -> str:
                 lines.append(f"  (over {report.max_load:g}x peak load on the downstream:)")
         lines.append(line(row))
     lines.append("")
+    lines.extend(_legend(s, [h for h, _, _ in columns[2:]]))
+    lines.append("")
     lines.append(report.recommendation())
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _legend(scenario: Scenario, shown: Sequence[str]) -> list[str]:
+    """What each column shown means, one line each (the module docstring says it in full)."""
+    kinds = {p.kind for p in scenario.downstream.timeline}
+    core = next((k for k in ("outage", "brownout", "recovery") if k in kinds), "incident")
+    meanings = {
+        "success": "calls that returned, as their callers saw them",
+        "latency": "time from a call's start to its outcome, failed calls included",
+        "attempts/call": (
+            "attempts that reached the downstream, per call (rejected calls made none)"
+        ),
+        "peak load": (
+            f"most attempts per call over any {WINDOW} s around the incident (1.00x: no retries)"
+        ),
+        "detect": f"from the start of the {core} to the breaker's first opening",
+        "recover": f"from the end of the {core} until calls succeed about as often as before",
+        "open": "time the breaker spent rejecting calls",
+        "all done": "when the last call ended",
+    }
+    names = [n for n in shown if n not in ("p50", "p99", "p99.9")]
+    rows = [(n, meanings[n]) for n in names]
+    if "p50" in shown:
+        rows.insert(1, ("p50 p99 p99.9", meanings["latency"]))
+    width = max(len(name) for name, _ in rows)
+    return [f"  {name.ljust(width)}  {meaning}" for name, meaning in rows]

@@ -23,7 +23,7 @@ from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
 
 from .._bulkhead import Bulkhead
-from .._circuit_breaker import CircuitBreaker
+from .._circuit_breaker import _DEFAULT_FAILURE_RATE, CircuitBreaker
 from .._policy import Policy
 from .._retry import Backoff, Retry
 from .._retry_budget import RetryBudget
@@ -203,16 +203,26 @@ class Setting:
         breaker = self.options["breaker"]
         return 0.0 if breaker is None else float(breaker["open_for"])
 
-    def policies(self, telemetry: Telemetry, rng: random.Random) -> list[Policy]:
+    def policies(
+        self,
+        telemetry: Telemetry,
+        rng: random.Random,
+        *,
+        breaker_telemetry: Telemetry | None = None,
+    ) -> list[Policy]:
         """The real stalwart policies of this setting, outermost first.
 
         Named ``retry``, ``breaker``, ``bulkhead`` and ``timeout``; each
         `Retry` gets a `RetryBudget` of its own when configured (so one
-        setting's calls share one budget).
+        setting's calls share one budget). The breaker reports to
+        ``breaker_telemetry`` when given (the engine listens to it there).
         """
-        return [policy for _, policy in self._build(telemetry, rng)]
+        built = self._build(telemetry, rng, breaker_telemetry or telemetry)
+        return [policy for _, policy in built]
 
-    def _build(self, telemetry: Telemetry, rng: random.Random) -> Iterator[tuple[str, Policy]]:
+    def _build(
+        self, telemetry: Telemetry, rng: random.Random, breaker_telemetry: Telemetry
+    ) -> Iterator[tuple[str, Policy]]:
         o = self.options
         retry = o["retry"]
         if retry is not None:
@@ -247,7 +257,7 @@ class Setting:
                 "breaker",
                 _made(
                     "grid.breaker",
-                    lambda: CircuitBreaker(**options, name="breaker", telemetry=telemetry),
+                    lambda: CircuitBreaker(**options, name="breaker", telemetry=breaker_telemetry),
                 ),
             )
         bulkhead = o["bulkhead"]
@@ -555,6 +565,8 @@ def _grid(raw: dict[str, Any], problems: Problems) -> tuple[tuple[Setting, ...],
             if f.name == "breaker":
                 _both_windows(raw[f.name], path, problems)
             options = schema.expand(raw[f.name], f, path, problems)
+            if f.name == "breaker":
+                options = [_trigger_defaults(option) for option in options]
         else:
             options = [None]
         axes.append([(f.name, option) for option in options])
@@ -593,6 +605,18 @@ def _refusal(setting: Setting, telemetry: Telemetry) -> tuple[str, str] | None:
     except _PolicyRefused as exc:
         return exc.path, exc.message
     return None
+
+
+def _trigger_defaults(breaker: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A breaker's options with ``failure_rate`` as `CircuitBreaker` reads it when not given.
+
+    Not given, it is 0.5, or off when ``consecutive_failures`` is given: the
+    labels, the options in the JSON and the breaker then say the same.
+    """
+    if breaker is None or breaker["failure_rate"] is not _DEFAULT_FAILURE_RATE:
+        return breaker
+    off = breaker["consecutive_failures"] is not None
+    return {**breaker, "failure_rate": None if off else float(_DEFAULT_FAILURE_RATE)}
 
 
 def _both_windows(raw: Any, path: str, problems: Problems) -> None:
@@ -692,9 +716,11 @@ def _labels(leaves: Sequence[Mapping[str, str]]) -> list[str]:
 def _common(leaves: Sequence[Mapping[str, str]]) -> str:
     """The options that never vary, where they differ from stalwart's defaults.
 
-    A section present in every setting is named even with default options.
+    A section on in every setting whose options are all defaults is named by
+    its headline option (``attempts=3``), or as ``breaker=on``.
     """
-    shared = []
+    shared: list[tuple[str, str]] = []  # (path, text)
+    present: list[str] = []  # sections on in every setting
     for path in _ORDER:
         if path.endswith(".label"):
             continue
@@ -705,11 +731,28 @@ def _common(leaves: Sequence[Mapping[str, str]]) -> str:
         value = values.pop()
         if value in ("on", "off"):
             if value == "on" and len(rows) == len(leaves) and "." not in path:
-                shared.append(path)
+                present.append(path)
             continue
-        if _DEFAULTS.get(path) != value:
-            shared.append(f"{_alias(path)}={value}")
-    return ", ".join(shared)
+        if _default_text(path, rows[0]) != value:
+            shared.append((path, f"{_alias(path)}={value}"))
+    named = []
+    for section in present:
+        if any(path.startswith(section + ".") for path, _ in shared):
+            continue  # its options say it is there
+        headline = _HEADLINES.get(section)
+        if headline is None:
+            named.append(f"{section}=on")
+        else:
+            option = f"{section}.{headline}"
+            named.append(f"{_alias(option)}={leaves[0][option]}")
+    return ", ".join([*named, *(text for _, text in shared)])
+
+
+def _default_text(path: str, row: Mapping[str, str]) -> str | None:
+    """The text of ``path``'s default in ``row``'s setting."""
+    if path == "breaker.failure_rate" and row.get("breaker.consecutive_failures", "off") != "off":
+        return "off"  # not given, it is off when consecutive_failures is given
+    return _DEFAULTS.get(path)
 
 
 def _full_defaults() -> dict[str, Any]:

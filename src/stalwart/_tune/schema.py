@@ -21,6 +21,7 @@ import itertools
 import math
 import sys
 import textwrap
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +31,6 @@ from .._bulkhead import Bulkhead
 from .._circuit_breaker import CircuitBreaker
 from .._retry import Backoff, Retry
 from .._retry_budget import RetryBudget
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - depends on the interpreter
-    try:
-        import tomli as tomllib
-    except ImportError:
-        tomllib = None
 
 __all__ = [
     "GRID",
@@ -107,10 +100,6 @@ class Problems:
 
 def loads_toml(text: str, source: str) -> dict[str, Any]:
     """Parse TOML, or raise a `ScenarioError` saying where it is not TOML."""
-    if tomllib is None:  # pragma: no cover - Python 3.10 without the extra
-        raise ScenarioError(
-            [("", "reading TOML on Python 3.10 needs tomli: pip install 'stalwart[tune]'")], source
-        )
     try:
         parsed: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -678,7 +667,8 @@ BUDGET: Final = Table(
 
 RETRY: Final = Table(
     "retry",
-    "A `stalwart.Retry` (it retries every failure, a `CircuitOpenError` after its `retry_after`).",
+    "A `stalwart.Retry`, as built with no `on`: it retries every failure but a breaker's "
+    "`CircuitOpenError` (an open breaker fails the call at once).",
     (
         Field(
             "label",
@@ -718,7 +708,9 @@ BREAKER: Final = Table(
             "failure_rate",
             SHARE,
             _signature_default(CircuitBreaker, "failure_rate"),
-            "share of failures that opens",
+            "share of failures that opens (false: no failure-rate trigger; absent: "
+            "`0.5`, or off when `consecutive_failures` is given)",
+            switchable=True,
         ),
         Field(
             "window",
@@ -737,7 +729,7 @@ BREAKER: Final = Table(
             "minimum_calls",
             Integer(minimum=1),
             _signature_default(CircuitBreaker, "minimum_calls"),
-            "calls the window must hold before rates count",
+            "calls the window must hold before rates (failures, slow calls) count",
         ),
         Field(
             "consecutive_failures",

@@ -1,275 +1,47 @@
-"""ASGI middleware: the inbound end of stalwart's deadlines and idempotency keys.
-
-`DeadlineMiddleware` reads the deadline a caller sent (``x-request-timeout-ms``,
-as `stalwart.httpx.ResilientTransport` sends it, or gRPC's ``grpc-timeout``)
-and runs the request under `stalwart.deadline`, so every policy and every
-outbound call inside it knows how long it has left. `IdempotencyMiddleware`
-runs each request that carries an ``Idempotency-Key`` once, and answers its
-repeats with the stored response::
-
-    from stalwart.asgi import DeadlineMiddleware, IdempotencyMiddleware
-
-    app = IdempotencyMiddleware(DeadlineMiddleware(app, max_timeout=30.0))
-
-Plain ASGI 3: they work under any server and around any framework (Starlette,
-FastAPI, Django, Quart, ...). Only ``http`` requests are handled; lifespan and
-websocket scopes pass straight through.
-"""
+"""Requests with an ``Idempotency-Key`` run once, repeats replayed: `IdempotencyMiddleware`."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import json
-import logging
 import re
 import struct
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any, Final, Union, final
+from collections.abc import (
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from typing import Any, Final, TypeAlias, final
 
-from . import _clock, _telemetry, _validate
-from ._errors import DeadlineExceeded, StoreUnavailable
-from ._http import DEADLINE_HEADER, IDEMPOTENCY_HEADER, header_name
-from ._idempotency import LeaseKeeper
-from ._idempotency_store import (
+from .. import _telemetry, _validate
+from .._errors import StoreUnavailable
+from .._http import (
+    IDEMPOTENCY_HEADER,
+    header_name,
+    is_token,
+)
+from .._idempotency import IdempotencyMetrics, LeaseKeeper, Verdict, decide
+from .._idempotency_store import (
     Completed,
     IdempotencyStore,
-    InFlight,
     Lease,
     resolve_store,
 )
-from ._telemetry import IdempotencyStats, Telemetry, add_event
-from ._timeout import deadline
+from .._telemetry import Telemetry, report
+from .._transport import collection_option
+from ..events import CallRejected, IdempotentReplay
+from ._types import ASGIApp, Message, Receive, Scope, Send, _log, _send_problem
 
-__all__ = [
-    "ASGIApp",
-    "Credentials",
-    "DeadlineMiddleware",
-    "IdempotencyMiddleware",
-    "Message",
-    "Receive",
-    "Scope",
-    "Send",
-    "parse_grpc_timeout",
-    "parse_idempotency_key",
-    "parse_timeout_ms",
-]
+Credentials: TypeAlias = str | Sequence[str] | Callable[[Scope], str | bytes | None]
+"""Header names, or a callable of the request's scope returning who is calling."""
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+DEFAULT_CREDENTIALS: Final = ("Authorization", "Cookie")
+"""The headers that tell `IdempotencyMiddleware`'s callers apart by default."""
 
-# At most 15 integer digits: longer values are not durations anyone means.
-_MILLISECONDS: Final = re.compile(rb"\s*(\d{1,15}(?:\.\d+)?)\s*")
-# gRPC over HTTP/2: "TimeoutValue TimeoutUnit", at most 8 digits.
-_GRPC_TIMEOUT: Final = re.compile(rb"(\d{1,8})([HMSmun])")
-_GRPC_UNITS: Final = {
-    b"H": 3600.0,
-    b"M": 60.0,
-    b"S": 1.0,
-    b"m": 1e-3,
-    b"u": 1e-6,
-    b"n": 1e-9,
-}
-
-
-def parse_timeout_ms(value: bytes) -> float | None:
-    """Seconds from an ``x-request-timeout-ms`` value, or None if malformed.
-
-    The value is a non-negative number of milliseconds (an integer as
-    stalwart sends it; a decimal fraction is accepted).
-
-    Example::
-
-        parse_timeout_ms(b"1500")  # 1.5
-        parse_timeout_ms(b"soon")  # None
-    """
-    if value.isdigit() and len(value) <= 15:  # the common case, without a regex
-        return int(value) / 1000.0
-    match = _MILLISECONDS.fullmatch(value)
-    if match is None:
-        return None
-    return float(match.group(1)) / 1000.0
-
-
-def parse_grpc_timeout(value: bytes) -> float | None:
-    """Seconds from a ``grpc-timeout`` value (``"250m"``, ``"3S"``), or None.
-
-    The gRPC format: at most 8 digits, then a unit: ``H`` hours, ``M``
-    minutes, ``S`` seconds, ``m`` milliseconds, ``u`` microseconds, ``n``
-    nanoseconds.
-    """
-    match = _GRPC_TIMEOUT.fullmatch(value)
-    if match is None:
-        return None
-    return int(match.group(1)) * _GRPC_UNITS[match.group(2)]
-
-
-def _header_value(scope: Scope, name: bytes) -> bytes | None:
-    """The first value of header ``name`` (lower case) in an HTTP scope."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value  # type: ignore[no-any-return]
-    return None
-
-
-async def _send_problem(
-    send: Send,
-    status: int,
-    title: str,
-    detail: str,
-    *,
-    retry_after: int | None = None,
-) -> None:
-    """Send a complete ``application/problem+json`` response (RFC 9457)."""
-    body = json.dumps(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    ).encode()
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-@final
-class DeadlineMiddleware:
-    """Run each HTTP request under the deadline its caller sent.
-
-    The request's time limit is read from ``header`` (milliseconds, as
-    `stalwart.httpx.ResilientTransport` sends it) and, with
-    ``grpc_timeout=True``, from ``grpc-timeout`` too (the nearer wins). It is
-    capped at ``max_timeout``; a request without a usable value gets
-    ``default_timeout`` (None: no deadline). A malformed value is ignored as
-    if absent: a caller's typo never turns into a 500.
-
-    The app then runs inside ``stalwart.deadline(limit)``: `stalwart.remaining`
-    reports the time left, every stalwart policy respects it, and outbound
-    calls through `stalwart.httpx.ResilientTransport` pass what remains on.
-    When the deadline passes, the app is cancelled and:
-
-    * if the response has not started, the client gets ``504 Gateway
-      Timeout`` with a small ``application/problem+json`` body;
-    * if it has, the response is left unfinished, so the server closes the
-      connection and the client sees a truncated response rather than one
-      that looks complete. (Servers log that, uvicorn as "ASGI callable
-      returned without completing response".)
-
-    The time a request spends on the network before it reaches the app is
-    not deducted: the app gets the full limit from when it starts.
-
-    Args:
-        app: the ASGI application to protect.
-        header: the header carrying milliseconds, or None to ignore it.
-        max_timeout: the longest deadline a caller may ask for, in seconds
-            (> 0), or None for no cap.
-        default_timeout: seconds allowed to requests that carry no usable
-            value (> 0), or None to run them without a deadline. It is
-            capped at ``max_timeout`` too.
-        grpc_timeout: also read gRPC's ``grpc-timeout`` header.
-
-    Example::
-
-        app = DeadlineMiddleware(app, max_timeout=10.0, default_timeout=5.0)
-    """
-
-    __slots__ = ("_app", "_default", "_grpc", "_header", "_max")
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        header: str | None = DEADLINE_HEADER,
-        max_timeout: float | None = 60.0,
-        default_timeout: float | None = None,
-        grpc_timeout: bool = False,
-    ) -> None:
-        if not callable(app):
-            raise TypeError(f"app must be an ASGI application, not {type(app).__name__}")
-        self._app = app
-        self._header = None if header is None else header_name("header", header).lower().encode()
-        self._max = _validate.optional_duration("max_timeout", max_timeout, positive=True)
-        default = _validate.optional_duration("default_timeout", default_timeout, positive=True)
-        if default is not None and self._max is not None:
-            default = min(default, self._max)
-        self._default = default
-        if not isinstance(grpc_timeout, bool):
-            raise TypeError(f"grpc_timeout must be a bool, not {type(grpc_timeout).__name__}")
-        self._grpc = grpc_timeout
-
-    @property
-    def app(self) -> ASGIApp:
-        """The wrapped application."""
-        return self._app
-
-    def timeout_for(self, scope: Scope) -> float | None:
-        """The deadline, in seconds, that this request gets (None: none)."""
-        limit: float | None = None
-        if self._header is not None:
-            value = _header_value(scope, self._header)
-            if value is not None:
-                limit = parse_timeout_ms(value)
-        if self._grpc:
-            value = _header_value(scope, b"grpc-timeout")
-            if value is not None:
-                grpc = parse_grpc_timeout(value)
-                if grpc is not None and (limit is None or grpc < limit):
-                    limit = grpc
-        if limit is None:
-            return self._default
-        if self._max is not None and limit > self._max:
-            return self._max
-        return limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-        seconds = self.timeout_for(scope)
-        if seconds is None:
-            await self._app(scope, receive, send)
-            return
-        started = False
-
-        async def watched_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        scope_deadline = deadline(seconds, name="DeadlineMiddleware")
-        try:
-            with scope_deadline:
-                await self._app(scope, receive, watched_send)
-        except DeadlineExceeded:
-            # The app's own errors (an inner Timeout it let through) are not
-            # ours to answer: only the expiry of this request's deadline is.
-            if _clock.now() < scope_deadline.when:
-                raise
-            if not started:
-                await _send_problem(
-                    send,
-                    504,
-                    "Gateway Timeout",
-                    f"The request's deadline of {seconds * 1000.0:g} ms passed "
-                    "before a response was ready.",
-                )
-
-    def __repr__(self) -> str:
-        return f"DeadlineMiddleware({self._app!r}, max_timeout={self._max})"
-
-
-# -- idempotency keys -------------------------------------------------------------------
-
-_log = logging.getLogger("stalwart.asgi")
-
-Credentials = Union[str, Callable[[Scope], Union[str, bytes, None]]]  # noqa: UP007 - runtime alias
-"""A header name, or a callable of the request's scope returning who is calling."""
+# What sets the values of one header apart from the next one's in a scope's
+# hash: no value is this long, so no value's length prefix can pass for it.
+_NEXT_HEADER: Final = 1 << 63
 
 
 _KEY_MAX_LENGTH: Final = 255
@@ -279,10 +51,8 @@ _BARE_KEY: Final = re.compile(rb"[\x21\x23-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e]
 # RFC 8941 sf-string: printable ASCII in double quotes, `"` and `\` escaped.
 _SF_STRING: Final = re.compile(rb'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\]){1,255})"')
 _SF_ESCAPE: Final = re.compile(rb'\\(["\\])')
-_METHOD: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 _REPLAYED_HEADER: Final = (b"idempotent-replayed", b"true")
-_REPLAYED_EVENT: Final = "stalwart.idempotency.replayed"
 # Not part of a stored response: they describe one connection, not the answer.
 _HOP_BY_HOP: Final = frozenset(
     {
@@ -298,6 +68,9 @@ _HOP_BY_HOP: Final = frozenset(
 # "Try again later" answers: replaying them would refuse the retry they invite.
 _TRY_AGAIN_LATER: Final = frozenset({408, 425, 429})
 _RECORD_VERSION: Final = 1
+# Seconds a 409's client is told to wait: the first request's end cannot be
+# known, and a second is long for most requests and short enough for a client.
+_CONFLICT_RETRY_AFTER: Final = 1
 _LENGTHS: Final = struct.Struct(">4Q")
 # A holder whose request failed or was cancelled gets this long, shielded from
 # cancellation, to tell a shared store; past it the lease frees the key.
@@ -431,16 +204,69 @@ def _fingerprint(scope: Scope, body: bytes) -> str:
     return hashlib.sha256(b"".join((lengths, method, path, query, body))).hexdigest()
 
 
-def _methods(value: Any) -> frozenset[str]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+def _credentials(value: Any) -> tuple[bytes, ...] | Callable[[Scope], str | bytes | None]:
+    """Header names (lower case, each once) or the callable, from ``credentials``."""
+    if isinstance(value, str):
+        value = (value,)
+    elif callable(value):
+        return value  # type: ignore[no-any-return]
+    elif not isinstance(value, (list, tuple)):
         raise TypeError(
-            f"methods must be a collection of HTTP method names, not {type(value).__name__}"
+            "credentials must be a header name, a sequence of them, or a callable of the "
+            f"ASGI scope, not {type(value).__name__}"
         )
+    if not value:
+        raise ValueError("credentials must name at least one header")
+    names = (header_name("credentials", name).lower().encode() for name in value)
+    return tuple(dict.fromkeys(names))
+
+
+def _headers_digest(headers: Iterable[tuple[bytes, bytes]], names: tuple[bytes, ...]) -> str | None:
+    """SHA-256 of the values of the headers ``names``, or None if the request has none.
+
+    Every value counts, length-prefixed: a request that adds a second
+    Authorization header to someone else's never lands in that one's scope,
+    whichever value the app reads. The first header's values are hashed
+    alone, as when it was the only one (records stored then stay reachable);
+    each other header present follows a mark of its own. Cookies count as a
+    set of ``name=value`` pairs, however the client split or ordered them.
+    """
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        if name in names:
+            found.setdefault(name, []).append(value)
+    if not found:
+        return None
+    digest = hashlib.sha256()
+    for index, name in enumerate(names):
+        values = found.get(name)
+        if values is None:
+            continue
+        if name == b"cookie":
+            values = sorted(_cookie_pairs(values))
+        if index:
+            digest.update((_NEXT_HEADER + index).to_bytes(8, "big"))
+        for value in values:
+            digest.update(len(value).to_bytes(8, "big"))
+            digest.update(value)
+    return digest.hexdigest()
+
+
+def _cookie_pairs(values: list[bytes]) -> Iterator[bytes]:
+    """The ``name=value`` pairs of ``Cookie`` header values (RFC 6265: ``; `` between)."""
+    for value in values:
+        for pair in value.split(b";"):
+            pair = pair.strip(b" \t")
+            if pair:
+                yield pair
+
+
+def _methods(value: Any) -> frozenset[str]:
     methods = set()
-    for method in value:
+    for method in collection_option("methods", value, "HTTP method names"):
         if not isinstance(method, str):
             raise TypeError(f"methods must hold str method names, got {type(method).__name__}")
-        if not _METHOD.fullmatch(method):
+        if not is_token(method):
             raise ValueError(f"methods must hold HTTP method names, got {method!r}")
         methods.add(method.upper())
     if not methods:
@@ -465,7 +291,8 @@ class IdempotencyMiddleware:
       without running the app, with the extra header ``Idempotent-Replayed:
       true``;
     * a repeat that arrives **while the first is still running** gets ``409
-      Conflict``: the client retries later and then gets the replay;
+      Conflict`` with ``Retry-After: 1``: the client retries later and then
+      gets the replay (`stalwart.httpx.ResilientTransport` does so);
     * a key reused for a **different request** (another method, path, query
       string or body) gets ``422 Unprocessable Content``, also while the
       first is running;
@@ -489,14 +316,19 @@ class IdempotencyMiddleware:
     does not stop it storing the response: its retry gets the replay.
 
     **Whose keys.** Records are scoped to the caller's credentials: by
-    default all values of the ``Authorization`` header, hashed (SHA-256), so
-    a client that reuses or guesses another's key only ever reaches its own
-    records, and no credential is written to the store. Requests without
-    credentials share one anonymous scope: if your callers authenticate
-    some other way (a session cookie, a client certificate, an API key
-    header), say so with ``credentials`` (a header name, or a callable
-    given the ASGI scope and returning a ``str``/``bytes`` that identifies
-    the caller, or None for anonymous).
+    default all values of the ``Authorization`` and ``Cookie`` headers,
+    hashed (SHA-256), so a client that reuses or guesses another's key only
+    ever reaches its own records, whether the app authenticates with a
+    token or a session cookie, and no credential is written to the store.
+    (The cookies count as a set: their order, and whether they come in one
+    header or several, do not matter; any cookie that differs makes another
+    caller.) Requests with none of these headers share one anonymous scope.
+    If your callers authenticate some other way (an API key header, a
+    client certificate), say so with ``credentials``: header names, or a
+    callable given the ASGI scope and returning a ``str``/``bytes`` that
+    identifies the caller, or None for anonymous. Naming only the header
+    that really identifies the caller (``credentials="Authorization"``) lets
+    a retry that comes back with other cookies still get its replay.
 
     **Where.** Records live in ``store``, any `stalwart.IdempotencyStore`:
     by default a private in-process `stalwart.MemoryStore` of
@@ -511,8 +343,11 @@ class IdempotencyMiddleware:
 
     Metrics: replays count in ``stalwart_idempotency_replays_total`` and
     409s in ``stalwart_idempotency_conflicts_total``, labelled ``policy=name``;
-    a replay adds the event ``stalwart.idempotency.replayed`` to the current
-    span, if one is recording.
+    keyed requests in ``stalwart_calls_total{kind="idempotency"}`` (a run or
+    a replay is a ``success``, a 409 or 422 ``rejected``, a store that cannot
+    be reached an ``error``). A replay is reported as an `IdempotentReplay`
+    event and a 409 as a `CallRejected` (reason ``"idempotency_conflict"``),
+    to the telemetry's listeners and to the current span, if one records.
 
     Args:
         app: the ASGI application to protect.
@@ -521,8 +356,9 @@ class IdempotencyMiddleware:
         methods: the methods handled (others pass straight through).
         ttl: seconds a response is replayed for, > 0 (default one day).
         required: answer 400 to a request of those methods without a key.
-        credentials: what identifies the caller: a header name (default
-            ``"Authorization"``; all its values count) or a callable of the
+        credentials: what identifies the caller: a header name or a
+            sequence of them (default `DEFAULT_CREDENTIALS`, ``Authorization``
+            and ``Cookie``; all their values count), or a callable of the
             ASGI scope returning ``str``, ``bytes`` or None.
         max_body_size: the largest request body accepted with a key, in
             bytes (default 1 MiB).
@@ -544,7 +380,6 @@ class IdempotencyMiddleware:
     __slots__ = (
         "_anonymous",
         "_app",
-        "_attributes",
         "_credentials",
         "_header",
         "_header_label",
@@ -553,10 +388,11 @@ class IdempotencyMiddleware:
         "_max_body",
         "_max_response",
         "_methods",
+        "_metrics",
         "_name",
+        "_registration",
         "_required",
         "_scope_prefix",
-        "_stats",
         "_store",
         "_telemetry",
         "_ttl",
@@ -571,7 +407,7 @@ class IdempotencyMiddleware:
         methods: Iterable[str] = ("POST", "PATCH"),
         ttl: float = 86_400.0,
         required: bool = False,
-        credentials: Credentials = "Authorization",
+        credentials: Credentials = DEFAULT_CREDENTIALS,
         max_body_size: int = 1_048_576,
         max_response_size: int = 65_536,
         max_entries: int | None = None,
@@ -586,28 +422,27 @@ class IdempotencyMiddleware:
         self._header_label = header_name("header", header)
         self._header = self._header_label.lower().encode()
         self._methods = _methods(methods)
-        self._ttl = _validate.duration("ttl", ttl, positive=True)
+        self._ttl = _validate.stored_duration(
+            "ttl", _validate.duration("ttl", ttl, positive=True), store
+        )
         if not isinstance(required, bool):
             raise TypeError(f"required must be a bool, not {type(required).__name__}")
         self._required = required
-        self._credentials: bytes | Callable[[Scope], str | bytes | None]
-        if isinstance(credentials, str):
-            self._credentials = header_name("credentials", credentials).lower().encode()
-        elif callable(credentials):
-            self._credentials = credentials
-        else:
-            raise TypeError(
-                "credentials must be a header name or a callable of the ASGI scope, "
-                f"not {type(credentials).__name__}"
-            )
+        self._credentials = _credentials(credentials)
         self._max_body = _validate.count("max_body_size", max_body_size, minimum=0)
         self._max_response = _validate.count("max_response_size", max_response_size, minimum=0)
-        self._lease = _validate.duration("lease", lease, positive=True)
+        self._lease = _validate.stored_duration(
+            "lease", _validate.duration("lease", lease, positive=True), store
+        )
         self._name = _validate.name(name)
         self._keeper = LeaseKeeper(store, f"IdempotencyMiddleware {self._name!r}", work="request")
         self._telemetry = _telemetry.resolve(telemetry)
-        self._stats = self._telemetry.stats("idempotency", self._name, IdempotencyStats)
-        self._attributes = {_telemetry.POLICY_ATTRIBUTE: self._name}
+        self._registration, _ = self._telemetry.register(
+            "idempotency", self._name, IdempotencyMetrics
+        )
+        metrics = self._registration.metrics
+        assert isinstance(metrics, IdempotencyMetrics)
+        self._metrics = metrics
         self._scope_prefix = f"{self._name}:asgi:"
         self._anonymous = self._scope_prefix + "anonymous"
 
@@ -697,35 +532,48 @@ class IdempotencyMiddleware:
                 "retry later.",
                 retry_after=1,
             )
+            self._metrics.error += 1
             return
-        if isinstance(outcome, Lease):
-            await self._run(scope, receive, send, body, outcome)
-        elif isinstance(outcome, Completed):
-            if outcome.fingerprint != fingerprint:
-                await self._reused(send)
-                return
+        metrics = self._metrics
+        verdict = decide(outcome, fingerprint, self._store)
+        if verdict is Verdict.RUN:
+            assert isinstance(outcome, Lease)
+            try:
+                await self._run(scope, receive, send, body, outcome)
+            except BaseException as exc:
+                metrics.failed(exc, None)
+                raise
+            metrics.success += 1
+        elif verdict is Verdict.REPLAY:
+            assert isinstance(outcome, Completed)
             status, headers, content = _read_record(outcome.value)
-            self._stats.replays += 1
-            add_event(_REPLAYED_EVENT, self._attributes)
+            metrics.replays += 1
+            metrics.success += 1
+            report(self._telemetry, IdempotentReplay, self._name, "idempotency")
             headers.append(_REPLAYED_HEADER)
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": content, "more_body": False})
-        elif isinstance(outcome, InFlight):
-            if outcome.fingerprint != fingerprint:
-                await self._reused(send)
-                return
-            self._stats.conflicts += 1
+        elif verdict is Verdict.REUSED:
+            metrics.rejected += 1
+            await self._reused(send)
+        else:
+            metrics.conflicts += 1
+            metrics.rejected += 1
+            report(
+                self._telemetry,
+                CallRejected,
+                self._name,
+                "idempotency",
+                reason="idempotency_conflict",
+                retry_after=float(_CONFLICT_RETRY_AFTER),
+            )
             await _send_problem(
                 send,
                 409,
                 "Conflict",
                 f"A request with this {self._header_label} is still being processed; "
                 "retry later to get its response.",
-            )
-        else:
-            raise TypeError(
-                f"{self._store!r}.claim() returned {outcome!r}: expected a Lease, Completed "
-                "or InFlight"
+                retry_after=_CONFLICT_RETRY_AFTER,
             )
 
     async def _read_body(self, receive: Receive) -> bytes | None:
@@ -752,20 +600,9 @@ class IdempotencyMiddleware:
     def _record_scope(self, scope: Scope) -> str:
         """Whose records: a hash of the caller's credentials."""
         reader = self._credentials
-        if isinstance(reader, bytes):
-            digest = None
-            for name, value in scope["headers"]:
-                if name == reader:
-                    if digest is None:
-                        digest = hashlib.sha256()
-                    # Every value, length-prefixed: a request that adds a
-                    # second Authorization header to someone else's never
-                    # lands in that one's scope, whichever value the app reads.
-                    digest.update(len(value).to_bytes(8, "big"))
-                    digest.update(value)
-            if digest is None:
-                return self._anonymous
-            return self._scope_prefix + digest.hexdigest()
+        if isinstance(reader, tuple):
+            digest = _headers_digest(scope["headers"], reader)
+            return self._anonymous if digest is None else self._scope_prefix + digest
         identity = reader(scope)
         if identity is None:
             return self._anonymous

@@ -1,0 +1,48 @@
+"""ASGI middleware: the inbound end of stalwart's deadlines, errors and idempotency keys.
+
+`DeadlineMiddleware` reads the deadline a caller sent (``x-request-timeout-ms``,
+as `stalwart.httpx.ResilientTransport` sends it, or gRPC's ``grpc-timeout``)
+and runs the request under `stalwart.deadline`, so every policy and every
+outbound call inside it knows how long it has left. `ErrorMiddleware` answers
+an open circuit, a full bulkhead or a rate limit with a 503 and a passed
+deadline with a 504, instead of a 500. `IdempotencyMiddleware` runs each
+request that carries an ``Idempotency-Key`` once, and answers its repeats
+with the stored response::
+
+    from stalwart.asgi import DeadlineMiddleware, ErrorMiddleware, IdempotencyMiddleware
+
+    app = IdempotencyMiddleware(DeadlineMiddleware(ErrorMiddleware(app), max_timeout=30.0))
+
+Plain ASGI 3: they work under any server and around any framework (Starlette,
+FastAPI, Django, Quart, ...). Only ``http`` requests are handled; lifespan and
+websocket scopes pass straight through.
+"""
+
+from __future__ import annotations
+
+from .._http import parse_grpc_timeout, parse_timeout_ms
+from ._deadline import DeadlineMiddleware
+from ._errors import ErrorMiddleware
+from ._idempotency import (
+    DEFAULT_CREDENTIALS,
+    Credentials,
+    IdempotencyMiddleware,
+    parse_idempotency_key,
+)
+from ._types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_public_api.py)
+    "ASGIApp",
+    "Credentials",
+    "DEFAULT_CREDENTIALS",
+    "DeadlineMiddleware",
+    "ErrorMiddleware",
+    "IdempotencyMiddleware",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "parse_grpc_timeout",
+    "parse_idempotency_key",
+    "parse_timeout_ms",
+]

@@ -1,0 +1,63 @@
+"""What the middlewares share: the ASGI types, a problem answer, a watched ``send``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Mapping,
+    MutableMapping,
+)
+from typing import Any, final
+
+from .._http import (
+    PROBLEM_JSON,
+    problem_json,
+)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def _send_problem(
+    send: Send,
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    retry_after: int | None = None,
+    extensions: Mapping[str, str] | None = None,
+) -> None:
+    """Send a complete ``application/problem+json`` response (RFC 9457)."""
+    body = problem_json(status, title, detail, extensions).encode()
+    headers = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+@final
+class _Watched:
+    """The app's ``send``: passes every message on, notes when the response starts."""
+
+    __slots__ = ("send", "started")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
+
+
+_log = logging.getLogger("stalwart.asgi")
