@@ -13,10 +13,14 @@ from typing import Any
 
 import anyio
 import pytest
+from opentelemetry.trace import StatusCode
+from prometheus_client import CollectorRegistry
 
 import stalwart as sw
 from stalwart._tune.engine import percentile
 from stalwart.testing import FaultInjection, InjectedFault
+
+from .conftest import Spans, sample
 
 HEALTHY: dict[str, Any] = {
     "seed": 7,
@@ -297,3 +301,29 @@ def test_enabled_validates_at() -> None:
 def test_an_injected_fault_pickles() -> None:
     error = pickle.loads(pickle.dumps(InjectedFault("x", reason="overloaded")))
     assert (str(error), error.reason) == ("x", "overloaded")
+
+
+async def test_as_a_policy_it_counts_its_calls_and_opens_its_span(
+    registry: CollectorRegistry, spans: Spans
+) -> None:
+    telemetry = sw.Telemetry(registry=registry, tracer_provider=spans.provider)
+    faults = FaultInjection(profile(error_rate=0.5), seed=3, name="f", telemetry=telemetry)
+    guarded = faults(work)
+    assert await guarded() == "done"  # not switched on: counted all the same
+    outcomes = [(await timed(faults))[0] for _ in range(20)]
+    with anyio.move_on_after(0.001), faults.enabled():
+        await guarded()  # given up on while it is served
+    errors = outcomes.count("error")
+    assert 0 < errors < 20
+    counted = {
+        outcome: sample(
+            registry, "stalwart_calls_total", policy="f", kind="fault_injection", outcome=outcome
+        )
+        for outcome in ("success", "error", "cancelled", "rejected")
+    }
+    assert counted == {"success": 21 - errors, "error": errors, "cancelled": 1, "rejected": 0}
+    own = spans.named("stalwart.fault_injection f")
+    assert len(own) == 22
+    assert sum(s.status.status_code is StatusCode.ERROR for s in own) == errors
+    await sw.Pipeline(faults, name="p", telemetry=telemetry)(work)()
+    assert len(spans.named("stalwart.fault_injection f")) == 22  # the pipeline's span instead

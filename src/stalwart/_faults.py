@@ -25,35 +25,29 @@ import math
 import os
 import random
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from heapq import heapreplace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, final
 
 import anyio
-from typing_extensions import ParamSpec
 
 from . import _clock, _validate
 from ._http import header_name
-from ._policy import Policy
+from ._policy import AsyncCallable, Binding, Policy
 from ._telemetry import Telemetry
 
 if TYPE_CHECKING:
     from ._tune.scenario import Scenario
+    from .asgi import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["FAULTS_HEADER", "FaultInjection", "FaultStatistics", "InjectedFault"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Coroutine[Any, Any, Message]]
-Send = Callable[[Message], Coroutine[Any, Any, None]]
-ASGIApp = Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]]
 
 FAULTS_HEADER: Final = "x-stalwart-faults"
 """The request header that switches fault injection on for one request."""
@@ -264,7 +258,11 @@ class FaultInjection(Policy):
         error_status: the status of an injected error or rejection (the
             middleware's), 500-599 or 429.
         name: the policy's name.
-        telemetry: where the policy reports (it has no metrics of its own).
+        telemetry: where the policy reports: its calls in
+            ``stalwart_calls_total`` (kind ``fault_injection``; an injected
+            fault counts as an ``error``, a hang given up on as
+            ``cancelled``), and its span. The middleware reports nothing:
+            `statistics` says what it did.
 
     Raises:
         ValueError: a scenario that is not valid (every problem listed), or a
@@ -440,22 +438,34 @@ class FaultInjection(Policy):
 
     # -- as a policy -------------------------------------------------------------------
 
-    def _bind(
-        self,
-        fn: Callable[P, Coroutine[Any, Any, T]],
-        *,
-        origin: Callable[..., Any],
-        traced: bool,
+    def wrap(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        switch = self._switch
+        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        switch, meet, metrics = self._switch, self._meet, self._metrics
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
 
-        async def injected(*args: P.args, **kwargs: P.kwargs) -> T:
-            on = switch.get(None)
-            if on is not None:
-                await self._meet(on)
-            return await fn(*args, **kwargs)
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
+            async def injected(*args: P.args, **kwargs: P.kwargs) -> T:
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
+                start = None if timer is None else timer()
+                try:
+                    on = switch.get(None)
+                    if on is not None:
+                        await meet(on)
+                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                except BaseException as exc:
+                    # An injected fault stands for the dependency's own error:
+                    # counted as one, as the function's errors are.
+                    metrics.failed(exc, start)
+                    raise
+                metrics.success += 1
+                return result if start is None else metrics.returned(result, start)
 
-        return injected
+            return injected
+
+        return self.build(make, binding)
 
     async def _meet(self, switch: float | bool) -> None:
         """What a switched-on call meets before its function runs; raises its fault."""
