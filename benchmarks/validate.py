@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.loopback
 
 from stalwart._tune import builtin, schema
 from stalwart._tune.engine import simulate
@@ -118,6 +119,7 @@ def serve(scenario_file: str) -> None:
     """Run the dependency: uvicorn, FaultInjection playing ``scenario_file``; print the port."""
     import uvicorn
 
+    from benchmarks import loopback
     from stalwart.testing import FaultInjection
 
     async def ok(scope: Any, receive: Any, send: Any) -> None:
@@ -129,23 +131,12 @@ def serve(scenario_file: str) -> None:
         await send({"type": "http.response.body", "body": b"ok"})
 
     app = FaultInjection(scenario_file).middleware(ok)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback.listening_socket()
     print(sock.getsockname()[1], flush=True)
     # Keep-alive longer than any breaker's open_for: uvicorn's default (5 s) closes
     # an idle connection just as a 5 s breaker's trial call reuses it, and the
     # trial fails with RemoteProtocolError, which no simulated dependency does.
-    config = uvicorn.Config(
-        app,
-        http="h11",
-        ws="none",
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        backlog=4096,
-        timeout_keep_alive=120,
-    )
+    config = loopback.config(app, backlog=4096, timeout_keep_alive=120)
     uvicorn.Server(config).run(sockets=[sock])
 
 

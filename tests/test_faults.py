@@ -178,34 +178,25 @@ async def test_a_full_queue_turns_requests_away_and_the_queue_is_fifo() -> None:
     assert took == pytest.approx([1.0, 1.0, 1.999, 1.999], abs=0.002)
 
 
-async def test_an_abandoned_queued_request_is_still_served_by_default() -> None:
-    faults = FaultInjection(profile(latency={"median": 1.0}, error_rate=0.0, capacity=1, queue=5))
-    results: dict[str, tuple[str, float]] = {}
-
-    async def one(key: str, patience: float) -> None:
-        with anyio.move_on_after(patience):
-            results[key] = await timed(faults)
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(one, "first", 10.0)
-        await anyio.sleep(0.001)
-        group.start_soon(one, "gives up", 0.5)
-        await anyio.sleep(0.001)
-        group.start_soon(one, "third", 10.0)
-    assert "gives up" not in results
-    # The abandoned request still took its second of the only slot.
-    assert_outcome(results["third"], "done", pytest.approx(2.998, abs=0.002))
-    assert faults.statistics().served == 3
-
-
-async def test_serves_abandoned_false_drops_abandoned_queued_requests() -> None:
+@pytest.mark.parametrize(
+    ("serves_abandoned", "third_done_at", "served"),
+    [
+        # The abandoned request still takes its second of the only slot...
+        (True, 2.998, 3),
+        # ...unless it leaves the queue with its caller.
+        (False, 1.998, 2),
+    ],
+)
+async def test_an_abandoned_queued_request_is_served_unless_serves_abandoned_is_false(
+    serves_abandoned: bool, third_done_at: float, served: int
+) -> None:
     faults = FaultInjection(
         profile(
             latency={"median": 1.0},
             error_rate=0.0,
             capacity=1,
             queue=5,
-            serves_abandoned=False,
+            serves_abandoned=serves_abandoned,
         )
     )
     results: dict[str, tuple[str, float]] = {}
@@ -220,8 +211,9 @@ async def test_serves_abandoned_false_drops_abandoned_queued_requests() -> None:
         group.start_soon(one, "gives up", 0.5)
         await anyio.sleep(0.001)
         group.start_soon(one, "third", 10.0)
-    assert_outcome(results["third"], "done", pytest.approx(1.998, abs=0.002))
-    assert faults.statistics().served == 2
+    assert "gives up" not in results
+    assert_outcome(results["third"], "done", pytest.approx(third_done_at, abs=0.002))
+    assert faults.statistics().served == served
 
 
 async def test_a_caller_in_service_that_gives_up_keeps_the_slot_busy() -> None:

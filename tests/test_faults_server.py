@@ -21,7 +21,7 @@ from benchmarks import validate
 from stalwart._tune.engine import percentile
 from stalwart.testing import FaultInjection
 
-from .server_support import plain, serving
+from .http_support import plain, serve
 
 pytestmark = pytest.mark.realtime
 
@@ -53,7 +53,7 @@ def faults() -> FaultInjection:
 
 @pytest.fixture(scope="module")
 def url(faults: FaultInjection) -> Iterator[str]:
-    with serving(faults.middleware(plain)) as base:
+    with serve(faults.middleware(plain)) as base:
         yield base
 
 
@@ -130,7 +130,7 @@ async def test_capacity_and_queue_on_a_real_server(serves_abandoned: bool) -> No
         }
     )
     outcomes: dict[int, tuple[int, float]] = {}
-    with serving(faults.middleware(plain)) as base:
+    with serve(faults.middleware(plain)) as base:
         async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
 
             async def one(i: int) -> None:
@@ -161,7 +161,7 @@ async def test_a_queued_request_whose_client_hangs_up_is_dropped_when_told_so() 
             }
         }
     )
-    with serving(faults.middleware(plain)) as base:
+    with serve(faults.middleware(plain)) as base:
         async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
             async with anyio.create_task_group() as group:
                 group.start_soon(functools.partial(client.get, "/", headers=ON))  # 0.5 s

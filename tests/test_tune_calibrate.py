@@ -17,7 +17,7 @@ import pytest
 from stalwart.__main__ import main
 from stalwart._tune.calibrate import calibrate, histogram_quantile
 
-from .server_support import serving
+from .http_support import serve
 
 SAMPLES = Path(__file__).parent / "calibration"
 
@@ -93,7 +93,7 @@ async def test_calibrate_reads_a_metrics_url(capsys: pytest.CaptureFixture[str])
         await send({"type": "http.response.start", "status": 200, "headers": headers})  # type: ignore[operator]
         await send({"type": "http.response.body", "body": body})  # type: ignore[operator]
 
-    with serving(metrics) as url:
+    with serve(metrics) as url:
         code, out, err = tune(capsys, "--calibrate", f"{url}/metrics")
     assert (code, err) == (0, "")
     assert out.endswith(EXPECTED_BODY)

@@ -17,7 +17,7 @@ from stalwart._tune.live import drain_time, shortened
 from stalwart._tune.scenario import parse_text
 from stalwart.testing import FaultInjection
 
-from .server_support import plain, serving
+from .http_support import plain, serve
 
 pytestmark = pytest.mark.realtime
 
@@ -61,7 +61,7 @@ def faults(scenario_file: Path) -> FaultInjection:
 
 @pytest.fixture(scope="module")
 def url(faults: FaultInjection) -> Iterator[str]:
-    with serving(faults.middleware(plain)) as base:
+    with serve(faults.middleware(plain)) as base:
         yield base + "/"
 
 
