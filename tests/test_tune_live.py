@@ -10,10 +10,11 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from stalwart.__main__ import main
-from stalwart._tune.live import drain_time, shortened
+from stalwart._tune.live import drain_time, play, shortened
 from stalwart._tune.scenario import parse_text
 from stalwart.testing import FaultInjection
 
@@ -161,3 +162,22 @@ def test_an_unknown_setting_lists_the_grid(
     code, _, err = tune(capsys, "--live", url, str(scenario_file), "--setting", "attempts=9")
     assert code == 2
     assert "no setting 'attempts=9' in the grid; they are 1: attempts=1; 2: attempts=3" in err
+
+
+def test_live_observes_the_breaker_through_its_listener(url: str) -> None:
+    # The same dependency, a setting with a breaker: it opens in the outage
+    # (from 1 s to 2 s), and the run's clock starts with its traffic.
+    grid = """\
+[grid]
+timeout = 0.3
+retry = false
+breaker = { consecutive_failures = 5, open_for = 0.3 }
+"""
+    scenario = parse_text(SCENARIO[: SCENARIO.index("[grid]")] + grid, name="tiny")
+    (setting,) = scenario.settings
+    run, _ = anyio.run(play, scenario, setting, url)
+    assert run.opened_at
+    assert 1.0 <= run.opened_at[0] < 1.5
+    assert all(1.0 <= t < 2.5 for t in run.opened_at)
+    assert 0.3 <= run.time_open <= 1.5
+    assert run.outcomes["rejected"] > 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import random
 import time
 from array import array
@@ -33,17 +32,24 @@ from typing import IO, Any, Final
 
 import anyio
 import httpx
-from opentelemetry.trace import NoOpTracerProvider
-from prometheus_client import CollectorRegistry
 
 from .. import _clock
 from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
 from .._faults import FAULTS_HEADER
 from .._pipeline import Pipeline
-from .._telemetry import BulkheadStats, RetryStats, Telemetry, TimeoutStats
 from .._timeout import Timeout
 from ..httpx import ResilientTransport
-from .engine import BUCKET, BreakerLog, Run, _breaker_time, percentile, simulate
+from .engine import (
+    BUCKET,
+    BreakerLog,
+    Run,
+    _breaker_time,
+    count,
+    percentile,
+    quantiles,
+    simulate,
+    telemetries,
+)
 from .report import Report, Result, _secs, summarize, table_columns
 from .scenario import Scenario, Setting
 
@@ -165,17 +171,15 @@ async def play(
     traffic = scenario.traffic
     horizon = (traffic.duration or 60.0) + traffic.deadline + 2 * BUCKET
     recorder = _Recorder(int(horizon / BUCKET) + 1, speed)
-    telemetry = Telemetry(registry=CollectorRegistry(), tracer_provider=NoOpTracerProvider())
-    breaker_log = telemetry.stats(
-        "circuit_breaker", "breaker", lambda name: BreakerLog(name, recorder.now)
-    )
+    # The breaker observed as the engine observes it: through its telemetry's listener.
+    breaker_log = BreakerLog(origin=recorder.start)
+    telemetry, breaker_telemetry = telemetries(breaker_log)
     seed = scenario.seed
     traffic_rng = random.Random(f"stalwart-tune:{seed}:traffic")
     policy_rng = random.Random(f"stalwart-tune:{seed}:policies")
     patience = Timeout(traffic.deadline, name="deadline", telemetry=telemetry)
-    policy = Pipeline(
-        patience, *setting.policies(telemetry, policy_rng), name="setting", telemetry=telemetry
-    )
+    policies = setting.policies(telemetry, policy_rng, breaker_telemetry=breaker_telemetry)
+    policy = Pipeline(patience, *policies, name="setting", telemetry=telemetry)
     inner = transport or httpx.AsyncHTTPTransport(
         limits=httpx.Limits(max_connections=_MAX_CONNECTIONS, max_keepalive_connections=200)
     )
@@ -261,19 +265,10 @@ async def play(
     run.open, run.half_open = [0.0] * used, [0.0] * used
     run.end = end
     run.outcomes = outcomes
-    ordered = sorted(latencies)
-    run.latency = {
-        "p50": percentile(ordered, 0.50),
-        "p99": percentile(ordered, 0.99),
-        "p999": percentile(ordered, 0.999),
-        "mean": math.fsum(ordered) / len(ordered) if ordered else 0.0,
-    }
+    run.latency = quantiles(latencies)
     if setting.has_breaker:
         _breaker_time(breaker_log.events, setting.open_for, end, run)
-    run.retries = telemetry.stats("retry", "retry", RetryStats).attempts
-    run.exhausted = telemetry.stats("retry", "retry", RetryStats).exhausted
-    run.timeouts = telemetry.stats("timeout", "timeout", TimeoutStats).timeouts
-    run.bulkhead_rejected = telemetry.stats("bulkhead", "bulkhead", BulkheadStats).rejected
+    count(policies, run)
     trips.sort()
     return run, percentile(trips, 0.5)
 
@@ -428,9 +423,7 @@ def _side_by_side(comparison: Comparison) -> str:
         s.describe() + ".",
         f"{len(rows) // 3} setting{'s' if len(rows) != 3 else ''}, seed {s.seed}: "
         f"live against {comparison.url} (real time{shorter}) beside the simulation "
-        "of the same scenario, plus the round trip measured live (in brackets: "
-        "downstream.round_trip); diff: live minus simulated (peak load: relative)."
-        + (f" Options that do not vary: {s.common}." if s.common else ""),
+        "of the same scenario." + (f" Options that do not vary: {s.common}." if s.common else ""),
         "",
         line(headings),
     ]
