@@ -82,7 +82,7 @@ def test_live_prints_each_setting_measured_beside_the_simulation(
     assert lines[0] == "Scenario 'tiny': 3 s at 40 calls/s; failing for the middle second"
     assert f"live against {url} (real time)" in lines[2]
     header = lines[4].split()
-    assert header[:3] == ["#", "setting", "success"]
+    assert header[:4] == ["#", "setting", "run", "success"]
     assert "peak load" in lines[4]
     rows = lines[5:11]
     assert [row.split()[2 if i % 3 == 0 else 0] for i, row in enumerate(rows)] == [
@@ -91,6 +91,17 @@ def test_live_prints_each_setting_measured_beside_the_simulation(
         "diff",
     ] * 2
     labels = {rows[0].split()[1], rows[3].split()[1]}
+    # A legend line for every column shown, the run column's first.
+    legend = lines[12 : lines.index("", 12)]
+    assert [line.split("  ")[1] for line in legend] == [
+        "run",
+        "success",
+        "p50 p99 p99.9",
+        "attempts/call",
+        "peak load",
+        "recover",
+    ]
+    assert "diff: live minus sim" in legend[0]
     assert labels == {"attempts=1", "attempts=3"}
     # The service saw the traffic: about 120 calls per setting, more with retries.
     assert faults.statistics().requests - before > 200

@@ -50,7 +50,7 @@ from .engine import (
     simulate,
     telemetries,
 )
-from .report import Report, Result, _secs, summarize, table_columns
+from .report import Report, Result, _legend, _secs, summarize, table_columns
 from .scenario import Scenario, Setting
 
 __all__ = ["Comparison", "compare", "drain_time", "play", "shortened", "with_round_trip"]
@@ -395,7 +395,7 @@ def _difference(heading: str, live: Result, sim: Result) -> str:
 def _side_by_side(comparison: Comparison) -> str:
     s = comparison.scenario
     columns = table_columns(comparison.live)
-    headings = ["#", "setting", "", *(h for h, _, _ in columns[2:])]
+    headings = ["#", "setting", "run", *(h for h, _, _ in columns[2:])]
     aligns = ["<", "<", "<", *(a for _, a, _ in columns[2:])]
     rows: list[list[str]] = []
     for rank, (live, sim) in enumerate(comparison.pairs(), 1):
@@ -428,6 +428,8 @@ def _side_by_side(comparison: Comparison) -> str:
         line(headings),
     ]
     lines.extend(line(row) for row in rows)
+    lines.append("")
+    lines.extend(_legend(s, headings[2:]))
     lines.append("")
     lines.append(f"Live: {comparison.live.recommendation()}")
     lines.append(f"Simulated: {comparison.simulated.recommendation()}")

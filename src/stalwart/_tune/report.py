@@ -428,10 +428,16 @@ def _legend(scenario: Scenario, shown: Sequence[str]) -> list[str]:
         "recover": f"from the end of the {core} until calls succeed about as often as before",
         "open": "time the breaker spent rejecting calls",
         "all done": "when the last call ended",
+        "run": (
+            "live: against the service; sim: simulated, with the round trip measured "
+            "live (in brackets); diff: live minus sim (peak load: relative)"
+        ),
     }
-    names = [n for n in shown if n not in ("p50", "p99", "p99.9")]
-    rows = [(n, meanings[n]) for n in names]
-    if "p50" in shown:
-        rows.insert(1, ("p50 p99 p99.9", meanings["latency"]))
+    rows = []
+    for n in shown:
+        if n not in ("p50", "p99", "p99.9"):
+            rows.append((n, meanings[n]))
+        elif n == "p50":
+            rows.append(("p50 p99 p99.9", meanings["latency"]))
     width = max(len(name) for name, _ in rows)
     return [f"  {name.ljust(width)}  {meaning}" for name, meaning in rows]
