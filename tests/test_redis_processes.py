@@ -171,7 +171,13 @@ async def test_a_dead_holders_lease_frees_the_key_for_another_process(
 
 # -- the workers -------------------------------------------------------------------
 
+# The dead holder's lease: short, so its key frees soon after it dies.
 LEASE = 0.3
+# A live charger's lease: long enough that renewals, however late a loaded
+# machine runs them, keep the claim for the whole call. (With 0.3 s, a
+# machine at load 7 let a live claim lapse and another process ran the call:
+# the lease was too short for that machine, not the exactly-once rule broken.)
+CHARGE_LEASE = 10.0
 
 
 async def _charge(payment: str, prefix: str, client: redis.asyncio.Redis) -> dict[str, Any]:
@@ -224,8 +230,10 @@ async def _trial(store: RedisStore) -> None:
         _say({"trial": "ran"})
 
 
-async def _idempotent(store: RedisStore, fn: Callable[..., Coroutine[Any, Any, Any]]) -> None:
-    guarded = sw.Idempotency(key="payment", store=store, lease=LEASE)(fn)
+async def _idempotent(
+    store: RedisStore, fn: Callable[..., Coroutine[Any, Any, Any]], lease: float
+) -> None:
+    guarded = sw.Idempotency(key="payment", store=store, lease=lease)(fn)
     _say({"ready": True})
     await _wait_for_go()
     _say({"result": await guarded("pay-1", store.prefix, store.client)})
@@ -234,8 +242,8 @@ async def _idempotent(store: RedisStore, fn: Callable[..., Coroutine[Any, Any, A
 ROLES: dict[str, Callable[[RedisStore], Awaitable[None]]] = {
     "watch": _watch,
     "trial": _trial,
-    "charge": lambda store: _idempotent(store, _charge),
-    "hold": lambda store: _idempotent(store, _hang),
+    "charge": lambda store: _idempotent(store, _charge, CHARGE_LEASE),
+    "hold": lambda store: _idempotent(store, _hang, LEASE),
 }
 
 
