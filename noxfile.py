@@ -55,6 +55,18 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def validate(session: nox.Session) -> None:
+    """The simulation against a real service: ``tune --live`` beside it, per setting.
+
+    About 16 minutes (two scenarios scaled to a minute per setting); writes
+    ``benchmarks/results/validation.md``; fails when a setting's success rate
+    or peak load is out of tolerance (``-- --only retry-storm`` for one).
+    """
+    session.install("-e", ".[dev]")
+    session.run("python", "benchmarks/validate.py", *session.posargs)
+
+
+@nox.session
 def docs(session: nox.Session) -> None:
     """Build the documentation site in strict mode (warnings are errors)."""
     session.install("-e", ".[docs]")

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
+from benchmarks import loopback
 
 from stalwart.asgi import Receive, Send
 
@@ -28,22 +29,9 @@ class Server(uvicorn.Server):
 @contextmanager
 def serve(app: Any) -> Iterator[str]:
     """Serve ``app`` on a free loopback port for the block; its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    # Inherited by accepted connections: without it, uvicorn's separate writes
-    # of head and body meet delayed ACKs, 40 ms per response.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback.listening_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        http="h11",
-        ws="none",
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=1,
-    )
-    server = Server(config)
+    server = Server(loopback.config(app, timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -74,3 +62,9 @@ async def respond(
 async def wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def plain(scope: Any, receive: Receive, send: Send) -> None:
+    """An ASGI app that answers every request 200 ``ok`` at once."""
+    if scope["type"] == "http":
+        await respond(send, 200, b"ok", [(b"content-length", b"2")])

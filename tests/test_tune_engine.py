@@ -428,3 +428,26 @@ def test_percentiles_are_nearest_rank() -> None:
     assert percentile(values, 0.99) == 99.0
     assert percentile(values, 0.999) == 100.0
     assert percentile([], 0.5) == 0.0
+
+
+def test_a_round_trip_adds_to_every_attempt_there_and_back() -> None:
+    near = one_setting({"latency": {"median": 0.05}, "error_rate": 0.0}, {})
+    far = one_setting({"latency": {"median": 0.05}, "error_rate": 0.0, "round_trip": 0.01}, {})
+    assert near.latency["p50"] == pytest.approx(0.05)
+    assert far.latency["p50"] == pytest.approx(0.06)
+    errors = one_setting(
+        {"error_rate": 1.0, "error_latency": 0.005, "round_trip": 0.01}, {}, deadline=1.0
+    )
+    assert errors.latency["p50"] == pytest.approx(0.015)
+
+
+def test_a_round_trip_counts_against_the_attempt_timeout() -> None:
+    downstream = {"latency": {"median": 0.045}, "error_rate": 0.0, "round_trip": 0.01}
+    run = one_setting(downstream, {"timeout": 0.05})
+    assert run.outcomes["timeout"] == sum(run.calls)
+    assert (
+        "round trip 10 ms"
+        in scenario_of(
+            {"traffic": {"rate": 1.0, "duration": 1.0}, "downstream": downstream}
+        ).downstream.describe()
+    )

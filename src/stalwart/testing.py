@@ -1,6 +1,6 @@
 """Helpers for testing code that uses stalwart.
 
-Two tools, for two kinds of test:
+Three tools, for three kinds of test:
 
 * **Instant retries** (`set_testing` / `instant_retries`): your test suite does not
   wait out backoff delays, and can cap attempts, without touching the
@@ -10,6 +10,10 @@ Two tools, for two kinds of test:
   breaker windows and TTLs all run on a clock that jumps straight to the next
   timer whenever every task is waiting, so an hour of retries takes
   milliseconds and timing tests are exact.
+* **Fault injection** (`FaultInjection`): a scenario's ``[downstream]``
+  profile (latency, errors, hangs, capacity, timeline) played on a real
+  service as ASGI middleware, or around any call as a policy, for the
+  requests that switch it on.
 
 With pytest and anyio's plugin, one fixture runs every test on both::
 
@@ -32,9 +36,19 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from . import _retry, _validate
+from ._faults import FAULTS_HEADER, FaultInjection, FaultStatistics, InjectedFault
 from ._privates import scheduled_timers
 
-__all__ = ["VirtualClockEventLoop", "instant_retries", "is_testing", "set_testing"]
+__all__ = [
+    "FAULTS_HEADER",
+    "FaultInjection",
+    "FaultStatistics",
+    "InjectedFault",
+    "VirtualClockEventLoop",
+    "instant_retries",
+    "is_testing",
+    "set_testing",
+]
 
 
 def set_testing(enabled: bool, *, attempts: int | None = None) -> None:

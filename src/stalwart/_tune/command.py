@@ -1,6 +1,7 @@
 """``python -m stalwart tune``: the options, and what running it does.
 
-Exit codes: 0 done; 2 a bad scenario file or bad arguments (a message, never
+Exit codes: 0 done; 2 a bad scenario file or bad arguments, an unreachable
+``--live`` service, or metrics ``--calibrate`` cannot use (a message, never
 a traceback); 130 interrupted.
 """
 
@@ -11,7 +12,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from . import builtin, schema
 from .report import DEFAULT_MAX_LOAD, WINDOW
@@ -73,9 +74,12 @@ every key: type (default), then its meaning
 {keys}
 
 Start from a built-in: python -m stalwart tune --scenario outage --print-scenario
+Start from your metrics: python -m stalwart tune --calibrate http://HOST/metrics
+Check against a real service: python -m stalwart tune SCENARIO.toml --live URL --speed 10
 Full reference: docs/reference/scenario-format.md
 
-exit codes: 0 done, 2 bad scenario or arguments, 130 interrupted
+exit codes: 0 done, 2 bad scenario or arguments (or an unreachable --live URL,
+or metrics --calibrate cannot read), 130 interrupted
 """
 
 
@@ -127,6 +131,47 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="settings whose peak load on the downstream exceeds X times the load without "
         f"retries rank last (default: {DEFAULT_MAX_LOAD:g})",
     )
+    live = parser.add_argument_group(
+        "against a real service",
+        "play the scenario's traffic against a real HTTP service (one playing the dependency, "
+        "e.g. behind stalwart.testing.FaultInjection reading the same scenario), through "
+        "ResilientTransport, and print the table measured beside the simulation's",
+    )
+    live.add_argument(
+        "--live",
+        metavar="URL",
+        help="the service to call (GET URL); every attempt carries x-stalwart-faults: "
+        "its position on the scenario's timeline, in seconds",
+    )
+    live.add_argument(
+        "--speed",
+        type=float,
+        metavar="X",
+        help="with --live: shorten the timeline (traffic duration and phases) X times; "
+        "rates, latencies and settings are unchanged (default: 1, real time)",
+    )
+    live.add_argument(
+        "--setting",
+        metavar="NAME",
+        help="with --live: play only this setting (its label as the table shows it, "
+        "or its number in the grid, from 1)",
+    )
+    calibration = parser.add_argument_group(
+        "from your metrics",
+        "print a [downstream] table (latency median and p99, error rate) measured from a "
+        "Prometheus latency histogram",
+    )
+    calibration.add_argument(
+        "--calibrate",
+        metavar="FILE|URL",
+        help="a Prometheus text exposition: a file, or a /metrics URL",
+    )
+    calibration.add_argument(
+        "--metric",
+        metavar="NAME",
+        help="with --calibrate: the histogram to read (default: OpenTelemetry's "
+        "http.client.request.duration, else the only *_seconds histogram)",
+    )
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument(
         "--progress",
@@ -153,6 +198,17 @@ def run(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     """Do what the parsed ``args`` ask; return the exit code."""
     from .scenario import ScenarioError, load, parse_text
 
+    if args.calibrate is not None:
+        return _calibrate(args, out, err)
+    if args.metric is not None:
+        return _fail(err, "--metric needs --calibrate")
+    for option in ("speed", "setting"):
+        if getattr(args, option) is not None and args.live is None:
+            return _fail(err, f"--{option} needs --live")
+    if args.live is not None:
+        problem = _live_problem(args)
+        if problem is not None:
+            return _fail(err, problem)
     if args.list:
         width = max(len(name) for name in builtin.NAMES)
         for name in builtin.NAMES:
@@ -203,6 +259,9 @@ def run(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         if not folder.is_dir():
             return _fail(err, f"cannot write {args.plot}: no such directory {folder}")
 
+    if args.live is not None:
+        return _live(args, scenario, out, err)
+
     from .report import summarize
     from .runner import ProgressBar, default_workers, run_all
 
@@ -232,4 +291,89 @@ def run(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         except OSError as exc:
             return _fail(err, f"cannot write {args.plot}: {exc.strerror or exc}")
         err.write(f"plot written to {args.plot}\n")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    from .calibrate import CalibrationError, calibrate, read_source
+
+    if args.live is not None or args.file is not None or args.scenario is not None:
+        return _fail(err, "--calibrate reads metrics, not a scenario: give it alone")
+    try:
+        text = read_source(args.calibrate)
+        calibration = calibrate(text, source=args.calibrate, metric=args.metric)
+    except CalibrationError as exc:
+        return _fail(err, str(exc))
+    if args.json:
+        out.write(
+            json.dumps(
+                {
+                    "source": calibration.source,
+                    "metric": calibration.metric,
+                    "requests": calibration.requests,
+                    "errors": calibration.errors,
+                    "downstream": {
+                        "latency": {"median": calibration.median, "p99": calibration.p99},
+                        "error_rate": calibration.error_rate,
+                        "error_latency": calibration.error_latency,
+                    },
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    else:
+        out.write(calibration.toml())
+    return 0
+
+
+def _live_problem(args: argparse.Namespace) -> str | None:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(args.live)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        return f"--live needs an http:// or https:// URL, got {args.live!r}"
+    if args.speed is not None and not (math.isfinite(args.speed) and args.speed > 0):
+        return f"--speed must be a number > 0, got {args.speed:g}"
+    if args.plot is not None:
+        return "--plot draws simulated runs: it cannot be used with --live"
+    return None
+
+
+def _live(args: argparse.Namespace, scenario: Any, out: IO[str], err: IO[str]) -> int:
+    from .live import compare, write_progress
+
+    indexes = None
+    if args.setting is not None:
+        labels = [setting.label for setting in scenario.settings]
+        if args.setting in labels:
+            indexes = [labels.index(args.setting)]
+        elif args.setting.isdigit() and 1 <= int(args.setting) <= len(labels):
+            indexes = [int(args.setting) - 1]
+        else:
+            listed = "; ".join(f"{i}: {label}" for i, label in enumerate(labels, 1))
+            return _fail(err, f"no setting {args.setting!r} in the grid; they are {listed}")
+    import httpx
+
+    try:
+        httpx.get(args.live, timeout=10.0)  # without the header: the service as it is
+    except httpx.HTTPError as exc:
+        return _fail(err, f"cannot reach {args.live}: {exc or type(exc).__name__}")
+    show = args.progress if args.progress is not None else err.isatty()
+    try:
+        comparison = compare(
+            scenario,
+            args.live,
+            speed=args.speed or 1.0,
+            settings=indexes,
+            max_load=args.max_load,
+            progress=write_progress(err) if show else None,
+        )
+    except KeyboardInterrupt:
+        err.write("interrupted\n")
+        return 130
+    if args.json:
+        out.write(json.dumps(comparison.to_json(), indent=2) + "\n")
+    else:
+        out.write(comparison.table())
     return 0

@@ -13,7 +13,8 @@ What is real: the `Retry`, `RetryBudget`, `CircuitBreaker`, `Bulkhead`,
 ``Pipeline(Timeout(deadline), *the setting's policies)``, the outer `Timeout`
 being the caller's deadline (the ambient deadline inside).
 What is simulated: the downstream (a server with ``capacity`` slots, a FIFO
-queue, a latency distribution and a timeline of failures) and its callers.
+queue, a latency distribution and a timeline of failures, behind an optional
+``round_trip``) and its callers.
 The breaker's transitions are observed through its telemetry's listeners
 (`BreakerLog`), the policies' counts read from their metrics.
 """
@@ -25,7 +26,7 @@ import math
 import random
 from array import array
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -35,6 +36,7 @@ from prometheus_client import CollectorRegistry
 from .._bulkhead import Bulkhead
 from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
 from .._pipeline import Pipeline
+from .._policy import Policy
 from .._retry import Retry, RetryMetrics
 from .._telemetry import Telemetry
 from .._timeout import Timeout
@@ -49,7 +51,10 @@ __all__ = [
     "Overloaded",
     "Run",
     "SimulationLoop",
+    "count",
+    "quantiles",
     "simulate",
+    "telemetries",
 ]
 
 #: Seconds per sample of the time series.
@@ -90,16 +95,48 @@ class SimulationLoop(VirtualClockEventLoop):
 
 
 class BreakerLog:
-    """A listener noting when each of the breaker's transitions happened, and to what."""
+    """A listener noting when each of the breaker's transitions happened, and to what.
 
-    __slots__ = ("events",)
+    Times are the event loop's clock minus ``origin`` (when the run started).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("events", "origin")
+
+    def __init__(self, origin: float = 0.0) -> None:
+        self.origin = origin
         self.events: list[tuple[float, str]] = []
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, CircuitStateChanged):
-            self.events.append((event.time, event.to_state.value))
+            self.events.append((event.time - self.origin, event.to_state.value))
+
+
+def telemetries(log: BreakerLog) -> tuple[Telemetry, Telemetry]:
+    """A run's telemetry for its policies, and one for its breaker, which reports to ``log``.
+
+    Both on one private registry, untraced. Only the breaker reports to a
+    listener: with one, every policy on a telemetry builds its events, and
+    the retries' would cost time.
+    """
+    registry = CollectorRegistry()
+    untraced = NoOpTracerProvider()
+    return (
+        Telemetry(registry=registry, tracer_provider=untraced),
+        Telemetry(registry=registry, tracer_provider=untraced, listeners=[log]),
+    )
+
+
+def count(policies: Iterable[Policy], run: Run) -> None:
+    """Fill the run's counts from what its policies counted (their metrics)."""
+    for policy in policies:
+        metrics = policy.metrics
+        if isinstance(policy, Retry):
+            assert isinstance(metrics, RetryMetrics)
+            run.retries, run.exhausted = metrics.attempts, metrics.exhausted
+        elif isinstance(policy, Timeout):
+            run.timeouts = metrics.timeout
+        elif isinstance(policy, Bulkhead):
+            run.bulkhead_rejected = metrics.rejected
 
 
 @dataclass
@@ -140,6 +177,17 @@ def percentile(ordered: Any, q: float) -> float:
     if n == 0:
         return 0.0
     return float(ordered[min(n - 1, max(0, math.ceil(q * n) - 1))])
+
+
+def quantiles(latencies: Iterable[float]) -> dict[str, float]:
+    """The latency figures a `Run` keeps: p50, p99, p999 and the mean (0.0 when empty)."""
+    ordered = sorted(latencies)
+    return {
+        "p50": percentile(ordered, 0.50),
+        "p99": percentile(ordered, 0.99),
+        "p999": percentile(ordered, 0.999),
+        "mean": math.fsum(ordered) / len(ordered) if ordered else 0.0,
+    }
 
 
 def _breaker_time(events: list[tuple[float, str]], open_for: float, end: float, run: Run) -> None:
@@ -250,14 +298,8 @@ class _Simulation:
         self.scenario = scenario
         self.setting = setting
         self.progress = progress
-        registry = CollectorRegistry()
-        self.telemetry = Telemetry(registry=registry, tracer_provider=NoOpTracerProvider())
-        # Only the breaker reports to a listener: with one, every policy on a
-        # telemetry builds its events, and the retries' would cost time.
         self.breaker_log = BreakerLog()
-        self.breaker_telemetry = Telemetry(
-            registry=registry, tracer_provider=NoOpTracerProvider(), listeners=[self.breaker_log]
-        )
+        self.telemetry, self.breaker_telemetry = telemetries(self.breaker_log)
         seed = scenario.seed
         self.traffic_rng = random.Random(f"stalwart-tune:{seed}:traffic")
         self.downstream_rng = random.Random(f"stalwart-tune:{seed}:downstream")
@@ -295,6 +337,8 @@ class _Simulation:
         queue_limit = ds.queue if ds.queue is not None else math.inf
         error_latency = ds.error_latency
         serves_abandoned = ds.serves_abandoned
+        half_trip = ds.round_trip / 2.0
+        sleep = asyncio.sleep
         queue: deque[tuple[asyncio.Future[None], float, int]] = deque()
         busy = 0
 
@@ -320,7 +364,17 @@ class _Simulation:
                 return
             busy -= 1
 
-        async def attempt() -> None:
+        async def travel() -> None:
+            # The network and both HTTP stacks: on the way there, then back.
+            await sleep(half_trip)
+            try:
+                await reach()
+            except DownstreamError:
+                await sleep(half_trip)
+                raise
+            await sleep(half_trip)
+
+        async def reach() -> None:
             nonlocal busy
             now = time()
             b = int(now * _PER_BUCKET + 1e-9)
@@ -356,6 +410,7 @@ class _Simulation:
         policies = self.setting.policies(
             self.telemetry, self.policy_rng, breaker_telemetry=self.breaker_telemetry
         )
+        attempt = travel if half_trip else reach
         guarded = Pipeline(patience, *policies, name="setting", telemetry=self.telemetry)(attempt)
         in_flight = 0
         starting = True  # new calls may still start
@@ -494,24 +549,10 @@ class _Simulation:
         run.open, run.half_open = [0.0] * used, [0.0] * used
         run.end = end
         run.outcomes = dict(zip(("ok", "error", "timeout", "rejected"), outcomes, strict=True))
-        ordered = sorted(latencies)
-        run.latency = {
-            "p50": percentile(ordered, 0.50),
-            "p99": percentile(ordered, 0.99),
-            "p999": percentile(ordered, 0.999),
-            "mean": math.fsum(ordered) / len(ordered) if ordered else 0.0,
-        }
+        run.latency = quantiles(latencies)
         if self.setting.has_breaker:
             _breaker_time(self.breaker_log.events, self.setting.open_for, end, run)
-        for policy in policies:
-            metrics = policy.metrics
-            if isinstance(policy, Retry):
-                assert isinstance(metrics, RetryMetrics)
-                run.retries, run.exhausted = metrics.attempts, metrics.exhausted
-            elif isinstance(policy, Timeout):
-                run.timeouts = metrics.timeout
-            elif isinstance(policy, Bulkhead):
-                run.bulkhead_rejected = metrics.rejected
+        count(policies, run)
         if progress := self.progress:
             progress(1.0)
         return run

@@ -33,7 +33,7 @@ from .._version import __version__
 from .engine import BUCKET, Run
 from .scenario import Scenario, Setting
 
-__all__ = ["DEFAULT_MAX_LOAD", "WINDOW", "Report", "Result", "summarize"]
+__all__ = ["DEFAULT_MAX_LOAD", "WINDOW", "Report", "Result", "summarize", "table_columns"]
 
 #: Seconds over which load and success are measured (the default retry budget's window).
 WINDOW: Final = 10
@@ -322,7 +322,8 @@ def _secs(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _table(report: Report) -> str:
+def table_columns(report: Report) -> list[tuple[str, str, Any]]:
+    """The table's columns for ``report``: (heading, alignment, the cell of a `Result`)."""
     s = report.scenario
     any_breaker = any(r.setting.has_breaker for r in report.results)
     columns: list[tuple[str, str, Any]] = [
@@ -366,7 +367,12 @@ def _table(report: Report) -> str:
         )
     if s.traffic.mode == "closed" and s.traffic.calls is not None:
         columns.append(("all done", ">", lambda r: _secs(r.run.end)))
+    return columns
 
+
+def _table(report: Report) -> str:
+    s = report.scenario
+    columns = table_columns(report)
     rows = []
     for rank, result in enumerate(report.results, 1):
         row = [str(rank), result.label]
@@ -422,10 +428,16 @@ def _legend(scenario: Scenario, shown: Sequence[str]) -> list[str]:
         "recover": f"from the end of the {core} until calls succeed about as often as before",
         "open": "time the breaker spent rejecting calls",
         "all done": "when the last call ended",
+        "run": (
+            "live: against the service; sim: simulated, with the round trip measured "
+            "live (in brackets); diff: live minus sim (peak load: relative)"
+        ),
     }
-    names = [n for n in shown if n not in ("p50", "p99", "p99.9")]
-    rows = [(n, meanings[n]) for n in names]
-    if "p50" in shown:
-        rows.insert(1, ("p50 p99 p99.9", meanings["latency"]))
+    rows = []
+    for n in shown:
+        if n not in ("p50", "p99", "p99.9"):
+            rows.append((n, meanings[n]))
+        elif n == "p50":
+            rows.append(("p50 p99 p99.9", meanings["latency"]))
     width = max(len(name) for name, _ in rows)
     return [f"  {name.ljust(width)}  {meaning}" for name, meaning in rows]

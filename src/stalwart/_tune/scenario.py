@@ -9,6 +9,8 @@ each of which can build its real stalwart policies (`Setting.policies`).
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import math
 import random
@@ -141,9 +143,42 @@ class Downstream:
     queue: int | None
     serves_abandoned: bool
     timeline: tuple[Phase, ...]
+    #: seconds per attempt outside the downstream (network, HTTP stacks), half each way
+    round_trip: float = 0.0
+
+    def at(self, t: float) -> tuple[float, float, float, bool]:
+        """The profile ``t`` seconds into the timeline: (error rate, mu, sigma, hangs).
+
+        ``mu`` and ``sigma`` are the log-normal latency's parameters; a
+        recovery's values are interpolated. Before 0 and after the last phase:
+        the base profile. Any ``t``, in any order (the engine's own cursor
+        only moves forward).
+        """
+        phases = self.timeline
+        i = bisect.bisect_right(self._starts, t) - 1
+        if i < 0 or t >= phases[i].end:
+            return self.error_rate, self.latency.mu, self.latency.sigma, False
+        p = phases[i]
+        hangs = p.failure == "hangs"
+        share = (t - p.start) / p.duration
+        if share <= 0.0 or (p.latency == p.end_latency and p.error_rate == p.end_error_rate):
+            return p.error_rate, p.latency.mu, p.latency.sigma, hangs
+        e0, m0, s0 = p.error_rate, p.latency.mu, p.latency.sigma
+        return (
+            e0 + (p.end_error_rate - e0) * share,
+            m0 + (p.end_latency.mu - m0) * share,
+            s0 + (p.end_latency.sigma - s0) * share,
+            hangs,
+        )
+
+    @functools.cached_property
+    def _starts(self) -> list[float]:
+        return [p.start for p in self.timeline]
 
     def describe(self) -> str:
         parts = [f"latency {self.latency.describe()}", f"{self.error_rate:.2%} errors"]
+        if self.round_trip:
+            parts.append(f"round trip {_duration(self.round_trip)}")
         if self.capacity is not None:
             queue = "unbounded queue" if self.queue is None else f"queue {self.queue}"
             parts.append(f"{self.capacity} at once, {queue}")
@@ -513,6 +548,7 @@ def _downstream(
         queue=raw["queue"],
         serves_abandoned=raw["serves_abandoned"],
         timeline=tuple(phases),
+        round_trip=raw.get("round_trip", 0.0),
     )
 
 

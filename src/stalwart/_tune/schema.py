@@ -573,6 +573,14 @@ DOWNSTREAM: Final = Table(
             "seconds until an error or a rejection is answered (errors take no slot)",
         ),
         Field(
+            "round_trip",
+            SECONDS,
+            0.0,
+            "seconds each attempt spends outside the downstream, half on the way there "
+            "and half on the way back: the network and both HTTP stacks (`tune --live` "
+            "measures it)",
+        ),
+        Field(
             "capacity",
             Integer(minimum=1),
             None,

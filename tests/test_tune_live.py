@@ -1,0 +1,194 @@
+"""``tune --live``: a scenario's traffic against a small real server, beside the simulation.
+
+The server is uvicorn on its own thread, playing the scenario's dependency
+with FaultInjection; the runs are a few seconds of real time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from stalwart.__main__ import main
+from stalwart._tune.live import drain_time, play, shortened
+from stalwart._tune.scenario import parse_text
+from stalwart.testing import FaultInjection
+
+from .http_support import plain, serve
+
+pytestmark = pytest.mark.realtime
+
+SCENARIO = """\
+name = "tiny"
+description = "3 s at 40 calls/s; failing for the middle second"
+[traffic]
+rate = 40.0
+deadline = 1.0
+[downstream]
+latency = { median = 0.010, p99 = 0.030 }
+error_rate = 0.0
+capacity = 20
+queue = 20
+[[downstream.timeline]]
+phase = "healthy"
+duration = 1.0
+[[downstream.timeline]]
+phase = "outage"
+duration = 1.0
+[[downstream.timeline]]
+phase = "healthy"
+duration = 1.0
+[grid]
+timeout = 0.3
+retry = [{ attempts = 1 }, { attempts = 3, backoff = { initial = 0.01, maximum = 0.05 } }]
+"""
+
+
+@pytest.fixture(scope="module")
+def scenario_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("live") / "tiny.toml"
+    path.write_text(SCENARIO)
+    return path
+
+
+@pytest.fixture(scope="module")
+def faults(scenario_file: Path) -> FaultInjection:
+    return FaultInjection(scenario_file)
+
+
+@pytest.fixture(scope="module")
+def url(faults: FaultInjection) -> Iterator[str]:
+    with serve(faults.middleware(plain)) as base:
+        yield base + "/"
+
+
+def tune(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["tune", *args, "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_live_prints_each_setting_measured_beside_the_simulation(
+    url: str, scenario_file: Path, faults: FaultInjection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = faults.statistics().requests
+    code, out, err = tune(capsys, "--live", url, str(scenario_file))
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == "Scenario 'tiny': 3 s at 40 calls/s; failing for the middle second"
+    assert f"live against {url} (real time)" in lines[2]
+    header = lines[4].split()
+    assert header[:4] == ["#", "setting", "run", "success"]
+    assert "peak load" in lines[4]
+    rows = lines[5:11]
+    assert [row.split()[2 if i % 3 == 0 else 0] for i, row in enumerate(rows)] == [
+        "live",
+        "sim",
+        "diff",
+    ] * 2
+    labels = {rows[0].split()[1], rows[3].split()[1]}
+    # A legend line for every column shown, the run column's first.
+    legend = lines[12 : lines.index("", 12)]
+    assert [line.split("  ")[1] for line in legend] == [
+        "run",
+        "success",
+        "p50 p99 p99.9",
+        "attempts/call",
+        "peak load",
+        "recover",
+    ]
+    assert "diff: live minus sim" in legend[0]
+    assert labels == {"attempts=1", "attempts=3"}
+    # The service saw the traffic: about 120 calls per setting, more with retries.
+    assert faults.statistics().requests - before > 200
+    assert lines[-2].startswith("Live: Recommended: ")
+    assert lines[-1].startswith("Simulated: Recommended: ")
+
+
+def test_live_one_setting_as_json(
+    url: str, scenario_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = tune(
+        capsys, "--live", url, str(scenario_file), "--setting", "attempts=1", "--json"
+    )
+    assert code == 0
+    data = json.loads(out)
+    (live,) = data["live"]["settings"]
+    (simulated,) = data["simulated"]["settings"]
+    assert live["label"] == simulated["label"] == "attempts=1"
+    # Without retries, a call fails when its one attempt meets the outage: a third.
+    assert live["success_rate"] == pytest.approx(simulated["success_rate"], abs=0.15)
+    assert live["attempts_per_call"] == 1.0
+
+
+def test_live_speed_shortens_the_timeline(
+    url: str, scenario_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = tune(capsys, "--live", url, str(scenario_file), "--speed", "2", "--setting", "2")
+    assert code == 0
+    assert "timeline 2x shorter" in out
+    assert "1.5 s of traffic at 40 calls/s" in out
+    assert "attempts=3" in out
+
+
+def test_shortened_divides_every_duration() -> None:
+    scenario = parse_text(SCENARIO, name="tiny")
+    short = shortened(scenario, 4.0)
+    assert short.traffic.duration == 0.75
+    assert [(p.start, p.end) for p in short.downstream.timeline] == [
+        (0.0, 0.25),
+        (0.25, 0.5),
+        (0.5, 0.75),
+    ]
+    assert short.traffic.rate == scenario.traffic.rate
+    assert drain_time(short) == pytest.approx((20 / 20 + 1) * 0.03)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--speed", "2"], "--speed needs --live"),
+        (["--setting", "x"], "--setting needs --live"),
+        (["--live", "ftp://x/"], "--live needs an http:// or https:// URL"),
+        (["--live", "http://127.0.0.1:1/", "--speed", "0"], "--speed must be a number > 0"),
+        (["--live", "http://127.0.0.1:1/", "--plot", "x.png"], "cannot be used with --live"),
+        (["--live", "http://127.0.0.1:1/"], "cannot reach http://127.0.0.1:1/"),
+    ],
+)
+def test_bad_live_arguments_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = tune(capsys, *args)
+    assert (code, out) == (2, "")
+    assert message in err
+
+
+def test_an_unknown_setting_lists_the_grid(
+    url: str, scenario_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = tune(capsys, "--live", url, str(scenario_file), "--setting", "attempts=9")
+    assert code == 2
+    assert "no setting 'attempts=9' in the grid; they are 1: attempts=1; 2: attempts=3" in err
+
+
+def test_live_observes_the_breaker_through_its_listener(url: str) -> None:
+    # The same dependency, a setting with a breaker: it opens in the outage
+    # (from 1 s to 2 s), and the run's clock starts with its traffic.
+    grid = """\
+[grid]
+timeout = 0.3
+retry = false
+breaker = { consecutive_failures = 5, open_for = 0.3 }
+"""
+    scenario = parse_text(SCENARIO[: SCENARIO.index("[grid]")] + grid, name="tiny")
+    (setting,) = scenario.settings
+    run, _ = anyio.run(play, scenario, setting, url)
+    assert run.opened_at
+    assert 1.0 <= run.opened_at[0] < 1.5
+    assert all(1.0 <= t < 2.5 for t in run.opened_at)
+    assert 0.3 <= run.time_open <= 1.5
+    assert run.outcomes["rejected"] > 0

@@ -1,0 +1,74 @@
+"""The validation's own logic (benchmarks/validate.py): its scenarios and its verdicts.
+
+The live part (a uvicorn service, a minute per setting) runs in ``nox -s
+validate``, not here; this checks what it compares and how.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from benchmarks import validate
+
+from stalwart._tune import builtin, schema
+from stalwart._tune.engine import simulate
+from stalwart._tune.live import Comparison
+from stalwart._tune.report import summarize
+from stalwart._tune.scenario import Scenario, from_dict
+
+
+def scaled(name: str) -> Scenario:
+    text = validate._toml(validate.scaled(name))
+    return from_dict(schema.loads_toml(text, name), name=name)
+
+
+@pytest.mark.parametrize("name", ["retry-storm", "outage"])
+def test_the_scaled_scenarios_are_a_minute_of_the_built_in_grid(name: str) -> None:
+    scenario = scaled(name)
+    assert scenario.traffic.duration == 60.0
+    assert scenario.downstream.timeline[-1].end == 60.0
+    builtin_grid = schema.loads_toml(builtin.text(name), name)["grid"]
+    assert validate.scaled(name)["grid"] == builtin_grid
+
+
+def test_the_outage_ends_before_a_trial_call_could_meet_it_half_recovered() -> None:
+    # Every 5 s breaker opens once, and its trial call 5 s later meets a healthy
+    # dependency, whatever the seed: no open period turns on a coin toss.
+    scenario = scaled("outage")
+    for label in ("budget=0.1 breaker=50%/5s", "budget=0.1 breaker=90%/5s"):
+        index = next(s.index for s in scenario.settings if s.label == label)
+        for seed in range(1, 6):
+            run = simulate(dataclasses.replace(scenario, seed=seed), index)
+            assert run.time_open == pytest.approx(5.0)
+
+
+def comparison(live_seed: int) -> Comparison:
+    scenario = scaled("outage")
+    index = 0
+    other = dataclasses.replace(scenario, seed=live_seed)
+    live = summarize(scenario, [simulate(other, index)])
+    simulated = summarize(scenario, [simulate(scenario, index)])
+    return Comparison(scenario=scenario, url="-", speed=1.0, live=live, simulated=simulated)
+
+
+def test_a_run_the_simulation_produces_is_within_tolerance() -> None:
+    (verdict,) = validate.verdicts(comparison(live_seed=4))
+    assert verdict.seed == 4
+    assert (verdict.points, verdict.share) == (0.0, 0.0)
+    assert verdict.within
+    low, high = verdict.simulated
+    assert low <= verdict.live <= high
+
+
+def test_a_run_far_from_every_seed_is_not() -> None:
+    result = comparison(live_seed=4)
+    (live,) = result.live.results
+    worse = dataclasses.replace(live, success_rate=live.success_rate - 0.2)
+    bad = dataclasses.replace(result, live=dataclasses.replace(result.live, results=(worse,)))
+    (verdict,) = validate.verdicts(bad)
+    assert not verdict.within
+    assert verdict.points < -3.0
+    text, ok = validate.report([("outage", bad)], 60.0)
+    assert not ok
+    assert "| NO |" in text
