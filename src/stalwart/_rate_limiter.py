@@ -1,0 +1,453 @@
+"""Smooth rate limits: at most ``rate`` calls per ``per`` seconds, per key, with FIFO waits.
+
+`RateLimiter` is the policy around the GCRA buckets of `_gcra` (read its
+docstring for the maths and the proven bound). What this module adds:
+
+* **time**: every call reads the running loop's clock (`_clock`), so the
+  limiter runs in virtual time like every other policy;
+* **waiting**: a call that finds no permit free reserves its FIFO turn and
+  sleeps until it comes, if it comes within ``max_wait`` *and* before the
+  ambient deadline; otherwise it is refused at once with
+  `RateLimitExceeded`, whose ``retry_after`` says when a permit will be
+  free. A waiter that is cancelled gives its turn back;
+* **keys**: ``key=`` reads a key from each call's arguments, as
+  `Idempotency`'s does, and each key has a bucket of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, Final, NoReturn, ParamSpec, TypeAlias, TypeVar, final
+
+import anyio
+
+from . import _clock, _validate
+from ._deadline import current_deadline
+from ._errors import RateLimitExceeded
+from ._gcra import GRANTED, Gcra, KeyedGcra, Turn
+from ._idempotency import _MISSING, _callable_name, _key_position, _qualified_name
+from ._metrics import MetricFamily, PolicyMetrics
+from ._policy import AsyncCallable, Binding, Policy
+from ._telemetry import Telemetry, observed
+from .events import CallRejected
+
+__all__ = ["RateLimiter", "RateLimiterMetrics"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: A key: a str of 1-255 characters or an int (made its decimal str); None: no limit.
+Key: TypeAlias = str | int
+KeySpec: TypeAlias = str | Callable[..., Key | None]
+
+KEY_MAX_LENGTH: Final = 255
+DEFAULT_MAX_KEYS: Final = 10_000
+REJECTED_REASON: Final = "rate_limited"
+
+# An int key becomes its decimal str: at most 20 characters in this range.
+_INT_KEYS: Final = range(-(2**63), 2**63)
+
+_monotonic: Final = time.monotonic
+
+
+class RateLimiterMetrics(PolicyMetrics):
+    """A `RateLimiter`'s: refusals, waits, and its state read from the live limiters."""
+
+    exclusive = True
+    __slots__ = ("live", "waited", "waits")
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(kind, name)
+        self.waits = 0
+        self.waited = 0.0
+        self.live: weakref.WeakSet[RateLimiter] = weakref.WeakSet()
+
+    def _waiting(self) -> Iterator[tuple[tuple[()], float]]:
+        yield (), sum(limiter._waiting for limiter in list(self.live))
+
+    def _available(self) -> Iterator[tuple[tuple[()], float]]:
+        # Only where it is cheap: one in-process bucket, read on its loop's clock.
+        for limiter in list(self.live):
+            if limiter._key is None and limiter._store is None and limiter._reader is not None:
+                yield (), limiter._bucket.available(limiter._reader())
+                return
+
+    def _keys(self) -> Iterator[tuple[tuple[()], float]]:
+        yield (), sum(len(limiter._keyed) for limiter in list(self.live))
+
+    families = (
+        MetricFamily(
+            "stalwart_rate_limiter_rejected",
+            "counter",
+            "Calls a rate limiter refused: no permit within max_wait or the deadline.",
+            "rejected",
+        ),
+        MetricFamily(
+            "stalwart_rate_limiter_waits",
+            "counter",
+            "Calls that waited for their turn at a rate limiter.",
+            "waits",
+        ),
+        MetricFamily(
+            "stalwart_rate_limiter_wait_seconds",
+            "counter",
+            "Seconds calls spent waiting for their turn at a rate limiter.",
+            "waited",
+        ),
+        MetricFamily(
+            "stalwart_rate_limiter_waiting",
+            "gauge",
+            "Calls waiting for their turn at a rate limiter now.",
+            _waiting,
+        ),
+        MetricFamily(
+            "stalwart_rate_limiter_available",
+            "gauge",
+            "Calls an unkeyed in-process rate limiter would let through at once now.",
+            _available,
+        ),
+        MetricFamily(
+            "stalwart_rate_limiter_keys",
+            "gauge",
+            "Keys a rate limiter keeps a bucket for.",
+            _keys,
+        ),
+    )
+
+
+@final
+class RateLimiter(Policy):
+    """At most ``rate`` calls per ``per`` seconds, smoothly, with bursts of up to ``burst``.
+
+    A GCRA (a token bucket kept as one number): a full bucket lets ``burst``
+    calls through at once, then one every ``per / rate`` seconds. Over any
+    window of ``L`` seconds at most ``burst + floor(L * rate / per)`` calls
+    start; over a window of ``per`` seconds, ``burst + floor(rate)``. Never a
+    fixed window, which lets ``2 * rate`` through across its boundary.
+
+    A call that finds no permit free waits for its turn, in FIFO order, if
+    the turn comes within ``max_wait`` seconds **and before the ambient
+    deadline** (`~stalwart.deadline`, a `~stalwart.Timeout`, a
+    ``Retry(timeout=)``). Otherwise it is refused at once, without waiting
+    in vain, with `~stalwart.RateLimitExceeded`, whose ``retry_after`` is the
+    number of seconds until a permit is free. A waiting call that is
+    cancelled gives its turn back. A call's permit is used whatever the
+    call's outcome: the limit is on calls started.
+
+    Keys: with ``key``, each key has a limit of its own: ``key`` is the name
+    of a parameter of the decorated function, or a callable taking the
+    call's arguments; the key is a ``str`` of 1-255 characters or an
+    ``int``, and ``None`` lets the call through unlimited (an allow-list).
+    At most ``max_keys`` keys keep their state (the least recently used is
+    dropped, and comes back with a full bucket), and each call costs O(1)
+    whatever their number.
+
+    A limiter is meant to be shared: decorate several functions with one
+    limiter and they share its limit (its keys included).
+
+    Args:
+        rate: calls allowed per ``per`` seconds, > 0 (fractions allowed).
+        per: the period of ``rate``, in seconds, > 0.
+        burst: calls a full bucket lets through at once, >= 1 (default:
+            ``rate``, at least 1).
+        max_wait: seconds a call may wait for its turn, >= 0 (``0``: never
+            wait; ``None``: as long as its deadline allows).
+        key: a parameter name or a callable of the call's arguments (see
+            above), or None for one limit for every call.
+        max_keys: keys kept at once, >= 1.
+        store: where the limit lives; None: in this process.
+        name: the ``policy`` label of its metrics and attribute of its spans.
+        telemetry: where it reports (``None``: the default `Telemetry`).
+
+    Example::
+
+        @sw.RateLimiter(100, per=60, max_wait=5.0)  # a partner's quota: 100 a minute
+        async def call_partner(order_id: str) -> dict[str, str]: ...
+
+        @sw.RateLimiter(10, burst=20, key="user_id")  # 10 a second per user
+        async def search(user_id: str, query: str) -> list[str]: ...
+    """
+
+    kind = "rate_limiter"
+    metrics_type = RateLimiterMetrics
+    _metrics: RateLimiterMetrics
+    _decorator_call = "RateLimiter(rate)"
+    __slots__ = (
+        "_bucket",
+        "_burst",
+        "_key",
+        "_keyed",
+        "_max_wait",
+        "_per",
+        "_plain",
+        "_rate",
+        "_reader",
+        "_store",
+        "_waiting",
+    )
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        per: float = 1.0,
+        burst: int | None = None,
+        max_wait: float | None = 0.0,
+        key: KeySpec | None = None,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        store: object = None,
+        name: str = "rate_limiter",
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        super().__init__(name=name, telemetry=telemetry, shared_state=store)
+        rate = _validate.number("rate", rate)
+        if rate <= 0.0:
+            raise ValueError(f"rate must be > 0, got {rate!r}")
+        if burst is None:
+            burst = max(1, math.floor(rate))
+        self._bucket = Gcra(rate, per=per, burst=burst)
+        self._keyed = KeyedGcra(rate, per=per, burst=burst, max_keys=max_keys)
+        self._rate = rate
+        self._per = float(per)
+        self._burst = burst
+        wait = _validate.optional_duration("max_wait", max_wait)
+        self._max_wait = math.inf if wait is None else wait
+        if key is not None and not isinstance(key, str) and not callable(key):
+            raise TypeError(
+                f"key must be a parameter name (str), a callable or None, not {type(key).__name__}"
+            )
+        if isinstance(key, str) and not key.isidentifier():
+            raise ValueError(f"key must be the name of a parameter or a callable, got {key!r}")
+        self._key = key
+        if store is not None:
+            raise TypeError(f"store must be None (in this process), not {type(store).__name__}")
+        self._store = store
+        self._waiting = 0
+        # The running loop's clock, for the gauge; the loop while it is time.monotonic.
+        self._reader: Callable[[], float] | None = None
+        self._plain: Any = None
+        self._metrics.live.add(self)
+
+    @property
+    def rate(self) -> float:
+        """Calls allowed per `per` seconds."""
+        return self._rate
+
+    @property
+    def per(self) -> float:
+        """The period of `rate`, in seconds."""
+        return self._per
+
+    @property
+    def burst(self) -> int:
+        """Calls a full bucket lets through at once."""
+        return self._burst
+
+    @property
+    def max_wait(self) -> float | None:
+        """Seconds a call may wait for its turn (None: as long as its deadline allows)."""
+        return None if self._max_wait == math.inf else self._max_wait
+
+    @property
+    def max_keys(self) -> int:
+        """Keys kept at once."""
+        return self._keyed.max_keys
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for their turn now."""
+        return self._waiting
+
+    def available(self, key: Key | None = None) -> int:
+        """Calls that would be let through at once now (0 to `burst`), for ``key``'s limit.
+
+        Without ``key``, the limit of calls that have none. Call it from
+        async code (it reads the running loop's clock).
+        """
+        now = self._now()
+        if key is None:
+            return self._bucket.available(now)
+        return self._keyed.available(_checked(key, "key"), now)
+
+    def wrap(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
+    ) -> Callable[P, Coroutine[Any, Any, T]]:
+        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        read = None if self._key is None else self._key_reader(binding.origin)
+        local = read is None and self._store is None
+        bucket, tau, interval = self._bucket, self._bucket._tau, self._bucket.interval
+        reserve, max_wait = bucket.reserve, self._max_wait
+        wait, admit, find_clock = self._wait, self._admit, self._find_clock
+        limiter, metrics = self, self._metrics
+        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
+            async def limited(*args: P.args, **kwargs: P.kwargs) -> T:
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await span(plain, args, kwargs)
+                start = None if timer is None else timer()
+                if local:
+                    # `_now` and the granted branch of `Gcra.reserve`, inlined:
+                    # the "RateLimiter, permit available" benchmark row.
+                    loop = limiter._plain
+                    now = _monotonic() if loop is not None and loop._thread_id else find_clock()
+                    tat = bucket._tat
+                    if tat - tau <= now:
+                        bucket._tat = (tat if tat > now else now) + interval
+                    else:
+                        await wait(reserve(now, max_wait), None, now, start)
+                elif read is None:
+                    await admit(None, start)
+                else:
+                    key = read(args, kwargs)
+                    if key is not None and key is not _MISSING:  # (missing: fn will say so)
+                        await admit(key, start)
+                try:
+                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                except BaseException as exc:
+                    metrics.failed(exc, start)
+                    raise
+                metrics.success += 1
+                return result if start is None else metrics.returned(result, start)
+
+            return limited
+
+        return self.build(make, binding)
+
+    def _now(self) -> float:
+        """Now, on the running loop's clock (see `_clock.sample`)."""
+        loop = self._plain
+        if loop is not None and loop._thread_id:  # (LOOP_THREAD_ID: it runs)
+            return _monotonic()
+        return self._find_clock()
+
+    def _find_clock(self) -> float:
+        """Now, and what the next calls read: ``time.monotonic()`` while a plain loop runs."""
+        now, self._reader, self._plain = _clock.sample()
+        return now
+
+    async def _admit(self, key: object, start: float | None) -> None:
+        """Let a call through, at its turn of ``key``'s limit, or refuse it (counted here).
+
+        ``key`` None: the limit of calls without a key.
+        """
+        if key is not None and (type(key) is not str or not 0 < len(key) <= KEY_MAX_LENGTH):
+            try:
+                key = _checked(key, "the rate limiter's key")
+            except Exception as exc:
+                self._metrics.failed(exc, start)
+                raise
+        now = self._now()
+        if key is None:
+            turn = self._bucket.reserve(now, self._max_wait)
+        else:
+            turn = self._keyed.reserve(key, now, self._max_wait)
+        if turn is not GRANTED:
+            await self._wait(turn, key, now, start)
+
+    async def _wait(
+        self, turn: Turn | None, key: str | None, now: float, start: float | None
+    ) -> None:
+        """Wait until ``turn`` (reserved at ``now``) comes, or refuse the call (counted here).
+
+        ``turn`` None: it would come after ``max_wait``. A turn that would
+        come at or after the call's deadline (the ambient deadline, or an
+        enclosing cancel scope's) is given back and the call refused at once:
+        waiting would be in vain.
+        """
+        if turn is GRANTED:
+            return
+        if turn is None:
+            self._refuse(self._wait_time(key, now), start)
+        delay = turn.delay
+        if now + delay >= _deadline_of_call():
+            turn.cancel(now)
+            self._refuse(delay, start)
+        metrics = self._metrics
+        metrics.waits += 1
+        metrics.waited += delay
+        self._waiting += 1
+        try:
+            await anyio.sleep(delay)
+        except BaseException as exc:
+            turn.cancel(self._now())
+            metrics.failed(exc, start)
+            raise
+        finally:
+            self._waiting -= 1
+
+    def _wait_time(self, key: str | None, now: float) -> float:
+        if key is None:
+            return self._bucket.wait_time(now)
+        return self._keyed.wait_time(key, now)
+
+    def _refuse(self, retry_after: float, start: float | None) -> NoReturn:
+        self._metrics.refused(start)
+        if observed(self._telemetry):
+            self.report(CallRejected, reason=REJECTED_REASON, retry_after=retry_after)
+        raise RateLimitExceeded(
+            f"rate limiter {self._name!r} is at its limit of {self._limit_text()}: "
+            f"a permit is free in {retry_after:.3g}s",
+            policy=self._name,
+            retry_after=retry_after,
+        )
+
+    def _limit_text(self) -> str:
+        per = "a second" if self._per == 1.0 else f"per {self._per:g}s"
+        return f"{self._rate:g} calls {per} (bursts of {self._burst})"
+
+    def _key_reader(
+        self, origin: Callable[..., Any]
+    ) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
+        """How a call's key is read from its arguments, for ``origin``'s calls."""
+        spec = self._key
+        if callable(spec):
+            user = spec
+
+            def from_callable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                return user(*args, **kwargs)
+
+            return from_callable
+        assert isinstance(spec, str)
+        index, default = _key_position(origin, spec, _qualified_name(origin))
+
+        def from_parameter(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return args[index] if len(args) > index else kwargs.get(spec, default)
+
+        return from_parameter
+
+    def __repr__(self) -> str:
+        key = (
+            self._key
+            if self._key is None or isinstance(self._key, str)
+            else _callable_name(self._key)
+        )
+        return (
+            f"RateLimiter({self._rate:g}, per={self._per:g}, burst={self._burst}, "
+            f"max_wait={self.max_wait}, key={key!r}, name={self._name!r})"
+        )
+
+
+def _deadline_of_call() -> float:
+    """When the call must be over: the ambient deadline, or an enclosing cancel scope's."""
+    deadline = current_deadline()
+    scope = anyio.current_effective_deadline()
+    return scope if deadline is None or scope < deadline else deadline
+
+
+def _checked(key: object, what: str) -> str:
+    """``key`` as a bucket's key: a str of 1-255 characters, or an int as its decimal str."""
+    if type(key) is str:
+        if 0 < len(key) <= KEY_MAX_LENGTH:
+            return key
+        raise ValueError(f"{what} must be 1-{KEY_MAX_LENGTH} characters, got {len(key)}")
+    if isinstance(key, int) and not isinstance(key, bool):
+        if key in _INT_KEYS:
+            return str(key)
+        raise ValueError(f"{what} must be an int in [-2**63, 2**63), got {_validate.shown(key)}")
+    if isinstance(key, str):  # a subclass: its own hash and equality are not trusted
+        return _checked(str.__str__(key), what)
+    raise TypeError(f"{what} must be a str, an int or None, not {type(key).__name__}")
