@@ -329,10 +329,11 @@ class RateLimiter(Policy):
         now, self._reader, self._plain = _clock.sample()
         return now
 
-    async def _admit(self, key: object, start: float | None) -> None:
+    async def _admit(self, key: object, start: float | None) -> str | None:
         """Let a call through, at its turn of ``key``'s limit, or refuse it (counted here).
 
-        ``key`` None: the limit of calls without a key.
+        ``key`` None: the limit of calls without a key. Returns the key as
+        its bucket knows it (an int made a str).
         """
         if key is not None and (type(key) is not str or not 0 < len(key) <= KEY_MAX_LENGTH):
             try:
@@ -347,6 +348,19 @@ class RateLimiter(Policy):
             turn = self._keyed.reserve(key, now, self._max_wait)
         if turn is not GRANTED:
             await self._wait(turn, key, now, start)
+        return key
+
+    def _headroom(self, key: str | None) -> tuple[int, float | None]:
+        """Calls ``key`` may make at once now, and seconds until one more (None: it is full)."""
+        now = self._now()
+        if key is None:
+            available, ahead = self._bucket.available(now), self._bucket.refill_time(now)
+        else:
+            available, ahead = self._keyed.available(key, now), self._keyed.refill_time(key, now)
+        if ahead <= 0.0:
+            return available, None
+        interval = self._bucket.interval
+        return available, ahead - (math.ceil(ahead / interval) - 1) * interval
 
     async def _wait(
         self, turn: Turn | None, key: str | None, now: float, start: float | None
