@@ -13,8 +13,8 @@ Nothing here imports a transport's library.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Container, Iterable, Mapping
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Container, Coroutine, Iterable, Mapping
+from typing import Any, Final, ParamSpec, TypeVar
 
 from ._deadline import remaining
 from ._errors import DeadlineExceeded, StalwartError, recast
@@ -39,7 +39,7 @@ __all__ = [
 
 T = TypeVar("T")
 V = TypeVar("V")
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
 
 LEAST_TIME_LEFT: Final = 0.001
 """Seconds: an attempt with less time left than this is not sent, it could only time out."""
@@ -64,7 +64,12 @@ def rate_limit_option(value: Any) -> RateLimiter | None:
     return value
 
 
-def bind_attempts(policy: Policy, attempt: F, rate_limit: RateLimiter | None, origin: F) -> F:
+def bind_attempts(
+    policy: Policy,
+    attempt: Callable[P, Coroutine[Any, Any, T]],
+    rate_limit: RateLimiter | None,
+    origin: Callable[..., Any],
+) -> Callable[P, Coroutine[Any, Any, T]]:
     """``policy`` around ``attempt``, with ``rate_limit`` (if any) around each attempt.
 
     The limiter sits inside the policy: every attempt, a retry's too, takes
