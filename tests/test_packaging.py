@@ -84,6 +84,21 @@ def test_the_wheel_carries_the_license(wheel: zipfile.ZipFile) -> None:
     assert "Requires-Python: >=3.11" in headers
 
 
+def test_the_wheel_carries_the_lua_scripts_and_the_redis_package(wheel: zipfile.ZipFile) -> None:
+    names = set(wheel.namelist())
+    scripts = {f"stalwart/_lua/{p.name}" for p in (ROOT / "src/stalwart/_lua").glob("*.lua")}
+    assert {
+        "stalwart/_lua/gcra.lua",
+        "stalwart/_lua/claim.lua",
+        "stalwart/_lua/_clock.lua",
+    } <= scripts
+    assert scripts <= names
+    modules = {f"stalwart/redis/{p.name}" for p in (ROOT / "src/stalwart/redis").glob("*.py")}
+    assert "stalwart/redis/__init__.py" in modules
+    assert modules <= names
+    assert "stalwart/redis.py" not in names
+
+
 def test_python_3_11_is_the_oldest_supported_everywhere() -> None:
     project = PYPROJECT["project"]
     assert project["requires-python"] == ">=3.11"

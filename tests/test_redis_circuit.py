@@ -16,7 +16,8 @@ import pytest
 
 import stalwart as sw
 from stalwart import CircuitState
-from stalwart.redis import RedisStore, _digest
+from stalwart.redis import RedisStore
+from stalwart.redis._client import _digest
 
 from . import redis_support
 from .redis_support import Boom, breaker, opened_store

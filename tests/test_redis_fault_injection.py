@@ -39,9 +39,11 @@ import redis.crc
 from prometheus_client import CollectorRegistry
 
 import stalwart as sw
-from stalwart import CircuitState, Lease, _redis_scripts
+from stalwart import CircuitState, Lease
 from stalwart.asgi import IdempotencyMiddleware
-from stalwart.redis import RedisStore, _digest
+from stalwart.redis import RedisStore
+from stalwart.redis import _scripts as _redis_scripts
+from stalwart.redis._client import _digest
 
 from . import redis_support
 from .redis_support import Boom, PrivateRedis, private_redis

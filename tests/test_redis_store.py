@@ -23,10 +23,12 @@ import redis
 import redis.asyncio
 
 import stalwart as sw
-import stalwart.redis
-from stalwart import Completed, InFlight, Lease, _redis_scripts
+import stalwart.redis._idempotency
+from stalwart import Completed, InFlight, Lease
 from stalwart._circuit_store import CircuitStore
-from stalwart.redis import RedisStore, _digest
+from stalwart.redis import RedisStore
+from stalwart.redis import _scripts as _redis_scripts
+from stalwart.redis._client import _digest
 
 from . import redis_support
 from .redis_support import opened_store, unique_prefix
@@ -262,7 +264,7 @@ async def test_waiters_are_woken_when_the_holder_finishes(
 ) -> None:
     # Without notifications waiters would look again only every minute (and
     # the lease is 30 s): finishing well within that shows they were woken.
-    monkeypatch.setattr(stalwart.redis, "_SAFETY_POLL", 60.0)
+    monkeypatch.setattr(stalwart.redis._idempotency, "_SAFETY_POLL", 60.0)
     runs = 0
 
     @sw.Idempotency(key="k", store=store, lease=30.0)
@@ -471,7 +473,7 @@ def test_on_trio_the_store_says_it_needs_asyncio() -> None:
 
 def test_records_are_read_from_script_replies_and_messages() -> None:
     from stalwart._circuit_store import CircuitRecord
-    from stalwart.redis import _record
+    from stalwart.redis._scripts import circuit_record as _record
 
     closed, opened, forced = sw.CircuitState.CLOSED, sw.CircuitState.OPEN, True
     assert _record(b"closed", 7, 0, 0) == CircuitRecord(closed, 7)
@@ -482,7 +484,7 @@ def test_records_are_read_from_script_replies_and_messages() -> None:
 
 def test_a_cached_open_period_counts_down_from_when_it_was_learned() -> None:
     from stalwart._circuit_store import CircuitRecord
-    from stalwart.redis import _Circuit
+    from stalwart.redis._circuit import _Circuit
 
     circuit = _Circuit("dep", "k")
     circuit.record = CircuitRecord(sw.CircuitState.OPEN, 3, 10.0)
@@ -493,7 +495,7 @@ def test_a_cached_open_period_counts_down_from_when_it_was_learned() -> None:
 
 
 def test_only_connection_failures_make_the_store_unavailable() -> None:
-    from stalwart.redis import _is_unavailable
+    from stalwart.redis._client import _is_unavailable
 
     down = redis.ConnectionError("refused")
     assert _is_unavailable(down)
