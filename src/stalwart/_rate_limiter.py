@@ -11,7 +11,11 @@ docstring for the maths and the proven bound). What this module adds:
   `RateLimitExceeded`, whose ``retry_after`` says when a permit will be
   free. A waiter that is cancelled gives its turn back;
 * **keys**: ``key=`` reads a key from each call's arguments, as
-  `Idempotency`'s does, and each key has a bucket of its own.
+  `Idempotency`'s does, and each key has a bucket of its own;
+* **a store**: with ``store=`` (`stalwart.redis.RedisStore`), each call
+  reserves its turn in the store (one round trip, on the store's clock),
+  and falls back on the limiter's own buckets while the store cannot be
+  reached.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, Final, NoReturn, ParamSpec, TypeAlias, TypeVar, final
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn, ParamSpec, Protocol, TypeAlias, TypeVar, final
 
 import anyio
 
 from . import _clock, _validate
 from ._deadline import current_deadline
-from ._errors import RateLimitExceeded
+from ._errors import RateLimitExceeded, StoreUnavailable
 from ._gcra import GRANTED, Gcra, KeyedGcra, Turn
 from ._idempotency import _MISSING, _callable_name, _key_position, _qualified_name
 from ._metrics import MetricFamily, PolicyMetrics
@@ -34,7 +39,7 @@ from ._policy import AsyncCallable, Binding, Policy
 from ._telemetry import Telemetry, observed
 from .events import CallRejected
 
-__all__ = ["RateLimiter", "RateLimiterMetrics"]
+__all__ = ["RateLimitStore", "RateLimiter", "RateLimiterMetrics", "StoredTurn"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -52,17 +57,80 @@ _INT_KEYS: Final = range(-(2**63), 2**63)
 
 _monotonic: Final = time.monotonic
 
+# While its store cannot be reached, a limiter decides alone, and asks the
+# store again after this long, doubling up to the maximum while it stays away.
+_STORE_RETRY: Final = 0.25
+_STORE_RETRY_MAX: Final = 5.0
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class StoredTurn:
+    """A turn reserved in a `RateLimitStore`, or the store's refusal.
+
+    Attributes:
+        granted: the turn was reserved (else nothing changed in the store).
+        delay: granted, the seconds until the turn (0.0: now); refused, the
+            seconds until a permit is free.
+        ahead: granted, how far the bucket is from full when the turn comes,
+            in seconds (for the ``RateLimit`` header fields).
+        at: granted, when the turn comes, on the store's clock.
+        handle: what the store needs to give the turn back.
+    """
+
+    granted: bool
+    delay: float
+    ahead: float = 0.0
+    at: float = 0.0
+    handle: Any = None
+
+
+class RateLimitStore(Protocol):
+    """Where a limit shared by many processes lives (`stalwart.redis.RedisStore` is one).
+
+    The limiter's arithmetic is the store's: a bucket per limiter name and
+    key, on the store's clock, one request per reservation.
+    """
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a request to the store may take."""
+
+    async def reserve_turn(
+        self,
+        limit: str,
+        key: str | None,
+        interval: float,
+        tau: float,
+        max_wait: float,
+        *,
+        within: float,
+    ) -> StoredTurn:
+        """Reserve the next turn of ``limit``'s bucket for ``key`` if it comes within ``max_wait``.
+
+        GCRA with ``interval`` (``per / rate``) and ``tau`` (``(burst - 1) *
+        interval``). Raises `StoreUnavailable` when the store does not
+        answer within ``within`` seconds (and the store's own timeout).
+        """
+
+    def give_back_turn(self, turn: StoredTurn, until: float) -> None:
+        """Give ``turn`` back, in the background (never blocks, never raises).
+
+        ``until``: the loop time of the turn, after which it does not matter.
+        """
+
 
 class RateLimiterMetrics(PolicyMetrics):
     """A `RateLimiter`'s: refusals, waits, and its state read from the live limiters."""
 
     exclusive = True
-    __slots__ = ("live", "waited", "waits")
+    __slots__ = ("live", "store_unavailable", "waited", "waits")
 
     def __init__(self, kind: str, name: str) -> None:
         super().__init__(kind, name)
         self.waits = 0
         self.waited = 0.0
+        self.store_unavailable = 0
         self.live: weakref.WeakSet[RateLimiter] = weakref.WeakSet()
 
     def _waiting(self) -> Iterator[tuple[tuple[()], float]]:
@@ -96,6 +164,12 @@ class RateLimiterMetrics(PolicyMetrics):
             "counter",
             "Seconds calls spent waiting for their turn at a rate limiter.",
             "waited",
+        ),
+        MetricFamily(
+            "stalwart_rate_limiter_store_unavailable",
+            "counter",
+            "Calls a rate limiter decided on its own limit: its store did not answer in time.",
+            "store_unavailable",
         ),
         MetricFamily(
             "stalwart_rate_limiter_waiting",
@@ -148,6 +222,21 @@ class RateLimiter(Policy):
     A limiter is meant to be shared: decorate several functions with one
     limiter and they share its limit (its keys included).
 
+    **Fleet-wide.** With ``store=RedisStore(...)``, limiters of the same
+    ``name`` on every process share one limit (per key): each call reserves
+    its turn in Redis, one round trip running the same GCRA on Redis's clock
+    (``TIME``), so processes whose clocks disagree share one schedule; only
+    the wait, a duration, comes back. Give every process the same ``rate``,
+    ``per`` and ``burst``. While Redis cannot be reached (it does not answer
+    within the store's ``timeout``, nor within half the time left before the
+    call's deadline), calls are decided by each process's own limit instead
+    (the fleet then lets up to one limit per process through), counted in
+    ``stalwart_rate_limiter_store_unavailable_total``; the limiter asks Redis
+    again a quarter of a second later (doubling, up to 5 s, while it stays
+    away), one call at a time. A call never waits for Redis past its
+    deadline. A call cancelled while it waits for its turn gives the turn
+    back (from the background, when Redis answers).
+
     Args:
         rate: calls allowed per ``per`` seconds, > 0 (fractions allowed).
         per: the period of ``rate``, in seconds, > 0.
@@ -158,7 +247,9 @@ class RateLimiter(Policy):
         key: a parameter name or a callable of the call's arguments (see
             above), or None for one limit for every call.
         max_keys: keys kept at once, >= 1.
-        store: where the limit lives; None: in this process.
+        store: where the limit lives: a `stalwart.redis.RedisStore` shares
+            it with every process given the same store (prefix) and limiter
+            ``name`` (see below); None: in this process.
         name: the ``policy`` label of its metrics and attribute of its spans.
         telemetry: where it reports (``None``: the default `Telemetry`).
 
@@ -183,9 +274,12 @@ class RateLimiter(Policy):
         "_max_wait",
         "_per",
         "_plain",
+        "_probing",
         "_rate",
         "_reader",
+        "_retry_store",
         "_store",
+        "_store_at",
         "_waiting",
     )
 
@@ -198,7 +292,7 @@ class RateLimiter(Policy):
         max_wait: float | None = 0.0,
         key: KeySpec | None = None,
         max_keys: int = DEFAULT_MAX_KEYS,
-        store: object = None,
+        store: RateLimitStore | None = None,
         name: str = "rate_limiter",
         telemetry: Telemetry | None = None,
     ) -> None:
@@ -222,9 +316,20 @@ class RateLimiter(Policy):
         if isinstance(key, str) and not key.isidentifier():
             raise ValueError(f"key must be the name of a parameter or a callable, got {key!r}")
         self._key = key
-        if store is not None:
-            raise TypeError(f"store must be None (in this process), not {type(store).__name__}")
+        if store is not None and not (
+            callable(getattr(store, "reserve_turn", None))
+            and callable(getattr(store, "give_back_turn", None))
+        ):
+            raise TypeError(
+                "store must be a stalwart.redis.RedisStore (or another RateLimitStore) or None, "
+                f"not {type(store).__name__}"
+            )
         self._store = store
+        # The store is asked again from this loop time on (it did not answer);
+        # after this long if it still does not; one call asks at a time then.
+        self._store_at = -math.inf
+        self._retry_store = _STORE_RETRY
+        self._probing = False
         self._waiting = 0
         # The running loop's clock, for the gauge; the loop while it is time.monotonic.
         self._reader: Callable[[], float] | None = None
@@ -250,6 +355,11 @@ class RateLimiter(Policy):
     def max_wait(self) -> float | None:
         """Seconds a call may wait for its turn (None: as long as its deadline allows)."""
         return None if self._max_wait == math.inf else self._max_wait
+
+    @property
+    def store(self) -> RateLimitStore | None:
+        """Where the limit lives (None: in this process)."""
+        return self._store
 
     @property
     def max_keys(self) -> int:
@@ -329,11 +439,12 @@ class RateLimiter(Policy):
         now, self._reader, self._plain = _clock.sample()
         return now
 
-    async def _admit(self, key: object, start: float | None) -> str | None:
+    async def _admit(self, key: object, start: float | None) -> tuple[str | None, float | None]:
         """Let a call through, at its turn of ``key``'s limit, or refuse it (counted here).
 
         ``key`` None: the limit of calls without a key. Returns the key as
-        its bucket knows it (an int made a str).
+        its bucket knows it (an int made a str), and, when the store decided,
+        how far its bucket is from full (see `StoredTurn.ahead`).
         """
         if key is not None and (type(key) is not str or not 0 < len(key) <= KEY_MAX_LENGTH):
             try:
@@ -342,25 +453,95 @@ class RateLimiter(Policy):
                 self._metrics.failed(exc, start)
                 raise
         now = self._now()
+        if self._store is not None and (now >= self._store_at and not self._probing):
+            ahead = await self._admit_shared(key, now, start)
+            if ahead is not None:
+                return key, ahead
+            now = self._now()
+        elif self._store is not None:
+            self._metrics.store_unavailable += 1
         if key is None:
             turn = self._bucket.reserve(now, self._max_wait)
         else:
             turn = self._keyed.reserve(key, now, self._max_wait)
         if turn is not GRANTED:
             await self._wait(turn, key, now, start)
-        return key
+        return key, None
 
-    def _headroom(self, key: str | None) -> tuple[int, float | None]:
-        """Calls ``key`` may make at once now, and seconds until one more (None: it is full)."""
-        now = self._now()
-        if key is None:
-            available, ahead = self._bucket.available(now), self._bucket.refill_time(now)
-        else:
-            available, ahead = self._keyed.available(key, now), self._keyed.refill_time(key, now)
-        if ahead <= 0.0:
-            return available, None
+    async def _admit_shared(self, key: str | None, now: float, start: float | None) -> float | None:
+        """Take the call's turn in the store, and wait for it; or refuse the call (counted here).
+
+        Returns how far the bucket is from full at the turn; None when the
+        store did not answer in time: the call is then the local buckets'
+        to decide (counted in ``store_unavailable``). A store that failed is
+        asked again `_STORE_RETRY` seconds later (doubling), one call at a
+        time, while the others decide locally.
+        """
+        store = self._store
+        assert store is not None
+        deadline = _deadline_of_call()
+        left = deadline - now
+        # A turn at or after the deadline is refused: ask for one before it.
+        max_wait = max(0.0, min(self._max_wait, math.nextafter(left, -math.inf)))
+        # Half the time left at most, for the store: the call needs the rest.
+        within = max(0.0, min(store.timeout, left / 2.0))
         interval = self._bucket.interval
-        return available, ahead - (math.ceil(ahead / interval) - 1) * interval
+        probing = self._store_at > -math.inf
+        self._probing = probing
+        try:
+            turn = await store.reserve_turn(
+                self._name, key, interval, self._bucket._tau, max_wait, within=within
+            )
+        except StoreUnavailable:
+            self._store_at = self._now() + self._retry_store
+            self._retry_store = min(self._retry_store * 2.0, _STORE_RETRY_MAX)
+            self._metrics.store_unavailable += 1
+            return None
+        finally:
+            if probing:
+                self._probing = False
+        self._store_at = -math.inf
+        self._retry_store = _STORE_RETRY
+        if not turn.granted:
+            self._refuse(turn.delay, start)
+        delay = turn.delay
+        if delay <= 0.0:
+            return turn.ahead
+        now = self._now()
+        if now + delay >= deadline:  # the round trip took the time that was left
+            store.give_back_turn(turn, now + delay)
+            self._refuse(delay, start)
+        metrics = self._metrics
+        metrics.waits += 1
+        metrics.waited += delay
+        self._waiting += 1
+        try:
+            await anyio.sleep(delay)
+        except BaseException as exc:
+            store.give_back_turn(turn, now + delay)
+            metrics.failed(exc, start)
+            raise
+        finally:
+            self._waiting -= 1
+        return turn.ahead
+
+    def _headroom(self, key: str | None, ahead: float | None = None) -> tuple[int, float | None]:
+        """Calls ``key`` may make at once now, and seconds until one more (None: it is full).
+
+        ``ahead``: how far the bucket is from full, in seconds, as the store
+        said (None: read the local bucket now).
+        """
+        if ahead is None:
+            now = self._now()
+            if key is None:
+                ahead = self._bucket.refill_time(now)
+            else:
+                ahead = self._keyed.refill_time(key, now)
+        if ahead <= 0.0:
+            return self._burst, None
+        interval = self._bucket.interval
+        used = math.ceil(ahead / interval)
+        return max(0, self._burst - used), ahead - (used - 1) * interval
 
     async def _wait(
         self, turn: Turn | None, key: str | None, now: float, start: float | None

@@ -136,12 +136,12 @@ class RateLimitMiddleware:
         timer = limiter.timer()
         start = None if timer is None else timer()
         try:
-            checked = await limiter._admit(key, start)
+            checked, ahead = await limiter._admit(key, start)
         except RateLimitExceeded as exc:
             await self._refuse(send, exc)
             return
         if self._headers:
-            send = self._with_fields(send, checked)
+            send = self._with_fields(send, checked, ahead)
         try:
             await self._app(scope, receive, send)
         except BaseException as exc:
@@ -149,9 +149,9 @@ class RateLimitMiddleware:
             raise
         metrics.succeeded(start)
 
-    def _with_fields(self, send: Send, key: str | None) -> Send:
+    def _with_fields(self, send: Send, key: str | None, ahead: float | None) -> Send:
         """``send``, adding the limit's fields to the response's headers."""
-        remaining, reset = self._limiter._headroom(key)
+        remaining, reset = self._limiter._headroom(key, ahead)
         fields = [
             (_POLICY_HEADER, self._policy_field),
             (_STATE_HEADER, rate_limit_field(self._limiter.name, remaining, reset).encode()),
