@@ -211,18 +211,23 @@ async def rate_limiter_report(store: RedisStore, *, n: int, concurrency: int) ->
         f"({concurrency} in flight) |",
         "|---|---:|---:|---:|",
     ]
-    for label, call in [
+
+    def indexed(call: Callable[[], Coroutine[Any, Any, Any]]) -> Callable[[int], Any]:
+        return lambda i: call()
+
+    calls: list[tuple[str, Callable[[], Coroutine[Any, Any, Any]]]] = [
         ("let through at once", at_once),
         ("waits for its turn (2,000 a second, one at a time)", waiting),
         ("refused", refused),
-    ]:
+    ]
+    for label, call in calls:
         await call()
         trips = await _round_trips(call)
-        latency = await _latency_us(lambda i, call=call: call(), n)
-        rate = await _throughput(lambda i, call=call: call(), 5 * n, concurrency)
+        latency = await _latency_us(indexed(call), n)
+        rate = await _throughput(indexed(call), 5 * n, concurrency)
         rows.append(f"| {label} | {trips} | {latency:,.0f} µs | {rate:,.0f} calls/s |")
-    latency = await _latency_us(lambda i: in_process(), n)
-    rate = await _throughput(lambda i: in_process(), 5 * n, concurrency)
+    latency = await _latency_us(indexed(in_process), n)
+    rate = await _throughput(indexed(in_process), 5 * n, concurrency)
     rows.append(
         f"| for scale: in process, let through | 0 | {latency:,.2f} µs | {rate:,.0f} calls/s |"
     )
