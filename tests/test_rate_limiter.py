@@ -12,12 +12,14 @@ from typing import Any
 
 import anyio
 import pytest
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 import stalwart as sw
 from stalwart.events import CallRejected, Event
+from stalwart.testing import VirtualClockEventLoop
 
 from .conftest import Spans, jump, sample
 
@@ -211,6 +213,29 @@ async def test_call_applies_the_limit_too() -> None:
     assert await limiter.call(record, "a") == "a"
     with pytest.raises(sw.RateLimitExceeded):
         await limiter.call(record, "b")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_limiter_that_outlives_its_event_loop_starts_afresh_on_a_new_clock(
+    backend: str,
+) -> None:
+    limited = sw.RateLimiter(1, per=3600, name=f"outlives {backend}")(Recorder())
+    options: dict[str, Any] = (
+        {"loop_factory": VirtualClockEventLoop}
+        if backend == "asyncio"
+        else {"clock": trio.testing.MockClock(autojump_threshold=0)}
+    )
+
+    async def late() -> None:
+        await anyio.sleep(100)
+        await limited()  # on this clock: the next permit is an hour away
+
+    async def early() -> None:
+        await limited()  # a new clock, back at 0: a new limit
+
+    anyio.run(late, backend=backend, backend_options=options)
+    options = {**options, "clock": trio.testing.MockClock()} if backend == "trio" else options
+    anyio.run(early, backend=backend, backend_options=options)
 
 
 # -- waiting: FIFO, max_wait, the deadline ------------------------------------------------

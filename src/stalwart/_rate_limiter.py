@@ -405,8 +405,12 @@ class RateLimiter(Policy):
                     loop = limiter._plain
                     now = _monotonic() if loop is not None and loop._thread_id else find_clock()
                     tat = bucket._tat
-                    if tat - tau <= now:
-                        bucket._tat = (tat if tat > now else now) + interval
+                    if tat <= now:  # (at least one turn is free: TAT = max(TAT, now) + T)
+                        bucket._tat = now + interval
+                        bucket._seen = now  # (a clock going back: a new one, see Gcra)
+                    elif tat - tau <= now:
+                        bucket._tat = tat + interval
+                        bucket._seen = now
                     else:
                         await wait(reserve(now, max_wait), None, now, start)
                 elif read is None:
@@ -507,22 +511,11 @@ class RateLimiter(Policy):
         delay = turn.delay
         if delay <= 0.0:
             return turn.ahead
-        now = self._now()
-        if now + delay >= deadline:  # the round trip took the time that was left
-            store.give_back_turn(turn, now + delay)
+        until = self._now() + delay
+        if until >= deadline:  # the round trip took the time that was left
+            store.give_back_turn(turn, until)
             self._refuse(delay, start)
-        metrics = self._metrics
-        metrics.waits += 1
-        metrics.waited += delay
-        self._waiting += 1
-        try:
-            await anyio.sleep(delay)
-        except BaseException as exc:
-            store.give_back_turn(turn, now + delay)
-            metrics.failed(exc, start)
-            raise
-        finally:
-            self._waiting -= 1
+        await self._sleep_for_turn(delay, start, lambda: store.give_back_turn(turn, until))
         return turn.ahead
 
     def _headroom(self, key: str | None, ahead: float | None = None) -> tuple[int, float | None]:
@@ -561,6 +554,12 @@ class RateLimiter(Policy):
         if now + delay >= _deadline_of_call():
             turn.cancel(now)
             self._refuse(delay, start)
+        await self._sleep_for_turn(delay, start, lambda: turn.cancel(self._now()))
+
+    async def _sleep_for_turn(
+        self, delay: float, start: float | None, give_back: Callable[[], object]
+    ) -> None:
+        """Sleep ``delay`` seconds, counted as a wait; cancelled, ``give_back`` the turn."""
         metrics = self._metrics
         metrics.waits += 1
         metrics.waited += delay
@@ -568,7 +567,7 @@ class RateLimiter(Policy):
         try:
             await anyio.sleep(delay)
         except BaseException as exc:
-            turn.cancel(self._now())
+            give_back()
             metrics.failed(exc, start)
             raise
         finally:
