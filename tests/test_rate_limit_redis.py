@@ -311,3 +311,38 @@ async def test_the_store_is_asked_again_once_redis_is_back() -> None:
     )
     assert unavailable is not None
     assert unavailable >= 2
+
+
+class Asked(Recording):
+    """A store that remembers when it was asked for a turn."""
+
+    def __init__(self, store: RedisStore) -> None:
+        super().__init__(store)
+        self.asked: list[float] = []
+
+    async def reserve_turn(self, *args: Any, **kwargs: Any) -> StoredTurn:
+        self.asked.append(time.monotonic())
+        return await super().reserve_turn(*args, **kwargs)
+
+
+async def test_while_redis_stays_away_it_is_asked_less_and_less_often() -> None:
+    with private_redis() as server:
+        client = redis.asyncio.Redis.from_url(server.url)
+        async with RedisStore(client, prefix="backoff:") as store:
+            asking = Asked(store)
+            limited = limiter(asking, 1000)(ok)
+            server.stop()
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(8):  # calls in flight together
+                        tg.start_soon(limited)
+                await asyncio.sleep(0.01)
+        await client.aclose()
+    first, probes = asking.asked[:8], asking.asked[8:]
+    assert first[-1] - first[0] < 0.25  # the first calls, together, found it away
+    # Then one call at a time asks again: 0.25 s later, then 0.5 s, then 1 s.
+    gaps = [b - a for a, b in itertools.pairwise([first[-1], *probes])]
+    assert 2 <= len(probes) <= 4, gaps
+    assert gaps == sorted(gaps), gaps
+    assert gaps[0] >= 0.2, gaps

@@ -497,8 +497,9 @@ class RateLimiter(Policy):
                 self._name, key, interval, self._bucket._tau, max_wait, within=within
             )
         except StoreUnavailable:
+            if probing:  # still away: ask less often (calls in flight together count once)
+                self._retry_store = min(self._retry_store * 2.0, _STORE_RETRY_MAX)
             self._store_at = self._now() + self._retry_store
-            self._retry_store = min(self._retry_store * 2.0, _STORE_RETRY_MAX)
             self._metrics.store_unavailable += 1
             return None
         finally:
