@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 import stalwart as sw
+from stalwart._gcra import GRANTED, Gcra
 from stalwart.events import CallRejected, Event
 from stalwart.testing import VirtualClockEventLoop
 
@@ -729,3 +730,29 @@ async def test_calls_started_keep_to_the_gcra_bound_in_fifo_order(
         assert at == arrived_at[i]
         assert retry_after is not None
         assert retry_after > wait or (deadline is not None and retry_after >= deadline)
+
+
+@given(
+    rate=st.sampled_from([1, 3, 4, 10]),
+    burst=st.integers(1, 4),
+    gaps=st.lists(st.sampled_from([0.0, 0.0, 0.01, 0.1, 0.25, 0.3, 1.0, 7.0]), max_size=30),
+)
+async def test_the_wrapper_decides_as_the_gcra_bucket_does(
+    rate: int, burst: int, gaps: list[float]
+) -> None:
+    """The wrapper's inlined fast path and `Gcra.reserve` agree, call after call."""
+    limited = sw.RateLimiter(rate, burst=burst)(Recorder())
+    bucket = Gcra(rate, burst=burst)
+    decided: list[float | None] = []  # 0.0: let through; else the retry_after
+    expected: list[float | None] = []
+    for gap in gaps:
+        jump(gap)
+        turn = bucket.reserve(now(), 0.0)
+        expected.append(0.0 if turn is GRANTED else bucket.wait_time(now()))
+        try:
+            await limited()
+        except sw.RateLimitExceeded as exc:
+            decided.append(exc.retry_after)
+        else:
+            decided.append(0.0)
+    assert decided == expected
