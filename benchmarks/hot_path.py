@@ -34,6 +34,7 @@ CONTENDED: Final = "Bulkhead, contended: 16 tasks, 4 slots"
 TIMEOUT: Final = "Timeout"
 IDEMPOTENCY: Final = "Idempotency (in-process store)"
 PIPELINE: Final = "Pipeline"
+RATE_LIMITER: Final = "RateLimiter, permit available"
 GROUPS: Final = (
     RETRY,
     RETRY_FAILING,
@@ -45,6 +46,7 @@ GROUPS: Final = (
     TIMEOUT,
     IDEMPOTENCY,
     PIPELINE,
+    RATE_LIMITER,
 )
 
 BARE: Final = "bare await f()"
@@ -215,6 +217,16 @@ def idempotency_first_execution() -> Call:
     return sw.Idempotency(key=functools.partial(next, keys))(f)
 
 
+#: A rate no run reaches: every call finds a permit.
+UNREACHED_RATE: Final = 10**9
+
+
+def rate_limited_per_key() -> Call:
+    """Every call has a key (one key, its bucket found in the limiter's table)."""
+    limiter = sw.RateLimiter(UNREACHED_RATE, key="key", name=unique("rate_limiter"))
+    return functools.partial(limiter(keyed), "user-1")
+
+
 def baselines() -> list[Case]:
     return [
         Case(BARE, lambda: f),
@@ -364,6 +376,21 @@ def cases() -> list[Case]:
             BARE,
             35,
             group=PIPELINE,
+        ),
+        Case(
+            "RateLimiter, permit available",
+            lambda: sw.RateLimiter(UNREACHED_RATE, name=unique("rate_limiter"))(f),
+            BARE,
+            4,
+            group=RATE_LIMITER,
+            note="reads the loop's clock; GCRA: one number per bucket",
+        ),
+        Case(
+            "RateLimiter(key=...), permit available",
+            rate_limited_per_key,
+            BARE,
+            group=RATE_LIMITER,
+            note="reads the key, checks it, finds its bucket (LRU)",
         ),
     ]
 

@@ -11,8 +11,9 @@ peer's own source (the versions pinned in ``benchmarks/requirements.txt``):
   run); a rejection is caught, as the caller of an open breaker must.
 * bulkheads: as many slots and as much queue room as stalwart's.
 * timeouts: 10 seconds, never reached.
+* rate limiters: a rate no run reaches (every call finds a permit), one key.
 
-The eight libraries from PyPI are optional: each one missing is skipped with
+The ten libraries from PyPI are optional: each one missing is skipped with
 a note (`missing`), so the suite also runs where only stalwart's development
 dependencies are installed. ``asyncio``, ``anyio`` and ``trio`` are always
 there (stalwart depends on anyio; trio is a development dependency).
@@ -47,12 +48,14 @@ from .hot_path import (
     PIPELINE,
     RAISE,
     RAISE_SYNC,
+    RATE_LIMITER,
     RETRY,
     RETRY_FAILING,
     SLOTS,
     TASKS,
     TIMEOUT,
     UNLIMITED,
+    UNREACHED_RATE,
     caught,
     caught_sync,
     contended,
@@ -75,6 +78,8 @@ OPTIONAL: Final = (
     "purgatory",
     "circuitbreaker",
     "pybreaker",
+    "aiolimiter",
+    "limits",
 )
 
 OPEN_FOR: Final = 3600  # seconds: no breaker half-opens during a run
@@ -471,6 +476,58 @@ def hyx_cases() -> list[Case]:
     ]
 
 
+# -- rate limiters --------------------------------------------------------------
+
+
+def aiolimiter_cases() -> list[Case]:
+    limiter = load("aiolimiter").AsyncLimiter
+    return [
+        Case(
+            "aiolimiter: `async with AsyncLimiter(rate, 1)`",
+            lambda: _limited(limiter(UNREACHED_RATE, 1), f),
+            BARE,
+            group=RATE_LIMITER,
+            library="aiolimiter",
+            note="a leaky bucket; waits for capacity, never refuses",
+        ),
+    ]
+
+
+def limits_cases() -> list[Case]:
+    strategies = load("limits.aio.strategies")
+    memory = load("limits.aio.storage").MemoryStorage
+    per_second = load("limits").RateLimitItemPerSecond(UNREACHED_RATE)
+
+    def hitting(strategy: Any) -> Call:
+        limiter = strategy(memory())
+
+        async def call() -> int:
+            if not await limiter.hit(per_second, "user-1"):
+                raise RuntimeError("limits refused a call under an unreachable rate")
+            return await f()
+
+        return call
+
+    return [
+        Case(
+            "limits: `await FixedWindowRateLimiter(MemoryStorage()).hit(...)`",
+            lambda: hitting(strategies.FixedWindowRateLimiter),
+            BARE,
+            group=RATE_LIMITER,
+            library="limits",
+            note="a fixed window: lets 2x the rate through across a boundary; never waits",
+        ),
+        Case(
+            "limits: `await SlidingWindowCounterRateLimiter(MemoryStorage()).hit(...)`",
+            lambda: hitting(strategies.SlidingWindowCounterRateLimiter),
+            BARE,
+            group=RATE_LIMITER,
+            library="limits",
+            note="two fixed windows, weighted; never waits",
+        ),
+    ]
+
+
 # -- asyncio and anyio: timeouts and limiters ---------------------------------
 
 
@@ -564,6 +621,8 @@ BUILDERS: Final[dict[str, Callable[[], list[Case]]]] = {
     "purgatory": purgatory_cases,
     "circuitbreaker": circuitbreaker_cases,
     "pybreaker": pybreaker_cases,
+    "aiolimiter": aiolimiter_cases,
+    "limits": limits_cases,
 }
 
 

@@ -1,4 +1,4 @@
-"""What sharing state through Redis costs: breakers (nothing) and idempotency (round trips).
+"""What sharing state through Redis costs: breakers (nothing), idempotency and rate limits.
 
 python benchmarks/redis_store.py            # full run, against REDIS_URL (default local)
 python benchmarks/redis_store.py --quick    # a few seconds, for smoke tests
@@ -10,8 +10,12 @@ a call, so the budget is 1.5x and the expectation 1.0x.
 
 Part 2 measures idempotency against the real Redis: round trips per call
 (counted on the connection), latency of one call at a time, and throughput
-with many calls in flight, for replays and first executions. Everything is
-written under a fresh prefix and deleted afterwards.
+with many calls in flight, for replays and first executions.
+
+Part 3 does the same for a rate limiter shared through Redis: a call let
+through at once, one that waits for its turn and one refused are each one
+round trip (``gcra.lua``). Everything is written under a fresh prefix and
+deleted afterwards.
 """
 
 from __future__ import annotations
@@ -185,6 +189,51 @@ async def idempotency_report(store: RedisStore, *, n: int, concurrency: int) -> 
     return "\n".join(rows)
 
 
+async def rate_limiter_report(store: RedisStore, *, n: int, concurrency: int) -> str:
+    async def body() -> int:
+        return 1
+
+    # Names of their own: three limits, one per row.
+    at_once = sw.RateLimiter(10**9, name="bench-at-once", store=store)(body)
+    waiting = sw.RateLimiter(2000, burst=1, max_wait=1.0, name="bench-waits", store=store)(body)
+    refusing = sw.RateLimiter(1, per=3600, name="bench-refused", store=store)(body)
+    in_process = sw.RateLimiter(10**9, name="bench-in-process")(body)
+    await refusing()  # its one permit in the hour
+
+    async def refused() -> None:
+        try:  # noqa: SIM105 - measure the refusal alone
+            await refusing()
+        except sw.RateLimitExceeded:
+            pass
+
+    rows = [
+        "| rate limiter, against Redis | round trips | median latency | throughput "
+        f"({concurrency} in flight) |",
+        "|---|---:|---:|---:|",
+    ]
+
+    def indexed(call: Callable[[], Coroutine[Any, Any, Any]]) -> Callable[[int], Any]:
+        return lambda i: call()
+
+    calls: list[tuple[str, Callable[[], Coroutine[Any, Any, Any]]]] = [
+        ("let through at once", at_once),
+        ("waits for its turn (2,000 a second, one at a time)", waiting),
+        ("refused", refused),
+    ]
+    for label, call in calls:
+        await call()
+        trips = await _round_trips(call)
+        latency = await _latency_us(indexed(call), n)
+        rate = await _throughput(indexed(call), 5 * n, concurrency)
+        rows.append(f"| {label} | {trips} | {latency:,.0f} µs | {rate:,.0f} calls/s |")
+    latency = await _latency_us(indexed(in_process), n)
+    rate = await _throughput(indexed(in_process), 5 * n, concurrency)
+    rows.append(
+        f"| for scale: in process, let through | 0 | {latency:,.2f} µs | {rate:,.0f} calls/s |"
+    )
+    return "\n".join(rows)
+
+
 async def _main(rounds: int, calls: int, n: int, concurrency: int) -> None:
     client = redis.asyncio.Redis.from_url(REDIS_URL)
     # Its own client, whose connections count what they send: the breakers'
@@ -200,6 +249,10 @@ async def _main(rounds: int, calls: int, n: int, concurrency: int) -> None:
         idempotency = RedisStore(counted, prefix=prefix)
         print(await idempotency_report(idempotency, n=n, concurrency=concurrency))
         await idempotency.aclose()
+        print()
+        limits = RedisStore(counted, prefix=prefix)
+        print(await rate_limiter_report(limits, n=n, concurrency=concurrency))
+        await limits.aclose()
     finally:
         doomed = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
         for start in range(0, len(doomed), 1000):

@@ -512,3 +512,34 @@ def test_the_server_middlewares_options_are_validated() -> None:
         DeadlineMiddleware(default_timeout=-1)
     with pytest.raises(ValueError, match="header"):
         DeadlineMiddleware(header="not a header")
+
+
+# -- a partner's quota ------------------------------------------------------------------
+
+
+async def test_rate_limit_spaces_the_attempts(server: Server) -> None:
+    key = server.key()
+    limiter = sw.RateLimiter(10, burst=1, max_wait=5.0, name="aiohttp quota")
+    start = time.monotonic()
+    async with session(server, rate_limit=limiter) as client:
+        for _ in range(3):
+            async with client.get(f"/flaky?key={key}") as response:
+                assert response.status == 200
+    assert time.monotonic() - start >= 0.19  # the third turn comes 0.2 s after the first
+    assert len(server.hits(key)) == 3
+    assert limiter.metrics.waits == 2  # type: ignore[attr-defined]
+
+
+async def test_a_rate_limit_refusal_is_a_client_error(server: Server) -> None:
+    key = server.key()
+    limiter = sw.RateLimiter(1, name="aiohttp refusal")
+    async with session(server, rate_limit=limiter) as client:
+        async with client.get(f"/flaky?key={key}") as response:
+            assert response.status == 200
+        with pytest.raises(ClientRateLimited) as info:
+            await client.get(f"/flaky?key={key}")
+    assert isinstance(info.value, aiohttp.ClientConnectionError)
+    assert info.value.policy == "aiohttp refusal"
+    assert len(server.hits(key)) == 1
+    with pytest.raises(TypeError, match="rate_limit must be"):
+        ResilientMiddleware(rate_limit=1)  # type: ignore[arg-type]

@@ -161,3 +161,12 @@ def test_without_now_the_server_clock_decides(script: Script) -> None:
 def test_an_unknown_operation_is_an_error(script: Script) -> None:
     with pytest.raises(redis.ResponseError, match="unknown operation"):
         script.script(keys=[script.prefix + "k"], args=["drop"])
+
+
+def test_every_reply_says_when_the_script_ran(script: Script) -> None:
+    bucket = Gcra(1, per=1.0)
+    args = ["reserve", repr(bucket.interval), repr(bucket._tau), "0", "42.5"]
+    granted = script.script(keys=[script.prefix + "now"], args=args)
+    refused = script.script(keys=[script.prefix + "now"], args=args)
+    assert (granted[0], float(granted[3]), float(granted[4])) == (1, 43.5, 42.5)
+    assert (refused[0], float(refused[1]), float(refused[2])) == (0, 1.0, 42.5)

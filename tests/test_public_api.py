@@ -17,6 +17,7 @@ CONTRACT = [
     "IdempotencyKeyReused",
     "RateLimitExceeded",
     "StalwartWarning",
+    "RateLimiter",
     "Backoff",
     "Retry",
     "RetryBudget",
@@ -36,7 +37,12 @@ CONTRACT = [
 # Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.
 INTEGRATIONS = {
     "aiohttp": ["DeadlineMiddleware", "ResilientMiddleware"],
-    "asgi": ["DeadlineMiddleware", "ErrorMiddleware", "IdempotencyMiddleware"],
+    "asgi": [
+        "DeadlineMiddleware",
+        "ErrorMiddleware",
+        "IdempotencyMiddleware",
+        "RateLimitMiddleware",
+    ],
     "grpc": ["ClientInterceptor", "ServerInterceptor"],
     "httpx": [
         "ResilientTransport",

@@ -30,6 +30,7 @@ from ._idempotency_store import Completed, IdempotencyStore, InFlight, Lease, Me
 from ._metrics import MetricFamily, PolicyMetrics
 from ._pipeline import Pipeline
 from ._policy import Binding, Policy
+from ._rate_limiter import RateLimiter
 from ._retry import Backoff, Jitter, Retry
 from ._retry_budget import RetryBudget, RetryBudgetStatistics
 from ._telemetry import Telemetry
@@ -68,6 +69,7 @@ __all__ = [
     "Policy",
     "PolicyMetrics",
     "RateLimitExceeded",
+    "RateLimiter",
     "Retry",
     "RetryBudget",
     "RetryBudgetStatistics",

@@ -20,13 +20,13 @@ import time
 from asyncio import AbstractEventLoop, Task
 from collections.abc import Callable
 from threading import get_ident
-from typing import Any
+from typing import Any, Final
 
 import anyio
 
 from ._privates import LOOP_THREAD_ID, current_task, loop_thread_missing, running_loop
 
-__all__ = ["LoopInfo", "asyncio_loop", "monotonic_or_none", "now", "sleep"]
+__all__ = ["LoopInfo", "asyncio_loop", "monotonic_or_none", "now", "sample", "sleep"]
 
 
 class LoopInfo:
@@ -114,6 +114,41 @@ def monotonic_or_none() -> Callable[[], float] | None:
     return time.monotonic if info.time is time.monotonic else None
 
 
+def sample() -> tuple[float, Callable[[], float], AbstractEventLoop | None]:
+    """Now; a reader of the running loop's clock; the loop, if that clock is ``time.monotonic``.
+
+    The reader stays valid later and from any thread: it is for what is read
+    outside the loop on the loop's time scale (a gauge, at scrape time).
+
+    The loop is returned only for a plain asyncio loop that records its
+    thread (``LOOP_THREAD_ID``): while ``loop._thread_id`` is not None (it
+    runs), its clock *is* ``time.monotonic()``, which a hot path may call
+    directly, skipping the lookup of `now` (the "RateLimiter, permit
+    available" benchmark row). Anything else (trio, a virtual clock) gives
+    None: ask again next time.
+    """
+    info = asyncio_loop()
+    if info is not None:
+        plain = info.time is time.monotonic and getattr(info.loop, LOOP_THREAD_ID, None) is not None
+        return info.time(), info.time, info.loop if plain else None
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            clock = trio.lowlevel.current_clock()
+        except RuntimeError:
+            pass
+        else:
+            current: Callable[[], float] = clock.current_time
+            return current(), current, None
+    raise RuntimeError(_NO_LOOP)
+
+
+_NO_LOOP: Final = (
+    "stalwart reads time from the running event loop: call it from async code "
+    "running on asyncio or trio"
+)
+
+
 def _trio_now() -> float:
     trio = sys.modules.get("trio")
     if trio is not None:
@@ -121,10 +156,7 @@ def _trio_now() -> float:
             return float(trio.current_time())
         except RuntimeError:
             pass
-    raise RuntimeError(
-        "stalwart reads time from the running event loop: call it from async code "
-        "running on asyncio or trio"
-    )
+    raise RuntimeError(_NO_LOOP)
 
 
 async def sleep(seconds: float) -> None:

@@ -216,6 +216,8 @@ class Gcra:
         will be free).
         The caller passes the smaller of its own ``max_wait`` and what is
         left of its deadline; ``math.inf`` waits as long as it takes.
+        (`RateLimiter`'s wrapper inlines the branch that grants at once:
+        keep the two alike.)
         """
         if now < self._seen:
             self._restart()

@@ -58,10 +58,13 @@ __all__ = [
     "parse_retry_after",
     "parse_timeout_ms",
     "problem_json",
+    "rate_limit_field",
+    "rate_limit_policy_field",
     "response_retry_after",
     "retry_after_header",
     "retryable_status",
     "safe_to_repeat",
+    "seconds_after",
     "status_codes",
 ]
 
@@ -454,3 +457,46 @@ def error_details(kind: type[StalwartError], error: StalwartError) -> str:
     every server side follows, `ErrorMiddleware` first).
     """
     return ERROR_RULES[kind].detail.format(policy=error.policy)
+
+
+# -- rate limits: draft-ietf-httpapi-ratelimit-headers ------------------------------------
+
+
+def seconds_after(seconds: float) -> int:
+    """``seconds`` as whole seconds, rounded up: a client that waits them is not early.
+
+    Unlike `retry_after_header`, no rounding to the millisecond first: a
+    rate limit's "come back in 1.0004 s" must not become 1 s.
+    """
+    return max(0, math.ceil(seconds))
+
+
+def rate_limit_policy_field(name: str, rate: float, per: float) -> str:
+    """The ``RateLimit-Policy`` field of a limit of ``rate`` calls per ``per`` seconds.
+
+    ``"<name>";q=<quota>;w=<window>`` (draft-ietf-httpapi-ratelimit-headers,
+    a Structured Fields list of one item): the window is whole seconds, the
+    shortest at least ``per`` long in which a steady client may make a call
+    (1 call per 2 s: ``q=1;w=2``); the quota, the calls it may make in it
+    (rounded down).
+    """
+    window = max(1, math.ceil(round(per, 6)), math.ceil(round(per / rate, 6)))
+    quota = math.floor(round(rate * window / per, 6))
+    return f"{_sf_string(name)};q={quota};w={window}"
+
+
+def rate_limit_field(name: str, remaining: int, reset: float | None) -> str:
+    """The ``RateLimit`` field: ``"<name>";r=<remaining>;t=<seconds>``.
+
+    ``remaining``: calls the client may make at once now; ``reset``: seconds
+    until it may make one more (rounded up), or None when it is at its full
+    burst (then no ``t``: no more quota is coming).
+    """
+    field = f"{_sf_string(name)};r={max(0, remaining)}"
+    return field if reset is None else f"{field};t={seconds_after(reset)}"
+
+
+def _sf_string(text: str) -> str:
+    """``text`` as a Structured Fields String (RFC 9651): printable ASCII, quoted."""
+    shown = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return '"' + shown.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -13,15 +13,17 @@ Nothing here imports a transport's library.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Container, Iterable, Mapping
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Container, Coroutine, Iterable, Mapping
+from typing import Any, Final, ParamSpec, TypeVar
 
 from ._deadline import remaining
 from ._errors import DeadlineExceeded, StalwartError, recast
-from ._policy import Policy
+from ._policy import Binding, Policy
+from ._rate_limiter import RateLimiter
 
 __all__ = [
     "LEAST_TIME_LEFT",
+    "bind_attempts",
     "by_kind",
     "collection_option",
     "first_value",
@@ -29,6 +31,7 @@ __all__ = [
     "made_policy",
     "policy_factory",
     "policy_option",
+    "rate_limit_option",
     "retry_after_of",
     "time_left",
     "translated",
@@ -36,6 +39,7 @@ __all__ = [
 
 T = TypeVar("T")
 V = TypeVar("V")
+P = ParamSpec("P")
 
 LEAST_TIME_LEFT: Final = 0.001
 """Seconds: an attempt with less time left than this is not sent, it could only time out."""
@@ -49,6 +53,34 @@ def policy_option(value: Any) -> Policy:
     if not isinstance(value, Policy):
         raise TypeError(f"policy must be a stalwart policy or None, not {type(value).__name__}")
     return value
+
+
+def rate_limit_option(value: Any) -> RateLimiter | None:
+    """``value``, checked to be a `RateLimiter` or None (the ``rate_limit`` option)."""
+    if value is not None and not isinstance(value, RateLimiter):
+        raise TypeError(
+            f"rate_limit must be a stalwart.RateLimiter or None, not {type(value).__name__}"
+        )
+    return value
+
+
+def bind_attempts(
+    policy: Policy,
+    attempt: Callable[P, Coroutine[Any, Any, T]],
+    rate_limit: RateLimiter | None,
+    origin: Callable[..., Any],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """``policy`` around ``attempt``, with ``rate_limit`` (if any) around each attempt.
+
+    The limiter sits inside the policy: every attempt, a retry's too, takes
+    a turn, and its refusal reaches the policy (a default `Retry` does not
+    retry it). It opens no span of its own: the policy's carries its events.
+    ``origin`` is the client's own attempt function (its signature is what
+    a limiter's ``key=`` parameter name reads).
+    """
+    if rate_limit is not None:
+        attempt = rate_limit.wrap(attempt, Binding(origin, traced=False))
+    return policy.wrap(attempt, Binding(origin))
 
 
 def collection_option(param: str, value: Any, what: str) -> frozenset[Any]:

@@ -57,11 +57,14 @@ from ._http import (
     retry_after_header,
 )
 from ._policy import Policy
+from ._rate_limiter import RateLimiter
 from ._retry import Retry, retries_disabled
 from ._transport import (
+    bind_attempts,
     by_kind,
     kind_of,
     policy_option,
+    rate_limit_option,
     time_left,
     translated,
 )
@@ -235,6 +238,12 @@ class ResilientMiddleware:
     Only sending the request and receiving the response's headers runs under
     the policy: reading a large body later is not retried.
 
+    **A partner's quota.** ``rate_limit`` puts a `~stalwart.RateLimiter` in
+    front of the upstream, as `stalwart.httpx.ResilientTransport`'s does:
+    every attempt takes a turn, inside ``policy``; a limiter's ``key``
+    callable is given the attempt's ``aiohttp.ClientRequest`` first (``key=
+    lambda request, *_: request.url.host`` limits each upstream apart).
+
     **Errors.** Every error that escapes the middleware is an
     ``aiohttp.ClientError`` (so ``except aiohttp.ClientError`` still works);
     one that stands for a stalwart error is also that error (so ``except
@@ -258,11 +267,13 @@ class ResilientMiddleware:
             and the name of the default policy.
         rng: the ``random.Random`` keys are drawn from (default:
             ``uuid.uuid4()``, from the operating system's randomness).
+        rate_limit: a `~stalwart.RateLimiter` every attempt goes through, or None.
     """
 
     __slots__ = (
         "_name",
         "_policy",
+        "_rate_limit",
         "_rules",
         "_send",
     )
@@ -277,6 +288,7 @@ class ResilientMiddleware:
         idempotency_header: str = IDEMPOTENCY_HEADER,
         name: str = "aiohttp",
         rng: random.Random | None = None,
+        rate_limit: RateLimiter | None = None,
     ) -> None:
         self._name = _validate.name(name)
         if policy is None:
@@ -289,12 +301,18 @@ class ResilientMiddleware:
             idempotency_header=idempotency_header,
             rng=rng,
         )
-        # Decorated once: the policy's per-function set-up is not paid per request.
-        self._send: _Send = policy(self._attempt)
+        self._rate_limit = rate_limit_option(rate_limit)
+        # Bound once: the policy's per-function set-up is not paid per request.
+        self._send: _Send = bind_attempts(policy, self._attempt, self._rate_limit, self._attempt)
 
     @property
     def policy(self) -> Policy:
         return self._policy
+
+    @property
+    def rate_limit(self) -> RateLimiter | None:
+        """The limiter every attempt goes through, or None."""
+        return self._rate_limit
 
     @property
     def retry_statuses(self) -> frozenset[int]:

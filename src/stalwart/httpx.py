@@ -67,12 +67,15 @@ from ._http import (
     response_retry_after,
 )
 from ._policy import Binding, Policy
+from ._rate_limiter import RateLimiter
 from ._retry import Retry, retries_disabled
 from ._transport import (
+    bind_attempts,
     by_kind,
     made_policy,
     policy_factory,
     policy_option,
+    rate_limit_option,
     time_left,
     translated,
 )
@@ -299,6 +302,20 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     response's headers have arrived, so reading a large body later is not
     retried (nor limited by a ``Timeout`` in the policy).
 
+    **A partner's quota.** ``rate_limit`` puts a `~stalwart.RateLimiter`
+    in front of the upstream: every attempt (a retry's too) takes a turn,
+    inside ``policy`` and outside the ``per_host`` policy, waiting for it up
+    to the limiter's ``max_wait`` and never past the deadline; a refusal
+    reaches ``policy`` (a default `~stalwart.Retry` does not retry it) and
+    leaves the transport as a `TransportRateLimitExceeded`. A limiter with
+    a ``key`` callable limits each upstream apart (it is given the
+    attempt's ``httpx.Request``)::
+
+        ResilientTransport(
+            sw.Retry(attempts=3),
+            rate_limit=sw.RateLimiter(100, per=60, max_wait=30, key=lambda r: r.url.host),
+        )
+
     **Per-host policies.** ``per_host`` builds a policy for each upstream the
     client talks to, typically a `~stalwart.CircuitBreaker`::
 
@@ -349,6 +366,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             returning a new policy for that upstream (see above), or None.
         max_hosts: how many upstreams keep their ``per_host`` policy at once,
             >= 1 (default 100).
+        rate_limit: a `~stalwart.RateLimiter` every attempt goes through (see
+            above), or None.
     """
 
     __slots__ = (
@@ -357,6 +376,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         "_name",
         "_per_host",
         "_policy",
+        "_rate_limit",
         "_rules",
         "_send",
         "_transport",
@@ -375,6 +395,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         rng: random.Random | None = None,
         per_host: Callable[[str], Policy] | None = None,
         max_hosts: int = DEFAULT_MAX_HOSTS,
+        rate_limit: RateLimiter | None = None,
     ) -> None:
         self._name = _validate.name(name)
         if policy is None:
@@ -401,12 +422,18 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._max_hosts = _validate.count("max_hosts", max_hosts)
         # origin -> (its policy, `policy` bound around it); least recently used first.
         self._hosts: OrderedDict[_Origin, tuple[Policy, _Send]] = OrderedDict()
+        self._rate_limit = rate_limit_option(rate_limit)
         # Bound once: the policy's per-function setup is not paid per request.
-        self._send: _Send = policy(self._attempt)
+        self._send: _Send = bind_attempts(policy, self._attempt, self._rate_limit, self._attempt)
 
     @property
     def policy(self) -> Policy:
         return self._policy
+
+    @property
+    def rate_limit(self) -> RateLimiter | None:
+        """The limiter every attempt goes through, or None."""
+        return self._rate_limit
 
     @property
     def transport(self) -> httpx.AsyncBaseTransport:
@@ -468,7 +495,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         # As a Pipeline would bind them, without a span of its own: `policy`'s
         # span carries the per-host policy's events.
         inner = own.wrap(self._attempt, Binding(self._attempt, traced=False))
-        send: _Send = self._policy.wrap(inner, Binding(self._attempt))
+        send: _Send = bind_attempts(self._policy, inner, self._rate_limit, self._attempt)
         hosts[origin] = (own, send)
         if len(hosts) > self._max_hosts:
             hosts.popitem(last=False)

@@ -21,11 +21,13 @@ ARGV[1]  'reserve' or 'cancel'.
 'reserve': ARGV[2] the interval T = per / rate and ARGV[3] the tolerance
   tau = (burst - 1) * T, in seconds; ARGV[4] max_wait in seconds ('inf': no
   limit); ARGV[5] now in seconds, or '' for the server's clock.
-  Granted: {1, delay, before, after}. delay is '0' (now) or the wait for the
-  caller's FIFO turn (<= max_wait); before and after are the TAT around the
-  reservation ('' for none), to give the turn back with.
+  Granted: {1, delay, before, after, now}. delay is '0' (now) or the wait
+  for the caller's FIFO turn (<= max_wait); before and after are the TAT
+  around the reservation ('' for none), to give the turn back with; now is
+  the time the script ran at (the TAT's clock: after - now says how far the
+  bucket is from full, for the RateLimit header fields).
   Refused (the turn would come after max_wait; nothing changes):
-  {0, retry_after}, the seconds until a permit is free.
+  {0, retry_after, now}, retry_after being the seconds until a permit is free.
 
 'cancel': ARGV[2] before and ARGV[3] after, as returned by 'reserve';
   ARGV[4] now, or ''. Call it only while the caller still waits (before its
@@ -76,15 +78,15 @@ if op == 'reserve' then
   if turn <= now then
     after = math.max(tat, now) + interval
     store(key, after, now)
-    return {1, '0', stored or '', fmt(after)}
+    return {1, '0', stored or '', fmt(after), fmt(now)}
   end
   local delay = turn - now
   if delay > max_wait then
-    return {0, fmt(delay)}
+    return {0, fmt(delay), fmt(now)}
   end
   after = tat + interval
   store(key, after, now)
-  return {1, fmt(delay), stored or '', fmt(after)}
+  return {1, fmt(delay), stored or '', fmt(after), fmt(now)}
 elseif op == 'cancel' then
   local now = clock(ARGV[4])
   if redis.call('GET', key) ~= ARGV[3] then return 0 end

@@ -7,7 +7,9 @@ outbound call inside it knows how long it has left. `ErrorMiddleware` answers
 an open circuit, a full bulkhead or a rate limit with a 503 and a passed
 deadline with a 504, instead of a 500. `IdempotencyMiddleware` runs each
 request that carries an ``Idempotency-Key`` once, and answers its repeats
-with the stored response::
+with the stored response. `RateLimitMiddleware` gives each client a
+`stalwart.RateLimiter`'s limit, and answers a client over it with a 429 that
+says when to come back::
 
     from stalwart.asgi import DeadlineMiddleware, ErrorMiddleware, IdempotencyMiddleware
 
@@ -29,6 +31,7 @@ from ._idempotency import (
     IdempotencyMiddleware,
     parse_idempotency_key,
 )
+from ._rate_limit import RateLimitMiddleware, client_address
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_public_api.py)
@@ -39,9 +42,11 @@ __all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_p
     "ErrorMiddleware",
     "IdempotencyMiddleware",
     "Message",
+    "RateLimitMiddleware",
     "Receive",
     "Scope",
     "Send",
+    "client_address",
     "parse_grpc_timeout",
     "parse_idempotency_key",
     "parse_timeout_ms",

@@ -6,6 +6,7 @@ import logging
 from collections.abc import (
     Awaitable,
     Callable,
+    Iterable,
     Mapping,
     MutableMapping,
 )
@@ -31,16 +32,18 @@ async def _send_problem(
     *,
     retry_after: int | None = None,
     extensions: Mapping[str, str] | None = None,
+    headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Send a complete ``application/problem+json`` response (RFC 9457)."""
+    """Send a complete ``application/problem+json`` response (RFC 9457), with ``headers`` too."""
     body = problem_json(status, title, detail, extensions).encode()
-    headers = [
+    fields = [
         (b"content-type", PROBLEM_JSON.encode()),
         (b"content-length", str(len(body)).encode()),
     ]
     if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+        fields.append((b"retry-after", str(retry_after).encode()))
+    fields.extend(headers)
+    await send({"type": "http.response.start", "status": status, "headers": fields})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

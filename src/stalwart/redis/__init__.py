@@ -1,10 +1,11 @@
-"""Redis as the shared store: breaker state and idempotency records across replicas.
+"""Redis as the shared store: breakers, rate limits and idempotency records across replicas.
 
-One `RedisStore` serves as the ``store=`` of `CircuitBreaker`, of `Idempotency`
-and of the ASGI ``IdempotencyMiddleware``, so that a service running as many
-replicas (processes, pods, hosts) learns of an outage once and runs a
-duplicated request once. ``pip install 'stalwart[redis]'``; it runs on asyncio
-(redis-py's ``redis.asyncio`` client), not on trio. Example::
+One `RedisStore` serves as the ``store=`` of `CircuitBreaker`, of
+`RateLimiter`, of `Idempotency` and of the ASGI ``IdempotencyMiddleware``, so
+that a service running as many replicas (processes, pods, hosts) learns of
+an outage once, keeps to one rate limit, and runs a duplicated request once.
+``pip install 'stalwart[redis]'``; it runs on asyncio (redis-py's
+``redis.asyncio`` client), not on trio. Example::
 
     import redis.asyncio
     import stalwart as sw

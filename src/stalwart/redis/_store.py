@@ -19,6 +19,7 @@ from .._codec import Codec, JSONCodec
 from ._circuit import _Circuits
 from ._client import _UNAVAILABLE, MAX_DURATION
 from ._idempotency import OnUnavailable, _Idempotency
+from ._rate_limit import _RateLimits
 
 DEFAULT_PREFIX: Final = "stalwart:"
 DEFAULT_TIMEOUT: Final = 1.0
@@ -27,8 +28,8 @@ DEFAULT_TRIAL_LEASE: Final = 30.0
 
 
 @final
-class RedisStore(_Idempotency, _Circuits):
-    """Circuit breaker state and idempotency records shared through Redis.
+class RedisStore(_Idempotency, _Circuits, _RateLimits):
+    """Circuit breaker state, rate limits and idempotency records shared through Redis.
 
     Give the same store (or stores with the same ``prefix`` on the same Redis)
     to the breakers and idempotency policies of every replica:
@@ -44,6 +45,9 @@ class RedisStore(_Idempotency, _Circuits):
       connection comes back, the store re-reads the records it follows, so a
       lost message cannot leave a replica stuck. Half-open trial permits are
       counted in Redis: ``half_open_calls`` limits the whole fleet's trials.
+    * **Rate limiters** (`RateLimiter`) sharing a ``name`` share one limit
+      (per key): each call reserves its turn with one Lua script, one round
+      trip, on Redis's clock.
     * **Idempotency records** are claimed atomically by a Lua script, as a
       lease of the policy's ``lease`` seconds that the running call renews:
       if its process dies, the key frees itself when the lease lapses. The
@@ -80,6 +84,8 @@ class RedisStore(_Idempotency, _Circuits):
       stored at once after the call ran is not an error: the caller gets
       it, and the store stores it in the background (below). Renewals that
       fail raise `StoreUnavailable` to the policy, which logs them.
+    * rate limiters decide each call on their own, in-process limit, and
+      count it (see `RateLimiter`, "Fleet-wide").
 
     **Nothing left behind.** Each claim and trial permit is named by a
     token the store chooses, so the store can give it back whatever happens
@@ -99,12 +105,14 @@ class RedisStore(_Idempotency, _Circuits):
 
     **Keys.** Everything lives under ``prefix``: ``{prefix}circuit:<h>``
     (and ``...:trials``) per breaker name, ``{prefix}idem:<h>`` per
-    idempotency scope and key, where ``<h>`` is 128 bits of SHA-256 of the
+    idempotency scope and key, ``{prefix}rate:<h>`` (and ``...:<k>`` per
+    key) per rate limiter, where ``<h>`` is 128 bits of SHA-256 of the
     name (or of the scope and key): no user-chosen text reaches a key name,
     so none can collide with or reach into another. Pub/sub channels carry
     the same names. Breaker records never expire (there is one per breaker
     name); idempotency records expire with their lease or TTL; the markers
-    of requests given up (``...:void:<token>``) within seconds.
+    of requests given up (``...:void:<token>``) within seconds; rate limit
+    buckets when they would be full again.
 
     **Limits.** Durations kept in Redis (the policies' ``ttl``, ``lease``,
     ``open_for``, and ``trial_lease``) are at most `max_duration` seconds:
