@@ -38,7 +38,14 @@ from ._errors import DeadlineExceeded
 from ._metrics import Counted, PolicyMetrics
 from ._privates import anyio_task_states, current_task, scope_chain
 
-__all__ = ["ScopeOwner", "current_deadline", "deadline", "is_cancellation", "remaining"]
+__all__ = [
+    "ScopeOwner",
+    "current_deadline",
+    "deadline",
+    "deadline_expired",
+    "is_cancellation",
+    "remaining",
+]
 
 _current: ContextVar[_Scope | None] = ContextVar("stalwart_deadline", default=None)
 
@@ -62,6 +69,21 @@ def current_deadline() -> float | None:
     """The ambient deadline as an absolute time on the loop's clock, or None."""
     scope = _current.get()
     return None if scope is None else scope.when
+
+
+def deadline_expired() -> bool:
+    """Has the ambient deadline passed and cancelled the work under it?
+
+    What a policy asks when a call it guards is cancelled: true when the
+    cancellation is (or may be) that of an expired deadline around it, so
+    that the call timed out rather than its caller lost interest.
+    """
+    scope = _current.get()
+    while scope is not None:
+        if scope.expired():
+            return True
+        scope = scope._outer
+    return False
 
 
 def is_cancellation(exc_type: type[BaseException]) -> bool:
