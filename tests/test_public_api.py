@@ -38,7 +38,12 @@ CONTRACT = [
 # Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.
 INTEGRATIONS = {
     "aiohttp": ["DeadlineMiddleware", "ResilientMiddleware"],
-    "asgi": ["DeadlineMiddleware", "ErrorMiddleware", "IdempotencyMiddleware"],
+    "asgi": [
+        "DeadlineMiddleware",
+        "ErrorMiddleware",
+        "IdempotencyMiddleware",
+        "LoadShedMiddleware",
+    ],
     "grpc": ["ClientInterceptor", "ServerInterceptor"],
     "httpx": [
         "ResilientTransport",

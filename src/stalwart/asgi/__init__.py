@@ -1,4 +1,4 @@
-"""ASGI middleware: the inbound end of stalwart's deadlines, errors and idempotency keys.
+"""ASGI middleware: the inbound end of stalwart's deadlines, errors, idempotency keys and load.
 
 `DeadlineMiddleware` reads the deadline a caller sent (``x-request-timeout-ms``,
 as `stalwart.httpx.ResilientTransport` sends it, or gRPC's ``grpc-timeout``)
@@ -7,7 +7,9 @@ outbound call inside it knows how long it has left. `ErrorMiddleware` answers
 an open circuit, a full bulkhead or a rate limit with a 503 and a passed
 deadline with a 504, instead of a 500. `IdempotencyMiddleware` runs each
 request that carries an ``Idempotency-Key`` once, and answers its repeats
-with the stored response::
+with the stored response. `LoadShedMiddleware` admits requests through a
+concurrency limit and refuses the rest at once, with those that would time
+out anyway::
 
     from stalwart.asgi import DeadlineMiddleware, ErrorMiddleware, IdempotencyMiddleware
 
@@ -29,6 +31,7 @@ from ._idempotency import (
     IdempotencyMiddleware,
     parse_idempotency_key,
 )
+from ._load_shed import LoadShedMiddleware
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_public_api.py)
@@ -38,6 +41,7 @@ __all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_p
     "DeadlineMiddleware",
     "ErrorMiddleware",
     "IdempotencyMiddleware",
+    "LoadShedMiddleware",
     "Message",
     "Receive",
     "Scope",
