@@ -30,8 +30,9 @@ from .queueing import Downstream
 class Scripted:
     """A `LimitAlgorithm` that records its samples and returns the limits it is told to."""
 
-    def __init__(self, limit: int = 2) -> None:
+    def __init__(self, limit: int = 2, *, probing: bool = False) -> None:
         self.limit = limit
+        self.probing = probing
         self.samples: list[tuple[float, float, int, bool]] = []
         self.next: list[int] = []  # limits to move to, one per sample
 
@@ -355,6 +356,71 @@ async def test_without_timeouts_among_its_drops_a_deadline_is_no_sample() -> Non
     assert algorithm.samples == []
 
 
+async def test_far_below_the_limit_one_call_in_32_is_timed_but_every_drop_counts() -> None:
+    algorithm = Scripted(100)
+    limit = limited(algorithm)
+
+    async def work(error: Exception | None) -> None:
+        await anyio.sleep(0.5)
+        if error is not None:
+            raise error
+
+    for _ in range(33):  # the first and the 33rd are timed
+        await limit.call(work, None)
+    assert [(round(rtt, 3), dropped) for _, rtt, _, dropped in algorithm.samples] == [
+        (0.5, False),
+        (0.5, False),
+    ]
+    with pytest.raises(TimeoutError):
+        await limit.call(work, TimeoutError())  # not timed: its round trip is unknown
+    assert algorithm.samples[-1][1:] == (0.0, 1, True)
+
+
+async def test_at_half_the_limit_or_more_every_call_is_timed() -> None:
+    algorithm = Scripted(4)
+    limit = limited(algorithm)
+
+    @limit
+    async def work() -> None:
+        await anyio.sleep(0.5)
+
+    for _ in range(6):
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(work)
+    loads = [load for _, _, load, _ in algorithm.samples]
+    assert loads.count(2) == 6  # every call that started with 2 in flight
+    assert loads.count(1) == 1  # one of the 6 that started alone
+
+
+async def test_while_the_algorithm_probes_every_call_is_timed() -> None:
+    algorithm = Scripted(100, probing=True)
+    limit = limited(algorithm)
+
+    async def work() -> None:
+        pass
+
+    for _ in range(10):
+        await limit.call(work)
+    assert len(algorithm.samples) == 10
+
+
+async def test_gradient2_times_every_call_of_its_first_probe() -> None:
+    limit = sw.ConcurrencyLimit(algorithm="gradient2", rng=random.Random(1))
+    algorithm = limit.algorithm
+    assert isinstance(algorithm, sw.Gradient2Limit)
+
+    async def work() -> None:
+        await anyio.sleep(0.01)
+
+    await limit.call(work)  # the first call is timed, and starts a probe
+    assert algorithm.probing
+    for _ in range(200):
+        await limit.call(work)
+    assert not algorithm.probing
+    assert algorithm.base_rtt == pytest.approx(0.01)
+
+
 # -- the limit moving --------------------------------------------------------------------
 
 
@@ -407,22 +473,22 @@ async def test_a_moved_limit_is_reported_as_an_event_and_a_gauge(
 ) -> None:
     seen: list[Event] = []
     telemetry = sw.Telemetry(registry=registry, listeners=[seen.append])
-    algorithm = Scripted(4)
+    algorithm = Scripted(2)
     limit = limited(algorithm, name="pdf", telemetry=telemetry)
-    assert sample(registry, "stalwart_concurrency_limit", policy="pdf") == 4
+    assert sample(registry, "stalwart_concurrency_limit", policy="pdf") == 2
 
     async def work() -> None:
         pass
 
-    algorithm.next = [4, 6]
+    algorithm.next = [2, 3]
     await limit.call(work)
     await limit.call(work)
     changes = [e for e in seen if isinstance(e, LimitChanged)]
     assert [(e.from_limit, e.to_limit, e.policy, e.kind) for e in changes] == [
-        (4, 6, "pdf", "concurrency")
+        (2, 3, "pdf", "concurrency")
     ]
-    assert str(changes[0]) == "concurrency 'pdf': limit 4 -> 6"
-    assert sample(registry, "stalwart_concurrency_limit", policy="pdf") == 6
+    assert str(changes[0]) == "concurrency 'pdf': limit 2 -> 3"
+    assert sample(registry, "stalwart_concurrency_limit", policy="pdf") == 3
     assert sample(registry, "stalwart_concurrency_in_flight", policy="pdf") == 0
 
 

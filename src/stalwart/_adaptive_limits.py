@@ -87,14 +87,25 @@ __all__ = ["ALGORITHMS", "AimdLimit", "Gradient2Limit", "LimitAlgorithm", "Vegas
 
 
 class LimitAlgorithm(Protocol):
-    """What `ConcurrencyLimit` needs of an algorithm."""
+    """What `ConcurrencyLimit` needs of an algorithm: a limit, and samples to move it.
+
+    `ConcurrencyLimit` reports every call that ends as a drop, and every
+    call that started with at least half the limit in flight; of the calls
+    that started with fewer, it times one in 32 (such a limit is far from
+    being used, and timing every call would cost more than the rest of the
+    policy). An algorithm with a true ``probing`` attribute (optional: the
+    built-in Vegas and Gradient2 have one, true while they measure the
+    unloaded round trip) gets every call while it is true. A drop of a call
+    that was not timed comes with ``rtt`` 0.0.
+    """
 
     @property
     def limit(self) -> int:
         """Calls allowed in flight now (between the algorithm's minimum and maximum)."""
 
     def on_sample(self, now: float, rtt: float, in_flight: int, dropped: bool) -> int:
-        """Learn from a call that ended at ``now``; return the new limit."""
+        """Learn from a call that ended at ``now`` after ``rtt`` seconds, started with
+        ``in_flight`` calls in flight (itself included); return the new limit."""
 
 
 def _bounds(initial: int, minimum: int, maximum: int) -> tuple[int, int, int]:
@@ -138,6 +149,9 @@ class AimdLimit:
         self._timeout = _validate.optional_duration("timeout", timeout, positive=True)
         self._limit = float(initial)
         self._cut_at = -math.inf  # when the limit was last cut
+
+    #: AIMD never probes: it needs no sample of an unloaded call.
+    probing = False
 
     @property
     def limit(self) -> int:
@@ -345,6 +359,11 @@ class _Adaptive(abc.ABC):
     def base_rtt(self) -> float:
         """The round trip with no queue, as last measured (inf before the first probe)."""
         return self._baseline.base
+
+    @property
+    def probing(self) -> bool:
+        """Is it measuring the unloaded round trip now (and so wants every sample)?"""
+        return self._baseline.active
 
     def on_sample(self, now: float, rtt: float, in_flight: int, dropped: bool) -> int:
         baseline = self._baseline

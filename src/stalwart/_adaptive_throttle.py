@@ -195,7 +195,7 @@ class AdaptiveThrottle(Policy):
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         window, rng, now = self._window, self._rng, _clock.now
-        admit, accept = window.admit, window.accept
+        admit, accept = window.admit, window.accept_latest
         failure_on_result, failed, refuse = self._failure_on_result, self._failed, self._refuse
         metrics = self._metrics
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
@@ -214,7 +214,7 @@ class AdaptiveThrottle(Policy):
                     metrics.failed(exc, start)
                     raise
                 if failure_on_result is None or not failure_on_result(result):
-                    accept(now())
+                    accept()
                 metrics.success += 1
                 return result if start is None else metrics.returned(result, start)
 
@@ -229,7 +229,7 @@ class AdaptiveThrottle(Policy):
         else:
             rejected = self._fail_expired and is_cancellation(type(exc)) and deadline_expired()
         if not rejected:
-            self._window.accept(_clock.now())
+            self._window.accept_latest()
 
     def _refuse(self, start: float | None) -> NoReturn:
         self._metrics.refused(start)

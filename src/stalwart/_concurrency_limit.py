@@ -20,6 +20,13 @@ algorithm:
 The round trip is measured from the moment the call is admitted (time spent
 queued for a slot is the policy's, not the dependency's), and the load it
 was measured under is the number of calls in flight then, itself included.
+
+Not every call is timed. A call that starts with at least half the limit in
+flight is; of the others, one in 32 is, unless the algorithm is probing
+(then all are). No algorithm moves a limit on samples taken under half of it
+(a limit that is not used is not tested), and two clock reads and a sample
+cost more than the rest of the policy: timing every call would triple the
+cost of an uncontended call for nothing. Drops are always reported.
 """
 
 from __future__ import annotations
@@ -51,6 +58,11 @@ DEFAULT_DROPS: Final = (TimeoutError, RateLimitExceeded, BulkheadFullError)
 # The bounds ConcurrencyLimit's signature gives, told apart from bounds given
 # with an algorithm object (which carries its own).
 _DEFAULT_BOUNDS: Final = (20, 1, 1000)
+
+# Of the calls that start with under half the limit in flight, one in this many
+# is timed: such a limit is far from being used, and timing every call (two
+# clock reads and a sample) would cost more than the rest of the policy.
+_SAMPLE_EVERY: Final = 32
 
 # What a call cancelled by an expired deadline around the policy stands for.
 _EXPIRED: Final = DeadlineExceeded("the deadline expired", policy="deadline", timeout=0.0)
@@ -180,6 +192,8 @@ class ConcurrencyLimit(Policy):
         "_max_queued",
         "_max_wait",
         "_queue",
+        "_quiet_below",
+        "_untimed",
     )
 
     def __init__(
@@ -213,6 +227,11 @@ class ConcurrencyLimit(Policy):
         self._drop_on_result = drop_on_result
         self._in_flight = 0
         self._queue = WaitQueue()
+        # A call that finds fewer than `_quiet_below` in flight starts under half
+        # the limit: one such call in _SAMPLE_EVERY is timed (`_untimed` counts
+        # down to it), the others are not (see `_sample`).
+        self._quiet_below = self._untimed = 0
+        self._untimed_below(self._limit)
         self._metrics.live.add(self)
 
     @property
@@ -254,15 +273,15 @@ class ConcurrencyLimit(Policy):
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        waiters, acquire, release, changed, failed = (
+        waiters, acquire, release, sampled, failed, timed = (
             self._queue.waiters,
             self._acquire,
             self._release,
-            self._changed,
+            self._sampled,
             self._failed,
+            self._timed,
         )
-        on_sample, drop_on_result = self._algorithm.on_sample, self._drop_on_result
-        policy, metrics, now = self, self._metrics, _clock.now
+        policy, metrics, judged = self, self._metrics, self._drop_on_result
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
@@ -270,34 +289,33 @@ class ConcurrencyLimit(Policy):
                 if slot._TRACER_PROVIDER is not None and plain is not None:
                     return await span(plain, args, kwargs)
                 start = None if timer is None else timer()
-                # While any caller waits, every slot is taken (a freed slot is
-                # handed over, a raised limit hands out its new slots at once):
-                # this check alone keeps FIFO order.
-                if policy._in_flight < policy._limit:
-                    policy._in_flight += 1
-                else:
-                    await acquire(start)
-                load = policy._in_flight
-                began = now()
-                try:
-                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
-                except BaseException as exc:
-                    failed(exc, began, load)
-                    metrics.failed(exc, start)
-                    raise
-                ended = now()
-                if drop_on_result is None:
-                    limit = on_sample(ended, ended - began, load, False)
-                else:
+                in_flight = policy._in_flight
+                if in_flight < policy._quiet_below and policy._untimed:
+                    # Under half the limit (so no caller waits), and not the call
+                    # in _SAMPLE_EVERY to time: no clock, no sample (the
+                    # "ConcurrencyLimit" rows of benchmarks/hot_path.py).
+                    policy._in_flight = load = in_flight + 1
+                    policy._untimed -= 1
                     try:
-                        dropped = bool(drop_on_result(result))
-                    except BaseException:
-                        release()
+                        result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                    except BaseException as exc:
+                        failed(exc, None, load)
+                        metrics.failed(exc, start)
                         raise
-                    metrics.dropped += dropped
-                    limit = on_sample(ended, ended - began, load, dropped)
-                if limit != policy._limit:
-                    changed(limit)
+                    if judged is not None:
+                        sampled(result, None, load)
+                else:
+                    # While any caller waits, every slot is taken (a freed slot
+                    # is handed over, a raised limit hands out its new slots at
+                    # once): this check alone keeps FIFO order.
+                    if in_flight < policy._limit:
+                        policy._in_flight = load = in_flight + 1
+                    else:
+                        await acquire(start)
+                        load = policy._in_flight
+                    result = await timed(
+                        fn(*args, **kwargs) if kwargs else positional(*args), load, start
+                    )
                 if waiters:
                     release()
                 else:
@@ -328,7 +346,39 @@ class ConcurrencyLimit(Policy):
             return
         self._in_flight -= 1
 
-    def _failed(self, exc: BaseException, began: float, load: int) -> None:
+    async def _timed(self, call: Coroutine[Any, Any, T], load: int, start: float | None) -> T:
+        """Await a call, timed: its outcome is a sample (and its slot given back if it raised)."""
+        if not self._untimed:
+            self._untimed = _SAMPLE_EVERY - 1
+        clock = _clock.reader()
+        began = clock()
+        try:
+            result = await call
+        except BaseException as exc:
+            self._failed(exc, began, load)
+            self._metrics.failed(exc, start)
+            raise
+        self._sampled(result, began, load, clock())
+        return result
+
+    def _sampled(
+        self, result: Any, began: float | None, load: int, ended: float | None = None
+    ) -> None:
+        """A call returned ``result`` at ``ended``: a sample (a drop, if ``drop_on_result``
+        says so). Untimed calls (``began`` None) are samples only as drops."""
+        try:
+            judge = self._drop_on_result
+            dropped = judge is not None and bool(judge(result))
+        except BaseException:
+            self._release()
+            raise
+        if dropped:
+            self._metrics.dropped += 1
+        elif began is None:
+            return  # an untimed call that was no drop: nothing to tell
+        self._sample(began, load, dropped, ended)
+
+    def _failed(self, exc: BaseException, began: float | None, load: int) -> None:
         """A call raised ``exc``: a drop, or no sample; its slot is given back."""
         try:
             if isinstance(exc, Exception):
@@ -337,12 +387,29 @@ class ConcurrencyLimit(Policy):
                 dropped = self._drop_expired and is_cancellation(type(exc)) and deadline_expired()
             if dropped:
                 self._metrics.dropped += 1
-                ended = _clock.now()
-                limit = self._algorithm.on_sample(ended, ended - began, load, True)
-                if limit != self._limit:
-                    self._changed(limit)
+                self._sample(began, load, True)
         finally:
             self._release()
+
+    def _sample(
+        self, began: float | None, load: int, dropped: bool, ended: float | None = None
+    ) -> None:
+        """Tell the algorithm of a call that ended at ``ended`` (None: now); untimed
+        (``began`` None), its round trip is 0.0."""
+        if ended is None:
+            ended = _clock.now()
+        algorithm = self._algorithm
+        limit = algorithm.on_sample(ended, 0.0 if began is None else ended - began, load, dropped)
+        if limit != self._limit:
+            self._changed(limit)
+        self._untimed_below(limit)
+
+    def _untimed_below(self, limit: int) -> None:
+        """Let calls that start under half of ``limit`` go untimed (unless the algorithm probes)."""
+        # A call admitted with `in_flight` others starts with `in_flight + 1`:
+        # under half the limit when 2 (in_flight + 1) < limit.
+        probing = getattr(self._algorithm, "probing", False)
+        self._quiet_below = -1 if probing else (limit - 1) // 2
 
     def _changed(self, limit: int) -> None:
         """The algorithm moved the limit: hand out the new slots, and say so."""
