@@ -8,8 +8,8 @@ draw comes from a `random.Random` seeded from the scenario's seed, so a
 setting's numbers depend on the scenario and the seed alone: not on the
 number of worker processes, nor on the order settings run in.
 
-What is real: the `Retry`, `RetryBudget`, `CircuitBreaker`, `Bulkhead`,
-`Timeout` and `Pipeline` objects; each call runs as
+What is real: the `Retry`, `RetryBudget`, `AdaptiveThrottle`, `CircuitBreaker`,
+`ConcurrencyLimit`, `Bulkhead`, `Timeout` and `Pipeline` objects; each call runs as
 ``Pipeline(Timeout(deadline), *the setting's policies)``, the outer `Timeout`
 being the caller's deadline (the ambient deadline inside).
 What is simulated: the downstream (a server with ``capacity`` slots, a FIFO
@@ -21,6 +21,7 @@ The breaker's transitions are observed through its telemetry's listeners
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import random
 from array import array
@@ -32,8 +33,7 @@ from typing import Any, Final
 from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
 
-from .._bulkhead import Bulkhead
-from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
+from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded, RateLimitExceeded
 from .._pipeline import Pipeline
 from .._retry import Retry, RetryMetrics
 from .._telemetry import Telemetry
@@ -41,6 +41,7 @@ from .._timeout import Timeout
 from ..events import CircuitStateChanged, Event
 from ..testing import VirtualClockEventLoop
 from .scenario import Scenario, Setting
+from .schema import Build
 
 __all__ = [
     "BUCKET",
@@ -129,9 +130,15 @@ class Run:
     retries: int = 0
     exhausted: int = 0
     timeouts: int = 0
-    bulkhead_rejected: int = 0
+    #: calls each policy that refuses calls refused, by grid section (``bulkhead``, ...)
+    rejected_by: dict[str, int] = field(default_factory=dict)
     #: virtual time at which the last call ended
     end: float = 0.0
+
+    @property
+    def bulkhead_rejected(self) -> int:
+        """Calls the bulkhead refused (0 without one)."""
+        return self.rejected_by.get("bulkhead", 0)
 
 
 def percentile(ordered: Any, q: float) -> float:
@@ -353,9 +360,15 @@ class _Simulation:
         # ambient deadline every policy respects (`sw.deadline` per call would
         # do the same, and validate its argument 180,000 times an hour).
         patience = Timeout(traffic.deadline, name="deadline", telemetry=self.telemetry)
-        policies = self.setting.policies(
-            self.telemetry, self.policy_rng, breaker_telemetry=self.breaker_telemetry
+        build = Build(
+            self.telemetry,
+            self.policy_rng,
+            self.breaker_telemetry,
+            failure=DownstreamError,
+            overloaded=Overloaded,
         )
+        sections = list(self.setting.sections(build))
+        policies = [policy for _, policy in sections]
         guarded = Pipeline(patience, *policies, name="setting", telemetry=self.telemetry)(attempt)
         in_flight = 0
         starting = True  # new calls may still start
@@ -376,7 +389,7 @@ class _Simulation:
                 outcomes[1] += 1
             except DeadlineExceeded:
                 outcomes[2] += 1
-            except (CircuitOpenError, BulkheadFullError):
+            except (CircuitOpenError, BulkheadFullError, RateLimitExceeded):
                 outcomes[3] += 1
             else:
                 outcomes[0] += 1
@@ -411,20 +424,48 @@ class _Simulation:
             assert duration is not None
             expovariate, rate = self.traffic_rng.expovariate, traffic.rate
 
-            def arrive() -> None:
-                nonlocal starting
-                spawn(one_call())
-                later = time() + expovariate(rate)
-                if later < duration:
-                    call_at(later, arrive)
+            if not traffic.timeline:
+
+                def arrive() -> None:
+                    nonlocal starting
+                    spawn(one_call())
+                    later = time() + expovariate(rate)
+                    if later < duration:
+                        call_at(later, arrive)
+                    else:
+                        starting = False
+
+                first = expovariate(rate)
+                if first < duration:
+                    call_at(first, arrive)
                 else:
                     starting = False
 
-            first = expovariate(rate)
-            if first < duration:
-                call_at(first, arrive)
             else:
-                starting = False
+                # The rate changes at the phases' bounds. Arrivals are memoryless:
+                # a draw that would cross a bound is dropped, and drawn anew from
+                # the bound at the new rate (the same process, exactly).
+                bounds = [p.start for p in traffic.timeline] + [traffic.timeline[-1].end]
+                rates = [p.rate for p in traffic.timeline] + [rate]
+
+                def schedule(now: float) -> None:
+                    nonlocal starting
+                    i = bisect.bisect_right(bounds, now)
+                    current = rates[i - 1] if i else rates[0]
+                    later = now + expovariate(current)
+                    bound = bounds[i] if i < len(bounds) else math.inf
+                    if later >= duration and bound >= duration:
+                        starting = False
+                    elif later >= bound:
+                        call_at(bound, schedule, bound)
+                    else:
+                        call_at(later, arrive_at, later)
+
+                def arrive_at(now: float) -> None:
+                    spawn(one_call())
+                    schedule(now)
+
+                schedule(0.0)
 
             def share_done() -> float:
                 return min(1.0, time() / duration)
@@ -503,15 +544,15 @@ class _Simulation:
         }
         if self.setting.has_breaker:
             _breaker_time(self.breaker_log.events, self.setting.open_for, end, run)
-        for policy in policies:
+        for section, policy in sections:
             metrics = policy.metrics
             if isinstance(policy, Retry):
                 assert isinstance(metrics, RetryMetrics)
                 run.retries, run.exhausted = metrics.attempts, metrics.exhausted
             elif isinstance(policy, Timeout):
                 run.timeouts = metrics.timeout
-            elif isinstance(policy, Bulkhead):
-                run.bulkhead_rejected = metrics.rejected
+            if section.rejects:
+                run.rejected_by[section.name] = metrics.rejected
         if progress := self.progress:
             progress(1.0)
         return run
