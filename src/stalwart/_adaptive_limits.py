@@ -124,13 +124,27 @@ def _bounds(initial: int, minimum: int, maximum: int) -> tuple[int, int, int]:
 
 @final
 class AimdLimit:
-    """Additive increase, multiplicative decrease (TCP Reno's rule): see the module docstring.
+    """Additive increase, multiplicative decrease: TCP Reno's rule, for `ConcurrencyLimit`.
+
+    Adds ``1 / limit`` per call that was not dropped (about one per round
+    trip when the limit is used; nothing for calls that started with under
+    half the limit in flight), and cuts the limit to ``backoff`` times itself
+    on a drop, once per congestion event (drops of calls sent before the last
+    cut are its echo). It settles in a saw-tooth just under where calls start
+    to be dropped: choose it for a dependency that sheds load itself (429s,
+    503s, a short queue).
 
     Args:
-        initial, minimum, maximum: the limit at first, and its bounds (>= 1).
+        initial: the limit at first, between ``minimum`` and ``maximum``.
+        minimum: the lowest the limit goes, >= 1.
+        maximum: the highest the limit goes.
         backoff: the factor a drop cuts the limit by, in [0.5, 1).
         timeout: a call slower than this many seconds counts as a drop
             (None: only drops count).
+
+    Example::
+
+        limit = sw.ConcurrencyLimit(algorithm=sw.AimdLimit(initial=10, backoff=0.8))
     """
 
     __slots__ = ("_backoff", "_cut_at", "_limit", "_maximum", "_minimum", "_timeout")
@@ -403,15 +417,27 @@ def _log10(limit: float) -> float:
 
 @final
 class VegasLimit(_Adaptive):
-    """TCP Vegas's rule on the queue a limit builds: see the module docstring.
+    """TCP Vegas's rule on the queue a limit builds, for `ConcurrencyLimit`.
+
+    Once a round trip (a window of at least ``window_samples`` calls), the
+    calls waiting in front of the dependency are ``limit * (1 - base /
+    rtt)``, ``base`` being the unloaded round trip (probed: see
+    `Gradient2Limit`). With none, the limit grows fast (3 steps of
+    ``max(1, log10(limit))``); under 3 steps it grows one, over 6 it shrinks
+    one, between them it holds; a window with a drop cuts it to ``backoff``
+    times itself. It keeps 3 to 6 calls waiting: choose it for a dependency
+    that queues rather than sheds, with a steady latency.
 
     Args:
-        initial, minimum, maximum: the limit at first, and its bounds (>= 1).
+        initial: the limit at first, between ``minimum`` and ``maximum``.
+        minimum: the lowest the limit goes, >= 1.
+        maximum: the highest the limit goes.
         backoff: the factor a window with a drop cuts the limit by, in [0.5, 1).
         window_samples: samples per window at least (>= 1).
-        probe_interval: seconds between probes of the no-load round trip.
-        probe_samples: round trips a probe averages (>= 1).
-        rng: spreads the probes (see `_Baseline`); None: every ``probe_interval``.
+        probe_interval: seconds between probes of the unloaded round trip.
+        probe_samples: round trips a probe averages at most (>= 1).
+        rng: spreads the probes (times 0.75 to 1.25), so that a fleet's
+            clients do not probe in step; None: every ``probe_interval``.
     """
 
     __slots__ = ("_backoff",)
@@ -454,15 +480,37 @@ class VegasLimit(_Adaptive):
 
 @final
 class Gradient2Limit(_Adaptive):
-    """Netflix's Gradient2 on a probed baseline: see the module docstring.
+    """Netflix's Gradient2, on a probed unloaded round trip, for `ConcurrencyLimit`.
+
+    Once a round trip (a window of at least ``window_samples`` calls), the
+    limit moves a ``smoothing`` share of the way to ``limit * gradient +
+    queue_size``, the gradient being ``tolerance * base / rtt`` kept within
+    [0.5, 1] (0.5 for a window with a drop). It settles where calls take
+    ``tolerance`` times their unloaded round trip: about ``tolerance * c +
+    queue_size`` calls in flight for a dependency of ``c`` workers. Its steps
+    are proportional to the excess, so it backs off fast and tolerates noisy
+    latencies: the default algorithm.
+
+    The unloaded round trip (``base``) is measured by probes: at the first
+    call, then every ``probe_interval`` seconds but at least 250 round trips
+    apart, the limit drops to a quarter of itself for a few round trips, and
+    the mean round trip of up to ``probe_samples`` calls is the new base. A
+    probe finds no queue when a quarter of the limit is under the
+    dependency's capacity.
 
     Args:
-        initial, minimum, maximum: the limit at first, and its bounds (>= 1).
-        tolerance: how much slower than the baseline recent calls may be
-            before the limit shrinks (>= 1; 1.5: by half).
+        initial: the limit at first, between ``minimum`` and ``maximum``.
+        minimum: the lowest the limit goes, >= 1.
+        maximum: the highest the limit goes.
+        tolerance: how much slower than unloaded recent calls may be before
+            the limit shrinks (>= 1; 1.5: by half).
         smoothing: the share of each step taken, in (0, 1].
         queue_size: calls of headroom added at each step, so the limit can grow.
-        window_samples, probe_interval, probe_samples, rng: as for `VegasLimit`.
+        window_samples: samples per window at least (>= 1).
+        probe_interval: seconds between probes of the unloaded round trip.
+        probe_samples: round trips a probe averages at most (>= 1).
+        rng: spreads the probes (times 0.75 to 1.25), so that a fleet's
+            clients do not probe in step; None: every ``probe_interval``.
     """
 
     __slots__ = ("_queue_size", "_smoothing", "_tolerance")
