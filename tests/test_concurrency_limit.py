@@ -18,6 +18,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 import stalwart as sw
@@ -697,3 +699,62 @@ async def test_the_limit_keeps_latency_near_the_unloaded_one_where_no_limit_woul
     unlimited_p99 = sorted(waits["unlimited"])[math.ceil(0.99 * len(waits["unlimited"])) - 1]
     assert limited_p99 < 1.0
     assert unlimited_p99 > 5.0
+
+
+# -- whatever happens --------------------------------------------------------------------
+
+Call = tuple[int, int, str]  # (arrival, duration, how it ends)
+
+workloads = st.lists(
+    st.tuples(
+        st.integers(0, 12),
+        st.integers(0, 4),
+        st.sampled_from(["returns", "raises", "times out", "is cancelled"]),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=60)
+@given(
+    calls=workloads,
+    limits=st.lists(st.integers(1, 4), max_size=25),
+    max_queued=st.sampled_from([0, 2, None]),
+)
+async def test_no_call_starts_past_the_limit_and_no_slot_is_lost(
+    calls: list[Call], limits: list[int], max_queued: int | None
+) -> None:
+    algorithm = Scripted(2, probing=True)  # every call is a sample: the limit moves a lot
+    algorithm.next = list(limits)
+    limit = limited(algorithm, max_queued=max_queued, max_wait=3.0)
+    running = 0
+
+    @limit
+    async def body(duration: int, ending: str) -> None:
+        nonlocal running
+        running += 1
+        assert running <= limit.in_flight <= limit.limit
+        try:
+            await anyio.sleep(duration)
+            if ending == "raises":
+                raise ValueError
+            if ending == "times out":
+                raise TimeoutError
+        finally:
+            running -= 1
+
+    async def caller(arrival: int, duration: int, ending: str) -> None:
+        await anyio.sleep(arrival)
+        with contextlib.suppress(ValueError, TimeoutError, sw.RateLimitExceeded):
+            if ending == "is cancelled":
+                with anyio.move_on_after(duration / 2):
+                    await body(duration, ending)
+            else:
+                await body(duration, ending)
+
+    with anyio.fail_after(1_000):
+        async with anyio.create_task_group() as tg:
+            for arrival, duration, ending in calls:
+                tg.start_soon(caller, arrival, duration, ending)
+    assert (limit.in_flight, limit.queued, running) == (0, 0, 0)
