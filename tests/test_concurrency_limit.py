@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import statistics
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -27,6 +26,7 @@ from stalwart.events import CallRejected, Event, LimitChanged
 
 from .conftest import Spans, sample
 from .queueing import Downstream
+from .test_adaptive_limits import Trace
 
 
 class Scripted:
@@ -429,9 +429,10 @@ async def test_gradient2_times_every_call_of_its_first_probe() -> None:
 # -- the limit moving --------------------------------------------------------------------
 
 
-async def test_a_raised_limit_lets_queued_calls_in_at_once() -> None:
-    algorithm = Scripted(1)
-    limit = limited(algorithm, max_queued=None)
+def starts(
+    limit: sw.ConcurrencyLimit,
+) -> tuple[list[float], Callable[[float], Coroutine[Any, Any, None]]]:
+    """A call through ``limit`` that sleeps its argument, and when each such call started."""
     started: list[float] = []
 
     @limit
@@ -439,6 +440,13 @@ async def test_a_raised_limit_lets_queued_calls_in_at_once() -> None:
         started.append(anyio.current_time())
         await anyio.sleep(seconds)
 
+    return started, work
+
+
+async def test_a_raised_limit_lets_queued_calls_in_at_once() -> None:
+    algorithm = Scripted(1)
+    limit = limited(algorithm, max_queued=None)
+    started, work = starts(limit)
     algorithm.next = [3]
     async with anyio.create_task_group() as tg:
         tg.start_soon(work, 1.0)
@@ -453,14 +461,7 @@ async def test_a_raised_limit_lets_queued_calls_in_at_once() -> None:
 
 async def test_a_lowered_limit_holds_new_calls_until_enough_have_ended() -> None:
     algorithm = Scripted(3)
-    limit = limited(algorithm, max_queued=None)
-    started: list[float] = []
-
-    @limit
-    async def work(seconds: float) -> None:
-        started.append(anyio.current_time())
-        await anyio.sleep(seconds)
-
+    started, work = starts(limited(algorithm, max_queued=None))
     algorithm.next = [1, 1, 1, 1]
     async with anyio.create_task_group() as tg:
         for seconds in (1.0, 2.0, 3.0):
@@ -550,22 +551,6 @@ SIGMA = 0.5
 HALVED, RESTORED, END = 30.0, 60.0, 90.0
 
 
-@dataclass
-class Trace:
-    """The policy's limit, sampled every 100 ms, and how the calls fared."""
-
-    times: list[float] = field(default_factory=list)
-    limits: list[int] = field(default_factory=list)
-    refused: int = 0
-    dropped: int = 0
-    served: int = 0
-
-    def median(self, start: float, end: float) -> float:
-        return statistics.median(
-            limit for t, limit in zip(self.times, self.limits, strict=True) if start <= t < end
-        )
-
-
 async def offer(limit: sw.ConcurrencyLimit, *, queue: int | None, seed: int) -> Trace:
     """Poisson arrivals at 1.5 times the capacity, through ``limit``, to the downstream."""
     downstream = Downstream(capacity=WORKERS, queue=queue, median=MEDIAN, sigma=SIGMA, seed=seed)
@@ -590,8 +575,6 @@ async def offer(limit: sw.ConcurrencyLimit, *, queue: int | None, seed: int) -> 
             trace.refused += 1
         except Overloaded:
             trace.dropped += 1
-        else:
-            trace.served += 1
 
     async def watch() -> None:
         while (t := anyio.current_time() - origin) < END:

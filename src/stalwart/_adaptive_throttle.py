@@ -21,11 +21,11 @@ from __future__ import annotations
 import random
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, Final, NoReturn, ParamSpec, TypeVar, final
+from typing import Any, NoReturn, ParamSpec, TypeVar, final
 
 from . import _clock
-from ._deadline import deadline_expired, is_cancellation
-from ._errors import DeadlineExceeded, RateLimitExceeded
+from ._deadline import counting_expiry
+from ._errors import RateLimitExceeded
 from ._matchers import ExceptionMatcher, Matcher
 from ._metrics import MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
@@ -37,9 +37,6 @@ __all__ = ["AdaptiveThrottle", "AdaptiveThrottleMetrics"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-# What a call cancelled by an expired deadline around the policy stands for.
-_EXPIRED: Final = DeadlineExceeded("the deadline expired", policy="deadline", timeout=0.0)
 
 
 class AdaptiveThrottleMetrics(PolicyMetrics):
@@ -123,7 +120,6 @@ class AdaptiveThrottle(Policy):
     _metrics: AdaptiveThrottleMetrics
     _decorator_call = "AdaptiveThrottle()"
     __slots__ = (
-        "_fail_expired",
         "_failure_on",
         "_failure_on_result",
         "_failures",
@@ -144,10 +140,8 @@ class AdaptiveThrottle(Policy):
     ) -> None:
         super().__init__(name=name, telemetry=telemetry)
         self._window = ThrottleWindow(k=k, window=window)
-        self._failures = Matcher("failure_on", failure_on, allow_empty=True)
+        self._failures = counting_expiry(Matcher("failure_on", failure_on, allow_empty=True))
         self._failure_on = failure_on
-        # Asked once: does a call cut short by an expired deadline count as rejected?
-        self._fail_expired = self._failures(_EXPIRED)
         if failure_on_result is not None and not callable(failure_on_result):
             raise TypeError(
                 f"failure_on_result must be callable, not {type(failure_on_result).__name__}"
@@ -224,11 +218,7 @@ class AdaptiveThrottle(Policy):
 
     def _failed(self, exc: BaseException) -> None:
         """A call raised ``exc``: accepted by the dependency, unless it is a rejection."""
-        if isinstance(exc, Exception):
-            rejected = self._failures(exc)
-        else:
-            rejected = self._fail_expired and is_cancellation(type(exc)) and deadline_expired()
-        if not rejected:
+        if not self._failures(exc):
             self._window.accept_latest()
 
     def _refuse(self, start: float | None) -> NoReturn:

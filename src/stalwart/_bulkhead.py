@@ -184,15 +184,12 @@ class Bulkhead(Policy):
 
     async def _acquire(self, start: float | None) -> None:
         """Wait for a slot, or raise `BulkheadFullError` (the call's outcome is counted here)."""
-        max_queued, max_wait = self._max_queued, self._max_wait
-        if (max_queued is not None and self._queue.queued >= max_queued) or max_wait == 0.0:
-            self._reject(start)
         try:
-            granted = await self._queue.wait(max_wait, self._hand_over)
+            admitted = await self._queue.enter(self._max_queued, self._max_wait, self._hand_over)
         except BaseException as exc:
             self._metrics.failed(exc, start)
             raise
-        if not granted:
+        if not admitted:
             self._reject(start)
 
     def _hand_over(self) -> None:

@@ -38,8 +38,8 @@ from typing import Any, Final, NoReturn, ParamSpec, TypeVar, final
 
 from . import _clock, _validate
 from ._adaptive_limits import ALGORITHMS, AimdLimit, Gradient2Limit, LimitAlgorithm, VegasLimit
-from ._deadline import deadline_expired, is_cancellation
-from ._errors import BulkheadFullError, DeadlineExceeded, RateLimitExceeded
+from ._deadline import counting_expiry
+from ._errors import BulkheadFullError, RateLimitExceeded
 from ._matchers import ExceptionMatcher, Matcher
 from ._metrics import MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
@@ -63,9 +63,6 @@ _DEFAULT_BOUNDS: Final = (20, 1, 1000)
 # is timed: such a limit is far from being used, and timing every call (two
 # clock reads and a sample) would cost more than the rest of the policy.
 _SAMPLE_EVERY: Final = 32
-
-# What a call cancelled by an expired deadline around the policy stands for.
-_EXPIRED: Final = DeadlineExceeded("the deadline expired", policy="deadline", timeout=0.0)
 
 
 class ConcurrencyLimitMetrics(PolicyMetrics):
@@ -183,7 +180,6 @@ class ConcurrencyLimit(Policy):
     _decorator_call = "ConcurrencyLimit()"
     __slots__ = (
         "_algorithm",
-        "_drop_expired",
         "_drop_on",
         "_drop_on_result",
         "_drops",
@@ -218,10 +214,8 @@ class ConcurrencyLimit(Policy):
         self._limit = self._algorithm.limit
         self._max_queued = _validate.optional_count("max_queued", max_queued, minimum=0)
         self._max_wait = _validate.optional_duration("max_wait", max_wait)
-        self._drops = Matcher("drop_on", drop_on, allow_empty=True)
+        self._drops = counting_expiry(Matcher("drop_on", drop_on, allow_empty=True))
         self._drop_on = drop_on
-        # Asked once: does a call cut short by an expired deadline count as a drop?
-        self._drop_expired = self._drops(_EXPIRED)
         if drop_on_result is not None and not callable(drop_on_result):
             raise TypeError(f"drop_on_result must be callable, not {type(drop_on_result).__name__}")
         self._drop_on_result = drop_on_result
@@ -329,15 +323,12 @@ class ConcurrencyLimit(Policy):
 
     async def _acquire(self, start: float | None) -> None:
         """Wait for a slot, or raise `RateLimitExceeded` (the call's outcome is counted here)."""
-        max_queued, max_wait = self._max_queued, self._max_wait
-        if (max_queued is not None and self._queue.queued >= max_queued) or max_wait == 0.0:
-            self._refuse(start)
         try:
-            granted = await self._queue.wait(max_wait, self._release)
+            admitted = await self._queue.enter(self._max_queued, self._max_wait, self._release)
         except BaseException as exc:
             self._metrics.failed(exc, start)
             raise
-        if not granted:
+        if not admitted:
             self._refuse(start)
 
     def _release(self) -> None:
@@ -381,11 +372,7 @@ class ConcurrencyLimit(Policy):
     def _failed(self, exc: BaseException, began: float | None, load: int) -> None:
         """A call raised ``exc``: a drop, or no sample; its slot is given back."""
         try:
-            if isinstance(exc, Exception):
-                dropped = self._drops(exc)
-            else:
-                dropped = self._drop_expired and is_cancellation(type(exc)) and deadline_expired()
-            if dropped:
+            if self._drops(exc):
                 self._metrics.dropped += 1
                 self._sample(began, load, True)
         finally:

@@ -83,6 +83,18 @@ class WaitQueue:
         self.queued = 0
         self._abandoned = 0
 
+    async def enter(
+        self, max_queued: int | None, max_wait: float | None, pass_on: Callable[[], None]
+    ) -> bool:
+        """Wait in line for a slot, if fewer than ``max_queued`` wait (None: no limit).
+
+        False when the call is to be refused: the line is full, ``max_wait``
+        is 0, or it passed first. See `wait` for the rest.
+        """
+        if (max_queued is not None and self.queued >= max_queued) or max_wait == 0.0:
+            return False
+        return await self.wait(max_wait, pass_on)
+
     async def wait(self, max_wait: float | None, pass_on: Callable[[], None]) -> bool:
         """Wait for a slot, at most ``max_wait`` seconds (None: no limit of its own).
 
