@@ -467,6 +467,14 @@ def _signature_default(fn: Callable[..., Any], name: str) -> Any:
     return REQUIRED if default is inspect.Parameter.empty else default
 
 
+#: Every policy section's first key: its name in the results table.
+LABEL: Final = Field(
+    "label",
+    Text(),
+    None,
+    "what the results table calls this alternative (default: its options that vary)",
+)
+
 LATENCY: Final = Table(
     "latency",
     "A latency distribution: log-normal, given by its median and 99th percentile.",
@@ -667,12 +675,7 @@ BUDGET: Final = Table(
     "budget",
     "A `stalwart.RetryBudget` shared by every call of the setting.",
     (
-        Field(
-            "label",
-            Text(),
-            None,
-            "what the results table calls this alternative (default: its options that vary)",
-        ),
+        LABEL,
         Field(
             "ratio",
             Number(minimum=0.0),
@@ -699,12 +702,7 @@ RETRY: Final = Table(
     "A `stalwart.Retry`, as built with no `on`: it retries every failure but a breaker's "
     "`CircuitOpenError` (an open breaker fails the call at once).",
     (
-        Field(
-            "label",
-            Text(),
-            None,
-            "what the results table calls this alternative (default: its options that vary)",
-        ),
+        LABEL,
         Field(
             "attempts",
             Integer(minimum=1),
@@ -727,12 +725,7 @@ BREAKER: Final = Table(
     "breaker",
     "A `stalwart.CircuitBreaker`; downstream errors, timeouts and rejections are its failures.",
     (
-        Field(
-            "label",
-            Text(),
-            None,
-            "what the results table calls this alternative (default: its options that vary)",
-        ),
+        LABEL,
         Field(
             "failure_rate",
             SHARE,
@@ -799,12 +792,7 @@ BULKHEAD: Final = Table(
     "bulkhead",
     "A `stalwart.Bulkhead` around each attempt.",
     (
-        Field(
-            "label",
-            Text(),
-            None,
-            "what the results table calls this alternative (default: its options that vary)",
-        ),
+        LABEL,
         Field(
             "max_concurrent",
             Integer(minimum=1),
@@ -834,12 +822,7 @@ CONCURRENCY: Final = Table(
     "latency. Its drops are timeouts (an attempt's `Timeout`, or the caller's deadline) and "
     "the downstream's rejections when its queue is full.",
     (
-        Field(
-            "label",
-            Text(),
-            None,
-            "what the results table calls this alternative (default: its options that vary)",
-        ),
+        LABEL,
         Field(
             "algorithm",
             Choice(("gradient2", "vegas", "aimd")),
@@ -881,12 +864,7 @@ THROTTLE: Final = Table(
     "A `stalwart.AdaptiveThrottle` around each attempt: it refuses attempts locally, in "
     "proportion, while the downstream fails them (its errors, its rejections, timeouts).",
     (
-        Field(
-            "label",
-            Text(),
-            None,
-            "what the results table calls this alternative (default: its options that vary)",
-        ),
+        LABEL,
         Field(
             "k",
             Number(minimum=1.0),
