@@ -26,7 +26,7 @@ import math
 import random
 from array import array
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -35,13 +35,14 @@ from prometheus_client import CollectorRegistry
 
 from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded, RateLimitExceeded
 from .._pipeline import Pipeline
+from .._policy import Policy
 from .._retry import Retry, RetryMetrics
 from .._telemetry import Telemetry
 from .._timeout import Timeout
 from ..events import CircuitStateChanged, Event
 from ..testing import VirtualClockEventLoop
 from .scenario import Scenario, Setting
-from .schema import Build
+from .schema import SECTIONS
 
 __all__ = [
     "BUCKET",
@@ -50,6 +51,7 @@ __all__ = [
     "Overloaded",
     "Run",
     "SimulationLoop",
+    "count",
     "simulate",
 ]
 
@@ -101,6 +103,23 @@ class BreakerLog:
     def __call__(self, event: Event) -> None:
         if isinstance(event, CircuitStateChanged):
             self.events.append((event.time, event.to_state.value))
+
+
+# The grid's policies that refuse calls, by their names (a policy is named after its section).
+_REFUSING: Final = frozenset(section.name for section in SECTIONS if section.rejects)
+
+
+def count(policies: Iterable[Policy], run: Run) -> None:
+    """Fill the run's counts from what its policies counted (their metrics)."""
+    for policy in policies:
+        metrics = policy.metrics
+        if isinstance(policy, Retry):
+            assert isinstance(metrics, RetryMetrics)
+            run.retries, run.exhausted = metrics.attempts, metrics.exhausted
+        elif isinstance(policy, Timeout):
+            run.timeouts = metrics.timeout
+        if policy.name in _REFUSING:
+            run.rejected_by[policy.name] = metrics.rejected
 
 
 @dataclass
@@ -360,15 +379,13 @@ class _Simulation:
         # ambient deadline every policy respects (`sw.deadline` per call would
         # do the same, and validate its argument 180,000 times an hour).
         patience = Timeout(traffic.deadline, name="deadline", telemetry=self.telemetry)
-        build = Build(
+        policies = self.setting.policies(
             self.telemetry,
             self.policy_rng,
-            self.breaker_telemetry,
+            breaker_telemetry=self.breaker_telemetry,
             failure=DownstreamError,
             overloaded=Overloaded,
         )
-        sections = list(self.setting.sections(build))
-        policies = [policy for _, policy in sections]
         guarded = Pipeline(patience, *policies, name="setting", telemetry=self.telemetry)(attempt)
         in_flight = 0
         starting = True  # new calls may still start
@@ -544,15 +561,7 @@ class _Simulation:
         }
         if self.setting.has_breaker:
             _breaker_time(self.breaker_log.events, self.setting.open_for, end, run)
-        for section, policy in sections:
-            metrics = policy.metrics
-            if isinstance(policy, Retry):
-                assert isinstance(metrics, RetryMetrics)
-                run.retries, run.exhausted = metrics.attempts, metrics.exhausted
-            elif isinstance(policy, Timeout):
-                run.timeouts = metrics.timeout
-            if section.rejects:
-                run.rejected_by[section.name] = metrics.rejected
+        count(policies, run)
         if progress := self.progress:
             progress(1.0)
         return run

@@ -209,14 +209,11 @@ class Setting:
         build = schema.Build(
             telemetry, rng, breaker_telemetry or telemetry, failure=failure, overloaded=overloaded
         )
-        return [policy for _, policy in self.sections(build)]
-
-    def sections(self, build: schema.Build) -> Iterator[tuple[schema.Section, Policy]]:
-        """Each grid section this setting configures, with its policy, outermost first."""
-        for section in schema.SECTIONS:
-            options = self.options[section.name]
-            if options is not None:
-                yield section, _built(section, schema.unlabelled(options), build)
+        return [
+            _built(section, schema.unlabelled(self.options[section.name]), build)
+            for section in schema.SECTIONS
+            if self.options[section.name] is not None
+        ]
 
 
 def _built(section: schema.Section, options: Any, build: schema.Build) -> Policy:
