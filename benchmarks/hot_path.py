@@ -31,6 +31,7 @@ OPEN: Final = "CircuitBreaker open, rejection"
 BREAKER_OPTIONS: Final = "CircuitBreaker: what its options and failures cost"
 BULKHEAD: Final = "Bulkhead, uncontended"
 CONTENDED: Final = "Bulkhead, contended: 16 tasks, 4 slots"
+ADAPTIVE: Final = "ConcurrencyLimit and AdaptiveThrottle, uncontended"
 TIMEOUT: Final = "Timeout"
 IDEMPOTENCY: Final = "Idempotency (in-process store)"
 PIPELINE: Final = "Pipeline"
@@ -43,6 +44,7 @@ GROUPS: Final = (
     BREAKER_OPTIONS,
     BULKHEAD,
     CONTENDED,
+    ADAPTIVE,
     TIMEOUT,
     IDEMPOTENCY,
     PIPELINE,
@@ -345,6 +347,27 @@ def cases() -> list[Case]:
             UNLIMITED,
             batch=TASKS * PER_TASK,
             group=CONTENDED,
+        ),
+        *(
+            Case(
+                f'ConcurrencyLimit(algorithm="{algorithm}"), uncontended',
+                lambda algorithm=algorithm: sw.ConcurrencyLimit(  # type: ignore[misc]
+                    algorithm=algorithm, name=unique("concurrency")
+                )(f),
+                BARE,
+                5,
+                group=ADAPTIVE,
+                note="far below its limit: one call in 32 is timed and sampled",
+            )
+            for algorithm in ("gradient2", "vegas", "aimd")
+        ),
+        Case(
+            "AdaptiveThrottle, the dependency accepting",
+            lambda: sw.AdaptiveThrottle(name=unique("throttle"))(f),
+            BARE,
+            12,
+            group=ADAPTIVE,
+            note="a clock read and two counts per call; no random draw while nothing is refused",
         ),
         Case("Timeout", lambda: sw.Timeout(10)(f), BARE, 25, group=TIMEOUT),
         Case("Idempotency, replay", idempotency_replay, BARE, 15, group=IDEMPOTENCY),

@@ -253,7 +253,7 @@ async def test_abandoned_waiters_do_not_pile_up() -> None:
             with anyio.move_on_after(0.001):
                 await guarded()
         assert bulkhead.queued == 0
-        assert len(bulkhead._waiters) < 130
+        assert len(bulkhead._queue.waiters) < 130
         gate.open()
 
 

@@ -32,6 +32,8 @@ CONTRACT = [
     "Pipeline",
     "Idempotency",
     "Telemetry",
+    "ConcurrencyLimit",
+    "AdaptiveThrottle",
 ]
 
 # Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.
@@ -41,6 +43,7 @@ INTEGRATIONS = {
         "DeadlineMiddleware",
         "ErrorMiddleware",
         "IdempotencyMiddleware",
+        "LoadShedMiddleware",
         "RateLimitMiddleware",
     ],
     "grpc": ["ClientInterceptor", "ServerInterceptor"],
@@ -150,6 +153,8 @@ DECORATOR_CLASSES = [
     (sw.Bulkhead, "@sw.Bulkhead(max_concurrent)"),
     (sw.Idempotency, "@sw.Idempotency(key=...)"),
     (sw.Pipeline, "@sw.Pipeline(policy, ...)"),
+    (sw.ConcurrencyLimit, "@sw.ConcurrencyLimit()"),
+    (sw.AdaptiveThrottle, "@sw.AdaptiveThrottle()"),
 ]
 
 

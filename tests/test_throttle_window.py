@@ -181,3 +181,15 @@ def test_against_a_dependency_of_fixed_capacity_about_k_times_its_accepts_get_th
             accepted_this_second[second] = accepted_this_second.get(second, 0) + 1
             window.accept(now)
     assert 18.0 <= reached / 300.0 <= 22.0
+
+
+def test_accept_latest_counts_in_the_slice_of_the_latest_count() -> None:
+    window = ThrottleWindow(k=1.0, window=10.0, buckets=10)
+    rng = random.Random(0)
+    assert window.admit(0.5, rng)
+    window.accept_latest()  # in slice 0, where the admission was counted
+    assert (window.requests, window.accepts) == (1, 1)
+    window.admit(9.5, rng)  # slice 9: slice 0 is still in the window
+    assert (window.requests, window.accepts) == (2, 1)
+    window.admit(10.5, rng)  # slice 10: slice 0 has left, with both of its counts
+    assert (window.requests, window.accepts) == (2, 0)

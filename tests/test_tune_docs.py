@@ -26,8 +26,8 @@ HOW_TO = ROOT / "docs" / "how-to" / "tuning.md"
 REFERENCE = ROOT / "docs" / "reference" / "scenario-format.md"
 COMMAND = "python -m stalwart tune"
 FULL = bool(os.environ.get("STALWART_TUNE_FULL"))
-# The runs of an hour of traffic: a minute of CPU each.
-SLOW = (COMMAND, f"{COMMAND} --scenario hang")
+# The runs of an hour of traffic: a minute of CPU each (and the overload's nine settings).
+SLOW = (COMMAND, f"{COMMAND} --scenario hang", f"{COMMAND} --scenario overload")
 
 
 def _title(block: Block) -> str | None:

@@ -318,7 +318,7 @@ def test_an_unknown_section_is_named() -> None:
         ),
         ("[downstream]\nlatency = 0.1\n", "downstream.latency", "must be a table, not a number"),
         ("[downstream]\nserves_abandoned = 1\n", "downstream.serves_abandoned", "true or false"),
-        ("grid = 3\n", "grid", "must be a table, not an integer"),
+        ("grid = 3\n", "grid", "must be a table or an array of tables, not an integer"),
     ],
 )
 def test_a_wrong_type_is_named_with_its_path(fragment: str, path: str, expected: str) -> None:

@@ -9,10 +9,13 @@ keys, as composable decorators for ``async def`` code on asyncio and trio.
     async def fetch(url: str) -> bytes: ...
 """
 
+from ._adaptive_limits import AimdLimit, Gradient2Limit, LimitAlgorithm, VegasLimit
+from ._adaptive_throttle import AdaptiveThrottle
 from ._bulkhead import Bulkhead, BulkheadStatistics
 from ._circuit_breaker import CircuitBreaker, CircuitBreakerStatistics, CircuitState
 from ._circuit_store import CircuitRecord, CircuitStore, InProcessCircuitStore
 from ._codec import Codec, JSONCodec
+from ._concurrency_limit import ConcurrencyLimit
 from ._deadline import deadline, remaining
 from ._errors import (
     BulkheadFullError,
@@ -39,6 +42,8 @@ from ._version import __version__
 from ._windows import CountWindow, TimeWindow
 
 __all__ = [
+    "AdaptiveThrottle",
+    "AimdLimit",
     "Backoff",
     "Binding",
     "Bulkhead",
@@ -52,8 +57,10 @@ __all__ = [
     "CircuitStore",
     "Codec",
     "Completed",
+    "ConcurrencyLimit",
     "CountWindow",
     "DeadlineExceeded",
+    "Gradient2Limit",
     "Idempotency",
     "IdempotencyConflict",
     "IdempotencyKeyReused",
@@ -63,6 +70,7 @@ __all__ = [
     "JSONCodec",
     "Jitter",
     "Lease",
+    "LimitAlgorithm",
     "MemoryStore",
     "MetricFamily",
     "Pipeline",
@@ -79,6 +87,7 @@ __all__ = [
     "Telemetry",
     "TimeWindow",
     "Timeout",
+    "VegasLimit",
     "__version__",
     "deadline",
     "remaining",

@@ -87,14 +87,25 @@ __all__ = ["ALGORITHMS", "AimdLimit", "Gradient2Limit", "LimitAlgorithm", "Vegas
 
 
 class LimitAlgorithm(Protocol):
-    """What `ConcurrencyLimit` needs of an algorithm."""
+    """What `ConcurrencyLimit` needs of an algorithm: a limit, and samples to move it.
+
+    `ConcurrencyLimit` reports every call that ends as a drop, and every
+    call that started with at least half the limit in flight; of the calls
+    that started with fewer, it times one in 32 (such a limit is far from
+    being used, and timing every call would cost more than the rest of the
+    policy). An algorithm with a true ``probing`` attribute (optional: the
+    built-in Vegas and Gradient2 have one, true while they measure the
+    unloaded round trip) gets every call while it is true. A drop of a call
+    that was not timed comes with ``rtt`` 0.0.
+    """
 
     @property
     def limit(self) -> int:
         """Calls allowed in flight now (between the algorithm's minimum and maximum)."""
 
     def on_sample(self, now: float, rtt: float, in_flight: int, dropped: bool) -> int:
-        """Learn from a call that ended at ``now``; return the new limit."""
+        """Learn from a call that ended at ``now`` after ``rtt`` seconds, started with
+        ``in_flight`` calls in flight (itself included); return the new limit."""
 
 
 def _bounds(initial: int, minimum: int, maximum: int) -> tuple[int, int, int]:
@@ -113,13 +124,27 @@ def _bounds(initial: int, minimum: int, maximum: int) -> tuple[int, int, int]:
 
 @final
 class AimdLimit:
-    """Additive increase, multiplicative decrease (TCP Reno's rule): see the module docstring.
+    """Additive increase, multiplicative decrease: TCP Reno's rule, for `ConcurrencyLimit`.
+
+    Adds ``1 / limit`` per call that was not dropped (about one per round
+    trip when the limit is used; nothing for calls that started with under
+    half the limit in flight), and cuts the limit to ``backoff`` times itself
+    on a drop, once per congestion event (drops of calls sent before the last
+    cut are its echo). It settles in a saw-tooth just under where calls start
+    to be dropped: choose it for a dependency that sheds load itself (429s,
+    503s, a short queue).
 
     Args:
-        initial, minimum, maximum: the limit at first, and its bounds (>= 1).
+        initial: the limit at first, between ``minimum`` and ``maximum``.
+        minimum: the lowest the limit goes, >= 1.
+        maximum: the highest the limit goes.
         backoff: the factor a drop cuts the limit by, in [0.5, 1).
         timeout: a call slower than this many seconds counts as a drop
             (None: only drops count).
+
+    Example::
+
+        limit = sw.ConcurrencyLimit(algorithm=sw.AimdLimit(initial=10, backoff=0.8))
     """
 
     __slots__ = ("_backoff", "_cut_at", "_limit", "_maximum", "_minimum", "_timeout")
@@ -138,6 +163,9 @@ class AimdLimit:
         self._timeout = _validate.optional_duration("timeout", timeout, positive=True)
         self._limit = float(initial)
         self._cut_at = -math.inf  # when the limit was last cut
+
+    #: AIMD never probes: it needs no sample of an unloaded call.
+    probing = False
 
     @property
     def limit(self) -> int:
@@ -346,6 +374,11 @@ class _Adaptive(abc.ABC):
         """The round trip with no queue, as last measured (inf before the first probe)."""
         return self._baseline.base
 
+    @property
+    def probing(self) -> bool:
+        """Is it measuring the unloaded round trip now (and so wants every sample)?"""
+        return self._baseline.active
+
     def on_sample(self, now: float, rtt: float, in_flight: int, dropped: bool) -> int:
         baseline = self._baseline
         if baseline.active:
@@ -384,15 +417,27 @@ def _log10(limit: float) -> float:
 
 @final
 class VegasLimit(_Adaptive):
-    """TCP Vegas's rule on the queue a limit builds: see the module docstring.
+    """TCP Vegas's rule on the queue a limit builds, for `ConcurrencyLimit`.
+
+    Once a round trip (a window of at least ``window_samples`` calls), the
+    calls waiting in front of the dependency are ``limit * (1 - base /
+    rtt)``, ``base`` being the unloaded round trip (probed: see
+    `Gradient2Limit`). With none, the limit grows fast (3 steps of
+    ``max(1, log10(limit))``); under 3 steps it grows one, over 6 it shrinks
+    one, between them it holds; a window with a drop cuts it to ``backoff``
+    times itself. It keeps 3 to 6 calls waiting: choose it for a dependency
+    that queues rather than sheds, with a steady latency.
 
     Args:
-        initial, minimum, maximum: the limit at first, and its bounds (>= 1).
+        initial: the limit at first, between ``minimum`` and ``maximum``.
+        minimum: the lowest the limit goes, >= 1.
+        maximum: the highest the limit goes.
         backoff: the factor a window with a drop cuts the limit by, in [0.5, 1).
         window_samples: samples per window at least (>= 1).
-        probe_interval: seconds between probes of the no-load round trip.
-        probe_samples: round trips a probe averages (>= 1).
-        rng: spreads the probes (see `_Baseline`); None: every ``probe_interval``.
+        probe_interval: seconds between probes of the unloaded round trip.
+        probe_samples: round trips a probe averages at most (>= 1).
+        rng: spreads the probes (times 0.75 to 1.25), so that a fleet's
+            clients do not probe in step; None: every ``probe_interval``.
     """
 
     __slots__ = ("_backoff",)
@@ -435,15 +480,37 @@ class VegasLimit(_Adaptive):
 
 @final
 class Gradient2Limit(_Adaptive):
-    """Netflix's Gradient2 on a probed baseline: see the module docstring.
+    """Netflix's Gradient2, on a probed unloaded round trip, for `ConcurrencyLimit`.
+
+    Once a round trip (a window of at least ``window_samples`` calls), the
+    limit moves a ``smoothing`` share of the way to ``limit * gradient +
+    queue_size``, the gradient being ``tolerance * base / rtt`` kept within
+    [0.5, 1] (0.5 for a window with a drop). It settles where calls take
+    ``tolerance`` times their unloaded round trip: about ``tolerance * c +
+    queue_size`` calls in flight for a dependency of ``c`` workers. Its steps
+    are proportional to the excess, so it backs off fast and tolerates noisy
+    latencies: the default algorithm.
+
+    The unloaded round trip (``base``) is measured by probes: at the first
+    call, then every ``probe_interval`` seconds but at least 250 round trips
+    apart, the limit drops to a quarter of itself for a few round trips, and
+    the mean round trip of up to ``probe_samples`` calls is the new base. A
+    probe finds no queue when a quarter of the limit is under the
+    dependency's capacity.
 
     Args:
-        initial, minimum, maximum: the limit at first, and its bounds (>= 1).
-        tolerance: how much slower than the baseline recent calls may be
-            before the limit shrinks (>= 1; 1.5: by half).
+        initial: the limit at first, between ``minimum`` and ``maximum``.
+        minimum: the lowest the limit goes, >= 1.
+        maximum: the highest the limit goes.
+        tolerance: how much slower than unloaded recent calls may be before
+            the limit shrinks (>= 1; 1.5: by half).
         smoothing: the share of each step taken, in (0, 1].
         queue_size: calls of headroom added at each step, so the limit can grow.
-        window_samples, probe_interval, probe_samples, rng: as for `VegasLimit`.
+        window_samples: samples per window at least (>= 1).
+        probe_interval: seconds between probes of the unloaded round trip.
+        probe_samples: round trips a probe averages at most (>= 1).
+        rng: spreads the probes (times 0.75 to 1.25), so that a fleet's
+            clients do not probe in step; None: every ``probe_interval``.
     """
 
     __slots__ = ("_queue_size", "_smoothing", "_tolerance")

@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import weakref
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn, ParamSpec, TypeVar, final
+from typing import Any, NoReturn, ParamSpec, TypeVar, final
 
-import anyio
-
-from . import _clock, _validate
+from . import _validate
 from ._errors import BulkheadFullError
 from ._metrics import MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
 from ._telemetry import Telemetry, observed
+from ._waiters import WaitQueue
 from .events import CallRejected
 
 __all__ = ["Bulkhead", "BulkheadStatistics"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-# Abandoned waiters are dropped lazily; rebuild the queue once they are most
-# of it, so cancelled callers never pile up.
-_COMPACT_AT: Final = 64
 
 
 @final
@@ -37,44 +30,6 @@ class BulkheadStatistics:
     max_queued: int | None
     in_flight: int
     queued: int
-
-
-class _Waiter:
-    """A queued call: woken once, when a slot is handed to it.
-
-    On asyncio it waits on a bare future of the running loop (an
-    ``anyio.Event`` costs eight times as much to make, which was most of a
-    contended call's cost); elsewhere (trio) on an ``anyio.Event``.
-    """
-
-    __slots__ = ("abandoned", "event", "future", "granted")
-
-    def __init__(self) -> None:
-        info = _clock.asyncio_loop()
-        self.future: asyncio.Future[None] | None = None
-        self.event: anyio.Event | None = None
-        if info is not None:
-            self.future = info.loop.create_future()
-        else:
-            self.event = anyio.Event()
-        self.granted = False
-        self.abandoned = False
-
-    def wait(self) -> Awaitable[Any]:
-        if self.future is not None:
-            return self.future
-        assert self.event is not None
-        return self.event.wait()
-
-    def wake(self) -> None:
-        future = self.future
-        if future is None:
-            assert self.event is not None
-            self.event.set()
-        elif not future.done():
-            # (Done: cancelled with its task, which has yet to run; being
-            # granted, that task hands the slot on.)
-            future.set_result(None)
 
 
 class BulkheadMetrics(PolicyMetrics):
@@ -138,15 +93,7 @@ class Bulkhead(Policy):
     metrics_type = BulkheadMetrics
     _metrics: BulkheadMetrics
     _decorator_call = "Bulkhead(max_concurrent)"
-    __slots__ = (
-        "_abandoned",
-        "_in_flight",
-        "_max",
-        "_max_queued",
-        "_max_wait",
-        "_queued",
-        "_waiters",
-    )
+    __slots__ = ("_in_flight", "_max", "_max_queued", "_max_wait", "_queue")
 
     def __init__(
         self,
@@ -162,9 +109,7 @@ class Bulkhead(Policy):
         self._max_queued = _validate.optional_count("max_queued", max_queued, minimum=0)
         self._max_wait = _validate.optional_duration("max_wait", max_wait)
         self._in_flight = 0
-        self._queued = 0
-        self._abandoned = 0
-        self._waiters: deque[_Waiter] = deque()
+        self._queue = WaitQueue()
         self._metrics.live.add(self)
 
     @property
@@ -190,11 +135,11 @@ class Bulkhead(Policy):
     @property
     def queued(self) -> int:
         """Calls waiting for a slot now."""
-        return self._queued
+        return self._queue.queued
 
     def statistics(self) -> BulkheadStatistics:
         """A snapshot of the limits and of the calls running and waiting now."""
-        return BulkheadStatistics(self._max, self._max_queued, self._in_flight, self._queued)
+        return BulkheadStatistics(self._max, self._max_queued, self._in_flight, self._queue.queued)
 
     def wrap(
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
@@ -202,7 +147,7 @@ class Bulkhead(Policy):
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         limit, waiters, acquire, hand_over = (
             self._max,
-            self._waiters,
+            self._queue.waiters,
             self._acquire,
             self._hand_over,
         )
@@ -239,53 +184,18 @@ class Bulkhead(Policy):
 
     async def _acquire(self, start: float | None) -> None:
         """Wait for a slot, or raise `BulkheadFullError` (the call's outcome is counted here)."""
-        max_queued, max_wait = self._max_queued, self._max_wait
-        if (max_queued is not None and self._queued >= max_queued) or max_wait == 0.0:
-            self._reject(start)
-        waiter = _Waiter()
-        self._waiters.append(waiter)
-        self._queued += 1
         try:
-            if max_wait is None:
-                await waiter.wait()
-            else:
-                with anyio.move_on_after(max_wait):
-                    await waiter.wait()
+            admitted = await self._queue.enter(self._max_queued, self._max_wait, self._hand_over)
         except BaseException as exc:
-            if waiter.granted:
-                self._hand_over()  # granted as we were cancelled: pass it on
-            else:
-                self._abandon(waiter)
             self._metrics.failed(exc, start)
             raise
-        if not waiter.granted:
-            self._abandon(waiter)
+        if not admitted:
             self._reject(start)
 
     def _hand_over(self) -> None:
         """Give a finishing call's slot to the longest waiter, else free it."""
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if waiter.abandoned:
-                self._abandoned -= 1
-                continue
-            waiter.granted = True
-            self._queued -= 1
-            waiter.wake()
-            return
-        self._in_flight -= 1
-
-    def _abandon(self, waiter: _Waiter) -> None:
-        waiter.abandoned = True
-        self._queued -= 1
-        self._abandoned += 1
-        waiters = self._waiters
-        if self._abandoned >= _COMPACT_AT and self._abandoned * 2 > len(waiters):
-            live = [w for w in waiters if not w.abandoned]
-            waiters.clear()
-            waiters.extend(live)
-            self._abandoned = 0
+        if not self._queue.grant():
+            self._in_flight -= 1
 
     def _reject(self, start: float | None) -> NoReturn:
         self._metrics.refused(start)
@@ -293,7 +203,7 @@ class Bulkhead(Policy):
             self.report(CallRejected, reason="bulkhead_full", retry_after=None)
         raise BulkheadFullError(
             f"bulkhead {self._name!r} is full: {self._in_flight} of {self._max} slots "
-            f"taken, {self._queued} calls queued",
+            f"taken, {self._queue.queued} calls queued",
             policy=self._name,
         )
 

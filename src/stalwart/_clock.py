@@ -26,7 +26,7 @@ import anyio
 
 from ._privates import LOOP_THREAD_ID, current_task, loop_thread_missing, running_loop
 
-__all__ = ["LoopInfo", "asyncio_loop", "monotonic_or_none", "now", "sample", "sleep"]
+__all__ = ["LoopInfo", "asyncio_loop", "monotonic_or_none", "now", "reader", "sample", "sleep"]
 
 
 class LoopInfo:
@@ -95,6 +95,22 @@ def now() -> float:
         if info is None:
             return _trio_now()
     return info.time()
+
+
+def reader() -> Callable[[], float]:
+    """The running loop's clock, as a function: for a task that reads it several times.
+
+    Calling it reads the same clock as `now`, without looking the loop up
+    again: a policy that times a call (a start and an end) looks up once.
+    Valid in the task that asked, while its loop runs.
+    """
+    info = _cached
+    if info is None or getattr(info.loop, LOOP_THREAD_ID, None) != get_ident():
+        info = _lookup()
+        if info is None:
+            _trio_now()  # raises outside any loop
+            return _trio_now
+    return info.time
 
 
 def monotonic_or_none() -> Callable[[], float] | None:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from contextvars import Context, ContextVar, Token
 from heapq import heapify, heappop, heappush
 from types import TracebackType
-from typing import Any, Protocol, final
+from typing import Any, Final, Protocol, final
 from weakref import WeakKeyDictionary, ref
 
 import anyio
@@ -38,7 +38,15 @@ from ._errors import DeadlineExceeded
 from ._metrics import Counted, PolicyMetrics
 from ._privates import anyio_task_states, current_task, scope_chain
 
-__all__ = ["ScopeOwner", "current_deadline", "deadline", "is_cancellation", "remaining"]
+__all__ = [
+    "ScopeOwner",
+    "counting_expiry",
+    "current_deadline",
+    "deadline",
+    "deadline_expired",
+    "is_cancellation",
+    "remaining",
+]
 
 _current: ContextVar[_Scope | None] = ContextVar("stalwart_deadline", default=None)
 
@@ -62,6 +70,46 @@ def current_deadline() -> float | None:
     """The ambient deadline as an absolute time on the loop's clock, or None."""
     scope = _current.get()
     return None if scope is None else scope.when
+
+
+def deadline_expired() -> bool:
+    """Has the ambient deadline passed and cancelled the work under it?
+
+    What a policy asks when a call it guards is cancelled: true when the
+    cancellation is (or may be) that of an expired deadline around it, so
+    that the call timed out rather than its caller lost interest.
+    """
+    scope = _current.get()
+    while scope is not None:
+        if scope.expired():
+            return True
+        scope = scope._outer
+    return False
+
+
+# What a call that an expired deadline cancelled stands for, to a matcher.
+_EXPIRED: Final = DeadlineExceeded("the deadline expired", policy="deadline", timeout=0.0)
+
+
+def counting_expiry(
+    matches: Callable[[BaseException], bool],
+) -> Callable[[BaseException], bool]:
+    """``matches``, also true of a call cancelled because the deadline around it expired.
+
+    A policy below a `Timeout` (or inside a `deadline`) sees that deadline's
+    expiry as a cancellation, not as the `DeadlineExceeded` raised above it:
+    this says whether ``matches`` would count the call (it is asked once,
+    with a `DeadlineExceeded`). Other exceptions that are not `Exception`
+    s (other cancellations) never match.
+    """
+    expiry_matches = matches(_EXPIRED)
+
+    def counting(exc: BaseException) -> bool:
+        if isinstance(exc, Exception):
+            return matches(exc)
+        return expiry_matches and is_cancellation(type(exc)) and deadline_expired()
+
+    return counting
 
 
 def is_cancellation(exc_type: type[BaseException]) -> bool:

@@ -157,5 +157,18 @@ class ThrottleWindow:
         self._accepts[self._slot] += 1
         self.accepts += 1
 
+    def accept_latest(self) -> None:
+        """Count an accepted call in the slice of the latest count, without reading a clock.
+
+        For a call admitted by `admit` and accepted as it ends: the accept
+        lands in the slice of the latest `admit` or `accept`, never later
+        than its own and at worst as early as the call's admission (when no
+        other call was counted meanwhile), so it leaves the window at most
+        the call's duration early. That is what `AdaptiveThrottle` does:
+        one clock read per call instead of two.
+        """
+        self._accepts[self._slot] += 1
+        self.accepts += 1
+
     def __repr__(self) -> str:
         return f"ThrottleWindow(k={self._k:g}, window={self._window:g}, buckets={self._buckets})"

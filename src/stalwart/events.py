@@ -37,6 +37,7 @@ __all__ = [
     "FellBack",
     "Hedged",
     "IdempotentReplay",
+    "LimitChanged",
     "Listener",
     "RetryGaveUp",
     "Retrying",
@@ -298,6 +299,32 @@ class FellBack(Event):
 
     def _describe(self) -> str:
         return f"fell back after {_why(self.error, self.result)}"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class LimitChanged(Event):
+    """An adaptive limit moved (a `~stalwart.ConcurrencyLimit`'s, as latency or drops told it).
+
+    Attributes:
+        from_limit: the limit before.
+        to_limit: the limit now.
+    """
+
+    from_limit: int
+    to_limit: int
+
+    span_event: ClassVar[str] = "stalwart.limit.changed"
+
+    def span_attributes(self) -> dict[str, AttributeValue]:
+        return {
+            _POLICY: self.policy,
+            "stalwart.from_limit": self.from_limit,
+            "stalwart.to_limit": self.to_limit,
+        }
+
+    def _describe(self) -> str:
+        return f"limit {self.from_limit} -> {self.to_limit}"
 
 
 def _alarming(event: Event) -> bool:

@@ -15,7 +15,7 @@ from . import schema
 __all__ = ["NAMES", "description", "text"]
 
 #: The built-in scenarios; ``tune`` with no scenario runs the first.
-NAMES: Final = ("outage", "hang", "brownout", "retry-storm", "contention")
+NAMES: Final = ("outage", "hang", "brownout", "retry-storm", "contention", "overload")
 
 
 def text(name: str) -> str:

@@ -26,10 +26,10 @@ load on the downstream (attempts per call, peak load during the incident),
 time to detect the outage and to recover after it, and time spent open.
 
 Each setting runs the real stalwart policies (Retry, RetryBudget,
-CircuitBreaker, Bulkhead, Timeout, in a Pipeline) against a simulated
-dependency on a virtual clock: an hour of traffic takes seconds, and the same
-scenario and seed always give the same numbers. With no scenario, the first
-built-in one runs ("outage").
+AdaptiveThrottle, CircuitBreaker, ConcurrencyLimit, Bulkhead, Timeout, in a
+Pipeline) against a simulated dependency on a virtual clock: an hour of
+traffic takes seconds, and the same scenario and seed always give the same
+numbers. With no scenario, the first built-in one runs ("outage").
 """
 
 

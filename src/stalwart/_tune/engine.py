@@ -8,8 +8,8 @@ draw comes from a `random.Random` seeded from the scenario's seed, so a
 setting's numbers depend on the scenario and the seed alone: not on the
 number of worker processes, nor on the order settings run in.
 
-What is real: the `Retry`, `RetryBudget`, `CircuitBreaker`, `Bulkhead`,
-`Timeout` and `Pipeline` objects; each call runs as
+What is real: the `Retry`, `RetryBudget`, `AdaptiveThrottle`, `CircuitBreaker`,
+`ConcurrencyLimit`, `Bulkhead`, `Timeout` and `Pipeline` objects; each call runs as
 ``Pipeline(Timeout(deadline), *the setting's policies)``, the outer `Timeout`
 being the caller's deadline (the ambient deadline inside).
 What is simulated: the downstream (a server with ``capacity`` slots, a FIFO
@@ -22,6 +22,7 @@ The breaker's transitions are observed through its telemetry's listeners
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import random
 from array import array
@@ -33,8 +34,7 @@ from typing import Any, Final
 from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
 
-from .._bulkhead import Bulkhead
-from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
+from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded, RateLimitExceeded
 from .._pipeline import Pipeline
 from .._policy import Policy
 from .._retry import Retry, RetryMetrics
@@ -43,6 +43,7 @@ from .._timeout import Timeout
 from ..events import CircuitStateChanged, Event
 from ..testing import VirtualClockEventLoop
 from .scenario import Scenario, Setting
+from .schema import SECTIONS
 
 __all__ = [
     "BUCKET",
@@ -126,6 +127,10 @@ def telemetries(log: BreakerLog) -> tuple[Telemetry, Telemetry]:
     )
 
 
+# The grid's policies that refuse calls, by their names (a policy is named after its section).
+_REFUSING: Final = frozenset(section.name for section in SECTIONS if section.rejects)
+
+
 def count(policies: Iterable[Policy], run: Run) -> None:
     """Fill the run's counts from what its policies counted (their metrics)."""
     for policy in policies:
@@ -135,8 +140,8 @@ def count(policies: Iterable[Policy], run: Run) -> None:
             run.retries, run.exhausted = metrics.attempts, metrics.exhausted
         elif isinstance(policy, Timeout):
             run.timeouts = metrics.timeout
-        elif isinstance(policy, Bulkhead):
-            run.bulkhead_rejected = metrics.rejected
+        if policy.name in _REFUSING:
+            run.rejected_by[policy.name] = metrics.rejected
 
 
 @dataclass
@@ -166,9 +171,15 @@ class Run:
     retries: int = 0
     exhausted: int = 0
     timeouts: int = 0
-    bulkhead_rejected: int = 0
+    #: calls each policy that refuses calls refused, by grid section (``bulkhead``, ...)
+    rejected_by: dict[str, int] = field(default_factory=dict)
     #: virtual time at which the last call ended
     end: float = 0.0
+
+    @property
+    def bulkhead_rejected(self) -> int:
+        """Calls the bulkhead refused (0 without one)."""
+        return self.rejected_by.get("bulkhead", 0)
 
 
 def percentile(ordered: Any, q: float) -> float:
@@ -408,7 +419,11 @@ class _Simulation:
         # do the same, and validate its argument 180,000 times an hour).
         patience = Timeout(traffic.deadline, name="deadline", telemetry=self.telemetry)
         policies = self.setting.policies(
-            self.telemetry, self.policy_rng, breaker_telemetry=self.breaker_telemetry
+            self.telemetry,
+            self.policy_rng,
+            breaker_telemetry=self.breaker_telemetry,
+            failure=DownstreamError,
+            overloaded=Overloaded,
         )
         attempt = travel if half_trip else reach
         guarded = Pipeline(patience, *policies, name="setting", telemetry=self.telemetry)(attempt)
@@ -431,7 +446,7 @@ class _Simulation:
                 outcomes[1] += 1
             except DeadlineExceeded:
                 outcomes[2] += 1
-            except (CircuitOpenError, BulkheadFullError):
+            except (CircuitOpenError, BulkheadFullError, RateLimitExceeded):
                 outcomes[3] += 1
             else:
                 outcomes[0] += 1
@@ -466,20 +481,48 @@ class _Simulation:
             assert duration is not None
             expovariate, rate = self.traffic_rng.expovariate, traffic.rate
 
-            def arrive() -> None:
-                nonlocal starting
-                spawn(one_call())
-                later = time() + expovariate(rate)
-                if later < duration:
-                    call_at(later, arrive)
+            if not traffic.timeline:
+
+                def arrive() -> None:
+                    nonlocal starting
+                    spawn(one_call())
+                    later = time() + expovariate(rate)
+                    if later < duration:
+                        call_at(later, arrive)
+                    else:
+                        starting = False
+
+                first = expovariate(rate)
+                if first < duration:
+                    call_at(first, arrive)
                 else:
                     starting = False
 
-            first = expovariate(rate)
-            if first < duration:
-                call_at(first, arrive)
             else:
-                starting = False
+                # The rate changes at the phases' bounds. Arrivals are memoryless:
+                # a draw that would cross a bound is dropped, and drawn anew from
+                # the bound at the new rate (the same process, exactly).
+                bounds = [p.start for p in traffic.timeline] + [traffic.timeline[-1].end]
+                rates = [p.rate for p in traffic.timeline] + [rate]
+
+                def schedule(now: float) -> None:
+                    nonlocal starting
+                    i = bisect.bisect_right(bounds, now)
+                    current = rates[i - 1] if i else rates[0]
+                    later = now + expovariate(current)
+                    bound = bounds[i] if i < len(bounds) else math.inf
+                    if later >= duration and bound >= duration:
+                        starting = False
+                    elif later >= bound:
+                        call_at(bound, schedule, bound)
+                    else:
+                        call_at(later, arrive_at, later)
+
+                def arrive_at(now: float) -> None:
+                    spawn(one_call())
+                    schedule(now)
+
+                schedule(0.0)
 
             def share_done() -> float:
                 return min(1.0, time() / duration)

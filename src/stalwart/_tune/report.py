@@ -95,7 +95,8 @@ class Result:
                 "retries": run.retries,
                 "retries_exhausted": run.exhausted,
                 "timeouts": run.timeouts,
-                "bulkhead_rejected": run.bulkhead_rejected,
+                # calls each refusing policy refused: bulkhead_rejected, ...
+                **{f"{name}_rejected": count for name, count in run.rejected_by.items()},
             },
             "last_call_ended": _r(run.end),
         }
@@ -414,7 +415,9 @@ def _table(report: Report) -> str:
 def _legend(scenario: Scenario, shown: Sequence[str]) -> list[str]:
     """What each column shown means, one line each (the module docstring says it in full)."""
     kinds = {p.kind for p in scenario.downstream.timeline}
-    core = next((k for k in ("outage", "brownout", "recovery") if k in kinds), "incident")
+    if scenario.traffic.surges:
+        kinds.add("surge")
+    core = next((k for k in ("outage", "brownout", "recovery", "surge") if k in kinds), "incident")
     meanings = {
         "success": "calls that returned, as their callers saw them",
         "latency": "time from a call's start to its outcome, failed calls included",

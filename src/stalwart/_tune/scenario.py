@@ -22,14 +22,9 @@ from typing import Any, Final
 from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
 
-from .._bulkhead import Bulkhead
-from .._circuit_breaker import _DEFAULT_FAILURE_RATE, CircuitBreaker
+from .._circuit_breaker import _DEFAULT_FAILURE_RATE
 from .._policy import Policy
-from .._retry import Backoff, Retry
-from .._retry_budget import RetryBudget
 from .._telemetry import Telemetry
-from .._timeout import Timeout
-from .._windows import TimeWindow
 from . import builtin, schema
 from .schema import GRID, SCENARIO, Field, Problems, ScenarioError, Table
 
@@ -38,6 +33,7 @@ __all__ = [
     "Downstream",
     "Latency",
     "Phase",
+    "RatePhase",
     "Scenario",
     "ScenarioError",
     "Setting",
@@ -110,6 +106,15 @@ class Phase:
 
 
 @dataclass(frozen=True)
+class RatePhase:
+    """A phase of the traffic's timeline, at absolute times: its calls per second."""
+
+    start: float
+    end: float
+    rate: float
+
+
+@dataclass(frozen=True)
 class Traffic:
     mode: str
     rate: float | None
@@ -119,12 +124,25 @@ class Traffic:
     #: seconds during which calls start; None: until each closed client made its ``calls``
     duration: float | None
     deadline: float
+    #: open traffic: the phases of the timeline (after them: ``rate``)
+    timeline: tuple[RatePhase, ...] = ()
+
+    @property
+    def surges(self) -> tuple[RatePhase, ...]:
+        """The phases above the base rate."""
+        return tuple(p for p in self.timeline if self.rate is not None and p.rate > self.rate)
 
     def describe(self) -> str:
         if self.mode == "open":
             assert self.rate is not None
             assert self.duration is not None
-            return f"{_duration(self.duration)} of traffic at {self.rate:g} calls/s"
+            text = f"{_duration(self.duration)} of traffic at {self.rate:g} calls/s"
+            changes = [
+                f"{p.rate:g} calls/s from {_duration(p.start)} to {_duration(p.end)}"
+                for p in self.timeline
+                if p.rate != self.rate
+            ]
+            return f"{text} ({', '.join(changes)})" if changes else text
         think = f", thinking {_duration(self.think_time)}" if self.think_time else ""
         if self.calls is not None:
             calls = f"{self.calls} call{'s' if self.calls != 1 else ''} each"
@@ -209,94 +227,32 @@ class Setting:
         rng: random.Random,
         *,
         breaker_telemetry: Telemetry | None = None,
+        failure: type[Exception] = Exception,
+        overloaded: type[Exception] = Exception,
     ) -> list[Policy]:
         """The real stalwart policies of this setting, outermost first.
 
-        Named ``retry``, ``breaker``, ``bulkhead`` and ``timeout``; each
-        `Retry` gets a `RetryBudget` of its own when configured (so one
-        setting's calls share one budget). The breaker reports to
-        ``breaker_telemetry`` when given (the engine listens to it there).
+        Named after their grid sections (``retry``, ``throttle``, ``breaker``,
+        ``concurrency``, ``bulkhead``, ``timeout``); each `Retry` gets a
+        `RetryBudget` of its own when configured (so one setting's calls
+        share one budget). The breaker reports to ``breaker_telemetry`` when
+        given (the engine listens to it there). ``failure`` and
+        ``overloaded`` are what the simulated downstream raises when it
+        fails an attempt, and when its queue is full: the throttle's
+        rejections and the concurrency limit's drops.
         """
-        built = self._build(telemetry, rng, breaker_telemetry or telemetry)
-        return [policy for _, policy in built]
-
-    def _build(
-        self, telemetry: Telemetry, rng: random.Random, breaker_telemetry: Telemetry
-    ) -> Iterator[tuple[str, Policy]]:
-        o = self.options
-        retry = o["retry"]
-        if retry is not None:
-            backoff = _made("grid.retry.backoff", lambda: Backoff(**retry["backoff"]))
-            budget_options = _unlabelled(retry["budget"])
-            budget = (
-                None
-                if budget_options is None
-                else _made("grid.retry.budget", lambda: RetryBudget(**budget_options))
-            )
-            yield (
-                "retry",
-                _made(
-                    "grid.retry",
-                    lambda: Retry(
-                        retry["attempts"],
-                        backoff=backoff,
-                        timeout=retry["timeout"],
-                        budget=budget,
-                        rng=rng,
-                        name="retry",
-                        telemetry=telemetry,
-                    ),
-                ),
-            )
-        breaker = o["breaker"]
-        if breaker is not None:
-            options = {k: v for k, v in breaker.items() if k not in ("time_window", "label")}
-            if breaker["time_window"] is not None:
-                options["window"] = TimeWindow(breaker["time_window"])
-            yield (
-                "breaker",
-                _made(
-                    "grid.breaker",
-                    lambda: CircuitBreaker(**options, name="breaker", telemetry=breaker_telemetry),
-                ),
-            )
-        bulkhead = o["bulkhead"]
-        if bulkhead is not None:
-            yield (
-                "bulkhead",
-                _made(
-                    "grid.bulkhead",
-                    lambda: Bulkhead(**_unlabelled(bulkhead), name="bulkhead", telemetry=telemetry),
-                ),
-            )
-        if o["timeout"] is not None:
-            yield (
-                "timeout",
-                _made(
-                    "grid.timeout",
-                    lambda: Timeout(o["timeout"], name="timeout", telemetry=telemetry),
-                ),
-            )
+        build = schema.Build(
+            telemetry, rng, breaker_telemetry or telemetry, failure=failure, overloaded=overloaded
+        )
+        return [
+            _built(section, schema.unlabelled(self.options[section.name]), build)
+            for section in schema.SECTIONS
+            if self.options[section.name] is not None
+        ]
 
 
-def _unlabelled(options: Mapping[str, Any] | None) -> Any:
-    if options is None:
-        return None
-    return {k: v for k, v in options.items() if k != "label"}
-
-
-class _PolicyRefused(Exception):
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(message)
-        self.path = path
-        self.message = message
-
-
-def _made(path: str, make: Any) -> Any:
-    try:
-        return make()
-    except (TypeError, ValueError) as exc:
-        raise _PolicyRefused(path, str(exc)) from exc
+def _built(section: schema.Section, options: Any, build: schema.Build) -> Policy:
+    return schema.made(f"grid.{section.name}", lambda: section.build(options, build))  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -312,13 +268,18 @@ class Scenario:
 
     @property
     def incident(self) -> tuple[float, float] | None:
-        """From the start of the first phase that is not healthy to the end of the last one."""
-        sick = [p for p in self.downstream.timeline if p.kind != "healthy"]
-        return (sick[0].start, sick[-1].end) if sick else None
+        """From the start of the first phase that is not healthy (or surge of traffic) to the
+        end of the last one."""
+        spans = [(p.start, p.end) for p in self.downstream.timeline if p.kind != "healthy"]
+        spans += [(p.start, p.end) for p in self.traffic.surges]
+        if not spans:
+            return None
+        return min(start for start, _ in spans), max(end for _, end in spans)
 
     @property
     def core(self) -> tuple[float, float] | None:
-        """The outage phases (or else the brownouts, or else the recoveries), first to last.
+        """The outage phases (or else the brownouts, the recoveries, the surges of traffic),
+        first to last.
 
         Detection is timed from its start, recovery from its end.
         """
@@ -326,7 +287,8 @@ class Scenario:
             phases = [p for p in self.downstream.timeline if p.kind == kind]
             if phases:
                 return (phases[0].start, phases[-1].end)
-        return None
+        surges = self.traffic.surges
+        return (surges[0].start, surges[-1].end) if surges else None
 
     def describe(self) -> str:
         parts = [self.traffic.describe()]
@@ -380,7 +342,7 @@ def from_dict(data: Mapping[str, Any], *, name: str, source: str | None = None) 
     traffic = _traffic(traffic_in, timeline, problems)
     downstream = _downstream(downstream_in, timeline, problems)
     grid_in = data.get("grid") if "grid" in data else _default_grid()
-    settings, common = _grid(grid_in, problems) if isinstance(grid_in, dict) else ((), "")
+    settings, common = _grid(grid_in, problems) if isinstance(grid_in, (dict, list)) else ((), "")
     problems.raise_if_any(source)
     assert traffic is not None
     assert downstream is not None
@@ -473,9 +435,16 @@ def _traffic(
             )
         if raw.get("rate") is not None:
             problems.add("traffic.rate", 'only open traffic (mode = "open") has a rate')
+        if raw.get("timeline"):
+            problems.add(
+                "traffic.timeline", 'only open traffic (mode = "open") has a timeline of rates'
+            )
+    phases = _rate_phases(raw)
     duration = raw.get("duration")
-    if duration is None and timeline:
-        duration = sum(entry["duration"] for entry in timeline)
+    if duration is None:
+        lengths = [sum(entry["duration"] for entry in timeline or ())]
+        lengths.append(phases[-1].end if phases else 0.0)
+        duration = max(lengths) or None
     if (
         "duration" in raw
         and duration is None
@@ -487,7 +456,7 @@ def _traffic(
             "missing: give a duration, a downstream.timeline"
             + (", or calls per client" if mode == "closed" else ""),
         )
-    needed = ("mode", "rate", "clients", "think_time", "calls", "duration", "deadline")
+    needed = ("mode", "rate", "clients", "think_time", "calls", "duration", "deadline", "timeline")
     if any(key not in raw for key in needed):
         return None
     return Traffic(
@@ -498,7 +467,26 @@ def _traffic(
         calls=raw["calls"],
         duration=duration,
         deadline=raw["deadline"],
+        timeline=phases,
     )
+
+
+def _rate_phases(raw: Mapping[str, Any]) -> tuple[RatePhase, ...]:
+    """The traffic's timeline at absolute times (a phase without a rate has the base rate)."""
+    entries = raw.get("timeline") or ()
+    phases = []
+    t = 0.0
+    for entry in entries:
+        if not isinstance(entry, dict) or "duration" not in entry:
+            return ()  # it had problems
+        rate = entry.get("rate")
+        if rate is None:
+            rate = raw.get("rate")
+        if rate is None:
+            return ()  # closed traffic, reported
+        phases.append(RatePhase(t, t + entry["duration"], rate))
+        t += entry["duration"]
+    return tuple(phases)
 
 
 def _downstream(
@@ -555,34 +543,27 @@ def _downstream(
 # -- the grid --------------------------------------------------------------------------
 
 
-def _grid(raw: dict[str, Any], problems: Problems) -> tuple[tuple[Setting, ...], str]:
+def _grid(
+    raw: dict[str, Any] | list[dict[str, Any]], problems: Problems
+) -> tuple[tuple[Setting, ...], str]:
+    """The settings of a ``[grid]`` table, or of every ``[[grid]]`` table in turn."""
     before = len(problems.items)
-    schema._unknown_keys(raw, GRID, "grid", problems)
-    axes: list[list[tuple[str, Any]]] = []
-    for f in GRID.fields:
-        path = f"grid.{f.name}"
-        if f.name in raw:
-            if f.name == "breaker":
-                _both_windows(raw[f.name], path, problems)
-            options = schema.expand(raw[f.name], f, path, problems)
-            if f.name == "breaker":
-                options = [_trigger_defaults(option) for option in options]
-        else:
-            options = [None]
-        axes.append([(f.name, option) for option in options])
+    tables = raw if isinstance(raw, list) else [raw]
+    combos: list[dict[str, Any]] = []
+    for i, table in enumerate(tables):
+        where = f"grid[{i}]" if isinstance(raw, list) else "grid"
+        combos += _combinations(table, where, problems)
     if len(problems.items) > before:
         return (), ""
-    count = math.prod(len(axis) for axis in axes)
-    if count > MAX_SETTINGS:
+    if len(combos) > MAX_SETTINGS:
         problems.add(
             "grid",
-            f"{count} settings is too many (at most {MAX_SETTINGS}): each one simulates the "
-            "whole scenario; narrow some lists of alternatives",
+            f"{len(combos)} settings is too many (at most {MAX_SETTINGS}): each one simulates "
+            "the whole scenario; narrow some lists of alternatives",
         )
         return (), ""
-    combos = [dict(combo) for combo in itertools.product(*axes)]
     leaves = [dict(_leaves(combo, GRID, "")) for combo in combos]
-    labels = _labels(leaves)
+    labels = _labels(leaves, alternatives=isinstance(raw, list))
     settings = tuple(
         Setting(index=i, label=label, options=combo)
         for i, (label, combo) in enumerate(zip(labels, combos, strict=True))
@@ -598,11 +579,40 @@ def _grid(raw: dict[str, Any], problems: Problems) -> tuple[tuple[Setting, ...],
     return settings, _common(leaves)
 
 
+def _combinations(raw: dict[str, Any], where: str, problems: Problems) -> list[dict[str, Any]]:
+    """Every combination of one grid table's alternatives (none if it has problems)."""
+    before = len(problems.items)
+    schema._unknown_keys(raw, GRID, where, problems)
+    axes: list[list[tuple[str, Any]]] = []
+    for f in GRID.fields:
+        path = f"{where}.{f.name}"
+        if f.name in raw:
+            if f.name == "breaker":
+                _both_windows(raw[f.name], path, problems)
+            options = schema.expand(raw[f.name], f, path, problems)
+            if f.name == "breaker":
+                options = [_trigger_defaults(option) for option in options]
+        else:
+            options = [None]
+        axes.append([(f.name, option) for option in options])
+    if len(problems.items) > before:
+        return []
+    count = math.prod(len(axis) for axis in axes)
+    if count > MAX_SETTINGS:
+        problems.add(
+            where,
+            f"{count} settings is too many (at most {MAX_SETTINGS}): each one simulates the "
+            "whole scenario; narrow some lists of alternatives",
+        )
+        return []
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
 def _refusal(setting: Setting, telemetry: Telemetry) -> tuple[str, str] | None:
     """Why the policies refuse this setting's options, if they do."""
     try:
         setting.policies(telemetry, random.Random(0))
-    except _PolicyRefused as exc:
+    except schema.Refused as exc:
         return exc.path, exc.message
     return None
 
@@ -661,12 +671,18 @@ def _value_text(value: Any, f: Field) -> str:
 _ALIASES: Final = {"retry.attempts": "attempts", "retry.backoff.jitter": "jitter"}
 
 # What a section that is on in some settings only shows instead of "on".
-_HEADLINES: Final = {"retry": "attempts", "retry.budget": "ratio", "bulkhead": "max_concurrent"}
+_HEADLINES: Final = {
+    **{s.name: s.headline for s in schema.SECTIONS if s.headline is not None},
+    "retry.budget": "ratio",
+}
 
 
 def _alias(path: str) -> str:
     if path in _ALIASES:
         return _ALIASES[path]
+    section, _, option = path.partition(".")
+    if option and _HEADLINES.get(section) == option:
+        return section  # a section's headline option stands for it: bulkhead=8
     for section in ("retry.backoff", "retry.budget"):
         if path == section or path.startswith(section + "."):
             return path[len("retry.") :]
@@ -686,12 +702,14 @@ def _displayed(row: Mapping[str, str]) -> dict[str, str]:
     return shown
 
 
-def _labels(leaves: Sequence[Mapping[str, str]]) -> list[str]:
+def _labels(leaves: Sequence[Mapping[str, str]], *, alternatives: bool = False) -> list[str]:
     """A short label per setting: ``key=value`` for every option that differs between them.
 
     A section that is on in some settings and off in others shows its
     ``label``, else its varying options, else its headline option (``on``
-    for a breaker).
+    for a breaker). Among ``alternatives`` (the settings of several
+    ``[[grid]]`` tables), a section that is off is left unsaid, and a
+    setting with every section off is ``no policy``.
     """
     rows = [_displayed(row) for row in leaves]
     varying = [p for p in _ORDER if len({row[p] for row in rows if p in row}) > 1]
@@ -702,6 +720,8 @@ def _labels(leaves: Sequence[Mapping[str, str]]) -> list[str]:
             if path not in row:
                 continue  # inside a section that is off or labelled here
             value = row[path]
+            if alternatives and value == "off" and "." not in path:
+                continue
             if value == "on":
                 if any(other.startswith(path + ".") and other in row for other in varying):
                     continue  # its varying options say more
@@ -709,7 +729,10 @@ def _labels(leaves: Sequence[Mapping[str, str]]) -> list[str]:
                 if headline is not None:
                     value = raw[f"{path}.{headline}"]
             parts.append(f"{_alias(path)}={value}")
-        labels.append(" ".join(parts) or "the only setting")
+        if parts:
+            labels.append(" ".join(parts))
+        else:
+            labels.append("no policy" if alternatives else "the only setting")
     return labels
 
 

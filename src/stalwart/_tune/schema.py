@@ -19,6 +19,7 @@ import difflib
 import inspect
 import itertools
 import math
+import random
 import sys
 import textwrap
 import tomllib
@@ -27,19 +28,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from .._adaptive_throttle import AdaptiveThrottle
 from .._bulkhead import Bulkhead
 from .._circuit_breaker import CircuitBreaker
+from .._concurrency_limit import DEFAULT_DROPS, ConcurrencyLimit
+from .._policy import Policy
 from .._retry import Backoff, Retry
 from .._retry_budget import RetryBudget
+from .._telemetry import Telemetry
+from .._timeout import Timeout
+from .._windows import TimeWindow
 
 __all__ = [
     "GRID",
     "INVALID",
     "REQUIRED",
     "SCENARIO",
+    "SECTIONS",
+    "Build",
     "Field",
     "Problems",
+    "Refused",
     "ScenarioError",
+    "Section",
     "Table",
     "check_table",
     "expand",
@@ -273,13 +284,15 @@ class Flag(Kind):
 
 @dataclass(frozen=True)
 class AnyTable(Kind):
-    """A table checked later, by its own rules (the grid)."""
+    """A table, or an array of tables, checked later by its own rules (the grid)."""
 
     description: str = "table"
 
     def convert(self, value: Any, path: str, problems: Problems) -> Any:
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            return value
         if not isinstance(value, dict):
-            return self._wrong_type(value, path, problems, "a table")
+            return self._wrong_type(value, path, problems, "a table or an array of tables")
         return value
 
 
@@ -454,6 +467,14 @@ def _signature_default(fn: Callable[..., Any], name: str) -> Any:
     return REQUIRED if default is inspect.Parameter.empty else default
 
 
+#: Every policy section's first key: its name in the results table.
+LABEL: Final = Field(
+    "label",
+    Text(),
+    None,
+    "what the results table calls this alternative (default: its options that vary)",
+)
+
 LATENCY: Final = Table(
     "latency",
     "A latency distribution: log-normal, given by its median and 99th percentile.",
@@ -465,6 +486,22 @@ LATENCY: Final = Table(
             None,
             "99% of the requests take less than this (≥ `median`); "
             "absent or equal to `median`: every request takes exactly `median`",
+        ),
+    ),
+)
+
+TRAFFIC_PHASE: Final = Table(
+    "traffic_phase",
+    "One phase of the traffic's timeline (open traffic only): how many calls a second.",
+    (
+        Field("duration", POSITIVE_SECONDS, REQUIRED, "seconds the phase lasts"),
+        Field(
+            "rate",
+            Number(above=0.0),
+            None,
+            "calls per second during the phase (default: the base `rate`); a phase above the "
+            "base rate is a surge, the incident the table's load and recovery columns measure "
+            "(when the downstream has none)",
         ),
     ),
 )
@@ -500,7 +537,15 @@ TRAFFIC: Final = Table(
             "duration",
             POSITIVE_SECONDS,
             None,
-            "seconds during which calls start (absent: the length of the timeline)",
+            "seconds during which calls start (absent: the length of the longer timeline, "
+            "the traffic's or the downstream's)",
+        ),
+        Field(
+            "timeline",
+            TableArray(TRAFFIC_PHASE),
+            None,
+            "open traffic: phases of other rates, in order, as `[[traffic.timeline]]` "
+            "tables (absent: `rate` throughout; after the last phase: `rate`)",
         ),
         Field(
             "deadline",
@@ -638,12 +683,7 @@ BUDGET: Final = Table(
     "budget",
     "A `stalwart.RetryBudget` shared by every call of the setting.",
     (
-        Field(
-            "label",
-            Text(),
-            None,
-            "what the results table calls this alternative (default: its options that vary)",
-        ),
+        LABEL,
         Field(
             "ratio",
             Number(minimum=0.0),
@@ -670,12 +710,7 @@ RETRY: Final = Table(
     "A `stalwart.Retry`, as built with no `on`: it retries every failure but a breaker's "
     "`CircuitOpenError` (an open breaker fails the call at once).",
     (
-        Field(
-            "label",
-            Text(),
-            None,
-            "what the results table calls this alternative (default: its options that vary)",
-        ),
+        LABEL,
         Field(
             "attempts",
             Integer(minimum=1),
@@ -698,12 +733,7 @@ BREAKER: Final = Table(
     "breaker",
     "A `stalwart.CircuitBreaker`; downstream errors, timeouts and rejections are its failures.",
     (
-        Field(
-            "label",
-            Text(),
-            None,
-            "what the results table calls this alternative (default: its options that vary)",
-        ),
+        LABEL,
         Field(
             "failure_rate",
             SHARE,
@@ -770,12 +800,7 @@ BULKHEAD: Final = Table(
     "bulkhead",
     "A `stalwart.Bulkhead` around each attempt.",
     (
-        Field(
-            "label",
-            Text(),
-            None,
-            "what the results table calls this alternative (default: its options that vary)",
-        ),
+        LABEL,
         Field(
             "max_concurrent",
             Integer(minimum=1),
@@ -799,26 +824,243 @@ BULKHEAD: Final = Table(
     ),
 )
 
+CONCURRENCY: Final = Table(
+    "concurrency",
+    "A `stalwart.ConcurrencyLimit` around each attempt: its limit adapts to the downstream's "
+    "latency. Its drops are timeouts (an attempt's `Timeout`, or the caller's deadline) and "
+    "the downstream's rejections when its queue is full.",
+    (
+        LABEL,
+        Field(
+            "algorithm",
+            Choice(("gradient2", "vegas", "aimd")),
+            _signature_default(ConcurrencyLimit, "algorithm"),
+            "how the limit moves: `gradient2` with latency (settles near 1.5 times the "
+            "capacity plus 4), `vegas` with the queue it builds (a few calls), `aimd` with "
+            "drops (up one per round trip, down a tenth on a drop)",
+        ),
+        Field(
+            "initial",
+            Integer(minimum=1),
+            _signature_default(ConcurrencyLimit, "initial"),
+            "the limit at first",
+        ),
+        Field(
+            "minimum",
+            Integer(minimum=1),
+            _signature_default(ConcurrencyLimit, "minimum"),
+            "the lowest the limit goes",
+        ),
+        Field(
+            "maximum",
+            Integer(minimum=1),
+            _signature_default(ConcurrencyLimit, "maximum"),
+            "the highest the limit goes",
+        ),
+        Field(
+            "max_queued",
+            Integer(minimum=0),
+            _signature_default(ConcurrencyLimit, "max_queued"),
+            "attempts that may wait for a slot (false: no limit)",
+            switchable=True,
+        ),
+    ),
+)
+
+THROTTLE: Final = Table(
+    "throttle",
+    "A `stalwart.AdaptiveThrottle` around each attempt: it refuses attempts locally, in "
+    "proportion, while the downstream fails them (its errors, its rejections, timeouts).",
+    (
+        LABEL,
+        Field(
+            "k",
+            Number(minimum=1.0),
+            _signature_default(AdaptiveThrottle, "k"),
+            "attempts sent per accepted one before any is refused",
+        ),
+        Field(
+            "window",
+            POSITIVE_SECONDS,
+            _signature_default(AdaptiveThrottle, "window"),
+            "seconds of history counted",
+        ),
+    ),
+)
+
+
+class Refused(Exception):
+    """A policy refused a grid section's options: ``path`` says which section."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+def made(path: str, make: Callable[[], Any]) -> Any:
+    """``make()``, its `TypeError` or `ValueError` a `Refused` for ``path``."""
+    try:
+        return make()
+    except (TypeError, ValueError) as exc:
+        raise Refused(path, str(exc)) from exc
+
+
+def unlabelled(options: Any) -> Any:
+    """A section's options without its ``label`` (which is the table's, not the policy's)."""
+    if not isinstance(options, dict):
+        return options
+    return {k: v for k, v in options.items() if k != "label"}
+
+
+@dataclass(frozen=True)
+class Build:
+    """What a setting's policies are built with.
+
+    Attributes:
+        telemetry: where every policy reports (but the breaker).
+        rng: the setting's random source (jitter, throttling, probes).
+        breaker_telemetry: where the breaker reports (the engine listens there).
+        failure: what the simulated downstream raises when it fails an attempt.
+        overloaded: what it raises when its queue is full (a subclass of ``failure``).
+    """
+
+    telemetry: Telemetry
+    rng: random.Random
+    breaker_telemetry: Telemetry
+    failure: type[Exception] = Exception
+    overloaded: type[Exception] = Exception
+
+
+@dataclass(frozen=True)
+class Section:
+    """A policy the grid can configure: everything the tuner needs of it, in one entry.
+
+    Attributes:
+        name: its key in ``[grid]``, and the built policy's name.
+        kind: its options: a `Table` (a ``label`` first), or a value (a `Timeout`'s seconds).
+        doc: what the reference says of the key.
+        build: the policy, from the section's options (without their ``label``).
+        headline: the option a setting's label shows for the section when it is on in
+            some settings only and none of its options vary (None: ``on``).
+        rejects: it refuses calls itself: the JSON counts them as ``<name>_rejected``.
+    """
+
+    name: str
+    kind: Kind
+    doc: str
+    build: Callable[[Any, Build], Policy]
+    headline: str | None = None
+    rejects: bool = False
+
+    @property
+    def field(self) -> Field:
+        return Field(self.name, self.kind, None, self.doc, switchable=True)
+
+
+def _retry(options: dict[str, Any], build: Build) -> Policy:
+    backoff = made("grid.retry.backoff", lambda: Backoff(**options["backoff"]))
+    budget_options = unlabelled(options["budget"])
+    budget = (
+        None
+        if budget_options is None
+        else made("grid.retry.budget", lambda: RetryBudget(**budget_options))
+    )
+    return Retry(
+        options["attempts"],
+        backoff=backoff,
+        timeout=options["timeout"],
+        budget=budget,
+        rng=build.rng,
+        name="retry",
+        telemetry=build.telemetry,
+    )
+
+
+def _throttle(options: dict[str, Any], build: Build) -> Policy:
+    # The downstream's failures and timeouts are its rejections; a refusal by a
+    # policy below (an open breaker, a full bulkhead) is not the downstream's.
+    return AdaptiveThrottle(
+        **options,
+        failure_on=(build.failure, TimeoutError),
+        rng=build.rng,
+        name="throttle",
+        telemetry=build.telemetry,
+    )
+
+
+def _breaker(options: dict[str, Any], build: Build) -> Policy:
+    chosen = {k: v for k, v in options.items() if k != "time_window"}
+    if options["time_window"] is not None:
+        chosen["window"] = TimeWindow(options["time_window"])
+    return CircuitBreaker(**chosen, name="breaker", telemetry=build.breaker_telemetry)
+
+
+def _concurrency(options: dict[str, Any], build: Build) -> Policy:
+    return ConcurrencyLimit(
+        **options,
+        drop_on=(*DEFAULT_DROPS, build.overloaded),
+        rng=build.rng,
+        name="concurrency",
+        telemetry=build.telemetry,
+    )
+
+
+def _bulkhead(options: dict[str, Any], build: Build) -> Policy:
+    return Bulkhead(**options, name="bulkhead", telemetry=build.telemetry)
+
+
+def _timeout(seconds: float, build: Build) -> Policy:
+    return Timeout(seconds, name="timeout", telemetry=build.telemetry)
+
+
+#: The policies the grid configures, outermost first: the pipeline of every setting.
+#: A new policy is one entry here (and its options' `Table` above).
+SECTIONS: Final = (
+    Section("retry", RETRY, "retries (absent or false: none)", _retry, headline="attempts"),
+    Section(
+        "throttle",
+        THROTTLE,
+        "an adaptive throttle (absent or false: none)",
+        _throttle,
+        rejects=True,
+    ),
+    Section(
+        "breaker", BREAKER, "a circuit breaker (absent or false: none)", _breaker, rejects=True
+    ),
+    Section(
+        "concurrency",
+        CONCURRENCY,
+        "an adaptive concurrency limit (absent or false: none)",
+        _concurrency,
+        headline="algorithm",
+        rejects=True,
+    ),
+    Section(
+        "bulkhead",
+        BULKHEAD,
+        "a bulkhead (absent or false: none)",
+        _bulkhead,
+        headline="max_concurrent",
+        rejects=True,
+    ),
+    Section(
+        "timeout",
+        POSITIVE_SECONDS,
+        "a `stalwart.Timeout` around each attempt, in seconds (absent or false: none)",
+        _timeout,
+    ),
+)
+
 GRID: Final = Table(
     "grid",
     "The policy settings to compare: every value may be a list of alternatives, and the "
     "grid is every combination. Each setting runs the pipeline "
-    "`Retry` → `CircuitBreaker` → `Bulkhead` → `Timeout` (outermost first), "
-    "leaving out what it does not configure.",
-    (
-        Field("retry", RETRY, None, "retries (absent or false: none)", switchable=True),
-        Field(
-            "breaker", BREAKER, None, "a circuit breaker (absent or false: none)", switchable=True
-        ),
-        Field("bulkhead", BULKHEAD, None, "a bulkhead (absent or false: none)", switchable=True),
-        Field(
-            "timeout",
-            POSITIVE_SECONDS,
-            None,
-            "a `stalwart.Timeout` around each attempt, in seconds (absent or false: none)",
-            switchable=True,
-        ),
-    ),
+    "`Retry` → `AdaptiveThrottle` → `CircuitBreaker` → `ConcurrencyLimit` → `Bulkhead` → "
+    "`Timeout` (outermost first), leaving out what it does not configure. `[[grid]]` tables "
+    "(an array) compare the settings of each table, one after the other: alternatives "
+    "that are not combinations.",
+    tuple(section.field for section in SECTIONS),
 )
 
 SCENARIO: Final = Table(
@@ -834,7 +1076,8 @@ SCENARIO: Final = Table(
             "grid",
             AnyTable(),  # expanded setting by setting, see `expand`
             None,
-            "the settings to compare (absent: the grid of the built-in `outage` scenario)",
+            "the settings to compare: a table, or an array of tables whose settings are "
+            "compared together (absent: the grid of the built-in `outage` scenario)",
         ),
     ),
 )
@@ -843,6 +1086,7 @@ SCENARIO: Final = Table(
 _DOCUMENTED: Final = (
     ("", SCENARIO),
     ("traffic", TRAFFIC),
+    ("traffic.timeline", TRAFFIC_PHASE),
     ("downstream", DOWNSTREAM),
     ("downstream.latency", LATENCY),
     ("downstream.timeline", PHASE),
@@ -851,6 +1095,8 @@ _DOCUMENTED: Final = (
     ("grid.retry.backoff", BACKOFF),
     ("grid.retry.budget", BUDGET),
     ("grid.breaker", BREAKER),
+    ("grid.throttle", THROTTLE),
+    ("grid.concurrency", CONCURRENCY),
     ("grid.bulkhead", BULKHEAD),
 )
 
@@ -884,8 +1130,8 @@ def reference_markdown() -> str:
     out: list[str] = []
     for section, table in _DOCUMENTED:
         title = f"`[{section}]`" if section else "Top level"
-        if section == "downstream.timeline":
-            title = "`[[downstream.timeline]]`"
+        if section in ("downstream.timeline", "traffic.timeline"):
+            title = f"`[[{section}]]`"
         elif section == "downstream.latency":
             title = "Latency tables"
         anchor = section.replace(".", "") if section else "top-level"
@@ -907,15 +1153,15 @@ def help_summary(width: int = 79) -> Iterator[str]:
     for section, table in _DOCUMENTED:
         if section == "downstream.latency":
             header = "latency tables (downstream.latency, and a phase's latency):"
-        elif section == "downstream.timeline":
-            header = "[[downstream.timeline]]"
+        elif section in ("downstream.timeline", "traffic.timeline"):
+            header = f"[[{section}]]"
         else:
             header = f"[{section}]" if section else "(top level)"
         yield f"  {header}"
         for f in table.fields:
             if isinstance(f.kind, Table) and section in ("", "grid", "grid.retry"):
                 continue  # their own sections follow
-            if f.name == "grid" or (section == "downstream" and f.name == "timeline"):
+            if f.name == "grid" or (section in ("downstream", "traffic") and f.name == "timeline"):
                 continue
             default = _plain(_default_text(f))
             yield f"    {f.name}: {_plain(f.kind.description)} ({default})"

@@ -1,4 +1,4 @@
-"""ASGI middleware: the inbound end of stalwart's deadlines, errors and idempotency keys.
+"""ASGI middleware: the inbound end of stalwart's deadlines, errors, idempotency keys and load.
 
 `DeadlineMiddleware` reads the deadline a caller sent (``x-request-timeout-ms``,
 as `stalwart.httpx.ResilientTransport` sends it, or gRPC's ``grpc-timeout``)
@@ -9,7 +9,9 @@ deadline with a 504, instead of a 500. `IdempotencyMiddleware` runs each
 request that carries an ``Idempotency-Key`` once, and answers its repeats
 with the stored response. `RateLimitMiddleware` gives each client a
 `stalwart.RateLimiter`'s limit, and answers a client over it with a 429 that
-says when to come back::
+says when to come back. `LoadShedMiddleware` admits requests through a
+concurrency limit and refuses the rest at once, with those that would time
+out anyway::
 
     from stalwart.asgi import DeadlineMiddleware, ErrorMiddleware, IdempotencyMiddleware
 
@@ -31,6 +33,7 @@ from ._idempotency import (
     IdempotencyMiddleware,
     parse_idempotency_key,
 )
+from ._load_shed import LoadShedMiddleware
 from ._rate_limit import RateLimitMiddleware, client_address
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,6 +44,7 @@ __all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_p
     "DeadlineMiddleware",
     "ErrorMiddleware",
     "IdempotencyMiddleware",
+    "LoadShedMiddleware",
     "Message",
     "RateLimitMiddleware",
     "Receive",
