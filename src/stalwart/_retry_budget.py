@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Final, final
 
 from . import _clock, _validate
 
-__all__ = ["RetryBudget", "RetryBudgetStatistics"]
+__all__ = ["RetryBudget", "RetryBudgetStatistics", "charged"]
 
 # The window slides in this many steps: memory and work stay constant, and
 # history leaves the window a tenth at a time.
 _SLOTS: Final = 10
+
+
+#: The budget in which the logical call running in this context has already
+#: recorded its request: a `Retry` with a budget sets it around its attempts,
+#: so that a `Hedge` inside it drawing on the same budget does not record each
+#: retried attempt as a new request (which would earn hedges on retries).
+charged: ContextVar[RetryBudget | None] = ContextVar("stalwart_budget_charged", default=None)
 
 
 @final
