@@ -435,7 +435,7 @@ class Hedge(Policy):
         began = _clock.now() if quantile is not None else 0.0
         try:
             result = await race.fn(*race.args, **race.kwargs)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure is the race's to judge
             race.running -= 1
             if race.state != _PENDING:
                 return
