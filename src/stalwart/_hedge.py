@@ -43,20 +43,24 @@ or as slow as it likes.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+from heapq import heappush
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from contextvars import Context, copy_context
 from typing import Any, Final, ParamSpec, TypeVar, final
 
 import anyio
 import anyio.abc
 
 from . import _clock, _validate
-from ._deadline import remaining
+from ._deadline import _innermost_anyio_scope, _timers_of, is_cancellation, remaining
 from ._latency_quantile import LatencyQuantile
 from ._matchers import ExceptionMatcher, Matcher
 from ._metrics import MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
+from ._privates import current_task, scope_chain
 from ._retry import _retries_allowed
 from ._retry_budget import RetryBudget, charged
 from ._telemetry import Telemetry, observed
@@ -160,45 +164,128 @@ _FAILED: Final = 2  # an exception `on` does not match ended the call
 
 
 class _Race:
-    """One call's attempts: how many started, how many are still running, how it ended."""
+    """One call's attempts: how many started and are running, how the call ended.
+
+    On asyncio the first attempt runs inline, in the caller's task, and the
+    race is also the entry the loop's timer heap fires when the delay has
+    passed (`expire`): only then does a helper task start, to run the hedges
+    in a task group of its own. A call that ends before its delay costs a
+    timer entry, no task (the "Hedge" row of benchmarks/hot_path.py).
+    """
 
     __slots__ = (
+        "anyio_scope",
         "args",
+        "cancelling",
+        "context",
+        "deferral",
         "delay",
         "failure",
+        "first",
         "fn",
         "group",
+        "helper",
+        "hurry",
+        "interrupted",
         "kwargs",
+        "policy",
         "result",
         "running",
         "started",
         "state",
+        "task",
+        "timers",
         "wake",
     )
+    # Set for an inline first attempt only (asyncio):
+    context: Context
+    cancelling: int
+    anyio_scope: Any
+    timers: Any
+    deferral: float
 
     def __init__(
         self,
+        policy: Hedge,
         fn: Callable[..., Coroutine[Any, Any, Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         delay: float,
-        group: anyio.abc.TaskGroup,
+        task: Any,
     ) -> None:
+        self.policy = policy
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.delay = delay
-        self.group = group
+        self.task = task  # the caller's asyncio task, whose first attempt runs inline; or None
         self.started = 0
         self.running = 0
+        self.first = False  # the inline first attempt is running
         self.state = _PENDING
+        self.helper: asyncio.Task[None] | None = None
+        self.group: anyio.abc.TaskGroup | None = None
+        self.wake: anyio.Event | None = None
+        self.hurry = 0  # failures not yet answered by a hedge started at once
         self.result: Any = None
         self.failure: BaseException | None = None
-        self.wake = anyio.Event()
+        self.interrupted = False
+        if task is not None:
+            self.context = copy_context()
+            self.cancelling = task.cancelling()
+            self.anyio_scope = _innermost_anyio_scope(task)
+            self.deferral = 0.0
+            self.started = self.running = 1
+            self.first = True
 
     def end(self, state: int) -> None:
+        """The call is decided: wake the hedging loop, interrupt an inline first attempt."""
         self.state = state
-        self.group.cancel_scope.cancel()
+        if self.wake is not None:
+            self.wake.set()
+        if self.first:
+            self.interrupt()
+
+    def failed(self, exc: Exception, matches: bool, hedges: int) -> None:
+        """An attempt failed with ``exc`` (``matches``: ``on`` matches it)."""
+        self.failure = exc
+        if not matches:
+            self.end(_FAILED)
+        elif self.running == 0 and self.started > hedges:
+            self.end(_FAILED)  # the last one failed: nothing left to wait for
+        else:
+            self.hurry += 1
+            if self.wake is not None:
+                self.wake.set()
+
+    # -- asyncio: the inline first attempt ----------------------------------------------
+
+    def expire(self) -> None:
+        """Called by the loop's timer heap: the delay has passed, or an interruption was put off."""
+        if self.helper is None:
+            if self.first and self.state == _PENDING:
+                self.helper = self.timers._loop.create_task(
+                    self.policy._helper(self), context=self.context
+                )
+        else:
+            self.interrupt()
+
+    def interrupt(self) -> None:
+        """Cancel the caller's inline first attempt: the call is decided without it.
+
+        Like a deadline (`_deadline._Scope.expire`), it waits for an anyio
+        shielded block inside the attempt to end, looking again soon.
+        """
+        if self.interrupted or not self.first:
+            return
+        task = self.task
+        if scope_chain(_innermost_anyio_scope(task), self.anyio_scope):
+            self.deferral = min(0.01, self.deferral * 2.0 or 0.0005)
+            timers = self.timers
+            timers.add(timers._loop.time() + self.deferral, self)
+            return
+        self.interrupted = True
+        task.cancel()
 
 
 @final
@@ -355,16 +442,74 @@ class Hedge(Policy):
     def wrap(
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
+        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
-        race, metrics = self._race, self._metrics
+        metrics, policy, quantile, budget = self._metrics, self, self._quantile, self._budget
+        general, settle, first_failed = self._race, self._settle, self._first_failed
+        fixed, allowed, loop_info = self._fixed, _retries_allowed, _clock.asyncio_loop
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def hedging(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
                     return await span(plain, args, kwargs)
                 start = None if timer is None else timer()
+                info = loop_info()
                 try:
-                    result: T = await race(fn, args, kwargs)
+                    if info is None or not allowed.get():
+                        result: T = await general(fn, args, kwargs)
+                    else:
+                        # asyncio: the first attempt runs inline, in this task, with
+                        # an entry in the loop's timer heap that starts the hedges if
+                        # it is still running after the delay (`_Race.expire`).
+                        if budget is not None and charged.get() is not budget:
+                            budget.deposit()
+                        delay = fixed if quantile is None else policy.current_delay()
+                        if delay <= 0.0:
+                            race = _Race(policy, fn, args, kwargs, delay, None)
+                            result = await policy._grouped(race)
+                        else:
+                            task: Any = current_task(info.loop)
+                            race = _Race(policy, fn, args, kwargs, delay, task)
+                            timers = info.timers
+                            if timers is None:
+                                timers = _timers_of(info)
+                            race.timers = timers
+                            began = info.time()
+                            timers._seq += 1  # _Timers.add, inlined (as _Scope does)
+                            entry = [began + delay, timers._seq, race]
+                            heappush(timers._heap, entry)
+                            if timers._handle is None or entry[0] < timers._armed_at:
+                                timers._arm(entry[0])
+                            try:
+                                result = await (
+                                    fn(*args, **kwargs) if kwargs else positional(*args)
+                                )
+                            except BaseException as exc:
+                                race.first = False
+                                race.running -= 1
+                                failure: BaseException | None = exc
+                                result = None  # type: ignore[assignment]
+                            else:
+                                race.first = False
+                                race.running -= 1
+                                failure = None
+                            if race.helper is not None:
+                                result = await settle(race, failure, result, began)
+                            else:
+                                heap = timers._heap
+                                if heap and heap[-1] is entry:  # _Timers.discard, inlined
+                                    heap.pop()
+                                    entry[2] = None
+                                else:
+                                    timers.discard(entry)
+                                if failure is not None:
+                                    try:
+                                        result = await first_failed(race, failure)
+                                    finally:
+                                        failure = None
+                                elif quantile is not None:
+                                    now = info.time()
+                                    quantile.add(now, now - began)
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     raise
@@ -381,29 +526,135 @@ class Hedge(Policy):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> T:
-        """Run the call's attempts; the winner's result, or the failure that ended it."""
+        """A call on trio (whose timers are cancel scopes), or where retries are disabled.
+
+        Every attempt is a task of one group (see `_grouped`).
+        """
         if not _retries_allowed.get():
             return await fn(*args, **kwargs)
         budget = self._budget
         if budget is not None and charged.get() is not budget:
             budget.deposit()
-        delay = self.current_delay()
-        hedges = self._hedges
+        race = _Race(self, fn, args, kwargs, self.current_delay(), None)
+        return await self._grouped(race)  # type: ignore[no-any-return]
+
+    async def _first_failed(self, race: _Race, failure: BaseException) -> Any:
+        """The inline first attempt failed before the delay: the first hedge starts at once."""
+        if not isinstance(failure, Exception) or not self._matches(failure):
+            raise failure
+        race.failure = failure
+        race.hurry = 1
+        del failure
+        return await self._grouped(race)
+
+    async def _settle(
+        self, race: _Race, exc: BaseException | None, result: Any, began: float
+    ) -> Any:
+        """The inline first attempt ended after the delay: decide, and wait for the hedges."""
+        quantile = self._quantile
+        ours = False  # the attempt ended by our interruption
+        if race.interrupted:
+            # Take our cancellation back; more than ours: the caller is cancelled too.
+            ours = race.task.uncancel() <= race.cancelling
+            if exc is not None and is_cancellation(type(exc)) and not ours:
+                await self._join(race, cancel=True)
+                raise exc
+        if exc is None:
+            if quantile is not None:
+                now = _clock.now()
+                quantile.add(now, now - began)
+            if race.state == _PENDING:
+                race.result = result
+                race.end(_WON)
+            else:
+                await self._release(result)  # a hedge won in the same turn
+        elif ours:
+            if quantile is not None and race.state == _WON:
+                now = _clock.now()
+                quantile.add(now, now - began)  # a loser: it ran at least this long
+        elif isinstance(exc, Exception):
+            if race.state == _PENDING:
+                race.failed(exc, self._matches(exc), self._hedges)
+        else:
+            await self._join(race, cancel=True)
+            raise exc  # the caller's cancellation (or an exit): never swallowed
+        del exc
+        await self._join(race, cancel=race.state != _PENDING)
+        return self._outcome(race)
+
+    async def _join(self, race: _Race, *, cancel: bool) -> None:
+        """Wait for the helper running the hedges to finish (cancelling them, if ``cancel``)."""
+        helper = race.helper
+        assert helper is not None
+        if cancel and not helper.done():
+            if race.group is None:
+                helper.cancel()  # not started yet: it never will
+            else:
+                race.group.cancel_scope.cancel()
+        try:
+            await asyncio.wait((helper,))
+        except BaseException:
+            # The caller is cancelled while the hedges run: cancel them, wait for them.
+            if race.group is not None:
+                race.group.cancel_scope.cancel()
+            helper.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait((helper,))
+            raise
+        if not helper.cancelled():
+            error = helper.exception()
+            if error is not None:
+                raise error
+
+    async def _helper(self, race: _Race) -> None:
+        """The hedges of a call whose first attempt runs inline (asyncio), past its delay."""
+        if race.state == _PENDING:
+            await self._grouped(race, joined=True)
+
+    async def _grouped(self, race: _Race, *, joined: bool = False) -> Any:
+        """Run the hedges (and the first attempt, if not started) as tasks of one group.
+
+        ``joined``: called by the helper of an inline first attempt, which
+        collects the outcome itself.
+        """
+        hedges, budget, delay = self._hedges, self._budget, race.delay
+        closed = False  # no more hedges for this call (deadline or budget)
         async with anyio.create_task_group() as group:
-            race = _Race(fn, args, kwargs, delay, group)
-            self._start(race)
-            while race.state == _PENDING and race.started <= hedges:
-                with anyio.move_on_after(delay):
-                    await race.wake.wait()
-                if race.state != _PENDING:
-                    break
-                race.wake = anyio.Event()
-                if not self._may_hedge(budget):
-                    break
+            race.group = group
+            wake = race.wake = anyio.Event()
+            if race.started == 0:
                 self._start(race)
+                due = _clock.now() + delay
+            else:
+                due = _clock.now()  # the delay has passed, or the first attempt failed
+            while race.state == _PENDING:
+                if race.started <= hedges and not closed:
+                    if race.hurry or _clock.now() >= due:
+                        if race.hurry:
+                            race.hurry -= 1
+                        if self._may_hedge(budget):
+                            self._start(race)
+                            due = _clock.now() + delay
+                        else:
+                            closed = True
+                        continue
+                    with anyio.move_on_at(due):
+                        await wake.wait()
+                elif race.running - race.first:
+                    await wake.wait()  # the attempts running in this group
+                else:
+                    break
+                if wake.is_set():
+                    wake = race.wake = anyio.Event()
+            group.cancel_scope.cancel()
+        if joined:
+            return None
+        return self._outcome(race)
+
+    def _outcome(self, race: _Race) -> Any:
+        """The call's result, or its failure raised."""
         if race.state == _WON:
-            result: T = race.result
-            return result
+            return race.result
         failure = race.failure
         assert failure is not None
         race.failure = None  # no cycle through the traceback that holds this frame
@@ -427,7 +678,9 @@ class Hedge(Policy):
             self._metrics.hedges += 1
             if observed(self._telemetry):
                 self.report(Hedged, attempt=number)
-        race.group.start_soon(self._attempt, race, number)
+        group = race.group
+        assert group is not None
+        group.start_soon(self._attempt, race, number)
 
     async def _attempt(self, race: _Race, number: int) -> None:
         """One attempt, as a task of the call's group: it reports how it ended to ``race``."""
@@ -437,15 +690,8 @@ class Hedge(Policy):
             result = await race.fn(*race.args, **race.kwargs)
         except Exception as exc:  # noqa: BLE001 - every failure is the race's to judge
             race.running -= 1
-            if race.state != _PENDING:
-                return
-            race.failure = exc
-            if not self._matches(exc):
-                race.end(_FAILED)
-            elif race.running == 0 and race.started > self._hedges:
-                race.end(_FAILED)  # the last one failed: nothing left to wait for
-            else:
-                race.wake.set()
+            if race.state == _PENDING:
+                race.failed(exc, self._matches(exc), self._hedges)
             return
         except BaseException:
             race.running -= 1
