@@ -54,7 +54,7 @@ from typing import Any, Final, ParamSpec, TypeVar, final
 import anyio
 import anyio.abc
 
-from . import _clock, _validate
+from . import _clock, _deadline, _validate
 from ._deadline import _innermost_anyio_scope, _timers_of, is_cancellation, remaining
 from ._latency_quantile import LatencyQuantile
 from ._matchers import ExceptionMatcher, Matcher
@@ -219,24 +219,33 @@ class _Race:
         self.kwargs = kwargs
         self.delay = delay
         self.task = task  # the caller's asyncio task, whose first attempt runs inline; or None
-        self.started = 0
-        self.running = 0
-        self.first = False  # the inline first attempt is running
-        self.state = _PENDING
         self.helper: asyncio.Task[None] | None = None
+        if task is None:
+            self.first = False  # the inline first attempt is running
+            self.prepare(0)
+        else:
+            # The least a call that ends before its delay needs: the rest is set
+            # when the delay passes (`expire`), or the attempt fails (`prepare`).
+            self.first = True
+            self.context = copy_context()
+            self.cancelling = task.cancelling()
+            last_task, state = _deadline._last_state  # _innermost_anyio_scope's cache, inlined
+            if last_task() is task:
+                self.anyio_scope = getattr(state, "cancel_scope", None)
+            else:
+                self.anyio_scope = _innermost_anyio_scope(task)
+
+    def prepare(self, started: int) -> None:
+        """Set up the race's state, ``started`` attempts made (the inline one, if any)."""
+        self.started = self.running = started
+        self.state = _PENDING
         self.group: anyio.abc.TaskGroup | None = None
         self.wake: anyio.Event | None = None
         self.hurry = 0  # failures not yet answered by a hedge started at once
         self.result: Any = None
         self.failure: BaseException | None = None
         self.interrupted = False
-        if task is not None:
-            self.context = copy_context()
-            self.cancelling = task.cancelling()
-            self.anyio_scope = _innermost_anyio_scope(task)
-            self.deferral = 0.0
-            self.started = self.running = 1
-            self.first = True
+        self.deferral = 0.0
 
     def end(self, state: int) -> None:
         """The call is decided: wake the hedging loop, interrupt an inline first attempt."""
@@ -263,7 +272,8 @@ class _Race:
     def expire(self) -> None:
         """Called by the loop's timer heap: the delay has passed, or an interruption was put off."""
         if self.helper is None:
-            if self.first and self.state == _PENDING:
+            if self.first:
+                self.prepare(1)
                 self.helper = self.timers._loop.create_task(
                     self.policy._helper(self), context=self.context
                 )
@@ -486,12 +496,10 @@ class Hedge(Policy):
                                 )
                             except BaseException as exc:
                                 race.first = False
-                                race.running -= 1
                                 failure: BaseException | None = exc
                                 result = None  # type: ignore[assignment]
                             else:
                                 race.first = False
-                                race.running -= 1
                                 failure = None
                             if race.helper is not None:
                                 result = await settle(race, failure, result, began)
@@ -542,6 +550,8 @@ class Hedge(Policy):
         """The inline first attempt failed before the delay: the first hedge starts at once."""
         if not isinstance(failure, Exception) or not self._matches(failure):
             raise failure
+        race.prepare(1)
+        race.running = 0
         race.failure = failure
         race.hurry = 1
         del failure
@@ -551,6 +561,7 @@ class Hedge(Policy):
         self, race: _Race, exc: BaseException | None, result: Any, began: float
     ) -> Any:
         """The inline first attempt ended after the delay: decide, and wait for the hedges."""
+        race.running -= 1
         quantile = self._quantile
         ours = False  # the attempt ended by our interruption
         if race.interrupted:
