@@ -45,10 +45,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from heapq import heappush
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from contextvars import Context, copy_context
+from dataclasses import dataclass
+from heapq import heappush
 from typing import Any, Final, ParamSpec, TypeVar, final
 
 import anyio
@@ -494,7 +494,7 @@ class Hedge(Policy):
                                 result = await (
                                     fn(*args, **kwargs) if kwargs else positional(*args)
                                 )
-                            except BaseException as exc:
+                            except BaseException as exc:  # noqa: BLE001 - judged below
                                 race.first = False
                                 failure: BaseException | None = exc
                                 result = None  # type: ignore[assignment]
