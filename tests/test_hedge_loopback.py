@@ -92,14 +92,14 @@ async def test_a_hung_request_is_hedged_and_its_connection_closed(
     assert all(app.seen[key] == 2 for key in keys)
     # Every hung attempt was cancelled and its connection closed: the upstream saw it go.
     with anyio.fail_after(10):
-        while not app.left >= set(keys):
+        while not app.left >= set(keys):  # noqa: ASYNC110 - the upstream's thread sets it
             await anyio.sleep(0.01)
 
 
 async def test_losing_responses_are_closed_so_a_small_pool_never_runs_dry(
     upstream: tuple[LongTail, str], anyio_backend: str
 ) -> None:
-    app, url = upstream
+    _, url = upstream
     # Both attempts start at once and both answer: every call has a loser whose
     # connection must be given back (or closed), else two connections run out.
     pool = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=2))

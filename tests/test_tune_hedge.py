@@ -33,12 +33,13 @@ def scenario(text: str) -> Any:
 
 def policies(grid: str) -> list[sw.Policy]:
     setting = scenario(f"[grid]\n{grid}\n").settings[0]
-    return setting.policies(
+    built: list[sw.Policy] = setting.policies(
         sw.Telemetry(registry=CollectorRegistry()),
         random.Random(1),
         failure=DownstreamError,
         overloaded=Overloaded,
     )
+    return built
 
 
 def test_the_hedge_section_takes_the_policys_own_defaults() -> None:
@@ -138,6 +139,7 @@ def test_an_adaptive_delay_hedges_about_one_call_in_twenty(shortened: dict[str, 
 
 def test_a_budget_caps_the_load_of_a_slowdown(shortened: dict[str, Result]) -> None:
     fixed, budgeted = shortened["hedge=0.05s"], shortened["hedge=budget"]
-    assert fixed.peak_load is not None and budgeted.peak_load is not None
+    assert fixed.peak_load is not None
+    assert budgeted.peak_load is not None
     assert fixed.peak_load > 1.5
     assert budgeted.peak_load < 1.2

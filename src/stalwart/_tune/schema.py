@@ -1037,12 +1037,13 @@ def _hedge(options: dict[str, Any], build: Build) -> Policy:
                 quantile=quantile, minimum=min(0.001, longest / 2), maximum=longest
             ),
         )
-    return made(
+    hedge: Hedge = made(
         "grid.hedge",
         lambda: Hedge(
             options["hedges"], delay=delay, budget=budget, name="hedge", telemetry=build.telemetry
         ),
     )
+    return hedge
 
 
 def _throttle(options: dict[str, Any], build: Build) -> Policy:
