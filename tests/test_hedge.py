@@ -214,6 +214,29 @@ async def test_a_late_winner_is_discarded() -> None:
     assert released == [1 - winner]
 
 
+async def test_a_shielded_first_attempt_is_interrupted_once_its_shield_ends() -> None:
+    ended: list[str] = []
+
+    async def attempt() -> str:
+        if not ended:
+            ended.append("first started")
+            try:
+                with anyio.CancelScope(shield=True):
+                    await anyio.sleep(0.2)  # a winning hedge must not cut this short
+                ended.append("shield over")
+                await anyio.sleep(10)
+            except BaseException:
+                ended.append("first cancelled")
+                raise
+            return "first"
+        await anyio.sleep(0.01)
+        return "hedge"
+
+    assert await fresh(delay=0.05).call(attempt) == "hedge"
+    assert ended == ["first started", "shield over", "first cancelled"]
+    assert 0.2 <= now() < 0.215
+
+
 async def test_no_hedge_where_repeating_is_not_safe() -> None:
     backend = Backend([1.0, 0.01])
     with retries_disabled():
