@@ -41,9 +41,9 @@ class RetryBudget:
     """Caps retries at a share of first attempts, over a sliding window.
 
     Shared by the `Retry` (and `Hedge`) policies of many calls (Finagle's and
-    Envoy's retry budgets): every first attempt earns ``ratio`` retries, and a floor of
-    ``min_per_second`` retries per second is always allowed so that a quiet
-    service can still retry. A retry the budget denies is simply not made;
+    Envoy's retry budgets): every first attempt earns ``ratio`` retries, and a
+    floor of ``min_per_second`` retries per second is always allowed so that
+    a quiet service can still retry. A retry the budget denies is simply not made;
     the call fails with its last error.
 
     Under a total outage, a steady stream of calls makes at most about
