@@ -16,6 +16,8 @@ import redis.asyncio as _aioredis
 
 from .. import _clock, _validate
 from .._codec import Codec, JSONCodec
+from ._budget import _Budgets
+from ._bulkhead import _Bulkheads
 from ._circuit import _Circuits
 from ._client import _UNAVAILABLE, MAX_DURATION
 from ._idempotency import OnUnavailable, _Idempotency
@@ -28,7 +30,7 @@ DEFAULT_TRIAL_LEASE: Final = 30.0
 
 
 @final
-class RedisStore(_Idempotency, _Circuits, _RateLimits):
+class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
     """Circuit breaker state, rate limits and idempotency records shared through Redis.
 
     Give the same store (or stores with the same ``prefix`` on the same Redis)

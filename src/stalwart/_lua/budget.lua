@@ -1,0 +1,73 @@
+--[[
+A retry budget shared by a fleet (stalwart/_retry_budget.py): each process
+sends its running totals of first attempts and retries every sync interval,
+and reads the fleet's totals over the window and how many processes share it.
+
+KEYS[1]  the budget: a hash, its name hash-tagged ({prefix}budget:{<h>}) so
+         that under Redis Cluster it lives in one slot. Fields:
+           q:<slot>, r:<slot>  first attempts and retries that arrived in
+                               that slot of the window (slot = server
+                               milliseconds // slot_ms);
+           c:<member>          a process's running totals "requests retries"
+                               as last seen, so that a request sent twice
+                               counts once;
+           t:<member>          when the process was last seen (server ms).
+         The key expires when nobody has written it for a window (plus the
+         members' TTL): an idle budget leaves nothing behind.
+
+ARGV[1]  the member (the process's token), ARGV[2] and ARGV[3] its running
+         totals of requests and retries, ARGV[4] and ARGV[5] what it has not
+         had acknowledged (added instead when the member is not known: it
+         was quiet for longer than its TTL), ARGV[6] slot_ms, ARGV[7] slots
+         in the window, ARGV[8] the members' TTL in ms.
+
+Returns {requests, retries, processes, now_ms}: the fleet's totals over the
+window, and the processes seen within the members' TTL (this one included).
+]]
+
+local key = KEYS[1]
+local member = ARGV[1]
+local requests, retries = tonumber(ARGV[2]), tonumber(ARGV[3])
+local unsent_q, unsent_r = tonumber(ARGV[4]), tonumber(ARGV[5])
+local slot_ms, slots, member_ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local current = math.floor(now / slot_ms)
+local oldest = current - slots + 1
+
+local add_q, add_r = unsent_q, unsent_r
+local seen = redis.call('HGET', key, 'c:' .. member)
+if seen then
+  local seen_q, seen_r = string.match(seen, '^(%d+) (%d+)$')
+  add_q = math.max(0, requests - tonumber(seen_q))
+  add_r = math.max(0, retries - tonumber(seen_r))
+end
+if add_q > 0 then redis.call('HINCRBY', key, 'q:' .. current, add_q) end
+if add_r > 0 then redis.call('HINCRBY', key, 'r:' .. current, add_r) end
+redis.call('HSET', key, 'c:' .. member, string.format('%d %d', requests, retries),
+  't:' .. member, now)
+
+local total_q, total_r, processes = 0, 0, 0
+local flat = redis.call('HGETALL', key)
+for i = 1, #flat, 2 do
+  local field, value = flat[i], flat[i + 1]
+  local kind, rest = string.sub(field, 1, 2), string.sub(field, 3)
+  if kind == 'q:' or kind == 'r:' then
+    if tonumber(rest) < oldest then
+      redis.call('HDEL', key, field)
+    elseif kind == 'q:' then
+      total_q = total_q + tonumber(value)
+    else
+      total_r = total_r + tonumber(value)
+    end
+  elseif kind == 't:' then
+    if tonumber(value) < now - member_ttl then
+      redis.call('HDEL', key, field, 'c:' .. rest)
+    else
+      processes = processes + 1
+    end
+  end
+end
+redis.call('PEXPIRE', key, slots * slot_ms + member_ttl)
+return {total_q, total_r, processes, now}
