@@ -558,7 +558,7 @@ class _Permits:
                     poll = min(poll * 2.0, _POLL_MAX)
                 else:
                     poll = _POLL
-        except Exception:  # a bug in a store: never an error in the calls; logged
+        except Exception:  # noqa: BLE001 - a bug in a store: never an error in the calls; logged
             _log.exception("bulkhead %r: its keeper failed", bulkhead.name)
             self.degrade()
             self.announce()
@@ -597,9 +597,7 @@ class _Permits:
             )
         self.held = grant.held
         self.fleet_held = grant.total
-        self.full_until = (
-            _clock.now() + _POLL if grant.total >= bulkhead._max else -math.inf
-        )
+        self.full_until = _clock.now() + _POLL if grant.total >= bulkhead._max else -math.inf
         if self.degraded:
             self.degraded = False
             self.retry_delay = _STORE_RETRY

@@ -164,16 +164,19 @@ class RetryBudget:
     divided by the processes), plus ``ratio`` for each first attempt it
     makes meanwhile. What one process spends reaches the others one
     exchange later, so the fleet's view is at most about two sync intervals
-    old: the fleet may overrun the budget by what it retries in about two
+    old: the fleet may overrun the budget by about what it retries in two
     sync intervals (a relative error of about ``2 * sync_interval /
-    window``, 10 % with the defaults), and never by more than each
-    process's share once over.
+    window``: 10 % with the defaults). A process that starts (or comes back
+    from idling) counts the others from their next exchange on: for its
+    first interval it may take more than its share, at most what the fleet
+    had left.
 
     A process whose view is older than three sync intervals (it was idle,
     or its store does not answer within the store's ``timeout``) decides on
-    its own window, as an in-process budget does, until an exchange
-    succeeds: while the store cannot be reached, each process allows its
-    own ``ratio`` and floor (counted in
+    its own window, as an in-process budget does, with its share of the
+    floor (divided by the processes it last heard of), until an exchange
+    succeeds: while the store cannot be reached, each process allows
+    ``ratio`` of its own first attempts and its share of the floor (counted in
     ``stalwart_retry_budget_store_unavailable_total``, and logged once per
     outage by the store); the budget asks the store again a quarter of a
     second later (doubling up to 5 s), and rejoins the fleet by itself. A
@@ -320,8 +323,11 @@ class RetryBudget:
         return current % _SLOTS
 
     def _available(self) -> float:
-        earned = self._ratio * self._total_requests + self._min_per_second * self._window
-        return earned - self._total_retries
+        floor = self._min_per_second * self._window
+        fleet = self._fleet
+        if fleet is not None and fleet.totals is not None:
+            floor /= fleet.totals.processes  # its share of the fleet's floor
+        return self._ratio * self._total_requests + floor - self._total_retries
 
     def deposit(self) -> None:
         """Record a first attempt (`Retry` calls this for you)."""
@@ -363,9 +369,8 @@ class RetryBudget:
         now = _clock.now()
         self._advance(now)
         fleet = self._fleet
-        if fleet is None or fleet.totals is None:
-            shared = (None, None, None)
-        else:
+        shared: tuple[int | None, int | None, int | None] = (None, None, None)
+        if fleet is not None and fleet.totals is not None:
             totals = fleet.totals
             shared = (totals.requests, totals.retries, totals.processes)
         if fleet is None or now >= fleet.fresh_until:
@@ -438,15 +443,22 @@ class _Fleet:
             self.metrics.store_unavailable += 1
 
     async def run(self) -> None:
-        """Exchange counts every interval while the process makes calls; then end."""
+        """Exchange counts every interval while the process makes calls; then end.
+
+        It ends once nothing happened for as long as a view stays fresh
+        (`_STALE_AFTER` intervals): the view then goes stale as it ends.
+        """
+        idle = 0
         try:
-            while True:
+            while idle < _STALE_AFTER:
                 seen = (self.requests, self.retries)
                 delay = await self.exchange()
                 await anyio.sleep(delay)
                 if (self.requests, self.retries) == seen and self.acked == seen:
-                    return  # nothing happened for an interval, and the store has it all
-        except Exception:  # a bug in a store: never an error in the calls; logged
+                    idle += 1
+                else:
+                    idle = 0
+        except Exception:  # noqa: BLE001 - a bug in a store: never an error in the calls; logged
             _log.exception("retry budget %r: exchange with its store failed", self.budget.name)
             self.failing_since = _clock.now()
             self.fresh_until = -math.inf
@@ -484,9 +496,7 @@ class _Fleet:
         self.retry_delay = _STORE_RETRY
         self.totals = totals
         left = (
-            budget.ratio * totals.requests
-            + budget.min_per_second * budget.window
-            - totals.retries
+            budget.ratio * totals.requests + budget.min_per_second * budget.window - totals.retries
         )
         # The share of what is left, and what was earned and spent meanwhile.
         since = (self.requests - sent[0], self.retries - sent[1])
