@@ -515,7 +515,7 @@ class _Permits:
                 await reply.wait()
         finally:
             self.asking -= 1
-        if queue.waiters or bulkhead._in_flight >= bulkhead._allowed:
+        if queue.queued or bulkhead._in_flight >= bulkhead._allowed:
             return False
         bulkhead._in_flight += 1
         return True
