@@ -1,0 +1,230 @@
+"""Fleet-wide retry budgets and bulkheads on a real Redis: the scripts, outages and recoveries.
+
+Stores with one prefix on one Redis stand for processes (each store is a
+client of its own, each policy a member of its own); the tests with real
+processes are in ``test_fleet_processes.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio
+from prometheus_client import CollectorRegistry
+
+import stalwart as sw
+from stalwart.redis import RedisStore
+from stalwart.redis._budget import BUDGET
+from stalwart.redis._bulkhead import BULKHEAD
+
+from . import redis_support
+from .conftest import sample
+
+pytestmark = [pytest.mark.redis, pytest.mark.realtime]
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    return ("asyncio", {})
+
+
+@contextlib.asynccontextmanager
+async def replicas(count: int, **options: Any) -> AsyncIterator[list[RedisStore]]:
+    """``count`` stores on one prefix, each with a client of its own: a fleet's replicas."""
+    redis_support.require_redis()
+    prefix = redis_support.unique_prefix()
+    clients = [redis_support.client() for _ in range(count)]
+    stores = [RedisStore(c, prefix=prefix, **options) for c in clients]
+    try:
+        yield stores
+    finally:
+        for store in stores:
+            await store.aclose()
+        await redis_support.delete_prefix(clients[0], prefix)
+        for c in clients:
+            await c.aclose()
+
+
+def telemetry() -> tuple[sw.Telemetry, CollectorRegistry]:
+    registry = CollectorRegistry()
+    return sw.Telemetry(registry=registry), registry
+
+
+async def test_an_exchange_sent_twice_counts_once() -> None:
+    async with replicas(1) as (store,):
+        first = await store.exchange_budget("b", "m1", 10, 2, (10, 2), window=10.0, member_ttl=5.0)
+        again = await store.exchange_budget("b", "m1", 10, 2, (10, 2), window=10.0, member_ttl=5.0)
+        more = await store.exchange_budget("b", "m1", 15, 3, (5, 1), window=10.0, member_ttl=5.0)
+        other = await store.exchange_budget("b", "m2", 4, 0, (4, 0), window=10.0, member_ttl=5.0)
+    assert (first.requests, first.retries, first.processes) == (10, 2, 1)
+    assert (again.requests, again.retries) == (10, 2)
+    assert (more.requests, more.retries) == (15, 3)
+    assert (other.requests, other.retries, other.processes) == (19, 3, 2)
+
+
+async def test_counts_leave_the_window_and_the_key_expires() -> None:
+    async with replicas(1) as (store,):
+        await store.exchange_budget("b", "m1", 10, 2, (10, 2), window=0.5, member_ttl=0.1)
+        key = store._budget_key("b")
+        assert await store.client.pttl(key) > 0
+        await asyncio.sleep(0.7)
+        totals = await store.exchange_budget("b", "m2", 1, 0, (1, 0), window=0.5, member_ttl=0.1)
+        assert (totals.requests, totals.retries, totals.processes) == (1, 0, 1)
+
+
+async def test_every_script_touches_keys_of_one_hash_tag() -> None:
+    async with replicas(1) as (store,):
+        budget = store._budget_key("payments")
+        counts, leases = store._bulkhead_keys("payments")
+    tag = budget[budget.index("{") : budget.index("}") + 1]
+    assert counts.startswith(store.prefix + "bulkhead:") and leases.startswith(counts)
+    assert counts[counts.index("{") : counts.index("}") + 1] == tag
+    assert "payments" not in budget + counts  # no user-chosen text reaches a key
+    assert BUDGET.name == "budget" and BULKHEAD.name == "bulkhead"
+
+
+async def test_permits_are_leased_up_to_the_limit_and_lapse() -> None:
+    async with replicas(1) as (store,):
+        args: dict[str, Any] = {"extra": 0, "limit": 5, "far": 2, "lease": 0.3, "within": 1.0}
+        a = await store.adjust_permits("h", "a", 3, **args)
+        b = await store.adjust_permits("h", "b", 4, **args)
+        assert (a.granted, a.held, a.total) == (3, 3, 3)
+        assert (b.granted, b.held, b.total) == (2, 2, 5)
+        back = await store.adjust_permits("h", "a", -1, **args)
+        assert (back.granted, back.held, back.total) == (-1, 2, 4)
+        await asyncio.sleep(0.4)  # neither renewed: both leases lapsed
+        c = await store.adjust_permits("h", "c", 1, **args)
+        assert (c.held, c.total) == (1, 1)
+        await store.adjust_permits("h", "c", -1, **args)
+        assert await store.client.exists(*store._bulkhead_keys("h")) == 0
+
+
+async def test_a_batch_is_added_only_while_the_fleet_is_far_from_its_limit() -> None:
+    async with replicas(1) as (store,):
+        args: dict[str, Any] = {"limit": 10, "far": 5, "lease": 5.0, "within": 1.0}
+        a = await store.adjust_permits("h", "a", 1, extra=2, **args)
+        b = await store.adjust_permits("h", "b", 1, extra=2, **args)
+        c = await store.adjust_permits("h", "c", 1, extra=2, **args)
+        assert [a.granted, b.granted, c.granted] == [3, 1, 1]  # 3, then 6 > 5 would be near
+        await store.adjust_permits("h", "a", -3, extra=0, **args)
+        await store.adjust_permits("h", "b", -1, extra=0, **args)
+        await store.adjust_permits("h", "c", -1, extra=0, **args)
+
+
+async def test_bulkheads_of_several_replicas_keep_one_limit() -> None:
+    async with replicas(3) as stores:
+        bulkheads = [
+            sw.Bulkhead(
+                5, max_queued=None, store=s, name="fleet", telemetry=telemetry()[0], lease=5.0
+            )
+            for s in stores
+        ]
+        running = peak = 0
+
+        async def work() -> None:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.005)
+            running -= 1
+
+        calls = [b(work) for b in bulkheads]
+        with sw.deadline(30.0):
+            await asyncio.gather(*(calls[i % 3]() for i in range(150)))
+        assert peak == 5
+        assert all(b.in_flight == 0 and b.queued == 0 for b in bulkheads)
+
+
+async def test_budgets_of_several_replicas_share_one_budget() -> None:
+    async with replicas(2) as stores:
+        budgets = [
+            sw.RetryBudget(
+                ratio=0.5,
+                min_per_second=0.0,
+                store=s,
+                name="fleet",
+                sync_interval=0.05,
+                telemetry=telemetry()[0],
+            )
+            for s in stores
+        ]
+        for _ in range(20):
+            budgets[0].deposit()
+        budgets[1].deposit()
+        await redis_support.until(lambda: budgets[1].statistics().fleet_requests == 21)
+        await redis_support.until(lambda: budgets[1].statistics().processes == 2)
+        taken = sum(budgets[1].try_withdraw() for _ in range(20))
+        assert taken == 5  # half of the 10.5 the fleet earned
+
+
+async def test_a_budget_with_redis_away_decides_alone_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="stalwart.redis")
+    tel, registry = telemetry()
+    client = redis.asyncio.Redis.from_url(redis_support.closed_port_url())
+    store = RedisStore(client, timeout=0.2)
+    budget = sw.RetryBudget(
+        ratio=0.5, min_per_second=0.0, store=store, sync_interval=0.05, telemetry=tel
+    )
+    for _ in range(10):
+        budget.deposit()
+    await asyncio.sleep(0.3)
+    assert sum(budget.try_withdraw() for _ in range(10)) == 5
+    assert (
+        sample(registry, "stalwart_retry_budget_store_unavailable_total", policy="retry_budget")
+        == 5
+    )
+    unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(unreachable) == 1
+    await store.aclose()
+    await client.aclose()
+
+
+async def test_a_bulkhead_with_redis_away_degrades_within_the_deadline_then_recovers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="stalwart.redis")
+    tel, registry = telemetry()
+    with redis_support.private_redis() as server:
+        client = redis_support.client(server.url)
+        store = RedisStore(client, timeout=2.0)
+        # No batch: every call asks Redis for its permit, and gives it back after.
+        bulkhead = sw.Bulkhead(
+            4, max_queued=None, store=store, batch=0, local_limit=2, lease=3.0, telemetry=tel
+        )
+
+        @bulkhead
+        async def call() -> str:
+            await asyncio.sleep(0.01)
+            return "ran"
+
+        assert await call() == "ran"
+        await redis_support.until(lambda: bulkhead.statistics().held == 0)
+        server.pause()  # SIGSTOP: Redis hangs
+        try:
+            start = asyncio.get_running_loop().time()
+            with sw.deadline(0.8):
+                assert await call() == "ran"
+            waited = asyncio.get_running_loop().time() - start
+            assert waited < 0.8  # half the deadline for Redis, then the local limit
+            assert bulkhead.statistics().degraded
+            failed = sample(
+                registry, "stalwart_bulkhead_store_unavailable_total", policy="bulkhead"
+            )
+            assert failed is not None and failed >= 1
+        finally:
+            server.resume()
+        await redis_support.until(lambda: not bulkhead.statistics().degraded, within=15.0)
+        assert await call() == "ran"
+        assert bulkhead.statistics().held is not None
+        logs = [r.getMessage() for r in caplog.records]
+        assert sum("unreachable" in m for m in logs) == 1
+        assert sum("reachable again" in m for m in logs) == 1
+        await store.aclose()
+        await client.aclose()
