@@ -62,29 +62,41 @@ class FleetStore:
         *,
         window: float,
         member_ttl: float,
+        ratio: float,
+        floor: float,
+        want: int,
     ) -> BudgetTotals:
         await self._round_trip("exchange_budget", member)
-        record = self.budgets.setdefault(budget, {"slots": {}, "members": {}})
+        record = self.budgets.setdefault(budget, {"slots": {}, "members": {}, "held": {}})
+        slots, members, held = record["slots"], record["members"], record["held"]
         t = now()
         current = math.floor(t / (window / SLOTS))
-        seen = record["members"].get(member)
-        if seen is not None and seen[2] >= t - member_ttl:
+        for slot in [s for s in slots if s <= current - SLOTS]:
+            del slots[slot]
+        seen = members.get(member)
+        if seen is not None:
             add = (max(0, requests - seen[0]), max(0, retries - seen[1]))
         else:
             add = unsent
-        counts = record["slots"].setdefault(current, [0, 0])
+        if member in held:
+            slot, count = held.pop(member)
+            if slot in slots:
+                slots[slot][1] -= count
+        counts = slots.setdefault(current, [0, 0])
         counts[0] += add[0]
         counts[1] += add[1]
-        record["members"][member] = (requests, retries, t)
-        for slot in [s for s in record["slots"] if s <= current - SLOTS]:
-            del record["slots"][slot]
-        for gone in [m for m, (_, _, at) in record["members"].items() if at < t - member_ttl]:
-            del record["members"][gone]
-        return BudgetTotals(
-            sum(q for q, _ in record["slots"].values()),
-            sum(r for _, r in record["slots"].values()),
-            len(record["members"]),
-        )
+        members[member] = (requests, retries, t)
+        for gone in [m for m, (_, _, at) in members.items() if at < t - window - member_ttl]:
+            del members[gone]
+            held.pop(gone, None)
+        processes = sum(1 for _, _, at in members.values() if at >= t - member_ttl)
+        total_q = sum(q for q, _ in slots.values())
+        total_r = sum(r for _, r in slots.values())
+        left = max(0.0, ratio * total_q + floor - total_r)
+        granted = max(0, min(want, math.floor(left), math.ceil(left / max(1, processes))))
+        counts[1] += granted
+        held[member] = (current, granted)
+        return BudgetTotals(total_q, total_r + granted, processes, granted)
 
     # -- PermitStore ----------------------------------------------------------------------
 

@@ -321,7 +321,7 @@ def test_fleet_options_need_a_store(option: str, value: Any) -> None:
 )
 def test_bad_fleet_options_are_refused_naming_them(option: str, value: Any, error: type) -> None:
     with pytest.raises(error, match=option):
-        sw.Bulkhead(4, store=FleetStore(), **{option: value})  # type: ignore[arg-type]
+        sw.Bulkhead(4, store=FleetStore(), **{option: value})
 
 
 def test_the_store_must_be_a_permit_store() -> None:

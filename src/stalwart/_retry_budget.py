@@ -52,10 +52,12 @@ class BudgetTotals:
 
     #: first attempts the fleet made in the window
     requests: int
-    #: retries the fleet made in the window
+    #: retries the fleet made or reserved in the window
     retries: int
     #: processes that exchanged counts recently (this one included), >= 1
     processes: int
+    #: retries reserved for this process until its next exchange
+    granted: int
 
 
 class RetryBudgetStore(Protocol):
@@ -75,14 +77,23 @@ class RetryBudgetStore(Protocol):
         *,
         window: float,
         member_ttl: float,
+        ratio: float,
+        floor: float,
+        want: int,
     ) -> BudgetTotals:
-        """Add a process's counts to ``budget``'s window; return the fleet's totals.
+        """Add a process's counts to ``budget``'s window, and reserve its next retries.
 
         ``requests`` and ``retries``: the process's (``member``'s) running
         totals since it started; the store adds what it has not seen of them
         yet, so a request sent twice counts once. ``unsent``: what the
         process has not had acknowledged, added instead when the store no
-        longer knows ``member`` (it was quiet for ``member_ttl`` seconds).
+        longer knows ``member`` (it was quiet for longer than the window).
+        The member counts among the processes for ``member_ttl`` seconds.
+        The retries reserved at the last exchange are given back (the ones
+        made were just counted), and up to ``want`` are reserved anew: at
+        most what is left (``ratio`` times the requests plus ``floor``,
+        less the retries made or reserved, over the window), and at most
+        the member's share of it (divided by the processes, rounded up).
         Counts leave the window ``window`` seconds after they arrived, a
         tenth of it at a time. Raises `StoreUnavailable` when the store does
         not answer in time.
@@ -157,30 +168,29 @@ class RetryBudget:
     window``, the floor shared by the whole fleet. Give every process the
     same ``ratio``, ``min_per_second`` and ``window``. A first attempt and a
     retry cost no round trip: each process counts its own, and a task of
-    its own sends them to the store every ``sync_interval`` seconds (one
-    round trip per process, while it makes calls), learning the fleet's
-    totals and how many processes share them. Until the next exchange a
-    process spends its share of what the fleet has left (the remainder
-    divided by the processes), plus ``ratio`` for each first attempt it
-    makes meanwhile. What one process spends reaches the others one
-    exchange later, so the fleet's view is at most about two sync intervals
-    old: the fleet may overrun the budget by about what it retries in two
-    sync intervals (a relative error of about ``2 * sync_interval /
-    window``: 10 % with the defaults). A process that starts (or comes back
-    from idling) counts the others from their next exchange on: for its
-    first interval it may take more than its share, at most what the fleet
-    had left.
+    its own exchanges them with the store every ``sync_interval`` seconds
+    (one round trip per process, while it makes calls). Each exchange also
+    *reserves* the retries the process may make until the next one: as many
+    as it asked for in the last interval (twice, plus one), at most its
+    share of what the fleet has left (divided by the processes, rounded
+    up), atomically in the store, so the processes' reservations never add
+    up to more than the budget, whatever their timing. A process also
+    spends ``ratio`` for each of its own first attempts at once (earned,
+    so within the budget too). Hence, while the store answers, the fleet's
+    retries stay within the budget; the price is on the strict side: a
+    process whose need grows waits up to one interval for a larger
+    reservation, and each keeps one retry reserved while it runs.
 
-    A process whose view is older than three sync intervals (it was idle,
-    or its store does not answer within the store's ``timeout``) decides on
+    A process whose store does not answer within the store's ``timeout``,
+    or whose last reservation has left the window (it was idle), decides on
     its own window, as an in-process budget does, with its share of the
     floor (divided by the processes it last heard of), until an exchange
     succeeds: while the store cannot be reached, each process allows
-    ``ratio`` of its own first attempts and its share of the floor (counted in
-    ``stalwart_retry_budget_store_unavailable_total``, and logged once per
-    outage by the store); the budget asks the store again a quarter of a
-    second later (doubling up to 5 s), and rejoins the fleet by itself. A
-    decision never waits for the store.
+    ``ratio`` of its own first attempts and its share of the floor (counted
+    in ``stalwart_retry_budget_store_unavailable_total``, and logged once
+    per outage by the store); the budget asks the store again a quarter of
+    a second later (doubling up to 5 s), and rejoins the fleet by itself.
+    A decision never waits for the store.
 
     Args:
         ratio: retries earned per first attempt, >= 0 (may exceed 1).
@@ -347,21 +357,24 @@ class RetryBudget:
         now = _clock.now()
         i = self._advance(now)
         fleet = self._fleet
-        if fleet is None or now >= fleet.fresh_until:
+        if fleet is None:
             if self._available() < 1.0:
                 return False
-            if fleet is not None:
-                fleet.decided_alone()
-        elif fleet.allowance >= 1.0:
-            fleet.allowance -= 1.0
         else:
-            return False
-        self._retries[i] += 1
-        self._total_retries += 1
-        if fleet is not None:
-            fleet.retries += 1
+            fleet.demand += 1
             if fleet.task is None:
                 fleet.start()
+            if now < fleet.fresh_until:  # what the store reserved for this process
+                if fleet.allowance < 1.0:
+                    return False
+                fleet.allowance -= 1.0
+            else:
+                if self._available() < 1.0:
+                    return False
+                fleet.decided_alone()
+            fleet.retries += 1
+        self._retries[i] += 1
+        self._total_retries += 1
         return True
 
     def statistics(self) -> RetryBudgetStatistics:
@@ -398,6 +411,7 @@ class _Fleet:
         "acked",
         "allowance",
         "budget",
+        "demand",
         "failing_since",
         "fresh_until",
         "interval",
@@ -426,8 +440,10 @@ class _Fleet:
         self.requests = 0
         self.retries = 0
         self.acked = (0, 0)
-        # Retries this process may make until its next exchange, and until
-        # when (loop time) its view of the fleet holds.
+        # Retries asked for (made or denied) since the last exchange.
+        self.demand = 0
+        # Retries reserved for this process (and earned since), and until
+        # when (loop time) the reservation holds.
         self.allowance = 0.0
         self.fresh_until = -math.inf
         self.totals: BudgetTotals | None = None
@@ -466,10 +482,13 @@ class _Fleet:
             self.task = None
 
     async def exchange(self) -> float:
-        """One round trip: send the counts, take the fleet's; the seconds until the next."""
+        """One round trip: send the counts, reserve retries; the seconds until the next."""
         budget = self.budget
         sent = (self.requests, self.retries)
         unsent = (sent[0] - self.acked[0], sent[1] - self.acked[1])
+        # Reserve what this process asked for last interval, with room to grow.
+        want = 1 + 2 * self.demand
+        self.demand = 0
         try:
             totals = await self.store.exchange_budget(
                 budget.name,
@@ -479,6 +498,9 @@ class _Fleet:
                 unsent,
                 window=budget.window,
                 member_ttl=_STALE_AFTER * self.interval,
+                ratio=budget.ratio,
+                floor=budget.min_per_second * budget.window,
+                want=want,
             )
         except StoreUnavailable:
             now = _clock.now()
@@ -495,13 +517,11 @@ class _Fleet:
         self.failing_since = None
         self.retry_delay = _STORE_RETRY
         self.totals = totals
-        left = (
-            budget.ratio * totals.requests + budget.min_per_second * budget.window - totals.retries
-        )
-        # The share of what is left, and what was earned and spent meanwhile.
+        # The reservation replaces what was left of the last one; what was
+        # earned and spent during the round trip is this process's own.
         since = (self.requests - sent[0], self.retries - sent[1])
-        self.allowance = (
-            max(0.0, left) / max(1, totals.processes) + budget.ratio * since[0] - since[1]
-        )
-        self.fresh_until = _clock.now() + _STALE_AFTER * self.interval
+        self.allowance = totals.granted + budget.ratio * since[0] - since[1]
+        # Reserved in the slot of the window this exchange landed in: it holds
+        # until that slot leaves the window.
+        self.fresh_until = _clock.now() + budget.window * (1.0 - 1.0 / _SLOTS)
         return self.interval

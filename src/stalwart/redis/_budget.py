@@ -2,8 +2,9 @@
 
 `_Budgets` is the part of `RedisStore` that serves the `RetryBudgetStore`
 protocol of `stalwart.RetryBudget`: each process sends its running totals
-every sync interval with one run of ``_lua/budget.lua`` (one round trip) and
-reads the fleet's totals back.
+every sync interval with one run of ``_lua/budget.lua`` (one round trip),
+reserves its share of the retries the fleet has left, and reads the fleet's
+totals back.
 
 A budget is one hash, ``{prefix}budget:{<h>}``, where ``<h>`` is 128 bits of
 SHA-256 of the budget's name in a hash tag: the script touches that one key,
@@ -21,7 +22,7 @@ from ._client import _UNAVAILABLE, _Client, _digest
 from ._scripts import Script
 
 #: KEYS: the budget. ARGV: member, requests, retries, unsent requests, unsent
-#: retries, slot ms, slots, member TTL ms. See ``budget.lua``.
+#: retries, slot ms, slots, member TTL ms, ratio, floor, want. See ``budget.lua``.
 BUDGET: Final = Script("budget")
 
 _WHAT: Final = "retry budget"
@@ -46,17 +47,32 @@ class _Budgets(_Client):
         *,
         window: float,
         member_ttl: float,
+        ratio: float,
+        floor: float,
+        want: int,
     ) -> BudgetTotals:
-        """Add ``member``'s counts to ``budget``'s window and read the fleet's: one round trip.
+        """Add ``member``'s counts to ``budget``'s window, reserve its share: one round trip.
 
         Raises `StoreUnavailable` when Redis does not answer within the
         store's ``timeout``.
         """
         slot_ms = max(1, math.ceil(window * 1000.0 / _SLOTS))
         ttl_ms = max(1, math.ceil(member_ttl * 1000.0))
-        args = (member, requests, retries, unsent[0], unsent[1], slot_ms, _SLOTS, ttl_ms)
+        args = (
+            member,
+            requests,
+            retries,
+            unsent[0],
+            unsent[1],
+            slot_ms,
+            _SLOTS,
+            ttl_ms,
+            repr(ratio),
+            repr(floor),
+            want,
+        )
         try:
             reply = await self._eval(BUDGET, (self._budget_key(budget),), args)
         except _UNAVAILABLE as exc:
             raise self._unavailable(_WHAT, exc) from exc
-        return BudgetTotals(int(reply[0]), int(reply[1]), max(1, int(reply[2])))
+        return BudgetTotals(int(reply[0]), int(reply[1]), max(1, int(reply[2])), int(reply[3]))
