@@ -258,3 +258,23 @@ async def test_a_bulkhead_with_redis_away_degrades_within_the_deadline_then_reco
         assert sum("reachable again" in m for m in logs) == 1
         await store.aclose()
         await client.aclose()
+
+
+async def test_the_success_path_makes_no_round_trip_per_call() -> None:
+    """The benchmark's count (``benchmarks/redis_store.py``, part 4), briefly."""
+    from benchmarks import redis_store
+
+    redis_support.require_redis()
+    counted = redis.asyncio.Redis.from_url(
+        redis_support.REDIS_URL, connection_class=redis_store._Counting
+    )
+    store = RedisStore(counted, prefix=redis_support.unique_prefix())
+    try:
+        rows = await redis_store.fleet_round_trips(store, seconds=0.3)
+    finally:
+        await store.aclose()
+        await redis_support.delete_prefix(counted, store.prefix)
+        await counted.aclose()
+    for label, calls, trips in rows:
+        assert calls >= 100, label
+        assert trips <= 10, (label, calls, trips)  # a few exchanges or renewals, for all of them

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import sys
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -353,7 +354,11 @@ class Bulkhead(Policy):
                         hand_over()
                     else:
                         bulkhead._in_flight -= 1
-                        if fleet is not None and fleet.spare_exceeded():
+                        # (More spare permits than it keeps: give some back.)
+                        if (
+                            fleet is not None
+                            and bulkhead._allowed - bulkhead._in_flight > fleet.spare_limit
+                        ):
                             fleet.wake()
                 metrics.success += 1
                 return result if start is None else metrics.returned(result, start)
@@ -387,7 +392,7 @@ class Bulkhead(Policy):
         if self._in_flight > self._allowed or not self._queue.grant():
             self._in_flight -= 1
             fleet = self._fleet
-            if fleet is not None and fleet.spare_exceeded():
+            if fleet is not None and self._allowed - self._in_flight > fleet.spare_limit:
                 fleet.wake()
 
     def _reject(self, start: float | None) -> NoReturn:
@@ -440,6 +445,7 @@ class _Permits:
         "member",
         "reply",
         "retry_delay",
+        "spare_limit",
         "store",
         "task",
         "wakeup",
@@ -460,6 +466,9 @@ class _Permits:
         # not wait is refused without asking.
         self.full_until = -math.inf
         self.degraded = False
+        # Spare permits the calls leave before they wake the keeper to give
+        # some back (what the fast path reads: see `spare`; none while degraded).
+        self.spare_limit = 0
         self.asking = 0
         # The earliest deadline of the calls waiting for the keeper (loop time).
         self.earliest = math.inf
@@ -477,10 +486,6 @@ class _Permits:
         if total is None or total > self.bulkhead._max // 2:
             return 0
         return self.batch
-
-    def spare_exceeded(self) -> bool:
-        bulkhead = self.bulkhead
-        return not self.degraded and bulkhead._allowed - bulkhead._in_flight > self.spare()
 
     def wake(self) -> None:
         """Have the keeper look at what the calls need now (starting it if need be)."""
@@ -597,9 +602,11 @@ class _Permits:
             )
         self.held = grant.held
         self.fleet_held = grant.total
+        self.spare_limit = self.spare()
         self.full_until = _clock.now() + _POLL if grant.total >= bulkhead._max else -math.inf
         if self.degraded:
             self.degraded = False
+            self.spare_limit = self.spare()
             self.retry_delay = _STORE_RETRY
         bulkhead._allowed = self.held
         self.grant_waiters()
@@ -608,6 +615,7 @@ class _Permits:
     def degrade(self) -> None:
         """The store is away: decide on the local limit until it answers again."""
         self.degraded = True
+        self.spare_limit = sys.maxsize
         self.earliest = math.inf
         self.bulkhead._allowed = self.local_limit
         self.grant_waiters()
