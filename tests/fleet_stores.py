@@ -37,6 +37,8 @@ class FleetStore:
         self.budgets: dict[str, dict[str, Any]] = {}
         # bulkhead name -> {member: [count, lapses_at]}
         self.permits: dict[str, dict[str, list[float]]] = {}
+        # bulkhead name -> {member: when it last asked in vain}
+        self.waiting: dict[str, dict[str, float]] = {}
 
     async def _round_trip(self, what: str, member: str, within: float | None = None) -> None:
         self.requests[what] = self.requests.get(what, 0) + 1
@@ -139,4 +141,13 @@ class FleetStore:
             leases[member] = [mine, t + lease]
         else:
             leases.pop(member, None)
-        return PermitGrant(granted, mine, total)
+        waiting = self.waiting.setdefault(bulkhead, {})
+        if delta > 0 and granted < delta:
+            waiting[member] = t
+        else:
+            waiting.pop(member, None)
+        for gone in [m for m, at in waiting.items() if at < t - 1.0]:
+            del waiting[gone]
+        contenders = len(set(leases) | set(waiting))
+        others = any(m != member for m in waiting)
+        return PermitGrant(granted, mine, total, max(1, contenders), others)

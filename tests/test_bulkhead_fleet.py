@@ -128,6 +128,38 @@ async def test_a_call_that_may_not_wait_asks_the_store_once_then_is_refused() ->
         release.set()
 
 
+async def test_a_waiting_process_gets_its_share_from_one_with_a_queue_of_its_own() -> None:
+    store = FleetStore()
+    busy = fleet_bulkhead(store, 4, max_queued=None)
+    late = fleet_bulkhead(store, 4, max_queued=None)
+    served: list[float] = []
+
+    @busy
+    async def hog() -> None:
+        await anyio.sleep(0.05)
+
+    @late
+    async def call() -> None:
+        served.append(anyio.current_time())
+        await anyio.sleep(0.05)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):  # ten seconds of work, four at a time: a queue that never ends
+            tg.start_soon(hog)
+        await anyio.sleep(0.5)
+        assert busy.statistics().held == 4
+        start = anyio.current_time()
+        async with anyio.create_task_group() as callers:
+            for _ in range(20):
+                callers.start_soon(call)
+        # The busy process gives back what is over its share (4 / 2), instead
+        # of handing it to its own queue: the late one is served at 2 at a time.
+        assert served[0] - start < 0.5
+        assert anyio.current_time() - start < 20 * 0.05 / 2 + 1.0
+        assert max(late.statistics().held or 0, 0) <= 2
+        tg.cancel_scope.cancel()
+
+
 async def test_max_wait_bounds_the_wait_for_a_full_fleet() -> None:
     store = FleetStore()
     holder = fleet_bulkhead(store, 1)

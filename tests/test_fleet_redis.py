@@ -99,15 +99,16 @@ async def test_reservations_never_exceed_what_the_fleet_has_left() -> None:
 async def test_every_script_touches_keys_of_one_hash_tag() -> None:
     async with replicas(1) as (store,):
         budget = store._budget_key("payments")
-        counts, leases = store._bulkhead_keys("payments")
+        counts, leases, waiting = store._bulkhead_keys("payments")
 
     def tag(key: str) -> str:
         return key[key.index("{") : key.index("}") + 1]
 
-    # The bulkhead script's two keys share one tag: one slot in a cluster.
+    # The bulkhead script's keys share one tag: one slot in a cluster.
     assert counts.startswith(store.prefix + "bulkhead:")
     assert leases.startswith(counts)
-    assert tag(counts) == tag(leases) == tag(budget)
+    assert waiting.startswith(counts)
+    assert tag(counts) == tag(leases) == tag(waiting) == tag(budget)
     assert "payments" not in budget + counts  # no user-chosen text reaches a key
     assert (BUDGET.name, BULKHEAD.name) == ("budget", "bulkhead")
 

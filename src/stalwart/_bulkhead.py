@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import sys
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -60,6 +59,10 @@ class PermitGrant:
     held: int
     #: permits the whole fleet holds now
     total: int
+    #: processes holding or waiting for permits (this one included), >= 1
+    contenders: int = 1
+    #: another process waits for permits: keep no more than a fair share
+    others_waiting: bool = False
 
 
 class PermitStore(Protocol):
@@ -357,7 +360,7 @@ class Bulkhead(Policy):
                         # (More spare permits than it keeps: give some back.)
                         if (
                             fleet is not None
-                            and bulkhead._allowed - bulkhead._in_flight > fleet.spare_limit
+                            and fleet.held - bulkhead._in_flight > fleet.spare_limit
                         ):
                             fleet.wake()
                 metrics.success += 1
@@ -392,7 +395,7 @@ class Bulkhead(Policy):
         if self._in_flight > self._allowed or not self._queue.grant():
             self._in_flight -= 1
             fleet = self._fleet
-            if fleet is not None and self._allowed - self._in_flight > fleet.spare_limit:
+            if fleet is not None and fleet.held - self._in_flight > fleet.spare_limit:
                 fleet.wake()
 
     def _reject(self, start: float | None) -> NoReturn:
@@ -445,6 +448,7 @@ class _Permits:
         "member",
         "reply",
         "retry_delay",
+        "share",
         "spare_limit",
         "store",
         "task",
@@ -469,6 +473,8 @@ class _Permits:
         # Spare permits the calls leave before they wake the keeper to give
         # some back (what the fast path reads: see `spare`; none while degraded).
         self.spare_limit = 0
+        # Permits it may keep: a fair share while other processes wait, else all.
+        self.share = bulkhead._max
         self.asking = 0
         # The earliest deadline of the calls waiting for the keeper (loop time).
         self.earliest = math.inf
@@ -534,32 +540,38 @@ class _Permits:
         renew_at = _clock.now() + self.lease / 3.0
         try:
             while True:
-                want = bulkhead._in_flight + bulkhead._queue.queued + self.asking
+                in_flight = bulkhead._in_flight
+                want = in_flight + bulkhead._queue.queued + self.asking
                 held = self.held
                 now = _clock.now()
                 if not self.degraded and held == 0 and want == 0:
                     return
-                if self.degraded or want > held:
-                    delta = want - held
+                # While other processes wait, keep no more than a fair share.
+                target = want if self.degraded else min(want, self.share)
+                keepable = max(in_flight, target) + self.spare_limit
+                if self.degraded or target > held:
+                    delta = target - held
                 elif now >= renew_at:  # renew; an idle process gives everything back
-                    delta = -held if want == 0 else min(0, self.spare() + want - held)
-                elif held - want > self.spare():
-                    delta = self.spare() + want - held
+                    delta = -held if want == 0 else min(0, keepable - held)
+                elif held > keepable:
+                    delta = keepable - held
+                elif want > held:
+                    delta = 0  # held back to its share: hear whether the others still wait
                 else:
                     await self.sleep(renew_at - now)
                     continue
                 if delta < 0:
                     # Not the calls' any more, from now on: the fast path must not take them.
                     self.held += delta
-                    bulkhead._allowed = self.held
+                    bulkhead._allowed = min(self.held, self.share)
                 ok = await self.ask(delta)
                 renew_at = _clock.now() + self.lease / 3.0
                 self.announce()
                 if not ok:
                     await anyio.sleep(self.retry_delay)
                     self.retry_delay = min(self.retry_delay * 2.0, _STORE_RETRY_MAX)
-                elif bulkhead._queue.queued and bulkhead._in_flight >= bulkhead._allowed:
-                    await anyio.sleep(poll)  # the fleet is full: ask again soon
+                elif bulkhead._in_flight + bulkhead._queue.queued + self.asking > self.held:
+                    await anyio.sleep(poll)  # calls wait: ask again soon
                     poll = min(poll * 2.0, _POLL_MAX)
                 else:
                     poll = _POLL
@@ -602,20 +614,25 @@ class _Permits:
             )
         self.held = grant.held
         self.fleet_held = grant.total
-        self.spare_limit = self.spare()
         self.full_until = _clock.now() + _POLL if grant.total >= bulkhead._max else -math.inf
+        if grant.others_waiting:
+            self.share = max(1, math.ceil(bulkhead._max / grant.contenders))
+            self.spare_limit = 0
+        else:
+            self.share = bulkhead._max
+            self.spare_limit = self.spare()
         if self.degraded:
             self.degraded = False
-            self.spare_limit = self.spare()
             self.retry_delay = _STORE_RETRY
-        bulkhead._allowed = self.held
+        bulkhead._allowed = min(self.held, self.share)
         self.grant_waiters()
         return True
 
     def degrade(self) -> None:
         """The store is away: decide on the local limit until it answers again."""
         self.degraded = True
-        self.spare_limit = sys.maxsize
+        self.share = bulkhead_max = self.bulkhead._max
+        self.spare_limit = bulkhead_max + self.local_limit  # never woken to give back
         self.earliest = math.inf
         self.bulkhead._allowed = self.local_limit
         self.grant_waiters()

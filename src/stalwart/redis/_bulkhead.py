@@ -7,10 +7,11 @@ from a task of its own; its calls take the permits it holds without a round
 trip.
 
 A bulkhead is a hash of the permits each process holds,
-``{prefix}bulkhead:{<h>}``, and a sorted set of their leases,
-``{prefix}bulkhead:{<h>}:leases``, where ``<h>`` is 128 bits of SHA-256 of
-the bulkhead's name in a hash tag: under Redis Cluster both live in one
-slot. A process that dies stops renewing; its permits lapse with its lease.
+``{prefix}bulkhead:{<h>}``, a sorted set of their leases,
+``{prefix}bulkhead:{<h>}:leases``, and a hash of the processes waiting for
+permits, ``{prefix}bulkhead:{<h>}:waiting``, where ``<h>`` is 128 bits of
+SHA-256 of the bulkhead's name in a hash tag: under Redis Cluster the three
+live in one slot. A process that dies stops renewing; its permits lapse with its lease.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from .._bulkhead import PermitGrant
 from ._client import _UNAVAILABLE, _Client, _digest, _ms
 from ._scripts import Script
 
-#: KEYS: the permits held, the leases. ARGV: member, delta, extra, limit, far,
-#: lease ms. See ``bulkhead.lua``.
+#: KEYS: the permits held, the leases, the processes waiting. ARGV: member,
+#: delta, extra, limit, far, lease ms, waiting ms. See ``bulkhead.lua``.
 BULKHEAD: Final = Script("bulkhead")
 
 _WHAT: Final = "bulkhead permits"
+# A process counts as waiting this long after it last asked in vain (it asks
+# again every 20 to 200 ms while it waits).
+_WAITING_MS: Final = 1000
 
 
 class _Bulkheads(_Client):
@@ -33,9 +37,9 @@ class _Bulkheads(_Client):
 
     __slots__ = ()
 
-    def _bulkhead_keys(self, bulkhead: str) -> tuple[str, str]:
+    def _bulkhead_keys(self, bulkhead: str) -> tuple[str, str, str]:
         name = f"{self._prefix}bulkhead:{{{_digest(bulkhead)}}}"
-        return name, f"{name}:leases"
+        return name, f"{name}:leases", f"{name}:waiting"
 
     async def adjust_permits(
         self,
@@ -58,9 +62,11 @@ class _Bulkheads(_Client):
         if bound <= 0.0:
             passed = TimeoutError("the ambient deadline has passed")
             raise self._unavailable(_WHAT, passed) from passed
-        args = (member, delta, extra, limit, far, _ms("lease", lease))
+        args = (member, delta, extra, limit, far, _ms("lease", lease), _WAITING_MS)
         try:
             reply = await self._eval(BULKHEAD, self._bulkhead_keys(bulkhead), args, within=bound)
         except _UNAVAILABLE as exc:
             raise self._unavailable(_WHAT, exc, bound) from exc
-        return PermitGrant(int(reply[0]), int(reply[1]), int(reply[2]))
+        return PermitGrant(
+            int(reply[0]), int(reply[1]), int(reply[2]), max(1, int(reply[4])), reply[5] == 1
+        )
