@@ -173,10 +173,13 @@ class Bulkhead(Policy):
     takes permits one call at a time and gives each back when its call ends
     (from the background: a call never waits for a give-back). A call that
     finds no permit waits while its process asks the store (one round
-    trip), then as above: queued (FIFO within its process; across
-    processes, freed permits go to whichever process asks first: the
-    processes waiting ask again every 20 ms to 200 ms), or refused. Give
-    every process the same ``max_concurrent`` and ``lease``.
+    trip), then as above: queued, or refused. The queue is FIFO within a
+    process; across processes, a process whose calls wait asks again every
+    20 ms to 200 ms, and while any process waits, each keeps no more than
+    its share of the limit (divided by the processes holding or waiting
+    for permits): a finishing call's permit above that share goes back to
+    the fleet instead of to the next call in its own queue. Give every
+    process the same ``max_concurrent`` and ``lease``.
 
     A process holds its permits under a lease of ``lease`` seconds, renewed
     every third of it while it holds any; an idle process gives its spare
