@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from stalwart.redis._bulkhead import BULKHEAD
 
 from . import redis_support
 from .conftest import sample
+from .fleet_stores import FleetStore
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
@@ -279,3 +281,41 @@ async def test_the_success_path_makes_no_round_trip_per_call() -> None:
     for label, calls, trips in rows:
         assert calls >= 100, label
         assert trips <= 10, (label, calls, trips)  # a few exchanges or renewals, for all of them
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_the_scripts_agree_with_the_stand_in_the_unit_tests_use(seed: int) -> None:
+    """``budget.lua`` and ``bulkhead.lua`` against ``tests/fleet_stores.py``, on one sequence.
+
+    The virtual-time tests of the policies run against the stand-in: it must
+    keep the same books as Redis (long windows and leases, so that no clock
+    enters the comparison).
+    """
+    rng = random.Random(seed)
+    fake = FleetStore(latency=0.0)
+    members = ["a", "b", "c"]
+    async with replicas(1) as (store,):
+        totals = {m: (0, 0) for m in members}
+        for _ in range(40):
+            member = rng.choice(members)
+            requests, retries = totals[member]
+            requests += rng.randrange(0, 20)
+            retries += rng.randrange(0, 3)
+            totals[member] = (requests, retries)
+            options: dict[str, Any] = {
+                "window": 1000.0,
+                "member_ttl": 500.0,
+                "ratio": 0.3,
+                "floor": 4.0,
+                "want": rng.randrange(0, 8),
+            }
+            expected = await fake.exchange_budget("b", member, requests, retries, (0, 0), **options)
+            got = await store.exchange_budget("b", member, requests, retries, (0, 0), **options)
+            assert got == expected
+        for _ in range(60):
+            member = rng.choice(members)
+            delta = rng.randrange(-4, 6)
+            options = {"extra": rng.randrange(0, 3), "limit": 8, "far": 4, "lease": 500.0}
+            expected_grant = await fake.adjust_permits("h", member, delta, within=1.0, **options)
+            got_grant = await store.adjust_permits("h", member, delta, within=1.0, **options)
+            assert got_grant == expected_grant

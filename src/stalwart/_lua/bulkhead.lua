@@ -61,16 +61,25 @@ end
 mine = mine + granted
 total = total + granted
 
+if mine > 0 then
+  redis.call('HSET', counts, member, mine)
+  redis.call('ZADD', leases, now + lease, member)
+else
+  redis.call('HDEL', counts, member)
+  redis.call('ZREM', leases, member)
+end
 if delta > 0 and granted < delta then
   redis.call('HSET', waiting, member, now)
 else
   redis.call('HDEL', waiting, member)
 end
+
+-- Who contends for the permits: the processes holding some, and those waiting.
 local contenders = 0
 local others_waiting = 0
-local seen = {}
+local holding = {}
 for _, holder in ipairs(redis.call('HKEYS', counts)) do
-  seen[holder] = true
+  holding[holder] = true
   contenders = contenders + 1
 end
 local flat = redis.call('HGETALL', waiting)
@@ -80,20 +89,10 @@ for i = 1, #flat, 2 do
     redis.call('HDEL', waiting, who)
   else
     if who ~= member then others_waiting = 1 end
-    if not seen[who] and who ~= member then contenders = contenders + 1 end
+    if not holding[who] then contenders = contenders + 1 end
   end
 end
-if not seen[member] and (mine > 0 or (delta > 0 and granted < delta)) then
-  contenders = contenders + 1
-end
 
-if mine > 0 then
-  redis.call('HSET', counts, member, mine)
-  redis.call('ZADD', leases, now + lease, member)
-else
-  redis.call('HDEL', counts, member)
-  redis.call('ZREM', leases, member)
-end
 for _, key in ipairs({counts, leases, waiting}) do
   local ttl = redis.call('PTTL', key)
   if ttl ~= -2 and ttl < lease then redis.call('PEXPIRE', key, lease) end
