@@ -295,7 +295,7 @@ async def test_the_scripts_agree_with_the_stand_in_the_unit_tests_use(seed: int)
     fake = FleetStore(latency=0.0)
     members = ["a", "b", "c"]
     async with replicas(1) as (store,):
-        totals = {m: (0, 0) for m in members}
+        totals = dict.fromkeys(members, (0, 0))
         for _ in range(40):
             member = rng.choice(members)
             requests, retries = totals[member]
