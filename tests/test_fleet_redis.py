@@ -319,3 +319,56 @@ async def test_the_scripts_agree_with_the_stand_in_the_unit_tests_use(seed: int)
             expected_grant = await fake.adjust_permits("h", member, delta, within=1.0, **options)
             got_grant = await store.adjust_permits("h", member, delta, within=1.0, **options)
             assert got_grant == expected_grant
+
+
+async def test_a_budget_rejoins_the_fleet_when_a_stalled_redis_resumes() -> None:
+    tel, registry = telemetry()
+    with redis_support.private_redis() as server:
+        client = redis_support.client(server.url)
+        store = RedisStore(client, timeout=0.3)
+        budget = sw.RetryBudget(
+            ratio=0.5, min_per_second=0.0, store=store, sync_interval=0.05, telemetry=tel
+        )
+        budget.deposit()
+        await redis_support.until(lambda: budget.statistics().processes == 1)
+        server.pause()  # SIGSTOP: Redis hangs
+        try:
+            for _ in range(10):
+                budget.deposit()
+            fleet = budget._fleet
+            assert fleet is not None
+            await redis_support.until(lambda: fleet.failing_since is not None)
+            # Its own window decides (11 first attempts earn 5.5), and says so.
+            assert sum(budget.try_withdraw() for _ in range(10)) == 5
+            unavailable = "stalwart_retry_budget_store_unavailable_total"
+            assert sample(registry, unavailable, policy="retry_budget") == 5
+        finally:
+            server.resume()
+        # Back: what it counted meanwhile reaches Redis, and it is in the fleet again.
+        await redis_support.until(lambda: budget.statistics().fleet_requests == 11, within=15.0)
+        assert fleet.failing_since is None
+        assert budget.statistics().fleet_retries is not None
+        await store.aclose()
+        await client.aclose()
+
+
+async def test_a_call_that_may_not_queue_asks_redis_once() -> None:
+    async with replicas(2) as (a, b):
+        holder = sw.Bulkhead(1, max_queued=None, store=a, name="one", telemetry=telemetry()[0])
+        other = sw.Bulkhead(1, store=b, name="one", telemetry=telemetry()[0])  # max_queued=0
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            await release.wait()
+
+        async def quick() -> str:
+            return "ran"
+
+        assert await other.call(quick) == "ran"  # the fleet had room: one round trip
+        await redis_support.until(lambda: other.statistics().held == 0, within=10.0)
+        holding = asyncio.ensure_future(holder.call(hold))
+        await redis_support.until(lambda: holder.in_flight == 1)
+        with pytest.raises(sw.BulkheadFullError):
+            await other.call(quick)
+        release.set()
+        await holding
