@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 import redis.asyncio
 from prometheus_client import CollectorRegistry
+from redis.crc import key_slot
 
 import stalwart as sw
 from stalwart.redis import RedisStore
 from stalwart.redis._budget import BUDGET
 from stalwart.redis._bulkhead import BULKHEAD
+from stalwart.redis._client import _digest
 
 from . import redis_support
 from .conftest import sample
@@ -98,19 +100,19 @@ async def test_reservations_never_exceed_what_the_fleet_has_left() -> None:
         assert (other.granted, other.retries) == (1, 5)
 
 
-async def test_every_script_touches_keys_of_one_hash_tag() -> None:
+async def test_every_script_touches_keys_of_one_record() -> None:
     async with replicas(1) as (store,):
         budget = store._budget_key("payments")
         counts, leases, waiting = store._bulkhead_keys("payments")
-
-    def tag(key: str) -> str:
-        return key[key.index("{") : key.index("}") + 1]
-
-    # The bulkhead script's keys share one tag: one slot in a cluster.
-    assert counts.startswith(store.prefix + "bulkhead:")
-    assert leases.startswith(counts)
-    assert waiting.startswith(counts)
-    assert tag(counts) == tag(leases) == tag(waiting) == tag(budget)
+        digest = _digest("payments")
+        # Named by the store's one helper, as every record is: hash-tagged where
+        # that matters (a cluster), so that one script's keys share a slot.
+        assert budget == store._key("budget", digest)
+        assert counts == store._key("bulkhead", digest)
+    assert leases == counts + ":leases"
+    assert waiting == counts + ":waiting"
+    if "{" in counts:
+        assert len({key_slot(k.encode()) for k in (counts, leases, waiting)}) == 1
     assert "payments" not in budget + counts  # no user-chosen text reaches a key
     assert (BUDGET.name, BULKHEAD.name) == ("budget", "bulkhead")
 

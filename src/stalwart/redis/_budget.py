@@ -35,7 +35,7 @@ class _Budgets(_Client):
     __slots__ = ()
 
     def _budget_key(self, budget: str) -> str:
-        return f"{self._prefix}budget:{{{_digest(budget)}}}"
+        return self._key("budget", _digest(budget))
 
     async def exchange_budget(
         self,

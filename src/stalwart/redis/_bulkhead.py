@@ -38,7 +38,7 @@ class _Bulkheads(_Client):
     __slots__ = ()
 
     def _bulkhead_keys(self, bulkhead: str) -> tuple[str, str, str]:
-        name = f"{self._prefix}bulkhead:{{{_digest(bulkhead)}}}"
+        name = self._key("bulkhead", _digest(bulkhead))
         return name, f"{name}:leases", f"{name}:waiting"
 
     async def adjust_permits(
