@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from typing import Any
 
 import anyio
@@ -372,3 +373,61 @@ def test_a_fleet_bulkhead_shows_its_options() -> None:
 def test_no_warning_is_logged_while_nothing_fails(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     assert not caplog.records
+
+
+@pytest.mark.parametrize("outage", [False, True], ids=["store up", "store down a while"])
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_traffic_keeps_the_limit_and_leaves_nothing_behind(
+    seed: int, outage: bool
+) -> None:
+    """Calls arriving at random, some impatient, some cancelled; the store away a while."""
+    rng = random.Random(seed)
+    store = FleetStore(latency=0.002)
+    store.hang = rng.random() < 0.5  # an outage: refused at once, or hung until the bound
+    limit = rng.choice([1, 3, 8])
+    processes = [
+        fleet_bulkhead(
+            store,
+            limit,
+            max_queued=rng.choice([None, 0, 2]),
+            max_wait=rng.choice([None, 0.05, 1.0]),
+            batch=rng.choice([0, 1, 2]),
+            lease=2.0,
+        )
+        for _ in range(3)
+    ]
+    occupancy = Occupancy()
+    outcomes: dict[str, int] = {}
+
+    async def one(bulkhead: sw.Bulkhead, seconds: float, patience: float) -> None:
+        outcome = "ran"
+        with anyio.move_on_after(patience) as scope:
+            try:
+                await bulkhead.call(occupancy.work, seconds)
+            except sw.BulkheadFullError:
+                outcome = "refused"
+        if scope.cancelled_caught:
+            outcome = "cancelled"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    async with anyio.create_task_group() as tg:
+        for i in range(300):
+            if outage:
+                store.down = 100 <= i < 200
+            tg.start_soon(
+                one,
+                rng.choice(processes),
+                rng.uniform(0.001, 0.1),
+                rng.choice([math.inf, math.inf, 0.03, 0.5]),
+            )
+            await anyio.sleep(rng.expovariate(200.0))
+    if outage:  # each process on its local limit (the whole limit) while the store was away
+        assert occupancy.peak <= 3 * limit, occupancy.peak
+    else:
+        assert occupancy.peak <= limit, occupancy.peak
+    assert outcomes.get("ran", 0) > 0
+    assert all(p.in_flight == 0 and p.queued == 0 for p in processes)
+    await anyio.sleep(10.0)  # back in the fleet; everything given back, every keeper ended
+    assert not any(p.statistics().degraded for p in processes)
+    assert store.held(NAME) == 0
+    assert all(p._fleet is not None and p._fleet.task is None for p in processes)

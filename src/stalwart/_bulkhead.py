@@ -44,6 +44,9 @@ _POLL_MAX: Final = 0.2
 # doubling up to the maximum (as `RateLimiter` does).
 _STORE_RETRY: Final = 0.25
 _STORE_RETRY_MAX: Final = 5.0
+# However close a waiting call's deadline, the store gets this long to answer
+# before the bulkhead decides alone.
+_STORE_MIN_BOUND: Final = 0.05
 
 _log = logging.getLogger("stalwart")
 
@@ -192,7 +195,8 @@ class Bulkhead(Policy):
 
     While the store cannot be reached (it does not answer within its
     ``timeout``, nor within half the time left before the deadline of the
-    earliest waiting call), each process decides on ``local_limit`` alone:
+    earliest waiting call, or 50 ms if that is less), each process decides
+    on ``local_limit`` alone:
     the fleet then runs up to ``local_limit`` calls per process. Failed
     requests are counted in ``stalwart_bulkhead_store_unavailable_total``
     and the store logs the outage once; the bulkhead asks again a quarter of
@@ -590,8 +594,14 @@ class _Permits:
         bulkhead = self.bulkhead
         store = self.store
         within = store.timeout
-        if self.earliest < math.inf:
-            within = min(within, max(0.0, (self.earliest - _clock.now()) / 2.0))
+        left = self.earliest - _clock.now()
+        if left <= 0.0:
+            self.earliest = math.inf  # that call is over (cancelled, or out of time)
+        else:
+            # Half the time the earliest waiting call has left, so that it
+            # can still run on the local limit if the store does not answer;
+            # never so little that a healthy store could not.
+            within = min(within, max(left / 2.0, _STORE_MIN_BOUND))
         try:
             grant = await store.adjust_permits(
                 bulkhead.name,
