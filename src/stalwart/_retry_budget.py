@@ -181,10 +181,12 @@ class RetryBudget:
     process whose need grows waits up to one interval for a larger
     reservation, and each keeps one retry reserved while it runs.
 
-    A process whose store does not answer within the store's ``timeout``,
-    or whose last reservation has left the window (it was idle), decides on
-    its own window, as an in-process budget does, with its share of the
-    floor (divided by the processes it last heard of), until an exchange
+    Until its first exchange (one round trip after its first call), a
+    process spends only what its own first attempts earn. A process whose
+    store does not answer within the store's ``timeout``, or whose last
+    reservation has left the window (it was idle), decides on its own
+    window, as an in-process budget does, with its share of the floor
+    (divided by the processes it last heard of), until an exchange
     succeeds: while the store cannot be reached, each process allows
     ``ratio`` of its own first attempts and its share of the floor (counted
     in ``stalwart_retry_budget_store_unavailable_total``, and logged once
@@ -335,8 +337,11 @@ class RetryBudget:
     def _available(self) -> float:
         floor = self._min_per_second * self._window
         fleet = self._fleet
-        if fleet is not None and fleet.totals is not None:
-            floor /= fleet.totals.processes  # its share of the fleet's floor
+        if fleet is not None:
+            if fleet.totals is not None:
+                floor /= fleet.totals.processes  # its share of the fleet's floor
+            elif fleet.failing_since is None:
+                floor = 0.0  # before its first exchange: only what it earned itself
         return self._ratio * self._total_requests + floor - self._total_retries
 
     def deposit(self) -> None:
