@@ -34,6 +34,7 @@ CONTRACT = [
     "Telemetry",
     "ConcurrencyLimit",
     "AdaptiveThrottle",
+    "Fallback",
 ]
 
 # Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.

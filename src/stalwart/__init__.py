@@ -28,6 +28,7 @@ from ._errors import (
     StalwartWarning,
     StoreUnavailable,
 )
+from ._fallback import Fallback
 from ._idempotency import Idempotency
 from ._idempotency_store import Completed, IdempotencyStore, InFlight, Lease, MemoryStore
 from ._metrics import MetricFamily, PolicyMetrics
@@ -60,6 +61,7 @@ __all__ = [
     "ConcurrencyLimit",
     "CountWindow",
     "DeadlineExceeded",
+    "Fallback",
     "Gradient2Limit",
     "Idempotency",
     "IdempotencyConflict",
