@@ -35,6 +35,7 @@ CONTRACT = [
     "ConcurrencyLimit",
     "AdaptiveThrottle",
     "Fallback",
+    "PerKey",
 ]
 
 # Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.

@@ -32,6 +32,7 @@ from ._fallback import Fallback
 from ._idempotency import Idempotency
 from ._idempotency_store import Completed, IdempotencyStore, InFlight, Lease, MemoryStore
 from ._metrics import MetricFamily, PolicyMetrics
+from ._per_key import PerKey
 from ._pipeline import Pipeline
 from ._policy import Binding, Policy
 from ._rate_limiter import RateLimiter
@@ -75,6 +76,7 @@ __all__ = [
     "LimitAlgorithm",
     "MemoryStore",
     "MetricFamily",
+    "PerKey",
     "Pipeline",
     "Policy",
     "PolicyMetrics",

@@ -36,7 +36,6 @@ What the transport adds to the policy:
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, Final, final
@@ -66,6 +65,7 @@ from ._http import (
     parse_retry_after,
     response_retry_after,
 )
+from ._per_key import PerKey
 from ._policy import Binding, Policy
 from ._rate_limiter import RateLimiter
 from ._retry import Retry, retries_disabled
@@ -226,6 +226,19 @@ def _as_httpx_error(error: StalwartError, request: httpx.Request) -> StalwartErr
     return copy
 
 
+def _origin_of(request: httpx.Request) -> str:
+    """The origin a request goes to: its ``per_host`` key."""
+    url = request.url
+    return _origin_text((url.scheme, url.raw_host, url.port))
+
+
+def _checked_factory(factory: Callable[[str], Policy]) -> Callable[[str], Policy]:
+    def make(origin: str) -> Policy:
+        return made_policy("per_host", factory(origin), origin)
+
+    return make
+
+
 def _origin_text(origin: _Origin) -> str:
     """``scheme://host:port``, the default port spelt out, an IPv6 host in brackets."""
     scheme, raw_host, port = origin
@@ -371,7 +384,6 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     """
 
     __slots__ = (
-        "_hosts",
         "_max_hosts",
         "_name",
         "_per_host",
@@ -416,15 +428,24 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             idempotency_header=idempotency_header,
             rng=rng,
         )
-        self._per_host = policy_factory(
-            "per_host", per_host, key="origin", a_key="an origin", each="host"
-        )
+        factory = policy_factory("per_host", per_host, key="origin", a_key="an origin", each="host")
         self._max_hosts = _validate.count("max_hosts", max_hosts)
-        # origin -> (its policy, `policy` bound around it); least recently used first.
-        self._hosts: OrderedDict[_Origin, tuple[Policy, _Send]] = OrderedDict()
         self._rate_limit = rate_limit_option(rate_limit)
         # Bound once: the policy's per-function setup is not paid per request.
-        self._send: _Send = bind_attempts(policy, self._attempt, self._rate_limit, self._attempt)
+        attempt = self._attempt
+        self._per_host: PerKey[Policy] | None = None
+        if factory is not None:
+            # The policy of each attempt's origin, inside `policy` and the limiter,
+            # without a span of its own: `policy`'s carries its events.
+            self._per_host = PerKey(
+                _checked_factory(factory),
+                key=_origin_of,
+                max_keys=self._max_hosts,
+                name=self._name,
+                telemetry=policy.telemetry,
+            )
+            attempt = self._per_host.wrap(attempt, Binding(self._attempt, traced=False))
+        self._send: _Send = bind_attempts(policy, attempt, self._rate_limit, self._attempt)
 
     @property
     def policy(self) -> Policy:
@@ -456,18 +477,25 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
             {origin: breaker.state for origin, breaker in transport.host_policies.items()}
         """
-        return {_origin_text(origin): entry[0] for origin, entry in self._hosts.items()}
+        return {} if self._per_host is None else dict(self._per_host.items())
+
+    @property
+    def per_host(self) -> PerKey[Policy] | None:
+        """The `~stalwart.PerKey` keeping the ``per_host`` policies by origin (None without).
+
+        Hand it to a health check: ``stalwart.asgi.BreakerHealth(transport.per_host)``.
+        """
+        return self._per_host
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the policy; see the class documentation."""
         await request.aread()
         retryable = self._rules.repeatable(request.method, request.headers)
-        send = self._send if self._per_host is None else self._send_to(request.url)
         try:
             if retryable:
-                return await send(request)
+                return await self._send(request)
             with retries_disabled():
-                return await send(request)
+                return await self._send(request)
         except RetryableStatusError as exc:
             if exc.request is not request:
                 raise
@@ -480,26 +508,6 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if translated is None:
                 raise
             raise translated from exc
-
-    def _send_to(self, url: httpx.URL) -> _Send:
-        """``policy`` around the per-host policy of ``url``'s origin (made on first use)."""
-        origin = (url.scheme, url.raw_host, url.port)
-        hosts = self._hosts
-        entry = hosts.get(origin)
-        if entry is not None:
-            hosts.move_to_end(origin)
-            return entry[1]
-        assert self._per_host is not None
-        text = _origin_text(origin)
-        own = made_policy("per_host", self._per_host(text), text)
-        # As a Pipeline would bind them, without a span of its own: `policy`'s
-        # span carries the per-host policy's events.
-        inner = own.wrap(self._attempt, Binding(self._attempt, traced=False))
-        send: _Send = bind_attempts(self._policy, inner, self._rate_limit, self._attempt)
-        hosts[origin] = (own, send)
-        if len(hosts) > self._max_hosts:
-            hosts.popitem(last=False)
-        return send
 
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
         """One round trip: what the policy calls, retries and times."""
