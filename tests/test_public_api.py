@@ -42,6 +42,7 @@ CONTRACT = [
 INTEGRATIONS = {
     "aiohttp": ["DeadlineMiddleware", "ResilientMiddleware"],
     "asgi": [
+        "BreakerHealth",
         "DeadlineMiddleware",
         "ErrorMiddleware",
         "IdempotencyMiddleware",
