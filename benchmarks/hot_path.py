@@ -36,6 +36,8 @@ TIMEOUT: Final = "Timeout"
 IDEMPOTENCY: Final = "Idempotency (in-process store)"
 PIPELINE: Final = "Pipeline"
 RATE_LIMITER: Final = "RateLimiter, permit available"
+FALLBACK: Final = "Fallback, success"
+PER_KEY: Final = "PerKey, the key's policy found"
 GROUPS: Final = (
     RETRY,
     RETRY_FAILING,
@@ -49,6 +51,8 @@ GROUPS: Final = (
     IDEMPOTENCY,
     PIPELINE,
     RATE_LIMITER,
+    FALLBACK,
+    PER_KEY,
 )
 
 BARE: Final = "bare await f()"
@@ -227,6 +231,24 @@ def rate_limited_per_key() -> Call:
     """Every call has a key (one key, its bucket found in the limiter's table)."""
     limiter = sw.RateLimiter(UNREACHED_RATE, key="key", name=unique("rate_limiter"))
     return functools.partial(limiter(keyed), "user-1")
+
+
+#: The breaker that `PerKey` rows hold, alone: their baseline.
+KEYED_BREAKER: Final = "CircuitBreaker closed, success, alone (keyed function)"
+
+
+def keyed_breaker() -> Call:
+    breaker = sw.CircuitBreaker(name=unique("breaker"))
+    return functools.partial(breaker(keyed), "host-1")
+
+
+def per_key_breaker() -> Call:
+    """Every call finds its key's breaker (one key, in a table of 1,000)."""
+    per_key = sw.PerKey(
+        lambda key: sw.CircuitBreaker(name=unique("breaker")), key="key", name=unique("per_key")
+    )
+    guarded = per_key(keyed)
+    return functools.partial(guarded, "host-1")
 
 
 def baselines() -> list[Case]:
@@ -414,6 +436,23 @@ def cases() -> list[Case]:
             BARE,
             group=RATE_LIMITER,
             note="reads the key, checks it, finds its bucket (LRU)",
+        ),
+        Case(
+            "Fallback, success",
+            lambda: sw.Fallback(0)(f),
+            BARE,
+            3,
+            group=FALLBACK,
+            note="the fallback is never built nor called on success",
+        ),
+        Case(KEYED_BREAKER, keyed_breaker, BARE, group=PER_KEY, reference=True),
+        Case(
+            "PerKey(CircuitBreaker), the key's breaker found",
+            per_key_breaker,
+            KEYED_BREAKER,
+            2,
+            group=PER_KEY,
+            note="reads the key, checks it, finds its entry (LRU), then the breaker",
         ),
     ]
 

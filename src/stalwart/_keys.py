@@ -26,6 +26,7 @@ __all__ = [
     "Lru",
     "checked",
     "key_option",
+    "key_position",
     "key_reader",
     "spec_text",
 ]
@@ -76,12 +77,22 @@ def key_reader(spec: KeySpec, origin: Callable[..., Any]) -> KeyReader:
             return user(*args, **kwargs)
 
         return from_callable
-    index, default = _key_position(origin, spec, _qualified_name(origin))
+    index, default = key_position(spec, origin)
 
     def from_parameter(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return args[index] if len(args) > index else kwargs.get(spec, default)
 
     return from_parameter
+
+
+def key_position(name: str, origin: Callable[..., Any]) -> tuple[int, Any]:
+    """Where parameter ``name`` of ``origin`` is in a call: (index in args, default).
+
+    The index is ``sys.maxsize`` for a keyword-only parameter; the default
+    `MISSING` for a parameter without one. For a hot path that reads the
+    key inline: ``args[index] if len(args) > index else kwargs.get(name, default)``.
+    """
+    return _key_position(origin, name, _qualified_name(origin))
 
 
 def spec_text(spec: KeySpec | None) -> str | None:

@@ -8,7 +8,17 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Final, Generic, ParamSpec, TypeVar, final
 
 from . import _metrics
-from ._keys import KEY_MAX_LENGTH, MISSING, Key, KeySpec, Lru, checked, key_option, key_reader
+from ._keys import (
+    KEY_MAX_LENGTH,
+    MISSING,
+    Key,
+    KeySpec,
+    Lru,
+    checked,
+    key_option,
+    key_position,
+    key_reader,
+)
 from ._keys import spec_text as _spec_text
 from ._metrics import Collector, MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
@@ -117,7 +127,7 @@ class PerKey(Policy, Generic[PolicyT]):
     metrics_type = PerKeyMetrics
     _metrics: PerKeyMetrics
     _decorator_call = "PerKey(factory, key=...)"
-    __slots__ = ("_factory", "_key", "_sites", "_table")
+    __slots__ = ("_factory", "_key", "_recent", "_sites", "_table")
 
     def __init__(
         self,
@@ -144,6 +154,10 @@ class PerKey(Policy, Generic[PolicyT]):
         assert spec is not None
         self._key: KeySpec = spec
         self._table: Lru[str, _Entry] = Lru(max_keys, dropped=self._dropped)
+        # The key used last and its entry: already the most recent in the table
+        # (the "PerKey" benchmark row). Never a dropped key's: the key used last
+        # is dropped only to make room for a new key, which becomes the last.
+        self._recent: list[Any] = [None, None]
         self._sites = itertools.count()
         self._metrics.live.add(self)
 
@@ -173,18 +187,25 @@ class PerKey(Policy, Generic[PolicyT]):
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        read = key_reader(self._key, binding.origin)
+        spec = self._key
+        # A parameter's key is read inline, a callable's by `key_reader`.
+        read = key_reader(spec, binding.origin) if callable(spec) else None
+        index, default = (0, None) if callable(spec) else key_position(spec, binding.origin)
+        name = "" if callable(spec) else spec
         site = next(self._sites)
         # The key's policy records on this policy's span, as a Pipeline's members do.
         members = Binding(binding.origin, traced=False)
         table = self._table
-        entries, use, build = table.entries, table.use, self._build
+        entries, use, build, recent = table.entries, table.use, self._build, self._recent
         slot, span, timer, metrics = (
             self._telemetry.provider_slot,
             self.in_span,
             self.timer(),
             self._metrics,
         )
+
+        # This function's call for the key used last (see `_recent`).
+        mine: list[Any] = [None, None]
 
         def bind(entry: _Entry) -> Callable[..., Coroutine[Any, Any, T]]:
             bound = entry.bound[site] = entry.policy.wrap(fn, members)
@@ -196,19 +217,32 @@ class PerKey(Policy, Generic[PolicyT]):
                     return await span(plain, args, kwargs)
                 start = None if timer is None else timer()
                 try:
-                    key = read(args, kwargs)
+                    if read is not None:
+                        key = read(args, kwargs)
+                    else:
+                        key = args[index] if len(args) > index else kwargs.get(name, default)
                     if key is None or key is MISSING:  # (missing: fn will say so)
                         call = positional
                     else:
                         if type(key) is not str or not 0 < len(key) <= KEY_MAX_LENGTH:
                             key = checked(key, "the per-key policy's key")
-                        # `Lru.use`'s found case inlined: the "PerKey" benchmark row.
-                        entry = entries.get(key)
-                        if entry is None:
-                            entry = use(key, build)
+                        if key == recent[0]:
+                            if key == mine[0]:
+                                call = mine[1]
+                            else:
+                                entry = recent[1]
+                                call = entry.bound.get(site) or bind(entry)
+                                mine[0], mine[1] = key, call
                         else:
-                            entries.move_to_end(key)
-                        call = entry.bound.get(site) or bind(entry)
+                            # `Lru.use`'s found case inlined: the "PerKey" benchmark row.
+                            entry = entries.get(key)
+                            if entry is None:
+                                entry = use(key, build)
+                            else:
+                                entries.move_to_end(key)
+                            recent[0], recent[1] = key, entry
+                            call = entry.bound.get(site) or bind(entry)
+                            mine[0], mine[1] = key, call
                     result = await (call(*args, **kwargs) if kwargs else call(*args))
                 except BaseException as exc:
                     metrics.failed(exc, start)
