@@ -160,6 +160,20 @@ async def test_at_most_max_keys_are_kept_the_least_recently_used_dropped() -> No
     assert len(per_key) == 2
 
 
+async def test_every_function_wrapped_sees_a_dropped_keys_new_policy() -> None:
+    factory = Factory()
+    per_key = sw.PerKey(factory, key="host", max_keys=1)
+    first, second = per_key(fetch), per_key(fetch)
+    with pytest.raises(Down):
+        await first("sick")
+    await second("well")  # drops sick
+    with pytest.raises(Down):
+        await second("sick")  # a new breaker for sick, closed
+    with pytest.raises(sw.CircuitOpenError):  # first goes through that new one, now open
+        await first("sick")
+    assert factory.built == ["sick", "well", "sick"]
+
+
 async def test_a_dropped_keys_policy_starts_afresh() -> None:
     per_key = sw.PerKey(Factory(), key="host", max_keys=1)
     guarded = per_key(fetch)

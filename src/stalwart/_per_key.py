@@ -76,6 +76,17 @@ class _Entry:
 
 
 @final
+class _Hot:
+    """A wrapped function's entry used last and its call through it (see `PerKey._recent`)."""
+
+    __slots__ = ("__weakref__", "call", "entry")
+
+    def __init__(self) -> None:
+        self.entry: _Entry | None = None
+        self.call: Any = None  # (the function's T: a coroutine function)
+
+
+@final
 class PerKey(Policy, Generic[PolicyT]):
     """One policy per key: a breaker per upstream, a bulkhead per tenant.
 
@@ -127,7 +138,7 @@ class PerKey(Policy, Generic[PolicyT]):
     metrics_type = PerKeyMetrics
     _metrics: PerKeyMetrics
     _decorator_call = "PerKey(factory, key=...)"
-    __slots__ = ("_factory", "_key", "_recent", "_sites", "_table")
+    __slots__ = ("_factory", "_hots", "_key", "_recent", "_sites", "_table")
 
     def __init__(
         self,
@@ -158,6 +169,7 @@ class PerKey(Policy, Generic[PolicyT]):
         # (the "PerKey" benchmark row). Never a dropped key's: the key used last
         # is dropped only to make room for a new key, which becomes the last.
         self._recent: list[Any] = [None, None]
+        self._hots: weakref.WeakSet[_Hot] = weakref.WeakSet()
         self._sites = itertools.count()
         self._metrics.live.add(self)
 
@@ -204,8 +216,9 @@ class PerKey(Policy, Generic[PolicyT]):
             self._metrics,
         )
 
-        # This function's call for the key used last (see `_recent`).
-        mine: list[Any] = [None, None]
+        # This function's call through the entry it used last (see `_recent`).
+        hot = _Hot()
+        self._hots.add(hot)
 
         def bind(entry: _Entry) -> Callable[..., Coroutine[Any, Any, T]]:
             bound = entry.bound[site] = entry.policy.wrap(fn, members)
@@ -227,12 +240,12 @@ class PerKey(Policy, Generic[PolicyT]):
                         if type(key) is not str or not 0 < len(key) <= KEY_MAX_LENGTH:
                             key = checked(key, "the per-key policy's key")
                         if key == recent[0]:
-                            if key == mine[0]:
-                                call = mine[1]
+                            entry = recent[1]
+                            if hot.entry is entry:
+                                call = hot.call
                             else:
-                                entry = recent[1]
                                 call = entry.bound.get(site) or bind(entry)
-                                mine[0], mine[1] = key, call
+                                hot.entry, hot.call = entry, call
                         else:
                             # `Lru.use`'s found case inlined: the "PerKey" benchmark row.
                             entry = entries.get(key)
@@ -242,7 +255,7 @@ class PerKey(Policy, Generic[PolicyT]):
                                 entries.move_to_end(key)
                             recent[0], recent[1] = key, entry
                             call = entry.bound.get(site) or bind(entry)
-                            mine[0], mine[1] = key, call
+                            hot.entry, hot.call = entry, call
                     result = await (call(*args, **kwargs) if kwargs else call(*args))
                 except BaseException as exc:
                     metrics.failed(exc, start)
@@ -267,6 +280,9 @@ class PerKey(Policy, Generic[PolicyT]):
 
     def _dropped(self, key: str, entry: _Entry) -> None:
         self._metrics.dropped += 1
+        for hot in list(self._hots):  # a dropped policy is held by nothing of ours
+            if hot.entry is entry:
+                hot.entry = hot.call = None
         for collector, metrics_key in entry.made:
             collector.forget(metrics_key)
 
