@@ -352,9 +352,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     Name each breaker after its origin, as above: the name is its metrics'
     ``policy`` label (breakers sharing a name share one state gauge) and,
     with a shared ``store``, the key of its shared state (breakers sharing a
-    name share one circuit). A client that calls unboundedly many hosts
-    should give them a common name instead, to keep its metrics' labels
-    bounded.
+    name share one circuit). The labels stay bounded: the policies are kept
+    by a `~stalwart.PerKey` (`per_host`), and a dropped upstream's series
+    stop being exported.
 
     Args:
         policy: the policy each request goes through. Default:
