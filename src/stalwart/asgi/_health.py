@@ -66,7 +66,7 @@ class BreakerHealth:
     breaker is open but none required, ``"ok"`` otherwise. ``key`` is the
     ``PerKey`` key (null for a breaker given directly); ``retry_after`` the
     seconds until an open breaker lets a trial through (null when not open,
-    or when forced open). ``GET`` and ``HEAD`` are answered, other methods
+    or when forced open; in milliseconds' precision). ``GET`` and ``HEAD`` are answered, other methods
     get 405; the answer is never cached (``Cache-Control: no-store``).
 
     Args:
@@ -125,7 +125,9 @@ class BreakerHealth:
                     "name": breaker.name,
                     "key": key,
                     "state": state.value,
-                    "retry_after": until if until is not None and math.isfinite(until) else None,
+                    "retry_after": (
+                        round(until, 3) if until is not None and math.isfinite(until) else None
+                    ),
                     "required": required,
                 }
             )
