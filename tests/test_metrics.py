@@ -402,4 +402,5 @@ async def test_per_host_policies_keep_bounded_metric_state(registry: CollectorRe
         ("circuit_breaker", f"http://host-{i}.test:80")
         for i in sorted(range(_metrics.RETIRED_KEPT + 290, _metrics.RETIRED_KEPT + 300), key=str)
     ]
-    assert sample(registry, "stalwart_circuit_rejected_total", policy="http://host-0.test:80") is None
+    first = "http://host-0.test:80"
+    assert sample(registry, "stalwart_circuit_rejected_total", policy=first) is None

@@ -65,9 +65,10 @@ class BreakerHealth:
     ``status`` is ``"unavailable"`` with a 503, ``"degraded"`` when some
     breaker is open but none required, ``"ok"`` otherwise. ``key`` is the
     ``PerKey`` key (null for a breaker given directly); ``retry_after`` the
-    seconds until an open breaker lets a trial through (null when not open,
-    or when forced open; in milliseconds' precision). ``GET`` and ``HEAD`` are answered, other methods
-    get 405; the answer is never cached (``Cache-Control: no-store``).
+    seconds until an open breaker lets a trial through, to the millisecond
+    (null when not open, or when forced open). ``GET`` and ``HEAD`` are
+    answered, other methods get 405; the answer is never cached
+    (``Cache-Control: no-store``).
 
     Args:
         *sources: where the breakers are (see above).
