@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import gc
+from collections import OrderedDict
 from typing import Any, assert_type
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 import stalwart as sw
@@ -364,3 +367,35 @@ def test_the_repr_shows_its_options() -> None:
     per_key = sw.PerKey(breaker, key="host", max_keys=5, name="hosts")
     shown = "PerKey(test_the_repr_shows_its_options.<locals>.breaker, key='host', max_keys=5"
     assert repr(per_key) == shown + ", name='hosts')"
+
+
+@settings(max_examples=50)
+@given(
+    keys=st.lists(st.sampled_from("abcdef"), max_size=40),
+    max_keys=st.integers(min_value=1, max_value=4),
+    functions=st.integers(min_value=1, max_value=3),
+)
+async def test_the_keys_kept_are_a_least_recently_used_cache(
+    keys: list[str], max_keys: int, functions: int
+) -> None:
+    built: list[str] = []
+
+    def factory(key: str) -> sw.Pipeline:
+        built.append(key)
+        return sw.Pipeline(name=f"pipeline {key}")
+
+    per_key = sw.PerKey(factory, key="host", max_keys=max_keys)
+    wrapped = [per_key(fetch) for _ in range(functions)]
+    model: OrderedDict[str, None] = OrderedDict()
+    expected: list[str] = []
+    for i, key in enumerate(keys):
+        if key in model:
+            model.move_to_end(key)
+        else:
+            expected.append(key)
+            model[key] = None
+            if len(model) > max_keys:
+                model.popitem(last=False)
+        assert await wrapped[i % functions](key) == f"{key}/"
+    assert built == expected
+    assert [key for key, _ in per_key.items()] == list(model)
