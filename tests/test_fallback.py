@@ -108,6 +108,19 @@ async def test_a_result_on_result_accepts_is_returned() -> None:
     assert await sw.Fallback([9], on_result=lambda result: not result)(some)() == [1]
 
 
+async def test_an_on_result_that_raises_fails_the_call_counted_as_an_error() -> None:
+    telemetry, _, registry = recorded()
+
+    def judge(result: object) -> bool:
+        raise KeyError("judge")
+
+    fallback = sw.Fallback("x", on_result=judge, name="judged", telemetry=telemetry)
+    with pytest.raises(KeyError):
+        await fallback(fine)()
+    assert fallback.metrics.error == 1
+    assert sample(registry, "stalwart_fallbacks_total", policy="judged") == 0.0
+
+
 async def test_an_exception_the_fallback_raises_propagates_with_the_calls_as_context() -> None:
     def broken(exc: BaseException) -> str:
         raise RuntimeError("the cache is down too")

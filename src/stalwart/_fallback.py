@@ -217,9 +217,10 @@ class Fallback(Policy, Generic[R_co]):
                     metrics.failed(exc, start)
                     raise
                 else:
-                    if on_result is not None and on_result(result):
+                    if on_result is not None:
                         try:
-                            result = await owner._fell_back(answer, None, result)
+                            if on_result(result):
+                                result = await owner._fell_back(answer, None, result)
                         except BaseException as error:
                             metrics.failed(error, start)
                             raise
