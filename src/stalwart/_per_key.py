@@ -220,9 +220,13 @@ class PerKey(Policy, Generic[PolicyT]):
         hot = _Hot()
         self._hots.add(hot)
 
-        def bind(entry: _Entry) -> Callable[..., Coroutine[Any, Any, T]]:
-            bound = entry.bound[site] = entry.policy.wrap(fn, members)
-            return bound
+        def through(entry: _Entry) -> Callable[..., Coroutine[Any, Any, T]]:
+            """This function's call through ``entry``'s policy (bound on first use)."""
+            call = entry.bound.get(site)
+            if call is None:
+                call = entry.bound[site] = entry.policy.wrap(fn, members)
+            hot.entry, hot.call = entry, call
+            return call
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def per_key(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -234,28 +238,22 @@ class PerKey(Policy, Generic[PolicyT]):
                         key = read(args, kwargs)
                     else:
                         key = args[index] if len(args) > index else kwargs.get(name, default)
-                    if key is None or key is MISSING:  # (missing: fn will say so)
+                    if type(key) is str and key == recent[0]:  # checked, and the most recent
+                        entry = recent[1]
+                        call = hot.call if hot.entry is entry else through(entry)
+                    elif key is None or key is MISSING:  # (missing: fn will say so)
                         call = positional
                     else:
                         if type(key) is not str or not 0 < len(key) <= KEY_MAX_LENGTH:
                             key = checked(key, "the per-key policy's key")
-                        if key == recent[0]:
-                            entry = recent[1]
-                            if hot.entry is entry:
-                                call = hot.call
-                            else:
-                                call = entry.bound.get(site) or bind(entry)
-                                hot.entry, hot.call = entry, call
+                        # `Lru.use`'s found case inlined: the "PerKey" benchmark row.
+                        entry = entries.get(key)
+                        if entry is None:
+                            entry = use(key, build)
                         else:
-                            # `Lru.use`'s found case inlined: the "PerKey" benchmark row.
-                            entry = entries.get(key)
-                            if entry is None:
-                                entry = use(key, build)
-                            else:
-                                entries.move_to_end(key)
-                            recent[0], recent[1] = key, entry
-                            call = entry.bound.get(site) or bind(entry)
-                            hot.entry, hot.call = entry, call
+                            entries.move_to_end(key)
+                        recent[0], recent[1] = key, entry
+                        call = through(entry)
                     result = await (call(*args, **kwargs) if kwargs else call(*args))
                 except BaseException as exc:
                     metrics.failed(exc, start)
