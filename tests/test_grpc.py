@@ -354,6 +354,9 @@ async def test_the_least_recently_used_target_is_dropped(server: Server) -> None
         await unary(ch)(ask(server.key()))
         await unary(ch, "test.Other")(ask(server.key()))
     assert list(interceptor.target_policies) == ["test.Other"]
+    assert isinstance(interceptor.per_target, sw.PerKey)
+    assert [target for target, _ in interceptor.per_target.items()] == ["test.Other"]
+    assert ClientInterceptor().per_target is None
 
 
 # -- deadlines -------------------------------------------------------------------------
