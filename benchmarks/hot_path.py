@@ -37,6 +37,8 @@ IDEMPOTENCY: Final = "Idempotency (in-process store)"
 PIPELINE: Final = "Pipeline"
 RATE_LIMITER: Final = "RateLimiter, permit available"
 HEDGE: Final = "Hedge, the first attempt answers before the delay"
+FALLBACK: Final = "Fallback, success"
+PER_KEY: Final = "PerKey, the key's policy found"
 GROUPS: Final = (
     RETRY,
     RETRY_FAILING,
@@ -51,6 +53,8 @@ GROUPS: Final = (
     PIPELINE,
     RATE_LIMITER,
     HEDGE,
+    FALLBACK,
+    PER_KEY,
 )
 
 BARE: Final = "bare await f()"
@@ -234,6 +238,24 @@ def rate_limited_per_key() -> Call:
 def hedged_adaptive() -> Call:
     """A warm adaptive delay (its estimate in use): a clock read and a sample per call."""
     return sw.Hedge(delay=sw.AdaptiveDelay(warmup=1), name=unique("hedge"))(f)
+
+
+#: The breaker that `PerKey` rows hold, alone: their baseline.
+KEYED_BREAKER: Final = "CircuitBreaker closed, success, alone (keyed function)"
+
+
+def keyed_breaker() -> Call:
+    breaker = sw.CircuitBreaker(name=unique("breaker"))
+    return functools.partial(breaker(keyed), "host-1")
+
+
+def per_key_breaker() -> Call:
+    """Every call finds its key's breaker (one key, in a table of 1,000)."""
+    per_key = sw.PerKey(
+        lambda key: sw.CircuitBreaker(name=unique("breaker")), key="key", name=unique("per_key")
+    )
+    guarded = per_key(keyed)
+    return functools.partial(guarded, "host-1")
 
 
 def baselines() -> list[Case]:
@@ -436,6 +458,23 @@ def cases() -> list[Case]:
             BARE,
             group=HEDGE,
             note="also reads the clock twice and adds a latency sample",
+        ),
+        Case(
+            "Fallback, success",
+            lambda: sw.Fallback(0)(f),
+            BARE,
+            3,
+            group=FALLBACK,
+            note="the fallback is never built nor called on success",
+        ),
+        Case(KEYED_BREAKER, keyed_breaker, BARE, group=PER_KEY, reference=True),
+        Case(
+            "PerKey(CircuitBreaker), the key's breaker found",
+            per_key_breaker,
+            KEYED_BREAKER,
+            2,
+            group=PER_KEY,
+            note="reads the key, checks it, finds its entry (LRU), then the breaker",
         ),
     ]
 

@@ -354,6 +354,9 @@ async def test_the_least_recently_used_target_is_dropped(server: Server) -> None
         await unary(ch)(ask(server.key()))
         await unary(ch, "test.Other")(ask(server.key()))
     assert list(interceptor.target_policies) == ["test.Other"]
+    assert isinstance(interceptor.per_target, sw.PerKey)
+    assert [target for target, _ in interceptor.per_target.items()] == ["test.Other"]
+    assert ClientInterceptor().per_target is None
 
 
 # -- deadlines -------------------------------------------------------------------------
@@ -724,11 +727,14 @@ def test_a_policy_must_be_a_policy() -> None:
         ClientInterceptor("retry")  # type: ignore[arg-type]
 
 
-def test_a_per_target_factory_must_return_a_policy() -> None:
+async def test_a_per_target_factory_must_return_a_policy() -> None:
     interceptor = ClientInterceptor(per_target=lambda target: "breaker")  # type: ignore[arg-type,return-value]
-    details = call_details("/a.B/C")
-    with pytest.raises(TypeError, match="per_target must return a stalwart policy"):
-        interceptor._sends_for(details)
+
+    async def continuation(details: Any, request: Any) -> Any:
+        raise AssertionError("no call is made")
+
+    with pytest.raises(TypeError, match=r"per_target must return a stalwart policy.*a\.B"):
+        await interceptor.intercept_unary_unary(continuation, call_details("/a.B/C"), b"")
 
 
 def test_the_server_interceptors_default_timeout_is_validated() -> None:

@@ -35,12 +35,15 @@ CONTRACT = [
     "ConcurrencyLimit",
     "AdaptiveThrottle",
     "Hedge",
+    "Fallback",
+    "PerKey",
 ]
 
 # Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.
 INTEGRATIONS = {
     "aiohttp": ["DeadlineMiddleware", "ResilientMiddleware"],
     "asgi": [
+        "BreakerHealth",
         "DeadlineMiddleware",
         "ErrorMiddleware",
         "IdempotencyMiddleware",

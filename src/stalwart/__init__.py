@@ -29,10 +29,12 @@ from ._errors import (
     StalwartWarning,
     StoreUnavailable,
 )
+from ._fallback import Fallback
 from ._hedge import AdaptiveDelay, Hedge
 from ._idempotency import Idempotency
 from ._idempotency_store import Completed, IdempotencyStore, InFlight, Lease, MemoryStore
 from ._metrics import MetricFamily, PolicyMetrics
+from ._per_key import PerKey
 from ._pipeline import Pipeline
 from ._policy import Binding, Policy
 from ._rate_limiter import RateLimiter
@@ -63,6 +65,7 @@ __all__ = [
     "ConcurrencyLimit",
     "CountWindow",
     "DeadlineExceeded",
+    "Fallback",
     "Gradient2Limit",
     "Hedge",
     "Idempotency",
@@ -77,6 +80,7 @@ __all__ = [
     "LimitAlgorithm",
     "MemoryStore",
     "MetricFamily",
+    "PerKey",
     "Pipeline",
     "Policy",
     "PolicyMetrics",

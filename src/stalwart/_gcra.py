@@ -88,11 +88,11 @@ clock, for a limit shared by a fleet (see the script's header).
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Final, final
 
 from . import _validate
+from ._keys import Lru
 
 __all__ = ["GRANTED", "Gcra", "KeyedGcra", "Turn"]
 
@@ -300,40 +300,39 @@ class KeyedGcra:
     one per turn it still had queued (see the module docstring).
     """
 
-    __slots__ = ("_buckets", "_template", "max_keys")
+    __slots__ = ("_buckets", "_template")
 
     def __init__(
         self, rate: float, *, per: float = 1.0, burst: int = 1, max_keys: int = 10_000
     ) -> None:
         self._template = Gcra(rate, per=per, burst=burst)
-        self.max_keys = _validate.count("max_keys", max_keys)
-        self._buckets: OrderedDict[Hashable, Gcra] = OrderedDict()
+        self._buckets: Lru[Hashable, Gcra] = Lru(max_keys)
+
+    @property
+    def max_keys(self) -> int:
+        """Buckets kept at once."""
+        return self._buckets.max_keys
 
     def reserve(self, key: Hashable, now: float, max_wait: float = 0.0) -> Turn | None:
         """`Gcra.reserve` on ``key``'s bucket (made, or dropping the oldest key, if new)."""
-        buckets = self._buckets
-        bucket = buckets.get(key)
-        if bucket is None:
-            if len(buckets) >= self.max_keys:
-                buckets.popitem(last=False)
-            bucket = buckets[key] = self._template._fresh()
-        else:
-            buckets.move_to_end(key)
-        return bucket.reserve(now, max_wait)
+        return self._buckets.use(key, self._fresh).reserve(now, max_wait)
+
+    def _fresh(self, key: Hashable) -> Gcra:
+        return self._template._fresh()
 
     def wait_time(self, key: Hashable, now: float) -> float:
         """`Gcra.wait_time` of ``key`` (0.0 for a key without a bucket); does not touch it."""
-        bucket = self._buckets.get(key)
+        bucket = self._buckets.peek(key)
         return 0.0 if bucket is None else bucket.wait_time(now)
 
     def available(self, key: Hashable, now: float) -> int:
         """`Gcra.available` of ``key`` (``burst`` for a key without a bucket)."""
-        bucket = self._buckets.get(key)
+        bucket = self._buckets.peek(key)
         return self._template._burst if bucket is None else bucket.available(now)
 
     def refill_time(self, key: Hashable, now: float) -> float:
         """`Gcra.refill_time` of ``key`` (0.0 for a key without a bucket)."""
-        bucket = self._buckets.get(key)
+        bucket = self._buckets.peek(key)
         return 0.0 if bucket is None else bucket.refill_time(now)
 
     def __len__(self) -> int:

@@ -15,6 +15,11 @@ resume if a policy of that kind and name comes back), its gauges are not. At
 most `RETIRED_KEPT` retired objects are kept per registry, the least recently
 retired dropped first, so a service that makes a policy per request, or per
 upstream host, keeps bounded metric state whatever names it uses.
+
+A keyed policy (`PerKey`) that drops a key's policies goes further: it notes
+which metrics objects building them made (`capturing`) and has them
+*forgotten* (`Collector.forget`): once no policy holds them, they are dropped
+instead of retired, and no longer exported at all.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import weakref
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, TypeVar, final
 
@@ -47,6 +53,7 @@ __all__ = [
     "MetricFamily",
     "PolicyMetrics",
     "Registration",
+    "capturing",
 ]
 
 M = TypeVar("M", bound="PolicyMetrics")
@@ -377,6 +384,8 @@ class Collector:
         # may run in any thread, at any allocation), handled under the lock.
         self._released: list[tuple[str, str]] = []
         self._confirmed: dict[tuple[str, str], int] = {}  # real clashes, by key
+        # Keys to drop rather than retire once released (see `forget`).
+        self._forgotten: set[tuple[str, str]] = set()
         self.buckets: tuple[float, ...] | None = None
 
     def register(
@@ -397,6 +406,7 @@ class Collector:
         key = (kind, name)
         with self._lock:
             self._settle()
+            self._forgotten.discard(key)  # in use again
             if buckets is not None:
                 if self.buckets is None:
                     self.buckets = buckets
@@ -416,6 +426,9 @@ class Collector:
                     self._retired.pop(key, None)
                 registration = Registration(metrics, state)
                 self._holds[key] = weakref.ref(registration, self._callback(key))
+                made = getattr(_capture, "made", None)
+                if made is not None:
+                    made.append((self, key))
             else:
                 suspect = cls.exclusive and (state is None or state is not registration.state)
             metrics = registration.metrics
@@ -468,6 +481,11 @@ class Collector:
             hold = self._holds.get(key)
             if hold is not None and hold() is None:
                 del self._holds[key]
+                if key in self._forgotten:
+                    self._forgotten.discard(key)
+                    self._metrics.pop(key, None)
+                    self._retired.pop(key, None)
+                    continue
                 metrics = self._metrics.get(key)
                 if metrics is not None:
                     self._retired[key] = metrics
@@ -475,6 +493,21 @@ class Collector:
         while len(self._retired) > RETIRED_KEPT:
             key, _ = self._retired.popitem(last=False)
             del self._metrics[key]
+
+    def forget(self, key: tuple[str, str]) -> None:
+        """Stop exporting ``key``'s metrics (``(kind, name)``) once no policy holds them.
+
+        Held now: dropped when released instead of retired (unless a policy
+        of that kind and name registers again before). Retired already:
+        dropped now.
+        """
+        with self._lock:
+            self._settle()
+            hold = self._holds.get(key)
+            if hold is not None and hold() is not None:
+                self._forgotten.add(key)
+            elif self._retired.pop(key, None) is not None:
+                del self._metrics[key]
 
     def retired(self) -> int:
         """How many retired metrics objects are kept now."""
@@ -553,6 +586,29 @@ def _histogram(family: HistogramMetricFamily, labels: tuple[str, str], latency: 
             running += count
             cumulative.append((bound, running))
         family.add_metric([*labels, outcome], cumulative, total)
+
+
+_capture = threading.local()
+
+
+@contextmanager
+def capturing() -> Iterator[list[tuple[Collector, tuple[str, str]]]]:
+    """Note the metrics objects registered anew in this thread in the block.
+
+    Yields a list of ``(collector, (kind, name))``, filled as policies are
+    made in the block (a policy joining another live one of its name is not
+    noted: its metrics are not the block's). Blocks nest: an inner block's
+    notes are the outer's too.
+    """
+    made: list[tuple[Collector, tuple[str, str]]] = []
+    outer = getattr(_capture, "made", None)
+    _capture.made = made
+    try:
+        yield made
+    finally:
+        _capture.made = outer
+        if outer is not None:
+            outer.extend(made)
 
 
 _collectors: weakref.WeakKeyDictionary[CollectorRegistry, Collector] = weakref.WeakKeyDictionary()

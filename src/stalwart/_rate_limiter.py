@@ -25,7 +25,7 @@ import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn, ParamSpec, Protocol, TypeAlias, TypeVar, final
+from typing import Any, Final, NoReturn, ParamSpec, Protocol, TypeVar, final
 
 import anyio
 
@@ -33,7 +33,7 @@ from . import _clock, _validate
 from ._deadline import current_deadline
 from ._errors import RateLimitExceeded, StoreUnavailable
 from ._gcra import GRANTED, Gcra, KeyedGcra, Turn
-from ._idempotency import _MISSING, _callable_name, _key_position, _qualified_name
+from ._keys import KEY_MAX_LENGTH, MISSING, Key, KeySpec, checked, key_option, key_reader, spec_text
 from ._metrics import MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
 from ._telemetry import Telemetry, observed
@@ -44,16 +44,8 @@ __all__ = ["RateLimitStore", "RateLimiter", "RateLimiterMetrics", "StoredTurn"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-#: A key: a str of 1-255 characters or an int (made its decimal str); None: no limit.
-Key: TypeAlias = str | int
-KeySpec: TypeAlias = str | Callable[..., Key | None]
-
-KEY_MAX_LENGTH: Final = 255
 DEFAULT_MAX_KEYS: Final = 10_000
 REJECTED_REASON: Final = "rate_limited"
-
-# An int key becomes its decimal str: at most 20 characters in this range.
-_INT_KEYS: Final = range(-(2**63), 2**63)
 
 _monotonic: Final = time.monotonic
 
@@ -309,13 +301,7 @@ class RateLimiter(Policy):
         self._burst = burst
         wait = _validate.optional_duration("max_wait", max_wait)
         self._max_wait = math.inf if wait is None else wait
-        if key is not None and not isinstance(key, str) and not callable(key):
-            raise TypeError(
-                f"key must be a parameter name (str), a callable or None, not {type(key).__name__}"
-            )
-        if isinstance(key, str) and not key.isidentifier():
-            raise ValueError(f"key must be the name of a parameter or a callable, got {key!r}")
-        self._key = key
+        self._key = key_option(key)
         if store is not None and not (
             callable(getattr(store, "reserve_turn", None))
             and callable(getattr(store, "give_back_turn", None))
@@ -380,13 +366,13 @@ class RateLimiter(Policy):
         now = self._now()
         if key is None:
             return self._bucket.available(now)
-        return self._keyed.available(_checked(key, "key"), now)
+        return self._keyed.available(checked(key, "key"), now)
 
     def wrap(
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        read = None if self._key is None else self._key_reader(binding.origin)
+        read = None if self._key is None else key_reader(self._key, binding.origin)
         local = read is None and self._store is None
         bucket, tau, interval = self._bucket, self._bucket._tau, self._bucket.interval
         reserve, max_wait = bucket.reserve, self._max_wait
@@ -417,7 +403,7 @@ class RateLimiter(Policy):
                     await admit(None, start)
                 else:
                     key = read(args, kwargs)
-                    if key is not None and key is not _MISSING:  # (missing: fn will say so)
+                    if key is not None and key is not MISSING:  # (missing: fn will say so)
                         await admit(key, start)
                 try:
                     result = await (fn(*args, **kwargs) if kwargs else positional(*args))
@@ -452,7 +438,7 @@ class RateLimiter(Policy):
         """
         if key is not None and (type(key) is not str or not 0 < len(key) <= KEY_MAX_LENGTH):
             try:
-                key = _checked(key, "the rate limiter's key")
+                key = checked(key, "the rate limiter's key")
             except Exception as exc:
                 self._metrics.failed(exc, start)
                 raise
@@ -594,32 +580,8 @@ class RateLimiter(Policy):
         per = "a second" if self._per == 1.0 else f"per {self._per:g}s"
         return f"{self._rate:g} calls {per} (bursts of {self._burst})"
 
-    def _key_reader(
-        self, origin: Callable[..., Any]
-    ) -> Callable[[tuple[Any, ...], dict[str, Any]], Any]:
-        """How a call's key is read from its arguments, for ``origin``'s calls."""
-        spec = self._key
-        if callable(spec):
-            user = spec
-
-            def from_callable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                return user(*args, **kwargs)
-
-            return from_callable
-        assert isinstance(spec, str)
-        index, default = _key_position(origin, spec, _qualified_name(origin))
-
-        def from_parameter(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return args[index] if len(args) > index else kwargs.get(spec, default)
-
-        return from_parameter
-
     def __repr__(self) -> str:
-        key = (
-            self._key
-            if self._key is None or isinstance(self._key, str)
-            else _callable_name(self._key)
-        )
+        key = spec_text(self._key)
         return (
             f"RateLimiter({self._rate:g}, per={self._per:g}, burst={self._burst}, "
             f"max_wait={self.max_wait}, key={key!r}, name={self._name!r})"
@@ -631,18 +593,3 @@ def _deadline_of_call() -> float:
     deadline = current_deadline()
     scope = anyio.current_effective_deadline()
     return scope if deadline is None or scope < deadline else deadline
-
-
-def _checked(key: object, what: str) -> str:
-    """``key`` as a bucket's key: a str of 1-255 characters, or an int as its decimal str."""
-    if type(key) is str:
-        if 0 < len(key) <= KEY_MAX_LENGTH:
-            return key
-        raise ValueError(f"{what} must be 1-{KEY_MAX_LENGTH} characters, got {len(key)}")
-    if isinstance(key, int) and not isinstance(key, bool):
-        if key in _INT_KEYS:
-            return str(key)
-        raise ValueError(f"{what} must be an int in [-2**63, 2**63), got {_validate.shown(key)}")
-    if isinstance(key, str):  # a subclass: its own hash and equality are not trusted
-        return _checked(str.__str__(key), what)
-    raise TypeError(f"{what} must be a str, an int or None, not {type(key).__name__}")

@@ -38,7 +38,6 @@ import asyncio
 import inspect
 import math
 import re
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Final, final
 
@@ -61,6 +60,7 @@ from ._errors import (
     recast,
 )
 from ._http import error_details
+from ._per_key import PerKey
 from ._pipeline import Pipeline
 from ._policy import Policy
 from ._retry import Retry
@@ -155,6 +155,13 @@ def parse_pushback(value: str | bytes) -> float:
     if _PUSHBACK.fullmatch(value) is None:
         return math.inf
     return int(value) / 1000.0
+
+
+def _checked_factory(factory: Callable[[str], Policy]) -> Callable[[str], Policy]:
+    def make(target: str) -> Policy:
+        return made_policy("per_target", factory(target), target)
+
+    return make
 
 
 def service_of(method: str) -> str:
@@ -350,7 +357,9 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     every attempt, and its `~stalwart.CircuitOpenError` reaches ``policy``.
     At most ``max_targets`` targets keep their policy; beyond that the least
     recently used one is dropped. Name each breaker after its target, as
-    above: the name is its metrics' ``policy`` label.
+    above: the name is its metrics' ``policy`` label (a dropped target's
+    series stop being exported: the policies are kept by a
+    `~stalwart.PerKey`, `per_target`).
 
     Args:
         policy: the policy each call goes through. Default:
@@ -378,7 +387,6 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         "_sends",
         "_streaming",
         "_target",
-        "_targets",
     )
 
     def __init__(
@@ -396,7 +404,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
             policy = Retry(attempts=3, on=_retried_by_default, name=self._name)
         self._policy = policy = policy_option(policy)
         self._codes = _retry_codes(retry_codes)
-        self._per_target = policy_factory(
+        factory = policy_factory(
             "per_target", per_target, key="target", a_key="a target", each="target"
         )
         if not callable(target):
@@ -406,8 +414,19 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
             )
         self._target = target
         self._max_targets = _validate.count("max_targets", max_targets)
-        # target -> (its policy, the unary and the streaming send through both)
-        self._targets: OrderedDict[str, tuple[Policy, _Send, _Send]] = OrderedDict()
+        self._per_target: PerKey[Policy] | None = None
+        if factory is not None:
+            # The target's policy inside `policy`, the two as one Pipeline.
+            self._per_target = PerKey(
+                _checked_factory(factory),
+                key=self._target_of,
+                max_keys=self._max_targets,
+                name=self._name,
+                telemetry=policy.telemetry,
+            )
+            policy = Pipeline(
+                policy, self._per_target, name=policy.name, telemetry=policy.telemetry
+            )
         # Decorated once: the policy's per-function set-up is not paid per call.
         self._sends: tuple[_Send, _Send] = (policy(self._unary), policy(self._stream))
         self._streaming = StreamingInterceptor(self)
@@ -439,7 +458,15 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
 
         A snapshot (empty without ``per_target``), for a health page, say.
         """
-        return {target: entry[0] for target, entry in self._targets.items()}
+        return {} if self._per_target is None else dict(self._per_target.items())
+
+    @property
+    def per_target(self) -> PerKey[Policy] | None:
+        """The `~stalwart.PerKey` keeping the ``per_target`` policies by target (None without).
+
+        Hand it to a health check: ``stalwart.asgi.BreakerHealth(interceptor.per_target)``.
+        """
+        return self._per_target
 
     async def intercept_unary_unary(
         self,
@@ -470,34 +497,22 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
 
         Stalwart's errors escape as the call errors that stand for them.
         """
-        sends = self._sends if self._per_target is None else self._sends_for(details)
         try:
-            return await sends[kind](continuation, details, request)
+            return await self._sends[kind](continuation, details, request)
         except StalwartError as error:
             rpc_error = _as_rpc_error(error)
             if rpc_error is None:
                 raise
             raise rpc_error from error
 
-    def _sends_for(self, details: aio.ClientCallDetails) -> tuple[_Send, _Send]:
-        """``policy`` and the target's policy around the attempts (made on first use)."""
+    def _target_of(
+        self, continuation: _Continuation, details: aio.ClientCallDetails, request: Any
+    ) -> str:
+        """The target of a call: its ``per_target`` key."""
         method: Any = details.method  # bytes from grpc itself, str from some interceptors
         if isinstance(method, bytes):
             method = method.decode("utf-8", "replace")
-        key = self._target(method)
-        targets = self._targets
-        entry = targets.get(key)
-        if entry is not None:
-            targets.move_to_end(key)
-            return entry[1], entry[2]
-        assert self._per_target is not None
-        own = made_policy("per_target", self._per_target(key), key)
-        both = Pipeline(self._policy, own, name=self._policy.name, telemetry=self._policy.telemetry)
-        entry = (own, both(self._unary), both(self._stream))
-        targets[key] = entry
-        if len(targets) > self._max_targets:
-            targets.popitem(last=False)
-        return entry[1], entry[2]
+        return self._target(method)
 
     async def _unary(
         self, continuation: _Continuation, details: aio.ClientCallDetails, request: Any

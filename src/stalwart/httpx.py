@@ -70,6 +70,7 @@ from ._http import (
     parse_retry_after,
     response_retry_after,
 )
+from ._per_key import PerKey
 from ._policy import Binding, Policy
 from ._rate_limiter import RateLimiter
 from ._retry import Retry, retries_disabled
@@ -106,9 +107,9 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 _Send = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
 _Origin = tuple[str, bytes, int | None]  # scheme, raw host, port (None: the default)
-# An upstream's own policies: its `per_host` policy (or None), its hedge (or
-# None), and `policy` bound around them.
-_Host = tuple[Policy | None, Hedge | None, _Send]
+# An upstream's own hedge, and `policy` bound around it (its `per_host` policy
+# is kept by a `PerKey`, inside).
+_Host = tuple[Hedge, _Send]
 
 
 async def _close(response: httpx.Response) -> None:
@@ -239,6 +240,19 @@ def _as_httpx_error(error: StalwartError, request: httpx.Request) -> StalwartErr
     return copy
 
 
+def _origin_of(request: httpx.Request) -> str:
+    """The origin a request goes to: its ``per_host`` key."""
+    url = request.url
+    return _origin_text((url.scheme, url.raw_host, url.port))
+
+
+def _checked_factory(factory: Callable[[str], Policy]) -> Callable[[str], Policy]:
+    def make(origin: str) -> Policy:
+        return made_policy("per_host", factory(origin), origin)
+
+    return make
+
+
 def _origin_text(origin: _Origin) -> str:
     """``scheme://host:port``, the default port spelt out, an IPv6 host in brackets."""
     scheme, raw_host, port = origin
@@ -352,9 +366,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     Name each breaker after its origin, as above: the name is its metrics'
     ``policy`` label (breakers sharing a name share one state gauge) and,
     with a shared ``store``, the key of its shared state (breakers sharing a
-    name share one circuit). A client that calls unboundedly many hosts
-    should give them a common name instead, to keep its metrics' labels
-    bounded.
+    name share one circuit). The labels stay bounded: the policies are kept
+    by a `~stalwart.PerKey` (`per_host`), and a dropped upstream's series
+    stop being exported.
 
     **Hedged requests.** ``hedge`` sends a request that is safe to repeat
     (an idempotent method, or one carrying an ``Idempotency-Key``) again
@@ -409,6 +423,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     __slots__ = (
         "_hedge",
         "_hosts",
+        "_inner",
         "_max_hosts",
         "_name",
         "_per_host",
@@ -454,16 +469,29 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             idempotency_header=idempotency_header,
             rng=rng,
         )
-        self._per_host = policy_factory(
-            "per_host", per_host, key="origin", a_key="an origin", each="host"
-        )
+        factory = policy_factory("per_host", per_host, key="origin", a_key="an origin", each="host")
         self._max_hosts = _validate.count("max_hosts", max_hosts)
-        # Each upstream's own policies (see _Host); least recently used first.
+        # Each upstream's own hedge and `policy` bound around it (with `hedge`
+        # only); least recently used first.
         self._hosts: OrderedDict[_Origin, _Host] = OrderedDict()
         self._rate_limit = rate_limit_option(rate_limit)
         self._hedge = hedge_option(hedge)
         # Bound once: the policy's per-function setup is not paid per request.
-        self._send: _Send = bind_attempts(policy, self._attempt, self._rate_limit, self._attempt)
+        attempt = self._attempt
+        self._per_host: PerKey[Policy] | None = None
+        if factory is not None:
+            # The policy of each attempt's origin, inside `policy` and the limiter,
+            # without a span of its own: `policy`'s carries its events.
+            self._per_host = PerKey(
+                _checked_factory(factory),
+                key=_origin_of,
+                max_keys=self._max_hosts,
+                name=self._name,
+                telemetry=policy.telemetry,
+            )
+            attempt = self._per_host.wrap(attempt, Binding(self._attempt, traced=False))
+        self._inner: _Send = attempt
+        self._send: _Send = bind_attempts(policy, attempt, self._rate_limit, self._attempt)
 
     @property
     def policy(self) -> Policy:
@@ -500,11 +528,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
             {origin: breaker.state for origin, breaker in transport.host_policies.items()}
         """
-        return {
-            _origin_text(origin): entry[0]
-            for origin, entry in self._hosts.items()
-            if entry[0] is not None
-        }
+        return {} if self._per_host is None else dict(self._per_host.items())
+
+    @property
+    def per_host(self) -> PerKey[Policy] | None:
+        """The `~stalwart.PerKey` keeping the ``per_host`` policies by origin (None without).
+
+        Hand it to a health check: ``stalwart.asgi.BreakerHealth(transport.per_host)``.
+        """
+        return self._per_host
 
     @property
     def host_hedges(self) -> dict[str, Hedge]:
@@ -512,18 +544,13 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
         ``hedge.current_delay()`` tells what an adaptive delay has learned of it.
         """
-        return {
-            _origin_text(origin): entry[1]
-            for origin, entry in self._hosts.items()
-            if entry[1] is not None
-        }
+        return {_origin_text(origin): entry[0] for origin, entry in self._hosts.items()}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the policy; see the class documentation."""
         await request.aread()
         retryable = self._rules.repeatable(request.method, request.headers)
-        per_host = self._per_host is not None or self._hedge is not None
-        send = self._send_to(request.url) if per_host else self._send
+        send = self._send if self._hedge is None else self._send_to(request.url)
         try:
             if retryable:
                 return await send(request)
@@ -543,24 +570,19 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             raise translated from exc
 
     def _send_to(self, url: httpx.URL) -> _Send:
-        """``policy`` around the policies of ``url``'s origin (made on first use)."""
+        """``policy`` around the hedge of ``url``'s origin (made on first use)."""
         origin = (url.scheme, url.raw_host, url.port)
         hosts = self._hosts
         entry = hosts.get(origin)
         if entry is not None:
             hosts.move_to_end(origin)
-            return entry[2]
-        text = _origin_text(origin)
-        own = None
-        inner: _Send = self._attempt
-        if self._per_host is not None:
-            own = made_policy("per_host", self._per_host(text), text)
-            # As a Pipeline would bind them, without a span of its own: `policy`'s
-            # span carries the per-host policy's events.
-            inner = own.wrap(inner, Binding(self._attempt, traced=False))
-        hedge = None if self._hedge is None else self._hedge._twin(discard=_close)
-        send: _Send = bind_attempts(self._policy, inner, self._rate_limit, self._attempt, hedge)
-        hosts[origin] = (own, hedge, send)
+            return entry[1]
+        assert self._hedge is not None
+        hedge = self._hedge._twin(discard=_close)
+        send: _Send = bind_attempts(
+            self._policy, self._inner, self._rate_limit, self._attempt, hedge
+        )
+        hosts[origin] = (hedge, send)
         if len(hosts) > self._max_hosts:
             hosts.popitem(last=False)
         return send

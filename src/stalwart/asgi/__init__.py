@@ -17,6 +17,9 @@ out anyway::
 
     app = IdempotencyMiddleware(DeadlineMiddleware(ErrorMiddleware(app), max_timeout=30.0))
 
+`BreakerHealth` is an app of its own, to mount where a readiness probe looks:
+it answers with the states of the service's circuit breakers, as JSON.
+
 Plain ASGI 3: they work under any server and around any framework (Starlette,
 FastAPI, Django, Quart, ...). Only ``http`` requests are handled; lifespan and
 websocket scopes pass straight through.
@@ -27,6 +30,7 @@ from __future__ import annotations
 from .._http import parse_grpc_timeout, parse_timeout_ms
 from ._deadline import DeadlineMiddleware
 from ._errors import ErrorMiddleware
+from ._health import BreakerHealth
 from ._idempotency import (
     DEFAULT_CREDENTIALS,
     Credentials,
@@ -39,6 +43,7 @@ from ._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [  # noqa: RUF022 - plainly sorted, as the other modules (tests/test_public_api.py)
     "ASGIApp",
+    "BreakerHealth",
     "Credentials",
     "DEFAULT_CREDENTIALS",
     "DeadlineMiddleware",

@@ -8,7 +8,8 @@ from typing import final
 
 from .._errors import RateLimitExceeded
 from .._http import rate_limit_field, rate_limit_policy_field, seconds_after
-from .._rate_limiter import KEY_MAX_LENGTH, Key, RateLimiter
+from .._keys import KEY_MAX_LENGTH, Key
+from .._rate_limiter import RateLimiter
 from ._types import ASGIApp, Message, Receive, Scope, Send, _send_problem
 
 __all__ = ["RateLimitMiddleware", "client_address"]
