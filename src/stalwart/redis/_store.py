@@ -12,12 +12,10 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Final, final
 
-import redis.asyncio as _aioredis
-
 from .. import _clock, _validate
 from .._codec import Codec, JSONCodec
 from ._circuit import _Circuits
-from ._client import _UNAVAILABLE, MAX_DURATION
+from ._client import _UNAVAILABLE, MAX_DURATION, AnyClient
 from ._idempotency import OnUnavailable, _Idempotency
 from ._rate_limit import _RateLimits
 
@@ -149,7 +147,7 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits):
 
     def __init__(
         self,
-        client: _aioredis.Redis,
+        client: AnyClient,
         *,
         prefix: str = DEFAULT_PREFIX,
         codec: Codec | None = None,
@@ -185,7 +183,7 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits):
     # -- options ---------------------------------------------------------------
 
     @property
-    def client(self) -> _aioredis.Redis:
+    def client(self) -> AnyClient:
         return self._client
 
     @property
