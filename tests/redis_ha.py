@@ -253,6 +253,43 @@ class Cluster(_Group):
                     return int(primary[1])
         raise AssertionError(f"no node serves {key!r}")
 
+    def node_id(self, port: int) -> str:
+        with admin(port) as client:
+            raw = client.execute_command("CLUSTER", "MYID")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def move_slot(self, key: str, target: int) -> None:
+        """Move ``key``'s slot, with its keys, to the primary at port ``target`` (a resharding)."""
+        source = self.primary_of(key)
+        with admin(source) as client:
+            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        with admin(source) as src, admin(target) as dst:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        for port in self.primaries():
+            if port not in (source, target):
+                with admin(port) as other:
+                    other.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        poll(
+            lambda: all(
+                self._owner(server.port, slot) == target for server in self.servers if server.alive
+            ),
+            within=FORM_WITHIN,
+            what=f"every node knows slot {slot} moved",
+        )
+
+    def _owner(self, port: int, slot: int) -> int | None:
+        with admin(port) as client:
+            for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return int(primary[1])
+        return None
+
     def replica_of(self, primary: int) -> int:
         return next(port for port, role, of in self.nodes() if role == "slave" and of == primary)
 

@@ -88,6 +88,23 @@ class _Signal:
             self._armed.discard(future)
 
 
+async def _finish(closing: asyncio.Future[None]) -> None:
+    """Wait for ``closing`` even if cancelled meanwhile (then re-raise the cancellation).
+
+    Closing a connection half way leaves its socket to the garbage
+    collector; ``closing`` is bounded (`_Follower._close_pubsub`), so the
+    cancellation is only delayed, never lost.
+    """
+    cancelled: BaseException | None = None
+    while not closing.done():
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+
+
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -336,14 +353,17 @@ class _Follower(_Client):
                 await _stop(reader)
                 if not reader.cancelled():
                     reader.exception()  # retrieved: it was raised above, or is moot
-            if pubsub is not None:
-                with contextlib.suppress(Exception):
-                    async with _within(self._timeout):
-                        await pubsub.aclose()
-            if own is not None:
-                with contextlib.suppress(Exception):
-                    async with _within(self._timeout):
-                        await own.aclose(close_connection_pool=True)
+            if pubsub is not None or own is not None:
+                await _finish(asyncio.ensure_future(self._close_pubsub(pubsub, own)))
+
+    async def _close_pubsub(self, pubsub: Any, own: _aioredis.Redis | None) -> None:
+        """Close the pub/sub connection (and the node's client it came from), within `timeout`."""
+        with contextlib.suppress(Exception):
+            async with _within(self._timeout):
+                if pubsub is not None:
+                    await pubsub.aclose()
+                if own is not None:
+                    await own.aclose(close_connection_pool=True)
 
     async def _open_pubsub(self) -> tuple[Any, _aioredis.Redis | None]:
         """A pub/sub connection, and the client to close with it (None: the store's own).

@@ -9,8 +9,11 @@ protocol). What it adds is the user's side: options, properties,
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
-from typing import Final, final
+from typing import Final, cast, final
+
+from redis.asyncio import RedisCluster
 
 from .. import _clock, _validate
 from .._codec import Codec, JSONCodec
@@ -251,6 +254,14 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits):
         building your breakers to serve the first request with the fleet's
         state. Raises `StoreUnavailable` if Redis does not answer in time.
         """
+        if self._cluster:
+            # Learn the cluster's nodes and slots first, in its own time:
+            # the follower's pub/sub connection needs them.
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await cast(RedisCluster, self._client).initialize()
+            except _UNAVAILABLE as exc:
+                raise self._unavailable("cluster nodes", exc) from exc
         self._follow_soon()
         circuits = [c for c in self._circuits.values() if any(ref() for ref in c.listeners)]
         end = _clock.now() + self._timeout
