@@ -551,8 +551,11 @@ async def _churn(store: RedisStore) -> None:
         ):
             await asyncio.sleep(0.01)
     finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
+        while not writer.done():
+            # Again and again: on Python 3.11, redis-py's socket writes
+            # (asyncio.wait_for) may swallow one cancellation.
+            writer.cancel()
+            await asyncio.wait({writer}, timeout=0.05)
     _say(
         {
             "closed": closed(),
