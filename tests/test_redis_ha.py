@@ -24,6 +24,7 @@ import pytest
 import redis.asyncio
 import redis.crc
 from prometheus_client import CollectorRegistry
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.sentinel import Sentinel
 
 import stalwart as sw
@@ -76,7 +77,7 @@ def topology(request: pytest.FixtureRequest) -> Spec:
     """How a process connects to the topology under test (JSON, for the workers too)."""
     if request.param == "cluster":
         group: redis_ha.Cluster = request.getfixturevalue("cluster")
-        return {"kind": "cluster", "url": group.url}
+        return {"kind": "cluster", "ports": group.ports}
     watched: redis_ha.Sentinels = request.getfixturevalue("sentinels")
     return {"kind": "sentinel", "sentinels": watched.addresses}
 
@@ -86,7 +87,10 @@ async def connection(spec: Spec) -> AsyncIterator[redis.asyncio.Redis | redis.as
     """A client as a service would build it: short timeouts, so that a dead node shows fast."""
     timeouts: dict[str, Any] = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
     if spec["kind"] == "cluster":
-        cluster = redis.asyncio.RedisCluster.from_url(spec["url"], **timeouts)
+        # Every node as a startup node, as a service would list them: the
+        # first may be the one a failover killed.
+        nodes = [ClusterNode("127.0.0.1", port) for port in spec["ports"]]
+        cluster = redis.asyncio.RedisCluster(startup_nodes=nodes, **timeouts)
         try:
             yield cluster
         finally:
@@ -346,7 +350,7 @@ async def test_processes_keep_to_one_rate_limit(pool: Pool, topology: Spec, pref
 async def test_breakers_follow_a_record_moved_to_another_node(
     cluster: redis_ha.Cluster,
 ) -> None:
-    spec = {"kind": "cluster", "url": cluster.url}
+    spec = {"kind": "cluster", "ports": cluster.ports}
     prefix = redis_support.unique_prefix()
     try:
         async with store_of(spec, prefix) as one, store_of(spec, prefix) as other:
@@ -404,6 +408,18 @@ async def test_a_failover_mid_run_loses_no_acknowledged_record_and_strands_no_br
         for replica in replicas:
             replica.send("heal")
         reports = [await replica.read() for replica in replicas]
+        # The news still reaches every process by a push: their pub/sub
+        # connections came back (on another node, or the new primary).
+        async with store_of(topology, prefix) as store:
+            cb = sw.CircuitBreaker(
+                name="dep", consecutive_failures=1, store=store, telemetry=own_registry()
+            )
+            await store.sync()
+            with pytest.raises(Boom):
+                await cb(boom)()
+            tripped = time.time()
+            seen = [(await replica.read())["open_at"] - tripped for replica in replicas]
+    assert all(delay < PUSHED for delay in seen), seen
     # Every breaker closed again once the dependency was healthy.
     assert all(report["closed"] for report in reports), reports
     # Every replica went on working after the failover.
@@ -564,6 +580,9 @@ async def _churn(store: RedisStore) -> None:
             "errors": errors,
         }
     )
+    while closed():  # noqa: ASYNC110 - watched as a user would
+        await asyncio.sleep(0.001)
+    _say({"open_at": time.time()})
 
 
 ROLES = {"watch": _watch, "charge": _charge, "rate": _rate, "churn": _churn}
