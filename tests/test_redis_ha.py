@@ -378,6 +378,26 @@ async def test_breakers_follow_a_record_moved_to_another_node(
         await delete_prefix(spec, prefix)
 
 
+async def test_each_node_that_lost_its_scripts_gets_them_again(cluster: redis_ha.Cluster) -> None:
+    spec = {"kind": "cluster", "ports": cluster.ports}
+    prefix = redis_support.unique_prefix()
+    keys = [f"k{i}" for i in range(12)]  # on every node
+    try:
+        async with store_of(spec, prefix) as store:
+            for key in keys[:6]:
+                assert isinstance(
+                    await store.claim("s", key, fingerprint=None, lease=5.0), sw.Lease
+                )
+            for port in cluster.ports:  # as a restarted or newly promoted node would be
+                with redis_ha.admin(port) as node:
+                    node.script_flush()
+            for key in keys:
+                found = await store.claim("s", key, fingerprint=None, lease=5.0)
+                assert isinstance(found, sw.InFlight if key in keys[:6] else sw.Lease), key
+    finally:
+        await delete_prefix(spec, prefix)
+
+
 # -- failovers: last, they leave the topologies one replica short -------------------------
 
 
