@@ -23,6 +23,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -96,6 +97,10 @@ def _info(port: int, section: str) -> dict[str, str]:
     return dict(pairs)
 
 
+class PortTaken(RuntimeError):
+    """A server exited as it started: another process took its port since it was chosen."""
+
+
 class Server:
     """One ``redis-server`` process on a port of its own, in a directory of its own."""
 
@@ -123,6 +128,8 @@ class Server:
 
     def wait_up(self) -> None:
         def answers() -> bool:
+            if not self.alive:  # its port was taken meanwhile, say: no use waiting
+                raise PortTaken(f"redis-server on port {self.port} exited")
             with admin(self.port) as client:
                 return bool(client.ping())
 
@@ -426,6 +433,9 @@ class Sentinels(_Group):
         self.wait_healthy()
 
 
+_G = TypeVar("_G", Cluster, Sentinels)
+
+
 def _field(entry: object, name: str) -> str | None:
     """A field of a ``SENTINEL MASTERS`` entry (a dict, or a flat list of names and values)."""
     if isinstance(entry, dict):
@@ -442,10 +452,25 @@ def _field(entry: object, name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def started(group: Cluster | Sentinels) -> Iterator[Cluster | Sentinels]:
-    """``group`` started, and stopped (each server by its process) whatever happens."""
-    try:
-        group.start()
-        yield group
-    finally:
-        group.stop()
+def started(make: Callable[[Path], _G], directory: Path) -> Iterator[_G]:
+    """A group made by ``make`` and started, stopped (each server by its process) whatever happens.
+
+    Started again on other ports (at most three times) if one was taken
+    between choosing it and starting its server.
+    """
+    for attempt in range(3):
+        group = make(directory / str(attempt))
+        try:
+            group.start()
+        except PortTaken:
+            group.stop()
+            continue
+        except BaseException:
+            group.stop()
+            raise
+        try:
+            yield group
+        finally:
+            group.stop()
+        return
+    raise RuntimeError("could not start the servers: their ports kept being taken")

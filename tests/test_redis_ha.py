@@ -57,15 +57,13 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis_ha.Cluster]:
-    group = redis_ha.Cluster(tmp_path_factory.mktemp("cluster"))
-    with redis_ha.started(group):
+    with redis_ha.started(redis_ha.Cluster, tmp_path_factory.mktemp("cluster")) as group:
         yield group
 
 
 @pytest.fixture(scope="session")
 def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis_ha.Sentinels]:
-    group = redis_ha.Sentinels(tmp_path_factory.mktemp("sentinel"))
-    with redis_ha.started(group):
+    with redis_ha.started(redis_ha.Sentinels, tmp_path_factory.mktemp("sentinel")) as group:
         yield group
 
 
