@@ -396,6 +396,40 @@ async def test_each_node_that_lost_its_scripts_gets_them_again(cluster: redis_ha
         await delete_prefix(spec, prefix)
 
 
+async def test_a_cluster_client_that_decodes_replies_serves_the_same(
+    cluster: redis_ha.Cluster,
+) -> None:
+    prefix = redis_support.unique_prefix()
+    nodes = [ClusterNode("127.0.0.1", port) for port in cluster.ports]
+    decoding = redis.asyncio.RedisCluster(startup_nodes=nodes, decode_responses=True)
+    spec = {"kind": "cluster", "ports": cluster.ports}
+    try:
+        async with (
+            RedisStore(decoding, prefix=prefix, timeout=STORE_TIMEOUT) as one,
+            store_of(spec, prefix) as other,
+        ):
+            a = sw.CircuitBreaker(
+                name="dep", consecutive_failures=1, store=one, telemetry=own_registry()
+            )
+            b = sw.CircuitBreaker(name="dep", store=other, telemetry=own_registry())
+            await one.sync()
+            await other.sync()
+            with pytest.raises(Boom):
+                await a(boom)()
+            await redis_support.until(lambda: b.state is CircuitState.OPEN, within=PUSHED)
+
+            async def pay(payment: str) -> dict[str, str]:
+                return {"payment": payment, "note": "café ✓"}
+
+            once = sw.Idempotency(key="payment", store=one)(pay)
+            assert await once("p-1") == {"payment": "p-1", "note": "café ✓"}
+            # Replayed: the codec got the stored bytes, not text decoded by the client.
+            assert await once("p-1") == {"payment": "p-1", "note": "café ✓"}
+    finally:
+        await decoding.aclose()
+        await delete_prefix(spec, prefix)
+
+
 # -- failovers: last, they leave the topologies one replica short -------------------------
 
 
