@@ -274,15 +274,16 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits):
         and slots (within ``timeout``, before the rest). Raises
         `StoreUnavailable` if Redis does not answer in time.
         """
+        self._follow_soon()
         if self._cluster:
             # Learn the cluster's nodes and slots first, in its own time:
-            # the follower's pub/sub connection needs them.
+            # the follower's pub/sub connection needs them (it waits for
+            # this, the client initialising once).
             try:
                 async with asyncio.timeout(self._timeout):
                     await cast(RedisCluster, self._client).initialize()
             except _UNAVAILABLE as exc:
                 raise self._unavailable("cluster nodes", exc) from exc
-        self._follow_soon()
         circuits = [c for c in self._circuits.values() if any(ref() for ref in c.listeners)]
         end = _clock.now() + self._timeout
         while True:
