@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Final, final
 
 from . import _clock, _validate
 
-__all__ = ["RetryBudget", "RetryBudgetStatistics"]
+__all__ = ["RetryBudget", "RetryBudgetStatistics", "charged"]
 
 # The window slides in this many steps: memory and work stay constant, and
 # history leaves the window a tenth at a time.
 _SLOTS: Final = 10
+
+
+#: The budget in which the logical call running in this context has already
+#: recorded its request: a `Retry` with a budget sets it around its attempts,
+#: so that a `Hedge` inside it drawing on the same budget does not record each
+#: retried attempt as a new request (which would earn hedges on retries).
+charged: ContextVar[RetryBudget | None] = ContextVar("stalwart_budget_charged", default=None)
 
 
 @final
@@ -32,10 +40,10 @@ class RetryBudgetStatistics:
 class RetryBudget:
     """Caps retries at a share of first attempts, over a sliding window.
 
-    Shared by the `Retry` policies of many calls (Finagle's and Envoy's retry
-    budgets): every first attempt earns ``ratio`` retries, and a floor of
-    ``min_per_second`` retries per second is always allowed so that a quiet
-    service can still retry. A retry the budget denies is simply not made;
+    Shared by the `Retry` (and `Hedge`) policies of many calls (Finagle's and
+    Envoy's retry budgets): every first attempt earns ``ratio`` retries, and a
+    floor of ``min_per_second`` retries per second is always allowed so that
+    a quiet service can still retry. A retry the budget denies is simply not made;
     the call fails with its last error.
 
     Under a total outage, a steady stream of calls makes at most about
