@@ -88,7 +88,9 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float) -> flo
     return time.monotonic() - start
 
 
-async def claimed_keys(client: redis.asyncio.Redis, prefix: str) -> list[str]:
+async def claimed_keys(
+    client: redis.asyncio.Redis | redis.asyncio.RedisCluster, prefix: str
+) -> list[str]:
     """The idempotency records still claimed (running) under ``prefix``."""
     names = [name async for name in client.scan_iter(match=f"{prefix}idem:*", count=1000)]
     return [
@@ -396,13 +398,12 @@ async def test_after_a_flushall_calls_and_breakers_carry_on() -> None:
             assert runs == ["k1", "k2", "k1"]
 
 
-# -- a cluster, not supported yet -------------------------------------------------------
+# -- a cluster node given to a plain client ------------------------------------------------
 
 
-def test_a_cluster_client_is_refused_with_a_clear_error() -> None:
-    cluster = redis.asyncio.RedisCluster(host="127.0.0.1", port=redis_support.free_port())
-    with pytest.raises(TypeError, match="does not support Redis Cluster yet"):
-        RedisStore(cluster)  # type: ignore[arg-type]
+def test_a_client_of_another_kind_is_refused_with_a_clear_error() -> None:
+    with pytest.raises(TypeError, match=r"redis\.asyncio\.RedisCluster client"):
+        RedisStore(redis.Redis())  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -448,7 +449,8 @@ async def test_a_plain_client_of_a_cluster_node_finds_the_store_unavailable(
             store = RedisStore(client, prefix="p:", timeout=1.0)
             # Keys whose slots the other node serves: MOVED.
             key = next(k for k in _names() if _elsewhere(store._record_key("scope", k)))
-            with pytest.raises(sw.StoreUnavailable, match="does not support Redis Cluster"):
+            hint = r"give RedisStore a redis\.asyncio\.RedisCluster"
+            with pytest.raises(sw.StoreUnavailable, match=hint):
                 await store.claim("scope", key, fingerprint=None, lease=5.0)
             name = next(n for n in _names() if _elsewhere(f"p:circuit:{_digest(n)}"))
             breaker = sw.CircuitBreaker(name=name, consecutive_failures=1, store=store)

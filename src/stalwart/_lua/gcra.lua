@@ -10,11 +10,10 @@ KEYS[1]  the bucket: a string holding the theoretical arrival time (TAT),
          written with '%.17g' so that it reads back exactly. It expires when
          the bucket would be full again: an idle limit leaves no key behind.
          The script touches no other key, so under Redis Cluster any name
-         lands in a valid slot. Name keys like the store's other records
-         (<prefix>rate:<limiter>:<key>); add a hash tag around a part of the
-         name, {<limiter>}, only to keep one limiter's keys in one slot for
-         tools that read several of them in one script (that also puts all
-         their load on one node).
+         lands in a valid slot. RedisStore names it like its other records
+         (<prefix>rate:<limiter>:<key>, the digests a hash tag on a
+         cluster: <prefix>rate:{<limiter>:<key>}, spreading one limiter's
+         keys over the nodes).
 
 ARGV[1]  'reserve' or 'cancel'.
 

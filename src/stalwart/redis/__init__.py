@@ -7,7 +7,9 @@ One `RedisStore` serves as the ``store=`` of `CircuitBreaker`, of
 one retry budget and one concurrency limit, and runs a duplicated request
 once.
 ``pip install 'stalwart[redis]'``; it runs on asyncio (redis-py's
-``redis.asyncio`` client), not on trio. Example::
+``redis.asyncio`` client), not on trio, against a single Redis, a Redis
+Cluster (``redis.asyncio.RedisCluster``) or a primary that Sentinel manages
+(``Sentinel.master_for``). Example::
 
     import redis.asyncio
     import stalwart as sw

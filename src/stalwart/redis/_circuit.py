@@ -90,7 +90,7 @@ class _Circuits(_Follower):
     def _circuit(self, name: str) -> _Circuit:
         circuit = self._circuits.get(name)
         if circuit is None:
-            key = f"{self._prefix}circuit:{_digest(name)}"
+            key = self._key("circuit", _digest(name))
             circuit = self._circuits[name] = self._by_channel[key] = _Circuit(name, key)
         return circuit
 

@@ -41,6 +41,10 @@ MAX_DURATION: Final = 1e12
 
 _log = logging.getLogger("stalwart.redis")
 
+#: The clients a store takes: redis-py's asyncio client of one Redis (also
+#: the one a ``Sentinel`` gives for its master), or of a Redis Cluster.
+AnyClient = _aioredis.Redis | _aioredis.RedisCluster
+
 # Errors that mean "Redis cannot be reached or cannot serve now", as opposed
 # to a bug (a script error, a key of the wrong type): the first kind makes a
 # store unavailable, the second propagates as it is.
@@ -51,18 +55,20 @@ _UNAVAILABLE: Final = (
     OSError,
     _rx.ReadOnlyError,  # a replica promoted late, or a failover in progress
     _rx.OutOfMemoryError,
-    _rx.TryAgainError,
-    # A cluster (not supported yet) answering a plain client: MOVED and ASK
-    # for keys served elsewhere, CLUSTERDOWN, CROSSSLOT. The store cannot
-    # serve, as with a Redis that is down; the first one is logged with why.
-    _rx.ClusterError,  # CLUSTERDOWN, and a master down
+    _rx.TryAgainError,  # a cluster slot migrating: a script's keys on two nodes for now
+    # A cluster failing over (CLUSTERDOWN, a master down) or one that the
+    # client could not follow (MOVED after its retries); and a plain client
+    # given a cluster node (MOVED and ASK for keys served elsewhere,
+    # CROSSSLOT): the store cannot serve, as with a Redis that is down; the
+    # first one is logged with why.
+    _rx.ClusterError,
     _rx.AskError,  # MOVED too
     _rx.ClusterCrossSlotError,
     _rx.RedisClusterException,
 )
 _DEADLINE_PASSED: Final = TimeoutError("the ambient deadline has passed")
 _CLUSTER_HINT: Final = (
-    " (this Redis is a cluster node: RedisStore does not support Redis Cluster yet)"
+    " (this Redis is a cluster node: give RedisStore a redis.asyncio.RedisCluster client)"
 )
 _CLUSTER_ERRORS: Final = (
     _rx.ClusterError,
@@ -150,6 +156,7 @@ class _Client:
 
     __slots__ = (
         "_client",
+        "_cluster",
         "_giver",
         "_healthy",
         "_name",
@@ -159,21 +166,18 @@ class _Client:
         "_timeout",
     )
 
-    def __init__(self, client: _aioredis.Redis, *, prefix: str, timeout: float, name: str) -> None:
-        if isinstance(cast(object, client), _aioredis.RedisCluster):
+    def __init__(self, client: AnyClient, *, prefix: str, timeout: float, name: str) -> None:
+        if not isinstance(cast(object, client), (_aioredis.Redis, _aioredis.RedisCluster)):
             raise TypeError(
-                "client is a Redis Cluster client (redis.asyncio.RedisCluster): RedisStore "
-                "does not support Redis Cluster yet. Give it a redis.asyncio.Redis client of "
-                "a standalone Redis (or of the master that Sentinel names)"
-            )
-        if not isinstance(client, _aioredis.Redis):
-            raise TypeError(
-                "client must be a redis.asyncio.Redis client (redis-py's asyncio API), "
+                "client must be a redis.asyncio.Redis client (redis-py's asyncio API: of a "
+                "standalone Redis, or the master_for() of a redis.asyncio.sentinel.Sentinel) "
+                "or a redis.asyncio.RedisCluster client, "
                 f"not {type(client).__module__}.{type(client).__qualname__}"
             )
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
         self._client = client
+        self._cluster = isinstance(client, _aioredis.RedisCluster)
         self._prefix = prefix
         self._timeout = _validate.duration("timeout", timeout, positive=True)
         self._name = _validate.name(name)
@@ -205,15 +209,21 @@ class _Client:
     # -- key names ---------------------------------------------------------------
 
     def _key(self, kind: str, *parts: str) -> str:
-        """The name of one record's key: ``<prefix><kind>:{<parts joined by ':'>}``.
+        """The name of one record's key: ``<prefix><kind>:<parts joined by ':'>``.
 
         Every key a script touches is such a name, or one followed by a
-        suffix (``:leases``): the parts are a hash tag, so that a record and
-        its suffixed keys share a slot of a Redis Cluster (one script may
-        touch them all) while records spread over it. ``parts``: digests
-        (hex), never user-chosen text.
+        suffix (``:trials``, ``:void:<token>``). On a Redis Cluster the parts
+        are a hash tag, ``<prefix><kind>:{<parts>}``, so that a record and
+        its suffixed keys share a slot (one script may touch them all) while
+        records spread over the cluster. On a single Redis the names stay
+        as they always were, so that replicas of an older version, running
+        beside newer ones during a rolling upgrade, share the same records.
+        ``parts``: digests (hex), never user-chosen text.
         """
-        return f"{self._prefix}{kind}:{{{':'.join(parts)}}}"
+        joined = ":".join(parts)
+        if self._cluster:
+            return f"{self._prefix}{kind}:{{{joined}}}"
+        return f"{self._prefix}{kind}:{joined}"
 
     # -- requests ----------------------------------------------------------------
 
@@ -233,7 +243,7 @@ class _Client:
             _raise_if_trio()
         try:
             async with _within(self._timeout if within is None else within):
-                reply = await script.run(self._client, keys, args)
+                reply = await script.run(self._client, keys, args, cluster=self._cluster)
         except _UNAVAILABLE as exc:
             if self._healthy:
                 self._healthy = False
@@ -241,13 +251,17 @@ class _Client:
                     "Redis store %r: Redis unreachable: %s%s",
                     self._name,
                     _describe(exc),
-                    _CLUSTER_HINT if isinstance(exc, _CLUSTER_ERRORS) else "",
+                    self._hint(exc),
                 )
             raise
         if not self._healthy:
             self._healthy = True
             _log.info("Redis store %r: Redis reachable again", self._name)
         return reply
+
+    def _hint(self, exc: BaseException) -> str:
+        """Why a cluster's answer makes a plain client's store unavailable ("" otherwise)."""
+        return _CLUSTER_HINT if not self._cluster and isinstance(exc, _CLUSTER_ERRORS) else ""
 
     def _unavailable(
         self, operation: str, exc: BaseException, within: float | None = None
@@ -257,8 +271,7 @@ class _Client:
             if isinstance(exc, TimeoutError) and not str(exc)
             else _describe(exc)
         )
-        if isinstance(exc, _CLUSTER_ERRORS):
-            reason += _CLUSTER_HINT
+        reason += self._hint(exc)
         return StoreUnavailable(
             f"Redis store {self._name!r} is unavailable ({operation}: {reason})",
             policy=self._name,

@@ -18,7 +18,7 @@ import collections
 import contextlib
 import secrets
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import redis.asyncio as _aioredis
 from redis import exceptions as _rx
@@ -29,6 +29,7 @@ from . import _scripts
 from ._client import (
     _RECONNECT_MAX,
     _RECONNECT_MIN,
+    AnyClient,
     _Client,
     _describe,
     _is_unavailable,
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
     from ._idempotency import _Watch
 
 _READ_BATCH: Final = 500
+# On a cluster: at most this many slots' reads in flight at once (each takes
+# a connection of its node's pool).
+_READ_FANOUT: Final = 32
 
 
 class _Signal:
@@ -84,6 +88,23 @@ class _Signal:
             self._armed.discard(future)
 
 
+async def _finish(closing: asyncio.Future[None]) -> None:
+    """Wait for ``closing`` even if cancelled meanwhile (then re-raise the cancellation).
+
+    Closing a connection half way leaves its socket to the garbage
+    collector; ``closing`` is bounded (`_Follower._close_pubsub`), so the
+    cancellation is only delayed, never lost.
+    """
+    cancelled: BaseException | None = None
+    while not closing.done():
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+
+
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -99,6 +120,7 @@ class _Follower(_Client):
         "_by_channel",
         "_circuits",
         "_confirmed",
+        "_node_turn",
         "_ping_sent",
         "_pong",
         "_pubsub",
@@ -112,7 +134,7 @@ class _Follower(_Client):
 
     def __init__(
         self,
-        client: _aioredis.Redis,
+        client: AnyClient,
         *,
         prefix: str,
         timeout: float,
@@ -137,6 +159,9 @@ class _Follower(_Client):
         self._ping_sent: float | None = None
         self._pong = 0.0
         self._reconcile_soon = False
+        # On a cluster: which node the next pub/sub connection goes to (a
+        # random start spreads a fleet's connections over the nodes).
+        self._node_turn = secrets.randbelow(1 << 16)
 
     # -- starting and stopping -----------------------------------------------------
 
@@ -195,11 +220,42 @@ class _Follower(_Client):
                 circuit.learn(_scripts.circuit_record(*reply))
 
     async def _read_circuits(self, circuits: Sequence[_Circuit]) -> None:
+        if self._cluster:
+            await self._read_circuits_by_slot(circuits)
+            return
         for start in range(0, len(circuits), _READ_BATCH):
-            batch = circuits[start : start + _READ_BATCH]
-            reply = await self._eval(_scripts.READ_CIRCUITS, [c.key for c in batch], ())
-            for i, circuit in enumerate(batch):
-                circuit.learn(_scripts.circuit_record(*reply[4 * i : 4 * i + 4]))
+            await self._read_batch(circuits[start : start + _READ_BATCH])
+
+    async def _read_batch(self, batch: Sequence[_Circuit]) -> None:
+        reply = await self._eval(_scripts.READ_CIRCUITS, [c.key for c in batch], ())
+        for i, circuit in enumerate(batch):
+            circuit.learn(_scripts.circuit_record(*reply[4 * i : 4 * i + 4]))
+
+    async def _read_circuits_by_slot(self, circuits: Sequence[_Circuit]) -> None:
+        """Read records on a cluster: one script per hash slot, `_READ_FANOUT` at once.
+
+        A script may only touch keys of one slot; the client sends each to
+        the node serving that slot, so the reads of different nodes overlap.
+        """
+        slot_of = cast(_aioredis.RedisCluster, self._client).keyslot
+        groups: dict[int, list[_Circuit]] = {}
+        for circuit in circuits:
+            groups.setdefault(slot_of(circuit.key), []).append(circuit)
+        batches = [
+            group[start : start + _READ_BATCH]
+            for group in groups.values()
+            for start in range(0, len(group), _READ_BATCH)
+        ]
+        for start in range(0, len(batches), _READ_FANOUT):
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    for batch in batches[start : start + _READ_FANOUT]:
+                        tasks.create_task(self._read_batch(batch))
+            except BaseExceptionGroup as group:
+                # One read failed (the others were cancelled): raise it as
+                # a single read would, so that callers tell Redis being
+                # away from a bug the same way on every client.
+                raise _leaf(group) from group
 
     # -- the task: sessions, subscriptions, messages ----------------------------------
 
@@ -211,6 +267,7 @@ class _Follower(_Client):
             try:
                 await self._session()
             except Exception as exc:  # noqa: BLE001 - logged; the follower must go on
+                self._node_turn += 1  # on a cluster, the next session tries another node
                 if not _is_unavailable(exc):
                     _log.error(
                         "Redis store %r: the follower failed; restarting", self._name, exc_info=True
@@ -246,6 +303,7 @@ class _Follower(_Client):
         """
         wake = self._wake
         pubsub: Any = None
+        own: Any = None  # a client of a cluster node, opened for the pub/sub connection
         reader: asyncio.Task[None] | None = None
         next_check = _clock.now() + self._reconcile_interval
         try:
@@ -258,7 +316,8 @@ class _Follower(_Client):
                     await self._flush_assignments()
                 desired = self._desired()
                 if pubsub is None and desired:
-                    pubsub = self._pubsub = self._client.pubsub()
+                    pubsub, own = await self._open_pubsub()
+                    self._pubsub = pubsub
                     self._ping_sent = None
                     await self._subscriptions(pubsub, desired)
                     reader = asyncio.get_running_loop().create_task(
@@ -294,10 +353,41 @@ class _Follower(_Client):
                 await _stop(reader)
                 if not reader.cancelled():
                     reader.exception()  # retrieved: it was raised above, or is moot
-            if pubsub is not None:
-                with contextlib.suppress(Exception):
-                    async with _within(self._timeout):
-                        await pubsub.aclose()
+            if pubsub is not None or own is not None:
+                await _finish(asyncio.ensure_future(self._close_pubsub(pubsub, own)))
+
+    async def _close_pubsub(self, pubsub: Any, own: _aioredis.Redis | None) -> None:
+        """Close the pub/sub connection (and the node's client it came from), within `timeout`."""
+        with contextlib.suppress(Exception):
+            async with _within(self._timeout):
+                if pubsub is not None:
+                    await pubsub.aclose()
+                if own is not None:
+                    await own.aclose(close_connection_pool=True)
+
+    async def _open_pubsub(self) -> tuple[Any, _aioredis.Redis | None]:
+        """A pub/sub connection, and the client to close with it (None: the store's own).
+
+        On a cluster, a plain client of one of its nodes: Redis Cluster sends
+        every ``PUBLISH`` to every node (primaries and replicas), so any node
+        hears every channel, whatever the slots it serves and however they
+        move. After a failed session the next session takes the next node,
+        so that a node that died (or was failed over) is left behind.
+        """
+        if not self._cluster:
+            return self._client.pubsub(), None
+        cluster = cast(_aioredis.RedisCluster, self._client)
+        async with _within(self._timeout):
+            await cluster.initialize()
+        nodes = sorted(cluster.get_nodes(), key=lambda node: node.name)
+        if not nodes:
+            raise _rx.ConnectionError("the cluster client knows no node")
+        node = nodes[self._node_turn % len(nodes)]
+        pool = _aioredis.ConnectionPool(
+            connection_class=node.connection_class, **node.connection_kwargs
+        )
+        single = _aioredis.Redis(connection_pool=pool)
+        return single.pubsub(), single
 
     async def _subscriptions(self, pubsub: Any, desired: set[str]) -> None:
         """Subscribe to the channels wanted and not yet asked for; drop the others."""

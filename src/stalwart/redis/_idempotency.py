@@ -49,7 +49,7 @@ class _Idempotency(_Follower):
     _on_unavailable: OnUnavailable
 
     def _record_key(self, scope: str, key: str) -> str:
-        return f"{self._prefix}idem:{_digest(f'{len(scope)}:{scope}{key}')}"
+        return self._key("idem", _digest(f"{len(scope)}:{scope}{key}"))
 
     async def claim(
         self, scope: str, key: str, *, fingerprint: str | None, lease: float

@@ -8,7 +8,8 @@ sent from the background (see "Nothing left behind" in `RedisStore`).
 Buckets are strings named ``{prefix}rate:<h>`` (a limiter without keys) or
 ``{prefix}rate:<h>:<k>``, where ``<h>`` and ``<k>`` are 128 bits of SHA-256
 of the limiter's name and of the key: no user-chosen text reaches a key
-name. Each holds the bucket's theoretical arrival time and expires when the
+name (on a Redis Cluster, the digests are the key's hash tag: see
+`_Client._key`). Each holds the bucket's theoretical arrival time and expires when the
 bucket would be full again: an idle limit leaves nothing behind.
 """
 
@@ -34,8 +35,9 @@ class _RateLimits(_Client):
     __slots__ = ()
 
     def _bucket(self, limit: str, key: str | None) -> str:
-        name = f"{self._prefix}rate:{_digest(limit)}"
-        return name if key is None else f"{name}:{_digest(key)}"
+        if key is None:
+            return self._key("rate", _digest(limit))
+        return self._key("rate", _digest(limit), _digest(key))
 
     async def reserve_turn(
         self,

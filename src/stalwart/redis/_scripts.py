@@ -7,7 +7,8 @@ The scripts are ``.lua`` files in ``stalwart/_lua/`` (their shared clock,
 `stalwart._lua`), read once, when this module is imported. They are sent by
 their SHA-1 (``EVALSHA``); a server that does not know one (restarted, failed
 over, ``SCRIPT FLUSH``) answers ``NOSCRIPT``, and the script is loaded and run
-again in one pipelined round trip.
+again in one pipelined round trip (on a Redis Cluster, sent whole with
+``EVAL`` to the node serving the keys: see `Script.run`).
 
 Not redis-py's ``register_script``: measured against the same scripts on
 redis-py 8.1, its ``Script`` recovers from ``NOSCRIPT`` in three round trips
@@ -89,15 +90,27 @@ class Script:
         self.body = source(name)
         self.sha = hashlib.sha1(self.body.encode("utf-8"), usedforsecurity=False).hexdigest()
 
-    async def run(self, client: Any, keys: Sequence[str], args: Iterable[Any]) -> Any:
+    async def run(
+        self, client: Any, keys: Sequence[str], args: Iterable[Any], *, cluster: bool = False
+    ) -> Any:
         """Run the script on ``client`` by its SHA; on NOSCRIPT, load and run it in one round trip.
 
         The reply is raw (bytes), whatever the client's ``decode_responses``.
+        On a cluster (``cluster``: ``client`` is a ``RedisCluster``) the
+        client sends the script to the node serving its keys' slot; a node
+        that does not know it (each node has its own script cache: a node
+        new to the cluster, a replica just promoted) answers NOSCRIPT, and
+        the script is sent whole (``EVAL``, which also caches it there) to
+        that same slot: a pipeline's commands could go to other nodes.
         """
         argv = (self.sha, len(keys), *keys, *args)
         try:
             return await client.execute_command("EVALSHA", *argv, **_RAW)
         except _rx.NoScriptError:
+            if cluster:
+                return await client.execute_command(
+                    "EVAL", self.body, len(keys), *keys, *args, **_RAW
+                )
             pipe = client.pipeline(transaction=False)
             pipe.script_load(self.body)
             pipe.execute_command("EVALSHA", *argv, **_RAW)

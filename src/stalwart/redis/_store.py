@@ -9,17 +9,18 @@ protocol). What it adds is the user's side: options, properties,
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
-from typing import Final, final
+from typing import Final, cast, final
 
-import redis.asyncio as _aioredis
+from redis.asyncio import RedisCluster
 
 from .. import _clock, _validate
 from .._codec import Codec, JSONCodec
 from ._budget import _Budgets
 from ._bulkhead import _Bulkheads
 from ._circuit import _Circuits
-from ._client import _UNAVAILABLE, MAX_DURATION
+from ._client import _UNAVAILABLE, MAX_DURATION, AnyClient
 from ._idempotency import OnUnavailable, _Idempotency
 from ._rate_limit import _RateLimits
 
@@ -131,12 +132,29 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
     its last exchange, a bulkhead's records a lease after the last
     request.
 
+    On a Redis Cluster, the digests are hash tags (``{prefix}circuit:{<h>}``,
+    ``{prefix}idem:{<h>}``, ...), so that every key one script touches
+    shares a slot while records spread over the cluster; on a single Redis
+    (and behind Sentinel) the names are as they always were, so that older
+    and newer replicas share records during a rolling upgrade.
+
+    **Redis Cluster and Sentinel.** ``client`` may be a
+    ``redis.asyncio.RedisCluster``: scripts go to the node serving their
+    keys' slot (a node that does not know a script gets it whole, once),
+    breaker records are re-read one script per slot, and the pub/sub
+    connection is held on any node (a cluster delivers every message to
+    every node), moving to the next one when it fails, after which every
+    record is re-read. The client that a
+    ``redis.asyncio.sentinel.Sentinel`` gives for a primary
+    (``master_for``) finds the new primary after a failover by itself. In
+    both, while no primary serves, Redis is unavailable (below); writes
+    acknowledged just before a primary died and not yet replicated are lost
+    with it (Redis replicates asynchronously). See the how-to, "Redis
+    Cluster", "Sentinel" and "During a failover".
+
     **Limits.** Durations kept in Redis (the policies' ``ttl``, ``lease``,
     ``open_for``, and ``trial_lease``) are at most `max_duration` seconds:
-    policies given this store check theirs when they are built. A Redis
-    Cluster client (``redis.asyncio.RedisCluster``) is not supported yet:
-    the constructor refuses it, and a plain client of a cluster node finds
-    the store unavailable (``MOVED``, ``CLUSTERDOWN``).
+    policies given this store check theirs when they are built.
 
     **Values** cross Redis through ``codec`` (`JSONCodec` by default): never
     pickle. A stored value that does not decode raises `ValueError`; it is
@@ -144,8 +162,9 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
 
     Args:
         client: a ``redis.asyncio.Redis`` client (any ``decode_responses``)
-            of a standalone Redis (or one managed by Sentinel); not a
-            cluster client, yet.
+            of a standalone Redis, the ``master_for()`` client of a
+            ``redis.asyncio.sentinel.Sentinel``, or a
+            ``redis.asyncio.RedisCluster`` client.
         prefix: the namespace of every key and channel; stores with the same
             prefix on the same Redis share everything.
         codec: how idempotency results become bytes (default `JSONCodec`).
@@ -166,7 +185,7 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
 
     def __init__(
         self,
-        client: _aioredis.Redis,
+        client: AnyClient,
         *,
         prefix: str = DEFAULT_PREFIX,
         codec: Codec | None = None,
@@ -202,7 +221,7 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
     # -- options ---------------------------------------------------------------
 
     @property
-    def client(self) -> _aioredis.Redis:
+    def client(self) -> AnyClient:
         return self._client
 
     @property
@@ -268,9 +287,20 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
         Returns once the store is subscribed to every breaker name attached
         so far and each breaker holds Redis's current record: call it after
         building your breakers to serve the first request with the fleet's
-        state. Raises `StoreUnavailable` if Redis does not answer in time.
+        state. On a Redis Cluster it first has the client learn the nodes
+        and slots (within ``timeout``, before the rest). Raises
+        `StoreUnavailable` if Redis does not answer in time.
         """
         self._follow_soon()
+        if self._cluster:
+            # Learn the cluster's nodes and slots first, in its own time:
+            # the follower's pub/sub connection needs them (it waits for
+            # this, the client initialising once).
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await cast(RedisCluster, self._client).initialize()
+            except _UNAVAILABLE as exc:
+                raise self._unavailable("cluster nodes", exc) from exc
         circuits = [c for c in self._circuits.values() if any(ref() for ref in c.listeners)]
         end = _clock.now() + self._timeout
         while True:
