@@ -72,7 +72,7 @@ class Timeout(Policy):
     def wrap(
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        call: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
         seconds, name, owner, metrics = self._seconds, self._name, self, self._metrics
 
@@ -83,7 +83,7 @@ class Timeout(Policy):
                 # The scope counts the call's outcome, its own expiry as a timeout.
                 start = None if timer is None else timer()
                 with _Scope(seconds, name, owner, metrics, start):
-                    return await (fn(*args, **kwargs) if kwargs else positional(*args))
+                    return await (call(*args, **kwargs) if kwargs else call(*args))
 
             return timing_out
 
