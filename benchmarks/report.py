@@ -78,7 +78,7 @@ class Results:
     main: list[Case]
     trio: list[Case]
     telemetry: list[Case]
-    scrape_ns: float
+    scrape_ns: float | None  # None: the telemetry phase's scrape was not timed
     windows: list[scaling.WindowRow]
     queues: list[scaling.QueueRow]
     keys: list[scaling.KeysRow]
@@ -316,24 +316,47 @@ def render(results: Results, *, chart: str | None = None, today: date | None = N
         out += [f"**Budgets: all {len(found)} met.**", ""]
     if chart is not None:
         out += [f"![Ratios to baseline, stalwart and its peers, log scale]({chart})", ""]
-    out += [
-        "### Hot path, asyncio",
-        "",
-        "*ratio*: ns/call over the ns/call of the row's baseline (the first "
-        "rows of its table), measured in the same rounds. *vs best peer*: "
-        "ns/call over that of the fastest peer row with the same baseline "
-        "(below 1.00x: faster than every peer).",
-        "",
-    ]
-    out += groups_section(results.main, hot_path.GROUPS)
-    out += ["### trio", "", "The same, on trio, in one `trio.run`.", ""]
-    out += groups_section(results.trio, trio_cases.GROUPS)
-    out += ["### Telemetry", ""]
-    out += groups_section(results.telemetry, [telemetry_cost.GROUP])
-    out += [
-        f"One scrape of that registry (`generate_latest`, the pipeline's four "
-        f"policies on it) takes {results.scrape_ns / 1000:,.1f} µs.",
-        "",
+    if results.main:
+        out += [
+            "### Hot path, asyncio",
+            "",
+            "*ratio*: ns/call over the ns/call of the row's baseline (the first "
+            "rows of its table), measured in the same rounds. *vs best peer*: "
+            "ns/call over that of the fastest peer row with the same baseline "
+            "(below 1.00x: faster than every peer).",
+            "",
+        ]
+        out += groups_section(results.main, hot_path.GROUPS)
+    if results.trio:
+        out += ["### trio", "", "The same, on trio, in one `trio.run`.", ""]
+        out += groups_section(results.trio, trio_cases.GROUPS)
+    if results.telemetry:
+        out += ["### Telemetry", ""]
+        out += groups_section(results.telemetry, [telemetry_cost.GROUP])
+    if results.scrape_ns is not None:
+        out += [
+            f"One scrape of that registry (`generate_latest`, the pipeline's four "
+            f"policies on it) takes {results.scrape_ns / 1000:,.1f} µs.",
+            "",
+        ]
+    # A run of selected rows (``run.py --only``) measures no scaling and no memory.
+    if results.windows or results.queues or results.keys:
+        out += scaling_section(results)
+    if results.memory:
+        out += [
+            "### Memory per breaker",
+            "",
+            memory_table(results.memory),
+            "",
+            "By tracemalloc, kept per breaker over many made in a row; the peers' "
+            "breakers as their constructors make them.",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def scaling_section(results: Results) -> list[str]:
+    return [
         "### Scaling",
         "",
         "#### CircuitBreaker: the window's size",
@@ -362,12 +385,4 @@ def render(results: Results, *, chart: str | None = None, today: date | None = N
         "every key. Memory held: `sys.getsizeof` over everything the store "
         "reaches.",
         "",
-        "### Memory per breaker",
-        "",
-        memory_table(results.memory),
-        "",
-        "By tracemalloc, kept per breaker over many made in a row; the peers' "
-        "breakers as their constructors make them.",
-        "",
     ]
-    return "\n".join(out)

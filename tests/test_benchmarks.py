@@ -124,3 +124,44 @@ def test_a_missed_budget_fails_only_a_full_run(
     missed: int, quick: bool, no_fail: bool, status: int
 ) -> None:
     assert run.exit_status(missed, quick=quick, no_fail=no_fail) == status
+
+
+def test_only_selects_rows_by_name_with_their_baselines() -> None:
+    cases = hot_path.baselines() + hot_path.cases()
+    chosen = run.select(cases, ["PERMIT available"], [])
+    assert [case.name for case in chosen] == [
+        hot_path.BARE,
+        "RateLimiter, permit available",
+        "RateLimiter(key=...), permit available",
+    ]
+
+
+def test_group_selects_every_row_of_the_groups_it_names() -> None:
+    cases = hot_path.baselines() + hot_path.cases()
+    chosen = run.select(cases, [], [hot_path.PIPELINE])
+    assert [case.name for case in chosen] == [
+        hot_path.BARE,
+        "Pipeline(Timeout, Retry, Bulkhead)",
+        "Pipeline(Timeout, Retry, CircuitBreaker, Bulkhead)",
+    ]
+
+
+def test_a_run_of_selected_rows_reports_them_alone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    selected = ["--only", "RateLimiter, permit"]
+    assert run.main(["--rounds", "1", "--calls", "200", "--no-fail", *selected]) == 0
+    text = capsys.readouterr().out
+    table = rows(text)
+    assert re.fullmatch(r"\d+\.\d\dx", table["RateLimiter, permit available"][3])
+    assert hot_path.BARE in table
+    assert "Retry, success" not in table
+    for section in ("### trio", "### Telemetry", "### Scaling", "### Memory per breaker"):
+        assert section not in text
+    assert not list(tmp_path.iterdir())  # nothing written without --output
+
+
+def test_a_selection_that_matches_nothing_is_an_error() -> None:
+    with pytest.raises(SystemExit, match="no row matches"):
+        run.main(["--quick", "--only", "no such row"])

@@ -187,11 +187,13 @@ class AdaptiveThrottle(Policy):
     def wrap(
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        call: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        # The wrapper closes over what an admitted call uses, and reaches the
+        # rest through `throttle`: each name it closes over is copied into
+        # every call's frame (the "AdaptiveThrottle" row of benchmarks/hot_path.py).
         window, rng, now = self._window, self._rng, _clock.now
         admit, accept = window.admit, window.accept_latest
-        failure_on_result, failed, refuse = self._failure_on_result, self._failed, self._refuse
-        metrics = self._metrics
+        failure_on_result, throttle, metrics = self._failure_on_result, self, self._metrics
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
@@ -200,11 +202,11 @@ class AdaptiveThrottle(Policy):
                     return await span(plain, args, kwargs)
                 start = None if timer is None else timer()
                 if not admit(now(), rng):
-                    refuse(start)
+                    throttle._refuse(start)
                 try:
-                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                    result = await (call(*args, **kwargs) if kwargs else call(*args))
                 except BaseException as exc:
-                    failed(exc)
+                    throttle._failed(exc)
                     metrics.failed(exc, start)
                     raise
                 if failure_on_result is None or not failure_on_result(result):

@@ -338,8 +338,11 @@ class Bulkhead(Policy):
     def wrap(
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        waiters, acquire, hand_over = self._queue.waiters, self._acquire, self._hand_over
+        call: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        # The wrapper closes over what a call that finds a free slot uses, and
+        # reaches the rest through `bulkhead`: each name it closes over is
+        # copied into every call's frame (the "Bulkhead, uncontended" row).
+        waiters = self._queue.waiters
         bulkhead, metrics, fleet = self, self._metrics, self._fleet
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
 
@@ -353,15 +356,15 @@ class Bulkhead(Policy):
                 if bulkhead._in_flight < bulkhead._allowed:
                     bulkhead._in_flight += 1
                 else:
-                    await acquire(start)
+                    await bulkhead._acquire(start)
                 try:
-                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                    result = await (call(*args, **kwargs) if kwargs else call(*args))
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     raise
                 finally:
                     if waiters:
-                        hand_over()
+                        bulkhead._hand_over()
                     else:
                         bulkhead._in_flight -= 1
                         # (More spare permits than it keeps: give some back.)

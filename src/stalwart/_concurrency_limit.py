@@ -266,16 +266,16 @@ class ConcurrencyLimit(Policy):
     def wrap(
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        waiters, acquire, release, sampled, failed, timed = (
+        call: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        # The wrapper closes over what an untimed call uses, and reaches the
+        # rest through `policy`: each name it closes over is copied into every
+        # call's frame (the "ConcurrencyLimit" rows of benchmarks/hot_path.py).
+        waiters, policy, metrics, judged = (
             self._queue.waiters,
-            self._acquire,
-            self._release,
-            self._sampled,
-            self._failed,
-            self._timed,
+            self,
+            self._metrics,
+            self._drop_on_result,
         )
-        policy, metrics, judged = self, self._metrics, self._drop_on_result
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
@@ -291,13 +291,13 @@ class ConcurrencyLimit(Policy):
                     policy._in_flight = load = in_flight + 1
                     policy._untimed -= 1
                     try:
-                        result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                        result = await (call(*args, **kwargs) if kwargs else call(*args))
                     except BaseException as exc:
-                        failed(exc, None, load)
+                        policy._failed(exc, None, load)
                         metrics.failed(exc, start)
                         raise
                     if judged is not None:
-                        sampled(result, None, load)
+                        policy._sampled(result, None, load)
                 else:
                     # While any caller waits, every slot is taken (a freed slot
                     # is handed over, a raised limit hands out its new slots at
@@ -305,13 +305,13 @@ class ConcurrencyLimit(Policy):
                     if in_flight < policy._limit:
                         policy._in_flight = load = in_flight + 1
                     else:
-                        await acquire(start)
+                        await policy._acquire(start)
                         load = policy._in_flight
-                    result = await timed(
-                        fn(*args, **kwargs) if kwargs else positional(*args), load, start
+                    result = await policy._timed(
+                        call(*args, **kwargs) if kwargs else call(*args), load, start
                     )
                 if waiters:
-                    release()
+                    policy._release()
                 else:
                     policy._in_flight -= 1
                 metrics.success += 1

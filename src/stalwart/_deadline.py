@@ -137,26 +137,31 @@ def _innermost_anyio_scope(task: Any) -> Any:
     stalwart's asyncio deadlines behave as ``asyncio.timeout`` does and do not
     see anyio's shields.
     """
+    # A task keeps its anyio state object from its first anyio scope until it
+    # ends: remember the last task's (the lookup costs a weakref). One tuple,
+    # read and replaced whole, so loops in other threads cannot mix it.
+    last_task, state = _last_state
+    if last_task() is task:
+        return getattr(state, "cancel_scope", None)
+    return _looked_up_anyio_scope(task)
+
+
+def _looked_up_anyio_scope(task: Any) -> Any:
+    """`_innermost_anyio_scope` when the cache holds another task: looked up, and cached."""
+    global _last_state
     table = anyio_task_states()
     if table is None:
         return None
-    # A task keeps its anyio state object from its first anyio scope until it
-    # ends: remember the last task's (the lookup below costs a weakref). One
-    # tuple, read and replaced whole, so loops in other threads cannot mix it.
-    global _last_state
-    last_task, state = _last_state
-    if last_task() is not task:
-        state = table.get(ref(task))
-        if state is not None:
-            _last_state = (ref(task), state)
-    return None if state is None else getattr(state, "cancel_scope", None)
+    state = table.get(ref(task))
+    if state is None:
+        return None
+    _last_state = (ref(task), state)
+    return getattr(state, "cancel_scope", None)
 
 
-def _no_task() -> None:
-    return None
-
-
-_last_state: tuple[Callable[[], Any], Any] = (_no_task, None)
+# (No task cached: NoneType() is None, and calling it costs no Python frame:
+# a deadline scope reads the cache on every entry, the "Timeout" row.)
+_last_state: tuple[Callable[[], Any], Any] = (type(None), None)
 
 
 class _Timers:
@@ -367,7 +372,7 @@ class _Scope(Counted):
             if last_task() is task:
                 self._anyio_scope = getattr(state, "cancel_scope", None)
             else:
-                self._anyio_scope = _innermost_anyio_scope(task)
+                self._anyio_scope = _looked_up_anyio_scope(task)
             self._deferral = 0.0
             timers = info.timers
             if timers is None:

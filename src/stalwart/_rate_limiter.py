@@ -374,9 +374,10 @@ class RateLimiter(Policy):
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         read = None if self._key is None else key_reader(self._key, binding.origin)
         local = read is None and self._store is None
-        bucket, tau, interval = self._bucket, self._bucket._tau, self._bucket.interval
-        reserve, max_wait = bucket.reserve, self._max_wait
-        wait, admit, find_clock = self._wait, self._admit, self._find_clock
+        # The wrapper closes over what the granted path uses, and reaches the
+        # rest through `limiter`: each name it closes over is copied into every
+        # call's frame (the "RateLimiter, permit available" benchmark row).
+        bucket, interval = self._bucket, self._bucket.interval
         limiter, metrics = self, self._metrics
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
 
@@ -389,24 +390,30 @@ class RateLimiter(Policy):
                     # `_now` and the granted branch of `Gcra.reserve`, inlined:
                     # the "RateLimiter, permit available" benchmark row.
                     loop = limiter._plain
-                    now = _monotonic() if loop is not None and loop._thread_id else find_clock()
+                    now = (
+                        _monotonic()
+                        if loop is not None and loop._thread_id
+                        else limiter._find_clock()
+                    )
                     tat = bucket._tat
                     if tat <= now:  # (at least one turn is free: TAT = max(TAT, now) + T)
                         bucket._tat = now + interval
                         bucket._seen = now  # (a clock going back: a new one, see Gcra)
-                    elif tat - tau <= now:
+                    elif tat - bucket._tau <= now:
                         bucket._tat = tat + interval
                         bucket._seen = now
                     else:
-                        await wait(reserve(now, max_wait), None, now, start)
+                        await limiter._wait(
+                            bucket.reserve(now, limiter._max_wait), None, now, start
+                        )
                 elif read is None:
-                    await admit(None, start)
+                    await limiter._admit(None, start)
                 else:
                     key = read(args, kwargs)
                     if key is not None and key is not MISSING:  # (missing: fn will say so)
-                        await admit(key, start)
+                        await limiter._admit(key, start)
                 try:
-                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                    result = await (positional(*args, **kwargs) if kwargs else positional(*args))
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     raise

@@ -241,6 +241,7 @@ class Retry(Policy):
         "_on_result",
         "_rng",
         "_timeout",
+        "_timer",
     )
 
     def __init__(
@@ -279,6 +280,7 @@ class Retry(Policy):
         if rng is not None and not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
         self._rng = rng
+        self._timer = self.timer()  # (its telemetry is for life)
 
     @property
     def attempts(self) -> int:
@@ -307,34 +309,37 @@ class Retry(Policy):
     def wrap(
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
-        retryable, again, first, metrics = self._retryable, self._again, self._first, self._metrics
-        seconds, name, owner = self._timeout, self._name, self
+        call: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        slot, span, metrics, owner = (
+            self._telemetry.provider_slot,
+            self.in_span,
+            self._metrics,
+            self,
+        )
         # No result predicate, budget, timeout nor latency to measure: the first
         # attempt is made inline, with nothing to time and no coroutine between
-        # caller and `fn` (the "Retry, success" row).
+        # caller and `fn` (the "Retry, success" row); otherwise `_counted` makes
+        # the call. The wrapper closes over what the inline attempt uses, and
+        # reaches the rest through `owner`: each name it closes over is copied
+        # into every call's frame.
         simple = (
-            self._on_result is None and seconds is None and self._budget is None and timer is None
+            self._on_result is None
+            and self._timeout is None
+            and self._budget is None
+            and self._timer is None
         )
+        counted = None if simple else self._counted
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
                     return await span(plain, args, kwargs)
-                if not simple:
-                    start = None if timer is None else timer()
-                    # The block counts the call's outcome; a `timeout` scope also its expiry.
-                    with (
-                        Counted(metrics, start)
-                        if seconds is None
-                        else _Scope(seconds, name, owner, metrics, start)
-                    ):
-                        return await first(fn, args, kwargs)
+                if counted is not None:
+                    return await counted(call, args, kwargs)
                 try:
-                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                    result = await (call(*args, **kwargs) if kwargs else call(*args))
                 except BaseException as exc:
-                    if not retryable(exc):
+                    if not owner._retryable(exc):
                         metrics.failed(exc, None)
                         raise
                     failure = exc
@@ -346,7 +351,7 @@ class Retry(Policy):
                 # raised again, its traceback would hold this frame holding it.
                 try:
                     with Counted(metrics):
-                        return await again(fn, args, kwargs, failure, True)
+                        return await owner._again(call, args, kwargs, failure, True)
                 finally:
                     del failure
 
@@ -354,23 +359,32 @@ class Retry(Policy):
 
         return self.build(make, binding)
 
-    async def _first(
+    async def _counted(
         self,
         fn: Callable[..., Coroutine[Any, Any, T]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> T:
-        """The first attempt of a call with a result predicate, budget or timeout."""
-        budget = self._budget
-        if budget is None:
-            return await self._attempts_of(fn, args, kwargs)
-        budget.deposit()
-        # A Hedge inside drawing on this budget: the request is recorded already.
-        token = charged.set(budget)
-        try:
-            return await self._attempts_of(fn, args, kwargs)
-        finally:
-            charged.reset(token)
+        """A call with a result predicate, budget, timeout or latency to measure."""
+        timer = self._timer
+        start = None if timer is None else timer()
+        seconds, metrics = self._timeout, self._metrics
+        # The block counts the call's outcome; a `timeout` scope also its expiry.
+        with (
+            Counted(metrics, start)
+            if seconds is None
+            else _Scope(seconds, self._name, self, metrics, start)
+        ):
+            budget = self._budget
+            if budget is None:
+                return await self._attempts_of(fn, args, kwargs)
+            budget.deposit()
+            # A Hedge inside drawing on this budget: the request is recorded already.
+            token = charged.set(budget)
+            try:
+                return await self._attempts_of(fn, args, kwargs)
+            finally:
+                charged.reset(token)
 
     async def _attempts_of(
         self,

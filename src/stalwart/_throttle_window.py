@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 import random
-from array import array
 from typing import final
 
 from . import _validate
@@ -90,8 +89,11 @@ class ThrottleWindow:
         self._width = self._window / buckets
         if self._width == 0.0:
             raise ValueError(f"window / buckets must be > 0, got {window!r} / {buckets}")
-        self._requests = array("q", bytes(8 * buckets))
-        self._accepts = array("q", bytes(8 * buckets))
+        # Lists, not arrays: an array's item assignment parses its argument,
+        # which cost more than the rest of a count (the "AdaptiveThrottle" row
+        # of benchmarks/hot_path.py).
+        self._requests = [0] * buckets
+        self._accepts = [0] * buckets
         self._current = -math.inf  # the current slice's number (a whole float)
         self._slot = 0  # its index in the ring
         #: requests in the window, as of the last call
