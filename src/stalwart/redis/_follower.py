@@ -199,7 +199,7 @@ class _Follower(_Client):
             batch = circuits[start : start + _READ_BATCH]
             reply = await self._eval(_scripts.READ_CIRCUITS, [c.key for c in batch], ())
             for i, circuit in enumerate(batch):
-                circuit.learn(_scripts.circuit_record(*reply[4 * i : 4 * i + 4]))
+                circuit.learn(_scripts.circuit_record(*reply[5 * i : 5 * i + 5]))
 
     # -- the task: sessions, subscriptions, messages ----------------------------------
 
