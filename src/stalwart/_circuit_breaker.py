@@ -309,8 +309,8 @@ class _Trial:
         self.started = started
 
 
-#: A call ``mode="observe"`` lets through where it would have rejected it: it
-#: belongs to no period (versions are >= 0), so its outcome counts as nothing.
+#: A call ``mode="observe"`` lets through where it would have rejected it. It
+#: was counted as rejected, as it would have been; its outcome counts nowhere.
 _LET_THROUGH: Final = _Trial(-1, 0.0)
 
 
@@ -872,10 +872,10 @@ class CircuitBreaker(Policy):
         try:
             return await self._permit()
         except CircuitOpenError:
-            if self._rules.observe:
-                return _LET_THROUGH  # counted and reported as a rejection all the same
             if start is not None:
                 self._metrics.took(REJECTED, start)
+            if self._rules.observe:
+                return _LET_THROUGH  # counted and reported as a rejection all the same
             raise
         except BaseException as exc:
             self._metrics.failed(exc, start)
@@ -1005,6 +1005,8 @@ class CircuitBreaker(Policy):
                             raise rejected(until - moment)
                     if state is not _CLOSED:
                         trial = await admit(start)
+                        if trial is _LET_THROUGH:
+                            return await (fn(*args, **kwargs) if kwargs else positional(*args))
                 began = now() if starts else 0.0
                 try:
                     result = await (fn(*args, **kwargs) if kwargs else positional(*args))
@@ -1048,7 +1050,8 @@ class CircuitBreaker(Policy):
             parts.append(f"trial_timeout={rules.trial_timeout:g}")
         if rules.failure_on_result is not None:
             judge = rules.failure_on_result
-            parts.append(f"failure_on_result={getattr(judge, '__qualname__', None) or judge!r}")
+            label = getattr(judge, "__qualname__", None) or repr(judge)
+            parts.append(f"failure_on_result={label}")
         if rules.observe:
             parts.append("mode='observe'")
         parts.append(f"name={self._name!r}")
