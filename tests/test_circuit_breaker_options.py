@@ -481,7 +481,7 @@ async def play(cb: sw.CircuitBreaker, script: list[tuple[str, float, float]]) ->
 
 
 @pytest.mark.filterwarnings("ignore::stalwart.StalwartWarning")  # minimum_calls unused
-@settings(max_examples=60)
+@settings(max_examples=200)
 @given(config=configs, script=steps)
 async def test_observe_mode_reports_the_transitions_enforce_mode_makes(
     config: dict[str, Any], script: list[tuple[str, float, float]]
