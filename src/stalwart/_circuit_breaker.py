@@ -1010,7 +1010,8 @@ class CircuitBreaker(Policy):
                 began = now() if starts else 0.0
                 try:
                     result = await (fn(*args, **kwargs) if kwargs else positional(*args))
-                    bad = judge is not None and judge(result)
+                    if judge is not None:  # a raising predicate is the call raising
+                        bad = judge(result)
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     if trial is not None:
@@ -1018,7 +1019,8 @@ class CircuitBreaker(Policy):
                     elif breaker._failed(exc, began):
                         await breaker._trip()
                     raise
-                if bad:
+                # (`bad` is set whenever `judge` is: the usual path tests one constant.)
+                if judge is not None and bad:
                     if trial is not None:
                         await settle(trial, None, began, True)
                     elif breaker._record(True, began):
