@@ -12,7 +12,12 @@ keys, as composable decorators for ``async def`` code on asyncio and trio.
 from ._adaptive_limits import AimdLimit, Gradient2Limit, LimitAlgorithm, VegasLimit
 from ._adaptive_throttle import AdaptiveThrottle
 from ._bulkhead import Bulkhead, BulkheadStatistics
-from ._circuit_breaker import CircuitBreaker, CircuitBreakerStatistics, CircuitState
+from ._circuit_breaker import (
+    CircuitBreaker,
+    CircuitBreakerMode,
+    CircuitBreakerStatistics,
+    CircuitState,
+)
 from ._circuit_store import CircuitRecord, CircuitStore, InProcessCircuitStore
 from ._codec import Codec, JSONCodec
 from ._concurrency_limit import ConcurrencyLimit
@@ -50,6 +55,7 @@ __all__ = [
     "BulkheadFullError",
     "BulkheadStatistics",
     "CircuitBreaker",
+    "CircuitBreakerMode",
     "CircuitBreakerStatistics",
     "CircuitOpenError",
     "CircuitRecord",
