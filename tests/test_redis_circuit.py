@@ -379,18 +379,20 @@ async def test_openings_written_at_another_version_count_as_none(
 async def test_a_trial_permit_lapses_after_trial_timeout() -> None:
     async with opened_store() as store:  # its own lease: 30 s
         record = await store.transition("dep", 0, OPEN, 0.0)
-        assert await store.acquire_trial("dep", record.version, 1, lease=0.1) is None
-        assert await store.acquire_trial("dep", record.version, 1, lease=0.1) is not None
-        await asyncio.sleep(0.12)
-        assert await store.acquire_trial("dep", record.version, 1, lease=0.1) is None
+        # A lease long enough that a loaded machine does not outlive it between
+        # two requests, and short enough to wait for.
+        assert await store.acquire_trial("dep", record.version, 1, lease=0.5) is None
+        assert await store.acquire_trial("dep", record.version, 1, lease=0.5) is not None
+        await asyncio.sleep(0.55)
+        assert await store.acquire_trial("dep", record.version, 1, lease=0.5) is None
 
 
 async def test_a_hung_trial_on_one_replica_frees_its_slot_after_trial_timeout(
     stores: tuple[RedisStore, RedisStore],
 ) -> None:
     one, two = stores
-    a = breaker(one, open_for=0.1, trial_timeout=0.3)
-    b = breaker(two, open_for=0.1, trial_timeout=0.3)
+    a = breaker(one, open_for=0.1, trial_timeout=1.0)
+    b = breaker(two, open_for=0.1, trial_timeout=1.0)
     await two.sync()
     await attempt(a(boom))
     await eventually(lambda: b.state is HALF_OPEN)
@@ -406,7 +408,7 @@ async def test_a_hung_trial_on_one_replica_frees_its_slot_after_trial_timeout(
         await running.wait()
         assert await attempt(b(ok)) == "rejected"  # the fleet's one permit is a's
         # a's process could have died: the permit lapses with its trial's time.
-        await asyncio.sleep(0.35)
+        await asyncio.sleep(1.05)
         assert await attempt(b(ok)) == "ok"
         assert b.state is CLOSED
         await eventually(lambda: a.state is CLOSED)
