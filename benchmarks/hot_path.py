@@ -36,6 +36,7 @@ TIMEOUT: Final = "Timeout"
 IDEMPOTENCY: Final = "Idempotency (in-process store)"
 PIPELINE: Final = "Pipeline"
 RATE_LIMITER: Final = "RateLimiter, permit available"
+HEDGE: Final = "Hedge, the first attempt answers before the delay"
 GROUPS: Final = (
     RETRY,
     RETRY_FAILING,
@@ -49,6 +50,7 @@ GROUPS: Final = (
     IDEMPOTENCY,
     PIPELINE,
     RATE_LIMITER,
+    HEDGE,
 )
 
 BARE: Final = "bare await f()"
@@ -238,6 +240,11 @@ def rate_limited_per_key() -> Call:
     """Every call has a key (one key, its bucket found in the limiter's table)."""
     limiter = sw.RateLimiter(UNREACHED_RATE, key="key", name=unique("rate_limiter"))
     return functools.partial(limiter(keyed), "user-1")
+
+
+def hedged_adaptive() -> Call:
+    """A warm adaptive delay (its estimate in use): a clock read and a sample per call."""
+    return sw.Hedge(delay=sw.AdaptiveDelay(warmup=1), name=unique("hedge"))(f)
 
 
 def baselines() -> list[Case]:
@@ -439,6 +446,21 @@ def cases() -> list[Case]:
             BARE,
             group=RATE_LIMITER,
             note="reads the key, checks it, finds its bucket (LRU)",
+        ),
+        Case(
+            "Hedge(delay=0.05), first attempt in time",
+            lambda: sw.Hedge(delay=0.05, name=unique("hedge"))(f),
+            BARE,
+            8,
+            group=HEDGE,
+            note="the attempt runs inline; a timer entry armed and taken back, no task",
+        ),
+        Case(
+            "Hedge(delay=AdaptiveDelay()), first attempt in time",
+            hedged_adaptive,
+            BARE,
+            group=HEDGE,
+            note="also reads the clock twice and adds a latency sample",
         ),
     ]
 

@@ -14,8 +14,15 @@ with many calls in flight, for replays and first executions.
 
 Part 3 does the same for a rate limiter shared through Redis: a call let
 through at once, one that waits for its turn and one refused are each one
-round trip (``gcra.lua``). Everything is written under a fresh prefix and
-deleted afterwards.
+round trip (``gcra.lua``).
+
+Part 4 times the fleet-wide limits' success path, ``Retry(budget=
+RetryBudget(store=...))`` and ``Bulkhead(store=...)``, against the same
+policies in process (budget 1.5x: a call makes no round trip, the store is
+talked to from a task of the policy's own), and counts the round trips per
+call over a second of calls (the budget's exchanges, the bulkhead's first
+batch and renewals). Everything is written under a fresh prefix and deleted
+afterwards.
 """
 
 from __future__ import annotations
@@ -93,6 +100,74 @@ def breaker_cases(store: RedisStore) -> list[Case]:
             "no I/O either",
         ),
     ]
+
+
+def _with_budget(store: Any) -> Call:
+    budget = sw.RetryBudget(store=store, name="bench-budget") if store else sw.RetryBudget()
+    return sw.Retry(budget=budget)(f)
+
+
+def _bulkhead(store: Any) -> Call:
+    if store is None:
+        return sw.Bulkhead(8, name="bench-bulkhead-local")(f)
+    return sw.Bulkhead(8, store=store, name="bench-bulkhead")(f)
+
+
+def fleet_cases(store: RedisStore) -> list[Case]:
+    return [
+        Case("await f()", lambda: f),
+        Case(
+            "Retry(budget=RetryBudget()), success",
+            lambda: _with_budget(None),
+            "await f()",
+        ),
+        Case(
+            "Retry(budget=RetryBudget(store=RedisStore)), success",
+            lambda: _with_budget(store),
+            "Retry(budget=RetryBudget()), success",
+            1.5,
+            "no round trip: counted locally, exchanged every sync_interval",
+        ),
+        Case("Bulkhead(8), uncontended", lambda: _bulkhead(None), "await f()"),
+        Case(
+            "Bulkhead(8, store=RedisStore), uncontended",
+            lambda: _bulkhead(store),
+            "Bulkhead(8), uncontended",
+            1.5,
+            "no round trip: a permit of the batch the process holds",
+        ),
+    ]
+
+
+async def fleet_round_trips(store: RedisStore, *, seconds: float) -> list[tuple[str, int, int]]:
+    """(policy, calls, round trips) over ``seconds`` of calls, yielding to the loop between.
+
+    ``store`` must be on a counting client (`_Counting`).
+    """
+    rows = []
+    for label, call in (
+        ("Retry(budget=RetryBudget(store=RedisStore)), success", _with_budget(store)),
+        ("Bulkhead(8, store=RedisStore), uncontended", _bulkhead(store)),
+    ):
+        before, calls = _Counting.writes, 0
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            for _ in range(10):
+                await call()
+            calls += 10
+            await asyncio.sleep(0)  # let the policy's own task run, as a service would
+        rows.append((label, calls, _Counting.writes - before))
+    return rows
+
+
+def fleet_report(rows: list[tuple[str, int, int]]) -> str:
+    lines = [
+        "| fleet-wide limit, success path | calls | round trips | per call |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, calls, trips in rows:
+        lines.append(f"| {label} | {calls:,} | {trips} | {trips / calls:.5f} |")
+    return "\n".join(lines)
 
 
 class _Counting(redis.asyncio.Connection):
@@ -234,7 +309,7 @@ async def rate_limiter_report(store: RedisStore, *, n: int, concurrency: int) ->
     return "\n".join(rows)
 
 
-async def _main(rounds: int, calls: int, n: int, concurrency: int) -> None:
+async def _main(rounds: int, calls: int, n: int, concurrency: int, seconds: float) -> None:
     client = redis.asyncio.Redis.from_url(REDIS_URL)
     # Its own client, whose connections count what they send: the breakers'
     # store follows their state on a connection of its own, not counted.
@@ -253,6 +328,14 @@ async def _main(rounds: int, calls: int, n: int, concurrency: int) -> None:
         limits = RedisStore(counted, prefix=prefix)
         print(await rate_limiter_report(limits, n=n, concurrency=concurrency))
         await limits.aclose()
+        print()
+        fleet = RedisStore(counted, prefix=prefix)
+        cases = fleet_cases(fleet)
+        await _harness.measure(cases, rounds=rounds, n=calls)
+        print(_harness.table(cases))
+        print()
+        print(fleet_report(await fleet_round_trips(fleet, seconds=seconds)))
+        await fleet.aclose()
     finally:
         doomed = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
         for start in range(0, len(doomed), 1000):
@@ -261,13 +344,37 @@ async def _main(rounds: int, calls: int, n: int, concurrency: int) -> None:
         await counted.aclose()
 
 
+async def _fleet_only(rounds: int, calls: int, seconds: float) -> None:
+    counted = redis.asyncio.Redis.from_url(REDIS_URL, connection_class=_Counting)
+    prefix = f"stalwart-bench:{uuid.uuid4().hex}:"
+    try:
+        fleet = RedisStore(counted, prefix=prefix)
+        cases = fleet_cases(fleet)
+        await _harness.measure(cases, rounds=rounds, n=calls)
+        print(_harness.table(cases))
+        print()
+        print(fleet_report(await fleet_round_trips(fleet, seconds=seconds)))
+        await fleet.aclose()
+    finally:
+        doomed = [key async for key in counted.scan_iter(match=prefix + "*", count=1000)]
+        if doomed:
+            await counted.delete(*doomed)
+        await counted.aclose()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny run, to check it works")
     parser.add_argument("--concurrency", type=int, default=64, help="calls in flight")
+    parser.add_argument(
+        "--only-fleet", action="store_true", help="only part 4: the fleet-wide limits"
+    )
     args = parser.parse_args(argv)
-    rounds, calls, n = (3, 200, 50) if args.quick else (15, 20_000, 2_000)
-    asyncio.run(_main(rounds, calls, n, args.concurrency))
+    rounds, calls, n, seconds = (3, 200, 50, 0.2) if args.quick else (15, 20_000, 2_000, 1.0)
+    if args.only_fleet:
+        asyncio.run(_fleet_only(rounds, calls, seconds))
+    else:
+        asyncio.run(_main(rounds, calls, n, args.concurrency, seconds))
     return 0
 
 

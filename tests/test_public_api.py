@@ -35,6 +35,7 @@ CONTRACT = [
     "Telemetry",
     "ConcurrencyLimit",
     "AdaptiveThrottle",
+    "Hedge",
 ]
 
 # Modules imported on demand (each needs its extra), so not in `stalwart.__all__`.
@@ -160,6 +161,7 @@ DECORATOR_CLASSES = [
     (sw.Pipeline, "@sw.Pipeline(policy, ...)"),
     (sw.ConcurrencyLimit, "@sw.ConcurrencyLimit()"),
     (sw.AdaptiveThrottle, "@sw.AdaptiveThrottle()"),
+    (sw.Hedge, "@sw.Hedge()"),
 ]
 
 

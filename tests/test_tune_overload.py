@@ -47,6 +47,7 @@ def test_the_grid_is_its_sections_in_pipeline_order() -> None:
     assert [f.name for f in schema.GRID.fields] == [s.name for s in schema.SECTIONS]
     assert [s.name for s in schema.SECTIONS] == [
         "retry",
+        "hedge",
         "throttle",
         "breaker",
         "concurrency",
@@ -81,7 +82,7 @@ def test_the_adaptive_sections_take_the_policies_own_defaults() -> None:
 
 def test_a_setting_builds_them_in_the_pipeline_with_the_downstreams_errors() -> None:
     setting = scenario(
-        "[grid]\nretry = {}\nthrottle = { k = 1.5 }\nbreaker = {}\n"
+        "[grid]\nretry = {}\nhedge = {}\nthrottle = { k = 1.5 }\nbreaker = {}\n"
         'concurrency = { algorithm = "vegas", max_queued = 4 }\n'
         "bulkhead = { max_concurrent = 8 }\ntimeout = 1.0\n"
     ).settings[0]
@@ -93,13 +94,14 @@ def test_a_setting_builds_them_in_the_pipeline_with_the_downstreams_errors() -> 
     )
     assert [type(p) for p in policies] == [
         sw.Retry,
+        sw.Hedge,
         sw.AdaptiveThrottle,
         sw.CircuitBreaker,
         sw.ConcurrencyLimit,
         sw.Bulkhead,
         sw.Timeout,
     ]
-    throttle, limit = policies[1], policies[3]
+    throttle, limit = policies[2], policies[4]
     assert isinstance(throttle, sw.AdaptiveThrottle)
     assert throttle.k == 1.5
     assert throttle.failure_on == (DownstreamError, TimeoutError)

@@ -1,7 +1,8 @@
 """stalwart: resilience for async Python services.
 
-Retry, timeouts and deadlines, bulkheads, circuit breakers and idempotency
-keys, as composable decorators for ``async def`` code on asyncio and trio.
+Retry, timeouts and deadlines, bulkheads, circuit breakers, hedging and
+idempotency keys, as composable decorators for ``async def`` code on
+asyncio and trio.
 
     import stalwart as sw
 
@@ -33,6 +34,7 @@ from ._errors import (
     StalwartWarning,
     StoreUnavailable,
 )
+from ._hedge import AdaptiveDelay, Hedge
 from ._idempotency import Idempotency
 from ._idempotency_store import Completed, IdempotencyStore, InFlight, Lease, MemoryStore
 from ._metrics import MetricFamily, PolicyMetrics
@@ -47,6 +49,7 @@ from ._version import __version__
 from ._windows import CountWindow, TimeWindow
 
 __all__ = [
+    "AdaptiveDelay",
     "AdaptiveThrottle",
     "AimdLimit",
     "Backoff",
@@ -67,6 +70,7 @@ __all__ = [
     "CountWindow",
     "DeadlineExceeded",
     "Gradient2Limit",
+    "Hedge",
     "Idempotency",
     "IdempotencyConflict",
     "IdempotencyKeyReused",

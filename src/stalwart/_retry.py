@@ -16,7 +16,7 @@ from ._errors import CircuitOpenError, DeadlineExceeded, RateLimitExceeded
 from ._matchers import ExceptionMatcher, Matcher
 from ._metrics import Counted, MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
-from ._retry_budget import RetryBudget
+from ._retry_budget import RetryBudget, charged
 from ._telemetry import Telemetry, observed
 from .events import RetryGaveUp, Retrying
 
@@ -361,8 +361,23 @@ class Retry(Policy):
         kwargs: dict[str, Any],
     ) -> T:
         """The first attempt of a call with a result predicate, budget or timeout."""
-        if self._budget is not None:
-            self._budget.deposit()
+        budget = self._budget
+        if budget is None:
+            return await self._attempts_of(fn, args, kwargs)
+        budget.deposit()
+        # A Hedge inside drawing on this budget: the request is recorded already.
+        token = charged.set(budget)
+        try:
+            return await self._attempts_of(fn, args, kwargs)
+        finally:
+            charged.reset(token)
+
+    async def _attempts_of(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:

@@ -18,6 +18,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 from ._deadline import remaining
 from ._errors import DeadlineExceeded, StalwartError, recast
+from ._hedge import Hedge
 from ._policy import Binding, Policy
 from ._rate_limiter import RateLimiter
 
@@ -27,6 +28,7 @@ __all__ = [
     "by_kind",
     "collection_option",
     "first_value",
+    "hedge_option",
     "kind_of",
     "made_policy",
     "policy_factory",
@@ -64,22 +66,34 @@ def rate_limit_option(value: Any) -> RateLimiter | None:
     return value
 
 
+def hedge_option(value: Any) -> Hedge | None:
+    """``value``, checked to be a `Hedge` or None (the ``hedge`` option)."""
+    if value is not None and not isinstance(value, Hedge):
+        raise TypeError(f"hedge must be a stalwart.Hedge or None, not {type(value).__name__}")
+    return value
+
+
 def bind_attempts(
     policy: Policy,
     attempt: Callable[P, Coroutine[Any, Any, T]],
     rate_limit: RateLimiter | None,
     origin: Callable[..., Any],
+    hedge: Hedge | None = None,
 ) -> Callable[P, Coroutine[Any, Any, T]]:
     """``policy`` around ``attempt``, with ``rate_limit`` (if any) around each attempt.
 
     The limiter sits inside the policy: every attempt, a retry's too, takes
     a turn, and its refusal reaches the policy (a default `Retry` does not
-    retry it). It opens no span of its own: the policy's carries its events.
+    retry it). A ``hedge`` sits between the two: each of the policy's
+    attempts is hedged, and each hedge is an attempt that takes its turn.
+    Neither opens a span of its own: the policy's carries their events.
     ``origin`` is the client's own attempt function (its signature is what
     a limiter's ``key=`` parameter name reads).
     """
     if rate_limit is not None:
         attempt = rate_limit.wrap(attempt, Binding(origin, traced=False))
+    if hedge is not None:
+        attempt = hedge.wrap(attempt, Binding(origin, traced=False))
     return policy.wrap(attempt, Binding(origin))
 
 

@@ -30,7 +30,10 @@ What the transport adds to the policy:
   the network longer than that itself;
 * with ``per_host=``, every upstream (scheme, host and port) gets a policy of
   its own inside the shared one, typically a `~stalwart.CircuitBreaker`, so
-  that one sick upstream does not open the circuit for all.
+  that one sick upstream does not open the circuit for all;
+* with ``hedge=``, a request safe to repeat that is slow to answer is sent
+  again beside the first (a `~stalwart.Hedge`, learning each upstream's
+  latency apart), the first response wins and the others are closed.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from ._errors import (
     RateLimitExceeded,
     StalwartError,
 )
+from ._hedge import Hedge
 from ._http import (
     DEADLINE_HEADER,
     DEFAULT_RETRY_STATUSES,
@@ -72,6 +76,7 @@ from ._retry import Retry, retries_disabled
 from ._transport import (
     bind_attempts,
     by_kind,
+    hedge_option,
     made_policy,
     policy_factory,
     policy_option,
@@ -101,6 +106,14 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 _Send = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
 _Origin = tuple[str, bytes, int | None]  # scheme, raw host, port (None: the default)
+# An upstream's own policies: its `per_host` policy (or None), its hedge (or
+# None), and `policy` bound around them.
+_Host = tuple[Policy | None, Hedge | None, _Send]
+
+
+async def _close(response: httpx.Response) -> None:
+    """Release a response that lost a hedged race: its connection goes back to the pool."""
+    await response.aclose()
 
 
 class RetryableStatusError(httpx.HTTPStatusError):
@@ -343,6 +356,27 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     should give them a common name instead, to keep its metrics' labels
     bounded.
 
+    **Hedged requests.** ``hedge`` sends a request that is safe to repeat
+    (an idempotent method, or one carrying an ``Idempotency-Key``) again
+    when it has not answered after the hedge's delay, and returns the first
+    response; every other attempt is cancelled (its connection closed) or,
+    if its response came in the same instant, closed unread. Any other
+    request is never hedged. Each upstream gets a hedge of its own with the
+    options of the one given, so that an `~stalwart.AdaptiveDelay` learns
+    each host's latency apart (and their budget, if any, is the one given,
+    shared)::
+
+        ResilientTransport(
+            sw.Retry(attempts=3),
+            hedge=sw.Hedge(delay=sw.AdaptiveDelay(quantile=0.95, maximum=0.5)),
+        )
+
+    The hedge runs inside ``policy`` (every attempt it makes is hedged) and
+    outside ``rate_limit`` and the ``per_host`` policy: each hedged attempt
+    takes a turn, and a host's breaker counts it (a cancelled loser counts
+    as neither success nor failure). A hedged attempt that fails, a
+    retryable status included, starts the next one at once.
+
     Args:
         policy: the policy each request goes through. Default:
             ``Retry(attempts=3, on=DEFAULT_RETRY_ON, name=name)``, which
@@ -364,13 +398,16 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             ``uuid.uuid4()``, from the operating system's randomness).
         per_host: a callable taking an upstream's origin (a ``str``) and
             returning a new policy for that upstream (see above), or None.
-        max_hosts: how many upstreams keep their ``per_host`` policy at once,
+        max_hosts: how many upstreams keep their ``per_host`` policy (and hedge) at once,
             >= 1 (default 100).
         rate_limit: a `~stalwart.RateLimiter` every attempt goes through (see
             above), or None.
+        hedge: a `~stalwart.Hedge` for the requests safe to repeat (see
+            above), one per upstream, or None.
     """
 
     __slots__ = (
+        "_hedge",
         "_hosts",
         "_max_hosts",
         "_name",
@@ -396,6 +433,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         per_host: Callable[[str], Policy] | None = None,
         max_hosts: int = DEFAULT_MAX_HOSTS,
         rate_limit: RateLimiter | None = None,
+        hedge: Hedge | None = None,
     ) -> None:
         self._name = _validate.name(name)
         if policy is None:
@@ -420,9 +458,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             "per_host", per_host, key="origin", a_key="an origin", each="host"
         )
         self._max_hosts = _validate.count("max_hosts", max_hosts)
-        # origin -> (its policy, `policy` bound around it); least recently used first.
-        self._hosts: OrderedDict[_Origin, tuple[Policy, _Send]] = OrderedDict()
+        # Each upstream's own policies (see _Host); least recently used first.
+        self._hosts: OrderedDict[_Origin, _Host] = OrderedDict()
         self._rate_limit = rate_limit_option(rate_limit)
+        self._hedge = hedge_option(hedge)
         # Bound once: the policy's per-function setup is not paid per request.
         self._send: _Send = bind_attempts(policy, self._attempt, self._rate_limit, self._attempt)
 
@@ -434,6 +473,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     def rate_limit(self) -> RateLimiter | None:
         """The limiter every attempt goes through, or None."""
         return self._rate_limit
+
+    @property
+    def hedge(self) -> Hedge | None:
+        """The hedge whose options each upstream's own hedge takes, or None."""
+        return self._hedge
 
     @property
     def transport(self) -> httpx.AsyncBaseTransport:
@@ -456,13 +500,30 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
             {origin: breaker.state for origin, breaker in transport.host_policies.items()}
         """
-        return {_origin_text(origin): entry[0] for origin, entry in self._hosts.items()}
+        return {
+            _origin_text(origin): entry[0]
+            for origin, entry in self._hosts.items()
+            if entry[0] is not None
+        }
+
+    @property
+    def host_hedges(self) -> dict[str, Hedge]:
+        """Each upstream's hedge kept now, by origin (empty without ``hedge``).
+
+        ``hedge.current_delay()`` tells what an adaptive delay has learned of it.
+        """
+        return {
+            _origin_text(origin): entry[1]
+            for origin, entry in self._hosts.items()
+            if entry[1] is not None
+        }
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the policy; see the class documentation."""
         await request.aread()
         retryable = self._rules.repeatable(request.method, request.headers)
-        send = self._send if self._per_host is None else self._send_to(request.url)
+        per_host = self._per_host is not None or self._hedge is not None
+        send = self._send_to(request.url) if per_host else self._send
         try:
             if retryable:
                 return await send(request)
@@ -482,21 +543,24 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             raise translated from exc
 
     def _send_to(self, url: httpx.URL) -> _Send:
-        """``policy`` around the per-host policy of ``url``'s origin (made on first use)."""
+        """``policy`` around the policies of ``url``'s origin (made on first use)."""
         origin = (url.scheme, url.raw_host, url.port)
         hosts = self._hosts
         entry = hosts.get(origin)
         if entry is not None:
             hosts.move_to_end(origin)
-            return entry[1]
-        assert self._per_host is not None
+            return entry[2]
         text = _origin_text(origin)
-        own = made_policy("per_host", self._per_host(text), text)
-        # As a Pipeline would bind them, without a span of its own: `policy`'s
-        # span carries the per-host policy's events.
-        inner = own.wrap(self._attempt, Binding(self._attempt, traced=False))
-        send: _Send = bind_attempts(self._policy, inner, self._rate_limit, self._attempt)
-        hosts[origin] = (own, send)
+        own = None
+        inner: _Send = self._attempt
+        if self._per_host is not None:
+            own = made_policy("per_host", self._per_host(text), text)
+            # As a Pipeline would bind them, without a span of its own: `policy`'s
+            # span carries the per-host policy's events.
+            inner = own.wrap(inner, Binding(self._attempt, traced=False))
+        hedge = None if self._hedge is None else self._hedge._twin(discard=_close)
+        send: _Send = bind_attempts(self._policy, inner, self._rate_limit, self._attempt, hedge)
+        hosts[origin] = (own, hedge, send)
         if len(hosts) > self._max_hosts:
             hosts.popitem(last=False)
         return send

@@ -32,6 +32,7 @@ from .._adaptive_throttle import AdaptiveThrottle
 from .._bulkhead import Bulkhead
 from .._circuit_breaker import CircuitBreaker
 from .._concurrency_limit import DEFAULT_DROPS, ConcurrencyLimit
+from .._hedge import AdaptiveDelay, Hedge
 from .._policy import Policy
 from .._retry import Backoff, Retry
 from .._retry_budget import RetryBudget
@@ -889,6 +890,44 @@ THROTTLE: Final = Table(
 )
 
 
+HEDGE: Final = Table(
+    "hedge",
+    "A `stalwart.Hedge` around each attempt of the retry: when an attempt has not answered "
+    "after the delay, another starts beside it, and the first answer wins. The losers are "
+    "cancelled, but the downstream still serves what it has begun: they are load.",
+    (
+        LABEL,
+        Field(
+            "hedges",
+            Integer(minimum=1, maximum=16),
+            _signature_default(Hedge, "hedges"),
+            "extra attempts at most",
+        ),
+        Field(
+            "delay",
+            SECONDS,
+            _signature_default(Hedge, "delay"),
+            "seconds before each hedge; with a `quantile`, the longest delay",
+        ),
+        Field(
+            "quantile",
+            Number(above=0.0, maximum=0.999),
+            None,
+            "hedge at this quantile of the recent latencies (a `stalwart.AdaptiveDelay`, "
+            "between 1 ms and `delay`) instead of after a fixed delay (absent or false: fixed)",
+            switchable=True,
+        ),
+        Field(
+            "budget",
+            BUDGET,
+            None,
+            "a `stalwart.RetryBudget` the hedges draw on (absent or false: none)",
+            switchable=True,
+        ),
+    ),
+)
+
+
 class Refused(Exception):
     """A policy refused a grid section's options: ``path`` says which section."""
 
@@ -977,6 +1016,36 @@ def _retry(options: dict[str, Any], build: Build) -> Policy:
     )
 
 
+def _hedge(options: dict[str, Any], build: Build) -> Policy:
+    budget_options = unlabelled(options["budget"])
+    budget = (
+        None
+        if budget_options is None
+        else made("grid.hedge.budget", lambda: RetryBudget(**budget_options))
+    )
+    delay: float | AdaptiveDelay = options["delay"]
+    quantile = options["quantile"]
+    if quantile is not None:
+        longest = options["delay"]
+        if longest <= 0.0:
+            raise Refused(
+                "grid.hedge.delay", "must be > 0 with a quantile: it is the longest delay"
+            )
+        delay = made(
+            "grid.hedge",
+            lambda: AdaptiveDelay(
+                quantile=quantile, minimum=min(0.001, longest / 2), maximum=longest
+            ),
+        )
+    hedge: Hedge = made(
+        "grid.hedge",
+        lambda: Hedge(
+            options["hedges"], delay=delay, budget=budget, name="hedge", telemetry=build.telemetry
+        ),
+    )
+    return hedge
+
+
 def _throttle(options: dict[str, Any], build: Build) -> Policy:
     # The downstream's failures and timeouts are its rejections; a refusal by a
     # policy below (an open breaker, a full bulkhead) is not the downstream's.
@@ -1018,6 +1087,7 @@ def _timeout(seconds: float, build: Build) -> Policy:
 #: A new policy is one entry here (and its options' `Table` above).
 SECTIONS: Final = (
     Section("retry", RETRY, "retries (absent or false: none)", _retry, headline="attempts"),
+    Section("hedge", HEDGE, "hedged attempts (absent or false: none)", _hedge, headline="delay"),
     Section(
         "throttle",
         THROTTLE,
@@ -1056,7 +1126,7 @@ GRID: Final = Table(
     "grid",
     "The policy settings to compare: every value may be a list of alternatives, and the "
     "grid is every combination. Each setting runs the pipeline "
-    "`Retry` → `AdaptiveThrottle` → `CircuitBreaker` → `ConcurrencyLimit` → `Bulkhead` → "
+    "`Retry` → `Hedge` → `AdaptiveThrottle` → `CircuitBreaker` → `ConcurrencyLimit` → `Bulkhead` → "
     "`Timeout` (outermost first), leaving out what it does not configure. `[[grid]]` tables "
     "(an array) compare the settings of each table, one after the other: alternatives "
     "that are not combinations.",
@@ -1094,6 +1164,7 @@ _DOCUMENTED: Final = (
     ("grid.retry", RETRY),
     ("grid.retry.backoff", BACKOFF),
     ("grid.retry.budget", BUDGET),
+    ("grid.hedge", HEDGE),
     ("grid.breaker", BREAKER),
     ("grid.throttle", THROTTLE),
     ("grid.concurrency", CONCURRENCY),

@@ -1,9 +1,11 @@
-"""Redis as the shared store: breakers, rate limits and idempotency records across replicas.
+"""Redis as the shared store: breakers, limits and idempotency records across replicas.
 
 One `RedisStore` serves as the ``store=`` of `CircuitBreaker`, of
-`RateLimiter`, of `Idempotency` and of the ASGI ``IdempotencyMiddleware``, so
-that a service running as many replicas (processes, pods, hosts) learns of
-an outage once, keeps to one rate limit, and runs a duplicated request once.
+`RateLimiter`, `RetryBudget` and `Bulkhead`, of `Idempotency` and of the ASGI
+``IdempotencyMiddleware``, so that a service running as many replicas
+(processes, pods, hosts) learns of an outage once, keeps to one rate limit,
+one retry budget and one concurrency limit, and runs a duplicated request
+once.
 ``pip install 'stalwart[redis]'``; it runs on asyncio (redis-py's
 ``redis.asyncio`` client), not on trio. Example::
 
@@ -26,8 +28,9 @@ store, its guarantees, its failure modes and its tuning.
 
 # One module per concern: _client (requests, their bound, errors, tokens and
 # give-backs), _scripts (the Lua scripts of stalwart/_lua/ and how they run),
-# _follower (the pub/sub task and reconciliation), _circuit and _idempotency
-# (the two stores' protocols), _store (RedisStore: options and lifecycle).
+# _follower (the pub/sub task and reconciliation), _circuit, _idempotency,
+# _rate_limit, _budget and _bulkhead (the stores' protocols), _store
+# (RedisStore: options and lifecycle).
 
 from __future__ import annotations
 

@@ -202,6 +202,19 @@ class _Client:
                 )
         self._pending.clear()
 
+    # -- key names ---------------------------------------------------------------
+
+    def _key(self, kind: str, *parts: str) -> str:
+        """The name of one record's key: ``<prefix><kind>:{<parts joined by ':'>}``.
+
+        Every key a script touches is such a name, or one followed by a
+        suffix (``:leases``): the parts are a hash tag, so that a record and
+        its suffixed keys share a slot of a Redis Cluster (one script may
+        touch them all) while records spread over it. ``parts``: digests
+        (hex), never user-chosen text.
+        """
+        return f"{self._prefix}{kind}:{{{':'.join(parts)}}}"
+
     # -- requests ----------------------------------------------------------------
 
     async def _eval(

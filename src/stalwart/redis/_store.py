@@ -16,6 +16,8 @@ import redis.asyncio as _aioredis
 
 from .. import _clock, _validate
 from .._codec import Codec, JSONCodec
+from ._budget import _Budgets
+from ._bulkhead import _Bulkheads
 from ._circuit import _Circuits
 from ._client import _UNAVAILABLE, MAX_DURATION
 from ._idempotency import OnUnavailable, _Idempotency
@@ -28,7 +30,7 @@ DEFAULT_TRIAL_LEASE: Final = 30.0
 
 
 @final
-class RedisStore(_Idempotency, _Circuits, _RateLimits):
+class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
     """Circuit breaker state, rate limits and idempotency records shared through Redis.
 
     Give the same store (or stores with the same ``prefix`` on the same Redis)
@@ -48,6 +50,14 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits):
     * **Rate limiters** (`RateLimiter`) sharing a ``name`` share one limit
       (per key): each call reserves its turn with one Lua script, one round
       trip, on Redis's clock.
+    * **Retry budgets** (`RetryBudget`) sharing a ``name`` are one budget:
+      each process counts locally and exchanges its counts (and reserves
+      its share of the retries left) every ``sync_interval``, one round
+      trip, from a task of the budget's own.
+    * **Bulkheads** (`Bulkhead`) sharing a ``name`` share one concurrency
+      limit: each process leases permits (in batches while the fleet is
+      far from its limit) and hands them to its calls without a round
+      trip; a dead process's permits lapse with its lease.
     * **Idempotency records** are claimed atomically by a Lua script, as a
       lease of the policy's ``lease`` seconds that the running call renews:
       if its process dies, the key frees itself when the lease lapses. The
@@ -85,7 +95,10 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits):
       it, and the store stores it in the background (below). Renewals that
       fail raise `StoreUnavailable` to the policy, which logs them.
     * rate limiters decide each call on their own, in-process limit, and
-      count it (see `RateLimiter`, "Fleet-wide").
+      count it (see `RateLimiter`, "Fleet-wide");
+    * retry budgets decide on each process's own window, and bulkheads on
+      each process's ``local_limit`` (see `RetryBudget` and `Bulkhead`,
+      "Fleet-wide"), and rejoin the fleet when Redis answers again.
 
     **Nothing left behind.** Each claim and trial permit is named by a
     token the store chooses, so the store can give it back whatever happens
@@ -106,13 +119,17 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits):
     **Keys.** Everything lives under ``prefix``: ``{prefix}circuit:<h>``
     (and ``...:trials``) per breaker name, ``{prefix}idem:<h>`` per
     idempotency scope and key, ``{prefix}rate:<h>`` (and ``...:<k>`` per
-    key) per rate limiter, where ``<h>`` is 128 bits of SHA-256 of the
-    name (or of the scope and key): no user-chosen text reaches a key name,
-    so none can collide with or reach into another. Pub/sub channels carry
-    the same names. Breaker records never expire (there is one per breaker
-    name); idempotency records expire with their lease or TTL; the markers
-    of requests given up (``...:void:<token>``) within seconds; rate limit
-    buckets when they would be full again.
+    key) per rate limiter, ``{prefix}budget:{<h>}`` per retry budget and
+    ``{prefix}bulkhead:{<h>}`` (and ``...:leases``, ``...:waiting``) per
+    bulkhead, where ``<h>`` is 128 bits of SHA-256 of the name (or of the
+    scope and key): no user-chosen text reaches a key name, so none can
+    collide with or reach into another. Pub/sub channels carry the same
+    names. Breaker records never expire (there is one per breaker name);
+    idempotency records expire with their lease or TTL; the markers of
+    requests given up (``...:void:<token>``) within seconds; rate limit
+    buckets when they would be full again; a retry budget a window after
+    its last exchange, a bulkhead's records a lease after the last
+    request.
 
     **Limits.** Durations kept in Redis (the policies' ``ttl``, ``lease``,
     ``open_for``, and ``trial_lease``) are at most `max_duration` seconds:

@@ -1,0 +1,72 @@
+"""The bulkhead store: permits of one fleet-wide limit, leased to processes through Redis.
+
+`_Bulkheads` is the part of `RedisStore` that serves the `PermitStore`
+protocol of `stalwart.Bulkhead`: a process asks for permits, gives them back
+and renews its lease with one run of ``_lua/bulkhead.lua`` (one round trip),
+from a task of its own; its calls take the permits it holds without a round
+trip.
+
+A bulkhead is a hash of the permits each process holds,
+``{prefix}bulkhead:{<h>}``, a sorted set of their leases,
+``{prefix}bulkhead:{<h>}:leases``, and a hash of the processes waiting for
+permits, ``{prefix}bulkhead:{<h>}:waiting``, where ``<h>`` is 128 bits of
+SHA-256 of the bulkhead's name in a hash tag: under Redis Cluster the three
+live in one slot. A process that dies stops renewing; its permits lapse with its lease.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .._bulkhead import PermitGrant
+from ._client import _UNAVAILABLE, _Client, _digest, _ms
+from ._scripts import Script
+
+#: KEYS: the permits held, the leases, the processes waiting. ARGV: member,
+#: delta, extra, limit, far, lease ms, waiting ms. See ``bulkhead.lua``.
+BULKHEAD: Final = Script("bulkhead")
+
+_WHAT: Final = "bulkhead permits"
+# A process counts as waiting this long after it last asked in vain (it asks
+# again every 20 to 200 ms while it waits).
+_WAITING_MS: Final = 1000
+
+
+class _Bulkheads(_Client):
+    """Permits of fleet-wide bulkheads, leased to processes (see `stalwart.Bulkhead`)."""
+
+    __slots__ = ()
+
+    def _bulkhead_keys(self, bulkhead: str) -> tuple[str, str, str]:
+        name = self._key("bulkhead", _digest(bulkhead))
+        return name, f"{name}:leases", f"{name}:waiting"
+
+    async def adjust_permits(
+        self,
+        bulkhead: str,
+        member: str,
+        delta: int,
+        *,
+        extra: int,
+        limit: int,
+        far: int,
+        lease: float,
+        within: float,
+    ) -> PermitGrant:
+        """Take ``delta`` more permits (or give ``-delta`` back, or renew): one round trip.
+
+        Raises `StoreUnavailable` when Redis does not answer within
+        ``within`` seconds (and the store's ``timeout``).
+        """
+        bound = min(self._timeout, within)
+        if bound <= 0.0:
+            passed = TimeoutError("the ambient deadline has passed")
+            raise self._unavailable(_WHAT, passed) from passed
+        args = (member, delta, extra, limit, far, _ms("lease", lease), _WAITING_MS)
+        try:
+            reply = await self._eval(BULKHEAD, self._bulkhead_keys(bulkhead), args, within=bound)
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(_WHAT, exc, bound) from exc
+        return PermitGrant(
+            int(reply[0]), int(reply[1]), int(reply[2]), max(1, int(reply[4])), reply[5] == 1
+        )
