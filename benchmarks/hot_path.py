@@ -167,6 +167,17 @@ def open_breaker_rejection(telemetry: sw.Telemetry | None = None) -> Call:
     return caught(guarded, sw.CircuitOpenError)
 
 
+def is_none(result: object) -> bool:
+    return result is None
+
+
+def observing_open_breaker() -> Call:
+    """A shadow breaker, forced open: every call would be rejected, and runs."""
+    breaker = sw.CircuitBreaker(mode="observe", name=unique("breaker"))
+    breaker.force_open()
+    return breaker(f)
+
+
 def ignore(event: sw_events.Event) -> None:
     """A listener that keeps nothing: what is timed is stalwart's side of an event."""
 
@@ -346,6 +357,20 @@ def cases() -> list[Case]:
             lambda: sw.CircuitBreaker(slow_call_duration=1.0, name=unique("breaker"))(f),
             BARE,
             note="reads the clock twice",
+            group=BREAKER_OPTIONS,
+        ),
+        Case(
+            "CircuitBreaker closed, success, failure_on_result",
+            lambda: sw.CircuitBreaker(failure_on_result=is_none, name=unique("breaker"))(f),
+            BARE,
+            note="the predicate called on every result",
+            group=BREAKER_OPTIONS,
+        ),
+        Case(
+            'CircuitBreaker(mode="observe") open, call let through',
+            observing_open_breaker,
+            BARE,
+            note="counted as a rejection, then run",
             group=BREAKER_OPTIONS,
         ),
         Case(

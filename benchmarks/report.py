@@ -38,7 +38,9 @@ GROUP_NOTES = {
     ),
     hot_path.BREAKER_OPTIONS: (
         "stalwart only: a TimeWindow and slow-call detection read the clock; "
-        "with 1 call in 10 failing the window really turns over."
+        "with 1 call in 10 failing the window really turns over; a result "
+        "predicate runs on every call; an open shadow breaker (observe mode) "
+        "counts each call as a rejection and runs it."
     ),
     hot_path.CONTENDED: (
         f"{hot_path.TASKS} tasks at once, each making {hot_path.PER_TASK} calls of "

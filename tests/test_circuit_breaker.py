@@ -490,6 +490,7 @@ async def opened(cb: sw.CircuitBreaker, fn: Guarded) -> None:
     """Trip ``cb`` and wait until it is half-open."""
     await trip(fn, cb.consecutive_failures or 1)
     assert cb.state is OPEN
+    assert isinstance(cb.open_for, float)  # not a Backoff
     await anyio.sleep(cb.open_for)
     assert cb.state is HALF_OPEN
 

@@ -14,12 +14,21 @@ included: a time window's rates can rise as old calls leave it); options may
 be left out, to check their defaults (``failure_rate`` off when
 ``consecutive_failures`` is given), and a ``minimum_calls`` that cannot do
 what it says must come with a `StalwartWarning`.
+
+It covers the recovery and shadow options too: ``open_for`` as a `Backoff`
+(the k-th opening in a row lasts delay k, drawn from a generator seeded like
+the breaker's), ``trial_timeout`` (a trial running that long is a failure as
+of then, found by the next call or its own end), ``failure_on_result`` (a
+returned "bad" is a failure) and ``mode="observe"`` (every predicted
+rejection is counted and reported, but the call runs, and counts for
+nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import random
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,9 +46,10 @@ from prometheus_client import CollectorRegistry
 
 import stalwart as sw
 from stalwart._circuit_store import InProcessCircuitStore
+from stalwart.events import CallRejected, Event
 from stalwart.testing import VirtualClockEventLoop
 
-OUTCOMES = ["success", "failure", "benign", "ignored", "base"]
+OUTCOMES = ["success", "failure", "benign", "ignored", "base", "bad"]
 COUNTS = {"success": "success", "benign": "success", "failure": "failure"}  # others: neither
 SLOW = 1.0
 
@@ -69,6 +79,7 @@ def raise_for(outcome: str) -> None:
         raise Ignored
     if outcome == "base":
         raise Base
+    # "bad" returns: a failure if the breaker has failure_on_result
 
 
 @dataclass
@@ -85,13 +96,20 @@ class Model:
     size: int | None  # a CountWindow's size, or None for the TimeWindow
     seconds: float = 0.0
     buckets: int = 1
+    backoff: sw.Backoff | None = None
+    rng: random.Random | None = None
+    trial_timeout: float | None = None
+    judged: bool = False  # failure_on_result: a "bad" result is a failure
     state: str = "closed"
     open_until: float = 0.0
     forced: bool = False
     period: int = 0  # bumped by every transition but OPEN -> HALF_OPEN
-    trials: int = 0
+    trials: list[float] = field(default_factory=list)  # their start times
     successes: int = 0
     run: int = 0
+    openings: int = 0
+    last_period: float | None = None
+    rejections: int = 0
     window: list[tuple[float, bool, bool]] = field(default_factory=list)
 
     def observe(self, now: float) -> None:
@@ -111,17 +129,26 @@ class Model:
 
     def admit(self, now: float) -> tuple[str, Any]:
         """("closed", None) | ("trial", period) | ("rejected", retry_after)."""
-        self.observe(now)
-        if self.state == "closed":
-            return "closed", None
-        if self.state == "open":
-            return "rejected", math.inf if self.forced else self.open_until - now
-        if self.trials < self.half_open_calls:
-            self.trials += 1
-            return "trial", self.period
-        return "rejected", 0.0
+        while True:
+            self.observe(now)
+            if self.state == "closed":
+                return "closed", None
+            if self.state == "open":
+                self.rejections += 1
+                return "rejected", math.inf if self.forced else self.open_until - now
+            timeout = self.trial_timeout
+            if timeout is not None and self.trials and now - min(self.trials) >= timeout:
+                self.open(min(self.trials) + timeout)  # a failure when its time ran out
+                continue
+            if len(self.trials) < self.half_open_calls:
+                self.trials.append(now)
+                return "trial", self.period
+            self.rejections += 1
+            return "rejected", 0.0
 
     def finish(self, admitted: tuple[str, Any], started: float, now: float, outcome: str) -> None:
+        if outcome == "bad":
+            outcome = "failure" if self.judged else "success"
         counts = COUNTS.get(outcome)
         slow = (
             counts is not None
@@ -129,6 +156,8 @@ class Model:
             and now - started >= self.slow_call_duration
         )
         kind, period = admitted
+        if kind == "rejected":
+            return  # let through by observe mode: it counts for nothing
         if kind == "closed":
             if self.state != "closed" or counts is None:
                 return
@@ -140,7 +169,11 @@ class Model:
             return
         if period != self.period:
             return
-        self.trials -= 1
+        self.trials.remove(started)
+        timeout = self.trial_timeout
+        if timeout is not None and now - started >= timeout:
+            self.open(started + timeout)
+            return
         if counts is None:
             return
         if counts == "failure" or slow:
@@ -164,21 +197,31 @@ class Model:
     def new_period(self, state: str) -> None:
         self.state = state
         self.period += 1
-        self.trials = self.successes = 0
+        self.trials = []
+        self.successes = 0
         self.forced = False
 
-    def open(self, now: float) -> None:
+    def open(self, since: float) -> None:
         self.new_period("open")
-        self.open_until = now + self.open_for
+        self.openings += 1
+        length = self.open_for
+        if self.backoff is not None:
+            length = self.last_period = self.backoff.delay(
+                self.openings, self.last_period, self.rng
+            )
+        self.open_until = since + length
 
     def close(self) -> None:
         self.new_period("closed")
         self.window = []
         self.run = 0
+        self.openings = 0
+        self.last_period = None
 
     def force_open(self) -> None:
         self.new_period("open")
         self.forced = True
+        self.openings = 0
 
 
 @dataclass
@@ -190,6 +233,17 @@ class Running:
 
 
 durations = st.sampled_from([0.0, 0.125, 0.5, 0.875, 1.0, 1.5])
+# Open periods: a number, or a Backoff. Delays of "none" jitter are sums of
+# eighths like every time here; jittered ones are not, and are only drawn for
+# a breaker without a store (through a store they cross as durations left,
+# and come back a rounding away).
+backoffs = st.none() | st.builds(
+    sw.Backoff,
+    initial=st.sampled_from([0.25, 0.5]),
+    multiplier=st.sampled_from([1.0, 2.0]),
+    maximum=st.sampled_from([0.5, 2.0]),
+    jitter=st.sampled_from(["none", "full", "equal", "decorrelated"]),
+)
 jumps = st.sampled_from([0.125, 0.25, 0.5, 1.0, 2.0, 5.0])
 
 
@@ -200,6 +254,7 @@ class BreakerMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = VirtualClockEventLoop()
         self.running: list[Running] = []
+        self.rejected: list[float | None] = []  # each CallRejected's retry_after
 
     @initialize(
         failure_rate=st.sampled_from(["default", None, 0.0, 0.25, 0.5, 0.75, 1.0]),
@@ -212,6 +267,11 @@ class BreakerMachine(RuleBasedStateMachine):
         open_for=st.sampled_from([0.0, 0.5, 2.0]),
         half_open_calls=st.integers(1, 3),
         shared=st.booleans(),
+        backoff=backoffs,
+        seed=st.integers(0, 3),
+        trial_timeout=st.sampled_from([None, 0.5, 1.5]),
+        judged=st.booleans(),
+        observe=st.booleans(),
     )
     def build(
         self,
@@ -225,7 +285,15 @@ class BreakerMachine(RuleBasedStateMachine):
         open_for: float,
         half_open_calls: int,
         shared: bool,
+        backoff: sw.Backoff | None,
+        seed: int,
+        trial_timeout: float | None,
+        judged: bool,
+        observe: bool,
     ) -> None:
+        if shared and backoff is not None and backoff.jitter != "none":
+            backoff = sw.Backoff(backoff.initial, backoff.multiplier, backoff.maximum, "none")
+        self.observing = observe
         window: sw.CountWindow | sw.TimeWindow
         if self.time_window:
             window = sw.TimeWindow(2.0, buckets=buckets)
@@ -243,6 +311,10 @@ class BreakerMachine(RuleBasedStateMachine):
             given["failure_rate"] = failure_rate
         if minimum_calls is not None:
             given["minimum_calls"] = minimum_calls
+        if backoff is not None:
+            given["open_for"] = backoff
+        if judged:
+            given["failure_on_result"] = lambda result: result == "bad"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self.breaker = sw.CircuitBreaker(
@@ -250,7 +322,10 @@ class BreakerMachine(RuleBasedStateMachine):
                 failure_on=Failure,
                 ignore=Ignored,
                 store=InProcessCircuitStore() if shared else None,
-                telemetry=sw.Telemetry(registry=CollectorRegistry()),
+                telemetry=sw.Telemetry(registry=CollectorRegistry(), listeners=[self.listen]),
+                trial_timeout=trial_timeout,
+                mode="observe" if observe else "enforce",
+                rng=random.Random(seed),
                 **given,
             )
         # The defaults, as the documentation states them.
@@ -269,7 +344,15 @@ class BreakerMachine(RuleBasedStateMachine):
             size=None if self.time_window else size,
             seconds=2.0,
             buckets=buckets,
+            backoff=backoff,
+            rng=random.Random(seed),
+            trial_timeout=trial_timeout,
+            judged=judged,
         )
+
+    def listen(self, event: Event) -> None:
+        if isinstance(event, CallRejected):
+            self.rejected.append(event.retry_after)
 
     # -- driving both ------------------------------------------------------
 
@@ -287,7 +370,10 @@ class BreakerMachine(RuleBasedStateMachine):
 
         task = self.loop.create_task(self.breaker(dependency)())
         admitted = self.model.admit(self.now())
+        reported = len(self.rejected)
         self.loop.run_until_complete(self.settle(task, release))
+        if admitted[0] == "rejected":  # reported, in either mode, with its retry_after
+            assert self.rejected[reported:] == [admitted[1]]
         return Running(task, admitted, self.now(), release)
 
     async def settle(self, task: asyncio.Task[str], release: asyncio.Future[str]) -> None:
@@ -299,7 +385,7 @@ class BreakerMachine(RuleBasedStateMachine):
         task = running.task
         assert task.done()
         kind, detail = running.admitted
-        if kind == "rejected":
+        if kind == "rejected" and not self.observing:
             error = task.exception()
             assert isinstance(error, sw.CircuitOpenError), error
             assert error.retry_after == detail
@@ -310,7 +396,7 @@ class BreakerMachine(RuleBasedStateMachine):
     def call(self, outcome: str, seconds: float) -> None:
         """A call from start to end; it takes ``seconds``."""
         running = self.start()
-        if running.admitted[0] == "rejected":
+        if running.admitted[0] == "rejected" and not self.observing:
             self.outcome_of(running)
             return
         if seconds:
@@ -325,10 +411,29 @@ class BreakerMachine(RuleBasedStateMachine):
     def begin(self) -> None:
         """A call that stays running."""
         running = self.start()
-        if running.admitted[0] == "rejected":
+        if running.admitted[0] == "rejected" and not self.observing:
             self.outcome_of(running)
         else:
             self.running.append(running)
+
+    @rule()
+    def fail_until_half_open(self) -> None:
+        """Failing calls until the breaker opens (if it can), then its open period."""
+        for _ in range(10):
+            if self.model.state != "closed":
+                break
+            self.call("failure", 0.0)
+        if self.model.state == "open" and not self.model.forced:
+            self.loop.advance(max(0.0, self.model.open_until - self.now()))
+
+    @precondition(lambda self: len(self.running) < 6 and self.model.trial_timeout is not None)
+    @rule(late=st.sampled_from([0.0, 0.125, 1.0]))
+    def hang(self, late: float) -> None:
+        """A call that stays running past trial_timeout (and ``late`` more seconds)."""
+        self.begin()
+        timeout = self.model.trial_timeout
+        assert timeout is not None
+        self.loop.advance(timeout + late)
 
     @precondition(lambda self: self.running)
     @rule(which=st.integers(0, 5), outcome=st.sampled_from(OUTCOMES))
@@ -380,8 +485,9 @@ class BreakerMachine(RuleBasedStateMachine):
         calls, failures, slow = model.counts(now)
         assert (stats.calls, stats.failures, stats.slow_calls) == (calls, failures, slow)
         assert stats.consecutive_failures == model.run
+        assert self.breaker.metrics.rejected == model.rejections
         if model.state == "half_open":
-            assert stats.trial_calls == model.trials
+            assert stats.trial_calls == len(model.trials)
         if model.state == "open":
             expected = math.inf if model.forced else model.open_until - now
             assert stats.time_until_half_open == expected

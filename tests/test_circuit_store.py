@@ -10,6 +10,7 @@ when it chooses, so races between processes can be staged exactly.
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ class Entry:
     version: int = 0
     open_until: float = 0.0
     forced: bool = False
-    trials: int = 0
+    openings: int = 0
+    trials: list[float] = field(default_factory=list)  # when each permit lapses
     successes: int = 0
 
 
@@ -57,13 +59,16 @@ class Server:
             return CircuitRecord(CLOSED, entry.version)
         if entry.forced:
             return CircuitRecord(OPEN, entry.version, forced=True)
-        return CircuitRecord(OPEN, entry.version, entry.open_until - anyio.current_time())
+        left = entry.open_until - anyio.current_time()
+        return CircuitRecord(OPEN, entry.version, left, openings=entry.openings)
 
     def change(self, key: str, state: CircuitState, open_until: float, forced: bool) -> None:
         entry = self.entry(key)
+        entry.openings = entry.openings + 1 if state is OPEN and not forced else 0
         entry.state, entry.open_until, entry.forced = state, open_until, forced
         entry.version += 1
-        entry.trials = entry.successes = 0
+        entry.trials = []
+        entry.successes = 0
         for store in self.subscribers:
             self.queued.append((store, key, self.record(key)))
         if self.immediate:
@@ -110,17 +115,21 @@ class SharedStore:
             self.server.change(key, state, anyio.current_time() + open_for, forced=False)
         return self.server.record(key)
 
-    async def acquire_trial(self, key: str, version: int, limit: int) -> CircuitRecord | None:
+    async def acquire_trial(
+        self, key: str, version: int, limit: int, *, lease: float | None = None
+    ) -> CircuitRecord | None:
         await self.round_trip()
         entry = self.server.entry(key)
+        now = anyio.current_time()
+        entry.trials = [until for until in entry.trials if until > now]
         if (
             entry.version == version
             and entry.state is OPEN
             and not entry.forced
-            and anyio.current_time() >= entry.open_until
-            and entry.trials < limit
+            and now >= entry.open_until
+            and len(entry.trials) < limit
         ):
-            entry.trials += 1
+            entry.trials.append(math.inf if lease is None else now + lease)
             return None
         return self.server.record(key)
 
@@ -129,7 +138,8 @@ class SharedStore:
         entry = self.server.entry(key)
         if entry.version != version:
             return 0
-        entry.trials -= 1
+        if entry.trials:
+            entry.trials.remove(min(entry.trials))
         entry.successes += succeeded
         return entry.successes
 
@@ -223,6 +233,54 @@ async def test_a_breaker_goes_round_its_states_on_any_store(store: CircuitStore 
     assert await attempt(cb(ok)) == "rejected"
     cb.reset()
     assert await attempt(cb(ok)) == "ok"
+
+
+async def test_openings_in_a_row_grow_and_start_again_on_any_store(
+    store: CircuitStore | None,
+) -> None:
+    backoff = sw.Backoff(initial=1.0, multiplier=3.0, maximum=9.0, jitter="none")
+    cb = sw.CircuitBreaker(consecutive_failures=1, open_for=backoff, store=store)
+    periods = []
+    await attempt(cb(boom))
+    for _ in range(3):
+        periods.append(cb.statistics().time_until_half_open)
+        await anyio.sleep(periods[-1] or 0.0)
+        await attempt(cb(boom))
+    await anyio.sleep(9.0)
+    assert await attempt(cb(ok)) == "ok"
+    await attempt(cb(boom))
+    assert [*periods, cb.statistics().time_until_half_open] == [1.0, 3.0, 9.0, 1.0]
+
+
+async def test_a_hung_trial_frees_its_slot_after_trial_timeout_on_any_store(
+    store: CircuitStore | None,
+) -> None:
+    cb = sw.CircuitBreaker(consecutive_failures=1, open_for=10.0, trial_timeout=5.0, store=store)
+    await attempt(cb(boom))
+    await anyio.sleep(10.0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cb(ok), 1000.0)
+        await anyio.sleep(5.0)
+        assert await attempt(cb(ok)) == "rejected"  # a failure: open again, for 10 s
+        await anyio.sleep(10.0)
+        assert await attempt(cb(ok)) == "ok"
+        tg.cancel_scope.cancel()
+    assert cb.state is CLOSED
+
+
+async def test_a_hung_trial_in_one_process_frees_the_shared_slot_with_its_lease() -> None:
+    server = Server()
+    a, b = pair(SharedStore(server), SharedStore(server), trial_timeout=5.0)
+    await attempt(a(boom))
+    await anyio.sleep(10.0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a(ok), 1000.0)  # a's process hangs, or dies
+        await anyio.sleep(1.0)
+        assert await attempt(b(ok)) == "rejected"
+        await anyio.sleep(4.0)
+        assert await attempt(b(ok)) == "ok"
+        tg.cancel_scope.cancel()
+    assert a.state is b.state is CLOSED
 
 
 async def test_an_ignored_trial_gives_its_permit_back_on_any_store(

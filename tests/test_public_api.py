@@ -3,6 +3,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+from typing import get_args
 
 import pytest
 
@@ -80,6 +81,10 @@ def test_every_public_name_is_documented(name: str) -> None:
     obj = getattr(sw, name)
     if inspect.isclass(obj) or inspect.isfunction(obj):
         assert inspect.getdoc(obj), name
+
+
+def test_the_breaker_modes_are_a_literal_type() -> None:
+    assert get_args(sw.CircuitBreakerMode) == ("enforce", "observe")
 
 
 def test_errors_have_the_contract_bases() -> None:

@@ -8,6 +8,7 @@ ones). Real time: open periods of a fraction of a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -315,3 +316,104 @@ async def test_a_stray_message_on_a_breakers_channel_is_ignored(
     ignored = [r for r in caplog.records if "ignored a message" in r.getMessage()]
     assert len(ignored) == 3
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no restart
+
+
+# -- growing open periods and hung trials, fleet-wide ----------------------------------
+
+# Openings of 0.2 s, then 0.8 s: far enough apart that a loaded machine's
+# delays between a transition and the read cannot blur them (Redis counts
+# milliseconds, hence the margin above).
+GROWING = sw.Backoff(initial=0.2, multiplier=4.0, maximum=3.2, jitter="none")
+MARGIN = 0.01
+
+
+def time_left(cb: sw.CircuitBreaker) -> float:
+    left = cb.statistics().time_until_half_open
+    assert left is not None
+    return left
+
+
+async def test_the_count_of_openings_in_a_row_is_shared_across_replicas(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    one, two = stores
+    a, b = breaker(one, open_for=GROWING), breaker(two, open_for=GROWING)
+    await one.sync()
+    await two.sync()
+    assert await attempt(a(boom)) == "boom"  # the first opening: 0.2 s
+    assert 0.0 < time_left(a) <= 0.2 + MARGIN
+    await eventually(lambda: b.state is HALF_OPEN)
+    assert await attempt(b(boom)) == "boom"  # b's trial fails: the second, 0.8 s
+    assert 0.2 + MARGIN < time_left(b) <= 0.8 + MARGIN
+    fields = await one.client.hgetall(f"{one.prefix}circuit:{_digest('dep')}")
+    assert fields[b"openings"] == b"2"
+    await eventually(lambda: a.state is HALF_OPEN)  # a learnt of it, by a push
+    assert await attempt(a(ok)) == "ok"  # closed: the count starts again
+    await eventually(lambda: b.state is CLOSED)
+    assert await attempt(b(boom)) == "boom"
+    assert 0.0 < time_left(b) <= 0.2 + MARGIN
+
+
+@pytest.mark.parametrize(("written_at", "openings"), [(5, 4), (4, 1)])
+async def test_openings_written_at_another_version_count_as_none(
+    written_at: int, openings: int
+) -> None:
+    # A replica of an older stalwart changes the record without "openings":
+    # the count left from before must not make the next opening longer.
+    async with opened_store() as store:
+        await store.client.hset(
+            f"{store.prefix}circuit:{_digest('dep')}",
+            mapping={
+                "state": "open",
+                "version": 5,
+                "until": 0,
+                "forced": "0",
+                "openings": 3,
+                "ov": written_at,
+            },
+        )
+        record = await store.transition("dep", 5, OPEN, 1.0)
+        assert (record.version > 5, record.openings) == (True, openings)
+
+
+async def test_a_trial_permit_lapses_after_trial_timeout() -> None:
+    async with opened_store() as store:  # its own lease: 30 s
+        record = await store.transition("dep", 0, OPEN, 0.0)
+        # A lease long enough that a loaded machine does not outlive it between
+        # two requests, and short enough to wait for.
+        assert await store.acquire_trial("dep", record.version, 1, lease=0.5) is None
+        assert await store.acquire_trial("dep", record.version, 1, lease=0.5) is not None
+        await asyncio.sleep(0.55)
+        assert await store.acquire_trial("dep", record.version, 1, lease=0.5) is None
+
+
+async def test_a_hung_trial_on_one_replica_frees_its_slot_after_trial_timeout(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    one, two = stores
+    a = breaker(one, open_for=0.1, trial_timeout=1.0)
+    b = breaker(two, open_for=0.1, trial_timeout=1.0)
+    await two.sync()
+    await attempt(a(boom))
+    await eventually(lambda: b.state is HALF_OPEN)
+    running = asyncio.Event()
+
+    async def hangs() -> str:
+        running.set()
+        await asyncio.sleep(60.0)
+        return "ok"
+
+    hung = asyncio.create_task(a(hangs)())
+    try:
+        await running.wait()
+        assert await attempt(b(ok)) == "rejected"  # the fleet's one permit is a's
+        # a's process could have died: the permit lapses with its trial's time.
+        await asyncio.sleep(1.05)
+        assert await attempt(b(ok)) == "ok"
+        assert b.state is CLOSED
+        await eventually(lambda: a.state is CLOSED)
+    finally:
+        hung.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hung
+    assert a.state is CLOSED  # the hung trial's end counts for nothing

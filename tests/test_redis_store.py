@@ -480,6 +480,9 @@ def test_records_are_read_from_script_replies_and_messages() -> None:
     assert _record(b"open", 8, 1500, 0) == CircuitRecord(opened, 8, 1.5)
     assert _record(b"open", b"9", b"-20", b"1") == CircuitRecord(opened, 9, forced=forced)
     assert _record("open", "10", "-250", "0") == CircuitRecord(opened, 10, -0.25)
+    # Five fields from this version, four from an older replica's message.
+    assert _record(b"open", 11, 500, 0, 3) == CircuitRecord(opened, 11, 0.5, openings=3)
+    assert _record(b"closed", 12, 0, 0, 0) == CircuitRecord(closed, 12)
 
 
 def test_a_cached_open_period_counts_down_from_when_it_was_learned() -> None:

@@ -13,7 +13,12 @@ asyncio and trio.
 from ._adaptive_limits import AimdLimit, Gradient2Limit, LimitAlgorithm, VegasLimit
 from ._adaptive_throttle import AdaptiveThrottle
 from ._bulkhead import Bulkhead, BulkheadStatistics
-from ._circuit_breaker import CircuitBreaker, CircuitBreakerStatistics, CircuitState
+from ._circuit_breaker import (
+    CircuitBreaker,
+    CircuitBreakerMode,
+    CircuitBreakerStatistics,
+    CircuitState,
+)
 from ._circuit_store import CircuitRecord, CircuitStore, InProcessCircuitStore
 from ._codec import Codec, JSONCodec
 from ._concurrency_limit import ConcurrencyLimit
@@ -55,6 +60,7 @@ __all__ = [
     "BulkheadFullError",
     "BulkheadStatistics",
     "CircuitBreaker",
+    "CircuitBreakerMode",
     "CircuitBreakerStatistics",
     "CircuitOpenError",
     "CircuitRecord",

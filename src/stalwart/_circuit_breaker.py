@@ -18,16 +18,22 @@ How it stays cheap:
   traceback alive).
 * The state is read from the breaker's own memory; a store is only asked to
   change it (see `CircuitStore`).
+* The newer options cost nothing when unused: a ``Backoff`` as ``open_for``
+  and ``trial_timeout`` only act on transitions and half-open trials (off
+  the hot path); ``failure_on_result`` and ``mode="observe"`` are constants
+  the wrapper closes over (the "CircuitBreaker closed, success" and
+  "CircuitBreaker open, rejection" rows).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, ParamSpec, TypeVar, final
+from typing import Any, Final, Literal, ParamSpec, TypeVar, final, get_args
 
 import anyio
 
@@ -38,12 +44,13 @@ from ._matchers import ExceptionMatcher, Matcher
 from ._metrics import REJECTED, MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
 from ._privates import otel_probe
+from ._retry import Backoff
 from ._telemetry import Telemetry
 from ._warnings import warn
 from ._windows import CountRing, CountWindow, Ring, TimeWindow, ring_for
 from .events import CallRejected, CircuitStateChanged
 
-__all__ = ["CircuitBreaker", "CircuitBreakerStatistics", "CircuitState"]
+__all__ = ["CircuitBreaker", "CircuitBreakerMode", "CircuitBreakerStatistics", "CircuitState"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -59,6 +66,10 @@ _FAILURE: Final = 1
 _NEITHER: Final = 2
 
 _DEFAULT_WINDOW: Final = 100
+
+CircuitBreakerMode = Literal["enforce", "observe"]
+"""``"enforce"``: reject calls while open; ``"observe"``: a shadow breaker that never does."""
+_MODES: Final = frozenset(get_args(CircuitBreakerMode))
 
 
 # Defaults told apart from the same numbers given explicitly, by identity.
@@ -186,10 +197,19 @@ class _Rules:
     consecutive_failures: int | None
     slow_call_duration: float | None
     slow_call_rate: float
+    #: the open period, when ``backoff`` is None
     open_for: float
+    #: the open periods, one delay per opening in a row, or None
+    backoff: Backoff | None
     half_open_calls: int
     failure_on: Matcher
     ignore: Matcher
+    trial_timeout: float | None
+    failure_on_result: Callable[[Any], bool] | None
+    #: mode="observe": never reject
+    observe: bool
+    #: where the open periods' jitter is drawn from
+    rng: random.Random | None
 
     def classify(self, exc: BaseException) -> int:
         """How a call that raised ``exc`` counts: success, failure or neither."""
@@ -236,7 +256,11 @@ _RULES_KEPT: Final = 256
 
 
 def _shared(rules: _Rules) -> _Rules:
-    if rules.failure_on.is_predicate or rules.ignore.is_predicate:
+    if (
+        rules.failure_on.is_predicate
+        or rules.ignore.is_predicate
+        or rules.failure_on_result is not None
+    ):
         return rules
     found = _rules_by_value.get(rules)
     if found is not None:
@@ -272,6 +296,22 @@ def _now_or_none() -> float | None:
         return _clock.now()
     except RuntimeError:  # no event loop running: nothing time-based can change
         return None
+
+
+@final
+class _Trial:
+    """A half-open trial call: the period (version) it belongs to, and when it was admitted."""
+
+    __slots__ = ("started", "version")
+
+    def __init__(self, version: int, started: float) -> None:
+        self.version = version
+        self.started = started
+
+
+#: A call ``mode="observe"`` lets through where it would have rejected it. It
+#: was counted as rejected, as it would have been; its outcome counts nowhere.
+_LET_THROUGH: Final = _Trial(-1, 0.0)
 
 
 @final
@@ -311,6 +351,26 @@ class CircuitBreaker(Policy):
     CLOSED when it ends, and a trial only if its half-open period is not
     over.
 
+    **Growing open periods.** ``open_for=Backoff(...)``: the k-th opening in
+    a row (no close in between) lasts the backoff's delay k, jittered as
+    the backoff says (``"equal"`` or ``"full"`` jitter keep replicas from
+    half-opening together); a close starts again from 1. With a store, the
+    count of openings is the store's, shared by every breaker of the name.
+
+    **Hung trials.** With ``trial_timeout``, a half-open trial still running
+    after that many seconds counts as a failure: the next call that finds
+    it (or its own end) re-opens the breaker, and the open period is counted
+    from the moment the trial ran out of time. The trial itself is not
+    cancelled (put a `Timeout` inside the breaker for that); its outcome no
+    longer counts.
+
+    **Shadow mode.** ``mode="observe"`` keeps the window, the states, the
+    metrics and the events exactly as ``"enforce"`` would, rejections
+    included (``stalwart_circuit_rejected_total`` and `CallRejected` count
+    the calls it *would* have rejected), but lets every call run: a way to
+    choose thresholds on production traffic. A call let through counts in
+    no window and no trial, as it would not have run.
+
     Args:
         failure_rate: share of failures that opens, in [0, 1], or None for
             no failure-rate trigger. Not given: 0.5, or None when
@@ -324,12 +384,23 @@ class CircuitBreaker(Policy):
         consecutive_failures: failures in a row that open, >= 1, or None.
         slow_call_duration: seconds from which a call is slow, > 0, or None.
         slow_call_rate: share of slow calls that opens, in [0, 1].
-        open_for: seconds to stay OPEN before trials, >= 0.
+        open_for: seconds to stay OPEN before trials, >= 0; or a `Backoff`,
+            whose delay k is the length of the k-th opening in a row.
         half_open_calls: concurrent trials in HALF_OPEN, and successes that
             close, >= 1.
         failure_on: what is a failure: an exception type, tuple of types,
             or predicate ``exc -> bool``.
         ignore: what counts as nothing, in the same forms.
+        trial_timeout: seconds after which a trial still running counts as
+            a failure and frees its slot, > 0, or None (trials may run for
+            ever). With a store, also how long the store holds the trial's
+            permit should its process stop answering.
+        failure_on_result: ``result -> bool``: True makes a returned value
+            count as a failure (the caller still gets it). A predicate that
+            raises counts as the call raising that exception.
+        mode: ``"enforce"`` (default) or ``"observe"`` (never reject).
+        rng: the ``random.Random`` the open periods' jitter draws from
+            (default: the ``random`` module's generator).
         store: where the state lives: None (this object), an
             `InProcessCircuitStore`, or ``stalwart.redis.RedisStore``. Breakers
             sharing a store share the state of their ``name``.
@@ -348,15 +419,17 @@ class CircuitBreaker(Policy):
     _decorator_call = "CircuitBreaker()"
     __slots__ = (
         "_fast",
+        "_last_period",
         "_open_clock",
         "_open_until",
+        "_openings",
         "_ring",
         "_rules",
+        "_running",
         "_state",
         "_store",
         "_successes",
         "_timed",
-        "_trials",
         "_tripping",
         "_version",
     )
@@ -370,10 +443,14 @@ class CircuitBreaker(Policy):
         consecutive_failures: int | None = None,
         slow_call_duration: float | None = None,
         slow_call_rate: float = 1.0,
-        open_for: float = 30.0,
+        open_for: float | Backoff = 30.0,
         half_open_calls: int = 1,
         failure_on: ExceptionMatcher = Exception,
         ignore: ExceptionMatcher = (),
+        trial_timeout: float | None = None,
+        failure_on_result: Callable[[Any], bool] | None = None,
+        mode: CircuitBreakerMode = "enforce",
+        rng: random.Random | None = None,
         store: CircuitStore | None = None,
         name: str = "circuit",
         telemetry: Telemetry | None = None,
@@ -397,6 +474,22 @@ class CircuitBreaker(Policy):
             failure_rate = None if consecutive_failures is not None else float(failure_rate)
         elif failure_rate is not None:
             failure_rate = _validate.rate("failure_rate", failure_rate)
+        backoff: Backoff | None = None
+        if isinstance(open_for, Backoff):
+            backoff, open_for = open_for, open_for.maximum
+        elif not isinstance(open_for, (int, float)) or isinstance(open_for, bool):
+            raise TypeError(
+                f"open_for must be a number of seconds or a Backoff, not {type(open_for).__name__}"
+            )
+        if failure_on_result is not None and not callable(failure_on_result):
+            raise TypeError(
+                "failure_on_result must be a callable (result -> bool) or None, "
+                f"not {type(failure_on_result).__name__}"
+            )
+        if mode not in _MODES:
+            raise ValueError(f"mode must be 'enforce' or 'observe', got {mode!r}")
+        if rng is not None and not isinstance(rng, random.Random):
+            raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
         rules = _Rules(
             failure_rate=failure_rate,
             minimum_calls=minimum_calls,
@@ -411,16 +504,26 @@ class CircuitBreaker(Policy):
             ),
             slow_call_rate=_validate.rate("slow_call_rate", slow_call_rate),
             open_for=_validate.duration("open_for", open_for),
+            backoff=backoff,
             half_open_calls=_validate.count("half_open_calls", half_open_calls),
             failure_on=Matcher("failure_on", failure_on),
             ignore=Matcher("ignore", ignore, allow_empty=True),
+            trial_timeout=_validate.optional_duration(
+                "trial_timeout", trial_timeout, positive=True
+            ),
+            failure_on_result=failure_on_result,
+            observe=mode == "observe",
+            rng=rng,
         )
         if store is not None and not isinstance(store, CircuitStore):
             raise TypeError(
                 "store must be a circuit store (InProcessCircuitStore, RedisStore) or None, "
                 f"not {type(store).__name__}"
             )
+        # A Backoff's longest delay is its maximum (checked as open_for).
         _validate.stored_duration("open_for", rules.open_for, store)
+        if rules.trial_timeout is not None:
+            _validate.stored_duration("trial_timeout", rules.trial_timeout, store)
         _warn_of_unused_minimum(rules, window, given=minimum_given)
         self._rules = _shared(rules)
         timing = rules.slow_call_duration is not None
@@ -431,7 +534,11 @@ class CircuitBreaker(Policy):
         self._version = 0
         self._open_until = 0.0
         self._open_clock: Callable[[], float] | None = None  # see `_install`
-        self._trials = 0
+        self._openings = 0  # openings in a row, the current one included
+        self._last_period: float | None = None  # for "decorrelated" jitter
+        # This period's trials, oldest first: a tuple, so that a breaker that
+        # never half-opens holds the shared empty one (the memory test).
+        self._running: tuple[_Trial, ...] = ()
         self._successes = 0
         self._tripping = -1  # the version a transition to OPEN is being asked from
         self._store = store
@@ -466,8 +573,22 @@ class CircuitBreaker(Policy):
         return self._rules.slow_call_rate
 
     @property
-    def open_for(self) -> float:
-        return self._rules.open_for
+    def open_for(self) -> float | Backoff:
+        """Seconds to stay OPEN, or the `Backoff` giving each opening in a row its length."""
+        rules = self._rules
+        return rules.open_for if rules.backoff is None else rules.backoff
+
+    @property
+    def trial_timeout(self) -> float | None:
+        return self._rules.trial_timeout
+
+    @property
+    def failure_on_result(self) -> Callable[[Any], bool] | None:
+        return self._rules.failure_on_result
+
+    @property
+    def mode(self) -> CircuitBreakerMode:
+        return "observe" if self._rules.observe else "enforce"
 
     @property
     def half_open_calls(self) -> int:
@@ -517,7 +638,7 @@ class CircuitBreaker(Policy):
             failure_rate=failures / calls if calls else 0.0,
             slow_call_rate=slow / calls if calls else 0.0,
             consecutive_failures=ring.run,
-            trial_calls=self._trials if state is _HALF_OPEN else 0,
+            trial_calls=len(self._running) if state is _HALF_OPEN else 0,
             time_until_half_open=until,
         )
 
@@ -543,8 +664,13 @@ class CircuitBreaker(Policy):
             self._state = _HALF_OPEN
             self._announce(_OPEN, _HALF_OPEN)
 
-    def _install(self, state: CircuitState, version: int, open_until: float) -> None:
-        """Make ``state`` (CLOSED or OPEN) the breaker's state, at ``version``."""
+    def _install(
+        self, state: CircuitState, version: int, open_until: float, openings: int = 0
+    ) -> None:
+        """Make ``state`` (CLOSED or OPEN) the breaker's state, at ``version``.
+
+        ``openings``: for a timed OPEN, the openings in a row, this one included.
+        """
         before = self._state
         self._fast = False
         self._version = version
@@ -556,9 +682,12 @@ class CircuitBreaker(Policy):
             self._open_clock = time.monotonic
         else:
             self._open_clock = _clock.monotonic_or_none() if state is _OPEN else None
-        self._trials = self._successes = 0
+        self._running = ()
+        self._successes = 0
+        self._openings = openings if state is _OPEN else 0
         if state is _CLOSED:
             self._ring.clear()
+            self._last_period = None
         self._state = state
         if before is not state:
             self._announce(before, state)
@@ -597,22 +726,51 @@ class CircuitBreaker(Policy):
             # trial permits until it really is.
             now = _now_or_none()
             until = -math.inf if now is None else now + max(0.0, record.open_for)
-        self._install(_OPEN, record.version, until)
+        self._install(_OPEN, record.version, until, record.openings)
 
-    async def _transition(self, expected: int, state: CircuitState) -> None:
-        """Move from version ``expected`` to ``state`` (CLOSED or OPEN), through the store."""
+    def _open_period(self, opening: int) -> float:
+        """How long the ``opening``-th opening in a row lasts (a fresh draw each time)."""
+        rules = self._rules
+        backoff = rules.backoff
+        if backoff is None:
+            return rules.open_for
+        period = backoff.delay(opening, self._last_period, rules.rng)
+        self._last_period = period
+        return period
+
+    async def _transition(
+        self, expected: int, state: CircuitState, since: float | None = None
+    ) -> None:
+        """Move from version ``expected`` to ``state`` (CLOSED or OPEN), through the store.
+
+        An open period starts at ``since`` (a moment past: a trial's time ran
+        out then), or now.
+        """
+        opening = self._openings + 1
+        period: float | None = None
         store = self._store
         if store is not None:
+            left = 0.0
+            if state is _OPEN:
+                period = self._open_period(opening)
+                now = _clock.now()
+                left = max(0.0, (now if since is None else since) + period - now)
             try:
-                record = await store.transition(self._name, expected, state, self._rules.open_for)
+                record = await store.transition(self._name, expected, state, left)
             except Exception:  # noqa: BLE001 - the caller's own outcome must not be masked
                 pass  # the store is unreachable: decide alone, catch up with its next push
             else:
                 self._on_answer(record)
                 return
-        if self._version == expected:
-            until = _clock.now() + self._rules.open_for if state is _OPEN else 0.0
-            self._install(state, expected + 1, until)
+        if self._version != expected:
+            return
+        if state is _CLOSED:
+            self._install(_CLOSED, expected + 1, 0.0)
+            return
+        if period is None:
+            period = self._open_period(opening)
+        start = _clock.now() if since is None else since
+        self._install(_OPEN, expected + 1, start + period, opening)
 
     async def _trip(self) -> None:
         """Open through the store (asked once per version, however many calls fail)."""
@@ -659,7 +817,7 @@ class CircuitBreaker(Policy):
         if rules.tripped(ring):
             if self._store is not None:
                 return True
-            self._install(_OPEN, self._version + 1, _clock.now() + rules.open_for)
+            self._install(_OPEN, self._version + 1, _clock.now() + self._open_period(1), 1)
         elif not self._timed and (rules.failure_rate is None or ring.calls >= rules.enough):
             # From now on a success cannot trip the breaker, so the wrapper
             # only counts it. With a count window and no slow-call trigger,
@@ -703,24 +861,28 @@ class CircuitBreaker(Policy):
 
     # -- calls ---------------------------------------------------------------
 
-    async def _admit(self, start: float | None) -> int | None:
+    async def _admit(self, start: float | None) -> _Trial | None:
         """Admit a call the wrapper could not admit or reject by itself.
 
-        Returns None for a call to run as a CLOSED one, or the version of the
-        half-open period whose trial permit it holds; raises the rejection
-        otherwise. Counts the call's outcome if it ends here.
+        Returns None for a call to run as a CLOSED one, or the trial it
+        runs as (`_LET_THROUGH` for one ``mode="observe"`` lets through);
+        raises the rejection otherwise. Counts the call's outcome if it ends
+        here.
         """
         try:
             return await self._permit()
         except CircuitOpenError:
             if start is not None:
                 self._metrics.took(REJECTED, start)
+            if self._rules.observe:
+                return _LET_THROUGH  # counted and reported as a rejection all the same
             raise
         except BaseException as exc:
             self._metrics.failed(exc, start)
             raise
 
-    async def _permit(self) -> int | None:
+    async def _permit(self) -> _Trial | None:
+        rules = self._rules
         while True:
             now = _clock.now()
             self._observe(now)
@@ -729,42 +891,67 @@ class CircuitBreaker(Policy):
                 return None
             if state is _OPEN:
                 raise self._rejected(self._open_until - now)
-            if self._trials >= self._rules.half_open_calls:
+            version, running, timeout = self._version, self._running, rules.trial_timeout
+            if timeout is not None and running and now - running[0].started >= timeout:
+                # The oldest trial ran out of time: it failed, back then.
+                overdue = running[0]
+                await self._transition(version, _OPEN, overdue.started + timeout)
+                if self._version == version:  # a store that answered nonsense
+                    self._end_trial(overdue)
+                continue
+            if len(running) >= rules.half_open_calls:
                 raise self._trials_taken()
-            version = self._version
-            self._trials += 1  # taken before asking the store: local callers see it
+            trial = _Trial(version, now)
+            self._running = (*running, trial)  # taken before asking the store: local callers see it
             store = self._store
             if store is None:
-                return version
+                return trial
             try:
-                limit = self._rules.half_open_calls
-                refused = await store.acquire_trial(self._name, version, limit)
+                limit = rules.half_open_calls
+                if timeout is None:
+                    refused = await store.acquire_trial(self._name, version, limit)
+                else:
+                    refused = await store.acquire_trial(self._name, version, limit, lease=timeout)
             except Exception:  # noqa: BLE001
                 refused = None  # the store is unreachable: the local limit alone applies
             except BaseException:
-                self._end_trial(version)
+                self._end_trial(trial)
                 raise
             if refused is not None:
-                self._end_trial(version)
+                self._end_trial(trial)
                 self._on_answer(refused)
                 raise self._trials_taken()
             if self._version == version:
-                return version
+                return trial
             # The state moved on while we asked: this permit is void; look again.
 
-    def _end_trial(self, version: int) -> bool:
-        """Free the local trial slot of ``version``; False if that period is over."""
-        if self._version != version:
+    def _end_trial(self, trial: _Trial) -> bool:
+        """Free the local slot of ``trial``; False if its period is over."""
+        if self._version != trial.version:
             return False
-        self._trials -= 1
+        self._running = tuple(t for t in self._running if t is not trial)
         return True
 
-    async def _settle_trial(self, version: int, error: BaseException | None, start: float) -> None:
-        """A trial of ``version`` (begun at ``start``) ended: returned, or raised ``error``."""
+    async def _settle_trial(
+        self, trial: _Trial, error: BaseException | None, start: float, failed: bool = False
+    ) -> None:
+        """``trial`` (begun at ``start``) ended: it returned or raised ``error``.
+
+        ``failed``: it returned a result that counts as a failure.
+        """
         rules = self._rules
-        kind = _SUCCESS if error is None else rules.classify(error)
-        if not self._end_trial(version):
+        if failed:
+            kind = _FAILURE
+        else:
+            kind = _SUCCESS if error is None else rules.classify(error)
+        if not self._end_trial(trial):
             return  # the half-open period is over: its trials no longer count
+        version, timeout = trial.version, rules.trial_timeout
+        now = _clock.now()
+        if timeout is not None and now - trial.started >= timeout:
+            # Whatever its outcome, it was a failure once its time ran out.
+            await self._transition(version, _OPEN, trial.started + timeout)
+            return
         store = self._store
         if kind == _NEITHER:
             if store is not None:
@@ -773,7 +960,7 @@ class CircuitBreaker(Policy):
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await store.release_trial(self._name, version, False)
             return
-        if kind == _FAILURE or rules.is_slow(_clock.now() - start):
+        if kind == _FAILURE or rules.is_slow(now - start):
             await self._transition(version, _OPEN)
             return
         self._successes += 1
@@ -793,8 +980,11 @@ class CircuitBreaker(Policy):
         breaker, ring, now, metrics = self, self._ring, _clock.now, self._metrics
         rejected, admit, settle = self._rejected, self._admit, self._settle_trial
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        rules = self._rules
         # The start of a closed call or trial, when the breaker needs it (slow calls).
-        starts = self._rules.slow_call_duration is not None
+        starts = rules.slow_call_duration is not None
+        # Both None/False unless asked for: one test each, off the rejection path.
+        judge, observing = rules.failure_on_result, rules.observe
         # `_fast` (see `_record`) is only ever set on a counting-only CountRing.
         counter = ring if isinstance(ring, CountRing) else None
 
@@ -803,10 +993,10 @@ class CircuitBreaker(Policy):
                 if slot._TRACER_PROVIDER is not None and plain is not None:
                     return await span(plain, args, kwargs)
                 start = None if timer is None else timer()
-                trial: int | None = None
+                trial: _Trial | None = None
                 if not breaker._fast:
                     state = breaker._state
-                    if state is _OPEN:
+                    if state is _OPEN and not observing:
                         clock, until = breaker._open_clock, breaker._open_until
                         moment = now() if clock is None else clock()
                         if moment < until:
@@ -815,9 +1005,13 @@ class CircuitBreaker(Policy):
                             raise rejected(until - moment)
                     if state is not _CLOSED:
                         trial = await admit(start)
+                        if trial is _LET_THROUGH:
+                            return await (fn(*args, **kwargs) if kwargs else positional(*args))
                 began = now() if starts else 0.0
                 try:
                     result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                    if judge is not None:  # a raising predicate is the call raising
+                        bad = judge(result)
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     if trial is not None:
@@ -825,7 +1019,13 @@ class CircuitBreaker(Policy):
                     elif breaker._failed(exc, began):
                         await breaker._trip()
                     raise
-                if trial is not None:
+                # (`bad` is set whenever `judge` is: the usual path tests one constant.)
+                if judge is not None and bad:
+                    if trial is not None:
+                        await settle(trial, None, began, True)
+                    elif breaker._record(True, began):
+                        await breaker._trip()
+                elif trial is not None:
                     await settle(trial, None, began)
                 elif breaker._fast:
                     # Still fast: the await may have let the state change
@@ -841,7 +1041,20 @@ class CircuitBreaker(Policy):
         return self.build(make, binding)
 
     def __repr__(self) -> str:
-        return (
-            f"CircuitBreaker({self._rules.triggers()}, window={self.window!r}, "
-            f"open_for={self._rules.open_for:g}, name={self._name!r})"
-        )
+        rules = self._rules
+        backoff = rules.backoff
+        parts = [
+            rules.triggers(),
+            f"window={self.window!r}",
+            f"open_for={rules.open_for:g}" if backoff is None else f"open_for={backoff!r}",
+        ]
+        if rules.trial_timeout is not None:
+            parts.append(f"trial_timeout={rules.trial_timeout:g}")
+        if rules.failure_on_result is not None:
+            judge = rules.failure_on_result
+            label = getattr(judge, "__qualname__", None) or repr(judge)
+            parts.append(f"failure_on_result={label}")
+        if rules.observe:
+            parts.append("mode='observe'")
+        parts.append(f"name={self._name!r}")
+        return f"CircuitBreaker({', '.join(parts)})"

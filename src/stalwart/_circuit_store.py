@@ -68,12 +68,18 @@ class CircuitRecord:
             period is over and the circuit is half-open). Ignored otherwise.
         forced: OPEN by `CircuitBreaker.force_open`: no open period, no
             trials; it stays OPEN until a reset.
+        openings: for a non-forced OPEN record, how many times in a row
+            the circuit has opened, this time included (1 for an opening
+            from CLOSED, one more for each failed half-open period); 0
+            otherwise. A breaker whose ``open_for`` is a `Backoff` makes its
+            next opening last the backoff's delay number ``openings + 1``.
     """
 
     state: CircuitState
     version: int
     open_for: float = 0.0
     forced: bool = False
+    openings: int = 0
 
 
 #: Called by a store with every record it learns of (see `CircuitStore.attach`).
@@ -164,20 +170,29 @@ class CircuitStore(Protocol):
         ``state`` is ``CLOSED`` or ``OPEN``; for ``OPEN``, ``open_for`` is the
         length of the open period in seconds, which starts now (it may be 0).
         If the current version is ``expected_version``, replace the record by
-        ``CircuitRecord(state, a newer version, open_for, forced=False)``,
-        reset the trial permits and successes, push it to every listener, and
-        return it. Otherwise change nothing and return the current record:
-        another breaker moved first, and the caller adopts its decision.
+        ``CircuitRecord(state, a newer version, open_for, forced=False,
+        openings)``, where ``openings`` is the current record's plus one for
+        ``OPEN`` and 0 for ``CLOSED``; reset the trial permits and successes,
+        push it to every listener, and return it. Otherwise change nothing
+        and return the current record: another breaker moved first, and the
+        caller adopts its decision.
         """
         ...
 
-    async def acquire_trial(self, key: str, version: int, limit: int) -> CircuitRecord | None:
+    async def acquire_trial(
+        self, key: str, version: int, limit: int, *, lease: float | None = None
+    ) -> CircuitRecord | None:
         """Take a half-open trial permit for ``version``: None if granted.
 
         Grant (and count) a permit only if ``version`` is the current one, the
         record is OPEN, not forced, its open period is over on the store's
         clock, and fewer than ``limit`` permits are held. Otherwise return the
         current record: the caller is rejected, and adopts it.
+
+        ``lease``: the breaker's ``trial_timeout``, when it has one (it is
+        passed only then): the permit lapses after that many seconds, so that
+        a trial whose process stopped answering frees its slot when a live
+        one would have been failed. Without it, the store's own lease applies.
         """
         ...
 
@@ -215,6 +230,7 @@ class _Circuit:
         "forced",
         "listeners",
         "open_until",
+        "openings",
         "state",
         "successes",
         "trials",
@@ -226,7 +242,9 @@ class _Circuit:
         self.version = 0
         self.open_until = 0.0  # on the event loop's clock
         self.forced = False
-        self.trials = 0
+        self.openings = 0
+        # The permits held, as the times they lapse (inf: no lease).
+        self.trials: list[float] = []
         self.successes = 0
         self.listeners: list[Callable[[], Listener | None]] = []
 
@@ -238,14 +256,16 @@ class _Circuit:
         # Without a running clock, say the period is over: a trial permit is
         # asked of the store, which knows better and refuses until it is.
         left = 0.0 if now is None else self.open_until - now
-        return CircuitRecord(CircuitState.OPEN, self.version, left)
+        return CircuitRecord(CircuitState.OPEN, self.version, left, openings=self.openings)
 
     def change(self, state: CircuitState, open_until: float, forced: bool) -> None:
+        self.openings = self.openings + 1 if state is CircuitState.OPEN and not forced else 0
         self.state = state
         self.version += 1
         self.open_until = open_until
         self.forced = forced
-        self.trials = self.successes = 0
+        self.trials = []
+        self.successes = 0
 
     def push(self, record: CircuitRecord) -> None:
         alive = []
@@ -307,7 +327,9 @@ class InProcessCircuitStore:
             return record
         return circuit.record(now)
 
-    async def acquire_trial(self, key: str, version: int, limit: int) -> CircuitRecord | None:
+    async def acquire_trial(
+        self, key: str, version: int, limit: int, *, lease: float | None = None
+    ) -> CircuitRecord | None:
         circuit = self._circuit(key)
         now = _clock.now()
         if (
@@ -315,18 +337,22 @@ class InProcessCircuitStore:
             and circuit.state is _OPEN
             and not circuit.forced
             and now >= circuit.open_until
-            and circuit.trials < limit
         ):
-            circuit.trials += 1
-            return None
+            trials = circuit.trials
+            trials[:] = [until for until in trials if until > now]
+            if len(trials) < limit:
+                trials.append(math.inf if lease is None else now + lease)
+                return None
         return circuit.record(now)
 
     async def release_trial(self, key: str, version: int, succeeded: bool) -> int:
         circuit = self._circuit(key)
         if circuit.version != version:
             return 0
-        if circuit.trials > 0:
-            circuit.trials -= 1
+        if circuit.trials:
+            # The permit given back is the one that would lapse first: those
+            # left hold at least as long as they would have.
+            circuit.trials.remove(min(circuit.trials))
         if succeeded:
             circuit.successes += 1
         return circuit.successes

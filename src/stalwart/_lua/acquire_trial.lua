@@ -15,4 +15,4 @@ if h[1] == 'open' and h[4] ~= '1' and tonumber(h[2]) == tonumber(ARGV[1])
   end
 end
 local r = record(KEYS[1], now)
-return {'refused', now, r[1], r[2], r[3], r[4]}
+return {'refused', now, r[1], r[2], r[3], r[4], r[5]}

@@ -4,6 +4,6 @@ local now = now_ms()
 local out = {}
 for i, key in ipairs(KEYS) do
   local r = record(key, now)
-  for j = 1, 4 do out[#out + 1] = r[j] end
+  for j = 1, 5 do out[#out + 1] = r[j] end
 end
 return out

@@ -127,9 +127,13 @@ class _Circuits(_Follower):
         circuit.learn(record)
         return record
 
-    async def acquire_trial(self, key: str, version: int, limit: int) -> CircuitRecord | None:
+    async def acquire_trial(
+        self, key: str, version: int, limit: int, *, lease: float | None = None
+    ) -> CircuitRecord | None:
         """See `CircuitStore.acquire_trial`: permits are counted fleet-wide and lapse.
 
+        A permit lapses after ``lease`` seconds (the breaker's
+        ``trial_timeout``) when given, else after the store's ``trial_lease``.
         The permit is named by a token of this store's choosing; a request
         that fails or is cancelled after it may have reached Redis has its
         token given back in the background (see "Nothing left behind").
@@ -138,7 +142,8 @@ class _Circuits(_Follower):
         self._follow_soon()
         if self._assignments:
             await self._flush_assignments()
-        lease_ms = _ms("trial_lease", self._trial_lease)
+        held = self._trial_lease if lease is None else lease
+        lease_ms = _ms("trial_lease", held)
         reply, token = await self._take(
             "trial permit",
             _scripts.ACQUIRE_TRIAL,
@@ -149,14 +154,14 @@ class _Circuits(_Follower):
                 _scripts.RELEASE_TRIAL,
                 keys,
                 (version, "0", token, not_after + 1000),
-                last + self._trial_lease,
+                last + held,
             ),
         )
         if reply[0] == b"granted":
             circuit.permits = [p for p in circuit.permits if p[0] == version]
             circuit.permits.append((version, token))
             return None
-        record = _scripts.circuit_record(*reply[2:6])
+        record = _scripts.circuit_record(*reply[2:7])
         circuit.learn(record)
         return record
 

@@ -229,7 +229,7 @@ class _Follower(_Client):
     async def _read_batch(self, batch: Sequence[_Circuit]) -> None:
         reply = await self._eval(_scripts.READ_CIRCUITS, [c.key for c in batch], ())
         for i, circuit in enumerate(batch):
-            circuit.learn(_scripts.circuit_record(*reply[4 * i : 4 * i + 4]))
+            circuit.learn(_scripts.circuit_record(*reply[5 * i : 5 * i + 5]))
 
     async def _read_circuits_by_slot(self, circuits: Sequence[_Circuit]) -> None:
         """Read records on a cluster: one script per hash slot, `_READ_FANOUT` at once.

@@ -120,14 +120,22 @@ class Script:
         return f"<Script {self.name} {self.sha[:8]}>"
 
 
-def circuit_record(state: Any, version: Any, left_ms: Any, forced: Any) -> CircuitRecord:
-    """A circuit record from a script's reply or a pub/sub message (see ``_circuit.lua``)."""
+def circuit_record(
+    state: Any, version: Any, left_ms: Any, forced: Any, openings: Any = 0
+) -> CircuitRecord:
+    """A circuit record from a script's reply or a pub/sub message (see ``_circuit.lua``).
+
+    ``openings`` may be missing: a replica of an older stalwart publishes
+    four fields.
+    """
     if isinstance(state, str):
         state = state.encode()
     if state == b"open":
         if int(forced):
             return CircuitRecord(CircuitState.OPEN, int(version), forced=True)
-        return CircuitRecord(CircuitState.OPEN, int(version), int(left_ms) / 1000.0)
+        return CircuitRecord(
+            CircuitState.OPEN, int(version), int(left_ms) / 1000.0, openings=int(openings)
+        )
     return CircuitRecord(CircuitState.CLOSED, int(version))
 
 
