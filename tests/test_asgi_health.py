@@ -115,6 +115,16 @@ async def test_only_required_breakers_fail_the_probe_by_name_or_key() -> None:
     assert status == 503
 
 
+async def test_a_shadow_breaker_is_reported_but_never_fails_the_probe() -> None:
+    shadow = breaker("shadow", mode="observe")
+    await fail(shadow)
+    status, body = await probe(BreakerHealth(shadow))
+    assert (status, body["status"], states(body)) == (200, "degraded", {"shadow": "open"})
+    assert body["breakers"][0]["required"] is False
+    status, _ = await probe(BreakerHealth(shadow, required={"shadow"}))
+    assert status == 200
+
+
 async def test_required_empty_never_fails_the_probe() -> None:
     b = breaker("b")
     await fail(b)

@@ -53,7 +53,9 @@ class BreakerHealth:
     by name or by key (a ``PerKey`` key such as an origin); the others are
     still reported but never fail the probe. ``required=()`` never fails it
     (a page for humans and dashboards). A required name that no breaker has
-    (a host never called, or dropped by its ``PerKey``) is not open.
+    (a host never called, or dropped by its ``PerKey``) is not open. A
+    breaker in ``mode="observe"`` (a shadow breaker, which rejects nothing)
+    is reported, and counts for ``"degraded"``, but is never required.
 
     The body::
 
@@ -114,8 +116,11 @@ class BreakerHealth:
             seen.add(id(breaker))
             statistics = breaker.statistics()
             state = statistics.state
-            required = self._required is None or (
-                breaker.name in self._required or (key is not None and key in self._required)
+            # A shadow breaker (mode="observe") rejects nothing: never required.
+            required = breaker.mode == "enforce" and (
+                self._required is None
+                or breaker.name in self._required
+                or (key is not None and key in self._required)
             )
             until = statistics.time_until_half_open
             is_open = state is CircuitState.OPEN
