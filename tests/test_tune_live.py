@@ -7,14 +7,17 @@ with FaultInjection; the runs are a few seconds of real time.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 
 from stalwart.__main__ import main
-from stalwart._tune.live import drain_time, play, shortened
+from stalwart._tune.live import LATE, Comparison, drain_time, play, shortened
+from stalwart._tune.report import _secs, summarize
 from stalwart._tune.scenario import parse_text
 from stalwart.testing import FaultInjection
 
@@ -186,9 +189,65 @@ breaker = { consecutive_failures = 5, open_for = 0.3 }
 """
     scenario = parse_text(SCENARIO[: SCENARIO.index("[grid]")] + grid, name="tiny")
     (setting,) = scenario.settings
-    run, _ = anyio.run(play, scenario, setting, url)
+    run, _, late = anyio.run(play, scenario, setting, url)
+    assert late < LATE
     assert run.opened_at
     assert 1.0 <= run.opened_at[0] < 1.5
     assert all(1.0 <= t < 2.5 for t in run.opened_at)
     assert 0.3 <= run.time_open <= 1.5
     assert run.outcomes["rejected"] > 0
+
+
+class Stalling(httpx.AsyncBaseTransport):
+    """A client that cannot keep up: each request holds the event loop for ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        busy_until = time.perf_counter() + self.seconds
+        while time.perf_counter() < busy_until:  # a busy client: the loop runs nothing else
+            pass
+        return httpx.Response(200, request=request)
+
+
+def test_a_client_that_cannot_keep_up_is_named(url: str) -> None:
+    # 40 calls/s, each holding the loop 50 ms: two seconds of work every
+    # second, so calls start later and later behind their schedule.
+    scenario = parse_text(SCENARIO, name="tiny")
+    setting = scenario.settings[0]
+    played = anyio.run(lambda: play(scenario, setting, url, transport=Stalling(0.05)))
+    assert played.late > LATE
+    assert played.run.end > scenario.traffic.duration + 1.0  # the traffic took longer
+    summary = summarize(scenario, [played.run])
+    comparison = Comparison(
+        scenario=scenario,
+        url=url,
+        speed=1.0,
+        live=summary,
+        simulated=summary,
+        late={setting.index: played.late},
+    )
+    assert comparison.behind() == ["attempts=1"]
+    table = comparison.table()
+    assert f"live (late {_secs(played.late)})" in table
+    assert "Not played as the scenario says: attempts=1. The client started calls late" in table
+    assert comparison.to_json()["late"] == {"attempts=1": played.late}
+
+
+def test_a_client_that_keeps_up_is_not_named(url: str) -> None:
+    scenario = parse_text(SCENARIO, name="tiny")
+    setting = scenario.settings[0]
+    played = anyio.run(play, scenario, setting, url)
+    assert played.late < LATE
+    summary = summarize(scenario, [played.run])
+    comparison = Comparison(
+        scenario=scenario,
+        url=url,
+        speed=1.0,
+        live=summary,
+        simulated=summary,
+        late={setting.index: played.late},
+    )
+    assert comparison.behind() == []
+    assert "Not played" not in comparison.table()

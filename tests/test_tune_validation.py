@@ -13,7 +13,7 @@ from benchmarks import validate
 
 from stalwart._tune import builtin, schema
 from stalwart._tune.engine import simulate
-from stalwart._tune.live import Comparison
+from stalwart._tune.live import LATE, Comparison
 from stalwart._tune.report import summarize
 from stalwart._tune.scenario import Scenario, from_dict
 
@@ -72,3 +72,27 @@ def test_a_run_far_from_every_seed_is_not() -> None:
     text, ok = validate.report([("outage", bad)], 60.0)
     assert not ok
     assert "| NO |" in text
+
+
+def test_a_run_whose_client_fell_behind_is_not_within_whatever_its_figures() -> None:
+    result = comparison(live_seed=4)
+    (index,) = (r.setting.index for r in result.live.results)
+    late = dataclasses.replace(result, late={index: LATE * 4})
+    (verdict,) = validate.verdicts(late)
+    assert (verdict.points, verdict.share) == (0.0, 0.0)
+    assert not verdict.played
+    assert not verdict.within
+    text, ok = validate.report([("outage", late)], 60.0, (1.0, 2.0))
+    assert not ok
+    assert "| 1000 ms | NO (not played on time) |" in text
+    assert "load average 1.0 at the start and 2.0 at the end" in text
+
+
+def test_settings_are_chosen_by_label() -> None:
+    scenario = scaled("retry-storm")
+    assert validate.chosen(scenario, None) is None
+    index = validate.chosen(scenario, ["attempts=5 budget=off"])
+    assert index is not None
+    assert [scenario.settings[i].label for i in index] == ["attempts=5 budget=off"]
+    with pytest.raises(ValueError, match="has no setting 'attempts=9'"):
+        validate.chosen(scenario, ["attempts=9"])

@@ -25,10 +25,11 @@ import contextlib
 import dataclasses
 import functools
 import random
+import textwrap
 import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, Any, Final
+from typing import IO, Any, Final, NamedTuple
 
 import anyio
 import httpx
@@ -53,10 +54,23 @@ from .engine import (
 from .report import Report, Result, _legend, _secs, summarize, table_columns
 from .scenario import Scenario, Setting
 
-__all__ = ["Comparison", "compare", "drain_time", "play", "shortened", "with_round_trip"]
+__all__ = [
+    "LATE",
+    "Comparison",
+    "Played",
+    "compare",
+    "drain_time",
+    "play",
+    "shortened",
+    "with_round_trip",
+]
 
 #: Connections the client may hold at once: enough that the pool never queues.
 _MAX_CONNECTIONS: Final = 2000
+
+#: Seconds past its time by which one call in a hundred may start (open traffic) before
+#: a live run is said not to have played its scenario: its client could not keep up.
+LATE: Final = 0.25
 
 
 def shortened(scenario: Scenario, speed: float) -> Scenario:
@@ -150,6 +164,19 @@ class _Recorder:
         return b
 
 
+class Played(NamedTuple):
+    """What `play` measured."""
+
+    run: Run
+    #: the median time, measured twice a second while the traffic ran, of a request
+    #: without the faults header: the network and both HTTP stacks, which the
+    #: service's injected latency does not include
+    round_trip: float
+    #: the 99th percentile of how late calls started, in seconds (open traffic; 0.0 for
+    #: closed): beyond `LATE`, the client could not keep up and did not play the scenario
+    late: float
+
+
 async def play(
     scenario: Scenario,
     setting: Setting,
@@ -157,16 +184,17 @@ async def play(
     *,
     speed: float = 1.0,
     transport: httpx.AsyncBaseTransport | None = None,
-) -> tuple[Run, float]:
+) -> Played:
     """Play ``scenario`` (already `shortened`) against ``url`` with ``setting``'s policies.
 
     ``speed``: how much the scenario was shortened, so that each attempt
     tells the service its position on the original timeline.
 
-    Returns the run and the round trip: the median time, measured twice a
-    second while the traffic runs, of a request without the faults header
-    (the network and both HTTP stacks, which the service's injected latency
-    does not include).
+    Returns the run, the round trip and how late calls started (`Played`).
+    A client that cannot send what the scenario asks for (its process, or
+    the machine, busy) starts calls late and bunched, and the traffic lasts
+    longer than the scenario's: its numbers are not the scenario's, and
+    `Comparison` says so.
     """
     traffic = scenario.traffic
     horizon = (traffic.duration or 60.0) + traffic.deadline + 2 * BUCKET
@@ -185,14 +213,17 @@ async def play(
     )
     resilient = ResilientTransport(policy, transport=_Counting(inner, recorder), name="live")
     latencies = array("d")
+    lateness = array("d")
     outcomes = {"ok": 0, "error": 0, "timeout": 0, "rejected": 0}
     ended = 0.0
 
     async with httpx.AsyncClient(transport=resilient, timeout=None) as client:
 
-        async def call() -> None:
+        async def call(due: float | None = None) -> None:
             nonlocal ended
             start = recorder.now()
+            if due is not None:
+                lateness.append(start - due)
             b = recorder.bucket()
             recorder.calls[b] += 1
             try:
@@ -234,7 +265,7 @@ async def play(
                     at = traffic_rng.expovariate(traffic.rate)
                     while at < duration:
                         await anyio.sleep(max(0.0, at - recorder.now()))
-                        group.start_soon(call)
+                        group.start_soon(call, at)
                         at += traffic_rng.expovariate(traffic.rate)
                 else:
                     assert traffic.clients is not None
@@ -270,7 +301,7 @@ async def play(
         _breaker_time(breaker_log.events, setting.open_for, end, run)
     count(policies, run)
     trips.sort()
-    return run, percentile(trips, 0.5)
+    return Played(run, percentile(trips, 0.5), percentile(sorted(lateness), 0.99))
 
 
 # -- side by side ----------------------------------------------------------------------
@@ -287,6 +318,12 @@ class Comparison:
     simulated: Report
     #: the round trip measured live, by setting index: what its simulation adds
     round_trips: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    #: how late the live calls started (99th percentile), by setting index (`Played.late`)
+    late: Mapping[int, float] = dataclasses.field(default_factory=dict)
+
+    def behind(self) -> list[str]:
+        """The labels of the settings whose live client could not keep up (`LATE`)."""
+        return [r.label for r in self.live.results if self.late.get(r.setting.index, 0.0) > LATE]
 
     def pairs(self) -> list[tuple[Result, Result]]:
         """(live, simulated) per setting, in the live report's order (best first)."""
@@ -304,6 +341,7 @@ class Comparison:
             "round_trip": {
                 r.label: self.round_trips.get(r.setting.index) for r in self.live.results
             },
+            "late": {r.label: self.late.get(r.setting.index) for r in self.live.results},
             "live": self.live.to_json(),
             "simulated": {
                 "settings": [
@@ -329,6 +367,7 @@ def compare(
     live: list[Run] = []
     simulated: list[Run] = []
     round_trips: dict[int, float] = {}
+    late: dict[int, float] = {}
     pause = drain_time(short)
     for n, index in enumerate(chosen):
         setting = short.settings[index]
@@ -336,7 +375,9 @@ def compare(
             progress(f"[{n + 1}/{len(chosen)}] {setting.label}")
         if n:
             time.sleep(pause)  # what the service still queues for the last setting
-        run, trip = anyio.run(functools.partial(play, short, setting, url, speed=speed))
+        run, trip, late[index] = anyio.run(
+            functools.partial(play, short, setting, url, speed=speed)
+        )
         live.append(run)
         round_trips[index] = trip
         simulated.append(simulate(with_round_trip(short, trip), index))
@@ -347,6 +388,7 @@ def compare(
         live=summarize(short, live, max_load=max_load),
         simulated=summarize(short, simulated, max_load=max_load),
         round_trips=round_trips,
+        late=late,
     )
 
 
@@ -400,7 +442,9 @@ def _side_by_side(comparison: Comparison) -> str:
     rows: list[list[str]] = []
     for rank, (live, sim) in enumerate(comparison.pairs(), 1):
         cells = [fn for _, _, fn in columns[2:]]
-        rows.append([str(rank), live.label, "live", *(fn(live) for fn in cells)])
+        late = comparison.late.get(live.setting.index, 0.0)
+        run = f"live (late {_secs(late)})" if late > LATE else "live"
+        rows.append([str(rank), live.label, run, *(fn(live) for fn in cells)])
         trip = comparison.round_trips.get(live.setting.index)
         note = "" if trip is None else f" ({trip * 1e3:.1f} ms)"
         rows.append(["", "", f"sim{note}", *(fn(sim) for fn in cells)])
@@ -430,6 +474,19 @@ def _side_by_side(comparison: Comparison) -> str:
     lines.extend(line(row) for row in rows)
     lines.append("")
     lines.extend(_legend(s, headings[2:]))
+    behind = comparison.behind()
+    if behind:
+        lines.append("")
+        lines.extend(
+            textwrap.wrap(
+                f"Not played as the scenario says: {', '.join(behind)}. The client started "
+                f"calls late (one in a hundred more than {_secs(LATE)} late, in brackets): "
+                "it could not send the traffic on time (a busy process or machine), so "
+                "its figures are not the scenario's. Run it again with the machine quieter, "
+                "or at a lower rate.",
+                100,
+            )
+        )
     lines.append("")
     lines.append(f"Live: {comparison.live.recommendation()}")
     lines.append(f"Simulated: {comparison.simulated.recommendation()}")
