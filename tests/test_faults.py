@@ -319,3 +319,73 @@ async def test_as_a_policy_it_counts_its_calls_and_opens_its_span(
     assert sum(s.status.status_code is StatusCode.ERROR for s in own) == errors
     await sw.Pipeline(faults, name="p", telemetry=telemetry)(work)()
     assert len(spans.named("stalwart.fault_injection f")) == 22  # the pipeline's span instead
+
+
+async def test_beyond_the_quota_a_call_is_refused_after_the_error_latency() -> None:
+    faults = FaultInjection(
+        profile(latency={"median": 0.1}, error_rate=0.0, quota={"rate": 2.0, "burst": 3})
+    )
+    results = []
+
+    async def one() -> None:
+        results.append(await timed(faults))
+
+    async with anyio.create_task_group() as group:
+        for _ in range(5):
+            group.start_soon(one)
+    assert sorted(results) == [("done", pytest.approx(0.1))] * 3 + [("quota", 0.01)] * 2
+    await anyio.sleep(0.5)  # one permit back at 2 a second
+    assert (await timed(faults))[0] == "done"
+    assert (await timed(faults))[0] == "quota"
+    stats = faults.statistics()
+    assert (stats.requests, stats.over_quota, stats.served, stats.errors) == (7, 3, 4, 0)
+
+
+async def test_a_call_refused_by_the_quota_takes_no_slot_and_no_draw() -> None:
+    # The quota is checked first, as the simulation does: a refused request
+    # draws nothing, so the requests it admits meet the same draws as without it.
+    spec = {"latency": {"median": 0.05, "p99": 0.4}, "error_rate": 0.2, "capacity": 1}
+    plain, limited = (
+        FaultInjection(profile(**spec)),
+        FaultInjection(profile(**spec, quota={"rate": 1.0, "burst": 1})),
+    )
+    outcomes = []
+    for _ in range(20):
+        outcomes.append((await timed(plain))[0])
+        outcomes.append((await timed(limited))[0])
+        refused, _ = await timed(limited)
+        assert refused == "quota"  # less than a second after its one permit
+        await anyio.sleep(1.0)
+    assert outcomes[0::2] == outcomes[1::2]
+    assert {"done", "error"} <= set(outcomes)
+    assert limited.statistics().busy <= 1
+
+
+async def test_the_middleware_answers_429_beyond_the_quota() -> None:
+    faults = FaultInjection(profile(latency={"median": 0.01}, quota={"rate": 1.0, "burst": 1}))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = faults.middleware(app)
+
+    async def status() -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/",
+            "headers": [(b"x-stalwart-faults", b"on")],
+        }
+        await middleware(scope, receive, send)
+        return int(sent[0]["status"])
+
+    assert [await status(), await status()] == [200, 429]

@@ -15,7 +15,15 @@ from . import schema
 __all__ = ["NAMES", "description", "text"]
 
 #: The built-in scenarios; ``tune`` with no scenario runs the first.
-NAMES: Final = ("outage", "hang", "brownout", "retry-storm", "contention", "overload")
+NAMES: Final = (
+    "outage",
+    "hang",
+    "brownout",
+    "retry-storm",
+    "contention",
+    "overload",
+    "quota",
+)
 
 
 def text(name: str) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "Downstream",
     "Latency",
     "Phase",
+    "Quota",
     "RatePhase",
     "Scenario",
     "ScenarioError",
@@ -153,6 +154,17 @@ class Traffic:
 
 
 @dataclass(frozen=True)
+class Quota:
+    """A rate limit the downstream enforces: ``rate`` requests a second, ``burst`` at once."""
+
+    rate: float
+    burst: int
+
+    def describe(self) -> str:
+        return f"quota {self.rate:g}/s (burst {self.burst})"
+
+
+@dataclass(frozen=True)
 class Downstream:
     latency: Latency
     error_rate: float
@@ -163,6 +175,8 @@ class Downstream:
     timeline: tuple[Phase, ...]
     #: seconds per attempt outside the downstream (network, HTTP stacks), half each way
     round_trip: float = 0.0
+    #: the rate limit it enforces (before anything else), if any
+    quota: Quota | None = None
 
     def at(self, t: float) -> tuple[float, float, float, bool]:
         """The profile ``t`` seconds into the timeline: (error rate, mu, sigma, hangs).
@@ -200,6 +214,8 @@ class Downstream:
         if self.capacity is not None:
             queue = "unbounded queue" if self.queue is None else f"queue {self.queue}"
             parts.append(f"{self.capacity} at once, {queue}")
+        if self.quota is not None:
+            parts.append(self.quota.describe())
         return ", ".join(parts)
 
 
@@ -296,6 +312,8 @@ class Scenario:
             parts.append(
                 "downstream: " + ", then ".join(p.describe() for p in self.downstream.timeline)
             )
+        if self.downstream.quota is not None:
+            parts.append(f"downstream {self.downstream.quota.describe()}")
         return "; ".join(parts)
 
 
@@ -537,7 +555,15 @@ def _downstream(
         serves_abandoned=raw["serves_abandoned"],
         timeline=tuple(phases),
         round_trip=raw.get("round_trip", 0.0),
+        quota=_quota(raw.get("quota")),
     )
+
+
+def _quota(raw: Mapping[str, Any] | None) -> Quota | None:
+    if raw is None or "rate" not in raw:
+        return None
+    burst = raw.get("burst")
+    return Quota(raw["rate"], max(1, math.floor(raw["rate"])) if burst is None else burst)
 
 
 # -- the grid --------------------------------------------------------------------------

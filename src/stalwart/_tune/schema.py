@@ -33,6 +33,7 @@ from .._bulkhead import Bulkhead
 from .._circuit_breaker import CircuitBreaker
 from .._concurrency_limit import DEFAULT_DROPS, ConcurrencyLimit
 from .._policy import Policy
+from .._rate_limiter import RateLimiter
 from .._retry import Backoff, Retry
 from .._retry_budget import RetryBudget
 from .._telemetry import Telemetry
@@ -600,6 +601,26 @@ PHASE: Final = Table(
     ),
 )
 
+QUOTA: Final = Table(
+    "quota",
+    "A rate limit the downstream enforces (a partner API's quota): requests beyond it are "
+    "refused after `error_latency`, taking no slot (`FaultInjection` answers them 429).",
+    (
+        Field(
+            "rate",
+            Number(above=0.0),
+            REQUIRED,
+            "requests admitted per second, sustained (GCRA: one every 1/`rate` seconds)",
+        ),
+        Field(
+            "burst",
+            Integer(minimum=1),
+            None,
+            "requests admitted at once after a quiet spell (default: `rate`, at least 1)",
+        ),
+    ),
+)
+
 DOWNSTREAM: Final = Table(
     "downstream",
     "The simulated dependency: its base (healthy) profile, capacity and timeline.",
@@ -637,6 +658,12 @@ DOWNSTREAM: Final = Table(
             None,
             "requests that may wait for a slot beyond `capacity`, in FIFO order; "
             "more are rejected (absent: unlimited)",
+        ),
+        Field(
+            "quota",
+            QUOTA,
+            None,
+            "a rate limit in front of it, checked before anything else (absent: none)",
         ),
         Field(
             "serves_abandoned",
@@ -867,6 +894,42 @@ CONCURRENCY: Final = Table(
     ),
 )
 
+RATE_LIMITER: Final = Table(
+    "rate_limiter",
+    "A `stalwart.RateLimiter` around each attempt (inside the retries: every attempt takes "
+    "a permit): at most `rate` attempts per `per` seconds, in bursts of up to `burst`. An "
+    "attempt that finds no permit waits for its turn up to `max_wait`, never past the "
+    "deadline; otherwise it is refused at once (`RateLimitExceeded`, not retried).",
+    (
+        LABEL,
+        Field(
+            "rate",
+            Number(above=0.0),
+            _signature_default(RateLimiter, "rate"),
+            "attempts allowed per `per` seconds",
+        ),
+        Field(
+            "per",
+            POSITIVE_SECONDS,
+            _signature_default(RateLimiter, "per"),
+            "the period of `rate`, in seconds",
+        ),
+        Field(
+            "burst",
+            Integer(minimum=1),
+            _signature_default(RateLimiter, "burst"),
+            "attempts a full bucket lets through at once (absent: `rate`, at least 1)",
+        ),
+        Field(
+            "max_wait",
+            SECONDS,
+            _signature_default(RateLimiter, "max_wait"),
+            "seconds an attempt may wait for its turn (false: as long as its deadline allows)",
+            switchable=True,
+        ),
+    ),
+)
+
 THROTTLE: Final = Table(
     "throttle",
     "A `stalwart.AdaptiveThrottle` around each attempt: it refuses attempts locally, in "
@@ -977,6 +1040,10 @@ def _retry(options: dict[str, Any], build: Build) -> Policy:
     )
 
 
+def _rate_limiter(options: dict[str, Any], build: Build) -> Policy:
+    return RateLimiter(**options, name="rate_limiter", telemetry=build.telemetry)
+
+
 def _throttle(options: dict[str, Any], build: Build) -> Policy:
     # The downstream's failures and timeouts are its rejections; a refusal by a
     # policy below (an open breaker, a full bulkhead) is not the downstream's.
@@ -1019,6 +1086,14 @@ def _timeout(seconds: float, build: Build) -> Policy:
 SECTIONS: Final = (
     Section("retry", RETRY, "retries (absent or false: none)", _retry, headline="attempts"),
     Section(
+        "rate_limiter",
+        RATE_LIMITER,
+        "a rate limiter (absent or false: none)",
+        _rate_limiter,
+        headline="rate",
+        rejects=True,
+    ),
+    Section(
         "throttle",
         THROTTLE,
         "an adaptive throttle (absent or false: none)",
@@ -1055,8 +1130,8 @@ SECTIONS: Final = (
 GRID: Final = Table(
     "grid",
     "The policy settings to compare: every value may be a list of alternatives, and the "
-    "grid is every combination. Each setting runs the pipeline "
-    "`Retry` → `AdaptiveThrottle` → `CircuitBreaker` → `ConcurrencyLimit` → `Bulkhead` → "
+    "grid is every combination. Each setting runs the pipeline `Retry` → `RateLimiter` → "
+    "`AdaptiveThrottle` → `CircuitBreaker` → `ConcurrencyLimit` → `Bulkhead` → "
     "`Timeout` (outermost first), leaving out what it does not configure. `[[grid]]` tables "
     "(an array) compare the settings of each table, one after the other: alternatives "
     "that are not combinations.",
@@ -1089,12 +1164,14 @@ _DOCUMENTED: Final = (
     ("traffic.timeline", TRAFFIC_PHASE),
     ("downstream", DOWNSTREAM),
     ("downstream.latency", LATENCY),
+    ("downstream.quota", QUOTA),
     ("downstream.timeline", PHASE),
     ("grid", GRID),
     ("grid.retry", RETRY),
     ("grid.retry.backoff", BACKOFF),
     ("grid.retry.budget", BUDGET),
     ("grid.breaker", BREAKER),
+    ("grid.rate_limiter", RATE_LIMITER),
     ("grid.throttle", THROTTLE),
     ("grid.concurrency", CONCURRENCY),
     ("grid.bulkhead", BULKHEAD),
