@@ -370,7 +370,7 @@ async def test_the_middleware_answers_429_beyond_the_quota() -> None:
 
     middleware = faults.middleware(app)
 
-    async def status() -> int:
+    async def status() -> tuple[int, bytes | None]:
         sent: list[dict[str, Any]] = []
 
         async def receive() -> dict[str, Any]:
@@ -386,6 +386,8 @@ async def test_the_middleware_answers_429_beyond_the_quota() -> None:
             "headers": [(b"x-stalwart-faults", b"on")],
         }
         await middleware(scope, receive, send)
-        return int(sent[0]["status"])
+        said = dict(sent[0]["headers"]).get(b"x-stalwart-faults")
+        return int(sent[0]["status"]), said
 
-    assert [await status(), await status()] == [200, 429]
+    # An injected answer says which fault it is, in the switch's header.
+    assert [await status(), await status()] == [(200, None), (429, b"quota")]

@@ -7,6 +7,7 @@ with FaultInjection; the runs are a few seconds of real time.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +15,25 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
+import stalwart as sw
 from stalwart.__main__ import main
-from stalwart._tune.live import LATE, Comparison, drain_time, play, shortened
+from stalwart._faults import FAULTS_HEADER
+from stalwart._matchers import Matcher
+from stalwart._tune.engine import simulate
+from stalwart._tune.live import (
+    LATE,
+    Comparison,
+    drain_time,
+    failed,
+    overloaded,
+    play,
+    shortened,
+)
 from stalwart._tune.report import _secs, summarize
 from stalwart._tune.scenario import parse_text
+from stalwart.httpx import RetryableStatusError
 from stalwart.testing import FaultInjection
 
 from .http_support import plain, serve
@@ -189,8 +204,7 @@ breaker = { consecutive_failures = 5, open_for = 0.3 }
 """
     scenario = parse_text(SCENARIO[: SCENARIO.index("[grid]")] + grid, name="tiny")
     (setting,) = scenario.settings
-    run, _, late = anyio.run(play, scenario, setting, url)
-    assert late < LATE
+    run, _, _ = anyio.run(play, scenario, setting, url)
     assert run.opened_at
     assert 1.0 <= run.opened_at[0] < 1.5
     assert all(1.0 <= t < 2.5 for t in run.opened_at)
@@ -235,19 +249,98 @@ def test_a_client_that_cannot_keep_up_is_named(url: str) -> None:
     assert comparison.to_json()["late"] == {"attempts=1": played.late}
 
 
-def test_a_client_that_keeps_up_is_not_named(url: str) -> None:
+def test_a_client_a_little_late_is_not_named(url: str) -> None:
     scenario = parse_text(SCENARIO, name="tiny")
     setting = scenario.settings[0]
-    played = anyio.run(play, scenario, setting, url)
-    assert played.late < LATE
-    summary = summarize(scenario, [played.run])
+    summary = summarize(scenario, [simulate(scenario, setting.index)])
     comparison = Comparison(
         scenario=scenario,
         url=url,
         speed=1.0,
         live=summary,
         simulated=summary,
-        late={setting.index: played.late},
+        late={setting.index: LATE},
     )
     assert comparison.behind() == []
     assert "Not played" not in comparison.table()
+    assert "live (late" not in comparison.table()
+
+
+# -- what the grid's adaptive policies read from the service -----------------------------
+
+
+def status_error(status: int, fault: str | None = None) -> RetryableStatusError:
+    request = httpx.Request("GET", "http://service/")
+    headers = {} if fault is None else {FAULTS_HEADER: fault}
+    response = httpx.Response(status, headers=headers, request=request)
+    return RetryableStatusError("failed", request=request, response=response, retry_after=None)
+
+
+@pytest.mark.parametrize(
+    ("error", "is_failure", "is_overload"),
+    [
+        (status_error(503), True, True),  # a real service's overload
+        (status_error(429), True, False),
+        (status_error(502), True, False),
+        (status_error(503, "overloaded"), True, True),  # FaultInjection's full queue
+        (status_error(503, "error"), True, False),  # its injected error, whatever the status
+        (status_error(429, "quota"), True, False),
+        (httpx.ConnectError("refused"), True, False),
+        (
+            sw.CircuitOpenError("open", policy="breaker", retry_after=1.0),
+            False,
+            False,
+        ),  # a policy's refusal
+        (sw.RateLimitExceeded("limited", policy="rate_limiter"), False, False),
+        (sw.DeadlineExceeded("late", policy="timeout", timeout=1.0), False, False),
+    ],
+)
+def test_the_service_failed_or_was_overloaded_as_the_simulation_says(
+    error: BaseException, is_failure: bool, is_overload: bool
+) -> None:
+    assert (failed(error), overloaded(error)) == (is_failure, is_overload)
+
+
+def test_a_live_setting_gives_the_throttle_and_the_limit_what_the_service_says() -> None:
+    scenario = parse_text(
+        SCENARIO[: SCENARIO.index("[grid]")] + "[grid]\nthrottle = {}\nconcurrency = {}\n",
+        name="tiny",
+    )
+    (setting,) = scenario.settings
+    throttle, limit = setting.policies(
+        sw.Telemetry(registry=CollectorRegistry()),
+        random.Random(1),
+        failure=failed,
+        overloaded=overloaded,
+    )
+    assert isinstance(throttle, sw.AdaptiveThrottle)
+    assert isinstance(limit, sw.ConcurrencyLimit)
+    rejects, drops = Matcher("failure_on", throttle.failure_on), Matcher("drop_on", limit.drop_on)
+    assert rejects(status_error(503, "error"))
+    assert rejects(
+        sw.DeadlineExceeded("late", policy="timeout", timeout=1.0)
+    )  # a timeout, as simulated
+    assert not rejects(sw.CircuitOpenError("open", policy="breaker", retry_after=1.0))
+    assert drops(status_error(503, "overloaded"))
+    assert not drops(status_error(503, "error"))
+    assert drops(sw.DeadlineExceeded("late", policy="timeout", timeout=1.0))
+
+
+class Refusing(httpx.AsyncBaseTransport):
+    """A service that is always overloaded: 503 at once."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, request=request)
+
+
+def test_a_live_run_counts_the_adaptive_policies_refusals_as_rejected(url: str) -> None:
+    scenario = parse_text(
+        SCENARIO[: SCENARIO.index("[grid]")] + "[grid]\nthrottle = { window = 1.0 }\n",
+        name="tiny",
+    )
+    (setting,) = scenario.settings
+    run = anyio.run(lambda: play(scenario, setting, url, transport=Refusing())).run
+    # Every answer is a rejection, so the throttle soon refuses most calls itself.
+    assert run.rejected_by["throttle"] > 0
+    assert run.outcomes["rejected"] == run.rejected_by["throttle"]
+    assert run.outcomes["ok"] == 0

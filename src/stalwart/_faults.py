@@ -244,6 +244,11 @@ class FaultInjection(Policy):
     the service itself runs (the middleware calls the app, the policy the
     function): its own time adds to the injected latency.
 
+    The middleware's injected answers carry the ``header`` too, saying
+    which fault they are: ``error``, ``overloaded`` (the queue full) or
+    ``quota`` (``python -m stalwart tune --live`` tells overloads from
+    errors by it, as the simulation does, whatever ``error_status`` is).
+
     **The timeline.** A switched-on request is placed on the scenario's
     timeline: by default at the time since the injection first acted (or
     since `restart`), times ``speed``; a header value or an ``at`` that is a
@@ -264,8 +269,9 @@ class FaultInjection(Policy):
         header: the request header that switches it on (``on``, or the
             position on the timeline in seconds); anything else in it, or no
             header, leaves the request alone.
-        error_status: the status of an injected error or rejection (the
-            middleware's), 500-599 or 429.
+        error_status: the status of an injected error or rejection by a
+            full queue (the middleware's), 500-599 or 429; the quota's
+            refusals are 429.
         name: the policy's name.
         telemetry: where the policy reports: its calls in
             ``stalwart_calls_total`` (kind ``fault_injection``; an injected
@@ -536,11 +542,11 @@ class FaultInjection(Policy):
             return
         if action == "error":
             await anyio.sleep(seconds)
-            await self._answer(send, b"injected error")
+            await self._answer(send, b"injected error", "error")
             return
         if action == "quota":
             await anyio.sleep(seconds)
-            await self._answer(send, b"injected quota: too many requests", status=429)
+            await self._answer(send, b"injected quota: too many requests", "quota", status=429)
             return
         server = self._server
         served: bool | None
@@ -553,7 +559,9 @@ class FaultInjection(Policy):
             return
         if not served:
             await anyio.sleep(self._error_latency)
-            await self._answer(send, b"injected overload: every slot taken and the queue full")
+            await self._answer(
+                send, b"injected overload: every slot taken and the queue full", "overloaded"
+            )
             return
         await app(scope, receive, send)
 
@@ -590,7 +598,9 @@ class FaultInjection(Policy):
 
         return replay, outcome[0]
 
-    async def _answer(self, send: Send, body: bytes, status: int | None = None) -> None:
+    async def _answer(
+        self, send: Send, body: bytes, reason: str, status: int | None = None
+    ) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -598,6 +608,7 @@ class FaultInjection(Policy):
                 "headers": [
                     (b"content-type", b"text/plain; charset=utf-8"),
                     (b"content-length", str(len(body)).encode()),
+                    (self._header, reason.encode("ascii")),
                 ],
             }
         )

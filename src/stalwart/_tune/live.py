@@ -35,11 +35,11 @@ import anyio
 import httpx
 
 from .. import _clock
-from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
+from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded, RateLimitExceeded
 from .._faults import FAULTS_HEADER
 from .._pipeline import Pipeline
 from .._timeout import Timeout
-from ..httpx import ResilientTransport
+from ..httpx import ResilientTransport, RetryableStatusError
 from .engine import (
     BUCKET,
     BreakerLog,
@@ -60,6 +60,8 @@ __all__ = [
     "Played",
     "compare",
     "drain_time",
+    "failed",
+    "overloaded",
     "play",
     "shortened",
     "with_round_trip",
@@ -71,6 +73,33 @@ _MAX_CONNECTIONS: Final = 2000
 #: Seconds past its time by which one call in a hundred may start (open traffic) before
 #: a live run is said not to have played its scenario: its client could not keep up.
 LATE: Final = 0.25
+
+
+def failed(exc: BaseException) -> bool:
+    """Did the service fail the attempt (the simulated downstream's `DownstreamError`)?
+
+    An answer whose status the transport retries (429, 502, 503, 504), or no
+    answer at all (an `httpx.TransportError`: the connection refused, reset,
+    ...). A refusal by a policy below (an open breaker, a full bulkhead, a
+    rate limit) is not the service's, nor is a timeout (the policies count
+    those themselves).
+    """
+    return isinstance(exc, (RetryableStatusError, httpx.TransportError))
+
+
+def overloaded(exc: BaseException) -> bool:
+    """Did the service refuse the attempt for being overloaded (the simulated `Overloaded`)?
+
+    A 503 answer; from `stalwart.testing.FaultInjection`, whose answers say
+    which fault they are in its header, only its full queue's (an injected
+    error is an error, whatever its status).
+    """
+    if not isinstance(exc, RetryableStatusError):
+        return False
+    said = exc.response.headers.get(FAULTS_HEADER)
+    if said is not None:
+        return bool(said == "overloaded")
+    return exc.response.status_code == 503
 
 
 def shortened(scenario: Scenario, speed: float) -> Scenario:
@@ -206,7 +235,13 @@ async def play(
     traffic_rng = random.Random(f"stalwart-tune:{seed}:traffic")
     policy_rng = random.Random(f"stalwart-tune:{seed}:policies")
     patience = Timeout(traffic.deadline, name="deadline", telemetry=telemetry)
-    policies = setting.policies(telemetry, policy_rng, breaker_telemetry=breaker_telemetry)
+    policies = setting.policies(
+        telemetry,
+        policy_rng,
+        breaker_telemetry=breaker_telemetry,
+        failure=failed,
+        overloaded=overloaded,
+    )
     policy = Pipeline(patience, *policies, name="setting", telemetry=telemetry)
     inner = transport or httpx.AsyncHTTPTransport(
         limits=httpx.Limits(max_connections=_MAX_CONNECTIONS, max_keepalive_connections=200)
@@ -230,7 +265,7 @@ async def play(
                 response = await client.get(url)
             except DeadlineExceeded:
                 outcomes["timeout"] += 1
-            except (CircuitOpenError, BulkheadFullError):
+            except (CircuitOpenError, BulkheadFullError, RateLimitExceeded):
                 outcomes["rejected"] += 1
             except httpx.HTTPError:
                 outcomes["error"] += 1

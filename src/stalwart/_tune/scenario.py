@@ -23,6 +23,7 @@ from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
 
 from .._circuit_breaker import _DEFAULT_FAILURE_RATE
+from .._matchers import ExceptionMatcher
 from .._policy import Policy
 from .._telemetry import Telemetry
 from . import builtin, schema
@@ -243,8 +244,8 @@ class Setting:
         rng: random.Random,
         *,
         breaker_telemetry: Telemetry | None = None,
-        failure: type[Exception] = Exception,
-        overloaded: type[Exception] = Exception,
+        failure: ExceptionMatcher = Exception,
+        overloaded: ExceptionMatcher = Exception,
     ) -> list[Policy]:
         """The real stalwart policies of this setting, outermost first.
 
@@ -253,9 +254,11 @@ class Setting:
         `RetryBudget` of its own when configured (so one setting's calls
         share one budget). The breaker reports to ``breaker_telemetry`` when
         given (the engine listens to it there). ``failure`` and
-        ``overloaded`` are what the simulated downstream raises when it
-        fails an attempt, and when its queue is full: the throttle's
-        rejections and the concurrency limit's drops.
+        ``overloaded`` (exception types or predicates) say how the
+        downstream's failure of an attempt shows, and its refusal because it
+        is overloaded: the throttle's rejections and the concurrency limit's
+        drops (the simulated downstream raises `DownstreamError` and
+        `Overloaded`; live, the runner reads the transport's errors).
         """
         build = schema.Build(
             telemetry, rng, breaker_telemetry or telemetry, failure=failure, overloaded=overloaded

@@ -32,6 +32,7 @@ from .._adaptive_throttle import AdaptiveThrottle
 from .._bulkhead import Bulkhead
 from .._circuit_breaker import CircuitBreaker
 from .._concurrency_limit import DEFAULT_DROPS, ConcurrencyLimit
+from .._matchers import ExceptionMatcher, Matcher
 from .._policy import Policy
 from .._rate_limiter import RateLimiter
 from .._retry import Backoff, Retry
@@ -984,15 +985,17 @@ class Build:
         telemetry: where every policy reports (but the breaker).
         rng: the setting's random source (jitter, throttling, probes).
         breaker_telemetry: where the breaker reports (the engine listens there).
-        failure: what the simulated downstream raises when it fails an attempt.
-        overloaded: what it raises when its queue is full (a subclass of ``failure``).
+        failure: what the downstream's failure of an attempt raises (the simulated
+            one's `DownstreamError`; live, a predicate on the transport's errors).
+        overloaded: what its refusal of an attempt because it is overloaded raises
+            (the simulated one's full queue; live, a 503), among ``failure``.
     """
 
     telemetry: Telemetry
     rng: random.Random
     breaker_telemetry: Telemetry
-    failure: type[Exception] = Exception
-    overloaded: type[Exception] = Exception
+    failure: ExceptionMatcher = Exception
+    overloaded: ExceptionMatcher = Exception
 
 
 @dataclass(frozen=True)
@@ -1040,6 +1043,20 @@ def _retry(options: dict[str, Any], build: Build) -> Policy:
     )
 
 
+def any_of(*matchers: ExceptionMatcher) -> ExceptionMatcher:
+    """An exception that matches any of ``matchers``: a tuple of types when they are types."""
+    types: list[type[BaseException]] = []
+    for matcher in matchers:
+        if isinstance(matcher, tuple):
+            types.extend(matcher)
+        elif isinstance(matcher, type):
+            types.append(matcher)
+        else:
+            checks = [Matcher("matcher", m, allow_empty=True) for m in matchers]
+            return lambda exc: any(check(exc) for check in checks)
+    return tuple(types)
+
+
 def _rate_limiter(options: dict[str, Any], build: Build) -> Policy:
     return RateLimiter(**options, name="rate_limiter", telemetry=build.telemetry)
 
@@ -1049,7 +1066,7 @@ def _throttle(options: dict[str, Any], build: Build) -> Policy:
     # policy below (an open breaker, a full bulkhead) is not the downstream's.
     return AdaptiveThrottle(
         **options,
-        failure_on=(build.failure, TimeoutError),
+        failure_on=any_of(build.failure, TimeoutError),
         rng=build.rng,
         name="throttle",
         telemetry=build.telemetry,
@@ -1066,7 +1083,7 @@ def _breaker(options: dict[str, Any], build: Build) -> Policy:
 def _concurrency(options: dict[str, Any], build: Build) -> Policy:
     return ConcurrencyLimit(
         **options,
-        drop_on=(*DEFAULT_DROPS, build.overloaded),
+        drop_on=any_of(*DEFAULT_DROPS, build.overloaded),
         rng=build.rng,
         name="concurrency",
         telemetry=build.telemetry,
