@@ -232,6 +232,7 @@ def test_a_client_that_cannot_keep_up_is_named(url: str) -> None:
     setting = scenario.settings[0]
     played = anyio.run(lambda: play(scenario, setting, url, transport=Stalling(0.05)))
     assert played.late > LATE
+    assert scenario.traffic.duration is not None
     assert played.run.end > scenario.traffic.duration + 1.0  # the traffic took longer
     summary = summarize(scenario, [played.run])
     comparison = Comparison(
