@@ -25,6 +25,7 @@ from stalwart._tune.engine import simulate
 from stalwart._tune.live import (
     LATE,
     Comparison,
+    arrivals,
     drain_time,
     failed,
     overloaded,
@@ -345,3 +346,42 @@ def test_a_live_run_counts_the_adaptive_policies_refusals_as_rejected(url: str) 
     assert run.rejected_by["throttle"] > 0
     assert run.outcomes["rejected"] == run.rejected_by["throttle"]
     assert run.outcomes["ok"] == 0
+
+
+SURGES = """\
+[traffic]
+rate = 20.0
+[[traffic.timeline]]
+duration = 10.0
+[[traffic.timeline]]
+duration = 5.0
+rate = 80.0
+[[traffic.timeline]]
+duration = 15.0
+[downstream]
+latency = { median = 0.01 }
+[grid]
+timeout = 1.0
+"""
+
+
+def test_live_calls_arrive_when_the_simulations_do_surges_included() -> None:
+    scenario = parse_text(SURGES, name="surges")
+    run = simulate(scenario, 0)
+    times = list(arrivals(scenario.traffic, random.Random("stalwart-tune:1:traffic").expovariate))
+    per_second = [0] * len(run.calls)
+    for t in times:
+        per_second[int(t + 1e-9)] += 1
+    assert per_second == run.calls
+    in_surge = sum(1 for t in times if 10.0 <= t < 15.0)
+    assert in_surge > 1.5 * sum(1 for t in times if t < 10.0)  # 80/s for 5 s, 20/s for 10 s
+
+
+def test_shortened_divides_the_traffics_timeline_too() -> None:
+    short = shortened(parse_text(SURGES, name="surges"), 5.0)
+    assert [(p.start, p.end, p.rate) for p in short.traffic.timeline] == [
+        (0.0, 2.0, 20.0),
+        (2.0, 3.0, 80.0),
+        (3.0, 6.0, 20.0),
+    ]
+    assert short.traffic.duration == 6.0

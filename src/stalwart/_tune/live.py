@@ -21,14 +21,16 @@ simulation it is compared with runs the same shortened scenario.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
+import math
 import random
 import textwrap
 import time
 from array import array
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any, Final, NamedTuple
 
 import anyio
@@ -52,12 +54,13 @@ from .engine import (
     telemetries,
 )
 from .report import Report, Result, _legend, _secs, summarize, table_columns
-from .scenario import Scenario, Setting
+from .scenario import Scenario, Setting, Traffic
 
 __all__ = [
     "LATE",
     "Comparison",
     "Played",
+    "arrivals",
     "compare",
     "drain_time",
     "failed",
@@ -103,7 +106,8 @@ def overloaded(exc: BaseException) -> bool:
 
 
 def shortened(scenario: Scenario, speed: float) -> Scenario:
-    """``scenario`` with its timeline (traffic duration and phases) ``speed`` times shorter."""
+    """``scenario`` with its timelines (the traffic's duration and phases, the
+    downstream's phases) ``speed`` times shorter."""
     if speed == 1.0:
         return scenario
     traffic = scenario.traffic
@@ -112,12 +116,48 @@ def shortened(scenario: Scenario, speed: float) -> Scenario:
         dataclasses.replace(p, start=p.start / speed, end=p.end / speed)
         for p in scenario.downstream.timeline
     )
+    rates = tuple(
+        dataclasses.replace(p, start=p.start / speed, end=p.end / speed) for p in traffic.timeline
+    )
     downstream = dataclasses.replace(scenario.downstream, timeline=phases)
     return dataclasses.replace(
         scenario,
-        traffic=dataclasses.replace(traffic, duration=duration),
+        traffic=dataclasses.replace(traffic, duration=duration, timeline=rates),
         downstream=downstream,
     )
+
+
+def arrivals(traffic: Traffic, expovariate: Callable[[float], float]) -> Iterator[float]:
+    """When open traffic's calls arrive, in seconds from its start: the simulation's schedule.
+
+    Poisson arrivals at each phase's rate (``traffic.timeline``, then
+    ``rate``), drawn from ``expovariate`` in the order the engine draws
+    them: a draw that would cross a phase's bound is dropped and drawn anew
+    from the bound at the new rate (the same process, exactly).
+    """
+    assert traffic.rate is not None
+    assert traffic.duration is not None
+    duration = traffic.duration
+    if not traffic.timeline:
+        at = expovariate(traffic.rate)
+        while at < duration:
+            yield at
+            at += expovariate(traffic.rate)
+        return
+    bounds = [p.start for p in traffic.timeline] + [traffic.timeline[-1].end]
+    rates = [p.rate for p in traffic.timeline] + [traffic.rate]
+    now = 0.0
+    while True:
+        i = bisect.bisect_right(bounds, now)
+        later = now + expovariate(rates[i - 1] if i else rates[0])
+        bound = bounds[i] if i < len(bounds) else math.inf
+        if later >= duration and bound >= duration:
+            return
+        if later >= bound:
+            now = bound
+        else:
+            yield later
+            now = later
 
 
 def drain_time(scenario: Scenario) -> float:
@@ -297,11 +337,9 @@ async def play(
                 if traffic.mode == "open":
                     assert traffic.rate is not None
                     assert duration is not None
-                    at = traffic_rng.expovariate(traffic.rate)
-                    while at < duration:
+                    for at in arrivals(traffic, traffic_rng.expovariate):
                         await anyio.sleep(max(0.0, at - recorder.now()))
                         group.start_soon(call, at)
-                        at += traffic_rng.expovariate(traffic.rate)
                 else:
                     assert traffic.clients is not None
                     think, per_client = traffic.think_time, traffic.calls
