@@ -90,7 +90,7 @@ def test_a_run_whose_client_fell_behind_is_not_within_whatever_its_figures() -> 
     assert not verdict.within
     text, ok = validate.report([("outage", late)], 60.0, (1.0, 2.0))
     assert not ok
-    assert "| 1000 ms | NO (not played on time) |" in text
+    assert "| 2000 ms | NO (not played on time) |" in text
     assert "load average 1.0 at the start and 2.0 at the end" in text
 
 
