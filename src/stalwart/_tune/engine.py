@@ -159,7 +159,7 @@ class Run:
     calls: list[int] = field(default_factory=list)
     succeeded: list[int] = field(default_factory=list)
     attempts: list[int] = field(default_factory=list)
-    #: attempts the downstream failed: errors, hangs and rejections by a full queue
+    #: attempts the downstream failed: errors, hangs, rejections by a full queue or the quota
     failed: list[int] = field(default_factory=list)
     #: attempts served after their caller had given up
     wasted: list[int] = field(default_factory=list)
@@ -409,7 +409,7 @@ class _Simulation:
                 failed[b] += 1
                 fut = create_future()
                 call_at(now + error_latency, refuse, fut)
-                await fut
+                await fut  # raises OverQuota
             if now < phases.steady_until:
                 error_rate, mu, sigma, hangs = phases.steady
             else:
