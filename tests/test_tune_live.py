@@ -46,7 +46,7 @@ name = "tiny"
 description = "3 s at 40 calls/s; failing for the middle second"
 [traffic]
 rate = 40.0
-deadline = 1.0
+deadline = 2.0
 [downstream]
 latency = { median = 0.010, p99 = 0.030 }
 error_rate = 0.0
@@ -62,7 +62,7 @@ duration = 1.0
 phase = "healthy"
 duration = 1.0
 [grid]
-timeout = 0.3
+timeout = 1.0  # a healthy attempt takes 10 ms: only a machine far too busy makes it fail
 retry = [{ attempts = 1 }, { attempts = 3, backoff = { initial = 0.01, maximum = 0.05 } }]
 """
 
