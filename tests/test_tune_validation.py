@@ -88,10 +88,12 @@ def test_a_run_whose_client_fell_behind_is_not_within_whatever_its_figures() -> 
     assert (verdict.points, verdict.share) == (0.0, 0.0)
     assert not verdict.played
     assert not verdict.within
-    text, ok = validate.report([("outage", late)], 60.0, (1.0, 2.0))
+    text, ok = validate.report([("outage", late)], 60.0, (1.0, 2.0), priority=10)
     assert not ok
     assert "| 2000 ms | NO (not played on time) |" in text
-    assert "load average 1.0 at the start and 2.0 at the end" in text
+    assert (
+        "load average 1.0 at the start and 2.0 at the end, client and service at nice -10" in text
+    )
 
 
 def test_settings_are_chosen_by_label() -> None:

@@ -106,10 +106,11 @@ class FaultStatistics:
 class _Waiter:
     """A queued request: woken once, when it reaches the head of the queue."""
 
-    __slots__ = ("event", "fate", "service")
+    __slots__ = ("arrival", "event", "fate", "service")
 
-    def __init__(self, service: float) -> None:
+    def __init__(self, service: float, arrival: float) -> None:
         self.service = service
+        self.arrival = arrival
         self.event = anyio.Event()
         #: "waiting"; "served" (abandoned, served all the same); "dropped"
         self.fate = "waiting"
@@ -167,7 +168,7 @@ class _Server:
             return
         if self.queued(now) >= self._queue_limit:
             raise _Overloaded
-        waiter = _Waiter(service)
+        waiter = _Waiter(service, now)
         waiters.append(waiter)
         try:
             if waiters[0] is not waiter:
@@ -176,7 +177,10 @@ class _Server:
         except BaseException:
             self._abandon(waiter)
             raise
-        start = max(free[0], _clock.now())
+        # Its service began when the slot came free (or it arrived), not when this
+        # task woke: an event loop that wakes it late must not stretch the slot's
+        # busy time, or a busy server loses capacity the simulated one keeps.
+        start = max(free[0], waiter.arrival)
         heapreplace(free, start + service)
         self.served += 1
         waiters.popleft()
@@ -194,7 +198,7 @@ class _Server:
         while waiters and waiters[0].fate != "waiting":
             abandoned = waiters.popleft()
             if abandoned.fate == "served":
-                start = max(free[0], now)
+                start = max(free[0], abandoned.arrival)
                 heapreplace(free, start + abandoned.service)
                 self.served += 1
                 if start > now:
