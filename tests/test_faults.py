@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +320,104 @@ async def test_as_a_policy_it_counts_its_calls_and_opens_its_span(
     assert sum(s.status.status_code is StatusCode.ERROR for s in own) == errors
     await sw.Pipeline(faults, name="p", telemetry=telemetry)(work)()
     assert len(spans.named("stalwart.fault_injection f")) == 22  # the pipeline's span instead
+
+
+async def test_beyond_the_quota_a_call_is_refused_after_the_error_latency() -> None:
+    faults = FaultInjection(
+        profile(latency={"median": 0.1}, error_rate=0.0, quota={"rate": 2.0, "burst": 3})
+    )
+    results = []
+
+    async def one() -> None:
+        results.append(await timed(faults))
+
+    async with anyio.create_task_group() as group:
+        for _ in range(5):
+            group.start_soon(one)
+    assert sorted(results) == [("done", pytest.approx(0.1))] * 3 + [("quota", 0.01)] * 2
+    await anyio.sleep(0.5)  # one permit back at 2 a second
+    assert (await timed(faults))[0] == "done"
+    assert (await timed(faults))[0] == "quota"
+    stats = faults.statistics()
+    assert (stats.requests, stats.over_quota, stats.served, stats.errors) == (7, 3, 4, 0)
+
+
+async def test_a_call_refused_by_the_quota_takes_no_slot_and_no_draw() -> None:
+    # The quota is checked first, as the simulation does: a refused request
+    # draws nothing, so the requests it admits meet the same draws as without it.
+    spec = {"latency": {"median": 0.05, "p99": 0.4}, "error_rate": 0.2, "capacity": 1}
+    plain, limited = (
+        FaultInjection(profile(**spec)),
+        FaultInjection(profile(**spec, quota={"rate": 1.0, "burst": 1})),
+    )
+    outcomes = []
+    for _ in range(20):
+        outcomes.append((await timed(plain))[0])
+        outcomes.append((await timed(limited))[0])
+        refused, _ = await timed(limited)
+        assert refused == "quota"  # less than a second after its one permit
+        await anyio.sleep(1.0)
+    assert outcomes[0::2] == outcomes[1::2]
+    assert {"done", "error"} <= set(outcomes)
+    assert limited.statistics().busy <= 1
+
+
+async def test_the_middleware_answers_429_beyond_the_quota() -> None:
+    faults = FaultInjection(profile(latency={"median": 0.01}, quota={"rate": 1.0, "burst": 1}))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = faults.middleware(app)
+
+    async def status() -> tuple[int, bytes | None]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(dict(message))
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/",
+            "headers": [(b"x-stalwart-faults", b"on")],
+        }
+        await middleware(scope, receive, send)
+        said = dict(sent[0]["headers"]).get(b"x-stalwart-faults")
+        return int(sent[0]["status"]), said
+
+    # An injected answer says which fault it is, in the switch's header.
+    assert [await status(), await status()] == [(200, None), (429, b"quota")]
+
+
+async def test_a_queued_request_woken_late_keeps_its_slot_no_longer_than_its_service(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A busy event loop wakes the head of the queue 50 ms after its slot came
+    # free: the slot still serves one request a second, as the simulated one
+    # does, instead of losing 50 ms to each wake-up.
+    on_time = anyio.sleep_until
+
+    async def late(deadline: float) -> None:
+        await on_time(deadline + 0.05)
+
+    monkeypatch.setattr(anyio, "sleep_until", late)
+    faults = FaultInjection(
+        profile(latency={"median": 1.0}, error_rate=0.0, capacity=1, queue=5, error_latency=0.0)
+    )
+    results: dict[int, tuple[str, float]] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await timed(faults)
+
+    async with anyio.create_task_group() as group:
+        for i in range(3):
+            group.start_soon(one, i)
+            await anyio.sleep(0.001)
+    assert [results[i][0] for i in range(3)] == ["done"] * 3
+    took = [results[i][1] for i in range(3)]
+    assert took == pytest.approx([1.0, 1.999, 2.998], abs=0.002)

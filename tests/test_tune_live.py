@@ -7,15 +7,34 @@ with FaultInjection; the runs are a few seconds of real time.
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
+import stalwart as sw
 from stalwart.__main__ import main
-from stalwart._tune.live import drain_time, play, shortened
+from stalwart._faults import FAULTS_HEADER
+from stalwart._matchers import Matcher
+from stalwart._tune.engine import simulate
+from stalwart._tune.live import (
+    LATE,
+    Comparison,
+    arrivals,
+    drain_time,
+    failed,
+    overloaded,
+    play,
+    shortened,
+)
+from stalwart._tune.report import _secs, summarize
 from stalwart._tune.scenario import parse_text
+from stalwart.httpx import RetryableStatusError
 from stalwart.testing import FaultInjection
 
 from .http_support import plain, serve
@@ -27,7 +46,7 @@ name = "tiny"
 description = "3 s at 40 calls/s; failing for the middle second"
 [traffic]
 rate = 40.0
-deadline = 1.0
+deadline = 2.0
 [downstream]
 latency = { median = 0.010, p99 = 0.030 }
 error_rate = 0.0
@@ -43,7 +62,7 @@ duration = 1.0
 phase = "healthy"
 duration = 1.0
 [grid]
-timeout = 0.3
+timeout = 1.0  # a healthy attempt takes 10 ms: only a machine far too busy makes it fail
 retry = [{ attempts = 1 }, { attempts = 3, backoff = { initial = 0.01, maximum = 0.05 } }]
 """
 
@@ -186,9 +205,183 @@ breaker = { consecutive_failures = 5, open_for = 0.3 }
 """
     scenario = parse_text(SCENARIO[: SCENARIO.index("[grid]")] + grid, name="tiny")
     (setting,) = scenario.settings
-    run, _ = anyio.run(play, scenario, setting, url)
+    run, _, _ = anyio.run(play, scenario, setting, url)
     assert run.opened_at
     assert 1.0 <= run.opened_at[0] < 1.5
     assert all(1.0 <= t < 2.5 for t in run.opened_at)
     assert 0.3 <= run.time_open <= 1.5
     assert run.outcomes["rejected"] > 0
+
+
+class Stalling(httpx.AsyncBaseTransport):
+    """A client that cannot keep up: each request holds the event loop for ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        busy_until = time.perf_counter() + self.seconds
+        while time.perf_counter() < busy_until:  # a busy client: the loop runs nothing else
+            pass
+        return httpx.Response(200, request=request)
+
+
+def test_a_client_that_cannot_keep_up_is_named(url: str) -> None:
+    # 40 calls/s, each holding the loop 50 ms: two seconds of work every
+    # second, so calls start later and later behind their schedule.
+    scenario = parse_text(SCENARIO, name="tiny")
+    setting = scenario.settings[0]
+    played = anyio.run(lambda: play(scenario, setting, url, transport=Stalling(0.05)))
+    assert played.late > LATE
+    assert scenario.traffic.duration is not None
+    assert played.run.end > scenario.traffic.duration + 1.0  # the traffic took longer
+    summary = summarize(scenario, [played.run])
+    comparison = Comparison(
+        scenario=scenario,
+        url=url,
+        speed=1.0,
+        live=summary,
+        simulated=summary,
+        late={setting.index: played.late},
+    )
+    assert comparison.behind() == ["attempts=1"]
+    table = comparison.table()
+    assert f"live (late {_secs(played.late)})" in table
+    assert "Not played as the scenario says: attempts=1. The client started calls late" in table
+    assert comparison.to_json()["late"] == {"attempts=1": played.late}
+
+
+def test_a_client_a_little_late_is_not_named(url: str) -> None:
+    scenario = parse_text(SCENARIO, name="tiny")
+    setting = scenario.settings[0]
+    summary = summarize(scenario, [simulate(scenario, setting.index)])
+    comparison = Comparison(
+        scenario=scenario,
+        url=url,
+        speed=1.0,
+        live=summary,
+        simulated=summary,
+        late={setting.index: LATE},
+    )
+    assert comparison.behind() == []
+    assert "Not played" not in comparison.table()
+    assert "live (late" not in comparison.table()
+
+
+# -- what the grid's adaptive policies read from the service -----------------------------
+
+
+def status_error(status: int, fault: str | None = None) -> RetryableStatusError:
+    request = httpx.Request("GET", "http://service/")
+    headers = {} if fault is None else {FAULTS_HEADER: fault}
+    response = httpx.Response(status, headers=headers, request=request)
+    return RetryableStatusError("failed", request=request, response=response, retry_after=None)
+
+
+@pytest.mark.parametrize(
+    ("error", "is_failure", "is_overload"),
+    [
+        (status_error(503), True, True),  # a real service's overload
+        (status_error(429), True, False),
+        (status_error(502), True, False),
+        (status_error(503, "overloaded"), True, True),  # FaultInjection's full queue
+        (status_error(503, "error"), True, False),  # its injected error, whatever the status
+        (status_error(429, "quota"), True, False),
+        (httpx.ConnectError("refused"), True, False),
+        (
+            sw.CircuitOpenError("open", policy="breaker", retry_after=1.0),
+            False,
+            False,
+        ),  # a policy's refusal
+        (sw.RateLimitExceeded("limited", policy="rate_limiter"), False, False),
+        (sw.DeadlineExceeded("late", policy="timeout", timeout=1.0), False, False),
+    ],
+)
+def test_the_service_failed_or_was_overloaded_as_the_simulation_says(
+    error: BaseException, is_failure: bool, is_overload: bool
+) -> None:
+    assert (failed(error), overloaded(error)) == (is_failure, is_overload)
+
+
+def test_a_live_setting_gives_the_throttle_and_the_limit_what_the_service_says() -> None:
+    scenario = parse_text(
+        SCENARIO[: SCENARIO.index("[grid]")] + "[grid]\nthrottle = {}\nconcurrency = {}\n",
+        name="tiny",
+    )
+    (setting,) = scenario.settings
+    throttle, limit = setting.policies(
+        sw.Telemetry(registry=CollectorRegistry()),
+        random.Random(1),
+        failure=failed,
+        overloaded=overloaded,
+    )
+    assert isinstance(throttle, sw.AdaptiveThrottle)
+    assert isinstance(limit, sw.ConcurrencyLimit)
+    rejects, drops = Matcher("failure_on", throttle.failure_on), Matcher("drop_on", limit.drop_on)
+    assert rejects(status_error(503, "error"))
+    assert rejects(
+        sw.DeadlineExceeded("late", policy="timeout", timeout=1.0)
+    )  # a timeout, as simulated
+    assert not rejects(sw.CircuitOpenError("open", policy="breaker", retry_after=1.0))
+    assert drops(status_error(503, "overloaded"))
+    assert not drops(status_error(503, "error"))
+    assert drops(sw.DeadlineExceeded("late", policy="timeout", timeout=1.0))
+
+
+class Refusing(httpx.AsyncBaseTransport):
+    """A service that is always overloaded: 503 at once."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, request=request)
+
+
+def test_a_live_run_counts_the_adaptive_policies_refusals_as_rejected(url: str) -> None:
+    scenario = parse_text(
+        SCENARIO[: SCENARIO.index("[grid]")] + "[grid]\nthrottle = { window = 1.0 }\n",
+        name="tiny",
+    )
+    (setting,) = scenario.settings
+    run = anyio.run(lambda: play(scenario, setting, url, transport=Refusing())).run
+    # Every answer is a rejection, so the throttle soon refuses most calls itself.
+    assert run.rejected_by["throttle"] > 0
+    assert run.outcomes["rejected"] == run.rejected_by["throttle"]
+    assert run.outcomes["ok"] == 0
+
+
+SURGES = """\
+[traffic]
+rate = 20.0
+[[traffic.timeline]]
+duration = 10.0
+[[traffic.timeline]]
+duration = 5.0
+rate = 80.0
+[[traffic.timeline]]
+duration = 15.0
+[downstream]
+latency = { median = 0.01 }
+[grid]
+timeout = 1.0
+"""
+
+
+def test_live_calls_arrive_when_the_simulations_do_surges_included() -> None:
+    scenario = parse_text(SURGES, name="surges")
+    run = simulate(scenario, 0)
+    times = list(arrivals(scenario.traffic, random.Random("stalwart-tune:1:traffic").expovariate))
+    per_second = [0] * len(run.calls)
+    for t in times:
+        per_second[int(t + 1e-9)] += 1
+    assert per_second == run.calls
+    in_surge = sum(1 for t in times if 10.0 <= t < 15.0)
+    assert in_surge > 1.5 * sum(1 for t in times if t < 10.0)  # 80/s for 5 s, 20/s for 10 s
+
+
+def test_shortened_divides_the_traffics_timeline_too() -> None:
+    short = shortened(parse_text(SURGES, name="surges"), 5.0)
+    assert [(p.start, p.end, p.rate) for p in short.traffic.timeline] == [
+        (0.0, 2.0, 20.0),
+        (2.0, 3.0, 80.0),
+        (3.0, 6.0, 20.0),
+    ]
+    assert short.traffic.duration == 6.0

@@ -13,7 +13,7 @@ from benchmarks import validate
 
 from stalwart._tune import builtin, schema
 from stalwart._tune.engine import simulate
-from stalwart._tune.live import Comparison
+from stalwart._tune.live import LATE, Comparison
 from stalwart._tune.report import summarize
 from stalwart._tune.scenario import Scenario, from_dict
 
@@ -29,7 +29,13 @@ def test_the_scaled_scenarios_are_a_minute_of_the_built_in_grid(name: str) -> No
     assert scenario.traffic.duration == 60.0
     assert scenario.downstream.timeline[-1].end == 60.0
     builtin_grid = schema.loads_toml(builtin.text(name), name)["grid"]
-    assert validate.scaled(name)["grid"] == builtin_grid
+    grid = validate.scaled(name)["grid"]
+    if name == "retry-storm":  # its budget's floor scaled with its rate, a quarter
+        budgets = [r.pop("budget") for r in grid["retry"] if "budget" in r]
+        assert budgets == [{"ratio": 0.1, "min_per_second": 2.5}] * 2
+        for r in builtin_grid["retry"]:
+            r.pop("budget", None)
+    assert grid == builtin_grid
 
 
 def test_the_outage_ends_before_a_trial_call_could_meet_it_half_recovered() -> None:
@@ -72,3 +78,29 @@ def test_a_run_far_from_every_seed_is_not() -> None:
     text, ok = validate.report([("outage", bad)], 60.0)
     assert not ok
     assert "| NO |" in text
+
+
+def test_a_run_whose_client_fell_behind_is_not_within_whatever_its_figures() -> None:
+    result = comparison(live_seed=4)
+    (index,) = (r.setting.index for r in result.live.results)
+    late = dataclasses.replace(result, late={index: LATE * 4})
+    (verdict,) = validate.verdicts(late)
+    assert (verdict.points, verdict.share) == (0.0, 0.0)
+    assert not verdict.played
+    assert not verdict.within
+    text, ok = validate.report([("outage", late)], 60.0, (1.0, 2.0), priority=10)
+    assert not ok
+    assert "| 2000 ms | NO (not played on time) |" in text
+    assert (
+        "load average 1.0 at the start and 2.0 at the end, client and service at nice -10" in text
+    )
+
+
+def test_settings_are_chosen_by_label() -> None:
+    scenario = scaled("retry-storm")
+    assert validate.chosen(scenario, None) is None
+    index = validate.chosen(scenario, ["attempts=5 budget=off"])
+    assert index is not None
+    assert [scenario.settings[i].label for i in index] == ["attempts=5 budget=off"]
+    with pytest.raises(ValueError, match="has no setting 'attempts=9'"):
+        validate.chosen(scenario, ["attempts=9"])

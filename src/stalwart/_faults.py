@@ -8,15 +8,17 @@ on what is switched on explicitly, request by request: a header, or a context
 variable (`FaultInjection.enabled`).
 
 The downstream model is the simulation's, decision for decision (see
-`stalwart._tune.engine`): a request fails with the phase's error rate (an
-error after ``error_latency``, or, in a phase that hangs, no answer at all),
-taking no slot; otherwise its service time is drawn from the phase's
-log-normal latency, and it takes one of ``capacity`` slots, or waits in a
-FIFO queue of at most ``queue``, or is turned away. A slot stays busy for the
-request's service time whether or not its caller is still there; a queued
-request whose caller gave up is still served, unless ``serves_abandoned =
-false``. The slots are bookkeeping (the time each becomes free), not tasks:
-nothing runs in the background, and nothing outlives a request.
+`stalwart._tune.engine`): a request beyond the ``quota`` (when there is one)
+is refused after ``error_latency`` (429), taking no slot; else it fails with
+the phase's error rate (an error after ``error_latency``, or, in a phase that
+hangs, no answer at all), taking no slot; otherwise its service time is drawn
+from the phase's log-normal latency, and it takes one of ``capacity`` slots,
+or waits in a FIFO queue of at most ``queue``, or is turned away. A slot stays
+busy for the request's service time whether or not its caller is still there;
+a queued request whose caller gave up is still served, unless
+``serves_abandoned = false``. The slots are bookkeeping (the time each
+becomes free), not tasks: nothing runs in the background, and nothing
+outlives a request.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, final
 import anyio
 
 from . import _clock, _validate
+from ._gcra import Gcra
 from ._http import header_name
 from ._policy import AsyncCallable, Binding, Policy
 from ._telemetry import Telemetry
@@ -58,11 +61,12 @@ _MAX_POSITION: Final = 1e9
 
 
 class InjectedFault(Exception):
-    """A failure `FaultInjection` made up: an error, or a rejection by a full queue.
+    """A failure `FaultInjection` made up: an error, or a rejection by a full queue or the quota.
 
     Attributes:
-        reason: ``"error"`` (the profile's error rate) or ``"overloaded"``
-            (every slot taken and the queue full).
+        reason: ``"error"`` (the profile's error rate), ``"overloaded"``
+            (every slot taken and the queue full) or ``"quota"`` (beyond the
+            profile's ``quota``).
     """
 
     def __init__(self, message: str, *, reason: str) -> None:
@@ -85,7 +89,8 @@ class FaultStatistics:
     ``served``: requests that got their slot and service time (whether or
     not their caller was still waiting); ``errors``, ``hangs``: failures by
     the profile's error rate; ``rejected``: turned away by a full queue;
-    ``busy`` and ``queued``: slots taken and requests waiting, now.
+    ``busy`` and ``queued``: slots taken and requests waiting, now;
+    ``over_quota``: refused by the profile's ``quota``.
     """
 
     requests: int
@@ -95,15 +100,17 @@ class FaultStatistics:
     rejected: int
     busy: int
     queued: int
+    over_quota: int = 0
 
 
 class _Waiter:
     """A queued request: woken once, when it reaches the head of the queue."""
 
-    __slots__ = ("event", "fate", "service")
+    __slots__ = ("arrival", "event", "fate", "service")
 
-    def __init__(self, service: float) -> None:
+    def __init__(self, service: float, arrival: float) -> None:
         self.service = service
+        self.arrival = arrival
         self.event = anyio.Event()
         #: "waiting"; "served" (abandoned, served all the same); "dropped"
         self.fate = "waiting"
@@ -161,7 +168,7 @@ class _Server:
             return
         if self.queued(now) >= self._queue_limit:
             raise _Overloaded
-        waiter = _Waiter(service)
+        waiter = _Waiter(service, now)
         waiters.append(waiter)
         try:
             if waiters[0] is not waiter:
@@ -170,7 +177,10 @@ class _Server:
         except BaseException:
             self._abandon(waiter)
             raise
-        start = max(free[0], _clock.now())
+        # Its service began when the slot came free (or it arrived), not when this
+        # task woke: an event loop that wakes it late must not stretch the slot's
+        # busy time, or a busy server loses capacity the simulated one keeps.
+        start = max(free[0], waiter.arrival)
         heapreplace(free, start + service)
         self.served += 1
         waiters.popleft()
@@ -188,7 +198,7 @@ class _Server:
         while waiters and waiters[0].fate != "waiting":
             abandoned = waiters.popleft()
             if abandoned.fate == "served":
-                start = max(free[0], now)
+                start = max(free[0], abandoned.arrival)
                 heapreplace(free, start + abandoned.service)
                 self.served += 1
                 if start > now:
@@ -224,7 +234,10 @@ class FaultInjection(Policy):
             await charge("o-1")  # may be slow, fail, or hang, as the profile says
 
     **What a switched-on request meets** (decided as the simulation decides):
-    with the error rate of the current phase it fails, taking no slot: after
+    beyond the profile's ``quota`` (requests a second, when it has one; on
+    the real clock), it is refused after ``error_latency``: the middleware
+    answers 429 and the policy raises `InjectedFault` (reason ``"quota"``).
+    Otherwise, with the error rate of the current phase it fails, taking no slot: after
     ``error_latency`` the middleware answers ``error_status`` and the policy
     raises `InjectedFault`, or, in a phase whose ``failure = "hangs"``,
     there is no answer at all (the middleware waits for the client to
@@ -234,6 +247,11 @@ class FaultInjection(Policy):
     turned away like an error when ``queue`` requests already wait), and then
     the service itself runs (the middleware calls the app, the policy the
     function): its own time adds to the injected latency.
+
+    The middleware's injected answers carry the ``header`` too, saying
+    which fault they are: ``error``, ``overloaded`` (the queue full) or
+    ``quota`` (``python -m stalwart tune --live`` tells overloads from
+    errors by it, as the simulation does, whatever ``error_status`` is).
 
     **The timeline.** A switched-on request is placed on the scenario's
     timeline: by default at the time since the injection first acted (or
@@ -255,8 +273,9 @@ class FaultInjection(Policy):
         header: the request header that switches it on (``on``, or the
             position on the timeline in seconds); anything else in it, or no
             header, leaves the request alone.
-        error_status: the status of an injected error or rejection (the
-            middleware's), 500-599 or 429.
+        error_status: the status of an injected error or rejection by a
+            full queue (the middleware's), 500-599 or 429; the quota's
+            refusals are 429.
         name: the policy's name.
         telemetry: where the policy reports: its calls in
             ``stalwart_calls_total`` (kind ``fault_injection``; an injected
@@ -278,7 +297,9 @@ class FaultInjection(Policy):
         "_hangs",
         "_header",
         "_origin",
+        "_over_quota",
         "_profile",
+        "_quota",
         "_rejected",
         "_requests",
         "_rng",
@@ -322,7 +343,10 @@ class FaultInjection(Policy):
         self._rng = random.Random(f"stalwart-faults:{parsed.seed if seed is None else seed}")
         self._origin: float | None = None
         self._switch: ContextVar[float | bool] = ContextVar(f"stalwart_faults_{id(self)}")
-        self._requests = self._errors = self._hangs = self._rejected = 0
+        self._requests = self._errors = self._hangs = self._rejected = self._over_quota = 0
+        quota = downstream.quota
+        # On the real clock (the timeline's position may step back between requests).
+        self._quota = None if quota is None else Gcra(quota.rate, burst=quota.burst)
         self._clock: Callable[[], float] = _clock.now
 
     # -- switching on ------------------------------------------------------------------
@@ -368,9 +392,16 @@ class FaultInjection(Policy):
                 now = math.inf
             busy, queued, served = server.busy(now), server.queued(now), server.served
         else:
-            served = self._requests - self._errors - self._hangs
+            served = self._requests - self._errors - self._hangs - self._over_quota
         return FaultStatistics(
-            self._requests, served, self._errors, self._hangs, self._rejected, busy, queued
+            self._requests,
+            served,
+            self._errors,
+            self._hangs,
+            self._rejected,
+            busy,
+            queued,
+            self._over_quota,
         )
 
     @staticmethod
@@ -400,7 +431,8 @@ class FaultInjection(Policy):
     # -- what a request meets ----------------------------------------------------------
 
     def _decide(self, switch: float | bool) -> tuple[str, float]:
-        """("hang" | "error" | "serve", seconds) for a request switched on with ``switch``."""
+        """("quota" | "hang" | "error" | "serve", seconds) for a request switched on with
+        ``switch``."""
         info = _clock.asyncio_loop()
         # The clock of the loop it acts on, for `statistics` called from another
         # thread (a test's, beside the server's): asyncio's can be read from anywhere.
@@ -414,6 +446,10 @@ class FaultInjection(Policy):
             at = float(switch)
         error_rate, mu, sigma, hangs = self._profile.at(at)
         self._requests += 1
+        quota = self._quota
+        if quota is not None and quota.reserve(_clock.now()) is None:
+            self._over_quota += 1
+            return "quota", self._error_latency
         rng = self._rng
         if rng.random() < error_rate:
             if hangs:
@@ -475,6 +511,9 @@ class FaultInjection(Policy):
         if action == "error":
             await anyio.sleep(seconds)
             raise InjectedFault(f"{self._name}: injected error", reason="error")
+        if action == "quota":
+            await anyio.sleep(seconds)
+            raise InjectedFault(f"{self._name}: beyond the quota", reason="quota")
         if not await self._occupy(seconds):
             await anyio.sleep(self._error_latency)
             raise InjectedFault(
@@ -507,7 +546,11 @@ class FaultInjection(Policy):
             return
         if action == "error":
             await anyio.sleep(seconds)
-            await self._answer(send, b"injected error")
+            await self._answer(send, b"injected error", "error")
+            return
+        if action == "quota":
+            await anyio.sleep(seconds)
+            await self._answer(send, b"injected quota: too many requests", "quota", status=429)
             return
         server = self._server
         served: bool | None
@@ -520,7 +563,9 @@ class FaultInjection(Policy):
             return
         if not served:
             await anyio.sleep(self._error_latency)
-            await self._answer(send, b"injected overload: every slot taken and the queue full")
+            await self._answer(
+                send, b"injected overload: every slot taken and the queue full", "overloaded"
+            )
             return
         await app(scope, receive, send)
 
@@ -557,14 +602,17 @@ class FaultInjection(Policy):
 
         return replay, outcome[0]
 
-    async def _answer(self, send: Send, body: bytes) -> None:
+    async def _answer(
+        self, send: Send, body: bytes, reason: str, status: int | None = None
+    ) -> None:
         await send(
             {
                 "type": "http.response.start",
-                "status": self._error_status,
+                "status": self._error_status if status is None else status,
                 "headers": [
                     (b"content-type", b"text/plain; charset=utf-8"),
                     (b"content-length", str(len(body)).encode()),
+                    (self._header, reason.encode("ascii")),
                 ],
             }
         )

@@ -22,6 +22,7 @@ NAMES: Final = (
     "retry-storm",
     "contention",
     "overload",
+    "quota",
     "long-tail",
 )
 

@@ -14,7 +14,7 @@ What is real: the `Retry`, `RetryBudget`, `AdaptiveThrottle`, `CircuitBreaker`,
 being the caller's deadline (the ambient deadline inside).
 What is simulated: the downstream (a server with ``capacity`` slots, a FIFO
 queue, a latency distribution and a timeline of failures, behind an optional
-``round_trip``) and its callers.
+``round_trip`` and an optional ``quota``) and its callers.
 The breaker's transitions are observed through its telemetry's listeners
 (`BreakerLog`), the policies' counts read from their metrics.
 """
@@ -35,6 +35,7 @@ from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
 
 from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded, RateLimitExceeded
+from .._gcra import Gcra
 from .._pipeline import Pipeline
 from .._policy import Policy
 from .._retry import Retry, RetryMetrics
@@ -49,6 +50,7 @@ __all__ = [
     "BUCKET",
     "BreakerLog",
     "DownstreamError",
+    "OverQuota",
     "Overloaded",
     "Run",
     "SimulationLoop",
@@ -76,6 +78,10 @@ class DownstreamError(Exception):
 
 class Overloaded(DownstreamError):
     """The simulated downstream's queue was full: it turned the request away."""
+
+
+class OverQuota(DownstreamError):
+    """The simulated downstream's quota (``downstream.quota``) refused the request."""
 
 
 # -- the loop ----------------------------------------------------------------------------
@@ -153,7 +159,7 @@ class Run:
     calls: list[int] = field(default_factory=list)
     succeeded: list[int] = field(default_factory=list)
     attempts: list[int] = field(default_factory=list)
-    #: attempts the downstream failed: errors, hangs and rejections by a full queue
+    #: attempts the downstream failed: errors, hangs, rejections by a full queue or the quota
     failed: list[int] = field(default_factory=list)
     #: attempts served after their caller had given up
     wasted: list[int] = field(default_factory=list)
@@ -361,6 +367,13 @@ class _Simulation:
             if not fut.done():
                 fut.set_exception(Overloaded())
 
+        def refuse(fut: asyncio.Future[None]) -> None:
+            if not fut.done():
+                fut.set_exception(OverQuota())
+
+        # The quota's allowance: a GCRA on the loop's clock, as FaultInjection keeps one.
+        quota = None if ds.quota is None else Gcra(ds.quota.rate, burst=ds.quota.burst)
+
         def finish(fut: asyncio.Future[None], b: int) -> None:
             nonlocal busy
             if fut.cancelled():
@@ -392,6 +405,11 @@ class _Simulation:
             if b >= size:
                 grow(b)
             attempts[b] += 1
+            if quota is not None and quota.reserve(now) is None:
+                failed[b] += 1
+                fut = create_future()
+                call_at(now + error_latency, refuse, fut)
+                await fut  # raises OverQuota
             if now < phases.steady_until:
                 error_rate, mu, sigma, hangs = phases.steady
             else:

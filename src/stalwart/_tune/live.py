@@ -21,24 +21,27 @@ simulation it is compared with runs the same shortened scenario.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
+import math
 import random
+import textwrap
 import time
 from array import array
-from collections.abc import Callable, Mapping, Sequence
-from typing import IO, Any, Final
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import IO, Any, Final, NamedTuple
 
 import anyio
 import httpx
 
 from .. import _clock
-from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded
+from .._errors import BulkheadFullError, CircuitOpenError, DeadlineExceeded, RateLimitExceeded
 from .._faults import FAULTS_HEADER
 from .._pipeline import Pipeline
 from .._timeout import Timeout
-from ..httpx import ResilientTransport
+from ..httpx import ResilientTransport, RetryableStatusError
 from .engine import (
     BUCKET,
     BreakerLog,
@@ -51,16 +54,63 @@ from .engine import (
     telemetries,
 )
 from .report import Report, Result, _legend, _secs, summarize, table_columns
-from .scenario import Scenario, Setting
+from .scenario import Scenario, Setting, Traffic
 
-__all__ = ["Comparison", "compare", "drain_time", "play", "shortened", "with_round_trip"]
+__all__ = [
+    "LATE",
+    "Comparison",
+    "Played",
+    "arrivals",
+    "compare",
+    "drain_time",
+    "failed",
+    "overloaded",
+    "play",
+    "shortened",
+    "with_round_trip",
+]
 
 #: Connections the client may hold at once: enough that the pool never queues.
 _MAX_CONNECTIONS: Final = 2000
 
+#: Seconds past its time by which one call in a hundred may start (open traffic) before
+#: a live run is said not to have played its scenario: its client could not keep up.
+#: A quarter of a second is seen on a 2-core machine at a load of 8 at 30 calls/s, with
+#: the live figures within a point of the simulation's; a client that cannot keep up
+#: falls seconds behind.
+LATE: Final = 0.5
+
+
+def failed(exc: BaseException) -> bool:
+    """Did the service fail the attempt (the simulated downstream's `DownstreamError`)?
+
+    An answer whose status the transport retries (429, 502, 503, 504), or no
+    answer at all (an `httpx.TransportError`: the connection refused, reset,
+    ...). A refusal by a policy below (an open breaker, a full bulkhead, a
+    rate limit) is not the service's, nor is a timeout (the policies count
+    those themselves).
+    """
+    return isinstance(exc, (RetryableStatusError, httpx.TransportError))
+
+
+def overloaded(exc: BaseException) -> bool:
+    """Did the service refuse the attempt for being overloaded (the simulated `Overloaded`)?
+
+    A 503 answer; from `stalwart.testing.FaultInjection`, whose answers say
+    which fault they are in its header, only its full queue's (an injected
+    error is an error, whatever its status).
+    """
+    if not isinstance(exc, RetryableStatusError):
+        return False
+    said = exc.response.headers.get(FAULTS_HEADER)
+    if said is not None:
+        return bool(said == "overloaded")
+    return exc.response.status_code == 503
+
 
 def shortened(scenario: Scenario, speed: float) -> Scenario:
-    """``scenario`` with its timeline (traffic duration and phases) ``speed`` times shorter."""
+    """``scenario`` with its timelines (the traffic's duration and phases, the
+    downstream's phases) ``speed`` times shorter."""
     if speed == 1.0:
         return scenario
     traffic = scenario.traffic
@@ -69,12 +119,48 @@ def shortened(scenario: Scenario, speed: float) -> Scenario:
         dataclasses.replace(p, start=p.start / speed, end=p.end / speed)
         for p in scenario.downstream.timeline
     )
+    rates = tuple(
+        dataclasses.replace(p, start=p.start / speed, end=p.end / speed) for p in traffic.timeline
+    )
     downstream = dataclasses.replace(scenario.downstream, timeline=phases)
     return dataclasses.replace(
         scenario,
-        traffic=dataclasses.replace(traffic, duration=duration),
+        traffic=dataclasses.replace(traffic, duration=duration, timeline=rates),
         downstream=downstream,
     )
+
+
+def arrivals(traffic: Traffic, expovariate: Callable[[float], float]) -> Iterator[float]:
+    """When open traffic's calls arrive, in seconds from its start: the simulation's schedule.
+
+    Poisson arrivals at each phase's rate (``traffic.timeline``, then
+    ``rate``), drawn from ``expovariate`` in the order the engine draws
+    them: a draw that would cross a phase's bound is dropped and drawn anew
+    from the bound at the new rate (the same process, exactly).
+    """
+    assert traffic.rate is not None
+    assert traffic.duration is not None
+    duration = traffic.duration
+    if not traffic.timeline:
+        at = expovariate(traffic.rate)
+        while at < duration:
+            yield at
+            at += expovariate(traffic.rate)
+        return
+    bounds = [p.start for p in traffic.timeline] + [traffic.timeline[-1].end]
+    rates = [p.rate for p in traffic.timeline] + [traffic.rate]
+    now = 0.0
+    while True:
+        i = bisect.bisect_right(bounds, now)
+        later = now + expovariate(rates[i - 1] if i else rates[0])
+        bound = bounds[i] if i < len(bounds) else math.inf
+        if later >= duration and bound >= duration:
+            return
+        if later >= bound:
+            now = bound
+        else:
+            yield later
+            now = later
 
 
 def drain_time(scenario: Scenario) -> float:
@@ -150,6 +236,19 @@ class _Recorder:
         return b
 
 
+class Played(NamedTuple):
+    """What `play` measured."""
+
+    run: Run
+    #: the median time, measured twice a second while the traffic ran, of a request
+    #: without the faults header: the network and both HTTP stacks, which the
+    #: service's injected latency does not include
+    round_trip: float
+    #: the 99th percentile of how late calls started, in seconds (open traffic; 0.0 for
+    #: closed): beyond `LATE`, the client could not keep up and did not play the scenario
+    late: float
+
+
 async def play(
     scenario: Scenario,
     setting: Setting,
@@ -157,16 +256,17 @@ async def play(
     *,
     speed: float = 1.0,
     transport: httpx.AsyncBaseTransport | None = None,
-) -> tuple[Run, float]:
+) -> Played:
     """Play ``scenario`` (already `shortened`) against ``url`` with ``setting``'s policies.
 
     ``speed``: how much the scenario was shortened, so that each attempt
     tells the service its position on the original timeline.
 
-    Returns the run and the round trip: the median time, measured twice a
-    second while the traffic runs, of a request without the faults header
-    (the network and both HTTP stacks, which the service's injected latency
-    does not include).
+    Returns the run, the round trip and how late calls started (`Played`).
+    A client that cannot send what the scenario asks for (its process, or
+    the machine, busy) starts calls late and bunched, and the traffic lasts
+    longer than the scenario's: its numbers are not the scenario's, and
+    `Comparison` says so.
     """
     traffic = scenario.traffic
     horizon = (traffic.duration or 60.0) + traffic.deadline + 2 * BUCKET
@@ -178,28 +278,37 @@ async def play(
     traffic_rng = random.Random(f"stalwart-tune:{seed}:traffic")
     policy_rng = random.Random(f"stalwart-tune:{seed}:policies")
     patience = Timeout(traffic.deadline, name="deadline", telemetry=telemetry)
-    policies = setting.policies(telemetry, policy_rng, breaker_telemetry=breaker_telemetry)
+    policies = setting.policies(
+        telemetry,
+        policy_rng,
+        breaker_telemetry=breaker_telemetry,
+        failure=failed,
+        overloaded=overloaded,
+    )
     policy = Pipeline(patience, *policies, name="setting", telemetry=telemetry)
     inner = transport or httpx.AsyncHTTPTransport(
         limits=httpx.Limits(max_connections=_MAX_CONNECTIONS, max_keepalive_connections=200)
     )
     resilient = ResilientTransport(policy, transport=_Counting(inner, recorder), name="live")
     latencies = array("d")
+    lateness = array("d")
     outcomes = {"ok": 0, "error": 0, "timeout": 0, "rejected": 0}
     ended = 0.0
 
     async with httpx.AsyncClient(transport=resilient, timeout=None) as client:
 
-        async def call() -> None:
+        async def call(due: float | None = None) -> None:
             nonlocal ended
             start = recorder.now()
+            if due is not None:
+                lateness.append(start - due)
             b = recorder.bucket()
             recorder.calls[b] += 1
             try:
                 response = await client.get(url)
             except DeadlineExceeded:
                 outcomes["timeout"] += 1
-            except (CircuitOpenError, BulkheadFullError):
+            except (CircuitOpenError, BulkheadFullError, RateLimitExceeded):
                 outcomes["rejected"] += 1
             except httpx.HTTPError:
                 outcomes["error"] += 1
@@ -231,11 +340,9 @@ async def play(
                 if traffic.mode == "open":
                     assert traffic.rate is not None
                     assert duration is not None
-                    at = traffic_rng.expovariate(traffic.rate)
-                    while at < duration:
+                    for at in arrivals(traffic, traffic_rng.expovariate):
                         await anyio.sleep(max(0.0, at - recorder.now()))
-                        group.start_soon(call)
-                        at += traffic_rng.expovariate(traffic.rate)
+                        group.start_soon(call, at)
                 else:
                     assert traffic.clients is not None
                     think, per_client = traffic.think_time, traffic.calls
@@ -270,7 +377,7 @@ async def play(
         _breaker_time(breaker_log.events, setting.open_for, end, run)
     count(policies, run)
     trips.sort()
-    return run, percentile(trips, 0.5)
+    return Played(run, percentile(trips, 0.5), percentile(sorted(lateness), 0.99))
 
 
 # -- side by side ----------------------------------------------------------------------
@@ -287,6 +394,12 @@ class Comparison:
     simulated: Report
     #: the round trip measured live, by setting index: what its simulation adds
     round_trips: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    #: how late the live calls started (99th percentile), by setting index (`Played.late`)
+    late: Mapping[int, float] = dataclasses.field(default_factory=dict)
+
+    def behind(self) -> list[str]:
+        """The labels of the settings whose live client could not keep up (`LATE`)."""
+        return [r.label for r in self.live.results if self.late.get(r.setting.index, 0.0) > LATE]
 
     def pairs(self) -> list[tuple[Result, Result]]:
         """(live, simulated) per setting, in the live report's order (best first)."""
@@ -304,6 +417,7 @@ class Comparison:
             "round_trip": {
                 r.label: self.round_trips.get(r.setting.index) for r in self.live.results
             },
+            "late": {r.label: self.late.get(r.setting.index) for r in self.live.results},
             "live": self.live.to_json(),
             "simulated": {
                 "settings": [
@@ -329,6 +443,7 @@ def compare(
     live: list[Run] = []
     simulated: list[Run] = []
     round_trips: dict[int, float] = {}
+    late: dict[int, float] = {}
     pause = drain_time(short)
     for n, index in enumerate(chosen):
         setting = short.settings[index]
@@ -336,7 +451,9 @@ def compare(
             progress(f"[{n + 1}/{len(chosen)}] {setting.label}")
         if n:
             time.sleep(pause)  # what the service still queues for the last setting
-        run, trip = anyio.run(functools.partial(play, short, setting, url, speed=speed))
+        run, trip, late[index] = anyio.run(
+            functools.partial(play, short, setting, url, speed=speed)
+        )
         live.append(run)
         round_trips[index] = trip
         simulated.append(simulate(with_round_trip(short, trip), index))
@@ -347,6 +464,7 @@ def compare(
         live=summarize(short, live, max_load=max_load),
         simulated=summarize(short, simulated, max_load=max_load),
         round_trips=round_trips,
+        late=late,
     )
 
 
@@ -400,7 +518,9 @@ def _side_by_side(comparison: Comparison) -> str:
     rows: list[list[str]] = []
     for rank, (live, sim) in enumerate(comparison.pairs(), 1):
         cells = [fn for _, _, fn in columns[2:]]
-        rows.append([str(rank), live.label, "live", *(fn(live) for fn in cells)])
+        late = comparison.late.get(live.setting.index, 0.0)
+        run = f"live (late {_secs(late)})" if late > LATE else "live"
+        rows.append([str(rank), live.label, run, *(fn(live) for fn in cells)])
         trip = comparison.round_trips.get(live.setting.index)
         note = "" if trip is None else f" ({trip * 1e3:.1f} ms)"
         rows.append(["", "", f"sim{note}", *(fn(sim) for fn in cells)])
@@ -430,6 +550,19 @@ def _side_by_side(comparison: Comparison) -> str:
     lines.extend(line(row) for row in rows)
     lines.append("")
     lines.extend(_legend(s, headings[2:]))
+    behind = comparison.behind()
+    if behind:
+        lines.append("")
+        lines.extend(
+            textwrap.wrap(
+                f"Not played as the scenario says: {', '.join(behind)}. The client started "
+                f"calls late (one in a hundred more than {_secs(LATE)} late, in brackets): "
+                "it could not send the traffic on time (a busy process or machine), so "
+                "its figures are not the scenario's. Run it again with the machine quieter, "
+                "or at a lower rate.",
+                100,
+            )
+        )
     lines.append("")
     lines.append(f"Live: {comparison.live.recommendation()}")
     lines.append(f"Simulated: {comparison.simulated.recommendation()}")

@@ -23,6 +23,7 @@ from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
 
 from .._circuit_breaker import _DEFAULT_FAILURE_RATE
+from .._matchers import ExceptionMatcher
 from .._policy import Policy
 from .._telemetry import Telemetry
 from . import builtin, schema
@@ -33,6 +34,7 @@ __all__ = [
     "Downstream",
     "Latency",
     "Phase",
+    "Quota",
     "RatePhase",
     "Scenario",
     "ScenarioError",
@@ -153,6 +155,17 @@ class Traffic:
 
 
 @dataclass(frozen=True)
+class Quota:
+    """A rate limit the downstream enforces: ``rate`` requests a second, ``burst`` at once."""
+
+    rate: float
+    burst: int
+
+    def describe(self) -> str:
+        return f"quota {self.rate:g}/s (burst {self.burst})"
+
+
+@dataclass(frozen=True)
 class Downstream:
     latency: Latency
     error_rate: float
@@ -163,6 +176,8 @@ class Downstream:
     timeline: tuple[Phase, ...]
     #: seconds per attempt outside the downstream (network, HTTP stacks), half each way
     round_trip: float = 0.0
+    #: the rate limit it enforces (before anything else), if any
+    quota: Quota | None = None
 
     def at(self, t: float) -> tuple[float, float, float, bool]:
         """The profile ``t`` seconds into the timeline: (error rate, mu, sigma, hangs).
@@ -200,6 +215,8 @@ class Downstream:
         if self.capacity is not None:
             queue = "unbounded queue" if self.queue is None else f"queue {self.queue}"
             parts.append(f"{self.capacity} at once, {queue}")
+        if self.quota is not None:
+            parts.append(self.quota.describe())
         return ", ".join(parts)
 
 
@@ -227,8 +244,8 @@ class Setting:
         rng: random.Random,
         *,
         breaker_telemetry: Telemetry | None = None,
-        failure: type[Exception] = Exception,
-        overloaded: type[Exception] = Exception,
+        failure: ExceptionMatcher = Exception,
+        overloaded: ExceptionMatcher = Exception,
     ) -> list[Policy]:
         """The real stalwart policies of this setting, outermost first.
 
@@ -237,9 +254,11 @@ class Setting:
         `RetryBudget` of its own when configured (so one setting's calls
         share one budget). The breaker reports to ``breaker_telemetry`` when
         given (the engine listens to it there). ``failure`` and
-        ``overloaded`` are what the simulated downstream raises when it
-        fails an attempt, and when its queue is full: the throttle's
-        rejections and the concurrency limit's drops.
+        ``overloaded`` (exception types or predicates) say how the
+        downstream's failure of an attempt shows, and its refusal because it
+        is overloaded: the throttle's rejections and the concurrency limit's
+        drops (the simulated downstream raises `DownstreamError` and
+        `Overloaded`; live, the runner reads the transport's errors).
         """
         build = schema.Build(
             telemetry, rng, breaker_telemetry or telemetry, failure=failure, overloaded=overloaded
@@ -296,6 +315,8 @@ class Scenario:
             parts.append(
                 "downstream: " + ", then ".join(p.describe() for p in self.downstream.timeline)
             )
+        if self.downstream.quota is not None:
+            parts.append(f"downstream {self.downstream.quota.describe()}")
         return "; ".join(parts)
 
 
@@ -537,7 +558,15 @@ def _downstream(
         serves_abandoned=raw["serves_abandoned"],
         timeline=tuple(phases),
         round_trip=raw.get("round_trip", 0.0),
+        quota=_quota(raw.get("quota")),
     )
+
+
+def _quota(raw: Mapping[str, Any] | None) -> Quota | None:
+    if raw is None or "rate" not in raw:
+        return None
+    burst = raw.get("burst")
+    return Quota(raw["rate"], max(1, math.floor(raw["rate"])) if burst is None else burst)
 
 
 # -- the grid --------------------------------------------------------------------------

@@ -33,7 +33,9 @@ from .._bulkhead import Bulkhead
 from .._circuit_breaker import CircuitBreaker
 from .._concurrency_limit import DEFAULT_DROPS, ConcurrencyLimit
 from .._hedge import AdaptiveDelay, Hedge
+from .._matchers import ExceptionMatcher, Matcher
 from .._policy import Policy
+from .._rate_limiter import RateLimiter
 from .._retry import Backoff, Retry
 from .._retry_budget import RetryBudget
 from .._telemetry import Telemetry
@@ -601,6 +603,26 @@ PHASE: Final = Table(
     ),
 )
 
+QUOTA: Final = Table(
+    "quota",
+    "A rate limit the downstream enforces (a partner API's quota): requests beyond it are "
+    "refused after `error_latency`, taking no slot (`FaultInjection` answers them 429).",
+    (
+        Field(
+            "rate",
+            Number(above=0.0),
+            REQUIRED,
+            "requests admitted per second, sustained (GCRA: one every 1/`rate` seconds)",
+        ),
+        Field(
+            "burst",
+            Integer(minimum=1),
+            None,
+            "requests admitted at once after a quiet spell (default: `rate`, at least 1)",
+        ),
+    ),
+)
+
 DOWNSTREAM: Final = Table(
     "downstream",
     "The simulated dependency: its base (healthy) profile, capacity and timeline.",
@@ -638,6 +660,12 @@ DOWNSTREAM: Final = Table(
             None,
             "requests that may wait for a slot beyond `capacity`, in FIFO order; "
             "more are rejected (absent: unlimited)",
+        ),
+        Field(
+            "quota",
+            QUOTA,
+            None,
+            "a rate limit in front of it, checked before anything else (absent: none)",
         ),
         Field(
             "serves_abandoned",
@@ -868,6 +896,42 @@ CONCURRENCY: Final = Table(
     ),
 )
 
+RATE_LIMITER: Final = Table(
+    "rate_limiter",
+    "A `stalwart.RateLimiter` around each attempt (inside the retries: every attempt takes "
+    "a permit): at most `rate` attempts per `per` seconds, in bursts of up to `burst`. An "
+    "attempt that finds no permit waits for its turn up to `max_wait`, never past the "
+    "deadline; otherwise it is refused at once (`RateLimitExceeded`, not retried).",
+    (
+        LABEL,
+        Field(
+            "rate",
+            Number(above=0.0),
+            _signature_default(RateLimiter, "rate"),
+            "attempts allowed per `per` seconds",
+        ),
+        Field(
+            "per",
+            POSITIVE_SECONDS,
+            _signature_default(RateLimiter, "per"),
+            "the period of `rate`, in seconds",
+        ),
+        Field(
+            "burst",
+            Integer(minimum=1),
+            _signature_default(RateLimiter, "burst"),
+            "attempts a full bucket lets through at once (absent: `rate`, at least 1)",
+        ),
+        Field(
+            "max_wait",
+            SECONDS,
+            _signature_default(RateLimiter, "max_wait"),
+            "seconds an attempt may wait for its turn (false: as long as its deadline allows)",
+            switchable=True,
+        ),
+    ),
+)
+
 THROTTLE: Final = Table(
     "throttle",
     "A `stalwart.AdaptiveThrottle` around each attempt: it refuses attempts locally, in "
@@ -960,15 +1024,17 @@ class Build:
         telemetry: where every policy reports (but the breaker).
         rng: the setting's random source (jitter, throttling, probes).
         breaker_telemetry: where the breaker reports (the engine listens there).
-        failure: what the simulated downstream raises when it fails an attempt.
-        overloaded: what it raises when its queue is full (a subclass of ``failure``).
+        failure: what the downstream's failure of an attempt raises (the simulated
+            one's `DownstreamError`; live, a predicate on the transport's errors).
+        overloaded: what its refusal of an attempt because it is overloaded raises
+            (the simulated one's full queue; live, a 503), among ``failure``.
     """
 
     telemetry: Telemetry
     rng: random.Random
     breaker_telemetry: Telemetry
-    failure: type[Exception] = Exception
-    overloaded: type[Exception] = Exception
+    failure: ExceptionMatcher = Exception
+    overloaded: ExceptionMatcher = Exception
 
 
 @dataclass(frozen=True)
@@ -1046,12 +1112,30 @@ def _hedge(options: dict[str, Any], build: Build) -> Policy:
     return hedge
 
 
+def any_of(*matchers: ExceptionMatcher) -> ExceptionMatcher:
+    """An exception that matches any of ``matchers``: a tuple of types when they are types."""
+    types: list[type[BaseException]] = []
+    for matcher in matchers:
+        if isinstance(matcher, tuple):
+            types.extend(matcher)
+        elif isinstance(matcher, type):
+            types.append(matcher)
+        else:
+            checks = [Matcher("matcher", m, allow_empty=True) for m in matchers]
+            return lambda exc: any(check(exc) for check in checks)
+    return tuple(types)
+
+
+def _rate_limiter(options: dict[str, Any], build: Build) -> Policy:
+    return RateLimiter(**options, name="rate_limiter", telemetry=build.telemetry)
+
+
 def _throttle(options: dict[str, Any], build: Build) -> Policy:
     # The downstream's failures and timeouts are its rejections; a refusal by a
     # policy below (an open breaker, a full bulkhead) is not the downstream's.
     return AdaptiveThrottle(
         **options,
-        failure_on=(build.failure, TimeoutError),
+        failure_on=any_of(build.failure, TimeoutError),
         rng=build.rng,
         name="throttle",
         telemetry=build.telemetry,
@@ -1068,7 +1152,7 @@ def _breaker(options: dict[str, Any], build: Build) -> Policy:
 def _concurrency(options: dict[str, Any], build: Build) -> Policy:
     return ConcurrencyLimit(
         **options,
-        drop_on=(*DEFAULT_DROPS, build.overloaded),
+        drop_on=any_of(*DEFAULT_DROPS, build.overloaded),
         rng=build.rng,
         name="concurrency",
         telemetry=build.telemetry,
@@ -1088,6 +1172,14 @@ def _timeout(seconds: float, build: Build) -> Policy:
 SECTIONS: Final = (
     Section("retry", RETRY, "retries (absent or false: none)", _retry, headline="attempts"),
     Section("hedge", HEDGE, "hedged attempts (absent or false: none)", _hedge, headline="delay"),
+    Section(
+        "rate_limiter",
+        RATE_LIMITER,
+        "a rate limiter (absent or false: none)",
+        _rate_limiter,
+        headline="rate",
+        rejects=True,
+    ),
     Section(
         "throttle",
         THROTTLE,
@@ -1126,7 +1218,8 @@ GRID: Final = Table(
     "grid",
     "The policy settings to compare: every value may be a list of alternatives, and the "
     "grid is every combination. Each setting runs the pipeline "
-    "`Retry` → `Hedge` → `AdaptiveThrottle` → `CircuitBreaker` → `ConcurrencyLimit` → `Bulkhead` → "
+    "`Retry` → `Hedge` → `RateLimiter` → `AdaptiveThrottle` → `CircuitBreaker` → "
+    "`ConcurrencyLimit` → `Bulkhead` → "
     "`Timeout` (outermost first), leaving out what it does not configure. `[[grid]]` tables "
     "(an array) compare the settings of each table, one after the other: alternatives "
     "that are not combinations.",
@@ -1159,6 +1252,7 @@ _DOCUMENTED: Final = (
     ("traffic.timeline", TRAFFIC_PHASE),
     ("downstream", DOWNSTREAM),
     ("downstream.latency", LATENCY),
+    ("downstream.quota", QUOTA),
     ("downstream.timeline", PHASE),
     ("grid", GRID),
     ("grid.retry", RETRY),
@@ -1166,6 +1260,7 @@ _DOCUMENTED: Final = (
     ("grid.retry.budget", BUDGET),
     ("grid.hedge", HEDGE),
     ("grid.breaker", BREAKER),
+    ("grid.rate_limiter", RATE_LIMITER),
     ("grid.throttle", THROTTLE),
     ("grid.concurrency", CONCURRENCY),
     ("grid.bulkhead", BULKHEAD),
