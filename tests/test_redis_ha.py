@@ -16,8 +16,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
+from functools import partial
 from typing import Any
 
 import pytest
@@ -32,7 +33,7 @@ from stalwart import CircuitState, Completed
 from stalwart.redis import RedisStore
 from stalwart.redis._client import _digest
 
-from . import redis_ha, redis_support
+from . import fleet_workers, redis_ha, redis_support
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
@@ -430,7 +431,115 @@ async def test_a_cluster_client_that_decodes_replies_serves_the_same(
         await delete_prefix(spec, prefix)
 
 
+# -- fleet-wide limits: one bulkhead, one retry budget ------------------------------------
+
+FLEET = "fleet"
+LIMIT = 6
+LEASE = 1.5
+RATIO, FLOOR_RATE, WINDOW, SYNC = 0.1, 40.0, 1.0, 0.1
+FLEET_SECONDS = 1.5
+# Once the fleet's limits recovered from a failover: how long they run on.
+RUN_ON = 1.0
+
+
+def fleet_key(prefix: str) -> str:
+    """The bulkhead's key on a cluster (its other two keys share its slot)."""
+    return f"{prefix}bulkhead:{{{_digest(FLEET)}}}"
+
+
+async def test_processes_keep_to_one_bulkhead_and_one_retry_budget(
+    pool: Pool, topology: Spec, prefix: str
+) -> None:
+    with pool.take("limits", 3, topology, prefix) as replicas:
+        await ready(replicas)
+        for replica in replicas:
+            replica.send("go")
+        reports = [await replica.read() for replica in replicas]
+    assert all(report["store_unavailable"] == 0 for report in reports), reports
+    # Calls in flight, measured across the processes: never over the limit
+    # (there is no slack while every process reaches Redis), and the limit
+    # was used (3 x 8 callers for 6 permits).
+    peak = fleet_workers.peak(i for report in reports for i in report["intervals"])
+    assert peak == LIMIT, peak
+    # Retries in a total outage: within the documented bound of one budget.
+    retries = sum(report["retries"] for report in reports)
+    allowed = fleet_workers.budget_allowed(
+        reports, ratio=RATIO, floor_rate=FLOOR_RATE, window=WINDOW
+    )
+    assert 0.5 * allowed <= retries <= allowed, (retries, allowed, reports)
+
+
+async def _all_permits_free(store: RedisStore) -> float:
+    """When (monotonic) the bulkhead's whole limit could be taken at once; given back."""
+
+    async def take(delta: int) -> int:
+        grant = await store.adjust_permits(
+            FLEET, "test", delta, extra=0, limit=LIMIT, far=0, lease=LEASE, within=STORE_TIMEOUT
+        )
+        return grant.granted
+
+    end = time.monotonic() + LEASE + RECOVERED
+    while (granted := await take(LIMIT)) < LIMIT:
+        if granted:
+            await take(-granted)
+        assert time.monotonic() < end, "the bulkhead's permits never came back"
+        await asyncio.sleep(0.05)
+    free_at = time.monotonic()
+    await take(-LIMIT)
+    return free_at
+
+
 # -- failovers: last, they leave the topologies one replica short -------------------------
+
+
+async def test_a_failover_strands_no_permit_and_the_fleet_limits_recover(
+    pool: Pool, topology: Spec, prefix: str, request: pytest.FixtureRequest
+) -> None:
+    restart: Callable[[], None]
+    with pool.take("failover", 3, topology, prefix) as replicas:
+        await ready(replicas)
+        for replica in replicas:
+            replica.send("go")
+        for replica in replicas:
+            assert await replica.read() == {"running": True}
+        # Kill the primary serving the bulkhead's keys, mid-run.
+        if topology["kind"] == "cluster":
+            group: redis_ha.Cluster = request.getfixturevalue("cluster")
+            killed = group.primary_of(fleet_key(prefix))
+            await asyncio.to_thread(group.fail_over, killed)
+            restart = partial(group.restart, killed)
+        else:
+            watched: redis_ha.Sentinels = request.getfixturevalue("sentinels")
+            dead = await asyncio.to_thread(watched.fail_over)
+            restart = partial(watched.restart, dead)
+        try:
+            for replica in replicas:
+                replica.send("recover")
+            backs = [await replica.read() for replica in replicas]
+            # Every process is back on the fleet's limits: all run on a while.
+            for replica in replicas:
+                replica.send("run on")
+            reports = [await replica.read() for replica in replicas]
+            stopped = time.monotonic()
+            # No permit stranded: once the processes stopped, the whole limit
+            # is free within a lease (the spare permits they kept lapse with it).
+            async with store_of(topology, prefix) as store:
+                free_at = await _all_permits_free(store)
+        finally:
+            # The failover that follows needs the topology whole again.
+            await asyncio.to_thread(restart)
+    assert all(back["permits"] is not None and back["budget"] for back in backs), backs
+    assert sum(report["permit_failures"] for report in reports) > 0, reports  # it was felt
+    assert free_at - stopped <= LEASE + 2.0, free_at - stopped
+    # From when the last process was back (and the calls it had started on
+    # its local limit ended): one limit for the fleet again, and all of it used.
+    settled = max(back["permits"] for back in backs) + 0.2
+    after = [[i for i in report["intervals"] if i[1] > settled] for report in reports]
+    assert all(after), "a process made no call after the failover"
+    assert fleet_workers.peak(i for calls in after for i in calls) == LIMIT
+    # And the budget: every process exchanges with the whole fleet again.
+    assert all(report["processes"] == len(reports) for report in reports), reports
+
 
 
 async def test_a_failover_mid_run_loses_no_acknowledged_record_and_strands_no_breaker(
@@ -637,7 +746,114 @@ async def _churn(store: RedisStore) -> None:
     _say({"open_at": time.time()})
 
 
-ROLES = {"watch": _watch, "charge": _charge, "rate": _rate, "churn": _churn}
+def _fleet_limits(store: Any) -> tuple[sw.Bulkhead, sw.RetryBudget]:
+    # While Redis is away each process runs its share of the limit alone, so
+    # that the fleet keeps to it through an outage too.
+    bulkhead = sw.Bulkhead(
+        LIMIT, max_queued=None, store=store, name=FLEET, lease=LEASE, local_limit=LIMIT // 3
+    )
+    budget = sw.RetryBudget(
+        ratio=RATIO,
+        min_per_second=FLOOR_RATE,
+        window=WINDOW,
+        store=store,
+        sync_interval=SYNC,
+        name=FLEET,
+    )
+    return bulkhead, budget
+
+
+async def _limits(store: RedisStore) -> None:
+    """Calls through the fleet's bulkhead while retries into an outage spend its budget."""
+    bulkhead, budget = _fleet_limits(store)
+    intervals: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+    calls: list[asyncio.Task[None]] = []
+
+    async def ready() -> None:
+        _say({"ready": True})
+        assert await _line() == "go"
+        making = fleet_workers.make_calls(bulkhead, intervals, done=stop.is_set)
+        calls.append(asyncio.create_task(making))
+
+    report = await fleet_workers.spend_in_an_outage(
+        budget, processes=3, seconds=FLEET_SECONDS, ready=ready
+    )
+    stop.set()
+    await asyncio.gather(*calls)
+    report["intervals"] = intervals
+    report["store_unavailable"] += bulkhead.metrics.store_unavailable  # type: ignore[attr-defined]
+    _say(report)
+
+
+async def _failover(store: RedisStore) -> None:
+    """The fleet's limits in use while the test kills a primary: when they came back, and after.
+
+    On ``recover`` (the new primary serves) it reports once both limits
+    reach Redis again; on ``run on`` it runs `RUN_ON` seconds more and
+    reports its calls.
+    """
+    recording = fleet_workers.Recording(store)
+    bulkhead, budget = _fleet_limits(recording)
+    intervals: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+
+    async def first_attempts() -> None:
+        while not stop.is_set():
+            budget.deposit()
+            await asyncio.sleep(0.01)
+
+    _say({"ready": True})
+    assert await _line() == "go"
+    tasks = [
+        asyncio.create_task(fleet_workers.make_calls(bulkhead, intervals, done=stop.is_set)),
+        asyncio.create_task(first_attempts()),
+    ]
+    try:
+        while len(intervals) < 50 or recording.back_since("budget", 0.0) is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        _say({"running": True})
+        assert await _line() == "recover"
+        since = time.monotonic()
+        end = since + RECOVERED
+
+        def back() -> bool:
+            return (
+                recording.back_since("permits", since) is not None
+                and recording.back_since("budget", since) is not None
+                and not bulkhead.statistics().degraded
+            )
+
+        while time.monotonic() < end and not back():  # noqa: ASYNC110 - as a user would
+            await asyncio.sleep(0.01)
+        _say(
+            {
+                "permits": recording.back_since("permits", 0.0) if back() else None,
+                "budget": back(),
+            }
+        )
+        assert await _line() == "run on"
+        await asyncio.sleep(RUN_ON)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    _say(
+        {
+            "intervals": intervals,
+            "permit_failures": recording.failures("permits"),
+            "processes": budget.statistics().processes,
+        }
+    )
+
+
+ROLES = {
+    "watch": _watch,
+    "charge": _charge,
+    "rate": _rate,
+    "churn": _churn,
+    "limits": _limits,
+    "failover": _failover,
+}
 
 
 async def _work(command: dict[str, Any]) -> None:
