@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
-from functools import partial
 from typing import Any
 
 import pytest
@@ -140,8 +140,9 @@ class Worker(redis_support.WorkerProcess):
     def __init__(self) -> None:
         super().__init__("tests.test_redis_ha", timeout=WORKER_TIMEOUT)
 
-    def start(self, role: str, spec: Spec, prefix: str) -> None:
-        self.send(json.dumps({"role": role, "topology": spec, "prefix": prefix}))
+    def start(self, role: str, spec: Spec, prefix: str, options: dict[str, Any]) -> None:
+        command = {"role": role, "topology": spec, "prefix": prefix, "options": options}
+        self.send(json.dumps(command))
 
 
 class Pool:
@@ -149,20 +150,33 @@ class Pool:
 
     def __init__(self, size: int) -> None:
         self.workers = [Worker() for _ in range(size)]
+        self.busy: set[int] = set()
 
     @contextmanager
-    def take(self, role: str, count: int, spec: Spec, prefix: str) -> Iterator[list[Worker]]:
-        """``count`` live workers running ``role``; killed (and replaced) if the test fails."""
-        self.workers = [w if w.alive else Worker() for w in self.workers]
-        chosen = self.workers[:count]
+    def take(
+        self, role: str, count: int, spec: Spec, prefix: str, **options: Any
+    ) -> Iterator[list[Worker]]:
+        """``count`` live workers running ``role``; killed (and replaced) if the test fails.
+
+        ``options``: the role's keyword arguments. Workers taken for another
+        role meanwhile are not taken again.
+        """
+        self.workers = [
+            w if w.alive or i in self.busy else Worker() for i, w in enumerate(self.workers)
+        ]
+        taken = [i for i in range(len(self.workers)) if i not in self.busy][:count]
+        chosen = [self.workers[i] for i in taken]
         for worker in chosen:
-            worker.start(role, spec, prefix)
+            worker.start(role, spec, prefix, options)
+        self.busy.update(taken)
         try:
             yield chosen
         except BaseException:
             for worker in chosen:
                 worker.kill()
             raise
+        finally:
+            self.busy.difference_update(taken)
 
     def close(self) -> None:
         for worker in self.workers:
@@ -172,7 +186,7 @@ class Pool:
 @pytest.fixture(scope="module")
 def pool() -> Iterator[Pool]:
     redis_ha.binaries()
-    started = Pool(3)
+    started = Pool(6)  # the failover test runs two roles at once
     yield started
     started.close()
 
@@ -442,9 +456,9 @@ FLEET_SECONDS = 1.5
 RUN_ON = 1.0
 
 
-def fleet_key(prefix: str) -> str:
-    """The bulkhead's key on a cluster (its other two keys share its slot)."""
-    return f"{prefix}bulkhead:{{{_digest(FLEET)}}}"
+def fleet_key(prefix: str, name: str = FLEET) -> str:
+    """A bulkhead's key on a cluster (its other two keys share its slot)."""
+    return f"{prefix}bulkhead:{{{_digest(name)}}}"
 
 
 async def test_processes_keep_to_one_bulkhead_and_one_retry_budget(
@@ -469,12 +483,12 @@ async def test_processes_keep_to_one_bulkhead_and_one_retry_budget(
     assert 0.5 * allowed <= retries <= allowed, (retries, allowed, reports)
 
 
-async def _all_permits_free(store: RedisStore) -> float:
+async def _all_permits_free(store: RedisStore, name: str) -> float:
     """When (monotonic) the bulkhead's whole limit could be taken at once; given back."""
 
     async def take(delta: int) -> int:
         grant = await store.adjust_permits(
-            FLEET, "test", delta, extra=0, limit=LIMIT, far=0, lease=LEASE, within=STORE_TIMEOUT
+            name, "test", delta, extra=0, limit=LIMIT, far=0, lease=LEASE, within=STORE_TIMEOUT
         )
         return grant.granted
 
@@ -492,83 +506,56 @@ async def _all_permits_free(store: RedisStore) -> float:
 # -- failovers: last, they leave the topologies one replica short -------------------------
 
 
-async def test_a_failover_strands_no_permit_and_the_fleet_limits_recover(
-    pool: Pool, topology: Spec, prefix: str, request: pytest.FixtureRequest
-) -> None:
-    restart: Callable[[], None]
-    with pool.take("failover", 3, topology, prefix) as replicas:
-        await ready(replicas)
-        for replica in replicas:
-            replica.send("go")
-        for replica in replicas:
-            assert await replica.read() == {"running": True}
-        # Kill the primary serving the bulkhead's keys, mid-run.
-        if topology["kind"] == "cluster":
-            group: redis_ha.Cluster = request.getfixturevalue("cluster")
-            killed = group.primary_of(fleet_key(prefix))
-            await asyncio.to_thread(group.fail_over, killed)
-            restart = partial(group.restart, killed)
-        else:
-            watched: redis_ha.Sentinels = request.getfixturevalue("sentinels")
-            dead = await asyncio.to_thread(watched.fail_over)
-            restart = partial(watched.restart, dead)
-        try:
-            for replica in replicas:
-                replica.send("recover")
-            backs = [await replica.read() for replica in replicas]
-            # Every process is back on the fleet's limits: all run on a while.
-            for replica in replicas:
-                replica.send("run on")
-            reports = [await replica.read() for replica in replicas]
-            stopped = time.monotonic()
-            # No permit stranded: once the processes stopped, the whole limit
-            # is free within a lease (the spare permits they kept lapse with it).
-            async with store_of(topology, prefix) as store:
-                free_at = await _all_permits_free(store)
-        finally:
-            # The failover that follows needs the topology whole again.
-            await asyncio.to_thread(restart)
-    assert all(back["permits"] is not None and back["budget"] for back in backs), backs
-    assert sum(report["permit_failures"] for report in reports) > 0, reports  # it was felt
-    assert free_at - stopped <= LEASE + 2.0, free_at - stopped
-    # From when the last process was back (and the calls it had started on
-    # its local limit ended): one limit for the fleet again, and all of it used.
-    settled = max(back["permits"] for back in backs) + 0.2
-    after = [[i for i in report["intervals"] if i[1] > settled] for report in reports]
-    assert all(after), "a process made no call after the failover"
-    assert fleet_workers.peak(i for calls in after for i in calls) == LIMIT
-    # And the budget: every process exchanges with the whole fleet again.
-    assert all(report["processes"] == len(reports) for report in reports), reports
-
-
-
-async def test_a_failover_mid_run_loses_no_acknowledged_record_and_strands_no_breaker(
+async def test_a_failover_mid_run_loses_no_acknowledged_record_and_strands_nothing(
     pool: Pool,
     topology: Spec,
     prefix: str,
     request: pytest.FixtureRequest,
 ) -> None:
-    with pool.take("churn", 3, topology, prefix) as replicas:
-        await ready(replicas)
-        for replica in replicas:
+    """Three processes write records and trip a breaker, three use the fleet's limits."""
+    circuit = f"{prefix}circuit:{{{_digest('dep')}}}"
+    group: redis_ha.Cluster | None = None
+    fleet = FLEET
+    if topology["kind"] == "cluster":
+        group = request.getfixturevalue("cluster")
+        # A bulkhead whose keys the same primary serves: one kill for both.
+        serving = group.primary_of(circuit)
+        fleet = next(
+            name
+            for name in (f"fleet-{i}" for i in range(256))
+            if group.primary_of(fleet_key(prefix, name)) == serving
+        )
+    with (
+        pool.take("churn", 3, topology, prefix) as replicas,
+        pool.take("failover", 3, topology, prefix, name=fleet) as limited,
+    ):
+        await ready(replicas + limited)
+        for replica in replicas + limited:
             replica.send("go")
-        for replica in replicas:
+        for replica in replicas + limited:
             assert await replica.read() == {"running": True}
         for replica in replicas:
             replica.send("fail")  # the dependency fails: every breaker opens
         for replica in replicas:
             assert await replica.read() == {"open": True}
-        # Kill the primary that serves the breaker's record, mid-run.
-        if topology["kind"] == "cluster":
-            group: redis_ha.Cluster = request.getfixturevalue("cluster")
-            key = f"{prefix}circuit:{{{_digest('dep')}}}"
-            await asyncio.to_thread(group.fail_over, group.primary_of(key))
+        # Kill the primary that serves the breaker's record (and the
+        # bulkhead's permits), mid-run.
+        if group is not None:
+            await asyncio.to_thread(group.fail_over, group.primary_of(circuit))
         else:
             watched: redis_ha.Sentinels = request.getfixturevalue("sentinels")
             await asyncio.to_thread(watched.fail_over)
         for replica in replicas:
             replica.send("heal")
+        for replica in limited:
+            replica.send("recover")
         reports = [await replica.read() for replica in replicas]
+        backs = [await replica.read() for replica in limited]
+        # Once every process is back on the fleet's limits, they run on a while.
+        for replica in limited:
+            replica.send("run on")
+        limits = [await replica.read() for replica in limited]
+        stopped = time.monotonic()
         # The news still reaches every process by a push: their pub/sub
         # connections came back (on another node, or the new primary).
         async with store_of(topology, prefix) as store:
@@ -580,6 +567,9 @@ async def test_a_failover_mid_run_loses_no_acknowledged_record_and_strands_no_br
                 await cb(boom)()
             tripped = time.time()
             seen = [(await replica.read())["open_at"] - tripped for replica in replicas]
+            # No permit stranded: once the processes stopped, the bulkhead's
+            # whole limit is free within a lease (their spare permits lapse).
+            free_at = await _all_permits_free(store, fleet)
     assert all(delay < PUSHED for delay in seen), seen
     # Every breaker closed again once the dependency was healthy.
     assert all(report["closed"] for report in reports), reports
@@ -592,7 +582,20 @@ async def test_a_failover_mid_run_loses_no_acknowledged_record_and_strands_no_br
         for key in acked:
             found = await store.claim(SCOPE, key, fingerprint=None, lease=5.0)
             assert found == Completed({"key": key}, None), key
-
+    # The fleet's limits came back by themselves.
+    assert all(back["permits"] is not None and back["budget"] for back in backs), backs
+    assert free_at - stopped <= LEASE + 2.0, free_at - stopped
+    # From when the last process was back (and the calls it had started on
+    # its local limit ended): one limit for the fleet again, and all of it used.
+    settled = max(back["permits"] for back in backs) + 0.2
+    after = [[i for i in report["intervals"] if i[1] > settled] for report in limits]
+    assert all(after), "a process made no call after the failover"
+    assert fleet_workers.peak(i for calls in after for i in calls) == LIMIT
+    # No process ran calls on permits whose lease had lapsed while it waited
+    # for the new primary: it decided on its local limit instead.
+    assert all(report["lapsed"] == 0 for report in limits), limits
+    # And the budget: every process exchanges with the whole fleet again.
+    assert all(report["processes"] == len(limits) for report in limits), limits
 
 # -- the workers: roles ------------------------------------------------------------------
 
@@ -746,11 +749,11 @@ async def _churn(store: RedisStore) -> None:
     _say({"open_at": time.time()})
 
 
-def _fleet_limits(store: Any) -> tuple[sw.Bulkhead, sw.RetryBudget]:
+def _fleet_limits(store: Any, name: str = FLEET) -> tuple[sw.Bulkhead, sw.RetryBudget]:
     # While Redis is away each process runs its share of the limit alone, so
     # that the fleet keeps to it through an outage too.
     bulkhead = sw.Bulkhead(
-        LIMIT, max_queued=None, store=store, name=FLEET, lease=LEASE, local_limit=LIMIT // 3
+        LIMIT, max_queued=None, store=store, name=name, lease=LEASE, local_limit=LIMIT // 3
     )
     budget = sw.RetryBudget(
         ratio=RATIO,
@@ -758,7 +761,7 @@ def _fleet_limits(store: Any) -> tuple[sw.Bulkhead, sw.RetryBudget]:
         window=WINDOW,
         store=store,
         sync_interval=SYNC,
-        name=FLEET,
+        name=name,
     )
     return bulkhead, budget
 
@@ -786,7 +789,18 @@ async def _limits(store: RedisStore) -> None:
     _say(report)
 
 
-async def _failover(store: RedisStore) -> None:
+class _Lapsed(logging.Handler):
+    """Counts a bulkhead's warnings that it ran calls on permits whose lease lapsed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "lease lapsed" in record.getMessage()
+
+
+async def _failover(store: RedisStore, name: str) -> None:
     """The fleet's limits in use while the test kills a primary: when they came back, and after.
 
     On ``recover`` (the new primary serves) it reports once both limits
@@ -794,7 +808,9 @@ async def _failover(store: RedisStore) -> None:
     reports its calls.
     """
     recording = fleet_workers.Recording(store)
-    bulkhead, budget = _fleet_limits(recording)
+    bulkhead, budget = _fleet_limits(recording, name)
+    lapsed = _Lapsed()
+    logging.getLogger("stalwart").addHandler(lapsed)
     intervals: list[tuple[float, float]] = []
     stop = asyncio.Event()
 
@@ -837,16 +853,18 @@ async def _failover(store: RedisStore) -> None:
     finally:
         stop.set()
         await asyncio.gather(*tasks)
+        logging.getLogger("stalwart").removeHandler(lapsed)
     _say(
         {
             "intervals": intervals,
+            "lapsed": lapsed.count,
             "permit_failures": recording.failures("permits"),
             "processes": budget.statistics().processes,
         }
     )
 
 
-ROLES = {
+ROLES: dict[str, Callable[..., Awaitable[None]]] = {
     "watch": _watch,
     "charge": _charge,
     "rate": _rate,
@@ -858,7 +876,7 @@ ROLES = {
 
 async def _work(command: dict[str, Any]) -> None:
     async with store_of(command["topology"], command["prefix"]) as store:
-        await ROLES[command["role"]](store)
+        await ROLES[command["role"]](store, **command["options"])
 
 
 def _serve() -> None:
