@@ -117,7 +117,7 @@ async def spend_in_an_outage(
         "first": first,
         "retries": attempts - joined - first,
         "seconds": time.monotonic() - start,
-        "store_unavailable": metrics.store_unavailable,  # type: ignore[attr-defined]
+        "store_unavailable": metrics.store_unavailable,
     }
 
 
@@ -130,8 +130,8 @@ def budget_allowed(
     window it started with, and a window's worth every nine tenths of a
     window (retries leave it a tenth at a time).
     """
-    first = sum(report["first"] for report in reports)
-    seconds = max(report["seconds"] for report in reports)
+    first: int = sum(report["first"] for report in reports)
+    seconds: float = max(report["seconds"] for report in reports)
     return ratio * first + floor_rate * (window + seconds / 0.9)
 
 

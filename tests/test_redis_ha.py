@@ -1,10 +1,12 @@
 """`RedisStore` on a Redis Cluster and on a primary watched by Sentinels, across processes.
 
 The session starts each topology once (`tests.redis_ha`: three primaries
-with a replica each; a primary, a replica and three Sentinels) and three
+with a replica each; a primary, a replica and three Sentinels) and six
 worker processes (``python -m tests.test_redis_ha``) that play replicas of a
-service: each test sends them a role, the topology to connect to and a
-prefix of its own. Every test runs on both topologies. The failovers (a
+service: each test sends some of them a role, the topology to connect to and
+a prefix of its own. Every test runs on both topologies. The fleet-wide
+limits' workers share their code, and how their figures are read, with
+``tests/test_fleet_processes.py`` (`tests.fleet_workers`). The failovers (a
 primary killed mid-run) come last: they leave each topology one replica
 short.
 """
@@ -596,6 +598,7 @@ async def test_a_failover_mid_run_loses_no_acknowledged_record_and_strands_nothi
     assert all(report["lapsed"] == 0 for report in limits), limits
     # And the budget: every process exchanges with the whole fleet again.
     assert all(report["processes"] == len(limits) for report in limits), limits
+
 
 # -- the workers: roles ------------------------------------------------------------------
 
