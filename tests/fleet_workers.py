@@ -24,6 +24,22 @@ from typing import Any
 
 import stalwart as sw
 
+# The retry budget of the tests: a tenth of the first attempts, and a floor
+# of 40 retries a second; a process exchanges with the fleet every 100 ms.
+RATIO, FLOOR_RATE, SYNC = 0.1, 40.0, 0.1
+
+
+def retry_budget(store: Any, *, window: float, name: str = "fleet") -> sw.RetryBudget:
+    """A process's share of the tests' fleet-wide retry budget."""
+    return sw.RetryBudget(
+        ratio=RATIO,
+        min_per_second=FLOOR_RATE,
+        window=window,
+        store=store,
+        sync_interval=SYNC,
+        name=name,
+    )
+
 
 async def make_calls(
     bulkhead: sw.Bulkhead,
@@ -121,18 +137,16 @@ async def spend_in_an_outage(
     }
 
 
-def budget_allowed(
-    reports: Sequence[dict[str, Any]], *, ratio: float, floor_rate: float, window: float
-) -> float:
+def budget_allowed(reports: Sequence[dict[str, Any]], *, window: float) -> float:
     """The most retries a budget shared by the reporting processes allows (documented bound).
 
-    ``ratio`` of the fleet's first attempts, and one floor over the run: the
+    `RATIO` of the fleet's first attempts, and one floor over the run: the
     window it started with, and a window's worth every nine tenths of a
     window (retries leave it a tenth at a time).
     """
     first: int = sum(report["first"] for report in reports)
     seconds: float = max(report["seconds"] for report in reports)
-    return ratio * first + floor_rate * (window + seconds / 0.9)
+    return RATIO * first + FLOOR_RATE * (window + seconds / 0.9)
 
 
 class Recording:

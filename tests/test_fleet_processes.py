@@ -33,7 +33,8 @@ WORKERS = 3
 SECONDS = 2.5
 LIMIT = 6
 LEASE = 1.5
-RATIO, FLOOR_RATE, WINDOW, SYNC = 0.1, 40.0, 2.0, 0.1
+WINDOW = 2.0
+RATIO, FLOOR_RATE = fleet_workers.RATIO, fleet_workers.FLOOR_RATE
 
 
 @pytest.fixture
@@ -108,9 +109,7 @@ async def test_retries_stay_within_the_fleets_budget(pool: list[Worker], prefix:
     assert all(report["store_unavailable"] == 0 for report in reports), reports
     # One budget for the fleet. Retries are reserved in Redis before they
     # are made: never more than the documented bound.
-    allowed = fleet_workers.budget_allowed(
-        reports, ratio=RATIO, floor_rate=FLOOR_RATE, window=WINDOW
-    )
+    allowed = fleet_workers.budget_allowed(reports, window=WINDOW)
     assert retries <= allowed, (retries, allowed, reports)
     # Three budgets of their own would each have allowed their own floor.
     alone = RATIO * first + WORKERS * FLOOR_RATE * (WINDOW + seconds / 0.9)
@@ -162,14 +161,7 @@ async def _bulkhead(client: redis.asyncio.Redis, store: RedisStore) -> dict[str,
 
 
 async def _budget(client: redis.asyncio.Redis, store: RedisStore) -> dict[str, Any]:
-    budget = sw.RetryBudget(
-        ratio=RATIO,
-        min_per_second=FLOOR_RATE,
-        window=WINDOW,
-        store=store,
-        sync_interval=SYNC,
-        name="fleet",
-    )
+    budget = fleet_workers.retry_budget(store, window=WINDOW)
     return await fleet_workers.spend_in_an_outage(
         budget, processes=WORKERS, seconds=SECONDS, ready=_ready
     )

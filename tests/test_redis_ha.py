@@ -198,6 +198,15 @@ async def ready(workers: list[Worker]) -> None:
         assert await worker.read() == {"ready": True}
 
 
+async def together(pool: Pool, role: str, spec: Spec, prefix: str) -> list[dict[str, Any]]:
+    """Three workers run ``role`` together: ready, go, and what each reports."""
+    with pool.take(role, 3, spec, prefix) as workers:
+        await ready(workers)
+        for worker in workers:
+            worker.send("go")
+        return [await worker.read() for worker in workers]
+
+
 class Boom(Exception):
     pass
 
@@ -326,11 +335,7 @@ async def test_half_open_trials_are_limited_across_the_fleet(topology: Spec, pre
 async def test_a_duplicated_request_runs_once_across_processes(
     pool: Pool, topology: Spec, prefix: str
 ) -> None:
-    with pool.take("charge", 3, topology, prefix) as chargers:
-        await ready(chargers)
-        for charger in chargers:
-            charger.send("go")
-        results = [(await charger.read())["result"] for charger in chargers]
+    results = [report["result"] for report in await together(pool, "charge", topology, prefix)]
     assert len({json.dumps(r) for r in results}) == 1  # the same result everywhere
     async with connection(topology) as client:
         assert await client.get(f"{prefix}test:charges") == b"1"  # charged once
@@ -344,11 +349,7 @@ RATE_SECONDS = 1.5
 
 
 async def test_processes_keep_to_one_rate_limit(pool: Pool, topology: Spec, prefix: str) -> None:
-    with pool.take("rate", 3, topology, prefix) as callers:
-        await ready(callers)
-        for caller in callers:
-            caller.send("go")
-        reports = [await caller.read() for caller in callers]
+    reports = await together(pool, "rate", topology, prefix)
     turns = sorted(turn for report in reports for turn in report["turns"])
     assert all(report["unavailable"] == 0 for report in reports), reports
     assert all(report["turns"] and report["refused"] for report in reports), reports
@@ -452,7 +453,7 @@ async def test_a_cluster_client_that_decodes_replies_serves_the_same(
 FLEET = "fleet"
 LIMIT = 6
 LEASE = 1.5
-RATIO, FLOOR_RATE, WINDOW, SYNC = 0.1, 40.0, 1.0, 0.1
+WINDOW = 1.0
 FLEET_SECONDS = 1.5
 # Once the fleet's limits recovered from a failover: how long they run on.
 RUN_ON = 1.0
@@ -466,11 +467,7 @@ def fleet_key(prefix: str, name: str = FLEET) -> str:
 async def test_processes_keep_to_one_bulkhead_and_one_retry_budget(
     pool: Pool, topology: Spec, prefix: str
 ) -> None:
-    with pool.take("limits", 3, topology, prefix) as replicas:
-        await ready(replicas)
-        for replica in replicas:
-            replica.send("go")
-        reports = [await replica.read() for replica in replicas]
+    reports = await together(pool, "limits", topology, prefix)
     assert all(report["store_unavailable"] == 0 for report in reports), reports
     # Calls in flight, measured across the processes: never over the limit
     # (there is no slack while every process reaches Redis), and the limit
@@ -479,9 +476,7 @@ async def test_processes_keep_to_one_bulkhead_and_one_retry_budget(
     assert peak == LIMIT, peak
     # Retries in a total outage: within the documented bound of one budget.
     retries = sum(report["retries"] for report in reports)
-    allowed = fleet_workers.budget_allowed(
-        reports, ratio=RATIO, floor_rate=FLOOR_RATE, window=WINDOW
-    )
+    allowed = fleet_workers.budget_allowed(reports, window=WINDOW)
     assert 0.5 * allowed <= retries <= allowed, (retries, allowed, reports)
 
 
@@ -758,15 +753,7 @@ def _fleet_limits(store: Any, name: str = FLEET) -> tuple[sw.Bulkhead, sw.RetryB
     bulkhead = sw.Bulkhead(
         LIMIT, max_queued=None, store=store, name=name, lease=LEASE, local_limit=LIMIT // 3
     )
-    budget = sw.RetryBudget(
-        ratio=RATIO,
-        min_per_second=FLOOR_RATE,
-        window=WINDOW,
-        store=store,
-        sync_interval=SYNC,
-        name=name,
-    )
-    return bulkhead, budget
+    return bulkhead, fleet_workers.retry_budget(store, window=WINDOW, name=name)
 
 
 async def _limits(store: RedisStore) -> None:
