@@ -262,6 +262,30 @@ async def test_a_hung_store_degrades_before_the_callers_deadline() -> None:
     assert anyio.current_time() - start == pytest.approx(0.5, abs=0.01)
 
 
+async def test_a_store_answering_late_degrades_before_the_lease_lapses() -> None:
+    # A store whose timeout outlasts the lease (a cluster client following a
+    # failover may take all of it): the process must not run calls on
+    # permits that lapsed meanwhile, which the others could take.
+    store = FleetStore(timeout=5.0)
+    bulkhead = fleet_bulkhead(store, 10, max_queued=None, local_limit=1, lease=1.5)
+    start = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        for _ in range(2):
+            tg.start_soon(bulkhead.call, anyio.sleep, 3.0)
+        await anyio.sleep(0.1)
+        held = bulkhead.statistics().held
+        assert held is not None
+        assert held >= 2
+        assert store.held(NAME) == held
+        store.down = store.hang = True  # the renewal (at a third of the lease) hangs
+        await anyio.sleep(1.3 - (anyio.current_time() - start))
+        assert not bulkhead.statistics().degraded  # the lease still holds
+        await anyio.sleep(1.6 - (anyio.current_time() - start))
+        assert store.held(NAME) == 0  # lapsed in the store: the others may take them
+        assert bulkhead.statistics().degraded  # and this process decides alone
+        store.down = store.hang = False
+
+
 async def test_an_idle_process_gives_its_permits_back_and_its_keeper_ends() -> None:
     store = FleetStore()
     bulkhead = fleet_bulkhead(store, 32, lease=3.0)

@@ -3,18 +3,17 @@
 The module starts three worker processes once (``python -m
 tests.test_fleet_processes URL``). Each test gives them a role (at the
 bottom of this file) and a prefix of its own; they say ``ready`` and, on
-``go``, run together and report what they saw. The fleet's figures are
-checked against the documented bounds: retries within the budget (plus its
-documented error), calls in flight never over the bulkhead's limit, and a
-killed process's permits back after its lease.
+``go``, run together and report what they saw (what they run, and how it
+is read, is shared with ``tests/test_redis_ha.py``: `tests.fleet_workers`).
+The fleet's figures are checked against the documented bounds: retries
+within the budget (plus its documented error), calls in flight never over
+the bulkhead's limit, and a killed process's permits back after its lease.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import random
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +25,7 @@ import redis.asyncio
 import stalwart as sw
 from stalwart.redis import RedisStore
 
-from . import redis_support
+from . import fleet_workers, redis_support
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
@@ -34,7 +33,8 @@ WORKERS = 3
 SECONDS = 2.5
 LIMIT = 6
 LEASE = 1.5
-RATIO, FLOOR_RATE, WINDOW, SYNC = 0.1, 40.0, 2.0, 0.1
+WINDOW = 2.0
+RATIO, FLOOR_RATE = fleet_workers.RATIO, fleet_workers.FLOOR_RATE
 
 
 @pytest.fixture
@@ -92,11 +92,11 @@ async def test_calls_in_flight_never_exceed_the_fleets_limit(
     pool: list[Worker], prefix: str
 ) -> None:
     reports = await run_together(pool, "bulkhead", prefix)
-    # Each call counted itself in Redis on entry and out on exit: the most
-    # ever counted at once is the fleet's concurrency.
-    peak = max(report["peak"] for report in reports)
-    assert peak <= LIMIT, reports
-    assert all(report["calls"] > 0 for report in reports), reports
+    # Each call noted when it ran, inside its permit: the most that ever
+    # overlapped is the fleet's concurrency.
+    peak = fleet_workers.peak(i for report in reports for i in report["intervals"])
+    assert peak <= LIMIT, peak
+    assert all(report["intervals"] for report in reports), reports
     assert all(report["store_unavailable"] == 0 for report in reports), reports
     assert peak == LIMIT  # and the limit was used: 3 x 8 callers for 6 permits
 
@@ -107,11 +107,9 @@ async def test_retries_stay_within_the_fleets_budget(pool: list[Worker], prefix:
     retries = sum(report["retries"] for report in reports)
     seconds = max(report["seconds"] for report in reports)
     assert all(report["store_unavailable"] == 0 for report in reports), reports
-    # One budget: ratio of the fleet's first attempts, and one floor over the
-    # run (the window it started with, and a window's worth every nine
-    # tenths of a window: retries leave it a tenth at a time). Retries are
-    # reserved in Redis before they are made: never more than that.
-    allowed = RATIO * first + FLOOR_RATE * (WINDOW + seconds / 0.9)
+    # One budget for the fleet. Retries are reserved in Redis before they
+    # are made: never more than the documented bound.
+    allowed = fleet_workers.budget_allowed(reports, window=WINDOW)
     assert retries <= allowed, (retries, allowed, reports)
     # Three budgets of their own would each have allowed their own floor.
     alone = RATIO * first + WORKERS * FLOOR_RATE * (WINDOW + seconds / 0.9)
@@ -152,81 +150,21 @@ async def _ready() -> None:
 
 async def _bulkhead(client: redis.asyncio.Redis, store: RedisStore) -> dict[str, Any]:
     bulkhead = sw.Bulkhead(LIMIT, max_queued=None, store=store, name="fleet", lease=LEASE)
-    counter = store.prefix + "running"
-    peak = calls = 0
-
-    @bulkhead
-    async def call() -> None:
-        nonlocal peak, calls
-        running = await client.incr(counter)
-        peak = max(peak, running)
-        calls += 1
-        try:
-            await asyncio.sleep(random.uniform(0.002, 0.02))
-        finally:
-            await client.decr(counter)
-
+    intervals: list[tuple[float, float]] = []
     await _ready()
     end = time.monotonic() + SECONDS
-
-    async def caller() -> None:
-        while time.monotonic() < end:
-            await call()
-
-    await asyncio.gather(*(caller() for _ in range(8)))
+    await fleet_workers.make_calls(bulkhead, intervals, done=lambda: time.monotonic() >= end)
     return {
-        "peak": peak,
-        "calls": calls,
+        "intervals": intervals,
         "store_unavailable": bulkhead.metrics.store_unavailable,  # type: ignore[attr-defined]
     }
 
 
-class Down(Exception):
-    pass
-
-
 async def _budget(client: redis.asyncio.Redis, store: RedisStore) -> dict[str, Any]:
-    budget = sw.RetryBudget(
-        ratio=RATIO,
-        min_per_second=FLOOR_RATE,
-        window=WINDOW,
-        store=store,
-        sync_interval=SYNC,
-        name="fleet",
+    budget = fleet_workers.retry_budget(store, window=WINDOW)
+    return await fleet_workers.spend_in_an_outage(
+        budget, processes=WORKERS, seconds=SECONDS, ready=_ready
     )
-    retry = sw.Retry(attempts=4, budget=budget, backoff=sw.Backoff(initial=0.0, maximum=0.0))
-    attempts = 0
-
-    @retry
-    async def call() -> None:
-        nonlocal attempts
-        attempts += 1
-        raise Down  # a total outage: every attempt fails
-
-    # Join the fleet before the outage, as long-running replicas have.
-    budget.deposit()
-    deadline = time.monotonic() + 10.0
-    while (budget.statistics().processes or 0) < WORKERS and time.monotonic() < deadline:
-        budget.deposit()
-        await asyncio.sleep(SYNC)
-    await asyncio.sleep(WINDOW)  # the warm-up's floor leaves the window
-    await _ready()
-    joined = attempts
-    start = time.monotonic()
-    first = 0
-    while time.monotonic() - start < SECONDS:
-        first += 1
-        with contextlib.suppress(Down):
-            await call()
-        await asyncio.sleep(0.005)
-    metrics = budget.metrics
-    assert metrics is not None
-    return {
-        "first": first,
-        "retries": attempts - joined - first,
-        "seconds": time.monotonic() - start,
-        "store_unavailable": metrics.store_unavailable,
-    }
 
 
 async def _hold(client: redis.asyncio.Redis, store: RedisStore) -> dict[str, Any]:

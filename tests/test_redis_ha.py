@@ -1,10 +1,12 @@
 """`RedisStore` on a Redis Cluster and on a primary watched by Sentinels, across processes.
 
 The session starts each topology once (`tests.redis_ha`: three primaries
-with a replica each; a primary, a replica and three Sentinels) and three
+with a replica each; a primary, a replica and three Sentinels) and six
 worker processes (``python -m tests.test_redis_ha``) that play replicas of a
-service: each test sends them a role, the topology to connect to and a
-prefix of its own. Every test runs on both topologies. The failovers (a
+service: each test sends some of them a role, the topology to connect to and
+a prefix of its own. Every test runs on both topologies. The fleet-wide
+limits' workers share their code, and how their figures are read, with
+``tests/test_fleet_processes.py`` (`tests.fleet_workers`). The failovers (a
 primary killed mid-run) come last: they leave each topology one replica
 short.
 """
@@ -13,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
@@ -32,7 +35,7 @@ from stalwart import CircuitState, Completed
 from stalwart.redis import RedisStore
 from stalwart.redis._client import _digest
 
-from . import redis_ha, redis_support
+from . import fleet_workers, redis_ha, redis_support
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
@@ -139,8 +142,9 @@ class Worker(redis_support.WorkerProcess):
     def __init__(self) -> None:
         super().__init__("tests.test_redis_ha", timeout=WORKER_TIMEOUT)
 
-    def start(self, role: str, spec: Spec, prefix: str) -> None:
-        self.send(json.dumps({"role": role, "topology": spec, "prefix": prefix}))
+    def start(self, role: str, spec: Spec, prefix: str, options: dict[str, Any]) -> None:
+        command = {"role": role, "topology": spec, "prefix": prefix, "options": options}
+        self.send(json.dumps(command))
 
 
 class Pool:
@@ -148,20 +152,33 @@ class Pool:
 
     def __init__(self, size: int) -> None:
         self.workers = [Worker() for _ in range(size)]
+        self.busy: set[int] = set()
 
     @contextmanager
-    def take(self, role: str, count: int, spec: Spec, prefix: str) -> Iterator[list[Worker]]:
-        """``count`` live workers running ``role``; killed (and replaced) if the test fails."""
-        self.workers = [w if w.alive else Worker() for w in self.workers]
-        chosen = self.workers[:count]
+    def take(
+        self, role: str, count: int, spec: Spec, prefix: str, **options: Any
+    ) -> Iterator[list[Worker]]:
+        """``count`` live workers running ``role``; killed (and replaced) if the test fails.
+
+        ``options``: the role's keyword arguments. Workers taken for another
+        role meanwhile are not taken again.
+        """
+        self.workers = [
+            w if w.alive or i in self.busy else Worker() for i, w in enumerate(self.workers)
+        ]
+        taken = [i for i in range(len(self.workers)) if i not in self.busy][:count]
+        chosen = [self.workers[i] for i in taken]
         for worker in chosen:
-            worker.start(role, spec, prefix)
+            worker.start(role, spec, prefix, options)
+        self.busy.update(taken)
         try:
             yield chosen
         except BaseException:
             for worker in chosen:
                 worker.kill()
             raise
+        finally:
+            self.busy.difference_update(taken)
 
     def close(self) -> None:
         for worker in self.workers:
@@ -171,7 +188,7 @@ class Pool:
 @pytest.fixture(scope="module")
 def pool() -> Iterator[Pool]:
     redis_ha.binaries()
-    started = Pool(3)
+    started = Pool(6)  # the failover test runs two roles at once
     yield started
     started.close()
 
@@ -179,6 +196,15 @@ def pool() -> Iterator[Pool]:
 async def ready(workers: list[Worker]) -> None:
     for worker in workers:
         assert await worker.read() == {"ready": True}
+
+
+async def together(pool: Pool, role: str, spec: Spec, prefix: str) -> list[dict[str, Any]]:
+    """Three workers run ``role`` together: ready, go, and what each reports."""
+    with pool.take(role, 3, spec, prefix) as workers:
+        await ready(workers)
+        for worker in workers:
+            worker.send("go")
+        return [await worker.read() for worker in workers]
 
 
 class Boom(Exception):
@@ -309,11 +335,7 @@ async def test_half_open_trials_are_limited_across_the_fleet(topology: Spec, pre
 async def test_a_duplicated_request_runs_once_across_processes(
     pool: Pool, topology: Spec, prefix: str
 ) -> None:
-    with pool.take("charge", 3, topology, prefix) as chargers:
-        await ready(chargers)
-        for charger in chargers:
-            charger.send("go")
-        results = [(await charger.read())["result"] for charger in chargers]
+    results = [report["result"] for report in await together(pool, "charge", topology, prefix)]
     assert len({json.dumps(r) for r in results}) == 1  # the same result everywhere
     async with connection(topology) as client:
         assert await client.get(f"{prefix}test:charges") == b"1"  # charged once
@@ -327,11 +349,7 @@ RATE_SECONDS = 1.5
 
 
 async def test_processes_keep_to_one_rate_limit(pool: Pool, topology: Spec, prefix: str) -> None:
-    with pool.take("rate", 3, topology, prefix) as callers:
-        await ready(callers)
-        for caller in callers:
-            caller.send("go")
-        reports = [await caller.read() for caller in callers]
+    reports = await together(pool, "rate", topology, prefix)
     turns = sorted(turn for report in reports for turn in report["turns"])
     assert all(report["unavailable"] == 0 for report in reports), reports
     assert all(report["turns"] and report["refused"] for report in reports), reports
@@ -430,36 +448,111 @@ async def test_a_cluster_client_that_decodes_replies_serves_the_same(
         await delete_prefix(spec, prefix)
 
 
+# -- fleet-wide limits: one bulkhead, one retry budget ------------------------------------
+
+FLEET = "fleet"
+LIMIT = 6
+LEASE = 1.5
+WINDOW = 1.0
+FLEET_SECONDS = 1.5
+# Once the fleet's limits recovered from a failover: how long they run on.
+RUN_ON = 1.0
+
+
+def fleet_key(prefix: str, name: str = FLEET) -> str:
+    """A bulkhead's key on a cluster (its other two keys share its slot)."""
+    return f"{prefix}bulkhead:{{{_digest(name)}}}"
+
+
+async def test_processes_keep_to_one_bulkhead_and_one_retry_budget(
+    pool: Pool, topology: Spec, prefix: str
+) -> None:
+    reports = await together(pool, "limits", topology, prefix)
+    assert all(report["store_unavailable"] == 0 for report in reports), reports
+    # Calls in flight, measured across the processes: never over the limit
+    # (there is no slack while every process reaches Redis), and the limit
+    # was used (3 x 8 callers for 6 permits).
+    peak = fleet_workers.peak(i for report in reports for i in report["intervals"])
+    assert peak == LIMIT, peak
+    # Retries in a total outage: within the documented bound of one budget.
+    retries = sum(report["retries"] for report in reports)
+    allowed = fleet_workers.budget_allowed(reports, window=WINDOW)
+    assert 0.5 * allowed <= retries <= allowed, (retries, allowed, reports)
+
+
+async def _all_permits_free(store: RedisStore, name: str) -> float:
+    """When (monotonic) the bulkhead's whole limit could be taken at once; given back."""
+
+    async def take(delta: int) -> int:
+        grant = await store.adjust_permits(
+            name, "test", delta, extra=0, limit=LIMIT, far=0, lease=LEASE, within=STORE_TIMEOUT
+        )
+        return grant.granted
+
+    end = time.monotonic() + LEASE + RECOVERED
+    while (granted := await take(LIMIT)) < LIMIT:
+        if granted:
+            await take(-granted)
+        assert time.monotonic() < end, "the bulkhead's permits never came back"
+        await asyncio.sleep(0.05)
+    free_at = time.monotonic()
+    await take(-LIMIT)
+    return free_at
+
+
 # -- failovers: last, they leave the topologies one replica short -------------------------
 
 
-async def test_a_failover_mid_run_loses_no_acknowledged_record_and_strands_no_breaker(
+async def test_a_failover_mid_run_loses_no_acknowledged_record_and_strands_nothing(
     pool: Pool,
     topology: Spec,
     prefix: str,
     request: pytest.FixtureRequest,
 ) -> None:
-    with pool.take("churn", 3, topology, prefix) as replicas:
-        await ready(replicas)
-        for replica in replicas:
+    """Three processes write records and trip a breaker, three use the fleet's limits."""
+    circuit = f"{prefix}circuit:{{{_digest('dep')}}}"
+    group: redis_ha.Cluster | None = None
+    fleet = FLEET
+    if topology["kind"] == "cluster":
+        group = request.getfixturevalue("cluster")
+        # A bulkhead whose keys the same primary serves: one kill for both.
+        serving = group.primary_of(circuit)
+        fleet = next(
+            name
+            for name in (f"fleet-{i}" for i in range(256))
+            if group.primary_of(fleet_key(prefix, name)) == serving
+        )
+    with (
+        pool.take("churn", 3, topology, prefix) as replicas,
+        pool.take("failover", 3, topology, prefix, name=fleet) as limited,
+    ):
+        await ready(replicas + limited)
+        for replica in replicas + limited:
             replica.send("go")
-        for replica in replicas:
+        for replica in replicas + limited:
             assert await replica.read() == {"running": True}
         for replica in replicas:
             replica.send("fail")  # the dependency fails: every breaker opens
         for replica in replicas:
             assert await replica.read() == {"open": True}
-        # Kill the primary that serves the breaker's record, mid-run.
-        if topology["kind"] == "cluster":
-            group: redis_ha.Cluster = request.getfixturevalue("cluster")
-            key = f"{prefix}circuit:{{{_digest('dep')}}}"
-            await asyncio.to_thread(group.fail_over, group.primary_of(key))
+        # Kill the primary that serves the breaker's record (and the
+        # bulkhead's permits), mid-run.
+        if group is not None:
+            await asyncio.to_thread(group.fail_over, group.primary_of(circuit))
         else:
             watched: redis_ha.Sentinels = request.getfixturevalue("sentinels")
             await asyncio.to_thread(watched.fail_over)
         for replica in replicas:
             replica.send("heal")
+        for replica in limited:
+            replica.send("recover")
         reports = [await replica.read() for replica in replicas]
+        backs = [await replica.read() for replica in limited]
+        # Once every process is back on the fleet's limits, they run on a while.
+        for replica in limited:
+            replica.send("run on")
+        limits = [await replica.read() for replica in limited]
+        stopped = time.monotonic()
         # The news still reaches every process by a push: their pub/sub
         # connections came back (on another node, or the new primary).
         async with store_of(topology, prefix) as store:
@@ -471,6 +564,9 @@ async def test_a_failover_mid_run_loses_no_acknowledged_record_and_strands_no_br
                 await cb(boom)()
             tripped = time.time()
             seen = [(await replica.read())["open_at"] - tripped for replica in replicas]
+            # No permit stranded: once the processes stopped, the bulkhead's
+            # whole limit is free within a lease (their spare permits lapse).
+            free_at = await _all_permits_free(store, fleet)
     assert all(delay < PUSHED for delay in seen), seen
     # Every breaker closed again once the dependency was healthy.
     assert all(report["closed"] for report in reports), reports
@@ -483,6 +579,20 @@ async def test_a_failover_mid_run_loses_no_acknowledged_record_and_strands_no_br
         for key in acked:
             found = await store.claim(SCOPE, key, fingerprint=None, lease=5.0)
             assert found == Completed({"key": key}, None), key
+    # The fleet's limits came back by themselves.
+    assert all(back["permits"] is not None and back["budget"] for back in backs), backs
+    assert free_at - stopped <= LEASE + 2.0, free_at - stopped
+    # From when the last process was back (and the calls it had started on
+    # its local limit ended): one limit for the fleet again, and all of it used.
+    settled = max(back["permits"] for back in backs) + 0.2
+    after = [[i for i in report["intervals"] if i[1] > settled] for report in limits]
+    assert all(after), "a process made no call after the failover"
+    assert fleet_workers.peak(i for calls in after for i in calls) == LIMIT
+    # No process ran calls on permits whose lease had lapsed while it waited
+    # for the new primary: it decided on its local limit instead.
+    assert all(report["lapsed"] == 0 for report in limits), limits
+    # And the budget: every process exchanges with the whole fleet again.
+    assert all(report["processes"] == len(limits) for report in limits), limits
 
 
 # -- the workers: roles ------------------------------------------------------------------
@@ -637,12 +747,126 @@ async def _churn(store: RedisStore) -> None:
     _say({"open_at": time.time()})
 
 
-ROLES = {"watch": _watch, "charge": _charge, "rate": _rate, "churn": _churn}
+def _fleet_limits(store: Any, name: str = FLEET) -> tuple[sw.Bulkhead, sw.RetryBudget]:
+    # While Redis is away each process runs its share of the limit alone, so
+    # that the fleet keeps to it through an outage too.
+    bulkhead = sw.Bulkhead(
+        LIMIT, max_queued=None, store=store, name=name, lease=LEASE, local_limit=LIMIT // 3
+    )
+    return bulkhead, fleet_workers.retry_budget(store, window=WINDOW, name=name)
+
+
+async def _limits(store: RedisStore) -> None:
+    """Calls through the fleet's bulkhead while retries into an outage spend its budget."""
+    bulkhead, budget = _fleet_limits(store)
+    intervals: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+    calls: list[asyncio.Task[None]] = []
+
+    async def ready() -> None:
+        _say({"ready": True})
+        assert await _line() == "go"
+        making = fleet_workers.make_calls(bulkhead, intervals, done=stop.is_set)
+        calls.append(asyncio.create_task(making))
+
+    report = await fleet_workers.spend_in_an_outage(
+        budget, processes=3, seconds=FLEET_SECONDS, ready=ready
+    )
+    stop.set()
+    await asyncio.gather(*calls)
+    report["intervals"] = intervals
+    report["store_unavailable"] += bulkhead.metrics.store_unavailable  # type: ignore[attr-defined]
+    _say(report)
+
+
+class _Lapsed(logging.Handler):
+    """Counts a bulkhead's warnings that it ran calls on permits whose lease lapsed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "lease lapsed" in record.getMessage()
+
+
+async def _failover(store: RedisStore, name: str) -> None:
+    """The fleet's limits in use while the test kills a primary: when they came back, and after.
+
+    On ``recover`` (the new primary serves) it reports once both limits
+    reach Redis again; on ``run on`` it runs `RUN_ON` seconds more and
+    reports its calls.
+    """
+    recording = fleet_workers.Recording(store)
+    bulkhead, budget = _fleet_limits(recording, name)
+    lapsed = _Lapsed()
+    logging.getLogger("stalwart").addHandler(lapsed)
+    intervals: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+
+    async def first_attempts() -> None:
+        while not stop.is_set():
+            budget.deposit()
+            await asyncio.sleep(0.01)
+
+    _say({"ready": True})
+    assert await _line() == "go"
+    tasks = [
+        asyncio.create_task(fleet_workers.make_calls(bulkhead, intervals, done=stop.is_set)),
+        asyncio.create_task(first_attempts()),
+    ]
+    try:
+        while len(intervals) < 50 or recording.back_since("budget", 0.0) is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        _say({"running": True})
+        assert await _line() == "recover"
+        since = time.monotonic()
+        end = since + RECOVERED
+
+        def back() -> bool:
+            return (
+                recording.back_since("permits", since) is not None
+                and recording.back_since("budget", since) is not None
+                and not bulkhead.statistics().degraded
+            )
+
+        while time.monotonic() < end and not back():  # noqa: ASYNC110 - as a user would
+            await asyncio.sleep(0.01)
+        _say(
+            {
+                "permits": recording.back_since("permits", 0.0) if back() else None,
+                "budget": back(),
+            }
+        )
+        assert await _line() == "run on"
+        await asyncio.sleep(RUN_ON)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        logging.getLogger("stalwart").removeHandler(lapsed)
+    _say(
+        {
+            "intervals": intervals,
+            "lapsed": lapsed.count,
+            "permit_failures": recording.failures("permits"),
+            "processes": budget.statistics().processes,
+        }
+    )
+
+
+ROLES: dict[str, Callable[..., Awaitable[None]]] = {
+    "watch": _watch,
+    "charge": _charge,
+    "rate": _rate,
+    "churn": _churn,
+    "limits": _limits,
+    "failover": _failover,
+}
 
 
 async def _work(command: dict[str, Any]) -> None:
     async with store_of(command["topology"], command["prefix"]) as store:
-        await ROLES[command["role"]](store)
+        await ROLES[command["role"]](store, **command["options"])
 
 
 def _serve() -> None:

@@ -194,9 +194,9 @@ class Bulkhead(Policy):
     process paused that long), by that process's calls, until they end.
 
     While the store cannot be reached (it does not answer within its
-    ``timeout``, nor within half the time left before the deadline of the
-    earliest waiting call, or 50 ms if that is less), each process decides
-    on ``local_limit`` alone:
+    ``timeout``, nor before the process's lease lapses, nor within half the
+    time left before the deadline of the earliest waiting call; never in
+    less than 50 ms), each process decides on ``local_limit`` alone:
     the fleet then runs up to ``local_limit`` calls per process. Failed
     requests are counted in ``stalwart_bulkhead_store_unavailable_total``
     and the store logs the outage once; the bulkhead asks again a quarter of
@@ -454,6 +454,7 @@ class _Permits:
         "full_until",
         "held",
         "lease",
+        "lease_until",
         "local_limit",
         "member",
         "reply",
@@ -475,6 +476,9 @@ class _Permits:
         self.local_limit = local_limit
         self.member = secrets.token_hex(8)
         self.held = 0
+        # When (loop time) the lease of the permits held lapses at the
+        # earliest: a lease after the last request the store answered was sent.
+        self.lease_until = -math.inf
         self.fleet_held: int | None = None
         # Until when (loop time) the fleet is known to be full: a call that may
         # not wait is refused without asking.
@@ -597,7 +601,8 @@ class _Permits:
         bulkhead = self.bulkhead
         store = self.store
         within = store.timeout
-        left = self.earliest - _clock.now()
+        sent = _clock.now()
+        left = self.earliest - sent
         if left <= 0.0:
             self.earliest = math.inf  # that call is over (cancelled, or out of time)
         else:
@@ -605,6 +610,12 @@ class _Permits:
             # can still run on the local limit if the store does not answer;
             # never so little that a healthy store could not.
             within = min(within, max(left / 2.0, _STORE_MIN_BOUND))
+        if self.held > 0 and not self.degraded:
+            # No longer than its lease holds: a process whose store answers
+            # too late (a failover, a stalled Redis) must not go on running
+            # calls on permits that lapsed meanwhile (which the others may
+            # have taken), but on its local limit.
+            within = min(within, max(self.lease_until - sent, _STORE_MIN_BOUND))
         try:
             grant = await store.adjust_permits(
                 bulkhead.name,
@@ -629,6 +640,7 @@ class _Permits:
                 grant.held,
             )
         self.held = grant.held
+        self.lease_until = sent + self.lease
         self.fleet_held = grant.total
         self.full_until = _clock.now() + _POLL if grant.total >= bulkhead._max else -math.inf
         if grant.others_waiting:
