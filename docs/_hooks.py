@@ -1,7 +1,7 @@
 """MkDocs hooks: fill in what the docs cannot know in advance.
 
 ``benchmarks.md`` shows the newest committed results (the last by name of
-``benchmarks/results/*.md``, so date-stamped names sort right), or says there
+``benchmarks/results/YYYY-MM-DD-*.md``, so date-stamped names sort right), or says there
 is none yet. The report's chart, a PNG of the same name next to it, is added
 to the site as a generated file and the report's link pointed at it (a
 report whose chart is missing is shown without one). Everything else is
@@ -23,7 +23,8 @@ CHARTS = "assets/benchmarks"  # where the site serves the charts, from the docs 
 
 
 def newest_results() -> Path | None:
-    tables = sorted(RESULTS.glob("*.md")) if RESULTS.is_dir() else []
+    # Date-stamped reports only: validation.md (`nox -s validate`) sorts after them.
+    tables = sorted(RESULTS.glob("[0-9]*.md")) if RESULTS.is_dir() else []
     return tables[-1] if tables else None
 
 
