@@ -7,6 +7,7 @@ to the next timer, so timing tests are exact and take no real time.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -63,6 +64,17 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     redis_support.shutdown()
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """After a test on real servers, collect its garbage: a leak fails that test.
+
+    A socket or connection left open is reported (a ResourceWarning, an
+    error here) when the garbage collector finds it, which could otherwise
+    happen in whichever test runs next in the same process.
+    """
+    if item.get_closest_marker("redis") or item.get_closest_marker("realtime"):
+        gc.collect()
 
 
 @pytest.fixture(params=["asyncio", "trio"])
