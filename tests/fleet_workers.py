@@ -157,6 +157,10 @@ class Recording:
         self.timeout: float = store.timeout
         self.outcomes: dict[str, list[tuple[float, bool]]] = {"permits": [], "budget": []}
 
+    @property
+    def closed(self) -> bool:
+        return bool(self.store.closed)
+
     async def _note(self, kind: str, request: Awaitable[Any]) -> Any:
         try:
             reply = await request

@@ -418,9 +418,8 @@ async def test_a_store_starts_itself_when_needed_and_aclose_stops_it() -> None:
         await store.aclose()  # idempotent
         assert not tasks_left()
         assert await client.pubsub_channels(f"{prefix}*") == []
-        await store.sync()  # used again: follows again
-        assert tasks_left()
-        await store.aclose()
+        with pytest.raises(RuntimeError, match="Redis store 'redis' is closed"):
+            await store.sync()  # closing is final: nothing starts again
         assert not tasks_left()
         assert cb.state is sw.CircuitState.CLOSED
     finally:
@@ -444,13 +443,15 @@ async def test_a_wait_subscribes_only_while_it_waits(store: RedisStore) -> None:
     await redis_support.until(lambda: _channels(store, 0))
 
 
-async def test_a_wait_that_ends_after_aclose_does_not_restart_the_store(store: RedisStore) -> None:
+async def test_a_wait_in_flight_when_the_store_closes_raises_at_once(store: RedisStore) -> None:
     lease = await store.claim("scope", "k", fingerprint=None, lease=5.0)
     assert isinstance(lease, Lease)
-    waiter = asyncio.create_task(store.wait("scope", "k", timeout=1.0))
+    waiter = asyncio.create_task(store.wait("scope", "k", timeout=30.0))
     await redis_support.until(lambda: _channels(store, 1))  # it waits, subscribed
     await store.aclose()
-    assert await waiter is None  # it polled on, and gave up at its timeout
+    with pytest.raises(RuntimeError, match="Redis store 'redis' is closed"):
+        async with asyncio.timeout(5.0):  # not its 30 s: woken by the close
+            await waiter
     assert not tasks_left()
 
 

@@ -200,7 +200,9 @@ class RetryBudget:
     in ``stalwart_retry_budget_store_unavailable_total``, and logged once
     per outage by the store); the budget asks the store again a quarter of
     a second later (doubling up to 5 s), and rejoins the fleet by itself.
-    A decision never waits for the store.
+    A decision never waits for the store. Closing the store
+    (`RedisStore.aclose`) stops the budget's task; the budget then decides
+    on its own window, as above, and starts no task again.
 
     Args:
         ratio: retries earned per first attempt, >= 0 (may exceed 1).
@@ -465,6 +467,12 @@ class _Fleet:
         self.task: Any = None
 
     def start(self) -> None:
+        if getattr(self.store, "closed", False):
+            # Closed for good (`RedisStore.aclose`): this process decides on
+            # its own window from now on, and starts no task.
+            self.failing_since = _clock.now()
+            self.fresh_until = -math.inf
+            return
         self.task = spawn(self.run, f"stalwart retry budget {self.budget.name!r}")
 
     def decided_alone(self) -> None:
@@ -488,7 +496,8 @@ class _Fleet:
                 else:
                     idle = 0
         except Exception:  # noqa: BLE001 - a bug in a store: never an error in the calls; logged
-            _log.exception("retry budget %r: exchange with its store failed", self.budget.name)
+            if not getattr(self.store, "closed", False):
+                _log.exception("retry budget %r: exchange with its store failed", self.budget.name)
             self.failing_since = _clock.now()
             self.fresh_until = -math.inf
         finally:

@@ -54,8 +54,12 @@ class _Budgets(_Client):
         """Add ``member``'s counts to ``budget``'s window, reserve its share: one round trip.
 
         Raises `StoreUnavailable` when Redis does not answer within the
-        store's ``timeout``.
+        store's ``timeout``, `RuntimeError` once the store is closed. Called
+        from the budget's own task, which `RedisStore.aclose` stops.
         """
+        if self._closed:
+            raise self._closed_error()
+        self._serve_user()
         slot_ms = max(1, math.ceil(window * 1000.0 / _SLOTS))
         ttl_ms = max(1, math.ceil(member_ttl * 1000.0))
         args = (

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Final
 
+from .. import _clock
 from .._bulkhead import PermitGrant
-from ._client import _UNAVAILABLE, _Client, _digest, _ms
+from ._client import _UNAVAILABLE, _Client, _digest, _ms, _Settlement
 from ._scripts import Script
 
 #: KEYS: the permits held, the leases, the processes waiting. ARGV: member,
@@ -56,17 +57,42 @@ class _Bulkheads(_Client):
         """Take ``delta`` more permits (or give ``-delta`` back, or renew): one round trip.
 
         Raises `StoreUnavailable` when Redis does not answer within
-        ``within`` seconds (and the store's ``timeout``).
+        ``within`` seconds (and the store's ``timeout``), `RuntimeError`
+        once the store is closed. Called from the bulkhead's own task (its
+        keeper), which `RedisStore.aclose` stops; ``member``'s permits are
+        then given back.
         """
+        if self._closed:
+            raise self._closed_error()
+        self._serve_user()
         bound = min(self._timeout, within)
         if bound <= 0.0:
             passed = TimeoutError("the ambient deadline has passed")
             raise self._unavailable(_WHAT, passed) from passed
-        args = (member, delta, extra, limit, far, _ms("lease", lease), _WAITING_MS)
+        keys = self._bulkhead_keys(bulkhead)
+        lease_ms = _ms("lease", lease)
+        args = (member, delta, extra, limit, far, lease_ms, _WAITING_MS)
+        held = (bulkhead, member)
+        if delta > 0 and held not in self._leased:
+            # It may hold permits from now on, whatever becomes of the
+            # request: what `aclose` gives back (all it holds, at most the limit).
+            self._leased[held] = _Settlement(
+                "bulkhead's permits given back",
+                BULKHEAD,
+                keys,
+                (member, -limit, 0, limit, 0, lease_ms, _WAITING_MS),
+                _clock.now() + lease,
+            )
         try:
-            reply = await self._eval(BULKHEAD, self._bulkhead_keys(bulkhead), args, within=bound)
+            reply = await self._eval(BULKHEAD, keys, args, within=bound)
         except _UNAVAILABLE as exc:
             raise self._unavailable(_WHAT, exc, bound) from exc
+        if int(reply[1]) == 0:
+            self._leased.pop(held, None)
+        else:
+            settlement = self._leased.get(held)
+            if settlement is not None:
+                settlement.until = _clock.now() + lease
         return PermitGrant(
             int(reply[0]), int(reply[1]), int(reply[2]), max(1, int(reply[4])), reply[5] == 1
         )

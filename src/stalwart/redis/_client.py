@@ -20,6 +20,7 @@ import secrets
 import socket
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, cast, final
 
@@ -156,14 +157,18 @@ class _Client:
 
     __slots__ = (
         "_client",
+        "_closed",
+        "_closing",
         "_cluster",
         "_giver",
         "_healthy",
+        "_leased",
         "_name",
         "_pending",
         "_prefix",
         "_skew",
         "_timeout",
+        "_users",
     )
 
     def __init__(self, client: AnyClient, *, prefix: str, timeout: float, name: str) -> None:
@@ -189,6 +194,43 @@ class _Client:
         # and the task that sends them (see `_settle_later`).
         self._pending: collections.deque[_Settlement] = collections.deque()
         self._giver: asyncio.Task[None] | None = None
+        # The tasks of the policies that talk to the store from a task of
+        # their own (a fleet-wide bulkhead's keeper, a retry budget's
+        # exchanges): `aclose` stops them (see `_serve_user`).
+        self._users: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        # What `aclose` gives back: the bulkhead permits a member of this
+        # store may hold, by bulkhead and member (see `_Bulkheads`).
+        self._leased: dict[tuple[str, str], _Settlement] = {}
+        # Closed (see `RedisStore.aclose`): no more requests, no more tasks;
+        # and the event set once the first `aclose` is over.
+        self._closed = False
+        self._closing: asyncio.Event | None = None
+
+    def _closed_error(self) -> RuntimeError:
+        return RuntimeError(
+            f"Redis store {self._name!r} is closed: RedisStore.aclose() was called, and a "
+            "closed store sends no more requests to Redis"
+        )
+
+    def _serve_user(self) -> None:
+        """Keep the running task, a policy's own (a keeper, an exchanger), for `aclose` to stop.
+
+        Called by the protocol methods that only such tasks call
+        (`adjust_permits`, `exchange_budget`).
+        """
+        task = asyncio.current_task()
+        if task is not None:
+            self._users.add(task)
+
+    async def _stop_users(self) -> None:
+        """Cancel the tasks of the policies that use the store, and wait for them to end."""
+        current = asyncio.current_task()
+        users = [t for t in self._users if t is not current and not t.done() and _ours(t)]
+        self._users.clear()
+        for task in users:
+            task.cancel()
+        for task in users:
+            await _stop(task)
 
     async def _stop_giving_back(self) -> None:
         """Give pending settlements ``timeout`` seconds more, then stop the task sending them."""
@@ -234,11 +276,16 @@ class _Client:
         args: Iterable[Any],
         *,
         within: float | None = None,
+        closing: bool = False,
     ) -> Any:
         """Run ``script`` (by SHA, loading it on NOSCRIPT), within the store's timeout.
 
         ``within``: a shorter bound (an ambient deadline's time left).
+        ``closing``: a give-back that `aclose` still lets through; any other
+        request to a closed store raises `RuntimeError`.
         """
+        if self._closed and not closing:
+            raise self._closed_error()
         if _clock.asyncio_loop() is None:
             _raise_if_trio()
         try:
@@ -308,8 +355,17 @@ class _Client:
         """Send ``settlement`` from the background until Redis takes it (or it is moot).
 
         Never blocks and never raises: callers run it while they fail or are
-        cancelled. Needs the store's running event loop.
+        cancelled. Needs the store's running event loop. A closed store
+        drops it (the lease frees what it would give back).
         """
+        if self._closed:
+            _log.debug(
+                "Redis store %r: closed; a %s is left to its lease", self._name, settlement.what
+            )
+            return
+        self._queue_settlement(settlement)
+
+    def _queue_settlement(self, settlement: _Settlement) -> None:
         pending = self._pending
         if len(pending) >= _MAX_PENDING:
             dropped = pending.popleft()
@@ -341,7 +397,7 @@ class _Client:
                 dropped += 1
                 continue
             try:
-                await self._eval(settlement.script, settlement.keys, settlement.args)
+                await self._eval(settlement.script, settlement.keys, settlement.args, closing=True)
             except _UNAVAILABLE:
                 await asyncio.sleep(delay * (0.5 + secrets.randbelow(500) / 1000.0))
                 delay = min(delay * 2.0, _GIVE_BACK_MAX)

@@ -166,7 +166,12 @@ class _Follower(_Client):
     # -- starting and stopping -----------------------------------------------------
 
     def _follow_soon(self) -> None:
-        """Start the follower task if it is not running (needs a running asyncio loop)."""
+        """Start the follower task if it is not running (needs a running asyncio loop).
+
+        A closed store starts nothing.
+        """
+        if self._closed:
+            return
         task = self._task
         info = _clock.asyncio_loop()
         if info is None:
@@ -187,6 +192,11 @@ class _Follower(_Client):
             self._wake.fire()
         else:
             self._follow_soon()
+
+    def _wake_waiters(self) -> None:
+        """Have every idempotency wait look again (at a closed store: it raises at once)."""
+        for watch in self._watches.values():
+            watch.changed.fire()
 
     async def _stop_following(self) -> None:
         """Stop the follower task (it unsubscribes and closes its connection)."""

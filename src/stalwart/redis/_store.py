@@ -73,8 +73,12 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
     group); `aclose` stops it. Without that, the store starts it on first
     need (a breaker built inside the running loop, a transition, a wait for
     an idempotency key), and then you must ``await store.aclose()`` before
-    the loop ends. Either way nothing is left behind: no task, no
-    connection, no subscription. The store never closes ``client``: that is
+    the loop ends. The fleet-wide `RetryBudget` and `Bulkhead` of a store
+    run tasks of their own, which `aclose` stops too (a bulkhead's permits
+    are given back). Either way nothing is left behind: no task, no
+    connection, no subscription. Closing is final: a closed store raises
+    `RuntimeError`, naming it, at every request (see `aclose` for what
+    each policy then does). The store never closes ``client``: that is
     yours. It runs on asyncio only (the client is asyncio's), from one event
     loop at a time.
 
@@ -255,8 +259,18 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
 
     # -- lifecycle -------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """True once `aclose` was called: the store sends no more requests."""
+        return self._closed
+
     async def __aenter__(self) -> RedisStore:
-        """Start following shared breaker state; `aclose` on exit."""
+        """Start following shared breaker state; `aclose` on exit.
+
+        Raises `RuntimeError` if the store is closed.
+        """
+        if self._closed:
+            raise self._closed_error()
         self._follow_soon()
         return self
 
@@ -269,17 +283,44 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop the background tasks: unsubscribe, close the pub/sub connection.
+        """Close the store: stop every task it and its policies run, give back what they hold.
 
-        Idempotent. Give-backs still pending (Redis did not answer) get up
-        to ``timeout`` seconds more; those that do not get through then are
-        dropped, and their leases free their keys. Breakers attached to the
-        store keep their state but hear of no more transitions until the
-        store is used (or entered) again, which starts the task anew. The
-        client is not closed.
+        Stops, and waits for, the follower (it unsubscribes and closes its
+        pub/sub connection), the tasks of the fleet-wide policies using the
+        store (each `Bulkhead`'s keeper, each `RetryBudget`'s exchanges) and
+        the give-backs: those still pending (Redis did not answer), and the
+        permits of every fleet-wide bulkhead of this store, get up to
+        ``timeout`` seconds; what does not get through then is left to its
+        lease. When it returns, no task of the store's is left and none of
+        its requests holds a connection of the client. The client itself is
+        not closed: it is yours.
+
+        Closing is final, and idempotent (a second call waits for the
+        first). From the moment it is called, every request to the store
+        raises `RuntimeError` naming it, also for calls in flight (at their
+        next request; an idempotency wait at once); a request already sent
+        gets its answer. So, after close: breakers go on with their own
+        state, as they do when Redis is away; idempotency calls and
+        rate-limited calls raise that error; retry budgets and bulkheads
+        decide on each process's own limits (a bulkhead that must wait logs
+        its keeper's error); ``async with store`` and `sync` raise it.
         """
-        await self._stop_giving_back()
-        await self._stop_following()
+        closing = self._closing
+        if closing is not None:
+            await closing.wait()
+            return
+        self._closed = True
+        closing = self._closing = asyncio.Event()
+        try:
+            self._wake_waiters()
+            await self._stop_users()
+            await self._stop_following()
+            leased, self._leased = self._leased, {}
+            for settlement in leased.values():
+                self._queue_settlement(settlement)
+            await self._stop_giving_back()
+        finally:
+            closing.set()
 
     async def sync(self) -> None:
         """Re-read every breaker record this store follows, and push it now.
@@ -289,8 +330,11 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
         building your breakers to serve the first request with the fleet's
         state. On a Redis Cluster it first has the client learn the nodes
         and slots (within ``timeout``, before the rest). Raises
-        `StoreUnavailable` if Redis does not answer in time.
+        `StoreUnavailable` if Redis does not answer in time, `RuntimeError` if
+        the store is closed.
         """
+        if self._closed:
+            raise self._closed_error()
         self._follow_soon()
         if self._cluster:
             # Learn the cluster's nodes and slots first, in its own time:
@@ -325,7 +369,10 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
             raise
 
     def __repr__(self) -> str:
-        state = "following" if self._task is not None and not self._task.done() else "idle"
+        if self._closed:
+            state = "closed"
+        else:
+            state = "following" if self._task is not None and not self._task.done() else "idle"
         return (
             f"<RedisStore {self._name!r} prefix={self._prefix!r}: {len(self._circuits)} "
             f"circuits, {state}>"
