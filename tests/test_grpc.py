@@ -330,6 +330,23 @@ async def test_each_service_gets_its_own_breaker(server: Server) -> None:
     assert set(interceptor.target_policies) == {"test.Flaky", "test.Other"}
 
 
+async def test_a_target_longer_than_a_call_key_gets_its_policy(server: Server) -> None:
+    service = "test." + "a" * 300  # a proto package and service name: no bound on either
+    made: list[str] = []
+
+    def per_target(target: str) -> sw.Policy:
+        made.append(target)
+        return sw.Bulkhead(4, name="grpc-long")
+
+    interceptor = ClientInterceptor(sw.Retry(attempts=1), per_target=per_target)
+    async with channel(server, interceptor) as ch:
+        with pytest.raises(aio.AioRpcError) as info:
+            await unary(ch, service)(ask(server.key()))
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # the server's, not a ValueError
+    assert made == [service]
+    assert list(interceptor.target_policies) == [service]
+
+
 async def test_targets_can_be_keyed_per_method(server: Server) -> None:
     made: list[str] = []
 

@@ -708,6 +708,36 @@ async def test_one_hosts_outage_opens_its_breaker_only() -> None:
     }
 
 
+# The longest DNS name: 253 characters, labels of at most 63.
+LONGEST_HOST = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 56, "test"])
+
+
+async def test_per_host_takes_the_longest_valid_host_name() -> None:
+    assert len(LONGEST_HOST) == 253
+    hosts = Hosts(LONGEST_HOST)
+    made: list[str] = []
+
+    def per_host(origin: str) -> sw.CircuitBreaker:
+        made.append(origin)
+        # A policy's name is at most 200 characters: not the whole origin.
+        return sw.CircuitBreaker(name=f"upstream {origin[-60:]}", consecutive_failures=2)
+
+    async with hosts.client(per_host=per_host) as client:
+        for _ in range(2):
+            assert (await client.get(f"https://{LONGEST_HOST}:65535/")).status_code == 503
+        with pytest.raises(sw.CircuitOpenError) as info:
+            await client.get(f"https://{LONGEST_HOST}:65535/")
+        assert (await client.get("http://well.test/")).status_code == 200
+    origin = f"https://{LONGEST_HOST}:65535"
+    assert len(origin) == 267
+    assert info.value.policy == f"upstream {origin[-60:]}"
+    assert made == [origin, "http://well.test:80"]
+    transport = client._transport
+    assert isinstance(transport, ResilientTransport)
+    assert list(transport.host_policies) == [origin, "http://well.test:80"]
+    assert all(type(key) is str for key in transport.host_policies)
+
+
 async def test_the_per_host_breaker_counts_every_attempt_inside_the_retry() -> None:
     hosts = Hosts("sick.test")
     per_host = breakers(consecutive_failures=3)

@@ -105,6 +105,31 @@ async def test_a_bad_key_fails_the_call_naming_it(
     assert factory.built == []
 
 
+async def test_a_validated_key_may_be_longer_than_a_key_read_from_arguments() -> None:
+    from stalwart._keys import ValidatedKey, validated_key
+
+    long = "https://" + "h" * 253 + ":443"
+    assert type(validated_key("short.test")) is str  # the fast path's exact str
+    assert type(validated_key(long)) is ValidatedKey
+    made: list[str] = []
+
+    def factory(key: str) -> sw.Policy:
+        made.append(key)
+        return sw.Bulkhead(1, name="long")
+
+    per_key = sw.PerKey(factory, key=lambda host, path="/": validated_key(host))
+    guarded = per_key(fetch)
+    assert await guarded(long) == long + "/"
+    assert await guarded(long) == long + "/"
+    assert made == [long]
+    assert [type(key) for key, _ in per_key.items()] == [str]
+    plain = sw.PerKey(factory, key="host")(fetch)
+    with pytest.raises(ValueError, match="must be 1-255 characters, got 265"):
+        await plain(long)
+    with pytest.raises(ValueError, match="must be 1-255 characters, got 0"):
+        await sw.PerKey(factory, key=lambda host, path="/": ValidatedKey(""))(fetch)("x")
+
+
 async def test_one_policy_serves_every_function_it_wraps() -> None:
     factory = Factory()
     per_key = sw.PerKey(factory, key="host")

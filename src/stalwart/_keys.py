@@ -24,6 +24,7 @@ __all__ = [
     "KeyReader",
     "KeySpec",
     "Lru",
+    "ValidatedKey",
     "checked",
     "key_option",
     "key_position",
@@ -40,6 +41,32 @@ KeySpec: TypeAlias = str | Callable[..., Key | None]
 KeyReader: TypeAlias = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 
 KEY_MAX_LENGTH: Final = 255
+
+
+@final
+class ValidatedKey(str):
+    """A key a policy made from input already validated elsewhere: exempt from `KEY_MAX_LENGTH`.
+
+    The bound keeps untrusted keys (read from a call's arguments) from
+    filling memory; an integration's own keys come from input its library
+    parsed and checked, and some are longer: an origin
+    (``scheme://host:port``, with a DNS name of up to 253 characters, 267
+    in all) that httpx took from a URL, a gRPC service's full name. `checked`
+    takes such a key whatever its length (it must not be empty) and makes
+    it a plain ``str``. Make one with `validated_key`.
+    """
+
+    __slots__ = ()
+
+
+def validated_key(text: str) -> str:
+    """``text`` as a key that `checked` takes whatever its length (see `ValidatedKey`).
+
+    A ``text`` within the bound stays a plain ``str``: the keyed policies'
+    fast path for the most recent key (an exact ``str``) is kept.
+    """
+    return text if len(text) <= KEY_MAX_LENGTH else ValidatedKey(text)
+
 
 #: What a reader returns for a parameter the call did not pass (the function will say so).
 MISSING: Final[Any] = _MISSING
@@ -105,7 +132,7 @@ def checked(key: object, what: str) -> str:
 
     ``what`` names the key in the ``ValueError``/``TypeError`` of a key that
     is neither. A ``str`` subclass is made a plain ``str``: its own hash and
-    equality are not trusted.
+    equality are not trusted. A `ValidatedKey` may be longer.
     """
     if type(key) is str:
         if 0 < len(key) <= KEY_MAX_LENGTH:
@@ -116,6 +143,8 @@ def checked(key: object, what: str) -> str:
             return str(key)
         raise ValueError(f"{what} must be an int in [-2**63, 2**63), got {_validate.shown(key)}")
     if isinstance(key, str):
+        if type(key) is ValidatedKey and key:
+            return str.__str__(key)
         return checked(str.__str__(key), what)
     raise TypeError(f"{what} must be a str, an int or None, not {type(key).__name__}")
 

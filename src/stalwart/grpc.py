@@ -60,6 +60,7 @@ from ._errors import (
     recast,
 )
 from ._http import error_details
+from ._keys import validated_key
 from ._per_key import PerKey
 from ._pipeline import Pipeline
 from ._policy import Policy
@@ -508,11 +509,16 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     def _target_of(
         self, continuation: _Continuation, details: aio.ClientCallDetails, request: Any
     ) -> str:
-        """The target of a call: its ``per_target`` key."""
+        """The target of a call: its ``per_target`` key.
+
+        Made from the method's name, which gRPC checked: a service's full
+        name may be longer than a key read from a call's arguments may be.
+        """
         method: Any = details.method  # bytes from grpc itself, str from some interceptors
         if isinstance(method, bytes):
             method = method.decode("utf-8", "replace")
-        return self._target(method)
+        target = self._target(method)
+        return validated_key(target) if type(target) is str else target
 
     async def _unary(
         self, continuation: _Continuation, details: aio.ClientCallDetails, request: Any

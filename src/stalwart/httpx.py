@@ -70,6 +70,7 @@ from ._http import (
     parse_retry_after,
     response_retry_after,
 )
+from ._keys import validated_key
 from ._per_key import PerKey
 from ._policy import Binding, Policy
 from ._rate_limiter import RateLimiter
@@ -241,9 +242,9 @@ def _as_httpx_error(error: StalwartError, request: httpx.Request) -> StalwartErr
 
 
 def _origin_of(request: httpx.Request) -> str:
-    """The origin a request goes to: its ``per_host`` key."""
+    """The origin a request goes to: its ``per_host`` key (a host name may make it long)."""
     url = request.url
-    return _origin_text((url.scheme, url.raw_host, url.port))
+    return validated_key(_origin_text((url.scheme, url.raw_host, url.port)))
 
 
 def _checked_factory(factory: Callable[[str], Policy]) -> Callable[[str], Policy]:
@@ -368,7 +369,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     with a shared ``store``, the key of its shared state (breakers sharing a
     name share one circuit). The labels stay bounded: the policies are kept
     by a `~stalwart.PerKey` (`per_host`), and a dropped upstream's series
-    stop being exported.
+    stop being exported. Every valid origin is a key, however long (a host
+    name of 253 characters makes an origin of 267, beyond the 255 of keys
+    read from a call's arguments); a policy's name holds at most 200
+    characters, so name the breakers of such hosts after a shorter form.
 
     **Hedged requests.** ``hedge`` sends a request that is safe to repeat
     (an idempotent method, or one carrying an ``Idempotency-Key``) again
