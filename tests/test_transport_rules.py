@@ -148,3 +148,40 @@ def test_a_retry_after_date_with_an_unreadable_date_is_measured_by_the_wall_cloc
     hint = response_retry_after({"retry-after": later, "date": "not a date"})
     assert hint is not None
     assert 50.0 < hint <= 60.0
+
+
+# -- a client integration's policy, and its policies per host or target -------------------
+
+
+def test_every_client_defaults_to_three_attempts_named_after_it() -> None:
+    from stalwart.aiohttp import ResilientMiddleware
+    from stalwart.grpc import ClientInterceptor
+
+    policies: list[tuple[sw.Policy, str]] = [
+        (ResilientTransport(name="up").policy, "up"),
+        (ResilientMiddleware(name="aio").policy, "aio"),
+        (ClientInterceptor(name="rpc").policy, "rpc"),
+    ]
+    for policy, name in policies:
+        assert isinstance(policy, sw.Retry)
+        assert (policy.attempts, policy.name) == (3, name)
+    with pytest.raises(ValueError, match="name must be"):
+        ResilientMiddleware(name="")
+    with pytest.raises(TypeError, match="policy must be a stalwart policy or None, not int"):
+        ClientInterceptor(3)  # type: ignore[arg-type]
+
+
+def test_policies_per_key_are_checked_to_be_policies_when_made() -> None:
+    from stalwart._transport import policy_factory
+
+    made = policy_factory(
+        "per_host", lambda origin: origin, key="origin", a_key="an origin", each="host"
+    )
+    assert made is not None
+    with pytest.raises(
+        TypeError, match="per_host must return a stalwart policy, returned str for x"
+    ):
+        made("x")
+    breaker = sw.CircuitBreaker(name="per-key-check")
+    assert policy_factory("p", lambda k: breaker, key="k", a_key="a k", each="k")("k") is breaker  # type: ignore[misc]
+    assert policy_factory("p", None, key="k", a_key="a k", each="k") is None

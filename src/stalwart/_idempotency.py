@@ -87,6 +87,20 @@ def decide(outcome: ClaimOutcome, fingerprint: str | None, store: object) -> Ver
     return Verdict.REPLAY if isinstance(outcome, Completed) else Verdict.CONFLICT
 
 
+def record_durations(store: IdempotencyStore, *, ttl: float, lease: float) -> tuple[float, float]:
+    """``ttl`` and ``lease`` of records kept in ``store``, checked: > 0, at most what it keeps.
+
+    For the `Idempotency` policy and the ASGI ``IdempotencyMiddleware``
+    alike (see `_validate.stored_duration`).
+    """
+    return (
+        _validate.stored_duration("ttl", _validate.duration("ttl", ttl, positive=True), store),
+        _validate.stored_duration(
+            "lease", _validate.duration("lease", lease, positive=True), store
+        ),
+    )
+
+
 class IdempotencyMetrics(PolicyMetrics):
     """An idempotency policy's (or middleware's): replays, and keys found in flight."""
 
@@ -202,9 +216,7 @@ class Idempotency(Policy):
         self._key = key
         self._store = store = resolve_store(store, max_entries)
         self._keeper = LeaseKeeper(store, f"idempotency policy {self._name!r}")
-        self._ttl = _validate.stored_duration(
-            "ttl", _validate.duration("ttl", ttl, positive=True), store
-        )
+        self._ttl, self._lease = record_durations(store, ttl=ttl, lease=lease)
         spec: object = fingerprint
         if spec is not None and spec != "args" and not callable(spec):
             if isinstance(spec, str):
@@ -217,9 +229,6 @@ class Idempotency(Policy):
             raise ValueError(f"on_conflict must be 'wait' or 'raise', got {on_conflict!r}")
         self._on_conflict: OnConflict = on_conflict
         self._raise_on_conflict = on_conflict == "raise"
-        self._lease = _validate.stored_duration(
-            "lease", _validate.duration("lease", lease, positive=True), store
-        )
 
     @property
     def store(self) -> IdempotencyStore:

@@ -16,16 +16,20 @@ import math
 from collections.abc import Callable, Container, Coroutine, Iterable, Mapping
 from typing import Any, Final, ParamSpec, TypeVar
 
+from . import _validate
 from ._deadline import remaining
 from ._errors import DeadlineExceeded, StalwartError, recast
 from ._hedge import Hedge
+from ._matchers import ExceptionMatcher
 from ._policy import Binding, Policy
 from ._rate_limiter import RateLimiter
+from ._retry import Retry
 
 __all__ = [
     "LEAST_TIME_LEFT",
     "bind_attempts",
     "by_kind",
+    "client_policy",
     "collection_option",
     "first_value",
     "hedge_option",
@@ -113,7 +117,9 @@ def policy_factory(
     """``value``, checked to be None or a callable making a policy per ``key``.
 
     A policy given instead is refused with a hint: it would be shared by
-    every ``each``, which is what the ``policy`` option is for.
+    every ``each``, which is what the ``policy`` option is for. Returns the
+    factory for a `PerKey`: ``value``, whose every result is checked to be
+    a policy (`made_policy`).
     """
     if isinstance(value, Policy):
         raise TypeError(
@@ -126,7 +132,26 @@ def policy_factory(
             f"{param} must be a callable taking {a_key} and returning a policy, "
             f"not {type(value).__name__}"
         )
-    return value  # type: ignore[no-any-return]
+    if value is None:
+        return None
+    user: Callable[[str], Any] = value
+
+    def make(made_for: str) -> Policy:
+        return made_policy(param, user(made_for), made_for)
+
+    return make
+
+
+def client_policy(policy: Any, *, name: Any, retry_on: ExceptionMatcher) -> tuple[str, Policy]:
+    """A client integration's ``name`` and ``policy``, checked.
+
+    The default policy (``policy`` None) is a `Retry` of 3 attempts of the
+    errors ``retry_on`` accepts, named after the client.
+    """
+    checked = _validate.name(name)
+    if policy is None:
+        policy = Retry(attempts=3, on=retry_on, name=checked)
+    return checked, policy_option(policy)
 
 
 def made_policy(param: str, made: Any, key: str) -> Policy:

@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "stalwart.aiohttp needs aiohttp: install it with `pip install 'stalwart[aiohttp]'`"
     ) from exc
 
-from . import _clock, _propagation, _validate
+from . import _clock, _propagation
 from ._deadline import deadline
 from ._errors import (
     BulkheadFullError,
@@ -58,12 +58,12 @@ from ._http import (
 )
 from ._policy import Policy
 from ._rate_limiter import RateLimiter
-from ._retry import Retry, retries_disabled
+from ._retry import retries_disabled
 from ._transport import (
     bind_attempts,
     by_kind,
+    client_policy,
     kind_of,
-    policy_option,
     rate_limit_option,
     time_left,
     translated,
@@ -290,10 +290,8 @@ class ResilientMiddleware:
         rng: random.Random | None = None,
         rate_limit: RateLimiter | None = None,
     ) -> None:
-        self._name = _validate.name(name)
-        if policy is None:
-            policy = Retry(attempts=3, on=is_retryable, name=self._name)
-        self._policy = policy = policy_option(policy)
+        self._name, policy = client_policy(policy, name=name, retry_on=is_retryable)
+        self._policy = policy
         self._rules = ClientRules(
             retry_statuses=retry_statuses,
             deadline_header=deadline_header,

@@ -64,15 +64,13 @@ from ._keys import validated_key
 from ._per_key import PerKey
 from ._pipeline import Pipeline
 from ._policy import Policy
-from ._retry import Retry
 from ._transport import (
     by_kind,
+    client_policy,
     collection_option,
     first_value,
     kind_of,
-    made_policy,
     policy_factory,
-    policy_option,
     retry_after_of,
     time_left,
 )
@@ -156,13 +154,6 @@ def parse_pushback(value: str | bytes) -> float:
     if _PUSHBACK.fullmatch(value) is None:
         return math.inf
     return int(value) / 1000.0
-
-
-def _checked_factory(factory: Callable[[str], Policy]) -> Callable[[str], Policy]:
-    def make(target: str) -> Policy:
-        return made_policy("per_target", factory(target), target)
-
-    return make
 
 
 def service_of(method: str) -> str:
@@ -400,10 +391,8 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         max_targets: int = DEFAULT_MAX_TARGETS,
         name: str = "grpc",
     ) -> None:
-        self._name = _validate.name(name)
-        if policy is None:
-            policy = Retry(attempts=3, on=_retried_by_default, name=self._name)
-        self._policy = policy = policy_option(policy)
+        self._name, policy = client_policy(policy, name=name, retry_on=_retried_by_default)
+        self._policy = policy
         self._codes = _retry_codes(retry_codes)
         factory = policy_factory(
             "per_target", per_target, key="target", a_key="a target", each="target"
@@ -419,7 +408,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         if factory is not None:
             # The target's policy inside `policy`, the two as one Pipeline.
             self._per_target = PerKey(
-                _checked_factory(factory),
+                factory,
                 key=self._target_of,
                 max_keys=self._max_targets,
                 name=self._name,

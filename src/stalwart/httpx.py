@@ -74,14 +74,13 @@ from ._keys import validated_key
 from ._per_key import PerKey
 from ._policy import Binding, Policy
 from ._rate_limiter import RateLimiter
-from ._retry import Retry, retries_disabled
+from ._retry import retries_disabled
 from ._transport import (
     bind_attempts,
     by_kind,
+    client_policy,
     hedge_option,
-    made_policy,
     policy_factory,
-    policy_option,
     rate_limit_option,
     time_left,
     translated,
@@ -245,13 +244,6 @@ def _origin_of(request: httpx.Request) -> str:
     """The origin a request goes to: its ``per_host`` key (a host name may make it long)."""
     url = request.url
     return validated_key(_origin_text((url.scheme, url.raw_host, url.port)))
-
-
-def _checked_factory(factory: Callable[[str], Policy]) -> Callable[[str], Policy]:
-    def make(origin: str) -> Policy:
-        return made_policy("per_host", factory(origin), origin)
-
-    return make
 
 
 def _origin_text(origin: _Origin) -> str:
@@ -454,10 +446,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         rate_limit: RateLimiter | None = None,
         hedge: Hedge | None = None,
     ) -> None:
-        self._name = _validate.name(name)
-        if policy is None:
-            policy = Retry(attempts=3, on=DEFAULT_RETRY_ON, name=self._name)
-        policy = policy_option(policy)
+        self._name, policy = client_policy(policy, name=name, retry_on=DEFAULT_RETRY_ON)
         if transport is None:
             transport = httpx.AsyncHTTPTransport()
         elif not isinstance(transport, httpx.AsyncBaseTransport):
@@ -487,7 +476,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             # The policy of each attempt's origin, inside `policy` and the limiter,
             # without a span of its own: `policy`'s carries its events.
             self._per_host = PerKey(
-                _checked_factory(factory),
+                factory,
                 key=_origin_of,
                 max_keys=self._max_hosts,
                 name=self._name,

@@ -21,7 +21,7 @@ from .._http import (
     header_name,
     is_token,
 )
-from .._idempotency import IdempotencyMetrics, LeaseKeeper, Verdict, decide
+from .._idempotency import IdempotencyMetrics, LeaseKeeper, Verdict, decide, record_durations
 from .._idempotency_store import (
     Completed,
     IdempotencyStore,
@@ -422,18 +422,13 @@ class IdempotencyMiddleware:
         self._header_label = header_name("header", header)
         self._header = self._header_label.lower().encode()
         self._methods = _methods(methods)
-        self._ttl = _validate.stored_duration(
-            "ttl", _validate.duration("ttl", ttl, positive=True), store
-        )
+        self._ttl, self._lease = record_durations(store, ttl=ttl, lease=lease)
         if not isinstance(required, bool):
             raise TypeError(f"required must be a bool, not {type(required).__name__}")
         self._required = required
         self._credentials = _credentials(credentials)
         self._max_body = _validate.count("max_body_size", max_body_size, minimum=0)
         self._max_response = _validate.count("max_response_size", max_response_size, minimum=0)
-        self._lease = _validate.stored_duration(
-            "lease", _validate.duration("lease", lease, positive=True), store
-        )
         self._name = _validate.name(name)
         self._keeper = LeaseKeeper(store, f"IdempotencyMiddleware {self._name!r}", work="request")
         self._telemetry = _telemetry.resolve(telemetry)
