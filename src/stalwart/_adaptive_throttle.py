@@ -188,12 +188,12 @@ class AdaptiveThrottle(Policy):
         window, rng, now = self._window, self._rng, _clock.now
         admit, accept = window.admit, window.accept_latest
         failure_on_result, throttle, metrics = self._failure_on_result, self, self._metrics
-        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        slot, timer = self._telemetry.provider_slot, self.timer()
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
-                    return await span(plain, args, kwargs)
+                    return await throttle.in_span(plain, args, kwargs)
                 start = None if timer is None else timer()
                 if not admit(now(), rng):
                     throttle._refuse(start)

@@ -118,10 +118,7 @@ class BulkheadMetrics(LiveMetrics["Bulkhead"]):
     """A `Bulkhead`'s: its rejections, and its occupancy read from the live bulkheads."""
 
     __slots__ = ("store_unavailable",)
-
-    def __init__(self, kind: str, name: str) -> None:
-        super().__init__(kind, name)
-        self.store_unavailable = 0
+    store_unavailable: int
 
     families = (
         live_gauge(
@@ -339,12 +336,12 @@ class Bulkhead(Policy):
         # copied into every call's frame (the "Bulkhead, uncontended" row).
         waiters = self._queue.waiters
         bulkhead, metrics, fleet = self, self._metrics, self._fleet
-        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        slot, timer = self._telemetry.provider_slot, self.timer()
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
-                    return await span(plain, args, kwargs)
+                    return await bulkhead.in_span(plain, args, kwargs)
                 start = None if timer is None else timer()
                 # While any caller waits, every slot is taken (a freed slot is
                 # handed over, not released): this check alone keeps FIFO order.

@@ -69,10 +69,7 @@ class ConcurrencyLimitMetrics(LiveMetrics["ConcurrencyLimit"]):
     """A `ConcurrencyLimit`'s: refusals and drops, and its limit and occupancy, read live."""
 
     __slots__ = ("dropped",)
-
-    def __init__(self, kind: str, name: str) -> None:
-        super().__init__(kind, name)
-        self.dropped = 0
+    dropped: int
 
     families = (
         live_gauge(
@@ -266,12 +263,12 @@ class ConcurrencyLimit(Policy):
             self._metrics,
             self._drop_on_result,
         )
-        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        slot, timer = self._telemetry.provider_slot, self.timer()
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
-                    return await span(plain, args, kwargs)
+                    return await policy.in_span(plain, args, kwargs)
                 start = None if timer is None else timer()
                 in_flight = policy._in_flight
                 if in_flight < policy._quiet_below and policy._untimed:

@@ -26,7 +26,11 @@ L = TypeVar("L")
 
 
 class LiveMetrics(PolicyMetrics, Generic[L]):
-    """Metrics with gauges read from ``live``: the policies of their name alive now."""
+    """Metrics with gauges read from ``live``: the policies of their name alive now.
+
+    A subclass's own ``__slots__`` are counters, each starting at 0 (declare
+    their types in the class body).
+    """
 
     exclusive = True
     __slots__ = ("live",)
@@ -34,6 +38,11 @@ class LiveMetrics(PolicyMetrics, Generic[L]):
     def __init__(self, kind: str, name: str) -> None:
         super().__init__(kind, name)
         self.live: weakref.WeakSet[L] = weakref.WeakSet()
+        for cls in type(self).__mro__:
+            if cls is LiveMetrics:
+                break
+            for counter in cls.__dict__.get("__slots__", ()):
+                setattr(self, counter, 0)
 
 
 def live_gauge(name: str, documentation: str, read: Callable[[Any], float]) -> MetricFamily:

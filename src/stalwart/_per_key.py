@@ -40,10 +40,7 @@ class PerKeyMetrics(LiveMetrics["PerKey[Policy]"]):
 
     exclusive = False
     __slots__ = ("dropped",)
-
-    def __init__(self, kind: str, name: str) -> None:
-        super().__init__(kind, name)
-        self.dropped = 0
+    dropped: int
 
     families = (
         live_gauge(

@@ -115,12 +115,13 @@ class RateLimiterMetrics(LiveMetrics["RateLimiter"]):
     """A `RateLimiter`'s: refusals, waits, and its state read from the live limiters."""
 
     __slots__ = ("store_unavailable", "waited", "waits")
+    store_unavailable: int
+    waited: float
+    waits: int
 
     def __init__(self, kind: str, name: str) -> None:
         super().__init__(kind, name)
-        self.waits = 0
-        self.waited = 0.0
-        self.store_unavailable = 0
+        self.waited = 0.0  # seconds
 
     def _available(self) -> Iterator[tuple[tuple[()], float]]:
         # Only where it is cheap: one in-process bucket, read on its loop's clock.
