@@ -380,14 +380,16 @@ class RateLimiter(Policy):
             async def limited(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
                     return await limiter.in_span(plain, args, kwargs)
-                start = None if timer is None else timer()
+                start = None
+                if timer is not None:
+                    start = timer()
                 # `_now`, inlined: a running plain loop's clock is time.monotonic().
                 if limiter._plain._thread_id is None:
                     now = limiter._find_clock()
                 else:
                     now = _monotonic()
-                tat = gate._tat
-                if tat > now:
+                if gate._tat > now:
+                    tat = gate._tat
                     if tat - gate._tau <= now:  # a permit is free: TAT += T
                         gate._tat = tat + interval
                     else:
@@ -402,7 +404,9 @@ class RateLimiter(Policy):
                     metrics.failed(exc, start)
                     raise
                 metrics.success += 1
-                return result if start is None else metrics.returned(result, start)
+                if start is None:
+                    return result
+                return metrics.returned(result, start)
 
             return limited
 
