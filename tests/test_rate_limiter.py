@@ -239,6 +239,31 @@ def test_a_limiter_that_outlives_its_event_loop_starts_afresh_on_a_new_clock(
     anyio.run(early, backend=backend, backend_options=options)
 
 
+def test_permits_granted_on_a_plain_loop_count_when_another_clock_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The wrapper grants on time.monotonic() without telling the bucket what
+    # time it saw; a new clock that reads earlier than the last grant is a
+    # new clock all the same (the bucket starts full), however long the
+    # plain loop ran.
+    from stalwart import _rate_limiter
+
+    record = Recorder()
+    limited = sw.RateLimiter(1, per=3600, name="plain then mock")(record)
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def on_plain_loop() -> None:
+        await limited()  # finds the loop: the bucket sees this time
+        started = _rate_limiter._monotonic()
+        monkeypatch.setattr(_rate_limiter, "_monotonic", lambda: started + 1e6)
+        await limited()  # granted inline, a million seconds on
+        clock.jump(started + 5e5)  # the next clock reads between the two
+
+    anyio.run(on_plain_loop, backend="asyncio")
+    anyio.run(limited, backend="trio", backend_options={"clock": clock})
+    assert len(record.tags) == 3
+
+
 # -- waiting: FIFO, max_wait, the deadline ------------------------------------------------
 
 

@@ -19,19 +19,18 @@ call refused with probability ``max(0, (requests - k * accepts) /
 from __future__ import annotations
 
 import random
-import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, NoReturn, ParamSpec, TypeVar, final
 
 from . import _clock
 from ._deadline import counting_expiry
 from ._errors import RateLimitExceeded
+from ._gauges import LiveMetrics, refuse
 from ._matchers import ExceptionMatcher, Matcher
-from ._metrics import MetricFamily, PolicyMetrics
+from ._metrics import MetricFamily
 from ._policy import AsyncCallable, Binding, Policy
-from ._telemetry import Telemetry, observed
+from ._telemetry import Telemetry
 from ._throttle_window import ThrottleWindow
-from .events import CallRejected
 
 __all__ = ["AdaptiveThrottle", "AdaptiveThrottleMetrics"]
 
@@ -39,15 +38,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class AdaptiveThrottleMetrics(PolicyMetrics):
+class AdaptiveThrottleMetrics(LiveMetrics["AdaptiveThrottle"]):
     """An `AdaptiveThrottle`'s: its refusals, and its refusal probability, read live."""
 
-    exclusive = True
-    __slots__ = ("live",)
-
-    def __init__(self, kind: str, name: str) -> None:
-        super().__init__(kind, name)
-        self.live: weakref.WeakSet[AdaptiveThrottle] = weakref.WeakSet()
+    __slots__ = ()
 
     def _probability(self) -> Iterator[tuple[tuple[()], float]]:
         live = list(self.live)
@@ -194,12 +188,12 @@ class AdaptiveThrottle(Policy):
         window, rng, now = self._window, self._rng, _clock.now
         admit, accept = window.admit, window.accept_latest
         failure_on_result, throttle, metrics = self._failure_on_result, self, self._metrics
-        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        slot, timer = self._telemetry.provider_slot, self.timer()
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
-                    return await span(plain, args, kwargs)
+                    return await throttle.in_span(plain, args, kwargs)
                 start = None if timer is None else timer()
                 if not admit(now(), rng):
                     throttle._refuse(start)
@@ -224,15 +218,12 @@ class AdaptiveThrottle(Policy):
             self._window.accept_latest()
 
     def _refuse(self, start: float | None) -> NoReturn:
-        self._metrics.refused(start)
-        if observed(self._telemetry):
-            self.report(CallRejected, reason="throttled", retry_after=None)
-        raise RateLimitExceeded(
+        message = (
             f"adaptive throttle {self._name!r} refused the call: the dependency accepted "
-            f"{self._window.accepts} of the last {self._window.requests - 1} calls",
-            policy=self._name,
-            retry_after=None,
+            f"{self._window.accepts} of the last {self._window.requests - 1} calls"
         )
+        error = RateLimitExceeded(message, policy=self._name, retry_after=None)
+        refuse(self, start, "throttled", None, error)
 
     def __repr__(self) -> str:
         return f"AdaptiveThrottle(k={self.k:g}, window={self.window:g}, name={self._name!r})"

@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import weakref
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, ParamSpec, Protocol, TypeVar, final
 
@@ -22,11 +21,11 @@ from . import _clock, _validate
 from ._background import spawn
 from ._deadline import current_deadline
 from ._errors import BulkheadFullError, StoreUnavailable
-from ._metrics import MetricFamily, PolicyMetrics
+from ._gauges import LiveMetrics, live_gauge, refuse
+from ._metrics import MetricFamily
 from ._policy import AsyncCallable, Binding, Policy
-from ._telemetry import Telemetry, observed
+from ._telemetry import Telemetry
 from ._waiters import WaitQueue
-from .events import CallRejected
 
 __all__ = ["Bulkhead", "BulkheadStatistics", "PermitGrant", "PermitStore"]
 
@@ -115,29 +114,22 @@ class BulkheadStatistics:
     degraded: bool = False
 
 
-class BulkheadMetrics(PolicyMetrics):
+class BulkheadMetrics(LiveMetrics["Bulkhead"]):
     """A `Bulkhead`'s: its rejections, and its occupancy read from the live bulkheads."""
 
-    exclusive = True
-    __slots__ = ("live", "store_unavailable")
-
-    def __init__(self, kind: str, name: str) -> None:
-        super().__init__(kind, name)
-        self.store_unavailable = 0
-        self.live: weakref.WeakSet[Bulkhead] = weakref.WeakSet()
-
-    def _in_flight(self) -> Iterator[tuple[tuple[()], float]]:
-        yield (), sum(b.in_flight for b in list(self.live))
-
-    def _queued(self) -> Iterator[tuple[tuple[()], float]]:
-        yield (), sum(b.queued for b in list(self.live))
+    __slots__ = ("store_unavailable",)
+    store_unavailable: int
 
     families = (
-        MetricFamily(
-            "stalwart_bulkhead_in_flight", "gauge", "Calls running inside a bulkhead.", _in_flight
+        live_gauge(
+            "stalwart_bulkhead_in_flight",
+            "Calls running inside a bulkhead.",
+            lambda bulkhead: bulkhead.in_flight,
         ),
-        MetricFamily(
-            "stalwart_bulkhead_queued", "gauge", "Calls waiting for a bulkhead slot.", _queued
+        live_gauge(
+            "stalwart_bulkhead_queued",
+            "Calls waiting for a bulkhead slot.",
+            lambda bulkhead: bulkhead.queued,
         ),
         MetricFamily(
             "stalwart_bulkhead_rejected", "counter", "Calls a bulkhead turned away.", "rejected"
@@ -344,12 +336,12 @@ class Bulkhead(Policy):
         # copied into every call's frame (the "Bulkhead, uncontended" row).
         waiters = self._queue.waiters
         bulkhead, metrics, fleet = self, self._metrics, self._fleet
-        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        slot, timer = self._telemetry.provider_slot, self.timer()
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
-                    return await span(plain, args, kwargs)
+                    return await bulkhead.in_span(plain, args, kwargs)
                 start = None if timer is None else timer()
                 # While any caller waits, every slot is taken (a freed slot is
                 # handed over, not released): this check alone keeps FIFO order.
@@ -409,15 +401,12 @@ class Bulkhead(Policy):
                 fleet.wake()
 
     def _reject(self, start: float | None) -> NoReturn:
-        self._metrics.refused(start)
-        if observed(self._telemetry):
-            self.report(CallRejected, reason="bulkhead_full", retry_after=None)
         where = "" if self._fleet is None else " in the fleet"
-        raise BulkheadFullError(
+        message = (
             f"bulkhead {self._name!r} is full: {self._in_flight} of {self._max} slots "
-            f"taken here{where}, {self._queue.queued} calls queued",
-            policy=self._name,
+            f"taken here{where}, {self._queue.queued} calls queued"
         )
+        refuse(self, start, "bulkhead_full", None, BulkheadFullError(message, policy=self._name))
 
     def __repr__(self) -> str:
         fleet = self._fleet

@@ -32,20 +32,20 @@ cost of an uncontended call for nothing. Drops are always reported.
 from __future__ import annotations
 
 import random
-import weakref
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any, Final, NoReturn, ParamSpec, TypeVar, final
 
 from . import _clock, _validate
 from ._adaptive_limits import ALGORITHMS, AimdLimit, Gradient2Limit, LimitAlgorithm, VegasLimit
 from ._deadline import counting_expiry
 from ._errors import BulkheadFullError, RateLimitExceeded
+from ._gauges import LiveMetrics, live_gauge, refuse
 from ._matchers import ExceptionMatcher, Matcher
-from ._metrics import MetricFamily, PolicyMetrics
+from ._metrics import MetricFamily
 from ._policy import AsyncCallable, Binding, Policy
 from ._telemetry import Telemetry, observed
 from ._waiters import WaitQueue
-from .events import CallRejected, LimitChanged
+from .events import LimitChanged
 
 __all__ = ["DEFAULT_DROPS", "ConcurrencyLimit", "ConcurrencyLimitMetrics"]
 
@@ -65,35 +65,22 @@ _DEFAULT_BOUNDS: Final = (20, 1, 1000)
 _SAMPLE_EVERY: Final = 32
 
 
-class ConcurrencyLimitMetrics(PolicyMetrics):
+class ConcurrencyLimitMetrics(LiveMetrics["ConcurrencyLimit"]):
     """A `ConcurrencyLimit`'s: refusals and drops, and its limit and occupancy, read live."""
 
-    exclusive = True
-    __slots__ = ("dropped", "live")
-
-    def __init__(self, kind: str, name: str) -> None:
-        super().__init__(kind, name)
-        self.dropped = 0
-        self.live: weakref.WeakSet[ConcurrencyLimit] = weakref.WeakSet()
-
-    def _limit(self) -> Iterator[tuple[tuple[()], float]]:
-        yield (), sum(c.limit for c in list(self.live))
-
-    def _in_flight(self) -> Iterator[tuple[tuple[()], float]]:
-        yield (), sum(c.in_flight for c in list(self.live))
+    __slots__ = ("dropped",)
+    dropped: int
 
     families = (
-        MetricFamily(
+        live_gauge(
             "stalwart_concurrency_limit",
-            "gauge",
             "The adaptive concurrency limit: calls allowed in flight now.",
-            _limit,
+            lambda limit: limit.limit,
         ),
-        MetricFamily(
+        live_gauge(
             "stalwart_concurrency_in_flight",
-            "gauge",
             "Calls running inside an adaptive concurrency limit.",
-            _in_flight,
+            lambda limit: limit.in_flight,
         ),
         MetricFamily(
             "stalwart_concurrency_rejected",
@@ -276,12 +263,12 @@ class ConcurrencyLimit(Policy):
             self._metrics,
             self._drop_on_result,
         )
-        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        slot, timer = self._telemetry.provider_slot, self.timer()
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
-                    return await span(plain, args, kwargs)
+                    return await policy.in_span(plain, args, kwargs)
                 start = None if timer is None else timer()
                 in_flight = policy._in_flight
                 if in_flight < policy._quiet_below and policy._untimed:
@@ -409,15 +396,12 @@ class ConcurrencyLimit(Policy):
             self.report(LimitChanged, from_limit=previous, to_limit=limit)
 
     def _refuse(self, start: float | None) -> NoReturn:
-        self._metrics.refused(start)
-        if observed(self._telemetry):
-            self.report(CallRejected, reason="concurrency_limited", retry_after=None)
-        raise RateLimitExceeded(
+        message = (
             f"concurrency limit {self._name!r} is reached: {self._in_flight} calls in flight "
-            f"(limit {self._limit}), {self._queue.queued} queued",
-            policy=self._name,
-            retry_after=None,
+            f"(limit {self._limit}), {self._queue.queued} queued"
         )
+        error = RateLimitExceeded(message, policy=self._name, retry_after=None)
+        refuse(self, start, "concurrency_limited", None, error)
 
     def __repr__(self) -> str:
         return (

@@ -216,7 +216,8 @@ class Gcra:
         will be free).
         The caller passes the smaller of its own ``max_wait`` and what is
         left of its deadline; ``math.inf`` waits as long as it takes.
-        (`RateLimiter`'s wrapper inlines the branch that grants at once:
+        (`RateLimiter`'s wrapper inlines the branch that grants at once,
+        and tells the bucket the time it saw only when its clock changes:
         keep the two alike.)
         """
         if now < self._seen:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any, Final, Generic, ParamSpec, TypeVar, final
 
 from . import _metrics
+from ._gauges import LiveMetrics, live_gauge
 from ._keys import (
     KEY_MAX_LENGTH,
     MISSING,
@@ -20,7 +21,7 @@ from ._keys import (
     key_reader,
 )
 from ._keys import spec_text as _spec_text
-from ._metrics import Collector, MetricFamily, PolicyMetrics
+from ._metrics import Collector, MetricFamily
 from ._policy import AsyncCallable, Binding, Policy
 from ._telemetry import Telemetry
 
@@ -34,25 +35,18 @@ DEFAULT_MAX_KEYS: Final = 1000
 """How many keys a `PerKey` keeps a policy for, by default."""
 
 
-class PerKeyMetrics(PolicyMetrics):
+class PerKeyMetrics(LiveMetrics["PerKey[Policy]"]):
     """A `PerKey`'s: the keys it keeps a policy for, and the keys it dropped."""
 
-    __slots__ = ("dropped", "live")
-
-    def __init__(self, kind: str, name: str) -> None:
-        super().__init__(kind, name)
-        self.dropped = 0
-        self.live: weakref.WeakSet[PerKey[Policy]] = weakref.WeakSet()
-
-    def _keys(self) -> Iterator[tuple[tuple[()], float]]:
-        yield (), sum(len(per_key._table) for per_key in list(self.live))
+    exclusive = False
+    __slots__ = ("dropped",)
+    dropped: int
 
     families = (
-        MetricFamily(
+        live_gauge(
             "stalwart_per_key_keys",
-            "gauge",
             "Keys a PerKey policy keeps a policy for now.",
-            _keys,
+            lambda per_key: len(per_key._table),
         ),
         MetricFamily(
             "stalwart_per_key_dropped",

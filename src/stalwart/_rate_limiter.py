@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, ParamSpec, Protocol, TypeVar, final
@@ -32,12 +31,12 @@ import anyio
 from . import _clock, _validate
 from ._deadline import current_deadline
 from ._errors import RateLimitExceeded, StoreUnavailable
+from ._gauges import LiveMetrics, live_gauge, refuse
 from ._gcra import GRANTED, Gcra, KeyedGcra, Turn
 from ._keys import KEY_MAX_LENGTH, MISSING, Key, KeySpec, checked, key_option, key_reader, spec_text
-from ._metrics import MetricFamily, PolicyMetrics
+from ._metrics import MetricFamily
 from ._policy import AsyncCallable, Binding, Policy
-from ._telemetry import Telemetry, observed
-from .events import CallRejected
+from ._telemetry import Telemetry
 
 __all__ = ["RateLimitStore", "RateLimiter", "RateLimiterMetrics", "StoredTurn"]
 
@@ -112,21 +111,17 @@ class RateLimitStore(Protocol):
         """
 
 
-class RateLimiterMetrics(PolicyMetrics):
+class RateLimiterMetrics(LiveMetrics["RateLimiter"]):
     """A `RateLimiter`'s: refusals, waits, and its state read from the live limiters."""
 
-    exclusive = True
-    __slots__ = ("live", "store_unavailable", "waited", "waits")
+    __slots__ = ("store_unavailable", "waited", "waits")
+    store_unavailable: int
+    waited: float
+    waits: int
 
     def __init__(self, kind: str, name: str) -> None:
         super().__init__(kind, name)
-        self.waits = 0
-        self.waited = 0.0
-        self.store_unavailable = 0
-        self.live: weakref.WeakSet[RateLimiter] = weakref.WeakSet()
-
-    def _waiting(self) -> Iterator[tuple[tuple[()], float]]:
-        yield (), sum(limiter._waiting for limiter in list(self.live))
+        self.waited = 0.0  # seconds
 
     def _available(self) -> Iterator[tuple[tuple[()], float]]:
         # Only where it is cheap: one in-process bucket, read on its loop's clock.
@@ -134,9 +129,6 @@ class RateLimiterMetrics(PolicyMetrics):
             if limiter._key is None and limiter._store is None and limiter._reader is not None:
                 yield (), limiter._bucket.available(limiter._reader())
                 return
-
-    def _keys(self) -> Iterator[tuple[tuple[()], float]]:
-        yield (), sum(len(limiter._keyed) for limiter in list(self.live))
 
     families = (
         MetricFamily(
@@ -163,11 +155,10 @@ class RateLimiterMetrics(PolicyMetrics):
             "Calls a rate limiter decided on its own limit: its store did not answer in time.",
             "store_unavailable",
         ),
-        MetricFamily(
+        live_gauge(
             "stalwart_rate_limiter_waiting",
-            "gauge",
             "Calls waiting for their turn at a rate limiter now.",
-            _waiting,
+            lambda limiter: limiter._waiting,
         ),
         MetricFamily(
             "stalwart_rate_limiter_available",
@@ -175,11 +166,10 @@ class RateLimiterMetrics(PolicyMetrics):
             "Calls an unkeyed in-process rate limiter would let through at once now.",
             _available,
         ),
-        MetricFamily(
+        live_gauge(
             "stalwart_rate_limiter_keys",
-            "gauge",
             "Keys a rate limiter keeps a bucket for.",
-            _keys,
+            lambda limiter: len(limiter._keyed),
         ),
     )
 
@@ -319,7 +309,7 @@ class RateLimiter(Policy):
         self._waiting = 0
         # The running loop's clock, for the gauge; the loop while it is time.monotonic.
         self._reader: Callable[[], float] | None = None
-        self._plain: Any = None
+        self._plain: Any = _NOT_PLAIN
         self._metrics.live.add(self)
 
     @property
@@ -371,75 +361,115 @@ class RateLimiter(Policy):
     def wrap(
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        call: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         read = None if self._key is None else key_reader(self._key, binding.origin)
-        local = read is None and self._store is None
-        # The wrapper closes over what the granted path uses, and reaches the
-        # rest through `limiter`: each name it closes over is copied into every
-        # call's frame (the "RateLimiter, permit available" benchmark row).
-        bucket, interval = self._bucket, self._bucket.interval
+        # One body; what it closes over is chosen here. An unkeyed limit in
+        # this process closes over its bucket, and grants a free permit
+        # inline: one clock read, one number compared and moved on (the
+        # granted branch of `Gcra.reserve`). Keys or a store: a gate whose
+        # turn never comes, which sends every call to `_enter`. Each name the
+        # wrapper closes over is copied into every call's frame, so it closes
+        # over what the granted path uses and reaches the rest through
+        # `limiter` (the "RateLimiter, permit available" benchmark row).
+        gate: Gcra | _Gate = self._bucket if read is None and self._store is None else _Gate(read)
+        interval = self._bucket.interval
         limiter, metrics = self, self._metrics
-        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
+        slot, timer = self._telemetry.provider_slot, self.timer()
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def limited(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
-                    return await span(plain, args, kwargs)
-                start = None if timer is None else timer()
-                if local:
-                    # `_now` and the granted branch of `Gcra.reserve`, inlined:
-                    # the "RateLimiter, permit available" benchmark row.
-                    loop = limiter._plain
-                    now = (
-                        _monotonic()
-                        if loop is not None and loop._thread_id
-                        else limiter._find_clock()
-                    )
-                    tat = bucket._tat
-                    if tat <= now:  # (at least one turn is free: TAT = max(TAT, now) + T)
-                        bucket._tat = now + interval
-                        bucket._seen = now  # (a clock going back: a new one, see Gcra)
-                    elif tat - bucket._tau <= now:
-                        bucket._tat = tat + interval
-                        bucket._seen = now
-                    else:
-                        await limiter._wait(
-                            bucket.reserve(now, limiter._max_wait), None, now, start
-                        )
-                elif read is None:
-                    await limiter._admit(None, start)
+                    return await limiter.in_span(plain, args, kwargs)
+                start = None
+                if timer is not None:
+                    start = timer()
+                # `_now`, inlined: a running plain loop's clock is time.monotonic().
+                if limiter._plain._thread_id is None:
+                    now = limiter._find_clock()
                 else:
-                    key = read(args, kwargs)
-                    if key is not None and key is not MISSING:  # (missing: fn will say so)
-                        await limiter._admit(key, start)
+                    now = _monotonic()
+                if gate._tat > now:
+                    tat = gate._tat
+                    if tat - gate._tau <= now:  # a permit is free: TAT += T
+                        gate._tat = tat + interval
+                    else:
+                        entered = limiter._enter(gate, now, start, args, kwargs)
+                        if entered is not None:
+                            await entered
+                else:  # a full bucket: TAT = max(TAT, now) + T
+                    gate._tat = now + interval
                 try:
-                    result = await (positional(*args, **kwargs) if kwargs else positional(*args))
+                    result = await (call(*args, **kwargs) if kwargs else call(*args))
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     raise
                 metrics.success += 1
-                return result if start is None else metrics.returned(result, start)
+                if start is None:
+                    return result
+                return metrics.returned(result, start)
 
             return limited
 
         return self.build(make, binding)
 
+    def _enter(
+        self,
+        gate: Gcra | _Gate,
+        now: float,
+        start: float | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Coroutine[Any, Any, object] | None:
+        """The wrapper's way in when no permit was granted inline: what to await, if anything.
+
+        ``gate`` is the limiter's bucket (no permit free now: wait for the
+        turn, or refuse: counted there), or the `_Gate` of a binding with
+        keys or a store. None: the call goes through unlimited (its key is
+        None, or missing: the function will say so).
+        """
+        if type(gate) is Gcra:
+            return self._wait(gate.reserve(now, self._max_wait), None, now, start)
+        assert isinstance(gate, _Gate)
+        read = gate.read
+        if read is None:
+            return self._admit(None, start, now)
+        key = read(args, kwargs)
+        if key is None or key is MISSING:
+            return None
+        return self._admit(key, start, now)
+
     def _now(self) -> float:
         """Now, on the running loop's clock (see `_clock.sample`)."""
-        loop = self._plain
-        if loop is not None and loop._thread_id:  # (LOOP_THREAD_ID: it runs)
-            return _monotonic()
-        return self._find_clock()
+        if self._plain._thread_id is None:  # (LOOP_THREAD_ID: set while a plain loop runs)
+            return self._find_clock()
+        return _monotonic()
 
     def _find_clock(self) -> float:
-        """Now, and what the next calls read: ``time.monotonic()`` while a plain loop runs."""
-        now, self._reader, self._plain = _clock.sample()
+        """Now, and what the next calls read: ``time.monotonic()`` while a plain loop runs.
+
+        The wrapper grants permits without telling the unkeyed bucket the
+        time it saw (`Gcra._seen`, by which a bucket knows a new clock): it
+        is told here, where every clock but a running plain loop's is read.
+        """
+        bucket = self._bucket
+        if self._plain is not _NOT_PLAIN:  # time.monotonic() may have been read since
+            seen = _monotonic()
+            if seen > bucket._seen:
+                bucket._seen = seen
+        now, self._reader, plain = _clock.sample()
+        self._plain = _NOT_PLAIN if plain is None else plain
+        if now < bucket._seen:
+            bucket._restart()  # a new clock: a new limit
+        bucket._seen = now
         return now
 
-    async def _admit(self, key: object, start: float | None) -> tuple[str | None, float | None]:
+    async def _admit(
+        self, key: object, start: float | None, now: float | None = None
+    ) -> tuple[str | None, float | None]:
         """Let a call through, at its turn of ``key``'s limit, or refuse it (counted here).
 
-        ``key`` None: the limit of calls without a key. Returns the key as
+        ``key`` None: the limit of calls without a key. ``now``: the time the
+        caller read (None: read it here). Returns the key as
         its bucket knows it (an int made a str), and, when the store decided,
         how far its bucket is from full (see `StoredTurn.ahead`).
         """
@@ -449,7 +479,8 @@ class RateLimiter(Policy):
             except Exception as exc:
                 self._metrics.failed(exc, start)
                 raise
-        now = self._now()
+        if now is None:
+            now = self._now()
         if self._store is not None and (now >= self._store_at and not self._probing):
             ahead = await self._admit_shared(key, now, start)
             if ahead is not None:
@@ -573,15 +604,12 @@ class RateLimiter(Policy):
         return self._keyed.wait_time(key, now)
 
     def _refuse(self, retry_after: float, start: float | None) -> NoReturn:
-        self._metrics.refused(start)
-        if observed(self._telemetry):
-            self.report(CallRejected, reason=REJECTED_REASON, retry_after=retry_after)
-        raise RateLimitExceeded(
+        message = (
             f"rate limiter {self._name!r} is at its limit of {self._limit_text()}: "
-            f"a permit is free in {retry_after:.3g}s",
-            policy=self._name,
-            retry_after=retry_after,
+            f"a permit is free in {retry_after:.3g}s"
         )
+        error = RateLimitExceeded(message, policy=self._name, retry_after=retry_after)
+        refuse(self, start, REJECTED_REASON, retry_after, error)
 
     def _limit_text(self) -> str:
         per = "a second" if self._per == 1.0 else f"per {self._per:g}s"
@@ -593,6 +621,34 @@ class RateLimiter(Policy):
             f"RateLimiter({self._rate:g}, per={self._per:g}, burst={self._burst}, "
             f"max_wait={self.max_wait}, key={key!r}, name={self._name!r})"
         )
+
+
+@final
+class _NotPlain:
+    """`RateLimiter._plain` while no plain asyncio loop is known: never running."""
+
+    __slots__ = ()
+    _thread_id = None
+
+
+_NOT_PLAIN: Final = _NotPlain()
+
+
+@final
+class _Gate:
+    """What a binding with keys or a store closes over instead of a bucket.
+
+    Its turn never comes (its TAT is +inf), so the wrapper's inline grant
+    never fires and every call goes to `RateLimiter._enter`, which reads
+    the call's key with ``read`` (None: no key, a store's limit).
+    """
+
+    __slots__ = ("read",)
+    _tat = math.inf
+    _tau = 0.0
+
+    def __init__(self, read: Callable[[tuple[Any, ...], dict[str, Any]], object] | None) -> None:
+        self.read = read
 
 
 def _deadline_of_call() -> float:
