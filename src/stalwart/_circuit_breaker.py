@@ -210,6 +210,8 @@ class _Rules:
     observe: bool
     #: where the open periods' jitter is drawn from
     rng: random.Random | None
+    #: a time window or a slow-call trigger: every outcome reads the clock
+    timed: bool
 
     def classify(self, exc: BaseException) -> int:
         """How a call that raised ``exc`` counts: success, failure or neither."""
@@ -418,6 +420,7 @@ class CircuitBreaker(Policy):
     _metrics: CircuitBreakerMetrics
     _decorator_call = "CircuitBreaker()"
     __slots__ = (
+        "_express",
         "_fast",
         "_last_period",
         "_open_clock",
@@ -429,7 +432,6 @@ class CircuitBreaker(Policy):
         "_state",
         "_store",
         "_successes",
-        "_timed",
         "_tripping",
         "_version",
     )
@@ -514,6 +516,7 @@ class CircuitBreaker(Policy):
             failure_on_result=failure_on_result,
             observe=mode == "observe",
             rng=rng,
+            timed=slow_call_duration is not None or isinstance(window, TimeWindow),
         )
         if store is not None and not isinstance(store, CircuitStore):
             raise TypeError(
@@ -526,10 +529,8 @@ class CircuitBreaker(Policy):
             _validate.stored_duration("trial_timeout", rules.trial_timeout, store)
         _warn_of_unused_minimum(rules, window, given=minimum_given)
         self._rules = _shared(rules)
-        timing = rules.slow_call_duration is not None
-        self._ring: Ring = ring_for(window, slow=timing)
-        self._timed = timing or isinstance(window, TimeWindow)
-        self._fast = False
+        self._ring: Ring = ring_for(window, slow=rules.slow_call_duration is not None)
+        self._fast = self._express = False
         self._state = _CLOSED
         self._version = 0
         self._open_until = 0.0
@@ -672,7 +673,7 @@ class CircuitBreaker(Policy):
         ``openings``: for a timed OPEN, the openings in a row, this one included.
         """
         before = self._state
-        self._fast = False
+        self._fast = self._express = False
         self._version = version
         self._open_until = open_until
         # The clock an OPEN state's rejections may read directly: ``until``
@@ -805,7 +806,7 @@ class CircuitBreaker(Policy):
         if self._state is not _CLOSED:
             return False
         ring, rules = self._ring, self._rules
-        if self._timed:
+        if rules.timed:
             # Checked whatever the outcome: calls leaving a time window (here,
             # or in a `statistics()` read since the last outcome) can raise
             # its rates, so even a success may find the breaker tripped.
@@ -818,15 +819,17 @@ class CircuitBreaker(Policy):
             if self._store is not None:
                 return True
             self._install(_OPEN, self._version + 1, _clock.now() + self._open_period(1), 1)
-        elif not self._timed and (rules.failure_rate is None or ring.calls >= rules.enough):
+        elif not rules.timed and (rules.failure_rate is None or ring.calls >= rules.enough):
             # From now on a success cannot trip the breaker, so the wrapper
             # only counts it. With a count window and no slow-call trigger,
             # a success ends any run of failures; it adds a call or replaces
             # the oldest, so no call ever leaves and the failure rate cannot
             # rise; and with `enough` calls held (or no rate trigger) no rate
             # trigger starts to count. The first failure (or any change of
-            # state: `_install`) brings the breaker back here.
+            # state: `_install`) brings the breaker back here. With nothing
+            # to judge nor time either, the wrapper's express path is open.
             self._fast = True
+            self._express = rules.failure_on_result is None and self.timer() is None
         return False
 
     # -- rejections ----------------------------------------------------------
@@ -976,60 +979,79 @@ class CircuitBreaker(Policy):
     def wrap(
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        breaker, ring, now, metrics = self, self._ring, _clock.now, self._metrics
-        rejected, admit, settle = self._rejected, self._admit, self._settle_trial
-        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
-        rules = self._rules
+        call: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        breaker, metrics, slot = self, self._metrics, self._telemetry.provider_slot
+        rules, timer = self._rules, self.timer()
         # The start of a closed call or trial, when the breaker needs it (slow calls).
         starts = rules.slow_call_duration is not None
         # Both None/False unless asked for: one test each, off the rejection path.
         judge, observing = rules.failure_on_result, rules.observe
         # `_fast` (see `_record`) is only ever set on a counting-only CountRing.
+        ring = self._ring
         counter = ring if isinstance(ring, CountRing) else None
+        # The wrapper closes over what the express path (see `_record`) and the
+        # rejection use, and reaches the rest through `breaker`: each name it
+        # closes over is copied into every call's frame (the "CircuitBreaker
+        # closed, success" row).
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
-                    return await span(plain, args, kwargs)
+                    return await breaker.in_span(plain, args, kwargs)
+                if breaker._express:
+                    # CLOSED and counting only, with nothing to time nor judge.
+                    try:
+                        result = await (call(*args, **kwargs) if kwargs else call(*args))
+                    except BaseException as exc:
+                        metrics.failed(exc, None)
+                        if breaker._failed(exc, 0.0):
+                            await breaker._trip()
+                        raise
+                    # Still express: the await may have let the state change
+                    # (mypy keeps its narrowing across an await, hence the ignores).
+                    if breaker._express:
+                        counter.pending += 1  # type: ignore[union-attr]
+                    elif breaker._record(False, 0.0):  # type: ignore[unreachable]
+                        await breaker._trip()
+                    metrics.success += 1
+                    return result
                 start = None if timer is None else timer()
                 trial: _Trial | None = None
                 if not breaker._fast:
                     state = breaker._state
                     if state is _OPEN and not observing:
                         clock, until = breaker._open_clock, breaker._open_until
-                        moment = now() if clock is None else clock()
+                        moment = _clock.now() if clock is None else clock()
                         if moment < until:
                             if start is not None:
                                 metrics.took(REJECTED, start)
-                            raise rejected(until - moment)
+                            raise breaker._rejected(until - moment)
                     if state is not _CLOSED:
-                        trial = await admit(start)
+                        trial = await breaker._admit(start)
                         if trial is _LET_THROUGH:
-                            return await (fn(*args, **kwargs) if kwargs else positional(*args))
-                began = now() if starts else 0.0
+                            return await (call(*args, **kwargs) if kwargs else call(*args))
+                began = _clock.now() if starts else 0.0
                 try:
-                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                    result = await (call(*args, **kwargs) if kwargs else call(*args))
                     if judge is not None:  # a raising predicate is the call raising
                         bad = judge(result)
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     if trial is not None:
-                        await settle(trial, exc, began)
+                        await breaker._settle_trial(trial, exc, began)
                     elif breaker._failed(exc, began):
                         await breaker._trip()
                     raise
                 # (`bad` is set whenever `judge` is: the usual path tests one constant.)
                 if judge is not None and bad:
                     if trial is not None:
-                        await settle(trial, None, began, True)
+                        await breaker._settle_trial(trial, None, began, True)
                     elif breaker._record(True, began):
                         await breaker._trip()
                 elif trial is not None:
-                    await settle(trial, None, began)
+                    await breaker._settle_trial(trial, None, began)
                 elif breaker._fast:
-                    # Still fast: the await may have let the state change
-                    # (mypy keeps its narrowing across an await, hence the ignore).
+                    # Still fast (see above).
                     counter.pending += 1  # type: ignore[union-attr]
                 elif breaker._record(False, began):
                     await breaker._trip()

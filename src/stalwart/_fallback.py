@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Generic, ParamSpec, TypeVar, final, overload
+from typing import Any, Generic, ParamSpec, TypedDict, TypeVar, Unpack, final, overload
 
 from ._matchers import ExceptionMatcher, Matcher
-from ._metrics import MetricFamily, PolicyMetrics
+from ._metrics import Counted, MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy, is_async_callable
 from ._telemetry import Telemetry, observed
 from .events import FellBack
@@ -39,6 +39,15 @@ class FallbackMetrics(PolicyMetrics):
             "fallbacks",
         ),
     )
+
+
+class _Options(TypedDict, total=False):
+    """`Fallback`'s keyword arguments, for its overloads (see its ``__init__``)."""
+
+    on: ExceptionMatcher
+    on_result: Callable[[Any], bool] | None
+    name: str
+    telemetry: Telemetry | None
 
 
 @final
@@ -93,36 +102,14 @@ class Fallback(Policy, Generic[R_co]):
 
     @overload
     def __init__(
-        self,
-        fallback: Callable[[Any], Awaitable[R_co]],
-        *,
-        on: ExceptionMatcher = ...,
-        on_result: Callable[[Any], bool] | None = ...,
-        name: str = ...,
-        telemetry: Telemetry | None = ...,
+        self, fallback: Callable[[Any], Awaitable[R_co]], **options: Unpack[_Options]
     ) -> None: ...
 
     @overload
-    def __init__(
-        self,
-        fallback: Callable[[Any], R_co],
-        *,
-        on: ExceptionMatcher = ...,
-        on_result: Callable[[Any], bool] | None = ...,
-        name: str = ...,
-        telemetry: Telemetry | None = ...,
-    ) -> None: ...
+    def __init__(self, fallback: Callable[[Any], R_co], **options: Unpack[_Options]) -> None: ...
 
     @overload
-    def __init__(
-        self,
-        fallback: R_co,
-        *,
-        on: ExceptionMatcher = ...,
-        on_result: Callable[[Any], bool] | None = ...,
-        name: str = ...,
-        telemetry: Telemetry | None = ...,
-    ) -> None: ...
+    def __init__(self, fallback: R_co, **options: Unpack[_Options]) -> None: ...
 
     def __init__(
         self,
@@ -192,59 +179,75 @@ class Fallback(Policy, Generic[R_co]):
     def wrap(  # type: ignore[override]
         self: Fallback[T], fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
-        positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
-        matches, on_result, answer = self._matches, self._on_result, self._answer
-        metrics, owner = self._metrics, self
-        # Nothing to judge nor time on success: the success path returns at
-        # once (the "Fallback, success" benchmark row).
-        plain_success = on_result is None and timer is None
+        call: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
+        slot, metrics, owner = self._telemetry.provider_slot, self._metrics, self
+        # A result predicate or latency to measure: `_judged` makes the call.
+        # Otherwise there is nothing to judge nor time on success, and the
+        # call is made inline (the "Fallback, success" row): the wrapper
+        # closes over what that path uses, and reaches the rest through
+        # `owner` (each name it closes over is copied into every call's frame).
+        plain_success = self._on_result is None and self.timer() is None
+        judged = self._judged
+
+        def make_judged(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
+            async def falling_back(*args: P.args, **kwargs: P.kwargs) -> T:
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await owner.in_span(plain, args, kwargs)
+                return await judged(call, args, kwargs)
+
+            return falling_back
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def falling_back(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
-                    return await span(plain, args, kwargs)
-                start = None if timer is None else timer()
+                    return await owner.in_span(plain, args, kwargs)
                 try:
-                    result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                    result = await (call(*args, **kwargs) if kwargs else call(*args))
                 except Exception as exc:
-                    if not matches(exc):
-                        metrics.failed(exc, start)
+                    if not owner._matches(exc):
+                        metrics.failed(exc, None)
                         raise
                     try:
-                        result = await owner._fell_back(answer, exc, None)
+                        result = await owner._fell_back(exc, None)
                     except BaseException as error:
-                        metrics.failed(error, start)
+                        metrics.failed(error, None)
                         raise
                 except BaseException as exc:  # cancellation and exits never fall back
-                    metrics.failed(exc, start)
+                    metrics.failed(exc, None)
                     raise
-                else:
-                    if plain_success:
-                        metrics.success += 1
-                        return result
-                    if on_result is not None:
-                        try:
-                            if on_result(result):
-                                result = await owner._fell_back(answer, None, result)
-                        except BaseException as error:
-                            metrics.failed(error, start)
-                            raise
                 metrics.success += 1
-                return result if start is None else metrics.returned(result, start)
+                return result
 
             return falling_back
 
-        return self.build(make, binding)
+        return self.build(make if plain_success else make_judged, binding)
 
-    async def _fell_back(
-        self, answer: Callable[[Any], Awaitable[Any]], error: Exception | None, result: Any
-    ) -> Any:
+    async def _judged(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        """A call with a result predicate or latency to measure."""
+        timer = self.timer()
+        with Counted(self._metrics, None if timer is None else timer()):
+            try:
+                result = await fn(*args, **kwargs)
+            except Exception as exc:
+                if not self._matches(exc):
+                    raise
+                return await self._fell_back(exc, None)  # type: ignore[no-any-return]
+            on_result = self._on_result
+            if on_result is not None and on_result(result):
+                return await self._fell_back(None, result)  # type: ignore[no-any-return]
+            return result
+
+    async def _fell_back(self, error: Exception | None, result: Any) -> Any:
         """The fallback's answer for ``error`` (or ``result``), counted and reported."""
         self._metrics.fallbacks += 1
         if observed(self._telemetry):
             self.report(FellBack, error=error, result=result)
-        return await answer(result if error is None else error)
+        return await self._answer(result if error is None else error)
 
     def __repr__(self) -> str:
         fallback = self._fallback

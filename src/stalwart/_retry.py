@@ -310,12 +310,7 @@ class Retry(Policy):
         self, fn: Callable[P, Coroutine[Any, Any, T]], binding: Binding
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         call: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
-        slot, span, metrics, owner = (
-            self._telemetry.provider_slot,
-            self.in_span,
-            self._metrics,
-            self,
-        )
+        slot, metrics, owner = self._telemetry.provider_slot, self._metrics, self
         # No result predicate, budget, timeout nor latency to measure: the first
         # attempt is made inline, with nothing to time and no coroutine between
         # caller and `fn` (the "Retry, success" row); otherwise `_counted` makes
@@ -328,14 +323,20 @@ class Retry(Policy):
             and self._budget is None
             and self._timer is None
         )
-        counted = None if simple else self._counted
+        counted = self._counted
+
+        def make_counted(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
+            async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await owner.in_span(plain, args, kwargs)
+                return await counted(call, args, kwargs)
+
+            return retrying
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
-                    return await span(plain, args, kwargs)
-                if counted is not None:
-                    return await counted(call, args, kwargs)
+                    return await owner.in_span(plain, args, kwargs)
                 try:
                     result = await (call(*args, **kwargs) if kwargs else call(*args))
                 except BaseException as exc:
@@ -357,7 +358,7 @@ class Retry(Policy):
 
             return retrying
 
-        return self.build(make, binding)
+        return self.build(make if simple else make_counted, binding)
 
     async def _counted(
         self,
