@@ -48,19 +48,20 @@ import inspect
 from collections.abc import Callable, Coroutine
 from contextvars import Context, copy_context
 from dataclasses import dataclass
-from heapq import heappush
+from threading import get_ident
 from typing import Any, Final, ParamSpec, TypeVar, final
+from weakref import WeakKeyDictionary
 
 import anyio
 import anyio.abc
 
-from . import _clock, _deadline, _validate
+from . import _clock, _deadline, _privates, _validate
 from ._deadline import _innermost_anyio_scope, _timers_of, is_cancellation, remaining
 from ._latency_quantile import LatencyQuantile
 from ._matchers import ExceptionMatcher, Matcher
 from ._metrics import MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
-from ._privates import current_task, scope_chain
+from ._privates import LOOP_THREAD_ID, anyio_task_states, current_task, scope_chain
 from ._retry import _retries_allowed
 from ._retry_budget import RetryBudget, charged
 from ._telemetry import Telemetry, observed
@@ -162,15 +163,28 @@ _PENDING: Final = 0
 _WON: Final = 1
 _FAILED: Final = 2  # an exception `on` does not match ended the call
 
+# What a race needs of a call whose first attempt runs inline (asyncio): the
+# caller's task, a copy of its context (for the hedges), the task's
+# cancellation count and innermost anyio scope when the call began (to take
+# back, or put off, the interruption of that attempt when a hedge wins).
+_Inline = tuple[Any, Context, int, Any]
+
+# A `_Lane` record: [due, task, context, cancelling, anyio scope, fn, args,
+# kwargs, race]; the race is None until the delay passes (see `_Lane.fire`).
+_DUE: Final = 0
+_RACE: Final = 8
+
 
 class _Race:
     """One call's attempts: how many started and are running, how the call ended.
 
-    On asyncio the first attempt runs inline, in the caller's task, and the
-    race is also the entry the loop's timer heap fires when the delay has
-    passed (`expire`): only then does a helper task start, to run the hedges
-    in a task group of its own. A call that ends before its delay costs a
-    timer entry, no task (the "Hedge" row of benchmarks/hot_path.py).
+    On asyncio the first attempt runs inline, in the caller's task; only
+    when its delay passes (`expire`) does a helper task start, to run the
+    hedges in a task group of its own. With a fixed delay the race is built
+    only then, from the call's `_Lane` record; with an `AdaptiveDelay` it is
+    built at once, as the entry the loop's timer heap fires (see `_Lane` for
+    why). A call that ends before its delay costs no task (the "Hedge" rows
+    of benchmarks/hot_path.py).
     """
 
     __slots__ = (
@@ -197,6 +211,7 @@ class _Race:
         "timers",
         "wake",
     )
+    task: Any  # the caller's asyncio task, whose first attempt runs inline; or None
     # Set for an inline first attempt only (asyncio):
     context: Context
     cancelling: int
@@ -211,29 +226,23 @@ class _Race:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         delay: float,
-        task: Any,
+        inline: _Inline | None = None,
     ) -> None:
         self.policy = policy
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.delay = delay
-        self.task = task  # the caller's asyncio task, whose first attempt runs inline; or None
         self.helper: asyncio.Task[None] | None = None
-        if task is None:
-            self.first = False  # the inline first attempt is running
+        if inline is None:
+            self.task = None
+            self.first = False
             self.prepare(0)
         else:
             # The least a call that ends before its delay needs: the rest is set
             # when the delay passes (`expire`), or the attempt fails (`prepare`).
-            self.first = True
-            self.context = copy_context()
-            self.cancelling = task.cancelling()
-            last_task, state = _deadline._last_state  # _innermost_anyio_scope's cache, inlined
-            if last_task() is task:
-                self.anyio_scope = getattr(state, "cancel_scope", None)
-            else:
-                self.anyio_scope = _innermost_anyio_scope(task)
+            self.first = True  # the inline first attempt is running
+            self.task, self.context, self.cancelling, self.anyio_scope = inline
 
     def prepare(self, started: int) -> None:
         """Set up the race's state, ``started`` attempts made (the inline one, if any)."""
@@ -296,6 +305,91 @@ class _Race:
             return
         self.interrupted = True
         task.cancel()
+
+
+class _Lane:
+    """The calls in flight of one fixed-delay `Hedge` on one asyncio loop, in start order.
+
+    With a fixed delay, a call's due time (its start plus the delay) grows
+    with its start: the calls in flight, kept in the order they started, are
+    also in the order they fall due. So a call needs no entry in a heap nor
+    a timer of its own: it adds its record to ``calls`` and takes it back
+    when its first attempt ends (each O(1), a dict keyed by a sequence
+    number), and one loop timer per lane, armed lazily, serves them all.
+    When it fires, every record due is taken out and its race started (a
+    helper task for the hedges, `_Race.expire`), and the timer is armed
+    again for the oldest record left, if any: a call that ended before its
+    delay costs no timer call (the "Hedge(delay=0.05), first attempt in
+    time" row). The timer may fire for a record already taken back: it
+    then looks, and waits for the next. With no call in flight it fires at
+    most once more, and is not armed again: an idle loop holds no timer,
+    and the timer holds nothing of the calls.
+
+    A `Hedge` keeps one lane per loop, keyed weakly by the loop (see
+    `Hedge._lane_of`): a lane holds its loop only while it is the policy's
+    cached one (``info``) and while a call or its timer is pending.
+    """
+
+    __slots__ = ("armed_at", "calls", "handle", "info", "policy", "seq")
+
+    def __init__(self, policy: Hedge | None) -> None:
+        self.policy = policy
+        self.calls: dict[int, list[Any]] = {}
+        self.handle: asyncio.TimerHandle | None = None
+        self.armed_at = 0.0
+        self.info: _clock.LoopInfo | None = None  # set while the policy caches this lane
+        self.seq = 0
+
+    def arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        """Fire at ``when`` (the lane has no timer armed)."""
+        self.armed_at = when
+        # In an empty context: call_at would copy the caller's, and keep it.
+        self.handle = loop.call_at(when, self.fire, context=Context())
+
+    def fire(self) -> None:
+        """The loop's timer: start the races of the calls due, arm again for the next."""
+        self.handle = None
+        calls = self.calls
+        if not calls:
+            return
+        info = _clock.asyncio_loop()
+        assert info is not None  # a loop timer runs on its loop
+        # The loop runs a timer once it is within its clock resolution of due.
+        limit = max(info.time(), self.armed_at)
+        due: list[int] = []
+        for key, record in calls.items():
+            if record[_DUE] > limit:
+                self.arm(info.loop, record[_DUE])
+                break
+            due.append(key)
+        if not due:
+            return
+        policy = self.policy
+        assert policy is not None
+        timers = info.timers
+        if timers is None:
+            timers = _timers_of(info)
+        delay = policy._fixed
+        for key in due:
+            record = calls.pop(key)
+            _, task, context, cancelling, scope, fn, args, kwargs, _ = record
+            race = record[_RACE] = _Race(
+                policy, fn, args, kwargs, delay, (task, context, cancelling, scope)
+            )
+            race.timers = timers  # where an interruption put off looks again
+            race.expire()
+
+
+# The lane of a policy no call has used yet: its ``info`` is never set.
+_NO_LANE: Final = _Lane(None)
+
+
+def _anyio_scope(task: Any) -> Any:
+    """`_innermost_anyio_scope`, with a cheap answer when anyio has no state for any task."""
+    states = _privates._anyio_states
+    if states is None and anyio_task_states() is None:
+        return None  # anyio's asyncio backend has not run: no task has an anyio scope
+    return _innermost_anyio_scope(task)
 
 
 @final
@@ -361,6 +455,8 @@ class Hedge(Policy):
         "_discard",
         "_fixed",
         "_hedges",
+        "_lane",
+        "_lanes",
         "_matches",
         "_on",
         "_quantile",
@@ -400,6 +496,26 @@ class Hedge(Policy):
         if discard is not None and not callable(discard):
             raise TypeError(f"discard must be callable, not {type(discard).__name__}")
         self._discard = discard
+        self._lane = _NO_LANE  # the lane last used (see `_lane_of`)
+        self._lanes: WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] | None = None
+
+    def _lane_of(self, info: _clock.LoopInfo) -> _Lane:
+        """The lane of the running loop, now the cached one (its ``info`` set).
+
+        The lanes are keyed weakly by their loop, and only the cached lane
+        holds its loop (through ``info``): a closed loop that no call uses
+        leaves nothing behind but, until another loop calls, the cache.
+        """
+        lanes = self._lanes
+        if lanes is None:
+            lanes = self._lanes = WeakKeyDictionary()
+        lane = lanes.get(info.loop)
+        if lane is None:
+            lane = lanes[info.loop] = _Lane(self)
+        self._lane.info = None
+        lane.info = info
+        self._lane = lane
+        return lane
 
     @property
     def hedges(self) -> int:
@@ -457,46 +573,102 @@ class Hedge(Policy):
         metrics, policy, quantile, budget = self._metrics, self, self._quantile, self._budget
         general, settle, first_failed = self._race, self._settle, self._first_failed
         fixed, allowed, loop_info = self._fixed, _retries_allowed, _clock.asyncio_loop
+        lanes = quantile is None and fixed > 0.0  # a fixed delay: the call goes in a `_Lane`
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def hedging(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
                     return await span(plain, args, kwargs)
                 start = None if timer is None else timer()
-                info = loop_info()
+                info = _clock._cached  # _clock.asyncio_loop(), inlined as _clock.now does
+                if info is None or getattr(info.loop, LOOP_THREAD_ID, None) != get_ident():
+                    info = loop_info()
                 try:
                     if info is None or not allowed.get():
                         result: T = await general(fn, args, kwargs)
+                    elif lanes:
+                        # asyncio, a fixed delay: the first attempt runs inline, in
+                        # this task, with a record in the policy's lane for this
+                        # loop, whose timer starts the hedges if the attempt is
+                        # still running after the delay (`_Lane.fire`).
+                        if budget is not None and charged.get() is not budget:
+                            budget.deposit()
+                        task: Any = current_task(info.loop)
+                        last_task, state = _deadline._last_state  # _innermost_anyio_scope's cache
+                        lane = policy._lane
+                        if lane.info is not info:
+                            lane = policy._lane_of(info)
+                        began = info.time()
+                        key = lane.seq = lane.seq + 1
+                        record = [
+                            began + fixed,
+                            task,
+                            copy_context(),
+                            task.cancelling(),
+                            getattr(state, "cancel_scope", None)
+                            if last_task() is task
+                            else _anyio_scope(task),
+                            fn,
+                            args,
+                            kwargs,
+                            None,
+                        ]
+                        calls = lane.calls
+                        calls[key] = record
+                        if lane.handle is None:
+                            lane.arm(info.loop, began + fixed)
+                        try:
+                            result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                        except BaseException as exc:  # noqa: BLE001 - judged below
+                            failure: BaseException | None = exc
+                            result = None  # type: ignore[assignment]
+                        else:
+                            failure = None
+                        race = record[_RACE]
+                        if race is not None:  # the delay passed: hedges may be running
+                            race.first = False
+                            result = await settle(race, failure, result, began)
+                        else:
+                            del calls[key]
+                            if failure is not None:
+                                try:
+                                    result = await first_failed(fn, args, kwargs, fixed, failure)
+                                finally:
+                                    failure = None
                     else:
-                        # asyncio: the first attempt runs inline, in this task, with
-                        # an entry in the loop's timer heap that starts the hedges if
-                        # it is still running after the delay (`_Race.expire`).
+                        # asyncio, an adaptive delay (or none): deadlines do not come in
+                        # start order, so the race is an entry of the loop's timer heap.
                         if budget is not None and charged.get() is not budget:
                             budget.deposit()
                         delay = fixed if quantile is None else policy.current_delay()
                         if delay <= 0.0:
-                            race = _Race(policy, fn, args, kwargs, delay, None)
+                            race = _Race(policy, fn, args, kwargs, delay)
                             result = await policy._grouped(race)
                         else:
-                            task: Any = current_task(info.loop)
-                            race = _Race(policy, fn, args, kwargs, delay, task)
+                            task = current_task(info.loop)
+                            last_task, state = _deadline._last_state
+                            inline = (
+                                task,
+                                copy_context(),
+                                task.cancelling(),
+                                getattr(state, "cancel_scope", None)
+                                if last_task() is task
+                                else _anyio_scope(task),
+                            )
+                            race = _Race(policy, fn, args, kwargs, delay, inline)
                             timers = info.timers
                             if timers is None:
                                 timers = _timers_of(info)
                             race.timers = timers
                             began = info.time()
-                            timers._seq += 1  # _Timers.add, inlined (as _Scope does)
-                            entry = [began + delay, timers._seq, race]
-                            heappush(timers._heap, entry)
-                            if timers._handle is None or entry[0] < timers._armed_at:
-                                timers._arm(entry[0])
+                            entry = timers.add(began + delay, race)
                             try:
                                 result = await (
                                     fn(*args, **kwargs) if kwargs else positional(*args)
                                 )
                             except BaseException as exc:  # noqa: BLE001 - judged below
                                 race.first = False
-                                failure: BaseException | None = exc
+                                failure = exc
                                 result = None  # type: ignore[assignment]
                             else:
                                 race.first = False
@@ -504,15 +676,12 @@ class Hedge(Policy):
                             if race.helper is not None:
                                 result = await settle(race, failure, result, began)
                             else:
-                                heap = timers._heap
-                                if heap and heap[-1] is entry:  # _Timers.discard, inlined
-                                    heap.pop()
-                                    entry[2] = None
-                                else:
-                                    timers.discard(entry)
+                                timers.discard(entry)
                                 if failure is not None:
                                     try:
-                                        result = await first_failed(race, failure)
+                                        result = await first_failed(
+                                            fn, args, kwargs, delay, failure
+                                        )
                                     finally:
                                         failure = None
                                 elif quantile is not None:
@@ -543,13 +712,21 @@ class Hedge(Policy):
         budget = self._budget
         if budget is not None and charged.get() is not budget:
             budget.deposit()
-        race = _Race(self, fn, args, kwargs, self.current_delay(), None)
+        race = _Race(self, fn, args, kwargs, self.current_delay())
         return await self._grouped(race)  # type: ignore[no-any-return]
 
-    async def _first_failed(self, race: _Race, failure: BaseException) -> Any:
+    async def _first_failed(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        delay: float,
+        failure: BaseException,
+    ) -> Any:
         """The inline first attempt failed before the delay: the first hedge starts at once."""
         if not isinstance(failure, Exception) or not self._matches(failure):
             raise failure
+        race = _Race(self, fn, args, kwargs, delay)
         race.prepare(1)
         race.running = 0
         race.failure = failure
