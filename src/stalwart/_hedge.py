@@ -50,13 +50,19 @@ from contextvars import Context, copy_context
 from dataclasses import dataclass
 from threading import get_ident
 from typing import Any, Final, ParamSpec, TypeVar, final
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, ref
 
 import anyio
 import anyio.abc
 
 from . import _clock, _deadline, _privates, _validate
-from ._deadline import _innermost_anyio_scope, _timers_of, is_cancellation, remaining
+from ._deadline import (
+    _innermost_anyio_scope,
+    _looked_up_anyio_scope,
+    _timers_of,
+    is_cancellation,
+    remaining,
+)
 from ._latency_quantile import LatencyQuantile
 from ._matchers import ExceptionMatcher, Matcher
 from ._metrics import MetricFamily, PolicyMetrics
@@ -330,25 +336,26 @@ class _Lane:
     cached one (``info``) and while a call or its timer is pending.
     """
 
-    __slots__ = ("armed_at", "calls", "handle", "info", "policy", "seq")
+    __slots__ = ("armed", "armed_at", "calls", "info", "policy", "seq")
 
     def __init__(self, policy: Hedge | None) -> None:
         self.policy = policy
         self.calls: dict[int, list[Any]] = {}
-        self.handle: asyncio.TimerHandle | None = None
+        self.armed = False  # (not the handle: it holds the loop, which closes with it armed)
         self.armed_at = 0.0
         self.info: _clock.LoopInfo | None = None  # set while the policy caches this lane
         self.seq = 0
 
     def arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         """Fire at ``when`` (the lane has no timer armed)."""
+        self.armed = True
         self.armed_at = when
         # In an empty context: call_at would copy the caller's, and keep it.
-        self.handle = loop.call_at(when, self.fire, context=Context())
+        loop.call_at(when, self.fire, context=Context())
 
     def fire(self) -> None:
         """The loop's timer: start the races of the calls due, arm again for the next."""
-        self.handle = None
+        self.armed = False
         calls = self.calls
         if not calls:
             return
@@ -385,11 +392,20 @@ _NO_LANE: Final = _Lane(None)
 
 
 def _anyio_scope(task: Any) -> Any:
-    """`_innermost_anyio_scope`, with a cheap answer when anyio has no state for any task."""
+    """`_innermost_anyio_scope` when its cache holds another task, quick when there is no scope.
+
+    A task that never entered an anyio scope (a plain asyncio caller) has no
+    state in anyio's table: one dict lookup says so, and the cache is left
+    to the tasks that have one.
+    """
     states = _privates._anyio_states
-    if states is None and anyio_task_states() is None:
-        return None  # anyio's asyncio backend has not run: no task has an anyio scope
-    return _innermost_anyio_scope(task)
+    if states is None:
+        states = anyio_task_states()
+        if states is None:
+            return None  # anyio's asyncio backend has not run: no task has a scope
+    if states.get(ref(task)) is None:
+        return None
+    return _looked_up_anyio_scope(task)
 
 
 @final
@@ -615,7 +631,7 @@ class Hedge(Policy):
                         ]
                         calls = lane.calls
                         calls[key] = record
-                        if lane.handle is None:
+                        if not lane.armed:
                             lane.arm(info.loop, began + fixed)
                         try:
                             result = await (fn(*args, **kwargs) if kwargs else positional(*args))
