@@ -48,6 +48,7 @@ import inspect
 from collections.abc import Callable, Coroutine
 from contextvars import Context, copy_context
 from dataclasses import dataclass
+from sys import modules
 from threading import get_ident
 from typing import Any, Final, ParamSpec, TypeVar, final
 from weakref import WeakKeyDictionary, ref
@@ -387,6 +388,9 @@ class _Lane:
             race.expire()
 
 
+# anyio's asyncio backend: until it is imported, no task has an anyio scope.
+_ANYIO_ASYNCIO: Final = "anyio._backends._asyncio"
+
 # The lane of a policy no call has used yet: its ``info`` is never set.
 _NO_LANE: Final = _Lane(None)
 
@@ -400,9 +404,11 @@ def _anyio_scope(task: Any) -> Any:
     """
     states = _privates._anyio_states
     if states is None:
+        if _ANYIO_ASYNCIO not in modules:
+            return None  # anyio has never run on asyncio: no task has a scope
         states = anyio_task_states()
         if states is None:
-            return None  # anyio's asyncio backend has not run: no task has a scope
+            return None
     if states.get(ref(task)) is None:
         return None
     return _looked_up_anyio_scope(task)
@@ -610,7 +616,15 @@ class Hedge(Policy):
                         if budget is not None and charged.get() is not budget:
                             budget.deposit()
                         task: Any = current_task(info.loop)
-                        last_task, state = _deadline._last_state  # _innermost_anyio_scope's cache
+                        if _privates._anyio_states is None and _ANYIO_ASYNCIO not in modules:
+                            scope = None  # anyio has never run on asyncio: no task has a scope
+                        else:
+                            last_task, state = _deadline._last_state  # see _innermost_anyio_scope
+                            scope = (
+                                getattr(state, "cancel_scope", None)
+                                if last_task() is task
+                                else _anyio_scope(task)
+                            )
                         lane = policy._lane
                         if lane.info is not info:
                             lane = policy._lane_of(info)
@@ -621,9 +635,7 @@ class Hedge(Policy):
                             task,
                             copy_context(),
                             task.cancelling(),
-                            getattr(state, "cancel_scope", None)
-                            if last_task() is task
-                            else _anyio_scope(task),
+                            scope,
                             fn,
                             args,
                             kwargs,
