@@ -286,7 +286,11 @@ class _Race:
     # -- asyncio: the inline first attempt ----------------------------------------------
 
     def expire(self) -> None:
-        """Called by the loop's timer heap: the delay has passed, or an interruption was put off."""
+        """The delay has passed, or an interruption was put off: the loop's timer says so.
+
+        (`_Lane.fire` for a fixed delay; the timer heap for an adaptive one,
+        and for an interruption put off.)
+        """
         if self.helper is None:
             if self.first:
                 self.prepare(1)
