@@ -447,7 +447,7 @@ def test_several_loops_in_turn_share_a_hedge_and_a_closed_loop_is_released() -> 
         backend = Backend([1.0, 0.01])
         try:
             assert loop.run_until_complete(hedge.call(backend)) == 1
-            assert [t for t in backend.started] == pytest.approx([0.0, 0.05])
+            assert backend.started == pytest.approx([0.0, 0.05])
             # A second call, ended before the delay: the loop closes with its
             # lane's timer still armed.
             assert loop.run_until_complete(hedge.call(Backend([0.01]))) == 0
@@ -460,11 +460,9 @@ def test_several_loops_in_turn_share_a_hedge_and_a_closed_loop_is_released() -> 
     gc.collect()
     assert first() is None  # the policy held it only while it was the last loop used
     assert hedge.metrics.hedges == 2  # type: ignore[attr-defined]
-    assert second() is not None or second() is None  # (the cache may hold the last one)
-    third = run_on_a_new_loop()
+    run_on_a_new_loop()
     gc.collect()
     assert second() is None
-    del third
 
 
 def test_loops_in_two_threads_share_a_hedge() -> None:
@@ -489,7 +487,7 @@ def test_loops_in_two_threads_share_a_hedge() -> None:
         loop = VirtualClockEventLoop()
         try:
             loop.run_until_complete(calls())
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:
             failures.append(exc)
         finally:
             loop.close()

@@ -337,18 +337,17 @@ class _Lane:
     and the timer holds nothing of the calls.
 
     A `Hedge` keeps one lane per loop, keyed weakly by the loop (see
-    `Hedge._lane_of`): a lane holds its loop only while it is the policy's
-    cached one (``info``) and while a call or its timer is pending.
+    `Hedge._here`): a lane holds nothing of its loop, which its armed timer
+    and its calls' tasks hold while they are pending.
     """
 
-    __slots__ = ("armed", "armed_at", "calls", "info", "policy", "seq")
+    __slots__ = ("armed", "armed_at", "calls", "policy", "seq")
 
     def __init__(self, policy: Hedge | None) -> None:
         self.policy = policy
         self.calls: dict[int, list[Any]] = {}
         self.armed = False  # (not the handle: it holds the loop, which closes with it armed)
         self.armed_at = 0.0
-        self.info: _clock.LoopInfo | None = None  # set while the policy caches this lane
         self.seq = 0
 
     def arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
@@ -395,8 +394,19 @@ class _Lane:
 # anyio's asyncio backend: until it is imported, no task has an anyio scope.
 _ANYIO_ASYNCIO: Final = "anyio._backends._asyncio"
 
-# The lane of a policy no call has used yet: its ``info`` is never set.
-_NO_LANE: Final = _Lane(None)
+
+class _Nowhere:
+    """Stands for the loop of a policy no call has used yet: running in no thread."""
+
+    __slots__ = ("loop",)
+    _thread_id = None  # (see _privates.LOOP_THREAD_ID)
+
+    def __init__(self) -> None:
+        self.loop = self
+
+
+# A policy's cached loop and lane before any call (see `Hedge._here`).
+_NOWHERE: Final[tuple[Any, _Lane]] = (_Nowhere(), _Lane(None))
 
 
 def _anyio_scope(task: Any) -> Any:
@@ -481,7 +491,7 @@ class Hedge(Policy):
         "_discard",
         "_fixed",
         "_hedges",
-        "_lane",
+        "_here",
         "_lanes",
         "_matches",
         "_on",
@@ -522,26 +532,33 @@ class Hedge(Policy):
         if discard is not None and not callable(discard):
             raise TypeError(f"discard must be callable, not {type(discard).__name__}")
         self._discard = discard
-        self._lane = _NO_LANE  # the lane last used (see `_lane_of`)
+        # The loop of the last call (its `_clock.LoopInfo`) and the policy's lane there.
+        self._here: tuple[Any, _Lane] = _NOWHERE
         self._lanes: WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] | None = None
 
-    def _lane_of(self, info: _clock.LoopInfo) -> _Lane:
-        """The lane of the running loop, now the cached one (its ``info`` set).
+    def _lane_here(self) -> tuple[Any, _Lane]:
+        """The running asyncio loop's `_clock.LoopInfo` and this policy's lane there.
 
-        The lanes are keyed weakly by their loop, and only the cached lane
-        holds its loop (through ``info``): a closed loop that no call uses
-        leaves nothing behind but, until another loop calls, the cache.
+        ``(None, ...)`` where no asyncio loop runs (trio).
+
+        Cached as ``_here``: a call whose cached loop runs in its thread is on
+        that loop (a thread runs one loop at a time), and looks nothing up. The
+        lanes are keyed weakly by their loop, and hold nothing of it: only the
+        cache does, until a call on another loop replaces it.
         """
+        info = _clock.asyncio_loop()
+        if info is None:
+            return None, _NOWHERE[1]
         lanes = self._lanes
         if lanes is None:
             lanes = self._lanes = WeakKeyDictionary()
         lane = lanes.get(info.loop)
         if lane is None:
             lane = lanes[info.loop] = _Lane(self)
-        self._lane.info = None
-        lane.info = info
-        self._lane = lane
-        return lane
+        here = (info, lane)
+        if getattr(info.loop, LOOP_THREAD_ID, None) is not None:
+            self._here = here  # (else every call asks _clock, which said why once)
+        return here
 
     @property
     def hedges(self) -> int:
@@ -597,8 +614,7 @@ class Hedge(Policy):
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
         metrics, policy, quantile, budget = self._metrics, self, self._quantile, self._budget
-        general, settle, first_failed = self._race, self._settle, self._first_failed
-        fixed, allowed, loop_info = self._fixed, _retries_allowed, _clock.asyncio_loop
+        fixed = self._fixed
         lanes = quantile is None and fixed > 0.0  # a fixed delay: the call goes in a `_Lane`
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
@@ -606,12 +622,12 @@ class Hedge(Policy):
                 if slot._TRACER_PROVIDER is not None and plain is not None:
                     return await span(plain, args, kwargs)
                 start = None if timer is None else timer()
-                info = _clock._cached  # _clock.asyncio_loop(), inlined as _clock.now does
-                if info is None or getattr(info.loop, LOOP_THREAD_ID, None) != get_ident():
-                    info = loop_info()
+                info, lane = policy._here
+                if info.loop._thread_id != get_ident():  # see _lane_here
+                    info, lane = policy._lane_here()
                 try:
-                    if info is None or not allowed.get():
-                        result: T = await general(fn, args, kwargs)
+                    if info is None or not _retries_allowed.get():
+                        result: T = await policy._race(fn, args, kwargs)
                     elif lanes:
                         # asyncio, a fixed delay: the first attempt runs inline, in
                         # this task, with a record in the policy's lane for this
@@ -620,7 +636,7 @@ class Hedge(Policy):
                         if budget is not None and charged.get() is not budget:
                             budget.deposit()
                         task: Any = current_task(info.loop)
-                        if _privates._anyio_states is None and _ANYIO_ASYNCIO not in modules:
+                        if _ANYIO_ASYNCIO not in modules:
                             scope = None  # anyio has never run on asyncio: no task has a scope
                         else:
                             last_task, state = _deadline._last_state  # see _innermost_anyio_scope
@@ -629,9 +645,6 @@ class Hedge(Policy):
                                 if last_task() is task
                                 else _anyio_scope(task)
                             )
-                        lane = policy._lane
-                        if lane.info is not info:
-                            lane = policy._lane_of(info)
                         began = info.time()
                         key = lane.seq = lane.seq + 1
                         record = [
@@ -656,15 +669,17 @@ class Hedge(Policy):
                             result = None  # type: ignore[assignment]
                         else:
                             failure = None
-                        race = record[_RACE]
+                        race = record[8]  # _RACE
                         if race is not None:  # the delay passed: hedges may be running
                             race.first = False
-                            result = await settle(race, failure, result, began)
+                            result = await policy._settle(race, failure, result, began)
                         else:
                             del calls[key]
                             if failure is not None:
                                 try:
-                                    result = await first_failed(fn, args, kwargs, fixed, failure)
+                                    result = await policy._first_failed(
+                                        fn, args, kwargs, fixed, failure
+                                    )
                                 finally:
                                     failure = None
                     else:
@@ -706,12 +721,12 @@ class Hedge(Policy):
                                 race.first = False
                                 failure = None
                             if race.helper is not None:
-                                result = await settle(race, failure, result, began)
+                                result = await policy._settle(race, failure, result, began)
                             else:
                                 timers.discard(entry)
                                 if failure is not None:
                                     try:
-                                        result = await first_failed(
+                                        result = await policy._first_failed(
                                             fn, args, kwargs, delay, failure
                                         )
                                     finally:
