@@ -176,9 +176,9 @@ _FAILED: Final = 2  # an exception `on` does not match ended the call
 # back, or put off, the interruption of that attempt when a hedge wins).
 _Inline = tuple[Any, Context, int, Any]
 
-# A `_Lane` record: [due, task, context, cancelling, anyio scope, fn, args,
+# A `_Lane` record: [start, task, context, cancelling, anyio scope, fn, args,
 # kwargs, race]; the race is None until the delay passes (see `_Lane.fire`).
-_DUE: Final = 0
+_START: Final = 0
 _RACE: Final = 8
 
 
@@ -367,20 +367,21 @@ class _Lane:
         assert info is not None  # a loop timer runs on its loop
         # The loop runs a timer once it is within its clock resolution of due.
         limit = max(info.time(), self.armed_at)
+        policy = self.policy
+        assert policy is not None
+        delay = policy._fixed
         due: list[int] = []
         for key, record in calls.items():
-            if record[_DUE] > limit:
-                self.arm(info.loop, record[_DUE])
+            when = record[_START] + delay  # as the call computed it when it armed the timer
+            if when > limit:
+                self.arm(info.loop, when)
                 break
             due.append(key)
         if not due:
             return
-        policy = self.policy
-        assert policy is not None
         timers = info.timers
         if timers is None:
             timers = _timers_of(info)
-        delay = policy._fixed
         for key in due:
             record = calls.pop(key)
             _, task, context, cancelling, scope, fn, args, kwargs, _ = record
@@ -648,7 +649,7 @@ class Hedge(Policy):
                         began = info.time()
                         key = lane.seq = lane.seq + 1
                         record = [
-                            began + fixed,
+                            began,
                             task,
                             copy_context(),
                             task.cancelling(),
@@ -668,20 +669,24 @@ class Hedge(Policy):
                             failure: BaseException | None = exc
                             result = None  # type: ignore[assignment]
                         else:
+                            if record[8] is None:  # (_RACE) in time: the call is done
+                                del calls[key]
+                                metrics.success += 1
+                                return result if start is None else metrics.returned(result, start)
                             failure = None
-                        race = record[8]  # _RACE
+                        race = record[_RACE]
                         if race is not None:  # the delay passed: hedges may be running
                             race.first = False
                             result = await policy._settle(race, failure, result, began)
                         else:
                             del calls[key]
-                            if failure is not None:
-                                try:
-                                    result = await policy._first_failed(
-                                        fn, args, kwargs, fixed, failure
-                                    )
-                                finally:
-                                    failure = None
+                            assert failure is not None
+                            try:
+                                result = await policy._first_failed(
+                                    fn, args, kwargs, fixed, failure
+                                )
+                            finally:
+                                failure = None
                     else:
                         # asyncio, an adaptive delay (or none): deadlines do not come in
                         # start order, so the race is an entry of the loop's timer heap.
