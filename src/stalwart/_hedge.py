@@ -334,11 +334,12 @@ class _Lane:
     time" row). The timer may fire for a record already taken back: it
     then looks, and waits for the next. With no call in flight it fires at
     most once more, and is not armed again: an idle loop holds no timer,
-    and the timer holds nothing of the calls.
+    and nothing of a call outlives the call.
 
     A `Hedge` keeps one lane per loop, keyed weakly by the loop (see
-    `Hedge._here`): a lane holds nothing of its loop, which its armed timer
-    and its calls' tasks hold while they are pending.
+    `Hedge._lane_here`): a lane holds nothing of its loop but the tasks of
+    its calls in flight, and the loop's timer holds the lane while armed
+    (a loop closed with it armed drops it).
     """
 
     __slots__ = ("armed", "armed_at", "calls", "policy", "seq")
