@@ -412,6 +412,15 @@ async def test_an_idle_loop_keeps_no_timer_and_the_timer_holds_no_call(
     assert await hedge.call(Backend([1.0, 0.01])) == 1
     await anyio.sleep(0.05)
     assert lane_timers(loop) == []
+    # A first attempt that failed, a cancelled call: neither leaves a record behind.
+    assert await hedge.call(Backend([0.01, 0.01], [ValueError("first"), None])) == 1
+    with anyio.move_on_after(0.02):
+        await hedge.call(Backend([1.0]))
+    lanes = hedge._lanes
+    assert lanes is not None
+    assert [len(lane.calls) for lane in lanes.values()] == [0]
+    await anyio.sleep(0.05)
+    assert lane_timers(loop) == []
 
 
 async def test_many_calls_in_flight_share_one_timer(anyio_backend_name: str) -> None:
