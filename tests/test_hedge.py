@@ -398,6 +398,10 @@ async def test_an_idle_loop_keeps_no_timer_and_the_timer_holds_no_call(
         await anyio.sleep(0.01)
         return 1
 
+    # A policy's first call on a loop takes the loop's timer heap, and
+    # caches the loop: the next ones take the lane.
+    assert await hedge.call(Backend([0.01])) == 0
+    assert lane_timers(loop) == []
     argument = Argument()
     gone = weakref.ref(argument)
     assert await hedge(answer)(argument) == 1
@@ -437,6 +441,7 @@ async def test_many_calls_in_flight_share_one_timer(anyio_backend_name: str) -> 
         await anyio.sleep(0.02)
         return 0
 
+    await hedge.call(Backend([0.01]))  # the first call on a loop: the timer heap's
     async with anyio.create_task_group() as group:
         for _ in range(50):
             group.start_soon(hedge.call, slow)

@@ -400,24 +400,28 @@ _ANYIO_ASYNCIO: Final = "anyio._backends._asyncio"
 class _Nowhere:
     """Stands for the loop of a policy no call has used yet: running in no thread."""
 
-    __slots__ = ("loop",)
+    __slots__ = ()
     _thread_id = None  # (see _privates.LOOP_THREAD_ID)
 
-    def __init__(self) -> None:
-        self.loop = self
 
+# What a fixed-delay policy caches of the loop of its last call (see `Hedge._lane_here`):
+# the loop, its clock, the policy's lane there and the lane's calls.
+_Here = tuple[Any, Callable[[], float], _Lane, dict[int, list[Any]]]
 
-# A policy's cached loop and lane before any call (see `Hedge._here`).
-_NOWHERE: Final[tuple[Any, _Lane]] = (_Nowhere(), _Lane(None))
+# The cache before any call, and for a policy that has no lanes: it matches no loop.
+_NOWHERE: Final[_Here] = (_Nowhere(), _clock.now, _Lane(None), {})
 
 
 def _anyio_scope(task: Any) -> Any:
-    """`_innermost_anyio_scope` when its cache holds another task, quick when there is no scope.
+    """`_innermost_anyio_scope`, quick when the task has no anyio scope.
 
     A task that never entered an anyio scope (a plain asyncio caller) has no
     state in anyio's table: one dict lookup says so, and the cache is left
     to the tasks that have one.
     """
+    last_task, state = _deadline._last_state  # _innermost_anyio_scope's cache
+    if last_task() is task:
+        return getattr(state, "cancel_scope", None)
     states = _privates._anyio_states
     if states is None:
         if _ANYIO_ASYNCIO not in modules:
@@ -534,33 +538,28 @@ class Hedge(Policy):
         if discard is not None and not callable(discard):
             raise TypeError(f"discard must be callable, not {type(discard).__name__}")
         self._discard = discard
-        # The loop of the last call (its `_clock.LoopInfo`) and the policy's lane there.
-        self._here: tuple[Any, _Lane] = _NOWHERE
+        # The loop of the last call, and the policy's lane there (see `_lane_here`).
+        self._here: _Here = _NOWHERE
         self._lanes: WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] | None = None
 
-    def _lane_here(self) -> tuple[Any, _Lane]:
-        """The running asyncio loop's `_clock.LoopInfo` and this policy's lane there.
+    def _lane_here(self, info: _clock.LoopInfo) -> None:
+        """Cache the running loop and this policy's lane there as ``_here``, for the next call.
 
-        ``(None, ...)`` where no asyncio loop runs (trio).
-
-        Cached as ``_here``: a call whose cached loop runs in its thread is on
-        that loop (a thread runs one loop at a time), and looks nothing up. The
-        lanes are keyed weakly by their loop, and hold nothing of it: only the
-        cache does, until a call on another loop replaces it.
+        A call whose cached loop runs in its thread is on that loop (a thread
+        runs one loop at a time) and looks nothing up. The lanes are keyed
+        weakly by their loop and hold nothing of it: only the cache does,
+        until a call on another loop replaces it.
         """
-        info = _clock.asyncio_loop()
-        if info is None:
-            return None, _NOWHERE[1]
+        loop = info.loop
+        if getattr(loop, LOOP_THREAD_ID, None) is None:
+            return  # the cache could not tell it runs: every call asks _clock (which said so)
         lanes = self._lanes
         if lanes is None:
             lanes = self._lanes = WeakKeyDictionary()
-        lane = lanes.get(info.loop)
+        lane = lanes.get(loop)
         if lane is None:
-            lane = lanes[info.loop] = _Lane(self)
-        here = (info, lane)
-        if getattr(info.loop, LOOP_THREAD_ID, None) is not None:
-            self._here = here  # (else every call asks _clock, which said why once)
-        return here
+            lane = lanes[loop] = _Lane(self)
+        self._here = (loop, info.time, lane, lane.calls)
 
     @property
     def hedges(self) -> int:
@@ -615,63 +614,48 @@ class Hedge(Policy):
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
-        metrics, policy, quantile, budget = self._metrics, self, self._quantile, self._budget
+        metrics, policy, budget = self._metrics, self, self._budget
         fixed = self._fixed
-        lanes = quantile is None and fixed > 0.0  # a fixed delay: the call goes in a `_Lane`
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def hedging(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
                     return await span(plain, args, kwargs)
                 start = None if timer is None else timer()
-                info, lane = policy._here
-                if info.loop._thread_id != get_ident():  # see _lane_here
-                    info, lane = policy._lane_here()
+                loop, clock, lane, calls = policy._here
                 try:
-                    if info is None or not _retries_allowed.get():
-                        result: T = await policy._race(fn, args, kwargs)
-                    elif lanes:
-                        # asyncio, a fixed delay: the first attempt runs inline, in
-                        # this task, with a record in the policy's lane for this
-                        # loop, whose timer starts the hedges if the attempt is
-                        # still running after the delay (`_Lane.fire`).
+                    if loop._thread_id == get_ident() and _retries_allowed.get():
+                        # asyncio, a fixed delay, the loop of the last call (see
+                        # `_lane_here`): the first attempt runs inline, in this task,
+                        # with a record in the policy's lane for this loop, whose timer
+                        # starts the hedges if the attempt is still running after the
+                        # delay (`_Lane.fire`).
                         if budget is not None and charged.get() is not budget:
                             budget.deposit()
-                        task: Any = current_task(info.loop)
-                        if _ANYIO_ASYNCIO not in modules:
-                            scope = None  # anyio has never run on asyncio: no task has a scope
-                        else:
-                            last_task, state = _deadline._last_state  # see _innermost_anyio_scope
-                            scope = (
-                                getattr(state, "cancel_scope", None)
-                                if last_task() is task
-                                else _anyio_scope(task)
-                            )
-                        began = info.time()
-                        key = lane.seq = lane.seq + 1
+                        task: Any = current_task(loop)
+                        began = clock()
                         record = [
                             began,
                             task,
                             copy_context(),
                             task.cancelling(),
-                            scope,
+                            _anyio_scope(task) if _ANYIO_ASYNCIO in modules else None,
                             fn,
                             args,
                             kwargs,
                             None,
                         ]
-                        calls = lane.calls
-                        calls[key] = record
+                        calls[id(record)] = record
                         if not lane.armed:
-                            lane.arm(info.loop, began + fixed)
+                            lane.arm(loop, began + fixed)
                         try:
-                            result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                            result: T = await (fn(*args, **kwargs) if kwargs else positional(*args))
                         except BaseException as exc:  # noqa: BLE001 - judged below
                             failure: BaseException | None = exc
                             result = None  # type: ignore[assignment]
                         else:
                             if record[8] is None:  # (_RACE) in time: the call is done
-                                del calls[key]
+                                del calls[id(record)]
                                 metrics.success += 1
                                 return result if start is None else metrics.returned(result, start)
                             failure = None
@@ -680,7 +664,7 @@ class Hedge(Policy):
                             race.first = False
                             result = await policy._settle(race, failure, result, began)
                         else:
-                            del calls[key]
+                            del calls[id(record)]
                             assert failure is not None
                             try:
                                 result = await policy._first_failed(
@@ -689,57 +673,7 @@ class Hedge(Policy):
                             finally:
                                 failure = None
                     else:
-                        # asyncio, an adaptive delay (or none): deadlines do not come in
-                        # start order, so the race is an entry of the loop's timer heap.
-                        if budget is not None and charged.get() is not budget:
-                            budget.deposit()
-                        delay = fixed if quantile is None else policy.current_delay()
-                        if delay <= 0.0:
-                            race = _Race(policy, fn, args, kwargs, delay)
-                            result = await policy._grouped(race)
-                        else:
-                            task = current_task(info.loop)
-                            last_task, state = _deadline._last_state
-                            inline = (
-                                task,
-                                copy_context(),
-                                task.cancelling(),
-                                getattr(state, "cancel_scope", None)
-                                if last_task() is task
-                                else _anyio_scope(task),
-                            )
-                            race = _Race(policy, fn, args, kwargs, delay, inline)
-                            timers = info.timers
-                            if timers is None:
-                                timers = _timers_of(info)
-                            race.timers = timers
-                            began = info.time()
-                            entry = timers.add(began + delay, race)
-                            try:
-                                result = await (
-                                    fn(*args, **kwargs) if kwargs else positional(*args)
-                                )
-                            except BaseException as exc:  # noqa: BLE001 - judged below
-                                race.first = False
-                                failure = exc
-                                result = None  # type: ignore[assignment]
-                            else:
-                                race.first = False
-                                failure = None
-                            if race.helper is not None:
-                                result = await policy._settle(race, failure, result, began)
-                            else:
-                                timers.discard(entry)
-                                if failure is not None:
-                                    try:
-                                        result = await policy._first_failed(
-                                            fn, args, kwargs, delay, failure
-                                        )
-                                    finally:
-                                        failure = None
-                                elif quantile is not None:
-                                    now = info.time()
-                                    quantile.add(now, now - began)
+                        result = await policy._call(fn, args, kwargs)
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     raise
@@ -749,6 +683,62 @@ class Hedge(Policy):
             return hedging
 
         return self.build(make, binding)
+
+    async def _call(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        """A call that `wrap`'s lane path does not take.
+
+        On trio, where retries are disabled, with an adaptive delay (whose
+        deadlines do not come in start order: the race is an entry of the
+        loop's timer heap), and a fixed-delay policy's first call on a loop
+        (which caches the loop for the next: `_lane_here`).
+        """
+        info = _clock.asyncio_loop()
+        if info is None or not _retries_allowed.get():
+            return await self._race(fn, args, kwargs)
+        quantile = self._quantile
+        if quantile is None and self._fixed > 0.0:
+            self._lane_here(info)
+        budget = self._budget
+        if budget is not None and charged.get() is not budget:
+            budget.deposit()
+        delay = self._fixed if quantile is None else self.current_delay()
+        if delay <= 0.0:
+            return await self._grouped(_Race(self, fn, args, kwargs, delay))  # type: ignore[no-any-return]
+        task: Any = current_task(info.loop)
+        inline = (task, copy_context(), task.cancelling(), _anyio_scope(task))
+        race = _Race(self, fn, args, kwargs, delay, inline)
+        timers = info.timers
+        if timers is None:
+            timers = _timers_of(info)
+        race.timers = timers
+        began = info.time()
+        entry = timers.add(began + delay, race)
+        try:
+            result: T = await fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - judged below
+            race.first = False
+            failure: BaseException | None = exc
+            result = None  # type: ignore[assignment]
+        else:
+            race.first = False
+            failure = None
+        if race.helper is not None:
+            return await self._settle(race, failure, result, began)  # type: ignore[no-any-return]
+        timers.discard(entry)
+        if failure is not None:
+            try:
+                return await self._first_failed(fn, args, kwargs, delay, failure)  # type: ignore[no-any-return]
+            finally:
+                failure = None
+        if quantile is not None:
+            now = info.time()
+            quantile.add(now, now - began)
+        return result
 
     async def _race(
         self,
