@@ -366,6 +366,29 @@ async def test_calls_that_start_together_are_hedged_together() -> None:
         assert sorted(backend.cancelled) == [0, 1]
 
 
+async def test_a_call_nested_in_a_call_of_the_same_policy_is_hedged_at_its_own_delay() -> None:
+    # On asyncio the outer call's record in the lane is keyed by the task: the
+    # inner one, in the same task, takes the loop's timer heap instead.
+    hedge = fresh(delay=0.05)
+    inner = Backend([1.0, 0.01])
+    outer_started: list[float] = []
+
+    async def outer() -> str:
+        outer_started.append(now())
+        if len(outer_started) == 1:
+            assert await hedge.call(inner) == 1  # hedged at 0.05, answers at 0.06
+            return "first"
+        await anyio.sleep(1.0)
+        return "hedge"
+
+    await hedge.call(Backend([0.01]))  # (asyncio: the policy's first call on this loop)
+    start = now()
+    assert await hedge.call(outer) == "first"
+    assert [t - start for t in inner.started] == pytest.approx([0.0, 0.05])
+    assert [t - start for t in outer_started] == pytest.approx([0.0, 0.05])
+    assert now() - start == pytest.approx(0.06)
+
+
 # -- asyncio: one timer per policy and loop, armed only while calls are in flight ------------
 
 

@@ -325,8 +325,10 @@ class _Lane:
     with its start: the calls in flight, kept in the order they started, are
     also in the order they fall due. So a call needs no entry in a heap nor
     a timer of its own: it adds its record to ``calls`` and takes it back
-    when its first attempt ends (each O(1), a dict keyed by a sequence
-    number), and one loop timer per lane, armed lazily, serves them all.
+    when its first attempt ends (each O(1), a dict keyed by the caller's
+    task; a call of the same policy nested in another, in the same task,
+    takes the timer heap instead: `Hedge._call`), and one loop timer per
+    lane, armed lazily, serves them all.
     When it fires, every record due is taken out and its race started (a
     helper task for the hedges, `_Race.expire`), and the timer is armed
     again for the oldest record left, if any: a call that ended before its
@@ -346,7 +348,7 @@ class _Lane:
 
     def __init__(self, policy: Hedge | None) -> None:
         self.policy = policy
-        self.calls: dict[int, list[Any]] = {}
+        self.calls: dict[Any, list[Any]] = {}  # the caller's task: its record
         self.armed = False  # (not the handle: it holds the loop, which closes with it armed)
         self.armed_at = 0.0
         self.seq = 0
@@ -371,7 +373,7 @@ class _Lane:
         policy = self.policy
         assert policy is not None
         delay = policy._fixed
-        due: list[int] = []
+        due: list[Any] = []
         for key, record in calls.items():
             when = record[_START] + delay  # as the call computed it when it armed the timer
             if when > limit:
@@ -393,6 +395,9 @@ class _Lane:
             race.expire()
 
 
+# The running task of a loop (None outside any task, where asyncio itself fails).
+_task_of: Final[Callable[[Any], Any]] = current_task
+
 # anyio's asyncio backend: until it is imported, no task has an anyio scope.
 _ANYIO_ASYNCIO: Final = "anyio._backends._asyncio"
 
@@ -406,7 +411,7 @@ class _Nowhere:
 
 # What a fixed-delay policy caches of the loop of its last call (see `Hedge._lane_here`):
 # the loop, its clock, the policy's lane there and the lane's calls.
-_Here = tuple[Any, Callable[[], float], _Lane, dict[int, list[Any]]]
+_Here = tuple[Any, Callable[[], float], _Lane, dict[Any, list[Any]]]
 
 # The cache before any call, and for a policy that has no lanes: it matches no loop.
 _NOWHERE: Final[_Here] = (_Nowhere(), _clock.now, _Lane(None), {})
@@ -624,17 +629,21 @@ class Hedge(Policy):
                 start = None if timer is None else timer()
                 loop, clock, lane, calls = policy._here
                 try:
-                    if loop._thread_id == get_ident() and _retries_allowed.get():
+                    if (
+                        loop._thread_id == get_ident()
+                        and _retries_allowed.get()
+                        and (task := _task_of(loop)) not in calls
+                    ):
                         # asyncio, a fixed delay, the loop of the last call (see
-                        # `_lane_here`): the first attempt runs inline, in this task,
-                        # with a record in the policy's lane for this loop, whose timer
-                        # starts the hedges if the attempt is still running after the
-                        # delay (`_Lane.fire`).
+                        # `_lane_here`), no call of this policy in flight in this task
+                        # (the record's key): the first attempt runs inline, in this
+                        # task, with a record in the policy's lane for this loop, whose
+                        # timer starts the hedges if the attempt is still running after
+                        # the delay (`_Lane.fire`).
                         if budget is not None and charged.get() is not budget:
                             budget.deposit()
-                        task: Any = current_task(loop)
                         began = clock()
-                        record = [
+                        record: list[Any] = [
                             began,
                             task,
                             copy_context(),
@@ -645,7 +654,7 @@ class Hedge(Policy):
                             kwargs,
                             None,
                         ]
-                        calls[id(record)] = record
+                        calls[task] = record
                         if not lane.armed:
                             lane.arm(loop, began + fixed)
                         try:
@@ -655,7 +664,7 @@ class Hedge(Policy):
                             result = None  # type: ignore[assignment]
                         else:
                             if record[8] is None:  # (_RACE) in time: the call is done
-                                del calls[id(record)]
+                                del calls[task]
                                 metrics.success += 1
                                 return result if start is None else metrics.returned(result, start)
                             failure = None
@@ -664,7 +673,7 @@ class Hedge(Policy):
                             race.first = False
                             result = await policy._settle(race, failure, result, began)
                         else:
-                            del calls[id(record)]
+                            del calls[task]
                             assert failure is not None
                             try:
                                 result = await policy._first_failed(
@@ -694,8 +703,10 @@ class Hedge(Policy):
 
         On trio, where retries are disabled, with an adaptive delay (whose
         deadlines do not come in start order: the race is an entry of the
-        loop's timer heap), and a fixed-delay policy's first call on a loop
-        (which caches the loop for the next: `_lane_here`).
+        loop's timer heap), a fixed-delay policy's first call on a loop
+        (which caches the loop for the next: `_lane_here`), and a call nested
+        in a call of the same policy in the same task (whose task keys the
+        lane's record).
         """
         info = _clock.asyncio_loop()
         if info is None or not _retries_allowed.get():
