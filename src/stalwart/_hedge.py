@@ -176,10 +176,8 @@ _FAILED: Final = 2  # an exception `on` does not match ended the call
 # back, or put off, the interruption of that attempt when a hedge wins).
 _Inline = tuple[Any, Context, int, Any]
 
-# A `_Lane` record: [start, task, context, cancelling, anyio scope, fn, args,
-# kwargs, race]; the race is None until the delay passes (see `_Lane.fire`).
+# A `_Lane` record: (start, task, context, cancelling, anyio scope, fn, args, kwargs).
 _START: Final = 0
-_RACE: Final = 8
 
 
 class _Race:
@@ -344,14 +342,14 @@ class _Lane:
     (a loop closed with it armed drops it).
     """
 
-    __slots__ = ("armed", "armed_at", "calls", "policy", "seq")
+    __slots__ = ("armed", "armed_at", "calls", "fired", "policy")
 
     def __init__(self, policy: Hedge | None) -> None:
         self.policy = policy
-        self.calls: dict[Any, list[Any]] = {}  # the caller's task: its record
+        self.calls: dict[Any, tuple[Any, ...]] = {}  # the caller's task: its record
+        self.fired: dict[Any, _Race] = {}  # the caller's task: the race its timer started
         self.armed = False  # (not the handle: it holds the loop, which closes with it armed)
         self.armed_at = 0.0
-        self.seq = 0
 
     def arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         """Fire at ``when`` (the lane has no timer armed)."""
@@ -385,10 +383,10 @@ class _Lane:
         timers = info.timers
         if timers is None:
             timers = _timers_of(info)
+        fired = self.fired
         for key in due:
-            record = calls.pop(key)
-            _, task, context, cancelling, scope, fn, args, kwargs, _ = record
-            race = record[_RACE] = _Race(
+            _, task, context, cancelling, scope, fn, args, kwargs = calls.pop(key)
+            race = fired[key] = _Race(
                 policy, fn, args, kwargs, delay, (task, context, cancelling, scope)
             )
             race.timers = timers  # where an interruption put off looks again
@@ -411,7 +409,7 @@ class _Nowhere:
 
 # What a fixed-delay policy caches of the loop of its last call (see `Hedge._lane_here`):
 # the loop, its clock, the policy's lane there and the lane's calls.
-_Here = tuple[Any, Callable[[], float], _Lane, dict[Any, list[Any]]]
+_Here = tuple[Any, Callable[[], float], _Lane, dict[Any, tuple[Any, ...]]]
 
 # The cache before any call, and for a policy that has no lanes: it matches no loop.
 _NOWHERE: Final[_Here] = (_Nowhere(), _clock.now, _Lane(None), {})
@@ -643,7 +641,7 @@ class Hedge(Policy):
                         if budget is not None and charged.get() is not budget:
                             budget.deposit()
                         began = clock()
-                        record: list[Any] = [
+                        calls[task] = (
                             began,
                             task,
                             copy_context(),
@@ -652,9 +650,7 @@ class Hedge(Policy):
                             fn,
                             args,
                             kwargs,
-                            None,
-                        ]
-                        calls[task] = record
+                        )
                         if not lane.armed:
                             lane.arm(loop, began + fixed)
                         try:
@@ -663,12 +659,15 @@ class Hedge(Policy):
                             failure: BaseException | None = exc
                             result = None  # type: ignore[assignment]
                         else:
-                            if record[8] is None:  # (_RACE) in time: the call is done
-                                del calls[task]
+                            try:
+                                del calls[task]  # in time: the call is done
+                            except KeyError:
+                                pass  # the delay passed: `_Lane.fire` took the record
+                            else:
                                 metrics.success += 1
                                 return result if start is None else metrics.returned(result, start)
                             failure = None
-                        race = record[_RACE]
+                        race = lane.fired.pop(task, None)
                         if race is not None:  # the delay passed: hedges may be running
                             race.first = False
                             result = await policy._settle(race, failure, result, began)
