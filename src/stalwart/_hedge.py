@@ -325,7 +325,7 @@ class _Lane:
     a timer of its own: it adds its record to ``calls`` and takes it back
     when its first attempt ends (each O(1), a dict keyed by the caller's
     task; a call of the same policy nested in another, in the same task,
-    takes the timer heap instead: `Hedge._call`), and one loop timer per
+    takes the timer heap instead: `Hedge.wrap`), and one loop timer per
     lane, armed lazily, serves them all.
     When it fires, every record due is taken out and its race started (a
     helper task for the hedges, `_Race.expire`), and the timer is armed
@@ -618,7 +618,8 @@ class Hedge(Policy):
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
         metrics, policy, budget = self._metrics, self, self._budget
-        fixed = self._fixed
+        fixed, quantile, loop_info = self._fixed, self._quantile, _clock.asyncio_loop
+        lanes = quantile is None and fixed > 0.0  # a fixed delay: calls go in a `_Lane`
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def hedging(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -681,7 +682,66 @@ class Hedge(Policy):
                             finally:
                                 failure = None
                     else:
-                        result = await policy._call(fn, args, kwargs)
+                        # Trio, or retries disabled: `_race`. On asyncio, an adaptive
+                        # delay (deadlines out of start order), a fixed-delay policy's
+                        # first call on this loop (which caches it: `_lane_here`), or a
+                        # call nested in one of this policy in the same task (whose task
+                        # keys the record): the first attempt runs inline, with an entry
+                        # in the loop's timer heap that fires when the delay passes.
+                        info = loop_info()
+                        if info is None or not _retries_allowed.get():
+                            result = await policy._race(fn, args, kwargs)
+                        else:
+                            if lanes:
+                                policy._lane_here(info)
+                            if budget is not None and charged.get() is not budget:
+                                budget.deposit()
+                            delay = fixed if quantile is None else policy.current_delay()
+                            if delay <= 0.0:
+                                result = await policy._grouped(
+                                    _Race(policy, fn, args, kwargs, delay)
+                                )
+                            else:
+                                task = _task_of(info.loop)
+                                race = _Race(
+                                    policy,
+                                    fn,
+                                    args,
+                                    kwargs,
+                                    delay,
+                                    (task, copy_context(), task.cancelling(), _anyio_scope(task)),
+                                )
+                                timers = info.timers
+                                if timers is None:
+                                    timers = _timers_of(info)
+                                race.timers = timers
+                                began = info.time()
+                                entry = timers.add(began + delay, race)
+                                try:
+                                    result = await (
+                                        fn(*args, **kwargs) if kwargs else positional(*args)
+                                    )
+                                except BaseException as exc:  # noqa: BLE001 - judged below
+                                    race.first = False
+                                    failure = exc
+                                    result = None  # type: ignore[assignment]
+                                else:
+                                    race.first = False
+                                    failure = None
+                                if race.helper is not None:
+                                    result = await policy._settle(race, failure, result, began)
+                                else:
+                                    timers.discard(entry)
+                                    if failure is not None:
+                                        try:
+                                            result = await policy._first_failed(
+                                                fn, args, kwargs, delay, failure
+                                            )
+                                        finally:
+                                            failure = None
+                                    elif quantile is not None:
+                                        now = info.time()
+                                        quantile.add(now, now - began)
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     raise
@@ -691,64 +751,6 @@ class Hedge(Policy):
             return hedging
 
         return self.build(make, binding)
-
-    async def _call(
-        self,
-        fn: Callable[..., Coroutine[Any, Any, T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> T:
-        """A call that `wrap`'s lane path does not take.
-
-        On trio, where retries are disabled, with an adaptive delay (whose
-        deadlines do not come in start order: the race is an entry of the
-        loop's timer heap), a fixed-delay policy's first call on a loop
-        (which caches the loop for the next: `_lane_here`), and a call nested
-        in a call of the same policy in the same task (whose task keys the
-        lane's record).
-        """
-        info = _clock.asyncio_loop()
-        if info is None or not _retries_allowed.get():
-            return await self._race(fn, args, kwargs)
-        quantile = self._quantile
-        if quantile is None and self._fixed > 0.0:
-            self._lane_here(info)
-        budget = self._budget
-        if budget is not None and charged.get() is not budget:
-            budget.deposit()
-        delay = self._fixed if quantile is None else self.current_delay()
-        if delay <= 0.0:
-            return await self._grouped(_Race(self, fn, args, kwargs, delay))  # type: ignore[no-any-return]
-        task: Any = current_task(info.loop)
-        inline = (task, copy_context(), task.cancelling(), _anyio_scope(task))
-        race = _Race(self, fn, args, kwargs, delay, inline)
-        timers = info.timers
-        if timers is None:
-            timers = _timers_of(info)
-        race.timers = timers
-        began = info.time()
-        entry = timers.add(began + delay, race)
-        try:
-            result: T = await fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - judged below
-            race.first = False
-            failure: BaseException | None = exc
-            result = None  # type: ignore[assignment]
-        else:
-            race.first = False
-            failure = None
-        if race.helper is not None:
-            return await self._settle(race, failure, result, began)  # type: ignore[no-any-return]
-        timers.discard(entry)
-        if failure is not None:
-            try:
-                return await self._first_failed(fn, args, kwargs, delay, failure)  # type: ignore[no-any-return]
-            finally:
-                failure = None
-        if quantile is not None:
-            now = info.time()
-            quantile.add(now, now - began)
-        return result
 
     async def _race(
         self,
