@@ -48,6 +48,7 @@ import inspect
 from collections.abc import Callable, Coroutine
 from contextvars import Context, copy_context
 from dataclasses import dataclass
+from heapq import heappush
 from sys import modules
 from threading import get_ident
 from typing import Any, Final, ParamSpec, TypeVar, final
@@ -716,7 +717,11 @@ class Hedge(Policy):
                                     timers = _timers_of(info)
                                 race.timers = timers
                                 began = info.time()
-                                entry = timers.add(began + delay, race)
+                                timers._seq += 1  # _Timers.add, inlined (as _Scope does)
+                                entry = [began + delay, timers._seq, race]
+                                heappush(timers._heap, entry)
+                                if timers._handle is None or entry[0] < timers._armed_at:
+                                    timers._arm(entry[0])
                                 try:
                                     result = await (
                                         fn(*args, **kwargs) if kwargs else positional(*args)
@@ -731,7 +736,12 @@ class Hedge(Policy):
                                 if race.helper is not None:
                                     result = await policy._settle(race, failure, result, began)
                                 else:
-                                    timers.discard(entry)
+                                    heap = timers._heap
+                                    if heap and heap[-1] is entry:  # _Timers.discard, inlined
+                                        heap.pop()
+                                        entry[2] = None
+                                    else:
+                                        timers.discard(entry)
                                     if failure is not None:
                                         try:
                                             result = await policy._first_failed(
