@@ -475,14 +475,14 @@ def cases() -> list[Case]:
             BARE,
             8,
             group=HEDGE,
-            note="the attempt runs inline; a timer entry armed and taken back, no task",
+            note="the attempt runs inline; a record queued and taken back, no timer, no task",
         ),
         Case(
             "Hedge(delay=AdaptiveDelay()), first attempt in time",
             hedged_adaptive,
             BARE,
             group=HEDGE,
-            note="also reads the clock twice and adds a latency sample",
+            note="a timer heap entry, not the queue; reads the clock twice, adds a latency sample",
         ),
         Case(
             "Fallback, success",

@@ -51,10 +51,13 @@ GROUP_NOTES = {
     hot_path.IDEMPOTENCY: "No peer in the set offers idempotency keys: no peer rows.",
     hot_path.HEDGE: (
         "No peer in the set hedges: no peer rows. On asyncio the first attempt runs in the "
-        "caller's task with an entry in the loop's timer heap (as a `Timeout`'s deadline); "
-        "only a call still running at its delay starts a task for its hedges. The call "
-        "also copies its context (for the hedges) and notes the task's cancellation count "
-        "and anyio scope (to interrupt the first attempt if a hedge wins)."
+        "caller's task; only a call still running at its delay starts a task for its hedges. "
+        "With a fixed delay the call adds a record to its policy's queue for the loop, "
+        "in start order, which is due order: one loop timer per policy and loop serves "
+        "them all, and a call arms nothing. An `AdaptiveDelay`'s calls are due out of "
+        "order: each has an entry in the loop's timer heap (as a `Timeout`'s deadline). "
+        "The call also copies its context (for the hedges) and notes the task's "
+        "cancellation count and anyio scope (to interrupt the first attempt if a hedge wins)."
     ),
     hot_path.PIPELINE: (
         "hyx is the only peer with all four policies: its decorators stacked in the same order."

@@ -320,6 +320,224 @@ async def test_no_task_outlives_the_call_on_asyncio(anyio_backend_name: str) -> 
         assert len(asyncio.all_tasks()) == before
 
 
+# -- many calls in flight: each is hedged at its own delay ----------------------------------
+
+
+async def test_concurrent_calls_with_staggered_starts_are_each_hedged_at_their_own_delay() -> None:
+    # Call i starts at 0.013 * i; every third one answers before the delay, the
+    # others are hedged at exactly their start + 0.05. Four or so are in flight
+    # at once, and fast ones end before slower, older ones are due, so on
+    # asyncio the lane's one timer fires for calls already gone and looks
+    # again for the next (see `_Lane`).
+    hedge = fresh(delay=0.05)
+    backends = [Backend([0.03 if i % 3 == 0 else 1.0, 0.02]) for i in range(12)]
+    begun: list[float] = [0.0] * len(backends)
+    results: list[int] = [-1] * len(backends)
+
+    async def one(i: int) -> None:
+        await anyio.sleep(0.013 * i)
+        begun[i] = now()
+        results[i] = await hedge.call(backends[i])
+
+    async with anyio.create_task_group() as group:
+        for i in range(len(backends)):
+            group.start_soon(one, i)
+    for i, backend in enumerate(backends):
+        started = [t - begun[i] for t in backend.started]
+        if i % 3 == 0:
+            assert started == pytest.approx([0.0]), i
+            assert results[i] == 0
+        else:
+            assert started == pytest.approx([0.0, 0.05]), i
+            assert backend.cancelled == [0]
+            assert results[i] == 1
+    assert hedge.metrics.hedges == 8  # type: ignore[attr-defined]
+
+
+async def test_calls_that_start_together_are_hedged_together() -> None:
+    hedge = fresh(2, delay=0.05)
+    backends = [Backend([1.0, 1.0, 0.01]) for _ in range(5)]
+    start = now()
+    async with anyio.create_task_group() as group:
+        for backend in backends:
+            group.start_soon(hedge.call, backend)
+    for backend in backends:
+        assert [t - start for t in backend.started] == pytest.approx([0.0, 0.05, 0.1])
+        assert sorted(backend.cancelled) == [0, 1]
+
+
+async def test_a_call_nested_in_a_call_of_the_same_policy_is_hedged_at_its_own_delay() -> None:
+    # On asyncio the outer call's record in the lane is keyed by the task: the
+    # inner one, in the same task, takes the loop's timer heap instead.
+    hedge = fresh(delay=0.05)
+    inner = Backend([1.0, 0.01])
+    outer_started: list[float] = []
+
+    async def outer() -> str:
+        outer_started.append(now())
+        if len(outer_started) == 1:
+            assert await hedge.call(inner) == 1  # hedged at 0.05, answers at 0.06
+            return "first"
+        await anyio.sleep(1.0)
+        return "hedge"
+
+    await hedge.call(Backend([0.01]))  # (asyncio: the policy's first call on this loop)
+    start = now()
+    assert await hedge.call(outer) == "first"
+    assert [t - start for t in inner.started] == pytest.approx([0.0, 0.05])
+    assert [t - start for t in outer_started] == pytest.approx([0.0, 0.05])
+    assert now() - start == pytest.approx(0.06)
+
+
+# -- asyncio: one timer per policy and loop, armed only while calls are in flight ------------
+
+
+def lane_timers(loop: Any) -> list[Any]:
+    """The loop's armed timers that belong to a `Hedge`'s lane."""
+    from stalwart._hedge import _Lane
+
+    return [
+        handle
+        for handle in loop._scheduled
+        if not handle.cancelled() and isinstance(getattr(handle._callback, "__self__", None), _Lane)
+    ]
+
+
+async def test_an_idle_loop_keeps_no_timer_and_the_timer_holds_no_call(
+    anyio_backend_name: str,
+) -> None:
+    if anyio_backend_name != "asyncio":
+        pytest.skip("the lane and its timer are asyncio's (trio hedges in a cancel scope)")
+    import asyncio
+    import weakref
+
+    loop = asyncio.get_running_loop()
+    hedge = fresh(delay=0.05)
+
+    class Argument:
+        pass
+
+    async def answer(argument: Argument) -> int:
+        await anyio.sleep(0.01)
+        return 1
+
+    # A policy's first call on a loop takes the loop's timer heap, and
+    # caches the loop: the next ones take the lane.
+    assert await hedge.call(Backend([0.01])) == 0
+    assert lane_timers(loop) == []
+    argument = Argument()
+    gone = weakref.ref(argument)
+    assert await hedge(answer)(argument) == 1
+    del argument
+    # The call is over; its timer is still armed (it fires once more, at most
+    # the delay later), and holds nothing of the call.
+    assert len(lane_timers(loop)) == 1
+    assert gone() is None
+    await anyio.sleep(0.05)
+    assert lane_timers(loop) == []
+    # A hedged call: the timer fired for it and, nothing left, is not armed again.
+    assert await hedge.call(Backend([1.0, 0.01])) == 1
+    await anyio.sleep(0.05)
+    assert lane_timers(loop) == []
+    # A first attempt that failed, a cancelled call: neither leaves a record behind.
+    assert await hedge.call(Backend([0.01, 0.01], [ValueError("first"), None])) == 1
+    with anyio.move_on_after(0.02):
+        await hedge.call(Backend([1.0]))
+    lanes = hedge._lanes
+    assert lanes is not None
+    assert [(len(lane.calls), len(lane.fired)) for lane in lanes.values()] == [(0, 0)]
+    await anyio.sleep(0.05)
+    assert lane_timers(loop) == []
+
+
+async def test_many_calls_in_flight_share_one_timer(anyio_backend_name: str) -> None:
+    if anyio_backend_name != "asyncio":
+        pytest.skip("the lane and its timer are asyncio's")
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    hedge = fresh(delay=0.05)
+    seen: list[int] = []
+
+    async def slow() -> int:
+        seen.append(len(lane_timers(loop)))
+        await anyio.sleep(0.02)
+        return 0
+
+    await hedge.call(Backend([0.01]))  # the first call on a loop: the timer heap's
+    async with anyio.create_task_group() as group:
+        for _ in range(50):
+            group.start_soon(hedge.call, slow)
+    assert seen == [1] * 50
+
+
+def test_several_loops_in_turn_share_a_hedge_and_a_closed_loop_is_released() -> None:
+    import gc
+    import weakref
+
+    from stalwart.testing import VirtualClockEventLoop
+
+    hedge = fresh(delay=0.05)
+
+    def run_on_a_new_loop() -> weakref.ref[Any]:
+        loop = VirtualClockEventLoop()
+        backend = Backend([1.0, 0.01])
+        try:
+            assert loop.run_until_complete(hedge.call(backend)) == 1
+            assert backend.started == pytest.approx([0.0, 0.05])
+            # A second call, ended before the delay: the loop closes with its
+            # lane's timer still armed.
+            assert loop.run_until_complete(hedge.call(Backend([0.01]))) == 0
+        finally:
+            loop.close()
+        return weakref.ref(loop)
+
+    first = run_on_a_new_loop()
+    second = run_on_a_new_loop()
+    gc.collect()
+    assert first() is None  # the policy held it only while it was the last loop used
+    assert hedge.metrics.hedges == 2  # type: ignore[attr-defined]
+    run_on_a_new_loop()
+    gc.collect()
+    assert second() is None
+
+
+def test_loops_in_two_threads_share_a_hedge() -> None:
+    import threading
+
+    from stalwart.testing import VirtualClockEventLoop
+
+    hedge = fresh(delay=0.05)
+    failures: list[BaseException] = []
+
+    async def calls() -> None:
+        loop_start = now()
+        for i in range(40):
+            backend = Backend([1.0 if i % 2 else 0.01, 0.01])
+            start = now()
+            assert await hedge.call(backend) == i % 2
+            expected = [0.0, 0.05] if i % 2 else [0.0]
+            assert [t - start for t in backend.started] == pytest.approx(expected)
+        assert now() - loop_start == pytest.approx(20 * 0.06 + 20 * 0.01)
+
+    def run() -> None:
+        loop = VirtualClockEventLoop()
+        try:
+            loop.run_until_complete(calls())
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            loop.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert hedge.metrics.hedges == 40  # type: ignore[attr-defined]
+
+
 # -- the adaptive delay ---------------------------------------------------------------------
 
 

@@ -49,18 +49,27 @@ from collections.abc import Callable, Coroutine
 from contextvars import Context, copy_context
 from dataclasses import dataclass
 from heapq import heappush
+from sys import modules
+from threading import get_ident
 from typing import Any, Final, ParamSpec, TypeVar, final
+from weakref import WeakKeyDictionary, ref
 
 import anyio
 import anyio.abc
 
-from . import _clock, _deadline, _validate
-from ._deadline import _innermost_anyio_scope, _timers_of, is_cancellation, remaining
+from . import _clock, _deadline, _privates, _validate
+from ._deadline import (
+    _innermost_anyio_scope,
+    _looked_up_anyio_scope,
+    _timers_of,
+    is_cancellation,
+    remaining,
+)
 from ._latency_quantile import LatencyQuantile
 from ._matchers import ExceptionMatcher, Matcher
 from ._metrics import MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
-from ._privates import current_task, scope_chain
+from ._privates import LOOP_THREAD_ID, anyio_task_states, current_task, scope_chain
 from ._retry import _retries_allowed
 from ._retry_budget import RetryBudget, charged
 from ._telemetry import Telemetry, observed
@@ -162,15 +171,26 @@ _PENDING: Final = 0
 _WON: Final = 1
 _FAILED: Final = 2  # an exception `on` does not match ended the call
 
+# What a race needs of a call whose first attempt runs inline (asyncio): the
+# caller's task, a copy of its context (for the hedges), the task's
+# cancellation count and innermost anyio scope when the call began (to take
+# back, or put off, the interruption of that attempt when a hedge wins).
+_Inline = tuple[Any, Context, int, Any]
+
+# A `_Lane` record: (start, task, context, cancelling, anyio scope, fn, args, kwargs).
+_START: Final = 0
+
 
 class _Race:
     """One call's attempts: how many started and are running, how the call ended.
 
-    On asyncio the first attempt runs inline, in the caller's task, and the
-    race is also the entry the loop's timer heap fires when the delay has
-    passed (`expire`): only then does a helper task start, to run the hedges
-    in a task group of its own. A call that ends before its delay costs a
-    timer entry, no task (the "Hedge" row of benchmarks/hot_path.py).
+    On asyncio the first attempt runs inline, in the caller's task; only
+    when its delay passes (`expire`) does a helper task start, to run the
+    hedges in a task group of its own. With a fixed delay the race is built
+    only then, from the call's `_Lane` record; with an `AdaptiveDelay` it is
+    built at once, as the entry the loop's timer heap fires (see `_Lane` for
+    why). A call that ends before its delay costs no task (the "Hedge" rows
+    of benchmarks/hot_path.py).
     """
 
     __slots__ = (
@@ -197,6 +217,7 @@ class _Race:
         "timers",
         "wake",
     )
+    task: Any  # the caller's asyncio task, whose first attempt runs inline; or None
     # Set for an inline first attempt only (asyncio):
     context: Context
     cancelling: int
@@ -211,29 +232,23 @@ class _Race:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         delay: float,
-        task: Any,
+        inline: _Inline | None = None,
     ) -> None:
         self.policy = policy
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.delay = delay
-        self.task = task  # the caller's asyncio task, whose first attempt runs inline; or None
         self.helper: asyncio.Task[None] | None = None
-        if task is None:
-            self.first = False  # the inline first attempt is running
+        if inline is None:
+            self.task = None
+            self.first = False
             self.prepare(0)
         else:
             # The least a call that ends before its delay needs: the rest is set
             # when the delay passes (`expire`), or the attempt fails (`prepare`).
-            self.first = True
-            self.context = copy_context()
-            self.cancelling = task.cancelling()
-            last_task, state = _deadline._last_state  # _innermost_anyio_scope's cache, inlined
-            if last_task() is task:
-                self.anyio_scope = getattr(state, "cancel_scope", None)
-            else:
-                self.anyio_scope = _innermost_anyio_scope(task)
+            self.first = True  # the inline first attempt is running
+            self.task, self.context, self.cancelling, self.anyio_scope = inline
 
     def prepare(self, started: int) -> None:
         """Set up the race's state, ``started`` attempts made (the inline one, if any)."""
@@ -270,7 +285,11 @@ class _Race:
     # -- asyncio: the inline first attempt ----------------------------------------------
 
     def expire(self) -> None:
-        """Called by the loop's timer heap: the delay has passed, or an interruption was put off."""
+        """The delay has passed, or an interruption was put off: the loop's timer says so.
+
+        (`_Lane.fire` for a fixed delay; the timer heap for an adaptive one,
+        and for an interruption put off.)
+        """
         if self.helper is None:
             if self.first:
                 self.prepare(1)
@@ -296,6 +315,127 @@ class _Race:
             return
         self.interrupted = True
         task.cancel()
+
+
+class _Lane:
+    """The calls in flight of one fixed-delay `Hedge` on one asyncio loop, in start order.
+
+    With a fixed delay, a call's due time (its start plus the delay) grows
+    with its start: the calls in flight, kept in the order they started, are
+    also in the order they fall due. So a call needs no entry in a heap nor
+    a timer of its own: it adds its record to ``calls`` and takes it back
+    when its first attempt ends (each O(1), a dict keyed by the caller's
+    task; a call of the same policy nested in another, in the same task,
+    takes the timer heap instead: `Hedge.wrap`), and one loop timer per
+    lane, armed lazily, serves them all.
+    When it fires, every record due is taken out and its race started (a
+    helper task for the hedges, `_Race.expire`), and the timer is armed
+    again for the oldest record left, if any: a call that ended before its
+    delay costs no timer call (the "Hedge(delay=0.05), first attempt in
+    time" row). The timer may fire for a record already taken back: it
+    then looks, and waits for the next. With no call in flight it fires at
+    most once more, and is not armed again: an idle loop holds no timer,
+    and nothing of a call outlives the call.
+
+    A `Hedge` keeps one lane per loop, keyed weakly by the loop (see
+    `Hedge._lane_here`): a lane holds nothing of its loop but the tasks of
+    its calls in flight, and the loop's timer holds the lane while armed
+    (a loop closed with it armed drops it).
+    """
+
+    __slots__ = ("armed", "armed_at", "calls", "fired", "policy")
+
+    def __init__(self, policy: Hedge | None) -> None:
+        self.policy = policy
+        self.calls: dict[Any, tuple[Any, ...]] = {}  # the caller's task: its record
+        self.fired: dict[Any, _Race] = {}  # the caller's task: the race its timer started
+        self.armed = False  # (not the handle: it holds the loop, which closes with it armed)
+        self.armed_at = 0.0
+
+    def arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        """Fire at ``when`` (the lane has no timer armed)."""
+        self.armed = True
+        self.armed_at = when
+        # In an empty context: call_at would copy the caller's, and keep it.
+        loop.call_at(when, self.fire, context=Context())
+
+    def fire(self) -> None:
+        """The loop's timer: start the races of the calls due, arm again for the next."""
+        self.armed = False
+        calls = self.calls
+        if not calls:
+            return
+        info = _clock.asyncio_loop()
+        assert info is not None  # a loop timer runs on its loop
+        # The loop runs a timer once it is within its clock resolution of due.
+        limit = max(info.time(), self.armed_at)
+        policy = self.policy
+        assert policy is not None
+        delay = policy._fixed
+        due: list[Any] = []
+        for key, record in calls.items():
+            when = record[_START] + delay  # as the call computed it when it armed the timer
+            if when > limit:
+                self.arm(info.loop, when)
+                break
+            due.append(key)
+        if not due:
+            return
+        timers = info.timers
+        if timers is None:
+            timers = _timers_of(info)
+        fired = self.fired
+        for key in due:
+            _, task, context, cancelling, scope, fn, args, kwargs = calls.pop(key)
+            race = fired[key] = _Race(
+                policy, fn, args, kwargs, delay, (task, context, cancelling, scope)
+            )
+            race.timers = timers  # where an interruption put off looks again
+            race.expire()
+
+
+# The running task of a loop (None outside any task, where asyncio itself fails).
+_task_of: Final[Callable[[Any], Any]] = current_task
+
+# anyio's asyncio backend: until it is imported, no task has an anyio scope.
+_ANYIO_ASYNCIO: Final = "anyio._backends._asyncio"
+
+
+class _Nowhere:
+    """Stands for the loop of a policy no call has used yet: running in no thread."""
+
+    __slots__ = ()
+    _thread_id = None  # (see _privates.LOOP_THREAD_ID)
+
+
+# What a fixed-delay policy caches of the loop of its last call (see `Hedge._lane_here`):
+# the loop, its clock, the policy's lane there and the lane's calls.
+_Here = tuple[Any, Callable[[], float], _Lane, dict[Any, tuple[Any, ...]]]
+
+# The cache before any call, and for a policy that has no lanes: it matches no loop.
+_NOWHERE: Final[_Here] = (_Nowhere(), _clock.now, _Lane(None), {})
+
+
+def _anyio_scope(task: Any) -> Any:
+    """`_innermost_anyio_scope`, quick when the task has no anyio scope.
+
+    A task that never entered an anyio scope (a plain asyncio caller) has no
+    state in anyio's table: one dict lookup says so, and the cache is left
+    to the tasks that have one.
+    """
+    last_task, state = _deadline._last_state  # _innermost_anyio_scope's cache
+    if last_task() is task:
+        return getattr(state, "cancel_scope", None)
+    states = _privates._anyio_states
+    if states is None:
+        if _ANYIO_ASYNCIO not in modules:
+            return None  # anyio has never run on asyncio: no task has a scope
+        states = anyio_task_states()
+        if states is None:
+            return None
+    if states.get(ref(task)) is None:
+        return None
+    return _looked_up_anyio_scope(task)
 
 
 @final
@@ -361,6 +501,8 @@ class Hedge(Policy):
         "_discard",
         "_fixed",
         "_hedges",
+        "_here",
+        "_lanes",
         "_matches",
         "_on",
         "_quantile",
@@ -400,6 +542,28 @@ class Hedge(Policy):
         if discard is not None and not callable(discard):
             raise TypeError(f"discard must be callable, not {type(discard).__name__}")
         self._discard = discard
+        # The loop of the last call, and the policy's lane there (see `_lane_here`).
+        self._here: _Here = _NOWHERE
+        self._lanes: WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] | None = None
+
+    def _lane_here(self, info: _clock.LoopInfo) -> None:
+        """Cache the running loop and this policy's lane there as ``_here``, for the next call.
+
+        A call whose cached loop runs in its thread is on that loop (a thread
+        runs one loop at a time) and looks nothing up. The lanes are keyed
+        weakly by their loop and hold nothing of it: only the cache does,
+        until a call on another loop replaces it.
+        """
+        loop = info.loop
+        if getattr(loop, LOOP_THREAD_ID, None) is None:
+            return  # the cache could not tell it runs: every call asks _clock (which said so)
+        lanes = self._lanes
+        if lanes is None:
+            lanes = self._lanes = WeakKeyDictionary()
+        lane = lanes.get(loop)
+        if lane is None:
+            lane = lanes[loop] = _Lane(self)
+        self._here = (loop, info.time, lane, lane.calls)
 
     @property
     def hedges(self) -> int:
@@ -454,70 +618,140 @@ class Hedge(Policy):
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
-        metrics, policy, quantile, budget = self._metrics, self, self._quantile, self._budget
-        general, settle, first_failed = self._race, self._settle, self._first_failed
-        fixed, allowed, loop_info = self._fixed, _retries_allowed, _clock.asyncio_loop
+        metrics, policy, budget = self._metrics, self, self._budget
+        fixed, quantile, loop_info = self._fixed, self._quantile, _clock.asyncio_loop
+        lanes = quantile is None and fixed > 0.0  # a fixed delay: calls go in a `_Lane`
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def hedging(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
                     return await span(plain, args, kwargs)
                 start = None if timer is None else timer()
-                info = loop_info()
+                loop, clock, lane, calls = policy._here
                 try:
-                    if info is None or not allowed.get():
-                        result: T = await general(fn, args, kwargs)
-                    else:
-                        # asyncio: the first attempt runs inline, in this task, with
-                        # an entry in the loop's timer heap that starts the hedges if
-                        # it is still running after the delay (`_Race.expire`).
+                    if (
+                        loop._thread_id == get_ident()
+                        and _retries_allowed.get()
+                        and (task := _task_of(loop)) not in calls
+                    ):
+                        # asyncio, a fixed delay, the loop of the last call (see
+                        # `_lane_here`), no call of this policy in flight in this task
+                        # (the record's key): the first attempt runs inline, in this
+                        # task, with a record in the policy's lane for this loop, whose
+                        # timer starts the hedges if the attempt is still running after
+                        # the delay (`_Lane.fire`).
                         if budget is not None and charged.get() is not budget:
                             budget.deposit()
-                        delay = fixed if quantile is None else policy.current_delay()
-                        if delay <= 0.0:
-                            race = _Race(policy, fn, args, kwargs, delay, None)
-                            result = await policy._grouped(race)
+                        began = clock()
+                        calls[task] = (
+                            began,
+                            task,
+                            copy_context(),
+                            task.cancelling(),
+                            _anyio_scope(task) if _ANYIO_ASYNCIO in modules else None,
+                            fn,
+                            args,
+                            kwargs,
+                        )
+                        if not lane.armed:
+                            lane.arm(loop, began + fixed)
+                        try:
+                            result: T = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                        except BaseException as exc:  # noqa: BLE001 - judged below
+                            failure: BaseException | None = exc
+                            result = None  # type: ignore[assignment]
                         else:
-                            task: Any = current_task(info.loop)
-                            race = _Race(policy, fn, args, kwargs, delay, task)
-                            timers = info.timers
-                            if timers is None:
-                                timers = _timers_of(info)
-                            race.timers = timers
-                            began = info.time()
-                            timers._seq += 1  # _Timers.add, inlined (as _Scope does)
-                            entry = [began + delay, timers._seq, race]
-                            heappush(timers._heap, entry)
-                            if timers._handle is None or entry[0] < timers._armed_at:
-                                timers._arm(entry[0])
                             try:
-                                result = await (
-                                    fn(*args, **kwargs) if kwargs else positional(*args)
+                                del calls[task]  # in time: the call is done
+                            except KeyError:
+                                pass  # the delay passed: `_Lane.fire` took the record
+                            else:
+                                metrics.success += 1
+                                return result if start is None else metrics.returned(result, start)
+                            failure = None
+                        race = lane.fired.pop(task, None)
+                        if race is not None:  # the delay passed: hedges may be running
+                            race.first = False
+                            result = await policy._settle(race, failure, result, began)
+                        else:
+                            del calls[task]
+                            assert failure is not None
+                            try:
+                                result = await policy._first_failed(
+                                    fn, args, kwargs, fixed, failure
                                 )
-                            except BaseException as exc:  # noqa: BLE001 - judged below
-                                race.first = False
-                                failure: BaseException | None = exc
-                                result = None  # type: ignore[assignment]
-                            else:
-                                race.first = False
+                            finally:
                                 failure = None
-                            if race.helper is not None:
-                                result = await settle(race, failure, result, began)
+                    else:
+                        # Trio, or retries disabled: `_race`. On asyncio, an adaptive
+                        # delay (deadlines out of start order), a fixed-delay policy's
+                        # first call on this loop (which caches it: `_lane_here`), or a
+                        # call nested in one of this policy in the same task (whose task
+                        # keys the record): the first attempt runs inline, with an entry
+                        # in the loop's timer heap that fires when the delay passes.
+                        info = loop_info()
+                        if info is None or not _retries_allowed.get():
+                            result = await policy._race(fn, args, kwargs)
+                        else:
+                            if lanes:
+                                policy._lane_here(info)
+                            if budget is not None and charged.get() is not budget:
+                                budget.deposit()
+                            delay = fixed if quantile is None else policy.current_delay()
+                            if delay <= 0.0:
+                                result = await policy._grouped(
+                                    _Race(policy, fn, args, kwargs, delay)
+                                )
                             else:
-                                heap = timers._heap
-                                if heap and heap[-1] is entry:  # _Timers.discard, inlined
-                                    heap.pop()
-                                    entry[2] = None
+                                task = _task_of(info.loop)
+                                race = _Race(
+                                    policy,
+                                    fn,
+                                    args,
+                                    kwargs,
+                                    delay,
+                                    (task, copy_context(), task.cancelling(), _anyio_scope(task)),
+                                )
+                                timers = info.timers
+                                if timers is None:
+                                    timers = _timers_of(info)
+                                race.timers = timers
+                                began = info.time()
+                                timers._seq += 1  # _Timers.add, inlined (as _Scope does)
+                                entry = [began + delay, timers._seq, race]
+                                heappush(timers._heap, entry)
+                                if timers._handle is None or entry[0] < timers._armed_at:
+                                    timers._arm(entry[0])
+                                try:
+                                    result = await (
+                                        fn(*args, **kwargs) if kwargs else positional(*args)
+                                    )
+                                except BaseException as exc:  # noqa: BLE001 - judged below
+                                    race.first = False
+                                    failure = exc
+                                    result = None  # type: ignore[assignment]
                                 else:
-                                    timers.discard(entry)
-                                if failure is not None:
-                                    try:
-                                        result = await first_failed(race, failure)
-                                    finally:
-                                        failure = None
-                                elif quantile is not None:
-                                    now = info.time()
-                                    quantile.add(now, now - began)
+                                    race.first = False
+                                    failure = None
+                                if race.helper is not None:
+                                    result = await policy._settle(race, failure, result, began)
+                                else:
+                                    heap = timers._heap
+                                    if heap and heap[-1] is entry:  # _Timers.discard, inlined
+                                        heap.pop()
+                                        entry[2] = None
+                                    else:
+                                        timers.discard(entry)
+                                    if failure is not None:
+                                        try:
+                                            result = await policy._first_failed(
+                                                fn, args, kwargs, delay, failure
+                                            )
+                                        finally:
+                                            failure = None
+                                    elif quantile is not None:
+                                        now = info.time()
+                                        quantile.add(now, now - began)
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     raise
@@ -543,13 +777,21 @@ class Hedge(Policy):
         budget = self._budget
         if budget is not None and charged.get() is not budget:
             budget.deposit()
-        race = _Race(self, fn, args, kwargs, self.current_delay(), None)
+        race = _Race(self, fn, args, kwargs, self.current_delay())
         return await self._grouped(race)  # type: ignore[no-any-return]
 
-    async def _first_failed(self, race: _Race, failure: BaseException) -> Any:
+    async def _first_failed(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        delay: float,
+        failure: BaseException,
+    ) -> Any:
         """The inline first attempt failed before the delay: the first hedge starts at once."""
         if not isinstance(failure, Exception) or not self._matches(failure):
             raise failure
+        race = _Race(self, fn, args, kwargs, delay)
         race.prepare(1)
         race.running = 0
         race.failure = failure
