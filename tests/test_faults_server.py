@@ -94,8 +94,9 @@ async def test_the_service_meets_the_profile_latency_and_error_rate(separate: st
     assert statuses.count(503) / n == pytest.approx(0.1, abs=0.03)
     latencies.sort()
     # Nothing answers before its injected latency: the lower bounds are tight.
-    # Above, a loaded machine adds its stalls to the tail: the bounds are loose.
-    assert 0.045 <= percentile(latencies, 0.5) <= 0.05 + 0.05
+    # Above, a loaded machine adds its stalls: the bounds are loose (a median
+    # of 0.118 s was seen with the machine at load 8 on its 2 cores).
+    assert 0.045 <= percentile(latencies, 0.5) <= 0.05 + 0.1
     assert 0.16 <= percentile(latencies, 0.99) <= 0.2 + 0.4
 
 
