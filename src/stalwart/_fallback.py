@@ -186,16 +186,8 @@ class Fallback(Policy, Generic[R_co]):
         # call is made inline (the "Fallback, success" row): the wrapper
         # closes over what that path uses, and reaches the rest through
         # `owner` (each name it closes over is copied into every call's frame).
-        plain_success = self._on_result is None and self.timer() is None
-        judged = self._judged
-
-        def make_judged(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
-            async def falling_back(*args: P.args, **kwargs: P.kwargs) -> T:
-                if slot._TRACER_PROVIDER is not None and plain is not None:
-                    return await owner.in_span(plain, args, kwargs)
-                return await judged(call, args, kwargs)
-
-            return falling_back
+        if self._on_result is not None or self.timer() is not None:
+            return self.build_through(self._judged, call, binding)
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def falling_back(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -220,7 +212,7 @@ class Fallback(Policy, Generic[R_co]):
 
             return falling_back
 
-        return self.build(make if plain_success else make_judged, binding)
+        return self.build(make, binding)
 
     async def _judged(
         self,

@@ -287,6 +287,33 @@ class Policy(ABC):
         plain = make(None)
         return make(plain) if binding.traced else plain
 
+    def build_through(
+        self,
+        body: Callable[
+            [Callable[..., Coroutine[Any, Any, T]], tuple[Any, ...], dict[str, Any]],
+            Coroutine[Any, Any, T],
+        ],
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        binding: Binding,
+    ) -> AsyncCallable[P, T]:
+        """The wrapper that awaits ``body(fn, args, kwargs)``, traced as ``binding`` asks.
+
+        For a policy whose work on a call, in its general form, is a method
+        (a Retry with a budget, a Fallback judging results): the wrapper
+        only gates the span (see `build`) and hands the call over.
+        """
+        slot, owner = self._telemetry.provider_slot, self
+
+        def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
+            async def through(*args: P.args, **kwargs: P.kwargs) -> T:
+                if slot._TRACER_PROVIDER is not None and plain is not None:
+                    return await owner.in_span(plain, args, kwargs)
+                return await body(fn, args, kwargs)
+
+            return through
+
+        return self.build(make, binding)
+
     def tracing(self) -> bool:
         """Might a call be traced now? The gate of a traced wrapper.
 

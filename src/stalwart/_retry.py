@@ -323,15 +323,8 @@ class Retry(Policy):
             and self._budget is None
             and self._timer is None
         )
-        counted = self._counted
-
-        def make_counted(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
-            async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
-                if slot._TRACER_PROVIDER is not None and plain is not None:
-                    return await owner.in_span(plain, args, kwargs)
-                return await counted(call, args, kwargs)
-
-            return retrying
+        if not simple:
+            return self.build_through(self._counted, call, binding)
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -358,7 +351,7 @@ class Retry(Policy):
 
             return retrying
 
-        return self.build(make if simple else make_counted, binding)
+        return self.build(make, binding)
 
     async def _counted(
         self,
