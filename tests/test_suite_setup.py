@@ -79,3 +79,31 @@ def test_without_a_redis_the_suite_starts_its_own_and_stops_it() -> None:
     assert "1 passed" in done.stdout
     assert not _runs_redis_server(int(started[1]))  # stopped at the end of the session
     assert not redis_support.answers(started[2], within=0.5)
+
+
+def test_a_hung_test_fails_with_every_threads_stack(
+    pytestconfig: pytest.Config, tmp_path: Path
+) -> None:
+    """A hang fails its test in bounded time, showing where it hung, instead of hanging CI."""
+    assert 0 < float(pytestconfig.getini("timeout")) <= 600
+    assert pytestconfig.getini("timeout_method") == "thread"
+    hung = tmp_path / "test_hung.py"
+    hung.write_text(
+        "import threading\n\n"
+        "def waits_for_a_reply_that_never_comes():\n"
+        "    threading.Event().wait()\n\n"
+        "def test_hangs():\n"
+        "    waits_for_a_reply_that_never_comes()\n",
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "timeout=2", str(hung)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "Timeout" in output
+    assert "waits_for_a_reply_that_never_comes" in output
