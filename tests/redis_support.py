@@ -290,7 +290,18 @@ class WorkerProcess:
     async def read(self) -> dict[str, Any]:
         """The next line it prints, decoded; fails after ``timeout`` seconds."""
         assert self.process.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(self.process.stdout.readline), self.timeout)
+        try:
+            line = await asyncio.wait_for(
+                asyncio.to_thread(self.process.stdout.readline), self.timeout
+            )
+        except TimeoutError:
+            # The thread reading stays in readline until the worker's stdout
+            # closes, and the event loop's shutdown waits for that thread:
+            # without the kill, a silent worker would hang the suite instead
+            # of failing this test.
+            pid = self.process.pid
+            self.kill()
+            raise AssertionError(f"worker {pid} said nothing for {self.timeout} s") from None
         if not line:
             raise AssertionError(f"worker {self.process.pid} ended without answering")
         message: dict[str, Any] = json.loads(line)

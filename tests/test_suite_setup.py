@@ -6,6 +6,7 @@ hypothesis examples on every run, is a suite whose green means little.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -86,24 +87,53 @@ def test_a_hung_test_fails_with_every_threads_stack(
 ) -> None:
     """A hang fails its test in bounded time, showing where it hung, instead of hanging CI."""
     assert 0 < float(pytestconfig.getini("timeout")) <= 600
-    assert pytestconfig.getini("timeout_method") == "thread"
+    method = pytestconfig.getini("timeout_method")
+    assert method == "signal"  # the test fails and its fixtures' teardown runs
     hung = tmp_path / "test_hung.py"
     hung.write_text(
-        "import threading\n\n"
+        "import threading\n"
+        "import pytest\n\n"
+        "@pytest.fixture\n"
+        "def started(tmp_path_factory):\n"
+        "    yield\n"
+        "    open('teardown-ran', 'w').close()\n\n"
         "def waits_for_a_reply_that_never_comes():\n"
         "    threading.Event().wait()\n\n"
-        "def test_hangs():\n"
-        "    waits_for_a_reply_that_never_comes()\n",
+        "def test_hangs(started):\n"
+        "    waits_for_a_reply_that_never_comes()\n\n"
+        "def test_after_it():\n"
+        "    pass\n",
         encoding="utf-8",
     )
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "timeout=2", str(hung)],
+        [
+            *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(hung)),
+            *("-o", "timeout=2", "-o", f"timeout_method={method}"),
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert done.returncode != 0
     output = done.stdout + done.stderr
+    assert done.returncode == 1, output
     assert "Timeout" in output
     assert "waits_for_a_reply_that_never_comes" in output
+    assert "1 failed, 1 passed" in output  # the suite went on
+    assert (tmp_path / "teardown-ran").exists()  # what the test started is stopped
+
+
+def test_a_silent_worker_fails_its_read_and_leaves_no_thread_behind() -> None:
+    """A worker process that never answers fails the read; the loop can still close.
+
+    (The thread reading its stdout would otherwise block the event loop's
+    shutdown, which waits for it, and hang the suite.)
+    """
+    silent = ("-n", "1", "-r", "1", "import time; time.sleep(600)")
+    worker = redis_support.WorkerProcess("timeit", *silent, timeout=0.5)
+    try:
+        with pytest.raises(AssertionError, match="said nothing for 0.5 s"):
+            asyncio.run(worker.read())  # returns only once its executor's threads ended
+        assert not worker.alive
+    finally:
+        worker.kill()
