@@ -132,7 +132,7 @@ def test_a_silent_worker_fails_its_read_and_leaves_no_thread_behind() -> None:
     silent = ("-n", "1", "-r", "1", "import time; time.sleep(600)")
     worker = redis_support.WorkerProcess("timeit", *silent, timeout=0.5)
     try:
-        with pytest.raises(AssertionError, match="said nothing for 0.5 s"):
+        with pytest.raises(AssertionError, match=r"said nothing for 0\.5 s"):
             asyncio.run(worker.read())  # returns only once its executor's threads ended
         assert not worker.alive
     finally:
