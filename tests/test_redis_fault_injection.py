@@ -52,7 +52,10 @@ pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
 STUCK_BOUND = 3.0
 RECOVERY_BOUND = 3.0
-OVERSHOOT = 1.0  # 0.5 s held on a quiet machine; 0.502 s was seen at load 7
+# An attempt's overshoot past its deadline, at most, beyond how late its
+# process's loop ran timers (measured there): 0.5 s held on a quiet machine;
+# an attempt left to wait for Redis instead would overshoot by about 1.2 s.
+OVERSHOOT = 1.0
 # How long Redis stalls: longer than the requests' deadlines and timeouts.
 STALL = 1.5
 WORKER_TIMEOUT = 30.0
@@ -515,16 +518,18 @@ async def test_replicas_serve_every_duplicated_request_once_after_a_stall(
             finally:
                 server.resume()
             resumed = time.time()
-            reports = [(await worker.read())["results"] for worker in fleet]
+            said = [await worker.read() for worker in fleet]
         client = redis_support.client(server.url)
         try:
             left = await claimed_keys(client, prefix)
         finally:
             await client.aclose()
-    for results in reports:
-        for r in results:
+    reports = [message["results"] for message in said]
+    for message in said:
+        for r in message["results"]:
             assert r["finished"] - resumed < STUCK_BOUND, r  # no lease to wait out
-            assert r["overshoot"] < OVERSHOOT, r  # no attempt past its deadline
+            # No attempt past its deadline, beyond how late its loop ran.
+            assert r["overshoot"] < OVERSHOOT + message["lag"], (r, message["lag"])
     for i, key in enumerate(keys):
         served = {results[i]["result"] for results in reports}
         ran = [run for results in reports for run in results[i]["runs"]]
@@ -635,7 +640,24 @@ async def _clients(store: RedisStore, options: list[str]) -> None:
                 }
             await asyncio.sleep(0.05)
 
-    _say({"results": await asyncio.gather(*(request(k) for k in keys))})
+    # How late this process's loop ran a timer, at most, while the requests
+    # ran: on a loaded machine the process itself waits for a core, and every
+    # attempt's overshoot grows by as much.
+    lag = 0.0
+
+    async def tick() -> None:
+        nonlocal lag
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            lag = max(lag, loop.time() - before - 0.01)
+
+    ticker = asyncio.ensure_future(tick())
+    try:
+        results = await asyncio.gather(*(request(k) for k in keys))
+    finally:
+        ticker.cancel()
+    _say({"results": results, "lag": lag})
 
 
 async def _replica(store: RedisStore, options: list[str]) -> None:
