@@ -237,6 +237,31 @@ async def test_a_shielded_first_attempt_is_interrupted_once_its_shield_ends() ->
     assert 0.2 <= now() < 0.215
 
 
+@pytest.mark.parametrize("looked_up", [True, False])
+async def test_a_first_attempt_under_the_callers_own_shield_is_still_cut(
+    anyio_backend_name: str, looked_up: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller's shield is outside the call: a losing first attempt is cut at once.
+
+    On asyncio the call records the caller's anyio scope at its start, to
+    tell a shield inside the attempt from one around the call; also when
+    stalwart has not yet read anyio's table of task states
+    (``looked_up=False``), and on the call that finds the policy's lane.
+    """
+    from stalwart import _privates
+
+    policy = fresh(delay=0.05)
+    for call in range(2):  # the first call on a loop, then one through its lane
+        if anyio_backend_name == "asyncio" and not looked_up:
+            monkeypatch.setattr(_privates, "_anyio_states", None)
+        backend = Backend([1.0, 0.01])
+        began = now()
+        with anyio.CancelScope(shield=True):
+            assert await policy.call(backend) == 1, call
+        assert backend.cancelled == [0], call
+        assert now() - began == pytest.approx(0.06), call
+
+
 async def test_no_hedge_where_repeating_is_not_safe() -> None:
     backend = Backend([1.0, 0.01])
     with retries_disabled():

@@ -98,7 +98,7 @@ async def connection(spec: Spec) -> AsyncIterator[redis.asyncio.Redis | redis.as
             await cluster.aclose()
         return
     addresses = [tuple(a) for a in spec["sentinels"]]
-    sentinel = Sentinel(addresses, **timeouts)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(addresses, **timeouts)  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 6
     primary: redis.asyncio.Redis = sentinel.master_for(redis_ha.SENTINEL_MASTER, **timeouts)
     try:
         yield primary

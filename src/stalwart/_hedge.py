@@ -417,22 +417,25 @@ _NOWHERE: Final[_Here] = (_Nowhere(), _clock.now, _Lane(None), {})
 
 
 def _anyio_scope(task: Any) -> Any:
-    """`_innermost_anyio_scope`, quick when the task has no anyio scope.
+    """`_innermost_anyio_scope`, quick when no task has an anyio scope.
 
-    A task that never entered an anyio scope (a plain asyncio caller) has no
-    state in anyio's table: one dict lookup says so, and the cache is left
-    to the tasks that have one.
+    anyio keeps a task's state from its first scope until the task is
+    collected: while anyio's table is empty (or anyio has never run on
+    asyncio), no task has a scope, and nothing else is looked up. A task
+    that never entered an anyio scope (a plain asyncio caller) has no state
+    in the table: one dict lookup says so, and the cache is left to the
+    tasks that have one.
     """
+    states = _privates._anyio_states
+    if not states:
+        if states is not None or _ANYIO_ASYNCIO not in modules:
+            return None  # no task has a scope now, or anyio has never run on asyncio
+        states = anyio_task_states()
+        if not states:
+            return None
     last_task, state = _deadline._last_state  # _innermost_anyio_scope's cache
     if last_task() is task:
         return getattr(state, "cancel_scope", None)
-    states = _privates._anyio_states
-    if states is None:
-        if _ANYIO_ASYNCIO not in modules:
-            return None  # anyio has never run on asyncio: no task has a scope
-        states = anyio_task_states()
-        if states is None:
-            return None
     if states.get(ref(task)) is None:
         return None
     return _looked_up_anyio_scope(task)
@@ -620,6 +623,7 @@ class Hedge(Policy):
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
         metrics, policy, budget = self._metrics, self, self._budget
         fixed, quantile, loop_info = self._fixed, self._quantile, _clock.asyncio_loop
+        retries_allowed = _retries_allowed.get  # (bound once: the "Hedge" row)
         lanes = quantile is None and fixed > 0.0  # a fixed delay: calls go in a `_Lane`
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
@@ -631,7 +635,7 @@ class Hedge(Policy):
                 try:
                     if (
                         loop._thread_id == get_ident()
-                        and _retries_allowed.get()
+                        and retries_allowed()
                         and (task := _task_of(loop)) not in calls
                     ):
                         # asyncio, a fixed delay, the loop of the last call (see
@@ -648,7 +652,11 @@ class Hedge(Policy):
                             task,
                             copy_context(),
                             task.cancelling(),
-                            _anyio_scope(task) if _ANYIO_ASYNCIO in modules else None,
+                            # (`_anyio_scope`'s first test inlined: the "Hedge" row.)
+                            _anyio_scope(task)
+                            if (states := _privates._anyio_states)
+                            or (states is None and _ANYIO_ASYNCIO in modules)
+                            else None,
                             fn,
                             args,
                             kwargs,
@@ -690,7 +698,7 @@ class Hedge(Policy):
                         # keys the record): the first attempt runs inline, with an entry
                         # in the loop's timer heap that fires when the delay passes.
                         info = loop_info()
-                        if info is None or not _retries_allowed.get():
+                        if info is None or not retries_allowed():
                             result = await policy._race(fn, args, kwargs)
                         else:
                             if lanes:
