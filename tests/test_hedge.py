@@ -269,6 +269,63 @@ async def test_no_hedge_where_repeating_is_not_safe() -> None:
     assert len(backend.started) == 1
 
 
+@pytest.mark.parametrize(
+    ("latencies", "errors"),
+    [
+        ([1.0], [None]),  # slow, succeeds after the delay
+        ([1.0], [ConnectionError("late")]),  # fails after the delay
+        ([0.01], [ConnectionError("early")]),  # fails before the delay
+    ],
+    ids=["slow success", "fails late", "fails early"],
+)
+async def test_no_hedge_where_repeating_is_not_safe_on_a_warm_policy(
+    latencies: list[float], errors: list[BaseException | None]
+) -> None:
+    # A policy that has made calls on this loop (on asyncio: its lane), then calls
+    # inside retries_disabled: one attempt each, its own outcome, and the policy
+    # hedges as before once outside again.
+    policy = fresh(delay=0.05)
+    assert await policy.call(Backend([0.01])) == 0
+    backend = Backend(latencies, errors)
+    with retries_disabled():
+        if errors[0] is None:
+            assert await policy.call(backend) == 0
+        else:
+            with pytest.raises(ConnectionError) as raised:
+                await policy.call(backend)
+            assert raised.value is errors[0]
+    assert len(backend.started) == 1
+    assert policy.metrics.hedges == 0  # type: ignore[attr-defined]
+    after = Backend([1.0, 0.01])
+    assert await policy.call(after) == 1
+    assert len(after.started) == 2
+
+
+async def test_a_task_being_cancelled_starts_no_hedge(anyio_backend_name: str) -> None:
+    # Cancelled before the delay, the attempt cleans up past it: no hedge joins a
+    # call whose caller is leaving, and the cancellation propagates.
+    started: list[float] = []
+
+    async def attempt() -> int:
+        started.append(now())
+        try:
+            await anyio.sleep(1.0)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.1)  # cleanup, past the delay
+        return 0
+
+    policy = fresh(delay=0.05)
+    await policy.call(Backend([0.01]))  # warm: on asyncio, the call takes the lane
+    with anyio.CancelScope() as scope:
+        scope.deadline = now() + 0.01
+        await policy.call(attempt)
+    assert scope.cancelled_caught
+    assert len(started) == 1
+    assert policy.metrics.hedges == 0  # type: ignore[attr-defined]
+    assert policy.metrics.cancelled == 1
+
+
 # -- deadlines, budgets, cancellation -------------------------------------------------------
 
 

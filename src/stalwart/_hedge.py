@@ -177,7 +177,7 @@ _FAILED: Final = 2  # an exception `on` does not match ended the call
 # back, or put off, the interruption of that attempt when a hedge wins).
 _Inline = tuple[Any, Context, int, Any]
 
-# A `_Lane` record: (start, task, context, cancelling, anyio scope, fn, args, kwargs).
+# A `_Lane` record: (start, task, context, anyio scope, fn, args, kwargs).
 _START: Final = 0
 
 
@@ -386,10 +386,16 @@ class _Lane:
             timers = _timers_of(info)
         fired = self.fired
         for key in due:
-            _, task, context, cancelling, scope, fn, args, kwargs = calls.pop(key)
-            race = fired[key] = _Race(
-                policy, fn, args, kwargs, delay, (task, context, cancelling, scope)
-            )
+            _, task, context, scope, fn, args, kwargs = calls.pop(key)
+            # No hedge inside `retries_disabled`, nor for a task being cancelled:
+            # the attempt goes on alone, as the call's only one. (A task's
+            # cancellation count is read now, not at the call's start: one that
+            # is not being cancelled now was not then, as cancellations are
+            # taken back only by whoever requested them, and the count is what
+            # an interruption takes back, `_settle`.)
+            if not context.get(_retries_allowed, True) or task.cancelling():
+                continue
+            race = fired[key] = _Race(policy, fn, args, kwargs, delay, (task, context, 0, scope))
             race.timers = timers  # where an interruption put off looks again
             race.expire()
 
@@ -633,30 +639,37 @@ class Hedge(Policy):
                 start = None if timer is None else timer()
                 loop, clock, lane, calls = policy._here
                 try:
-                    if (
-                        loop._thread_id == get_ident()
-                        and retries_allowed()
-                        and (task := _task_of(loop)) not in calls
-                    ):
+                    if loop._thread_id == get_ident() and (task := _task_of(loop)) not in calls:
                         # asyncio, a fixed delay, the loop of the last call (see
                         # `_lane_here`), no call of this policy in flight in this task
                         # (the record's key): the first attempt runs inline, in this
                         # task, with a record in the policy's lane for this loop, whose
                         # timer starts the hedges if the attempt is still running after
-                        # the delay (`_Lane.fire`).
-                        if budget is not None and charged.get() is not budget:
+                        # the delay (`_Lane.fire`). Whether hedges may start at all
+                        # (`retries_disabled`, a task being cancelled) is read then,
+                        # from the record, and by `_first_failed`: a call that ends in
+                        # time never asks.
+                        if budget is not None and charged.get() is not budget and retries_allowed():
                             budget.deposit()
+                        # The caller's anyio scope: `_anyio_scope`'s quick answers
+                        # inlined (the "Hedge" row): none while anyio's table is empty,
+                        # and the cached one when this task looked it up last.
+                        if not (states := _privates._anyio_states):
+                            scope = (
+                                None
+                                if states is not None or _ANYIO_ASYNCIO not in modules
+                                else _anyio_scope(task)
+                            )
+                        elif (cached := _deadline._last_state)[0]() is task:
+                            scope = getattr(cached[1], "cancel_scope", None)
+                        else:
+                            scope = _anyio_scope(task)
                         began = clock()
                         calls[task] = (
                             began,
                             task,
                             copy_context(),
-                            task.cancelling(),
-                            # (`_anyio_scope`'s first test inlined: the "Hedge" row.)
-                            _anyio_scope(task)
-                            if (states := _privates._anyio_states)
-                            or (states is None and _ANYIO_ASYNCIO in modules)
-                            else None,
+                            scope,
                             fn,
                             args,
                             kwargs,
@@ -681,13 +694,19 @@ class Hedge(Policy):
                         if race is not None:  # the delay passed: hedges may be running
                             race.first = False
                             result = await policy._settle(race, failure, result, began)
-                        else:
-                            del calls[task]
+                        elif calls.pop(task, None) is not None:  # failed before the delay
                             assert failure is not None
                             try:
                                 result = await policy._first_failed(
                                     fn, args, kwargs, fixed, failure
                                 )
+                            finally:
+                                failure = None
+                        elif failure is not None:
+                            # The delay passed, and `_Lane.fire` started no hedge: the
+                            # attempt was the call's only one.
+                            try:
+                                raise failure
                             finally:
                                 failure = None
                     else:
@@ -797,7 +816,11 @@ class Hedge(Policy):
         failure: BaseException,
     ) -> Any:
         """The inline first attempt failed before the delay: the first hedge starts at once."""
-        if not isinstance(failure, Exception) or not self._matches(failure):
+        if (
+            not isinstance(failure, Exception)
+            or not self._matches(failure)
+            or not _retries_allowed.get()
+        ):
             raise failure
         race = _Race(self, fn, args, kwargs, delay)
         race.prepare(1)
