@@ -628,9 +628,8 @@ class Hedge(Policy):
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         slot, span, timer = self._telemetry.provider_slot, self.in_span, self.timer()
         metrics, policy, budget = self._metrics, self, self._budget
-        fixed, quantile, loop_info = self._fixed, self._quantile, _clock.asyncio_loop
+        fixed = self._fixed
         retries_allowed = _retries_allowed.get  # (bound once: the "Hedge" row)
-        lanes = quantile is None and fixed > 0.0  # a fixed delay: calls go in a `_Lane`
 
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def hedging(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -710,75 +709,7 @@ class Hedge(Policy):
                             finally:
                                 failure = None
                     else:
-                        # Trio, or retries disabled: `_race`. On asyncio, an adaptive
-                        # delay (deadlines out of start order), a fixed-delay policy's
-                        # first call on this loop (which caches it: `_lane_here`), or a
-                        # call nested in one of this policy in the same task (whose task
-                        # keys the record): the first attempt runs inline, with an entry
-                        # in the loop's timer heap that fires when the delay passes.
-                        info = loop_info()
-                        if info is None or not retries_allowed():
-                            result = await policy._race(fn, args, kwargs)
-                        else:
-                            if lanes:
-                                policy._lane_here(info)
-                            if budget is not None and charged.get() is not budget:
-                                budget.deposit()
-                            delay = fixed if quantile is None else policy.current_delay()
-                            if delay <= 0.0:
-                                result = await policy._grouped(
-                                    _Race(policy, fn, args, kwargs, delay)
-                                )
-                            else:
-                                task = _task_of(info.loop)
-                                race = _Race(
-                                    policy,
-                                    fn,
-                                    args,
-                                    kwargs,
-                                    delay,
-                                    (task, copy_context(), task.cancelling(), _anyio_scope(task)),
-                                )
-                                timers = info.timers
-                                if timers is None:
-                                    timers = _timers_of(info)
-                                race.timers = timers
-                                began = info.time()
-                                timers._seq += 1  # _Timers.add, inlined (as _Scope does)
-                                entry = [began + delay, timers._seq, race]
-                                heappush(timers._heap, entry)
-                                if timers._handle is None or entry[0] < timers._armed_at:
-                                    timers._arm(entry[0])
-                                try:
-                                    result = await (
-                                        fn(*args, **kwargs) if kwargs else positional(*args)
-                                    )
-                                except BaseException as exc:  # noqa: BLE001 - judged below
-                                    race.first = False
-                                    failure = exc
-                                    result = None  # type: ignore[assignment]
-                                else:
-                                    race.first = False
-                                    failure = None
-                                if race.helper is not None:
-                                    result = await policy._settle(race, failure, result, began)
-                                else:
-                                    heap = timers._heap
-                                    if heap and heap[-1] is entry:  # _Timers.discard, inlined
-                                        heap.pop()
-                                        entry[2] = None
-                                    else:
-                                        timers.discard(entry)
-                                    if failure is not None:
-                                        try:
-                                            result = await policy._first_failed(
-                                                fn, args, kwargs, delay, failure
-                                            )
-                                        finally:
-                                            failure = None
-                                    elif quantile is not None:
-                                        now = info.time()
-                                        quantile.add(now, now - began)
+                        result = await policy._unlaned(fn, args, kwargs)
                 except BaseException as exc:
                     metrics.failed(exc, start)
                     raise
@@ -788,6 +719,82 @@ class Hedge(Policy):
             return hedging
 
         return self.build(make, binding)
+
+    async def _unlaned(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        """A call that takes no lane: its first attempt runs inline with a timer heap entry.
+
+        Trio, or retries disabled: `_race`. On asyncio, an adaptive delay
+        (deadlines out of start order), a fixed-delay policy's first call on
+        this loop (which caches it: `_lane_here`), or a call nested in one of
+        this policy in the same task (whose task keys the record): the first
+        attempt runs inline, with an entry in the loop's timer heap that fires
+        when the delay passes.
+        """
+        budget, delay_fixed, quantile = self._budget, self._fixed, self._quantile
+        result: Any
+        info = _clock.asyncio_loop()
+        if info is None or not _retries_allowed.get():
+            result = await self._race(fn, args, kwargs)
+        else:
+            if quantile is None and delay_fixed > 0.0:
+                self._lane_here(info)
+            if budget is not None and charged.get() is not budget:
+                budget.deposit()
+            delay = delay_fixed if quantile is None else self.current_delay()
+            if delay <= 0.0:
+                result = await self._grouped(_Race(self, fn, args, kwargs, delay))
+            else:
+                task = _task_of(info.loop)
+                race = _Race(
+                    self,
+                    fn,
+                    args,
+                    kwargs,
+                    delay,
+                    (task, copy_context(), task.cancelling(), _anyio_scope(task)),
+                )
+                timers = info.timers
+                if timers is None:
+                    timers = _timers_of(info)
+                race.timers = timers
+                began = info.time()
+                timers._seq += 1  # _Timers.add, inlined (as _Scope does)
+                entry = [began + delay, timers._seq, race]
+                heappush(timers._heap, entry)
+                if timers._handle is None or entry[0] < timers._armed_at:
+                    timers._arm(entry[0])
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:  # noqa: BLE001 - judged below
+                    race.first = False
+                    failure: BaseException | None = exc
+                    result = None
+                else:
+                    race.first = False
+                    failure = None
+                if race.helper is not None:
+                    result = await self._settle(race, failure, result, began)
+                else:
+                    heap = timers._heap
+                    if heap and heap[-1] is entry:  # _Timers.discard, inlined
+                        heap.pop()
+                        entry[2] = None
+                    else:
+                        timers.discard(entry)
+                    if failure is not None:
+                        try:
+                            result = await self._first_failed(fn, args, kwargs, delay, failure)
+                        finally:
+                            failure = None
+                    elif quantile is not None:
+                        now = info.time()
+                        quantile.add(now, now - began)
+        return result  # type: ignore[no-any-return]
 
     async def _race(
         self,
