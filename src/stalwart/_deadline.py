@@ -36,7 +36,7 @@ import anyio
 from . import _clock, _validate
 from ._errors import DeadlineExceeded
 from ._metrics import Counted, PolicyMetrics
-from ._privates import anyio_task_states, current_task, scope_chain
+from ._privates import anyio_task_states, current_task, probe_failed, scope_chain
 
 __all__ = [
     "ScopeOwner",
@@ -142,7 +142,7 @@ def _innermost_anyio_scope(task: Any) -> Any:
     # read and replaced whole, so loops in other threads cannot mix it.
     last_task, state = _last_state
     if last_task() is task:
-        return getattr(state, "cancel_scope", None)
+        return state.cancel_scope
     return _looked_up_anyio_scope(task)
 
 
@@ -155,8 +155,18 @@ def _looked_up_anyio_scope(task: Any) -> Any:
     state = table.get(ref(task))
     if state is None:
         return None
+    scope = getattr(state, "cancel_scope", _NO_ATTRIBUTE)
+    if scope is _NO_ATTRIBUTE:  # pragma: no cover - an anyio that renamed it
+        probe_failed(
+            "anyio's TaskState.cancel_scope", "deadlines that do not see anyio's shielded scopes"
+        )
+        return None
+    # Only a state that has the attribute is cached: a cache hit reads it directly.
     _last_state = (ref(task), state)
-    return getattr(state, "cancel_scope", None)
+    return scope
+
+
+_NO_ATTRIBUTE: Final = object()
 
 
 # (No task cached: NoneType() is None, and calling it costs no Python frame:
@@ -370,7 +380,7 @@ class _Scope(Counted):
             self._cancelling = task.cancelling()
             last_task, state = _last_state  # _innermost_anyio_scope's cache, inlined
             if last_task() is task:
-                self._anyio_scope = getattr(state, "cancel_scope", None)
+                self._anyio_scope = state.cancel_scope
             else:
                 self._anyio_scope = _looked_up_anyio_scope(task)
             self._deferral = 0.0

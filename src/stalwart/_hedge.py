@@ -441,7 +441,7 @@ def _anyio_scope(task: Any) -> Any:
             return None
     last_task, state = _deadline._last_state  # _innermost_anyio_scope's cache
     if last_task() is task:
-        return getattr(state, "cancel_scope", None)
+        return state.cancel_scope
     if states.get(ref(task)) is None:
         return None
     return _looked_up_anyio_scope(task)
@@ -651,16 +651,16 @@ class Hedge(Policy):
                         if budget is not None and charged.get() is not budget and retries_allowed():
                             budget.deposit()
                         # The caller's anyio scope: `_anyio_scope`'s quick answers
-                        # inlined (the "Hedge" row): none while anyio's table is empty,
-                        # and the cached one when this task looked it up last.
-                        if not (states := _privates._anyio_states):
+                        # inlined (the "Hedge" row): the cached one when this task
+                        # looked it up last, none while anyio's table is empty.
+                        if (cached := _deadline._last_state)[0]() is task:
+                            scope = cached[1].cancel_scope
+                        elif not (states := _privates._anyio_states):
                             scope = (
                                 None
                                 if states is not None or _ANYIO_ASYNCIO not in modules
                                 else _anyio_scope(task)
                             )
-                        elif (cached := _deadline._last_state)[0]() is task:
-                            scope = getattr(cached[1], "cancel_scope", None)
                         else:
                             scope = _anyio_scope(task)
                         began = clock()
