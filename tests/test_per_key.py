@@ -85,6 +85,37 @@ async def test_a_none_key_runs_the_call_without_a_policy() -> None:
     assert per_key.items() == []
 
 
+async def test_the_last_key_is_matched_by_value_and_only_as_a_plain_str() -> None:
+    class Liar(str):
+        """A str that says it equals every other."""
+
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        __hash__ = str.__hash__
+
+    factory = Factory()
+    per_key = sw.PerKey(factory, key="host")
+    guarded = per_key(fetch)
+    await guarded("a.test")
+    await guarded("".join(["a", ".test"]))  # equal, another object: the same policy
+    assert factory.built == ["a.test"]
+    assert await guarded(Liar("b.test")) == "b.test/"  # its own value, not the last key's
+    assert factory.built == ["a.test", "b.test"]
+    assert [key for key, _ in per_key.items()] == ["a.test", "b.test"]
+
+
+async def test_a_none_key_after_a_key_runs_the_call_without_a_policy() -> None:
+    factory = Factory()
+    keys = iter(["sick.test", None])
+    guarded = sw.PerKey(factory, key=lambda host, path="/": next(keys))(fetch)
+    with pytest.raises(Down):
+        await guarded("sick.test")  # its breaker opens
+    with pytest.raises(Down):  # no policy: not the open breaker's rejection
+        await guarded("sick.test")
+    assert factory.built == ["sick.test"]
+
+
 @pytest.mark.parametrize(
     ("key", "error", "message"),
     [

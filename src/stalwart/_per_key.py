@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Generic, ParamSpec, TypeVar, final
@@ -30,6 +31,9 @@ __all__ = ["DEFAULT_MAX_KEYS", "PerKey", "PerKeyMetrics"]
 P = ParamSpec("P")
 T = TypeVar("T")
 PolicyT = TypeVar("PolicyT", bound=Policy, covariant=True)
+
+_NO_KEY: Final = object()
+"""`PerKey._recent`'s key before any call: no key is this object."""
 
 DEFAULT_MAX_KEYS: Final = 1000
 """How many keys a `PerKey` keeps a policy for, by default."""
@@ -162,7 +166,7 @@ class PerKey(Policy, Generic[PolicyT]):
         # The key used last and its entry: already the most recent in the table
         # (the "PerKey" benchmark row). Never a dropped key's: the key used last
         # is dropped only to make room for a new key, which becomes the last.
-        self._recent: list[Any] = [None, None]
+        self._recent: list[Any] = [_NO_KEY, None]
         self._hots: weakref.WeakSet[_Hot] = weakref.WeakSet()
         self._sites = itertools.count()
         self._metrics.live.add(self)
@@ -194,9 +198,12 @@ class PerKey(Policy, Generic[PolicyT]):
     ) -> Callable[P, Coroutine[Any, Any, T]]:
         positional: Callable[..., Coroutine[Any, Any, T]] = fn  # see _policy
         spec = self._key
-        # A parameter's key is read inline, a callable's by `key_reader`.
+        # A parameter's key is read inline, a callable's by `key_reader`: its
+        # index is past any call's arguments, so one length test sends it there.
         read = key_reader(spec, binding.origin) if callable(spec) else None
-        index, default = (0, None) if callable(spec) else key_position(spec, binding.origin)
+        index, default = (
+            (sys.maxsize, None) if callable(spec) else key_position(spec, binding.origin)
+        )
         name = "" if callable(spec) else spec
         site = next(self._sites)
         # The key's policy records on this policy's span, as a Pipeline's members do.
@@ -222,32 +229,41 @@ class PerKey(Policy, Generic[PolicyT]):
             hot.entry, hot.call = entry, call
             return call
 
+        def lookup(key: Any) -> Callable[..., Coroutine[Any, Any, T]]:
+            """The call for a key other than the last one (kept out of the wrapper's frame)."""
+            if key is None or key is MISSING:  # (missing: fn will say so)
+                return positional
+            if type(key) is not str or not 0 < len(key) <= KEY_MAX_LENGTH:
+                key = checked(key, "the per-key policy's key")
+            # `Lru.use`'s found case inlined: the "PerKey" benchmark row.
+            entry = entries.get(key)
+            if entry is None:
+                entry = use(key, build)
+            else:
+                entries.move_to_end(key)
+            recent[0], recent[1] = key, entry
+            return through(entry)
+
         def make(plain: AsyncCallable[P, T] | None) -> AsyncCallable[P, T]:
             async def per_key(*args: P.args, **kwargs: P.kwargs) -> T:
                 if slot._TRACER_PROVIDER is not None and plain is not None:
                     return await span(plain, args, kwargs)
                 start = None if timer is None else timer()
                 try:
-                    if read is not None:
-                        key = read(args, kwargs)
+                    if len(args) > index:
+                        key = args[index]
+                    elif read is None:
+                        key = kwargs.get(name, default)
                     else:
-                        key = args[index] if len(args) > index else kwargs.get(name, default)
-                    if type(key) is str and key == recent[0]:  # checked, and the most recent
+                        key = read(args, kwargs)
+                    # The last key (a checked str, already the most recent): the
+                    # same object, usually; else an equal plain str.
+                    last = recent[0]
+                    if key is last or (type(key) is str and key == last):
                         entry = recent[1]
                         call = hot.call if hot.entry is entry else through(entry)
-                    elif key is None or key is MISSING:  # (missing: fn will say so)
-                        call = positional
                     else:
-                        if type(key) is not str or not 0 < len(key) <= KEY_MAX_LENGTH:
-                            key = checked(key, "the per-key policy's key")
-                        # `Lru.use`'s found case inlined: the "PerKey" benchmark row.
-                        entry = entries.get(key)
-                        if entry is None:
-                            entry = use(key, build)
-                        else:
-                            entries.move_to_end(key)
-                        recent[0], recent[1] = key, entry
-                        call = through(entry)
+                        call = lookup(key)
                     result = await (call(*args, **kwargs) if kwargs else call(*args))
                 except BaseException as exc:
                     metrics.failed(exc, start)
