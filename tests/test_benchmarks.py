@@ -136,6 +136,27 @@ def test_only_selects_rows_by_name_with_their_baselines() -> None:
     ]
 
 
+def test_only_selects_the_baselines_of_baselines() -> None:
+    cases = hot_path.baselines() + hot_path.cases()
+    chosen = run.select(cases, ["PerKey(CircuitBreaker)"], [])
+    assert [case.name for case in chosen] == [
+        hot_path.BARE,
+        hot_path.KEYED_BREAKER,  # the row's baseline, itself measured against a bare await
+        "PerKey(CircuitBreaker), the key's breaker found",
+    ]
+
+
+def test_a_selected_run_written_with_its_chart_holds_every_ratio(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    output = tmp_path / "run.md"
+    selected = ["--only", "PerKey(CircuitBreaker)", "--output", str(output)]
+    assert run.main(["--rounds", "1", "--calls", "200", "--no-fail", *selected]) == 0
+    table = rows(capsys.readouterr().out)
+    assert re.fullmatch(r"\d+\.\d\dx", table[hot_path.KEYED_BREAKER][3])
+    assert output.with_suffix(".png").stat().st_size > 0
+
+
 def test_group_selects_every_row_of_the_groups_it_names() -> None:
     cases = hot_path.baselines() + hot_path.cases()
     chosen = run.select(cases, [], [hot_path.PIPELINE])
