@@ -69,7 +69,13 @@ from ._latency_quantile import LatencyQuantile
 from ._matchers import ExceptionMatcher, Matcher
 from ._metrics import MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
-from ._privates import LOOP_THREAD_ID, anyio_task_states, current_task, scope_chain
+from ._privates import (
+    ANYIO_ASYNCIO,
+    LOOP_THREAD_ID,
+    anyio_task_states,
+    current_task,
+    scope_chain,
+)
 from ._retry import _retries_allowed
 from ._retry_budget import RetryBudget, charged
 from ._telemetry import Telemetry, observed
@@ -403,9 +409,6 @@ class _Lane:
 # The running task of a loop (None outside any task, where asyncio itself fails).
 _task_of: Final[Callable[[Any], Any]] = current_task
 
-# anyio's asyncio backend: until it is imported, no task has an anyio scope.
-_ANYIO_ASYNCIO: Final = "anyio._backends._asyncio"
-
 
 class _Nowhere:
     """Stands for the loop of a policy no call has used yet: running in no thread."""
@@ -434,7 +437,7 @@ def _anyio_scope(task: Any) -> Any:
     """
     states = _privates._anyio_states
     if not states:
-        if states is not None or _ANYIO_ASYNCIO not in modules:
+        if states is not None or ANYIO_ASYNCIO not in modules:
             return None  # no task has a scope now, or anyio has never run on asyncio
         states = anyio_task_states()
         if not states:
@@ -638,6 +641,7 @@ class Hedge(Policy):
                 start = None if timer is None else timer()
                 loop, clock, lane, calls = policy._here
                 try:
+                    # (LOOP_THREAD_ID, read inline: `_lane_here` cached a loop that has it.)
                     if loop._thread_id == get_ident() and (task := _task_of(loop)) not in calls:
                         # asyncio, a fixed delay, the loop of the last call (see
                         # `_lane_here`), no call of this policy in flight in this task
@@ -658,7 +662,7 @@ class Hedge(Policy):
                         elif not (states := _privates._anyio_states):
                             scope = (
                                 None
-                                if states is not None or _ANYIO_ASYNCIO not in modules
+                                if states is not None or ANYIO_ASYNCIO not in modules
                                 else _anyio_scope(task)
                             )
                         else:

@@ -17,6 +17,11 @@ an anyio scope's ``_shield``, ``_parent``   (the same)
 a loop's ``_scheduled`` (the tuner)         the loop's own timeout, added up
 =========================================  ===================================
 
+Two hot paths read an attribute named here inline once a probe has found it
+on that object: a loop's ``_thread_id`` (`Hedge` and `RateLimiter` cache a
+loop only if it has one) and anyio's table (`Hedge` tests it for emptiness
+once `anyio_task_states` has fetched it).
+
 The single rule: a probe that fails (after an upgrade renamed what it reads)
 falls back to the public, slower way, and says so once, with a
 `RuntimeWarning` naming the attribute, so that a test suite notices.
@@ -37,6 +42,7 @@ import opentelemetry.trace as _ot
 from opentelemetry.trace import ProxyTracerProvider
 
 __all__ = [
+    "ANYIO_ASYNCIO",
     "LOOP_THREAD_ID",
     "ProviderSlot",
     "anyio_task_states",
@@ -158,6 +164,10 @@ def scheduled_timers(loop: object) -> list[Any] | None:
 
 # -- anyio --------------------------------------------------------------------------------
 
+#: anyio's asyncio backend, by module name: until it is imported, no task has an
+#: anyio scope (Hedge tests ``in sys.modules`` with it before asking for the table).
+ANYIO_ASYNCIO: Final = "anyio._backends._asyncio"
+
 _anyio_states: dict[Any, Any] | None = None  # ref(task) -> anyio's TaskState
 
 
@@ -170,14 +180,14 @@ def anyio_task_states() -> dict[Any, Any] | None:
     """
     global _anyio_states
     if _anyio_states is None:
-        module = sys.modules.get("anyio._backends._asyncio")
+        module = sys.modules.get(ANYIO_ASYNCIO)
         if module is None:
             return None
         states = getattr(module, "_task_states", None)
         data = getattr(states, "data", None) if isinstance(states, WeakKeyDictionary) else None
         if not isinstance(data, dict):
             probe_failed(
-                "anyio._backends._asyncio._task_states",
+                f"{ANYIO_ASYNCIO}._task_states",
                 "deadlines that do not see anyio's shielded scopes",
             )
             return None
