@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 
 import pytest
-from benchmarks import hot_path, peer_cases, run, telemetry_cost, trio_cases
+from benchmarks import _harness, hot_path, peer_cases, run, telemetry_cost, trio_cases
+from benchmarks._harness import Case
 
 import stalwart._telemetry
 
@@ -77,6 +78,24 @@ def test_every_stalwart_case_has_a_row_whose_ratio_parses(report: tuple[str, Pat
             assert cells[5] in ("ok", "**over**")
     for name in ("Pipeline, default telemetry (no SDK)", "Retry, success (trio)"):
         assert re.fullmatch(r"\d+\.\d\dx", table[name][3])
+
+
+def test_the_cases_of_each_phase_have_names_of_their_own() -> None:
+    phases = {
+        "asyncio": hot_path.baselines() + hot_path.cases() + peer_cases.cases(),
+        "trio": trio_cases.cases(),
+        "telemetry": telemetry_cost.cases()[0],
+    }
+    for phase, cases in phases.items():
+        names = [case.name for case in cases]
+        assert len(names) == len(set(names)), phase
+
+
+def test_two_cases_of_one_name_are_refused() -> None:
+    # The harness keys calls by name: the first case would time the second's call.
+    twins = [Case("the same", lambda: hot_path.f), Case("the same", lambda: hot_path.raising)]
+    with pytest.raises(ValueError, match="unique"):
+        asyncio.run(_harness.measure(twins, rounds=1, calls=10))
 
 
 def test_the_chart_is_written_next_to_the_report(report: tuple[str, Path]) -> None:
