@@ -55,13 +55,17 @@ async def f() -> int:
     return 1
 
 
-def _success(store: Any) -> Call:
-    breaker = sw.CircuitBreaker(name="bench", store=store)
+# Each breaker has a name of its own: two live breakers of one name on one
+# registry would merge their series (and warn), unless they share a store.
+
+
+def _success(store: Any, name: str) -> Call:
+    breaker = sw.CircuitBreaker(name=name, store=store)
     return breaker(f)
 
 
-def _rejection(store: Any) -> Call:
-    breaker = sw.CircuitBreaker(name="bench-open", store=store)
+def _rejection(store: Any, name: str) -> Call:
+    breaker = sw.CircuitBreaker(name=name, store=store)
     guarded = breaker(f)
     breaker.force_open()
 
@@ -77,24 +81,24 @@ def _rejection(store: Any) -> Call:
 def breaker_cases(store: RedisStore) -> list[Case]:
     return [
         Case("await f()", lambda: f),
-        Case("breaker, success, state in process", lambda: _success(None), "await f()"),
+        Case("breaker, success, state in process", lambda: _success(None, "bench"), "await f()"),
         Case(
             "breaker, success, InProcessCircuitStore",
-            lambda: _success(InProcessCircuitStore()),
+            lambda: _success(InProcessCircuitStore(), "bench-in-process-store"),
             "breaker, success, state in process",
             1.5,
         ),
         Case(
             "breaker, success, RedisStore",
-            lambda: _success(store),
+            lambda: _success(store, "bench-redis"),
             "breaker, success, state in process",
             1.5,
             "no I/O: the state is read from the breaker's memory",
         ),
-        Case("breaker, open rejection, state in process", lambda: _rejection(None)),
+        Case("breaker, open rejection, state in process", lambda: _rejection(None, "bench-open")),
         Case(
             "breaker, open rejection, RedisStore",
-            lambda: _rejection(store),
+            lambda: _rejection(store, "bench-open-redis"),
             "breaker, open rejection, state in process",
             1.5,
             "no I/O either",
