@@ -19,6 +19,8 @@ from benchmarks._harness import Case
 
 import stalwart._telemetry
 
+from . import redis_support
+
 SECTIONS = (
     "### The run",
     "### Hot path, asyncio",
@@ -205,3 +207,24 @@ def test_a_run_of_selected_rows_reports_them_alone(
 def test_a_selection_that_matches_nothing_is_an_error() -> None:
     with pytest.raises(SystemExit, match="no row matches"):
         run.main(["--quick", "--only", "no such row"])
+
+
+@pytest.mark.redis
+@pytest.mark.realtime
+def test_the_redis_report_counts_one_round_trip_per_rate_limited_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``redis_store.py``, in tiny mode, written where ``--output`` says (warnings are errors)."""
+    from benchmarks import redis_store
+
+    redis_support.require_redis()
+    monkeypatch.setattr(redis_store, "REDIS_URL", redis_support.REDIS_URL)
+    output = tmp_path / "redis.md"
+    assert redis_store.main(["--quick", "--output", str(output)]) == 0
+    text = output.read_text(encoding="utf-8")
+    for section in ("### The run", "### Breakers", "### Idempotency", "### Rate limiter"):
+        assert section in text
+    table = rows(text)
+    for row in ("let through at once", "refused"):
+        assert table[row][1] == "1", table[row]
+    assert table["replay"][1] == "1"
