@@ -30,6 +30,7 @@ SECTIONS = (
     "#### CircuitBreaker: the window's size",
     "#### Bulkhead: calls queued",
     "#### Idempotency: distinct keys through the in-process store",
+    "#### RateLimiter(key=...): keys held",
     "### Memory per breaker",
 )
 
@@ -80,6 +81,18 @@ def test_every_stalwart_case_has_a_row_whose_ratio_parses(report: tuple[str, Pat
             assert cells[5] in ("ok", "**over**")
     for name in ("Pipeline, default telemetry (no SDK)", "Retry, success (trio)"):
         assert re.fullmatch(r"\d+\.\d\dx", table[name][3])
+
+
+def test_the_rate_limiter_keys_table_has_a_row_per_size(report: tuple[str, Path]) -> None:
+    text, _ = report
+    section = text.split("#### RateLimiter(key=...): keys held")[1].split("###")[0]
+    table = rows(section)
+    for keys in ("1,000", "10,000"):  # the tiny run's sizes
+        cells = table[keys]
+        assert re.fullmatch(r"\d+\.\d\dx", cells[2]), cells
+        assert re.fullmatch(r"\d+\.\d\dx", cells[4]), cells
+        assert cells[6].endswith(" B"), cells
+    assert table["1,000"][2] == "1.00x"
 
 
 def test_the_cases_of_each_phase_have_names_of_their_own() -> None:
