@@ -69,9 +69,13 @@ GROUP_NOTES = {
         "with one bare span; a span carrying the attribute the contract asks for, "
         "opened the usual way around the same pipeline without SDK, shows what "
         "the contract alone costs. "
-        "Metrics cost nothing per call on this path (stalwart counts retries, "
-        "rejections and timeouts, none here, and reads its gauges when scraped): "
-        "on and off differ only by the scrapes."
+        "Every row counts each call's outcome (`stalwart_calls_total`): the "
+        "pipeline and each of its four policies add one to a plain integer, "
+        "five increments a call, which a scrape reads (as it reads the gauges); "
+        "nothing switches that off, and no Prometheus object is touched per "
+        "call. Metrics on and off, as far as they can be: the pipeline behind "
+        "a call counter with its registry never scraped, and scraped every "
+        f"{telemetry_cost.SCRAPE_EVERY:,} calls: the two differ by the scrapes alone."
     ),
 }
 
