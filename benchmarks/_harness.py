@@ -105,6 +105,12 @@ async def measure(
         calls, sample_ns = n, math.inf
     if calls is None:
         raise TypeError("measure() needs calls= (or n=)")
+    # Cases are keyed by name (their calls, baselines, report rows): two of
+    # one name would both time whichever call was built last.
+    names = [case.name for case in cases]
+    if len(set(names)) < len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"case names must be unique, got twice: {twice}")
     rng = random.Random(seed)
     built: dict[str, Callable[[], Any]] = {}
     invocations: dict[str, int] = {}

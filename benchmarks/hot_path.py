@@ -310,7 +310,7 @@ def cases() -> list[Case]:
             note="no listener: no event is built",
         ),
         Case(
-            "the same, one listener on its telemetry",
+            "Retry, fails twice then succeeds, one listener on its telemetry",
             lambda: sw.Retry(attempts=3, backoff=ZERO, telemetry=listened())(fails_twice()),
             HAND_LOOP,
             group=RETRY_FAILING,
@@ -339,7 +339,7 @@ def cases() -> list[Case]:
             note="no listener: no event is built",
         ),
         Case(
-            "the same, one listener on its telemetry",
+            "CircuitBreaker open rejection, caught, one listener on its telemetry",
             lambda: open_breaker_rejection(listened()),
             RAISE,
             group=OPEN,

@@ -1,7 +1,14 @@
 """What sharing state through Redis costs: breakers (nothing), idempotency and rate limits.
 
-python benchmarks/redis_store.py            # full run, against REDIS_URL (default local)
-python benchmarks/redis_store.py --quick    # a few seconds, for smoke tests
+python benchmarks/redis_store.py                # full run, against REDIS_URL (default local)
+python benchmarks/redis_store.py --quick        # a few seconds, for smoke tests
+python benchmarks/redis_store.py --only-fleet   # part 4 alone
+python benchmarks/redis_store.py --output /tmp/redis.md   # write the report there
+
+Prints a Markdown report: the run's conditions (the machine, Redis's version
+and where it is), then a table per part. A full run also writes it to
+``benchmarks/results/redis-YYYY-MM-DD-<machine>.md`` (any run given
+``--output``, there).
 
 Part 1 times a breaker's success path and its open rejection with
 ``store=RedisStore(...)`` against the same breaker with its state in process,
@@ -30,38 +37,46 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import platform
 import statistics
 import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
+from datetime import date
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import stalwart as sw
-from benchmarks import _harness
+from benchmarks import _harness, report
 from benchmarks._harness import Call, Case
 from stalwart._circuit_store import InProcessCircuitStore
 from stalwart.redis import RedisStore
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 async def f() -> int:
     return 1
 
 
-def _success(store: Any) -> Call:
-    breaker = sw.CircuitBreaker(name="bench", store=store)
+# Each breaker has a name of its own: two live breakers of one name on one
+# registry would merge their series (and warn), unless they share a store.
+
+
+def _success(store: Any, name: str) -> Call:
+    breaker = sw.CircuitBreaker(name=name, store=store)
     return breaker(f)
 
 
-def _rejection(store: Any) -> Call:
-    breaker = sw.CircuitBreaker(name="bench-open", store=store)
+def _rejection(store: Any, name: str) -> Call:
+    breaker = sw.CircuitBreaker(name=name, store=store)
     guarded = breaker(f)
     breaker.force_open()
 
@@ -77,24 +92,24 @@ def _rejection(store: Any) -> Call:
 def breaker_cases(store: RedisStore) -> list[Case]:
     return [
         Case("await f()", lambda: f),
-        Case("breaker, success, state in process", lambda: _success(None), "await f()"),
+        Case("breaker, success, state in process", lambda: _success(None, "bench"), "await f()"),
         Case(
             "breaker, success, InProcessCircuitStore",
-            lambda: _success(InProcessCircuitStore()),
+            lambda: _success(InProcessCircuitStore(), "bench-in-process-store"),
             "breaker, success, state in process",
             1.5,
         ),
         Case(
             "breaker, success, RedisStore",
-            lambda: _success(store),
+            lambda: _success(store, "bench-redis"),
             "breaker, success, state in process",
             1.5,
             "no I/O: the state is read from the breaker's memory",
         ),
-        Case("breaker, open rejection, state in process", lambda: _rejection(None)),
+        Case("breaker, open rejection, state in process", lambda: _rejection(None, "bench-open")),
         Case(
             "breaker, open rejection, RedisStore",
-            lambda: _rejection(store),
+            lambda: _rejection(store, "bench-open-redis"),
             "breaker, open rejection, state in process",
             1.5,
             "no I/O either",
@@ -162,11 +177,12 @@ async def fleet_round_trips(store: RedisStore, *, seconds: float) -> list[tuple[
 
 def fleet_report(rows: list[tuple[str, int, int]]) -> str:
     lines = [
-        "| fleet-wide limit, success path | calls | round trips | per call |",
+        "| fleet-wide limit, success path | calls | round trips | calls per round trip |",
         "|---|---:|---:|---:|",
     ]
     for label, calls, trips in rows:
-        lines.append(f"| {label} | {calls:,} | {trips} | {trips / calls:.5f} |")
+        per = f"{calls / trips:,.0f}" if trips else "no round trip"
+        lines.append(f"| {label} | {calls:,} | {trips} | {per} |")
     return "\n".join(lines)
 
 
@@ -309,57 +325,110 @@ async def rate_limiter_report(store: RedisStore, *, n: int, concurrency: int) ->
     return "\n".join(rows)
 
 
-async def _main(rounds: int, calls: int, n: int, concurrency: int, seconds: float) -> None:
+def _run_table(server: str, *, rounds: int, calls: int, n: int, concurrency: int) -> str:
+    """The run's conditions: where Redis is, the versions, the run's size."""
+    url = urlsplit(REDIS_URL)
+    where = f"{url.hostname}:{url.port or 6379}"
+    if url.hostname in ("127.0.0.1", "localhost", "::1"):
+        where += ", on this machine (loopback)"
+    return "\n".join(
+        [
+            "| | |",
+            "|---|---|",
+            f"| date | {date.today().isoformat()} |",
+            f"| machine | {report.cpu_model()}, {os.cpu_count()} cores ({platform.machine()}, "
+            f"{platform.system()} {platform.release()}) |",
+            f"| Python | {platform.python_version()} ({platform.python_implementation()}) |",
+            f"| stalwart | {sw.__version__} |",
+            f"| Redis | {server} at {where}; redis-py {redis.__version__} |",
+            f"| timed rows | {rounds} interleaved rounds of {calls:,} calls; medians |",
+            f"| Redis rows | latency: median of {n:,} calls one at a time; throughput: "
+            f"{5 * n:,} calls, {concurrency} in flight |",
+        ]
+    )
+
+
+BREAKERS = (
+    "A breaker reads its state from its own memory and never asks its store to "
+    "admit a call: the success path and the open rejection with the state in "
+    "Redis, against the same breaker with its state in process (budget 1.5x, "
+    "expected 1.0x)."
+)
+ROUND_TRIPS = (
+    "*round trips*: the commands one call writes to Redis, counted on the "
+    "store's connections (after a first call, which loads the scripts), not "
+    "estimated. Latency and throughput are those of a Redis on the same "
+    "machine: over a network, each round trip adds the network's."
+)
+RATE_LIMITS = (
+    "Each call is one round trip (`gcra.lua`, on Redis's clock), whether it "
+    "is let through at once, waits for its turn (the wait is in its latency) "
+    "or is refused."
+)
+FLEET = (
+    "`Retry(budget=RetryBudget(store=...))` and `Bulkhead(store=...)` make no "
+    "round trip on a call: the budget is counted locally and exchanged every "
+    "`sync_interval`, the bulkhead's permits leased in batches and renewed "
+    "from a task of the policy's own (budget 1.5x their in-process selves). "
+    "Then the round trips over a run of calls, counted as above: a few in "
+    "all, whatever the number of calls."
+)
+
+
+async def _fleet_sections(store: RedisStore, rounds: int, calls: int, seconds: float) -> list[str]:
+    cases = fleet_cases(store)
+    await _harness.measure(cases, rounds=rounds, n=calls)
+    trips = fleet_report(await fleet_round_trips(store, seconds=seconds))
+    return [
+        "### Fleet-wide limits, success path",
+        _harness.table(cases),
+        trips,
+        FLEET,
+    ]
+
+
+async def _delete(client: redis.asyncio.Redis, prefix: str) -> None:
+    doomed = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
+    for start in range(0, len(doomed), 1000):
+        await client.delete(*doomed[start : start + 1000])
+
+
+async def _main(
+    rounds: int, calls: int, n: int, concurrency: int, seconds: float, *, only_fleet: bool
+) -> str:
+    """The report: the run's conditions, then each part, as Markdown."""
     client = redis.asyncio.Redis.from_url(REDIS_URL)
     # Its own client, whose connections count what they send: the breakers'
     # store follows their state on a connection of its own, not counted.
     counted = redis.asyncio.Redis.from_url(REDIS_URL, connection_class=_Counting)
     prefix = f"stalwart-bench:{uuid.uuid4().hex}:"
+    server = (await client.info("server"))["redis_version"]
+    out = [
+        "### The run",
+        _run_table(f"Redis {server}", rounds=rounds, calls=calls, n=n, concurrency=concurrency),
+    ]
     try:
-        async with RedisStore(client, prefix=prefix) as store:
-            cases = breaker_cases(store)
-            await _harness.measure(cases, rounds=rounds, n=calls)
-            print(_harness.table(cases))
-        print()
-        idempotency = RedisStore(counted, prefix=prefix)
-        print(await idempotency_report(idempotency, n=n, concurrency=concurrency))
-        await idempotency.aclose()
-        print()
-        limits = RedisStore(counted, prefix=prefix)
-        print(await rate_limiter_report(limits, n=n, concurrency=concurrency))
-        await limits.aclose()
-        print()
+        if not only_fleet:
+            async with RedisStore(client, prefix=prefix) as store:
+                cases = breaker_cases(store)
+                await _harness.measure(cases, rounds=rounds, n=calls)
+            out += ["### Breakers, state in Redis", _harness.table(cases), BREAKERS]
+            idempotency = RedisStore(counted, prefix=prefix)
+            table = await idempotency_report(idempotency, n=n, concurrency=concurrency)
+            await idempotency.aclose()
+            out += ["### Idempotency against Redis", table, ROUND_TRIPS]
+            limits = RedisStore(counted, prefix=prefix)
+            table = await rate_limiter_report(limits, n=n, concurrency=concurrency)
+            await limits.aclose()
+            out += ["### Rate limiter against Redis", table, RATE_LIMITS]
         fleet = RedisStore(counted, prefix=prefix)
-        cases = fleet_cases(fleet)
-        await _harness.measure(cases, rounds=rounds, n=calls)
-        print(_harness.table(cases))
-        print()
-        print(fleet_report(await fleet_round_trips(fleet, seconds=seconds)))
+        out += await _fleet_sections(fleet, rounds, calls, seconds)
         await fleet.aclose()
     finally:
-        doomed = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
-        for start in range(0, len(doomed), 1000):
-            await client.delete(*doomed[start : start + 1000])
+        await _delete(client, prefix)
         await client.aclose()
         await counted.aclose()
-
-
-async def _fleet_only(rounds: int, calls: int, seconds: float) -> None:
-    counted = redis.asyncio.Redis.from_url(REDIS_URL, connection_class=_Counting)
-    prefix = f"stalwart-bench:{uuid.uuid4().hex}:"
-    try:
-        fleet = RedisStore(counted, prefix=prefix)
-        cases = fleet_cases(fleet)
-        await _harness.measure(cases, rounds=rounds, n=calls)
-        print(_harness.table(cases))
-        print()
-        print(fleet_report(await fleet_round_trips(fleet, seconds=seconds)))
-        await fleet.aclose()
-    finally:
-        doomed = [key async for key in counted.scan_iter(match=prefix + "*", count=1000)]
-        if doomed:
-            await counted.delete(*doomed)
-        await counted.aclose()
+    return "\n\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,12 +438,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only-fleet", action="store_true", help="only part 4: the fleet-wide limits"
     )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="write the report here (a full run: benchmarks/results/redis-<date>-<machine>.md)",
+    )
     args = parser.parse_args(argv)
     rounds, calls, n, seconds = (3, 200, 50, 0.2) if args.quick else (15, 20_000, 2_000, 1.0)
-    if args.only_fleet:
-        asyncio.run(_fleet_only(rounds, calls, seconds))
-    else:
-        asyncio.run(_main(rounds, calls, n, args.concurrency, seconds))
+    text = asyncio.run(
+        _main(rounds, calls, n, args.concurrency, seconds, only_fleet=args.only_fleet)
+    )
+    print(text, end="")
+    output: Path | None = args.output
+    if output is None and not (args.quick or args.only_fleet):
+        # Not date-first: the docs show the newest ``[0-9]*.md`` as the suite's report.
+        output = RESULTS / f"redis-{report.result_stem()}.md"
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+        print(f"written: {output}", file=sys.stderr)
     return 0
 
 

@@ -69,9 +69,13 @@ GROUP_NOTES = {
         "with one bare span; a span carrying the attribute the contract asks for, "
         "opened the usual way around the same pipeline without SDK, shows what "
         "the contract alone costs. "
-        "Metrics cost nothing per call on this path (stalwart counts retries, "
-        "rejections and timeouts, none here, and reads its gauges when scraped): "
-        "on and off differ only by the scrapes."
+        "Every row counts each call's outcome (`stalwart_calls_total`): the "
+        "pipeline and each of its four policies add one to a plain integer, "
+        "five increments a call, which a scrape reads (as it reads the gauges); "
+        "nothing switches that off, and no Prometheus object is touched per "
+        "call. Metrics on and off, as far as they can be: the pipeline behind "
+        "a call counter with its registry never scraped, and scraped every "
+        f"{telemetry_cost.SCRAPE_EVERY:,} calls: the two differ by the scrapes alone."
     ),
 }
 
@@ -87,6 +91,7 @@ class Results:
     windows: list[scaling.WindowRow]
     queues: list[scaling.QueueRow]
     keys: list[scaling.KeysRow]
+    limiter_keys: list[scaling.LimiterKeysRow]
     memory: list[tuple[str, str, float, float | None]]  # item, library, bytes, budget
     rounds: int
     calls: int
@@ -269,6 +274,21 @@ def keys_table(rows: Sequence[scaling.KeysRow]) -> str:
     return "\n".join(lines)
 
 
+def limiter_keys_table(rows: Sequence[scaling.LimiterKeysRow]) -> str:
+    lines = [
+        "| keys held | random keys: ns/call | vs the fewest keys | one key: ns/call "
+        "| vs the fewest keys | memory held | per key |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {row.keys:,} | {ns(row.random_ns)} | {ratio(row.random_ns / rows[0].random_ns)} "
+        f"| {ns(row.same_ns)} | {ratio(row.same_ns / rows[0].same_ns)} "
+        f"| {mb(row.held_bytes)} | {row.held_bytes / row.keys:,.0f} B |"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
 def mb(size: float) -> str:
     return f"{size / 1e6:,.2f} MB" if size >= 1e5 else f"{size / 1e3:,.1f} kB"
 
@@ -345,7 +365,7 @@ def render(results: Results, *, chart: str | None = None, today: date | None = N
             "",
         ]
     # A run of selected rows (``run.py --only``) measures no scaling and no memory.
-    if results.windows or results.queues or results.keys:
+    if results.windows or results.queues or results.keys or results.limiter_keys:
         out += scaling_section(results)
     if results.memory:
         out += [
@@ -389,5 +409,16 @@ def scaling_section(results: Results) -> list[str]:
         "used record once full. Replays: random keys from a store holding "
         "every key. Memory held: `sys.getsizeof` over everything the store "
         "reaches.",
+        "",
+        "#### RateLimiter(key=...): keys held",
+        "",
+        limiter_keys_table(results.limiter_keys),
+        "",
+        "A limiter whose `max_keys` is the number of keys, holding a bucket for "
+        "each (one call per key first), at a rate no run reaches: every call "
+        "finds a permit. Random keys: calls on keys drawn at random from those "
+        "held; one key: the same key over and over, the work of a call without "
+        "the CPU cache misses of a big table. Memory held: `sys.getsizeof` over "
+        "everything the limiter's key table reaches.",
         "",
     ]

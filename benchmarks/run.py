@@ -94,6 +94,8 @@ def measure(args: argparse.Namespace) -> report.Results:
     queues = scaling.bulkhead_scaling(quick=args.quick, rounds=min(rounds, 3), calls=calls)
     _phase("scaling: idempotency keys")
     keys = scaling.idempotency_scaling(quick=args.quick, calls=calls)
+    _phase("scaling: rate limiter keys")
+    limiter_keys = scaling.rate_limiter_scaling(quick=args.quick, calls=calls)
     _phase("memory per breaker")
     memory = hot_path.breaker_memory(args.quick) + peer_cases.breaker_memory(args.quick)
     _phase("telemetry (last: an explicit tracer provider changes the process)")
@@ -106,6 +108,7 @@ def measure(args: argparse.Namespace) -> report.Results:
         windows=windows,
         queues=queues,
         keys=keys,
+        limiter_keys=limiter_keys,
         memory=memory,
         rounds=rounds,
         calls=calls,
@@ -142,6 +145,7 @@ def _measure_selected(
         windows=[],
         queues=[],
         keys=[],
+        limiter_keys=[],
         memory=[],
         rounds=rounds,
         calls=calls,

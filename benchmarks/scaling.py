@@ -7,7 +7,9 @@
   queues behind K others and is handed its slot, against ``asyncio.Semaphore``
   with the same K waiters;
 * the idempotency store, 1,000 to 1,000,000 distinct keys: cost per call flat,
-  and memory bounded by ``MemoryStore(max_entries=...)``.
+  and memory bounded by ``MemoryStore(max_entries=...)``;
+* a per-key rate limiter, 1,000 to 1,000,000 keys held: cost per call flat
+  (the key's bucket found in its table), memory in proportion to the keys.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from prometheus_client import CollectorRegistry
 import stalwart as sw
 
 from ._harness import Call, Case, measure
-from .hot_path import f, f_yielding, keyed, one_in_ten_fails, per_object, unique
+from .hot_path import (
+    UNREACHED_RATE,
+    f,
+    f_yielding,
+    keyed,
+    one_in_ten_fails,
+    per_object,
+    unique,
+)
 
 # -- circuit breaker: window size ---------------------------------------------
 
@@ -246,3 +256,46 @@ def idempotency_scaling(*, quick: bool, calls: int) -> list[KeysRow]:
     sizes = (1_000, 10_000) if quick else (1_000, 10_000, 100_000, 1_000_000)
     rng = random.Random(0)
     return [asyncio.run(_one_size(keys, calls, rng)) for keys in sizes]
+
+
+# -- rate limiter: keys held ---------------------------------------------------
+
+
+@dataclass
+class LimiterKeysRow:
+    keys: int
+    random_ns: float  # a call on a random key of those held
+    same_ns: float  # a call on one key, over and over: the work without cache misses
+    held_bytes: int  # memory the limiter's key table holds
+
+
+async def _one_limiter(keys: int, calls: int, rng: random.Random) -> LimiterKeysRow:
+    telemetry = sw.Telemetry(registry=CollectorRegistry())
+    limiter = sw.RateLimiter(
+        UNREACHED_RATE, key="key", max_keys=keys, name=unique("rate_limiter"), telemetry=telemetry
+    )
+    guarded = limiter(keyed)
+    names = [f"user-{i}" for i in range(keys)]
+    gc.disable()  # a million buckets made in a row: no collection needed, none wanted
+    try:
+        for name in names:
+            await guarded(name)
+    finally:
+        gc.enable()
+    # The key table (no public view of it): every key held, none dropped.
+    table = limiter._keyed
+    assert len(table) == keys, (len(table), keys)
+    sample = [names[rng.randrange(keys)] for _ in range(min(calls, 20_000))]
+    same = [names[0]] * len(sample)
+    del names
+    await _timed(guarded, sample[:100])
+    random_ns = statistics.median([await _timed(guarded, sample) for _ in range(3)])
+    same_ns = statistics.median([await _timed(guarded, same) for _ in range(3)])
+    return LimiterKeysRow(keys, random_ns, same_ns, held_bytes(table))
+
+
+def rate_limiter_scaling(*, quick: bool, calls: int) -> list[LimiterKeysRow]:
+    """Per number of keys held by a ``RateLimiter(key=...)``, every call finding a permit."""
+    sizes = (1_000, 10_000) if quick else (1_000, 10_000, 100_000, 1_000_000)
+    rng = random.Random(0)
+    return [asyncio.run(_one_limiter(keys, calls, rng)) for keys in sizes]

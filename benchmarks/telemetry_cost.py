@@ -7,10 +7,12 @@
 * what the contract alone asks for: a span carrying the ``stalwart.policy``
   attribute, opened the usual way (``start_as_current_span``), around the
   pipeline without SDK;
-* metrics: stalwart's are computed at scrape time, so there is nothing to
-  switch off per call: the pipeline behind a call counter, with its private
-  registry never scraped, and scraped (``generate_latest``) every 1,000 calls,
-  far more often than any Prometheus server would.
+* metrics: a call's only metrics work is counting its outcome, one integer
+  increment per policy (``stalwart_calls_total``, read with the gauges at
+  scrape time), with no switch to turn it off: the pipeline behind a call
+  counter, with its private registry never scraped, and scraped
+  (``generate_latest``) every 1,000 calls, far more often than any
+  Prometheus server would.
 
 This phase runs last: once any ``Telemetry`` has an explicit tracer
 provider, stalwart looks for a recording span on its rare paths (a retry, a

@@ -14,9 +14,12 @@ import re
 from pathlib import Path
 
 import pytest
-from benchmarks import hot_path, peer_cases, run, telemetry_cost, trio_cases
+from benchmarks import _harness, hot_path, peer_cases, run, telemetry_cost, trio_cases
+from benchmarks._harness import Case
 
 import stalwart._telemetry
+
+from . import redis_support
 
 SECTIONS = (
     "### The run",
@@ -27,6 +30,7 @@ SECTIONS = (
     "#### CircuitBreaker: the window's size",
     "#### Bulkhead: calls queued",
     "#### Idempotency: distinct keys through the in-process store",
+    "#### RateLimiter(key=...): keys held",
     "### Memory per breaker",
 )
 
@@ -77,6 +81,36 @@ def test_every_stalwart_case_has_a_row_whose_ratio_parses(report: tuple[str, Pat
             assert cells[5] in ("ok", "**over**")
     for name in ("Pipeline, default telemetry (no SDK)", "Retry, success (trio)"):
         assert re.fullmatch(r"\d+\.\d\dx", table[name][3])
+
+
+def test_the_rate_limiter_keys_table_has_a_row_per_size(report: tuple[str, Path]) -> None:
+    text, _ = report
+    section = text.split("#### RateLimiter(key=...): keys held")[1].split("###")[0]
+    table = rows(section)
+    for keys in ("1,000", "10,000"):  # the tiny run's sizes
+        cells = table[keys]
+        assert re.fullmatch(r"\d+\.\d\dx", cells[2]), cells
+        assert re.fullmatch(r"\d+\.\d\dx", cells[4]), cells
+        assert cells[6].endswith(" B"), cells
+    assert table["1,000"][2] == "1.00x"
+
+
+def test_the_cases_of_each_phase_have_names_of_their_own() -> None:
+    phases = {
+        "asyncio": hot_path.baselines() + hot_path.cases() + peer_cases.cases(),
+        "trio": trio_cases.cases(),
+        "telemetry": telemetry_cost.cases()[0],
+    }
+    for phase, cases in phases.items():
+        names = [case.name for case in cases]
+        assert len(names) == len(set(names)), phase
+
+
+def test_two_cases_of_one_name_are_refused() -> None:
+    # The harness keys calls by name: the first case would time the second's call.
+    twins = [Case("the same", lambda: hot_path.f), Case("the same", lambda: hot_path.raising)]
+    with pytest.raises(ValueError, match="unique"):
+        asyncio.run(_harness.measure(twins, rounds=1, calls=10))
 
 
 def test_the_chart_is_written_next_to_the_report(report: tuple[str, Path]) -> None:
@@ -186,3 +220,24 @@ def test_a_run_of_selected_rows_reports_them_alone(
 def test_a_selection_that_matches_nothing_is_an_error() -> None:
     with pytest.raises(SystemExit, match="no row matches"):
         run.main(["--quick", "--only", "no such row"])
+
+
+@pytest.mark.redis
+@pytest.mark.realtime
+def test_the_redis_report_counts_one_round_trip_per_rate_limited_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``redis_store.py``, in tiny mode, written where ``--output`` says (warnings are errors)."""
+    from benchmarks import redis_store
+
+    redis_support.require_redis()
+    monkeypatch.setattr(redis_store, "REDIS_URL", redis_support.REDIS_URL)
+    output = tmp_path / "redis.md"
+    assert redis_store.main(["--quick", "--output", str(output)]) == 0
+    text = output.read_text(encoding="utf-8")
+    for section in ("### The run", "### Breakers", "### Idempotency", "### Rate limiter"):
+        assert section in text
+    table = rows(text)
+    for row in ("let through at once", "refused"):
+        assert table[row][1] == "1", table[row]
+    assert table["replay"][1] == "1"
