@@ -651,6 +651,27 @@ async def test_the_adaptive_delay_tracks_a_shifting_distribution() -> None:
     assert hedge.current_delay() == pytest.approx(0.02, rel=0.03)
 
 
+@pytest.mark.parametrize("latency", [0.0123, 0.02, 0.05])
+async def test_a_steady_latency_never_hedges_once_learned(latency: float) -> None:
+    # Every call takes the same time: the p95 is that time, and a delay of its
+    # estimate (which may sit just under it) hedged every call.
+    hedge = fresh(delay=sw.AdaptiveDelay(minimum=0.001, maximum=0.5, warmup=5))
+    await calls(hedge, latency, 100)
+    assert latency <= hedge.current_delay() <= latency * 1.05
+    assert hedge.metrics.hedges == 0  # type: ignore[attr-defined]
+
+
+async def test_only_the_tail_beyond_the_learned_p95_hedges() -> None:
+    # 90 % of calls take 20 ms, 10 % take 300 ms: the p80 is the fast calls'
+    # latency, and only the slow calls hedge (before, every call did).
+    hedge = fresh(delay=sw.AdaptiveDelay(quantile=0.8, minimum=0.001, maximum=1.0, warmup=5))
+    for i in range(200):
+        await hedge.call(Backend([0.3 if i % 10 == 0 else 0.02, 0.02]))
+        await anyio.sleep(0.1)
+    assert 0.02 <= hedge.current_delay() <= 0.021
+    assert hedge.metrics.hedges <= 20  # type: ignore[attr-defined]  # the slow ones, at most
+
+
 async def test_losers_keep_the_adaptive_delay_from_sinking() -> None:
     # One call in four is slow. The slow first attempts lose to their hedges and
     # are cancelled, yet still count above the p50: the delay stays at the fast

@@ -39,6 +39,10 @@ def assert_within(estimator: LatencyQuantile, samples: list[tuple[float, float]]
     value = estimator.estimate if q == estimator.q else estimator.quantile(q)
     assert value is not None
     assert lower * (1 - a) <= value <= upper * (1 + a), (value, lower, upper)
+    if q == estimator.q:  # the ceiling: never below the quantile, at most gamma times it
+        ceiling = estimator.ceiling
+        assert ceiling is not None
+        assert lower * (1 - 1e-9) <= ceiling <= upper * estimator.gamma * (1 + 1e-9)
 
 
 def lognormal_quantile(median: float, sigma: float, q: float) -> float:
@@ -139,6 +143,24 @@ def test_a_clock_that_goes_back_starts_afresh() -> None:
     estimator.add(1.0, 0.01)
     assert estimator.estimate == pytest.approx(0.01, rel=0.02)
     assert estimator.weight(1.0) == 1.0
+
+
+@pytest.mark.parametrize("latency", [0.0005, 0.001, 0.0123, 0.02, 0.02 * 1.04**7, 0.5, 40.0])
+def test_the_ceiling_of_a_steady_latency_is_never_below_it(latency: float) -> None:
+    # The estimate of a point mass may sit just under it (a hedge delayed that
+    # long would start on every call); the ceiling never does.
+    estimator = LatencyQuantile(0.95, low=0.001, high=30.0, half_life=10.0)
+    before = estimator.ceiling
+    assert before is None
+    for i in range(100):
+        estimator.add(i * 0.1, latency)
+    clamped = min(30.0, max(0.001, latency))
+    ceiling = estimator.ceiling
+    assert ceiling is not None
+    assert clamped <= ceiling <= clamped * estimator.gamma
+    if latency in (0.0123, 0.02):  # cases where the estimate is below the latency
+        assert estimator.estimate is not None
+        assert estimator.estimate < latency
 
 
 # -- accuracy on stationary distributions -------------------------------------------------

@@ -99,7 +99,10 @@ class AdaptiveDelay:
     The delay is the ``quantile`` of the attempts' recent latencies (p95 by
     default: about one call in twenty hedges), between ``minimum`` and
     ``maximum``. Latencies are learned online in fixed memory (a log-bucket
-    histogram, 2 % relative error), each sample losing half its weight every
+    histogram, 2 % relative error); the delay is the upper edge of the
+    quantile's bucket, never below the quantile and at most about 4 % above
+    it, so calls as fast as the quantile (all of them, for a steady latency)
+    end before it and start no hedge. Each sample loses half its weight every
     ``half_life`` seconds, so the delay follows a dependency that slows down
     or speeds up. Until the recent samples weigh ``warmup`` (about that many
     calls in the last ``half_life`` seconds), the delay is ``maximum``: a
@@ -604,10 +607,10 @@ class Hedge(Policy):
             return self._fixed
         adaptive = self._adaptive
         assert adaptive is not None
-        estimate = quantile.estimate
-        if estimate is None or quantile.weight(_clock.now()) < adaptive.warmup:
+        delay = quantile.ceiling  # (not `estimate`: see `LatencyQuantile.ceiling`)
+        if delay is None or quantile.weight(_clock.now()) < adaptive.warmup:
             return adaptive.maximum
-        return estimate
+        return delay
 
     def _twin(self, discard: Callable[[Any], Any] | None) -> Hedge:
         """A hedge with the same options and telemetry, learning its own delay.

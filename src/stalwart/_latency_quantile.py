@@ -106,6 +106,8 @@ class LatencyQuantile:
 
     __slots__ = (
         "_below",
+        "_ceiling",
+        "_ceiling_index",
         "_counts",
         "_half_life",
         "_index",
@@ -163,6 +165,8 @@ class LatencyQuantile:
             counts[i] = 0.0
         self._total = 0.0
         self._below = 0.0  # the weight in buckets below `_index`
+        self._ceiling_index = -1  # `ceiling`'s bucket, and its upper edge
+        self._ceiling = math.nan
         self._index = 0
         self._landmark = -math.inf  # t0; set by the first sample
         self._seen = -math.inf
@@ -175,6 +179,26 @@ class LatencyQuantile:
     def estimate(self) -> float | None:
         """The tracked quantile of the samples so far (None before the first one)."""
         return self._values[self._index] if self._total else None
+
+    @property
+    def ceiling(self) -> float | None:
+        """The upper edge of the estimate's bucket (None before the first sample).
+
+        Never below the exact quantile, and at most ``gamma`` times it (about
+        ``2 * relative_accuracy`` above): what a threshold that must not be
+        crossed by calls as fast as the quantile reads (`Hedge`'s delay).
+        `estimate` may sit just under the quantile: a steady latency L is
+        estimated up to ``relative_accuracy * L`` below L, and a hedge
+        delayed that long would start on every call.
+        """
+        if not self._total:
+            return None
+        i = self._index
+        if i != self._ceiling_index:
+            edge = math.exp(self._log_low + i / self._inverse_log_gamma)
+            self._ceiling = min(self.high, max(self.low, edge))
+            self._ceiling_index = i
+        return self._ceiling
 
     def add(self, now: float, seconds: float) -> None:
         """Count a latency of ``seconds`` observed at ``now``.
