@@ -141,19 +141,20 @@ async def test_open_periods_are_the_backoffs_jittered_delays() -> None:
 
 
 async def test_replicas_open_for_different_jittered_periods() -> None:
-    jittered = sw.Backoff(initial=10.0, multiplier=2.0, maximum=60.0, jitter="full")
+    jittered = sw.Backoff(initial=10.0, multiplier=2.0, maximum=60.0, jitter="equal")
     periods = set()
     for seed in range(5):
         cb = breaker(open_for=jittered, rng=random.Random(seed))
         await attempt(guarded(cb), "fail")
         periods.add(open_period(cb))
     assert len(periods) == 5
-    assert all(0.0 <= p <= 10.0 for p in periods)
+    assert all(5.0 <= p <= 10.0 for p in periods)
 
 
 async def test_decorrelated_jitter_draws_from_the_previous_period() -> None:
     backoff = sw.Backoff(initial=1.0, multiplier=2.0, maximum=30.0, jitter="decorrelated")
-    cb = breaker(open_for=backoff, rng=random.Random(3))
+    with pytest.warns(sw.StalwartWarning, match="jitter='equal'"):
+        cb = breaker(open_for=backoff, rng=random.Random(3))
     fn = guarded(cb)
     draws = random.Random(3)
     previous = None
@@ -163,6 +164,19 @@ async def test_decorrelated_jitter_draws_from_the_previous_period() -> None:
         assert open_period(cb) == pytest.approx(previous, abs=1e-9)
         await anyio.sleep(previous)
         await attempt(fn, "fail")
+
+
+@pytest.mark.parametrize(
+    ("jitter", "how"), [("full", "between 0 and its delay"), ("decorrelated", "three times")]
+)
+def test_a_jitter_that_can_shorten_an_open_period_warns(jitter: str, how: str) -> None:
+    backoff = sw.Backoff(initial=5.0, maximum=60.0, jitter=jitter)  # type: ignore[arg-type]
+    with pytest.warns(sw.StalwartWarning, match=how) as caught:
+        sw.CircuitBreaker(open_for=backoff, telemetry=sw.Telemetry(registry=CollectorRegistry()))
+    assert caught[0].filename == __file__  # the line that built the breaker
+    for quiet in ("equal", "none"):
+        steady = sw.Backoff(initial=5.0, maximum=60.0, jitter=quiet)
+        sw.CircuitBreaker(open_for=steady, telemetry=sw.Telemetry(registry=CollectorRegistry()))
 
 
 async def test_breakers_sharing_a_store_share_the_count_of_openings() -> None:
@@ -606,11 +620,13 @@ class Limited:
 @pytest.mark.parametrize(
     ("options", "param"),
     [
-        ({"open_for": sw.Backoff(initial=1.0, maximum=120.0)}, "open_for"),
+        ({"open_for": sw.Backoff(initial=1.0, maximum=120.0, jitter="equal")}, "open_for"),
         ({"trial_timeout": 90.0}, "trial_timeout"),
     ],
 )
 def test_durations_a_store_cannot_keep_are_rejected(options: dict[str, Any], param: str) -> None:
     with pytest.raises(ValueError, match=param):
         sw.CircuitBreaker(store=Limited(), **options)
-    sw.CircuitBreaker(store=Limited(), open_for=sw.Backoff(maximum=60.0), trial_timeout=60.0)
+    sw.CircuitBreaker(
+        store=Limited(), open_for=sw.Backoff(maximum=60.0, jitter="equal"), trial_timeout=60.0
+    )

@@ -272,6 +272,13 @@ def _shared(rules: _Rules) -> _Rules:
     return rules
 
 
+# Jitters that let an open period be far shorter than the Backoff's delay, and how.
+_SHRINKING_JITTERS: Final = {
+    "full": "between 0 and its delay",
+    "decorrelated": "between its initial delay and three times the last period",
+}
+
+
 def _warn_of_unused_minimum(
     rules: _Rules, window: CountWindow | TimeWindow, *, given: bool
 ) -> None:
@@ -479,6 +486,13 @@ class CircuitBreaker(Policy):
         backoff: Backoff | None = None
         if isinstance(open_for, Backoff):
             backoff, open_for = open_for, open_for.maximum
+            if backoff.jitter in _SHRINKING_JITTERS:
+                warn(
+                    f"open_for={backoff!r} draws each open period "
+                    f"{_SHRINKING_JITTERS[backoff.jitter]}: the breaker may half-open "
+                    "almost at once, and its periods need not grow; give the Backoff "
+                    "jitter='equal' (between half and all of the delay) or 'none'"
+                )
         elif not isinstance(open_for, (int, float)) or isinstance(open_for, bool):
             raise TypeError(
                 f"open_for must be a number of seconds or a Backoff, not {type(open_for).__name__}"
