@@ -248,8 +248,34 @@ def test_bad_options_are_refused_naming_them(
 
 
 def test_the_repr_shows_the_rule() -> None:
-    health = BreakerHealth([], required=["b", "a"])
-    assert repr(health) == "BreakerHealth(1 sources, required=['a', 'b'])"
+    assert repr(BreakerHealth(required=["b", "a"])) == "BreakerHealth(required=['a', 'b'])"
+
+
+def test_the_repr_shows_each_source_and_counts_what_lists_and_mappings_hold() -> None:
+    def current() -> list[sw.CircuitBreaker]:
+        return []
+
+    per_key, a = sw.PerKey(breaker, key="origin"), breaker("a")
+    health = BreakerHealth(per_key, a, [a, breaker("b")], {"k": a}, current, None)
+    assert repr(health) == (
+        f"BreakerHealth({per_key!r}, {a!r}, <list of 2 policies>, <dict of 1 policy>, "
+        "test_the_repr_shows_each_source_and_counts_what_lists_and_mappings_hold.<locals>"
+        ".current, None, required=None)"
+    )
+
+
+async def test_the_repr_neither_iterates_nor_calls_a_source() -> None:
+    calls: list[None] = []
+
+    def current() -> list[sw.CircuitBreaker]:
+        calls.append(None)
+        return [breaker("called")]
+
+    health = BreakerHealth(iter([breaker("iterated")]), current)
+    repr(health)
+    assert calls == []
+    assert states((await probe(health))[1]) == {"iterated": "closed", "called": "closed"}
+    assert repr(health).startswith("BreakerHealth(<list_iterator>, ")
 
 
 @pytest.mark.realtime

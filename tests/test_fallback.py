@@ -289,6 +289,16 @@ def test_the_repr_shows_the_fallback_and_on() -> None:
     assert repr(sw.Fallback(0, on=KeyError)) == "Fallback(0, on=KeyError, name='fallback')"
 
 
+def test_the_repr_shows_on_result_when_set() -> None:
+    def is_empty(result: object) -> bool:
+        return not result
+
+    assert repr(sw.Fallback(0, on=KeyError, on_result=is_empty, name="r")) == (
+        "Fallback(0, on=KeyError, "
+        "on_result=test_the_repr_shows_on_result_when_set.<locals>.is_empty, name='r')"
+    )
+
+
 def test_it_keeps_the_function_metadata() -> None:
     guarded = sw.Fallback("")(fine)
     assert guarded.__name__ == "fine"

@@ -251,7 +251,12 @@ class Fallback(Policy, Generic[R_co]):
         if len(shown) > 60:
             shown = shown[:57] + "..."
         on = getattr(self._on, "__qualname__", None) or repr(self._on)
-        return f"Fallback({shown}, on={on}, name={self._name!r})"
+        parts = [shown, f"on={on}"]
+        if self._on_result is not None:
+            judge = self._on_result
+            parts.append(f"on_result={getattr(judge, '__qualname__', None) or repr(judge)}")
+        parts.append(f"name={self._name!r}")
+        return f"Fallback({', '.join(parts)})"
 
 
 def _answer_of(fallback: Any) -> Callable[[Any], Awaitable[Any]]:

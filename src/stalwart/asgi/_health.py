@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sized
 from typing import Any, Final, final
 
 from .._circuit_breaker import CircuitBreaker
@@ -158,7 +158,21 @@ class BreakerHealth:
 
     def __repr__(self) -> str:
         required = None if self._required is None else sorted(self._required)
-        return f"BreakerHealth({len(self._sources)} sources, required={required!r})"
+        shown = [_source_text(source) for source in self._sources]
+        return f"BreakerHealth({', '.join([*shown, f'required={required!r}'])})"
+
+
+def _source_text(source: Any) -> str:
+    """A source as the repr shows it: never iterated nor called (it is read on each request)."""
+    if source is None or isinstance(source, Policy):
+        return repr(source)
+    if callable(source):
+        return getattr(source, "__qualname__", None) or repr(source)
+    kind = type(source).__name__
+    if not isinstance(source, Sized):
+        return f"<{kind}>"
+    count = len(source)
+    return f"<{kind} of {count} {'policy' if count == 1 else 'policies'}>"
 
 
 def _breakers(sources: Iterable[Any], key: str | None = None) -> Iterator[tuple[str | None, Any]]:
