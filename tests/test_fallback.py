@@ -287,6 +287,9 @@ def test_a_sync_function_cannot_be_decorated() -> None:
 
 def test_the_repr_shows_the_fallback_and_on() -> None:
     assert repr(sw.Fallback(0, on=KeyError)) == "Fallback(0, on=KeyError, name='fallback')"
+    assert repr(sw.Fallback(0, on=(KeyError, OSError), name="f")) == (
+        "Fallback(0, on=(KeyError, OSError), name='f')"
+    )
 
 
 def test_the_repr_shows_on_result_when_set() -> None:

@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, ParamSpec, TypedDict, TypeVar, Unpack, final, overload
 
-from ._matchers import ExceptionMatcher, Matcher
+from ._matchers import ExceptionMatcher, Matcher, matcher_text
 from ._metrics import Counted, MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy, is_async_callable
 from ._telemetry import Telemetry, observed
@@ -250,7 +250,7 @@ class Fallback(Policy, Generic[R_co]):
         )
         if len(shown) > 60:
             shown = shown[:57] + "..."
-        on = getattr(self._on, "__qualname__", None) or repr(self._on)
+        on = matcher_text(self._on)
         parts = [shown, f"on={on}"]
         if self._on_result is not None:
             judge = self._on_result

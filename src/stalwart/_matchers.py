@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeAlias, final
 
-__all__ = ["ExceptionMatcher", "Matcher"]
+__all__ = ["ExceptionMatcher", "Matcher", "matcher_text"]
 
 ExceptionMatcher: TypeAlias = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -76,6 +76,11 @@ class Matcher:
         return id(self.spec) if self.is_predicate else hash(self.spec)
 
     def __repr__(self) -> str:
-        spec = self.spec
-        shown = getattr(spec, "__qualname__", None) or repr(spec)
-        return f"Matcher({shown})"
+        return f"Matcher({matcher_text(self.spec)})"
+
+
+def matcher_text(spec: object) -> str:
+    """An ``on=`` option as a reader would write it: ``KeyError``, ``(KeyError, OSError)``."""
+    if isinstance(spec, tuple):
+        return f"({', '.join(matcher_text(item) for item in spec)})"
+    return getattr(spec, "__qualname__", None) or repr(spec)
