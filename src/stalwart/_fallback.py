@@ -59,7 +59,9 @@ class Fallback(Policy, Generic[R_co]):
     instead: ``fallback`` itself, or, when ``fallback`` is callable, what it
     returns when given that exception or result (a sync function, or an
     ``async def`` one, awaited). A callable is always called: to fall back on
-    a callable *value*, return it from one (``lambda _: handler``).
+    a callable *value*, return it from one (``lambda _: handler``). A value
+    is the same object on every fallback: for a fresh mutable one (a list a
+    caller may append to), give a callable (``lambda _: []``).
 
     Only `Exception` subclasses ever fall back: cancellation,
     ``KeyboardInterrupt`` and ``SystemExit`` propagate, even with
