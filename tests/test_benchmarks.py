@@ -241,3 +241,22 @@ def test_the_redis_report_counts_one_round_trip_per_rate_limited_call(
     for row in ("let through at once", "refused"):
         assert table[row][1] == "1", table[row]
     assert table["replay"][1] == "1"
+
+
+def test_the_documented_budgets_are_the_suites() -> None:
+    # Each budgeted row has a row in docs/benchmarks.md's table naming its
+    # policy with the same budget: the table once missed four policies.
+    text = (Path(__file__).parent.parent / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    section = text.split("## The budgets", 1)[1].split("\n## ", 1)[0]
+    documented = [
+        (item.casefold(), float(budget))
+        for item, budget in re.findall(r"^\| (.+?) \| ≤ ([\d.]+)x \|", section, re.MULTILINE)
+    ]
+    telemetry, _ = telemetry_cost.cases()
+    budgeted = [case for case in hot_path.cases() + telemetry if case.budget is not None]
+    assert len(budgeted) >= 20
+    for case in budgeted:
+        policy = re.split(r"[ ,(]", case.name, maxsplit=1)[0].casefold()
+        assert any(policy in item and budget == case.budget for item, budget in documented), (
+            f"{case.name!r} (budget {case.budget:g}x) is not in the documented budgets"
+        )
