@@ -252,11 +252,9 @@ class Fallback(Policy, Generic[R_co]):
         )
         if len(shown) > 60:
             shown = shown[:57] + "..."
-        on = matcher_text(self._on)
-        parts = [shown, f"on={on}"]
+        parts = [shown, f"on={matcher_text(self._on)}"]
         if self._on_result is not None:
-            judge = self._on_result
-            parts.append(f"on_result={getattr(judge, '__qualname__', None) or repr(judge)}")
+            parts.append(f"on_result={matcher_text(self._on_result)}")
         parts.append(f"name={self._name!r}")
         return f"Fallback({', '.join(parts)})"
 

@@ -80,7 +80,7 @@ class Matcher:
 
 
 def matcher_text(spec: object) -> str:
-    """An ``on=`` option as a reader would write it: ``KeyError``, ``(KeyError, OSError)``."""
+    """An ``on=`` (or ``on_result=``) option as written: ``KeyError``, ``(KeyError, OSError)``."""
     if isinstance(spec, tuple):
         return f"({', '.join(matcher_text(item) for item in spec)})"
     return getattr(spec, "__qualname__", None) or repr(spec)
