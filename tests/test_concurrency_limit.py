@@ -426,6 +426,39 @@ async def test_gradient2_times_every_call_of_its_first_probe() -> None:
     assert algorithm.base_rtt == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize(("max_queued", "refused"), [(0, 5), (5, 0)])
+async def test_a_burst_over_a_quarter_of_the_limit_while_it_probes_is_refused_or_queued(
+    max_queued: int, refused: int
+) -> None:
+    """What load-shedding.md says a probe costs: the limit is a quarter of itself."""
+    limit = sw.ConcurrencyLimit(max_queued=max_queued, rng=random.Random(1))
+    algorithm = limit.algorithm
+    assert isinstance(algorithm, sw.Gradient2Limit)
+
+    @limit
+    async def work() -> None:
+        await anyio.sleep(0.05)
+
+    await work()  # the first call starts a probe: 20 // 4 = 5 calls at once
+    assert algorithm.probing
+    assert limit.limit == 5
+    outcomes: list[str] = []
+
+    async def one() -> None:
+        try:
+            await work()
+        except sw.RateLimitExceeded:
+            outcomes.append("refused")
+        else:
+            outcomes.append("served")
+
+    async with anyio.create_task_group() as group:
+        for _ in range(10):  # half the limit of 20 it had and will have again
+            group.start_soon(one)
+    assert outcomes.count("refused") == refused
+    assert outcomes.count("served") == 10 - refused
+
+
 # -- the limit moving --------------------------------------------------------------------
 
 
