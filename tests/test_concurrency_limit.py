@@ -156,6 +156,17 @@ async def test_calls_beyond_the_limit_are_refused_at_once(registry: CollectorReg
     assert limit.in_flight == 0
 
 
+async def test_one_call_in_flight_is_said_in_the_singular() -> None:
+    guarded = limited(Scripted(1), name="search")(Gate())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(guarded)
+        await settle()
+        with pytest.raises(sw.RateLimitExceeded) as caught:
+            await guarded()
+        tg.cancel_scope.cancel()
+    assert "'search' is reached: 1 call in flight (limit 1), 0 queued" in str(caught.value)
+
+
 async def test_queued_calls_wait_in_fifo_order_then_run() -> None:
     limit = limited(Scripted(1), max_queued=2)
     order: list[int] = []

@@ -151,6 +151,14 @@ async def test_without_max_wait_a_call_over_the_limit_is_refused_at_once() -> No
     assert record.tags == [1, 2]
 
 
+async def test_a_limit_of_one_call_is_said_in_the_singular() -> None:
+    limited = sw.RateLimiter(1, per=10.0, name="export")(Recorder())
+    await limited()
+    with pytest.raises(sw.RateLimitExceeded) as info:
+        await limited()
+    assert "'export' is at its limit of 1 call per 10s (bursts of 1)" in str(info.value)
+
+
 async def test_retry_after_is_when_a_permit_is_free() -> None:
     limited = sw.RateLimiter(4, burst=1)(Recorder())
     await limited()

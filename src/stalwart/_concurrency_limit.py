@@ -397,7 +397,8 @@ class ConcurrencyLimit(Policy):
 
     def _refuse(self, start: float | None) -> NoReturn:
         message = (
-            f"concurrency limit {self._name!r} is reached: {self._in_flight} calls in flight "
+            f"concurrency limit {self._name!r} is reached: {self._in_flight} "
+            f"call{'' if self._in_flight == 1 else 's'} in flight "
             f"(limit {self._limit}), {self._queue.queued} queued"
         )
         error = RateLimitExceeded(message, policy=self._name, retry_after=None)

@@ -613,7 +613,8 @@ class RateLimiter(Policy):
 
     def _limit_text(self) -> str:
         per = "a second" if self._per == 1.0 else f"per {self._per:g}s"
-        return f"{self._rate:g} calls {per} (bursts of {self._burst})"
+        calls = "call" if self._rate == 1 else "calls"
+        return f"{self._rate:g} {calls} {per} (bursts of {self._burst})"
 
     def __repr__(self) -> str:
         key = spec_text(self._key)
