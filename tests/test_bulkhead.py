@@ -69,8 +69,21 @@ async def test_without_a_queue_excess_calls_are_rejected_at_once() -> None:
             await guarded()
         assert anyio.current_time() == start
         assert info.value.policy == "pdf"
-        assert "pdf" in str(info.value)
+        assert str(info.value) == "bulkhead 'pdf' is full: 2 of 2 slots taken here, 0 calls queued"
         gate.open()
+
+
+async def test_the_refusal_says_one_slot_and_one_call_in_the_singular() -> None:
+    gate = Gate()
+    guarded = sw.Bulkhead(1, max_queued=1, name="pdf")(gate)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(guarded)
+        tg.start_soon(guarded)
+        await settle()
+        with pytest.raises(sw.BulkheadFullError) as info:
+            await guarded()
+        gate.open()
+    assert str(info.value) == "bulkhead 'pdf' is full: 1 of 1 slot taken here, 1 call queued"
 
 
 async def test_the_queue_is_bounded() -> None:

@@ -402,9 +402,11 @@ class Bulkhead(Policy):
 
     def _reject(self, start: float | None) -> NoReturn:
         where = "" if self._fleet is None else " in the fleet"
+        queued = self._queue.queued
         message = (
-            f"bulkhead {self._name!r} is full: {self._in_flight} of {self._max} slots "
-            f"taken here{where}, {self._queue.queued} calls queued"
+            f"bulkhead {self._name!r} is full: {self._in_flight} of {self._max} "
+            f"slot{'' if self._max == 1 else 's'} taken here{where}, "
+            f"{queued} call{'' if queued == 1 else 's'} queued"
         )
         refuse(self, start, "bulkhead_full", None, BulkheadFullError(message, policy=self._name))
 
