@@ -773,3 +773,34 @@ async def test_a_default_timeout_applies_to_calls_without_a_deadline() -> None:
     [hit] = service.hits["k"]
     assert hit.remaining is not None
     assert 4.0 < hit.remaining <= 5.0
+
+
+# -- a server's own DEADLINE_EXCEEDED ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param(None, id="default-policy"),
+        pytest.param(
+            sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(3.0)), id="with-timeout"
+        ),
+    ],
+)
+async def test_a_servers_deadline_exceeded_with_time_left_is_its_answer(
+    server: Server, policy: sw.Policy | None
+) -> None:
+    # The server's own deadline passed (a downstream call's, say) long before
+    # the caller's: the caller gets that answer at once, not after waiting
+    # out its own deadline.
+    key = server.key()
+    async with channel(server, ClientInterceptor(policy)) as ch:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with sw.deadline(3.0), pytest.raises(aio.AioRpcError) as failed:
+            await unary(ch)(ask(key, fail=1, code="DEADLINE_EXCEEDED"))
+        assert loop.time() - start < 1.0
+    assert not isinstance(failed.value, sw.DeadlineExceeded)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert failed.value.details() == "busy"
+    assert len(server.hits(key)) == 1

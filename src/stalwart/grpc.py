@@ -307,7 +307,9 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
       `~stalwart.DeadlineExceeded` is raised. When grpc's own timer ends a
       call at that deadline, the interceptor lets stalwart's deadline report
       it, so the caller sees the same error whichever clock ran first: the
-      ``DeadlineExceeded`` of the deadline that passed.
+      ``DeadlineExceeded`` of the deadline that passed. A ``DEADLINE_EXCEEDED``
+      that comes back while that deadline still has time left is the
+      server's answer (a deadline of its own passed), like any other status.
     * The current trace context travels in the call's metadata (unless the
       call already carries a ``traceparent``), so the server's spans join
       the caller's trace.
@@ -565,14 +567,16 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
             raise RetryableRpcError(
                 error, call=call, retry_after=None if pushback is None else parse_pushback(pushback)
             ) from None
-        if code is grpc.StatusCode.DEADLINE_EXCEEDED and ours:
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED and ours and _passing():
             # grpc's timer and stalwart's deadline end the call at the same
             # instant; when grpc's ran first, stalwart's fires in a moment
             # and cancels this attempt, so the deadline that passed reports
             # it (a Timeout in the policy, a deadline around the caller).
+            # (With time left, the status is the server's answer: a deadline
+            # of its own passed, one of its downstream calls', say.)
             waited = 0.0
             while waited < _DEADLINE_GRACE:
-                step = max(remaining() or 0.0, 0.001)
+                step = min(max(remaining() or 0.0, 0.001), _DEADLINE_GRACE)
                 await asyncio.sleep(step)
                 waited += step
             raise DeadlineExceeded(
@@ -584,6 +588,12 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     def __repr__(self) -> str:
         codes = sorted(code.name for code in self._codes)
         return f"ClientInterceptor({self._policy!r}, retry_codes={codes})"
+
+
+def _passing() -> bool:
+    """Is the ambient deadline (the timeout an attempt was sent with) passing now?"""
+    left = remaining()
+    return left is not None and left <= _DEADLINE_GRACE
 
 
 @final
