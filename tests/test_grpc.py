@@ -107,9 +107,13 @@ class Service:
         hit = self.record(ask, context)
         if hit <= ask.get("fail", 0):
             await context.abort(UNAVAILABLE, "busy before the first message")
+        if hit <= ask.get("slow", 0):
+            await asyncio.sleep(30)  # until the caller gives up on this attempt
         for i in range(ask.get("messages", 3)):
             if i == ask.get("break_at"):
                 await context.abort(UNAVAILABLE, "broke mid-stream")
+            if i:
+                await asyncio.sleep(ask.get("pause", 0))
             yield f"{hit}:{i}".encode()
 
 
@@ -509,6 +513,42 @@ async def test_a_stream_carries_the_deadline(server: Server) -> None:
     [hit] = server.hits(key)
     assert hit.time_remaining is not None
     assert hit.time_remaining <= 2.0 + SKEW
+
+
+async def test_a_streams_timeout_is_the_callers_deadline_not_the_policys(
+    server: Server,
+) -> None:
+    # The policy's Timeout bounds an attempt, which ends with the first
+    # message: the stream itself is the caller's, under the caller's deadline.
+    first, second = server.key(), server.key()
+    policy = sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(0.5))
+    async with channel(server, ClientInterceptor(policy)) as ch:
+        [m async for m in stream(ch)(ask(first))]
+        with sw.deadline(20.0):
+            [m async for m in stream(ch)(ask(second))]
+    [without], [under] = server.hits(first), server.hits(second)
+    assert without.time_remaining is None
+    assert without.remaining is None
+    assert under.remaining is not None
+    assert 10.0 < under.remaining <= 20.0 + SKEW
+
+
+async def test_a_stream_outlives_the_policys_timeout(server: Server) -> None:
+    key = server.key()
+    policy = sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(0.2))
+    async with channel(server, ClientInterceptor(policy)) as ch:
+        messages = [m async for m in stream(ch)(ask(key, pause=0.15))]
+    assert messages == [b"1:0", b"1:1", b"1:2"]  # 0.3 s of stream, past the Timeout
+
+
+async def test_a_stream_that_has_not_begun_within_the_timeout_is_retried(
+    server: Server,
+) -> None:
+    key = server.key()
+    policy = sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(0.2))
+    async with channel(server, ClientInterceptor(policy)) as ch:
+        messages = [m async for m in stream(ch)(ask(key, slow=1))]
+    assert messages == [b"2:0", b"2:1", b"2:2"]
 
 
 async def test_a_stream_whose_retries_run_out_fails_with_its_status(server: Server) -> None:

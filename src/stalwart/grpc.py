@@ -283,8 +283,12 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     has been received the stream is the caller's, and a failure later on
     reaches the caller as it is, never retried (the caller has seen part of
     the answer) and not counted by a breaker (the policy's call ended with
-    the first message). Calls that stream requests are not intercepted: a
-    stream of requests cannot be replayed.
+    the first message). So a stream is sent with the caller's deadline (or
+    its own ``timeout``) as its timeout: a `~stalwart.Timeout` or a
+    ``Retry(timeout=)`` in the policy bounds the wait for the first message
+    (a stream not begun by then is cancelled, and retried), not the stream.
+    Calls that stream requests are not intercepted: a stream of requests
+    cannot be replayed.
 
     * A call that ends with a status in ``retry_codes`` fails the attempt
       with `RetryableRpcError`; its ``retry_after`` is the server's
@@ -474,6 +478,12 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     async def _intercept_stream(
         self, continuation: _Continuation, details: aio.ClientCallDetails, request: Any
     ) -> Any:
+        # The stream's timeout is the caller's deadline, read here, outside the
+        # policy: a Timeout in the policy bounds an attempt, which ends with
+        # the first message, not the stream the caller reads after it.
+        left = remaining()
+        if left is not None and (details.timeout is None or left < details.timeout):
+            details = details._replace(timeout=left)  # type: ignore[attr-defined]
         try:
             call, first = await self._through(_STREAM, continuation, details, request)
         except RetryableRpcError as failed:
@@ -530,7 +540,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         self, continuation: _Continuation, details: aio.ClientCallDetails, request: Any
     ) -> tuple[Any, Any]:
         """One attempt of a server-streaming call, up to its first message."""
-        sent, ours = self._outgoing(details)
+        sent, ours = self._outgoing(details, bounded=False)
         call = await continuation(sent, request)
         try:
             first = await call.read()
@@ -542,12 +552,18 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
             raise
         return call, first
 
-    def _outgoing(self, details: aio.ClientCallDetails) -> tuple[aio.ClientCallDetails, bool]:
-        """The call's details for one attempt; and whether its timeout is the ambient deadline."""
+    def _outgoing(
+        self, details: aio.ClientCallDetails, *, bounded: bool = True
+    ) -> tuple[aio.ClientCallDetails, bool]:
+        """The call's details for one attempt; and whether its timeout is the ambient deadline.
+
+        ``bounded``: the attempt's timeout is the ambient deadline, when
+        nearer (a stream's is set before the policy: see `_intercept_stream`).
+        """
         timeout = details.timeout
         ours = False
         left = time_left(self._name, "{!r} not called", details.method)
-        if left is not None and (timeout is None or left < timeout):
+        if bounded and left is not None and (timeout is None or left < timeout):
             timeout, ours = left, True
         metadata = details.metadata
         trace = _propagation.outgoing()
