@@ -164,7 +164,19 @@ async def test_the_last_503_is_returned_after_the_last_attempt(server: Server) -
     async with session(server) as http, http.get("/flaky", params={"key": key, "fail": 9}) as r:
         assert r.status == 503
         assert (await r.text()).startswith("busy busy")
+        assert (await r.read()).startswith(b"busy busy")  # as without the middleware
     assert len(server.hits(key)) == 3
+
+
+async def test_the_last_503s_body_reads_with_every_method(server: Server) -> None:
+    key = server.key()
+    policy = sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(5.0))
+    async with session(server, policy) as http:
+        async with http.get("/flaky", params={"key": key, "fail": 9}) as r:
+            assert r.status == 503
+            assert await r.read() == b"busy " * 100
+            assert await r.text() == "busy " * 100
+        assert len(http.connector._acquired) == 0  # type: ignore[union-attr]
 
 
 async def test_a_429_with_retry_after_is_waited_out(server: Server) -> None:

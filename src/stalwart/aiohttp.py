@@ -379,8 +379,10 @@ class ResilientMiddleware:
             raise
         received.append(response)
         if self._rules.retryable(response.status, request.headers):
-            await response.read()  # so that predicates and the caller can read it
-            response.release()
+            # Read whole, so that predicates and the caller can read it: its
+            # end gives the connection back to the pool. (Not release(): a
+            # released response's read() fails, and the caller may get it.)
+            await response.read()
             raise RetryableStatusError(response, retry_after=response_retry_after(response.headers))
         return response
 
