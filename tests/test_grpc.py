@@ -844,3 +844,20 @@ async def test_a_servers_deadline_exceeded_with_time_left_is_its_answer(
     assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert failed.value.details() == "busy"
     assert len(server.hits(key)) == 1
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "text"),
+    [
+        (None, "UNAVAILABLE: down"),
+        (0.25, "UNAVAILABLE: down (pushback 0.25s)"),
+        (math.inf, "UNAVAILABLE: down (pushback: do not retry)"),
+    ],
+)
+def test_a_retryable_rpc_error_reads_in_one_line(retry_after: float | None, text: str) -> None:
+    # What a retry event (and `stalwart.events.log_to`) shows of it.
+    error = aio.AioRpcError(UNAVAILABLE, aio.Metadata(), aio.Metadata(), "down", "debug")
+    retryable = RetryableRpcError(error, call=None, retry_after=retry_after)
+    assert str(retryable) == text
+    assert retryable.code() == UNAVAILABLE
+    assert retryable.details() == "down"

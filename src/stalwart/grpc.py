@@ -191,6 +191,16 @@ class RetryableRpcError(aio.AioRpcError):
         self.call = call
         self.retry_after = retry_after
 
+    def __str__(self) -> str:
+        # One line, for the retry events and logs that show it (grpc's own
+        # text spans five, with its debug string).
+        text = f"{self.code().name}: {self.details()}"
+        if self.retry_after is None:
+            return text
+        if self.retry_after == math.inf:
+            return f"{text} (pushback: do not retry)"
+        return f"{text} (pushback {self.retry_after:g}s)"
+
 
 class _RpcRefusal(aio.AioRpcError):
     """A stalwart error that escaped the client interceptor, as an ``AioRpcError``."""
