@@ -535,17 +535,17 @@ async def test_a_streams_timeout_is_the_callers_deadline_not_the_policys(
 
 async def test_a_stream_outlives_the_policys_timeout(server: Server) -> None:
     key = server.key()
-    policy = sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(0.2))
+    policy = sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(0.5))
     async with channel(server, ClientInterceptor(policy)) as ch:
-        messages = [m async for m in stream(ch)(ask(key, pause=0.15))]
-    assert messages == [b"1:0", b"1:1", b"1:2"]  # 0.3 s of stream, past the Timeout
+        messages = [m async for m in stream(ch)(ask(key, pause=0.35))]
+    assert messages == [b"1:0", b"1:1", b"1:2"]  # 0.7 s of stream, past the Timeout
 
 
 async def test_a_stream_that_has_not_begun_within_the_timeout_is_retried(
     server: Server,
 ) -> None:
     key = server.key()
-    policy = sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(0.2))
+    policy = sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(0.5))
     async with channel(server, ClientInterceptor(policy)) as ch:
         messages = [m async for m in stream(ch)(ask(key, slow=1))]
     assert messages == [b"2:0", b"2:1", b"2:2"]
