@@ -72,6 +72,13 @@ class Upstream:
         body = await request.read()
         seen.append(Hit(request.method, dict(request.headers), body, time.monotonic()))
         if len(seen) <= int(query.get("fail", "0")):
+            if "dribble" in query:  # the start of a body, and the rest that late
+                dribbled = web.StreamResponse(status=503)
+                await dribbled.prepare(request)
+                await dribbled.write(b"busy ")
+                await asyncio.sleep(float(query["dribble"]))
+                await dribbled.write(b"busy")
+                return dribbled
             headers = {"Retry-After": query["retry_after"]} if "retry_after" in query else {}
             return web.Response(
                 status=int(query.get("status", "503")), text="busy " * 100, headers=headers
@@ -315,7 +322,16 @@ async def test_a_deadline_from_the_policy_escapes_as_a_client_timeout(server: Se
         pytest.param(sw.Retry(attempts=4, on=TimeoutError, backoff=NO_WAIT), id="on-timeouts"),
     ],
 )
-async def test_aiohttps_total_timeout_ends_the_retrying(server: Server, policy: sw.Retry) -> None:
+@pytest.mark.parametrize(
+    "slow",
+    [
+        pytest.param({"sleep": 30}, id="waiting-for-the-answer"),
+        pytest.param({"fail": 1, "dribble": 30}, id="reading-a-503s-body"),
+    ],
+)
+async def test_aiohttps_total_timeout_ends_the_retrying(
+    server: Server, policy: sw.Retry, slow: dict[str, int]
+) -> None:
     # ClientTimeout.total bounds the whole request: once it has passed, any
     # other attempt would be sent only to fail before its answer.
     attempts: list[str] = []
@@ -332,9 +348,7 @@ async def test_aiohttps_total_timeout_ends_the_retrying(server: Server, policy: 
     ) as http:
         with pytest.raises(TimeoutError) as failed:
             await http.get(
-                "/flaky",
-                params={"key": key, "sleep": 30},
-                timeout=aiohttp.ClientTimeout(total=0.2),
+                "/flaky", params={"key": key, **slow}, timeout=aiohttp.ClientTimeout(total=0.2)
             )
         assert type(failed.value) is TimeoutError  # aiohttp's own, as without the middleware
         assert attempts == ["GET"]

@@ -369,6 +369,14 @@ class ResilientMiddleware:
             request.headers.update(trace)
         try:
             response = await handler(request)
+            received.append(response)
+            if self._rules.retryable(response.status, request.headers):
+                # Read whole, so that predicates and the caller can read it: its
+                # end gives the connection back to the pool. (Not release(): a
+                # released response's read() fails, and the caller may get it.)
+                await response.read()
+                retry_after = response_retry_after(response.headers)
+                raise RetryableStatusError(response, retry_after=retry_after)
         except TimeoutError as error:
             if type(error) is TimeoutError:
                 # aiohttp's own timer, ``ClientTimeout.total`` (its other
@@ -377,13 +385,6 @@ class ResilientMiddleware:
                 # sending it. A hint longer than any backoff stops a Retry.
                 error.retry_after = math.inf  # type: ignore[attr-defined]
             raise
-        received.append(response)
-        if self._rules.retryable(response.status, request.headers):
-            # Read whole, so that predicates and the caller can read it: its
-            # end gives the connection back to the pool. (Not release(): a
-            # released response's read() fails, and the caller may get it.)
-            await response.read()
-            raise RetryableStatusError(response, retry_after=response_retry_after(response.headers))
         return response
 
     def __repr__(self) -> str:
