@@ -665,6 +665,8 @@ async def test_stalwart_errors_escape_as_call_errors(
     assert error.code() == grpc.StatusCode[code]
     assert error.policy == raised.policy
     assert error.__cause__ is raised
+    assert error.debug_error_string() == f"{code}:{raised} (stalwart {kind.__name__})"
+    assert "None" not in str(error)
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is kind
     assert isinstance(copy, sw.StalwartError)

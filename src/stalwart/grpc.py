@@ -24,7 +24,8 @@ What the client interceptor adds to the policy:
 * the server's ``grpc-retry-pushback-ms`` is the retry's delay, and a
   negative or malformed one means "do not retry" (gRPC's retry design, A6);
 * the ambient deadline (`stalwart.remaining`) is every attempt's timeout,
-  or the call's own ``timeout`` when that is nearer;
+  or the call's own ``timeout`` when that is nearer (a stream's is the
+  caller's deadline: the policy's bounds only the wait for its first message);
 * with ``per_target=``, each target (a gRPC service, by default) gets a
   policy of its own inside the shared one, typically a circuit breaker;
 * the current trace travels in the call's metadata (W3C trace context).
@@ -212,7 +213,8 @@ class _RpcRefusal(aio.AioRpcError):
         self._details = str(self.args[0]) if self.args else ""
         self._initial_metadata = aio.Metadata()
         self._trailing_metadata = aio.Metadata()
-        self._debug_error_string = None
+        # Shown in the error's text: say where it came from ("None" otherwise).
+        self._debug_error_string = f"{code.name}:{self._details} (stalwart {type(self).__name__})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # AioRpcError's own would call its constructor (see above).
