@@ -98,7 +98,9 @@ class Service:
         if "forward" in ask and self.downstream is not None:
             answer = await self.downstream(json.dumps(ask["forward"]).encode())
             return bytes(answer)
-        return json.dumps({"hit": hit, "remaining": sw.remaining()}).encode()
+        return json.dumps(
+            {"hit": hit, "remaining": sw.remaining(), "pad": "x" * ask.get("pad", 0)}
+        ).encode()
 
     async def stream(
         self, request: bytes, context: aio.ServicerContext[Any, Any]
@@ -238,6 +240,19 @@ async def test_a_status_not_in_retry_codes_is_the_answer(server: Server) -> None
     assert failed.value.code() == grpc.StatusCode.NOT_FOUND
     assert len(server.hits(key)) == 1
     assert breaker.state is sw.CircuitState.CLOSED  # the server answered: not a failure
+
+
+async def test_a_message_too_large_is_not_retried(server: Server) -> None:
+    # grpc says RESOURCE_EXHAUSTED for it, but another attempt fails the same way.
+    key = server.key()
+    interceptor = ClientInterceptor(sw.Retry(attempts=3, backoff=NO_WAIT))
+    small = [("grpc.max_receive_message_length", 1000)]
+    async with aio.insecure_channel(server.target, interceptors=[interceptor], options=small) as ch:
+        with pytest.raises(aio.AioRpcError) as failed:
+            await unary(ch)(ask(key, pad=5000))
+    assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in (failed.value.details() or "")
+    assert len(server.hits(key)) == 1
 
 
 async def test_retry_codes_are_configurable(server: Server) -> None:

@@ -314,7 +314,9 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
       and ``code()``, ``details()`` and the metadata are that attempt's.
     * Any other status is the answer: the policy sees a success (a breaker
       does not count ``NOT_FOUND`` against the server) and the caller gets
-      the call with its status.
+      the call with its status. So is the ``RESOURCE_EXHAUSTED`` grpc gives
+      a message larger than the limit (``Received message larger than
+      max``, on either side): it would fail the same way on every attempt.
     * Under an ambient deadline (`~stalwart.deadline`, a ``Retry(timeout=)``,
       a `~stalwart.Timeout` in the policy), every attempt's timeout is the
       time left (or the call's own ``timeout``, when nearer): the server gets
@@ -590,7 +592,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     async def _failed(self, call: Any, error: aio.AioRpcError, ours: bool) -> None:
         """Raise what a failed attempt means to the policy; return if the status is the answer."""
         code = error.code()
-        if code in self._codes:
+        if code in self._codes and not _too_large(code, error):
             pushback = first_value(error.trailing_metadata(), PUSHBACK_KEY)
             raise RetryableRpcError(
                 error, call=call, retry_after=None if pushback is None else parse_pushback(pushback)
@@ -616,6 +618,18 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     def __repr__(self) -> str:
         codes = sorted(code.name for code in self._codes)
         return f"ClientInterceptor({self._policy!r}, retry_codes={codes})"
+
+
+def _too_large(code: grpc.StatusCode, error: aio.AioRpcError) -> bool:
+    """Did grpc end the call because a message was larger than the limit?
+
+    grpc reports it as ``RESOURCE_EXHAUSTED`` (on either side, for the
+    request or the response), a status that otherwise means "overloaded":
+    this one fails the same way on every attempt.
+    """
+    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (
+        error.details() or ""
+    )
 
 
 def _passing() -> bool:
