@@ -244,6 +244,13 @@ class ResilientMiddleware:
     Only sending the request and receiving the response's headers runs under
     the policy: reading a large body later is not retried.
 
+    aiohttp itself sends an idempotent request once more, around its
+    middlewares, when it fails with a dropped connection
+    (``aiohttp.ServerDisconnectedError``, ``aiohttp.ClientOSError``): then
+    the policy runs a second time, so a server that drops every connection
+    sees up to twice its attempts (aiohttp has no public switch for that
+    retry).
+
     **A partner's quota.** ``rate_limit`` puts a `~stalwart.RateLimiter` in
     front of the upstream, as `stalwart.httpx.ResilientTransport`'s does:
     every attempt takes a turn, inside ``policy``; a limiter's ``key``
