@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 import stalwart as sw
 from stalwart.aiohttp import (
@@ -71,6 +72,13 @@ class Upstream:
         body = await request.read()
         seen.append(Hit(request.method, dict(request.headers), body, time.monotonic()))
         if len(seen) <= int(query.get("fail", "0")):
+            if "dribble" in query:  # the start of a body, and the rest that late
+                dribbled = web.StreamResponse(status=503)
+                await dribbled.prepare(request)
+                await dribbled.write(b"busy ")
+                await asyncio.sleep(float(query["dribble"]))
+                await dribbled.write(b"busy")
+                return dribbled
             headers = {"Retry-After": query["retry_after"]} if "retry_after" in query else {}
             return web.Response(
                 status=int(query.get("status", "503")), text="busy " * 100, headers=headers
@@ -163,7 +171,19 @@ async def test_the_last_503_is_returned_after_the_last_attempt(server: Server) -
     async with session(server) as http, http.get("/flaky", params={"key": key, "fail": 9}) as r:
         assert r.status == 503
         assert (await r.text()).startswith("busy busy")
+        assert (await r.read()).startswith(b"busy busy")  # as without the middleware
     assert len(server.hits(key)) == 3
+
+
+async def test_the_last_503s_body_reads_with_every_method(server: Server) -> None:
+    key = server.key()
+    policy = sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(5.0))
+    async with session(server, policy) as http:
+        async with http.get("/flaky", params={"key": key, "fail": 9}) as r:
+            assert r.status == 503
+            assert await r.read() == b"busy " * 100
+            assert await r.text() == "busy " * 100
+        assert len(http.connector._acquired) == 0  # type: ignore[union-attr]
 
 
 async def test_a_429_with_retry_after_is_waited_out(server: Server) -> None:
@@ -293,6 +313,46 @@ async def test_a_deadline_from_the_policy_escapes_as_a_client_timeout(server: Se
     assert isinstance(error, sw.DeadlineExceeded)
     assert error.policy == "timeout"
     assert error.timeout == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param(sw.Retry(attempts=4, backoff=NO_WAIT), id="retry-everything"),
+        pytest.param(sw.Retry(attempts=4, on=TimeoutError, backoff=NO_WAIT), id="on-timeouts"),
+    ],
+)
+@pytest.mark.parametrize(
+    "slow",
+    [
+        pytest.param({"sleep": 30}, id="waiting-for-the-answer"),
+        pytest.param({"fail": 1, "dribble": 30}, id="reading-a-503s-body"),
+    ],
+)
+async def test_aiohttps_total_timeout_ends_the_retrying(
+    server: Server, policy: sw.Retry, slow: dict[str, int]
+) -> None:
+    # ClientTimeout.total bounds the whole request: once it has passed, any
+    # other attempt would be sent only to fail before its answer.
+    attempts: list[str] = []
+
+    async def count(
+        request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        attempts.append(request.method)
+        return await handler(request)
+
+    key = server.key()
+    async with aiohttp.ClientSession(
+        base_url=server.url, middlewares=[ResilientMiddleware(policy), count]
+    ) as http:
+        with pytest.raises(TimeoutError) as failed:
+            await http.get(
+                "/flaky", params={"key": key, **slow}, timeout=aiohttp.ClientTimeout(total=0.2)
+            )
+        assert type(failed.value) is TimeoutError  # aiohttp's own, as without the middleware
+        assert attempts == ["GET"]
+        assert len(http.connector._acquired) == 0  # type: ignore[union-attr]
 
 
 async def test_an_open_breaker_escapes_as_a_client_connection_error(server: Server) -> None:
@@ -503,6 +563,45 @@ async def test_the_callers_trace_is_the_handlers_context(server: Server) -> None
     finally:
         await runner.cleanup()
     assert seen == [0x0AF7651916CD43DD8448EB211C80319C]
+
+
+@pytest.mark.parametrize("header", [{}, {"x-request-timeout-ms": "200"}])
+async def test_a_websocket_runs_without_a_deadline(header: dict[str, str]) -> None:
+    # A deadline bounds a request: a default_timeout (or a caller's header)
+    # must not cut every WebSocket connection after that long.
+    seen: list[float | None] = []
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        async for message in socket:
+            seen.append(sw.remaining())
+            await socket.send_str(f"echo {message.data}")
+        return socket
+
+    app = web.Application(middlewares=[DeadlineMiddleware(default_timeout=0.2)])
+    app.router.add_get("/ws", echo)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(f"http://127.0.0.1:{port}/ws", headers=header) as socket,
+        ):
+            await socket.send_str("hello")
+            assert await socket.receive_str() == "echo hello"
+    finally:
+        await runner.cleanup()
+    assert seen == [None]
+    assert (
+        DeadlineMiddleware(default_timeout=0.2).timeout_for(
+            make_mocked_request("GET", "/", headers={"Upgrade": "WebSocket"})
+        )
+        is None
+    )
 
 
 def test_the_server_middlewares_options_are_validated() -> None:

@@ -98,7 +98,9 @@ class Service:
         if "forward" in ask and self.downstream is not None:
             answer = await self.downstream(json.dumps(ask["forward"]).encode())
             return bytes(answer)
-        return json.dumps({"hit": hit, "remaining": sw.remaining()}).encode()
+        return json.dumps(
+            {"hit": hit, "remaining": sw.remaining(), "pad": "x" * ask.get("pad", 0)}
+        ).encode()
 
     async def stream(
         self, request: bytes, context: aio.ServicerContext[Any, Any]
@@ -107,9 +109,13 @@ class Service:
         hit = self.record(ask, context)
         if hit <= ask.get("fail", 0):
             await context.abort(UNAVAILABLE, "busy before the first message")
+        if hit <= ask.get("slow", 0):
+            await asyncio.sleep(30)  # until the caller gives up on this attempt
         for i in range(ask.get("messages", 3)):
             if i == ask.get("break_at"):
                 await context.abort(UNAVAILABLE, "broke mid-stream")
+            if i:
+                await asyncio.sleep(ask.get("pause", 0))
             yield f"{hit}:{i}".encode()
 
 
@@ -234,6 +240,19 @@ async def test_a_status_not_in_retry_codes_is_the_answer(server: Server) -> None
     assert failed.value.code() == grpc.StatusCode.NOT_FOUND
     assert len(server.hits(key)) == 1
     assert breaker.state is sw.CircuitState.CLOSED  # the server answered: not a failure
+
+
+async def test_a_message_too_large_is_not_retried(server: Server) -> None:
+    # grpc says RESOURCE_EXHAUSTED for it, but another attempt fails the same way.
+    key = server.key()
+    interceptor = ClientInterceptor(sw.Retry(attempts=3, backoff=NO_WAIT))
+    small = [("grpc.max_receive_message_length", 1000)]
+    async with aio.insecure_channel(server.target, interceptors=[interceptor], options=small) as ch:
+        with pytest.raises(aio.AioRpcError) as failed:
+            await unary(ch)(ask(key, pad=5000))
+    assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in (failed.value.details() or "")
+    assert len(server.hits(key)) == 1
 
 
 async def test_retry_codes_are_configurable(server: Server) -> None:
@@ -511,6 +530,42 @@ async def test_a_stream_carries_the_deadline(server: Server) -> None:
     assert hit.time_remaining <= 2.0 + SKEW
 
 
+async def test_a_streams_timeout_is_the_callers_deadline_not_the_policys(
+    server: Server,
+) -> None:
+    # The policy's Timeout bounds an attempt, which ends with the first
+    # message: the stream itself is the caller's, under the caller's deadline.
+    first, second = server.key(), server.key()
+    policy = sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(0.5))
+    async with channel(server, ClientInterceptor(policy)) as ch:
+        [m async for m in stream(ch)(ask(first))]
+        with sw.deadline(3.0):
+            [m async for m in stream(ch)(ask(second))]
+    [without], [under] = server.hits(first), server.hits(second)
+    assert without.time_remaining is None
+    assert without.remaining is None
+    assert under.remaining is not None
+    assert 1.0 < under.remaining <= 3.0 + SKEW  # not the Timeout's 0.5 s
+
+
+async def test_a_stream_outlives_the_policys_timeout(server: Server) -> None:
+    key = server.key()
+    policy = sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(0.5))
+    async with channel(server, ClientInterceptor(policy)) as ch:
+        messages = [m async for m in stream(ch)(ask(key, pause=0.35))]
+    assert messages == [b"1:0", b"1:1", b"1:2"]  # 0.7 s of stream, past the Timeout
+
+
+async def test_a_stream_that_has_not_begun_within_the_timeout_is_retried(
+    server: Server,
+) -> None:
+    key = server.key()
+    policy = sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(0.5))
+    async with channel(server, ClientInterceptor(policy)) as ch:
+        messages = [m async for m in stream(ch)(ask(key, slow=1))]
+    assert messages == [b"2:0", b"2:1", b"2:2"]
+
+
 async def test_a_stream_whose_retries_run_out_fails_with_its_status(server: Server) -> None:
     key = server.key()
     async with channel(server, ClientInterceptor(sw.Retry(attempts=2, backoff=NO_WAIT))) as ch:
@@ -625,6 +680,8 @@ async def test_stalwart_errors_escape_as_call_errors(
     assert error.code() == grpc.StatusCode[code]
     assert error.policy == raised.policy
     assert error.__cause__ is raised
+    assert error.debug_error_string() == f"{code}:{raised} (stalwart {kind.__name__})"
+    assert "None" not in str(error)
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is kind
     assert isinstance(copy, sw.StalwartError)
@@ -773,3 +830,51 @@ async def test_a_default_timeout_applies_to_calls_without_a_deadline() -> None:
     [hit] = service.hits["k"]
     assert hit.remaining is not None
     assert 4.0 < hit.remaining <= 5.0
+
+
+# -- a server's own DEADLINE_EXCEEDED ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param(None, id="default-policy"),
+        pytest.param(
+            sw.Pipeline(sw.Retry(attempts=2, backoff=NO_WAIT), sw.Timeout(3.0)), id="with-timeout"
+        ),
+    ],
+)
+async def test_a_servers_deadline_exceeded_with_time_left_is_its_answer(
+    server: Server, policy: sw.Policy | None
+) -> None:
+    # The server's own deadline passed (a downstream call's, say) long before
+    # the caller's: the caller gets that answer at once, not after waiting
+    # out its own deadline.
+    key = server.key()
+    async with channel(server, ClientInterceptor(policy)) as ch:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with sw.deadline(3.0), pytest.raises(aio.AioRpcError) as failed:
+            await unary(ch)(ask(key, fail=1, code="DEADLINE_EXCEEDED"))
+        assert loop.time() - start < 1.0
+    assert not isinstance(failed.value, sw.DeadlineExceeded)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert failed.value.details() == "busy"
+    assert len(server.hits(key)) == 1
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "text"),
+    [
+        (None, "UNAVAILABLE: down"),
+        (0.25, "UNAVAILABLE: down (pushback 0.25s)"),
+        (math.inf, "UNAVAILABLE: down (pushback: do not retry)"),
+    ],
+)
+def test_a_retryable_rpc_error_reads_in_one_line(retry_after: float | None, text: str) -> None:
+    # What a retry event (and `stalwart.events.log_to`) shows of it.
+    error = aio.AioRpcError(UNAVAILABLE, aio.Metadata(), aio.Metadata(), "down", "debug")
+    retryable = RetryableRpcError(error, call=None, retry_after=retry_after)
+    assert str(retryable) == text
+    assert retryable.code() == UNAVAILABLE
+    assert retryable.details() == "down"

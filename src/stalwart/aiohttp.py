@@ -18,6 +18,7 @@ Client middlewares need aiohttp 3.12 or later. aiohttp runs on asyncio only.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, ClassVar, Final, final
@@ -229,6 +230,11 @@ class ResilientMiddleware:
       the whole milliseconds left, and is cancelled when the deadline passes.
       With less than a millisecond left the request is not sent:
       `~stalwart.DeadlineExceeded` is raised.
+    * aiohttp's ``ClientTimeout(total=...)`` covers the whole request, every
+      attempt and wait: when it passes, retrying stops and the caller gets
+      aiohttp's own ``asyncio.TimeoutError`` (with ``retry_after = inf``,
+      which stops any `~stalwart.Retry` that reads hints). Its other
+      timeouts (``sock_read``, ``connect``, ...) fail one attempt each.
     * Every response an attempt got and the caller does not get back is
       released, its connection returned to the pool.
     * The current trace context travels in the request's headers (unless it
@@ -237,6 +243,13 @@ class ResilientMiddleware:
 
     Only sending the request and receiving the response's headers runs under
     the policy: reading a large body later is not retried.
+
+    aiohttp itself sends an idempotent request once more, around its
+    middlewares, when it fails with a dropped connection
+    (``aiohttp.ServerDisconnectedError``, ``aiohttp.ClientOSError``): then
+    the policy runs a second time, so a server that drops every connection
+    sees up to twice its attempts (aiohttp has no public switch for that
+    retry).
 
     **A partner's quota.** ``rate_limit`` puts a `~stalwart.RateLimiter` in
     front of the upstream, as `stalwart.httpx.ResilientTransport`'s does:
@@ -361,12 +374,24 @@ class ResilientMiddleware:
         trace = _propagation.outgoing()
         if trace and _propagation.TRACEPARENT not in request.headers:
             request.headers.update(trace)
-        response = await handler(request)
-        received.append(response)
-        if self._rules.retryable(response.status, request.headers):
-            await response.read()  # so that predicates and the caller can read it
-            response.release()
-            raise RetryableStatusError(response, retry_after=response_retry_after(response.headers))
+        try:
+            response = await handler(request)
+            received.append(response)
+            if self._rules.retryable(response.status, request.headers):
+                # Read whole, so that predicates and the caller can read it: its
+                # end gives the connection back to the pool. (Not release(): a
+                # released response's read() fails, and the caller may get it.)
+                await response.read()
+                retry_after = response_retry_after(response.headers)
+                raise RetryableStatusError(response, retry_after=retry_after)
+        except TimeoutError as error:
+            if type(error) is TimeoutError:
+                # aiohttp's own timer, ``ClientTimeout.total`` (its other
+                # timeouts are ClientErrors): it covers every attempt and,
+                # once passed, fails any other before its answer, after
+                # sending it. A hint longer than any backoff stops a Retry.
+                error.retry_after = math.inf  # type: ignore[attr-defined]
+            raise
         return response
 
     def __repr__(self) -> str:
@@ -414,7 +439,10 @@ class DeadlineMiddleware:
     `ResilientMiddleware` and `stalwart.httpx.ResilientTransport` send it),
     capped at ``max_timeout``; a request without a usable value gets
     ``default_timeout`` (None: no deadline). A malformed value is ignored as
-    if absent: a caller's typo never turns into a 500.
+    if absent: a caller's typo never turns into a 500. A WebSocket handshake
+    (``Upgrade: websocket``) gets no deadline: a deadline bounds a request,
+    not a connection that stays open as long as its peers want (as
+    `stalwart.asgi` leaves ``websocket`` scopes alone).
 
     The handler then runs inside ``stalwart.deadline(limit)``:
     `stalwart.remaining` reports the time left, every stalwart policy
@@ -463,6 +491,8 @@ class DeadlineMiddleware:
 
     def timeout_for(self, request: web.BaseRequest) -> float | None:
         """The deadline, in seconds, that this request gets (None: none)."""
+        if request.headers.get("Upgrade", "").strip().lower() == "websocket":
+            return None  # a connection that lasts as long as its peers want
         value = None if self._header is None else request.headers.get(self._header)
         # A character beyond ASCII becomes "?", which makes the value malformed.
         return self._limits.limit(None if value is None else value.encode("ascii", "replace"))

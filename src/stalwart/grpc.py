@@ -24,7 +24,8 @@ What the client interceptor adds to the policy:
 * the server's ``grpc-retry-pushback-ms`` is the retry's delay, and a
   negative or malformed one means "do not retry" (gRPC's retry design, A6);
 * the ambient deadline (`stalwart.remaining`) is every attempt's timeout,
-  or the call's own ``timeout`` when that is nearer;
+  or the call's own ``timeout`` when that is nearer (a stream's is the
+  caller's deadline: the policy's bounds only the wait for its first message);
 * with ``per_target=``, each target (a gRPC service, by default) gets a
   policy of its own inside the shared one, typically a circuit breaker;
 * the current trace travels in the call's metadata (W3C trace context).
@@ -191,6 +192,16 @@ class RetryableRpcError(aio.AioRpcError):
         self.call = call
         self.retry_after = retry_after
 
+    def __str__(self) -> str:
+        # One line, for the retry events and logs that show it (grpc's own
+        # text spans five, with its debug string).
+        text = f"{self.code().name}: {self.details()}"
+        if self.retry_after is None:
+            return text
+        if self.retry_after == math.inf:
+            return f"{text} (pushback: do not retry)"
+        return f"{text} (pushback {self.retry_after:g}s)"
+
 
 class _RpcRefusal(aio.AioRpcError):
     """A stalwart error that escaped the client interceptor, as an ``AioRpcError``."""
@@ -202,7 +213,8 @@ class _RpcRefusal(aio.AioRpcError):
         self._details = str(self.args[0]) if self.args else ""
         self._initial_metadata = aio.Metadata()
         self._trailing_metadata = aio.Metadata()
-        self._debug_error_string = None
+        # Shown in the error's text: say where it came from ("None" otherwise).
+        self._debug_error_string = f"{code.name}:{self._details} (stalwart {type(self).__name__})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # AioRpcError's own would call its constructor (see above).
@@ -283,8 +295,12 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     has been received the stream is the caller's, and a failure later on
     reaches the caller as it is, never retried (the caller has seen part of
     the answer) and not counted by a breaker (the policy's call ended with
-    the first message). Calls that stream requests are not intercepted: a
-    stream of requests cannot be replayed.
+    the first message). So a stream is sent with the caller's deadline (or
+    its own ``timeout``) as its timeout: a `~stalwart.Timeout` or a
+    ``Retry(timeout=)`` in the policy bounds the wait for the first message
+    (a stream not begun by then is cancelled, and retried), not the stream.
+    Calls that stream requests are not intercepted: a stream of requests
+    cannot be replayed.
 
     * A call that ends with a status in ``retry_codes`` fails the attempt
       with `RetryableRpcError`; its ``retry_after`` is the server's
@@ -298,7 +314,9 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
       and ``code()``, ``details()`` and the metadata are that attempt's.
     * Any other status is the answer: the policy sees a success (a breaker
       does not count ``NOT_FOUND`` against the server) and the caller gets
-      the call with its status.
+      the call with its status. So is the ``RESOURCE_EXHAUSTED`` grpc gives
+      a message larger than the limit (``Received message larger than
+      max``, on either side): it would fail the same way on every attempt.
     * Under an ambient deadline (`~stalwart.deadline`, a ``Retry(timeout=)``,
       a `~stalwart.Timeout` in the policy), every attempt's timeout is the
       time left (or the call's own ``timeout``, when nearer): the server gets
@@ -307,7 +325,9 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
       `~stalwart.DeadlineExceeded` is raised. When grpc's own timer ends a
       call at that deadline, the interceptor lets stalwart's deadline report
       it, so the caller sees the same error whichever clock ran first: the
-      ``DeadlineExceeded`` of the deadline that passed.
+      ``DeadlineExceeded`` of the deadline that passed. A ``DEADLINE_EXCEEDED``
+      that comes back while that deadline still has time left is the
+      server's answer (a deadline of its own passed), like any other status.
     * The current trace context travels in the call's metadata (unless the
       call already carries a ``traceparent``), so the server's spans join
       the caller's trace.
@@ -472,6 +492,12 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     async def _intercept_stream(
         self, continuation: _Continuation, details: aio.ClientCallDetails, request: Any
     ) -> Any:
+        # The stream's timeout is the caller's deadline, read here, outside the
+        # policy: a Timeout in the policy bounds an attempt, which ends with
+        # the first message, not the stream the caller reads after it.
+        left = remaining()
+        if left is not None and (details.timeout is None or left < details.timeout):
+            details = details._replace(timeout=left)  # type: ignore[attr-defined]
         try:
             call, first = await self._through(_STREAM, continuation, details, request)
         except RetryableRpcError as failed:
@@ -528,7 +554,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         self, continuation: _Continuation, details: aio.ClientCallDetails, request: Any
     ) -> tuple[Any, Any]:
         """One attempt of a server-streaming call, up to its first message."""
-        sent, ours = self._outgoing(details)
+        sent, ours = self._outgoing(details, bounded=False)
         call = await continuation(sent, request)
         try:
             first = await call.read()
@@ -540,12 +566,18 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
             raise
         return call, first
 
-    def _outgoing(self, details: aio.ClientCallDetails) -> tuple[aio.ClientCallDetails, bool]:
-        """The call's details for one attempt; and whether its timeout is the ambient deadline."""
+    def _outgoing(
+        self, details: aio.ClientCallDetails, *, bounded: bool = True
+    ) -> tuple[aio.ClientCallDetails, bool]:
+        """The call's details for one attempt; and whether its timeout is the ambient deadline.
+
+        ``bounded``: the attempt's timeout is the ambient deadline, when
+        nearer (a stream's is set before the policy: see `_intercept_stream`).
+        """
         timeout = details.timeout
         ours = False
         left = time_left(self._name, "{!r} not called", details.method)
-        if left is not None and (timeout is None or left < timeout):
+        if bounded and left is not None and (timeout is None or left < timeout):
             timeout, ours = left, True
         metadata = details.metadata
         trace = _propagation.outgoing()
@@ -560,19 +592,21 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     async def _failed(self, call: Any, error: aio.AioRpcError, ours: bool) -> None:
         """Raise what a failed attempt means to the policy; return if the status is the answer."""
         code = error.code()
-        if code in self._codes:
+        if code in self._codes and not _too_large(code, error):
             pushback = first_value(error.trailing_metadata(), PUSHBACK_KEY)
             raise RetryableRpcError(
                 error, call=call, retry_after=None if pushback is None else parse_pushback(pushback)
             ) from None
-        if code is grpc.StatusCode.DEADLINE_EXCEEDED and ours:
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED and ours and _passing():
             # grpc's timer and stalwart's deadline end the call at the same
             # instant; when grpc's ran first, stalwart's fires in a moment
             # and cancels this attempt, so the deadline that passed reports
             # it (a Timeout in the policy, a deadline around the caller).
+            # (With time left, the status is the server's answer: a deadline
+            # of its own passed, one of its downstream calls', say.)
             waited = 0.0
             while waited < _DEADLINE_GRACE:
-                step = max(remaining() or 0.0, 0.001)
+                step = min(max(remaining() or 0.0, 0.001), _DEADLINE_GRACE)
                 await asyncio.sleep(step)
                 waited += step
             raise DeadlineExceeded(
@@ -584,6 +618,24 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     def __repr__(self) -> str:
         codes = sorted(code.name for code in self._codes)
         return f"ClientInterceptor({self._policy!r}, retry_codes={codes})"
+
+
+def _too_large(code: grpc.StatusCode, error: aio.AioRpcError) -> bool:
+    """Did grpc end the call because a message was larger than the limit?
+
+    grpc reports it as ``RESOURCE_EXHAUSTED`` (on either side, for the
+    request or the response), a status that otherwise means "overloaded":
+    this one fails the same way on every attempt.
+    """
+    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (
+        error.details() or ""
+    )
+
+
+def _passing() -> bool:
+    """Is the ambient deadline (the timeout an attempt was sent with) passing now?"""
+    left = remaining()
+    return left is not None and left <= _DEADLINE_GRACE
 
 
 @final
