@@ -878,3 +878,21 @@ def test_a_retryable_rpc_error_reads_in_one_line(retry_after: float | None, text
     assert str(retryable) == text
     assert retryable.code() == UNAVAILABLE
     assert retryable.details() == "down"
+
+
+def test_a_retryable_rpc_error_pickles_without_its_call() -> None:
+    # A RetryGaveUp event carrying it can be sent to another process.
+    metadata = aio.Metadata(("retry-hint", "1"))
+    error = aio.AioRpcError(UNAVAILABLE, metadata, aio.Metadata(), "down", "debug")
+    retryable = RetryableRpcError(error, call=object(), retry_after=0.25)
+    copy = pickle.loads(pickle.dumps(retryable))
+    assert type(copy) is RetryableRpcError
+    assert copy.call is None
+    assert copy.retry_after == 0.25
+    assert (copy.code(), copy.details(), copy.debug_error_string()) == (
+        UNAVAILABLE,
+        "down",
+        "debug",
+    )
+    assert copy.initial_metadata() == metadata
+    assert str(copy) == str(retryable)

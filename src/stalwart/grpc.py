@@ -173,7 +173,8 @@ class RetryableRpcError(aio.AioRpcError):
     metadata, and ``Retry(on=grpc.aio.AioRpcError)`` matches it.
 
     Attributes:
-        call: the attempt's call (done).
+        call: the attempt's call (done); None in a copy unpickled elsewhere
+            (an event sent to another process: the call stays behind).
         retry_after: the server's pushback in seconds, ``inf`` when the
             server said not to retry, or None when it said nothing.
     """
@@ -192,6 +193,18 @@ class RetryableRpcError(aio.AioRpcError):
         self.call = call
         self.retry_after = retry_after
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # AioRpcError pickles its five fields as constructor arguments, which
+        # this constructor does not take; the call (a channel's) stays here.
+        fields = (
+            self.code(),
+            self.initial_metadata(),
+            self.trailing_metadata(),
+            self.details(),
+            self.debug_error_string(),
+        )
+        return (_unpickled_retryable, (*fields, self.retry_after))
+
     def __str__(self) -> str:
         # One line, for the retry events and logs that show it (grpc's own
         # text spans five, with its debug string).
@@ -201,6 +214,18 @@ class RetryableRpcError(aio.AioRpcError):
         if self.retry_after == math.inf:
             return f"{text} (pushback: do not retry)"
         return f"{text} (pushback {self.retry_after:g}s)"
+
+
+def _unpickled_retryable(
+    code: grpc.StatusCode,
+    initial_metadata: aio.Metadata,
+    trailing_metadata: aio.Metadata,
+    details: str | None,
+    debug_error_string: str | None,
+    retry_after: float | None,
+) -> RetryableRpcError:
+    error = aio.AioRpcError(code, initial_metadata, trailing_metadata, details, debug_error_string)
+    return RetryableRpcError(error, call=None, retry_after=retry_after)
 
 
 class _RpcRefusal(aio.AioRpcError):
