@@ -24,7 +24,9 @@ from opentelemetry.trace import SpanKind
 
 import stalwart as sw
 from stalwart.grpc import (
+    BidiStreamingInterceptor,
     ClientInterceptor,
+    ClientStreamingInterceptor,
     RetryableRpcError,
     RpcBulkheadFull,
     RpcCircuitOpen,
@@ -118,6 +120,24 @@ class Service:
                 await asyncio.sleep(ask.get("pause", 0))
             yield f"{hit}:{i}".encode()
 
+    async def collect(
+        self, requests: AsyncIterator[bytes], context: aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """Client-streaming: every request read, then one answer."""
+        asks = [json.loads(request) async for request in requests]
+        hit = self.record(asks[0], context)
+        if hit <= asks[0].get("fail", 0):
+            await context.abort(UNAVAILABLE, "busy")
+        return json.dumps({"hit": hit, "count": len(asks)}).encode()
+
+    async def chat(
+        self, requests: AsyncIterator[bytes], context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """Bidirectional: an answer to each request."""
+        async for request in requests:
+            hit = self.record(json.loads(request), context)
+            yield f"{hit}".encode()
+
 
 _ERRORS: dict[str, Callable[[], Exception]] = {
     "circuit": lambda: sw.CircuitOpenError("db is down", policy="db", retry_after=1.25),
@@ -148,6 +168,8 @@ def _handlers(service: Service, name: str) -> grpc.GenericRpcHandler:
         {
             "Unary": grpc.unary_unary_rpc_method_handler(service.unary),
             "Stream": grpc.unary_stream_rpc_method_handler(service.stream),
+            "Collect": grpc.stream_unary_rpc_method_handler(service.collect),
+            "Chat": grpc.stream_stream_rpc_method_handler(service.chat),
         },
     )
 
@@ -747,6 +769,88 @@ async def test_no_trace_no_metadata(server: Server) -> None:
         await unary(ch)(ask(key))
     [hit] = server.hits(key)
     assert "traceparent" not in hit.metadata
+
+
+# -- calls that stream requests --------------------------------------------------------
+
+
+async def requests(*asks: bytes) -> AsyncIterator[bytes]:
+    for one in asks:
+        yield one
+
+
+async def test_every_kind_of_call_is_intercepted_by_the_channel_interceptors(
+    server: Server, spans: Spans
+) -> None:
+    interceptor = ClientInterceptor()
+    kinds = [type(half).__name__ for half in interceptor.channel_interceptors]
+    assert kinds == [
+        "ClientInterceptor",
+        "StreamingInterceptor",
+        "ClientStreamingInterceptor",
+        "BidiStreamingInterceptor",
+    ]
+    assert repr(interceptor.client_streaming).endswith(".client_streaming")
+    assert repr(interceptor.bidi_streaming).endswith(".bidi_streaming")
+    collected, chatted = server.key(), server.key()
+    tracer = spans.provider.get_tracer("test")
+    async with aio.insecure_channel(
+        server.target, interceptors=interceptor.channel_interceptors
+    ) as ch:
+        collect: Any = ch.stream_unary("/test.Flaky/Collect")
+        chat: Any = ch.stream_stream("/test.Flaky/Chat")
+        with sw.deadline(3.0), tracer.start_as_current_span("caller") as caller:
+            answer = await collect(requests(ask(collected), ask(collected)))
+            replies = [reply async for reply in chat(requests(ask(chatted), ask(chatted)))]
+    assert json.loads(answer) == {"hit": 1, "count": 2}
+    assert replies == [b"1", b"2"]
+    trace_id = f"{caller.get_span_context().trace_id:032x}"
+    for key in (collected, chatted):
+        hit = server.hits(key)[0]
+        assert hit.remaining is not None
+        assert 1.0 < hit.remaining <= 3.0 + SKEW  # the caller's deadline, on the server
+        assert hit.metadata["traceparent"].split("-")[1] == trace_id
+
+
+async def test_a_call_that_streams_requests_is_sent_once_never_retried(server: Server) -> None:
+    key = server.key()
+    interceptor = ClientInterceptor(sw.Retry(attempts=3, backoff=NO_WAIT))
+    async with aio.insecure_channel(
+        server.target, interceptors=interceptor.channel_interceptors
+    ) as ch:
+        collect: Any = ch.stream_unary("/test.Flaky/Collect")
+        with pytest.raises(aio.AioRpcError) as failed:
+            await collect(requests(ask(key, fail=1)))
+    assert failed.value.code() == UNAVAILABLE
+    assert len(server.hits(key)) == 1
+
+
+@pytest.mark.parametrize(
+    ("half", "method"),
+    [("client_streaming", "intercept_stream_unary"), ("bidi_streaming", "intercept_stream_stream")],
+)
+async def test_a_call_that_streams_requests_is_not_sent_with_no_time_left(
+    half: str, method: str
+) -> None:
+    sent: list[Any] = []
+
+    async def continuation(details: Any, request: Any) -> Any:
+        sent.append(details)
+
+    details = call_details("/test.Flaky/Chat")
+    intercept = getattr(getattr(ClientInterceptor(name="orders"), half), method)
+    with pytest.raises(RpcDeadlineExceeded) as refused, sw.deadline(0.0):
+        await intercept(continuation, details, requests())
+    assert sent == []
+    assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert refused.value.policy == "orders"
+    assert "not called" in (refused.value.details() or "")
+
+
+def test_the_request_streaming_halves_take_only_a_client_interceptor() -> None:
+    for half in (ClientStreamingInterceptor, BidiStreamingInterceptor):
+        with pytest.raises(TypeError, match="must be a ClientInterceptor, not str"):
+            half("policy")  # type: ignore[arg-type]
 
 
 # -- the pieces ------------------------------------------------------------------------

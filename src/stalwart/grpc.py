@@ -2,7 +2,8 @@
 
 The client interceptor sends every unary call (and every server-streaming
 call, up to its first message) through a stalwart policy, and the ambient
-deadline along with it; the server interceptor turns the time a call has
+deadline along with it (with every call that streams requests too, which
+cannot be replayed, so is sent once); the server interceptor turns the time a call has
 left into the ambient deadline of its handler. Together they carry one
 deadline through any number of services::
 
@@ -11,8 +12,9 @@ deadline through any number of services::
     from stalwart.grpc import ClientInterceptor, ServerInterceptor
 
     server = grpc.aio.server(interceptors=[ServerInterceptor()])
+    interceptor = ClientInterceptor(sw.Retry(attempts=4))
     channel = grpc.aio.insecure_channel(
-        "inventory:50051", interceptors=[ClientInterceptor(sw.Retry(attempts=4))]
+        "inventory:50051", interceptors=interceptor.channel_interceptors
     )
 
 What the client interceptor adds to the policy:
@@ -77,7 +79,9 @@ from ._transport import (
 )
 
 __all__ = [  # noqa: RUF022 - in sorted() order, as the public API test checks
+    "BidiStreamingInterceptor",
     "ClientInterceptor",
+    "ClientStreamingInterceptor",
     "DEFAULT_MAX_TARGETS",
     "DEFAULT_RETRY_CODES",
     "PUSHBACK_KEY",
@@ -305,12 +309,12 @@ def _retried_by_default(error: BaseException) -> bool:
 class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     """A ``grpc.aio`` client interceptor that sends each call through a stalwart policy.
 
-    Give it to a channel, with its `streaming` half for server-streaming
-    calls (a channel files each interceptor under one kind of call only)::
+    Give it to a channel with its halves for the other kinds of call (a
+    channel files each interceptor under one kind of call only)::
 
         interceptor = ClientInterceptor(sw.Pipeline(sw.Retry(attempts=4), sw.Timeout(1)))
         channel = grpc.aio.insecure_channel(
-            "inventory:50051", interceptors=[interceptor, interceptor.streaming]
+            "inventory:50051", interceptors=interceptor.channel_interceptors
         )
 
     Unary-unary calls are one call of ``policy`` each, every attempt a real
@@ -324,8 +328,10 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     its own ``timeout``) as its timeout: a `~stalwart.Timeout` or a
     ``Retry(timeout=)`` in the policy bounds the wait for the first message
     (a stream not begun by then is cancelled, and retried), not the stream.
-    Calls that stream requests are not intercepted: a stream of requests
-    cannot be replayed.
+    Calls that stream requests (client-streaming, bidirectional) cannot be
+    replayed, so they do not go through the policy: each is sent once, with
+    the ambient deadline as its timeout (when nearer than its own) and the
+    trace context, and not made when no time is left (`RpcDeadlineExceeded`).
 
     * A call that ends with a status in ``retry_codes`` fails the attempt
       with `RetryableRpcError`; its ``retry_after`` is the server's
@@ -416,6 +422,8 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     """
 
     __slots__ = (
+        "_bidi_streaming",
+        "_client_streaming",
         "_codes",
         "_max_targets",
         "_name",
@@ -465,6 +473,8 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         # Decorated once: the policy's per-function set-up is not paid per call.
         self._sends: tuple[_Send, _Send] = (policy(self._unary), policy(self._stream))
         self._streaming = StreamingInterceptor(self)
+        self._client_streaming = ClientStreamingInterceptor(self)
+        self._bidi_streaming = BidiStreamingInterceptor(self)
 
     @property
     def policy(self) -> Policy:
@@ -474,10 +484,45 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     def streaming(self) -> StreamingInterceptor:
         """The same interceptor for server-streaming (unary-stream) calls.
 
-        Give both to the channel: ``interceptors=[interceptor, interceptor.streaming]``.
+        Give both to the channel (``interceptors=[interceptor,
+        interceptor.streaming]``), or all four: `channel_interceptors`.
         They share the policy and the per-target policies.
         """
         return self._streaming
+
+    @property
+    def client_streaming(self) -> ClientStreamingInterceptor:
+        """The same interceptor for client-streaming (stream-unary) calls.
+
+        A stream of requests cannot be replayed, so these calls do not go
+        through the policy: they are sent once, with the ambient deadline as
+        their timeout (when nearer than their own) and the trace context.
+        """
+        return self._client_streaming
+
+    @property
+    def bidi_streaming(self) -> BidiStreamingInterceptor:
+        """The same interceptor for bidirectional (stream-stream) calls.
+
+        As `client_streaming`: sent once, with the deadline and the trace.
+        """
+        return self._bidi_streaming
+
+    @property
+    def channel_interceptors(
+        self,
+    ) -> tuple[
+        ClientInterceptor,
+        StreamingInterceptor,
+        ClientStreamingInterceptor,
+        BidiStreamingInterceptor,
+    ]:
+        """The four interceptors a channel takes, one per kind of call.
+
+        ``grpc.aio.insecure_channel(target, interceptors=interceptor.channel_interceptors)``:
+        every call of the channel then goes through this interceptor.
+        """
+        return self, self._streaming, self._client_streaming, self._bidi_streaming
 
     @property
     def retry_codes(self) -> frozenset[grpc.StatusCode]:
@@ -530,6 +575,19 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         # The caller meets a failed call's AioRpcError reading it. (Not the call
         # itself: once read() has been used, grpc forbids iterating it.)
         return _messages(call, first)
+
+    async def _intercept_request_stream(
+        self, continuation: _Continuation, details: aio.ClientCallDetails, requests: Any
+    ) -> Any:
+        """A call that streams its requests: sent once, under the deadline, with the trace."""
+        try:
+            sent, _ = self._outgoing(details)
+        except StalwartError as error:  # no time left: the call is not made
+            rpc_error = _as_rpc_error(error)
+            if rpc_error is None:
+                raise
+            raise rpc_error from error
+        return await continuation(sent, requests)
 
     async def _through(
         self, kind: int, continuation: _Continuation, details: aio.ClientCallDetails, request: Any
@@ -670,11 +728,7 @@ class StreamingInterceptor(aio.UnaryStreamClientInterceptor):
     __slots__ = ("_interceptor",)
 
     def __init__(self, interceptor: ClientInterceptor) -> None:
-        if not isinstance(interceptor, ClientInterceptor):
-            raise TypeError(
-                f"interceptor must be a ClientInterceptor, not {type(interceptor).__name__}"
-            )
-        self._interceptor = interceptor
+        self._interceptor = _half_of(interceptor)
 
     async def intercept_unary_stream(
         self,
@@ -686,6 +740,60 @@ class StreamingInterceptor(aio.UnaryStreamClientInterceptor):
 
     def __repr__(self) -> str:
         return f"{self._interceptor!r}.streaming"
+
+
+@final
+class ClientStreamingInterceptor(aio.StreamUnaryClientInterceptor):
+    """The stream-unary half of a `ClientInterceptor`: see `ClientInterceptor.client_streaming`."""
+
+    __slots__ = ("_interceptor",)
+
+    def __init__(self, interceptor: ClientInterceptor) -> None:
+        self._interceptor = _half_of(interceptor)
+
+    async def intercept_stream_unary(
+        self,
+        continuation: _Continuation,
+        client_call_details: aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
+        return await self._interceptor._intercept_request_stream(
+            continuation, client_call_details, request_iterator
+        )
+
+    def __repr__(self) -> str:
+        return f"{self._interceptor!r}.client_streaming"
+
+
+@final
+class BidiStreamingInterceptor(aio.StreamStreamClientInterceptor):
+    """The stream-stream half of a `ClientInterceptor`: see `ClientInterceptor.bidi_streaming`."""
+
+    __slots__ = ("_interceptor",)
+
+    def __init__(self, interceptor: ClientInterceptor) -> None:
+        self._interceptor = _half_of(interceptor)
+
+    async def intercept_stream_stream(
+        self,
+        continuation: _Continuation,
+        client_call_details: aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
+        return await self._interceptor._intercept_request_stream(
+            continuation, client_call_details, request_iterator
+        )
+
+    def __repr__(self) -> str:
+        return f"{self._interceptor!r}.bidi_streaming"
+
+
+def _half_of(interceptor: ClientInterceptor) -> ClientInterceptor:
+    if not isinstance(interceptor, ClientInterceptor):
+        raise TypeError(
+            f"interceptor must be a ClientInterceptor, not {type(interceptor).__name__}"
+        )
+    return interceptor
 
 
 async def _messages(call: Any, first: Any) -> AsyncIterator[Any]:
