@@ -40,9 +40,12 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Final, final
+
+import anyio
 
 try:
     import httpx
@@ -105,6 +108,18 @@ DEFAULT_MAX_HOSTS: Final = 100
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
+_MAX_KEPT_BODY: Final = 1_048_576
+"""Bytes of a retryable response's body read into memory, at most.
+
+A longer body is left unread, its connection open, until the request ends:
+its response is closed then, unless it is the one the caller gets back."""
+
+# The oversized retryable responses of the request being sent (None outside
+# `handle_async_request`): a list shared with the tasks its policy starts.
+_unread: ContextVar[list[httpx.Response] | None] = ContextVar(
+    "stalwart.httpx unread responses", default=None
+)
+
 _Send = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
 _Origin = tuple[str, bytes, int | None]  # scheme, raw host, port (None: the default)
 # An upstream's own hedge, and `policy` bound around it (its `per_host` policy
@@ -115,6 +130,24 @@ _Host = tuple[Hedge, _Send]
 async def _close(response: httpx.Response) -> None:
     """Release a response that lost a hedged race: its connection goes back to the pool."""
     await response.aclose()
+
+
+async def _closed(response: httpx.Response) -> None:
+    """Close ``response``, also when the task is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        await response.aclose()
+
+
+async def _close_unread(responses: list[httpx.Response], kept: httpx.Response | None) -> None:
+    """Close the oversized retryable responses a request discarded (all but ``kept``).
+
+    Each still holds its connection, with the rest of its body unread: closing
+    it closes the connection (reading the rest could take long, or forever).
+    """
+    with anyio.CancelScope(shield=True):
+        for response in responses:
+            if response is not kept:
+                await response.aclose()
 
 
 class RetryableStatusError(httpx.HTTPStatusError):
@@ -134,7 +167,10 @@ class RetryableStatusError(httpx.HTTPStatusError):
         request: the caller's request.
         response: the response, read into memory: ``response.content``,
             ``.text`` and ``.json()`` work (its connection is already back
-            in the pool).
+            in the pool). A body longer than 1 MiB is not read: that
+            response is left unread (``.aread()`` it to see the body), and
+            closed, with its connection, when the request ends, unless it
+            is the response returned.
         retry_after: the server's ``Retry-After`` in seconds, or None.
     """
 
@@ -257,6 +293,35 @@ def _origin_text(origin: _Origin) -> str:
     return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
 
 
+@final
+class _Unread(httpx.AsyncByteStream):
+    """A response's body: the chunks already read, then the rest, still on the wire."""
+
+    __slots__ = ("_head", "_response", "_rest")
+
+    def __init__(
+        self, head: list[bytes], rest: AsyncIterator[bytes], response: httpx.Response
+    ) -> None:
+        self._head = head
+        self._rest = rest
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        head, self._head = self._head, []
+        for chunk in head:
+            yield chunk
+        async for chunk in self._rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            close = getattr(self._rest, "aclose", None)
+            if close is not None:
+                await close()
+        finally:
+            await self._response.aclose()
+
+
 def _in_memory(response: httpx.Response, body: bytes, request: httpx.Request) -> httpx.Response:
     """A copy of ``response`` whose (still encoded) body is ``body``."""
     return httpx.Response(
@@ -285,7 +350,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     * A response whose status is in ``retry_statuses`` fails the attempt with
       `RetryableStatusError` (after its body is read, so the connection goes
-      back to the pool). Its ``retry_after`` is the server's ``Retry-After``
+      back to the pool; a body longer than 1 MiB is left unread instead, and
+      its connection closed when the request ends, so that a huge or endless
+      error page is never held in memory). Its ``retry_after`` is the
+      server's ``Retry-After``
       (see `parse_retry_after`), which `~stalwart.Retry` honours as a minimum
       delay, as far as the deadline allows. When the policy gives up on it,
       the last response is returned, as it would be without the transport.
@@ -544,6 +612,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         await request.aread()
         retryable = self._rules.repeatable(request.method, request.headers)
         send = self._send if self._hedge is None else self._send_to(request.url)
+        unread: list[httpx.Response] = []
+        token = _unread.set(unread)
+        kept: httpx.Response | None = None
         try:
             if retryable:
                 return await send(request)
@@ -553,7 +624,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if exc.request is not request:
                 raise
             if exc._body is None:
-                return exc.response
+                kept = exc.response  # its body too long to read: left on the wire
+                return kept
             # A fresh copy, unread: the caller may stream it, raw or decoded.
             return _in_memory(exc.response, exc._body, request)
         except StalwartError as exc:
@@ -561,6 +633,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if translated is None:
                 raise
             raise translated from exc
+        finally:
+            _unread.reset(token)
+            if unread:
+                await _close_unread(unread, kept)
 
     def _send_to(self, url: httpx.URL) -> _Send:
         """``policy`` around the hedge of ``url``'s origin (made on first use)."""
@@ -621,12 +697,25 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         """
         stream = response.stream
         assert isinstance(stream, httpx.AsyncByteStream)  # as httpx.AsyncClient asserts
+        length = response.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > _MAX_KEPT_BODY:
+            return self._oversized(request, response, stream)  # not even started
+        # The stream itself, not `aiter_raw()`: a response built in memory
+        # (a MockTransport's) counts as consumed yet still yields its bytes.
+        chunks = stream.__aiter__()
+        head: list[bytes] = []
+        size = 0
         try:
-            # The stream itself, not `aiter_raw()`: a response built in memory
-            # (a MockTransport's) counts as consumed yet still yields its bytes.
-            body = b"".join([chunk async for chunk in stream])
-        finally:
-            await response.aclose()
+            async for chunk in chunks:
+                head.append(chunk)
+                size += len(chunk)
+                if size > _MAX_KEPT_BODY:
+                    return self._oversized(request, response, _Unread(head, chunks, response))
+        except BaseException:
+            await _closed(response)
+            raise
+        await _closed(response)
+        body = b"".join(head)
         kept = _in_memory(response, body, request)
         try:
             kept.read()  # so that `.content`, `.text` and `.json()` work in predicates
@@ -641,6 +730,33 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         )
         error._body = body
         return error
+
+    def _oversized(
+        self, request: httpx.Request, response: httpx.Response, body: httpx.AsyncByteStream
+    ) -> RetryableStatusError:
+        """The error of a retryable response whose body is too long to keep in memory.
+
+        Its response is left unread (``body`` is its stream, with any chunks
+        already read put back in front): the request closes it when it ends
+        (`_close_unread`), unless it is the response the caller gets.
+        """
+        unread = httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=body,
+            extensions=response.extensions,
+            request=request,
+        )
+        pending = _unread.get()
+        # Outside `handle_async_request` (a subclass's own call): nobody would close it.
+        assert pending is not None, "ResilientTransport._attempt runs in handle_async_request"
+        pending.append(unread)
+        return RetryableStatusError(
+            f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}",
+            request=request,
+            response=unread,
+            retry_after=response_retry_after(response.headers),
+        )
 
     async def __aenter__(self) -> ResilientTransport:
         await self._transport.__aenter__()
