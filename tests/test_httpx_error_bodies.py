@@ -236,3 +236,15 @@ async def test_a_cancelled_request_closes_its_oversized_responses(server: Runnin
             await until(lambda: started.get(key) == 1, "the 503 started")
             tg.cancel_scope.cancel()
         await until(lambda: server.upstream.ended.get(key) == 1, "the 503's sending ended")
+
+
+@PART_READ
+@pytest.mark.anyio
+async def test_a_hedged_request_closes_its_oversized_responses(server: Running) -> None:
+    key = server.upstream.key()
+    hedged = sw.Hedge(delay=0.0, name="huge hedge")
+    async with client(server, sw.Retry(attempts=3, backoff=NO_WAIT), hedge=hedged) as http:
+        with anyio.fail_after(20):
+            response = await http.get("/huge", params={"key": key, "fail": "2"})
+        assert (response.status_code, response.text) == (200, "fine")
+        await until(lambda: server.upstream.ended.get(key) == 2, "both 503s' sending ended")

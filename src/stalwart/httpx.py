@@ -132,9 +132,14 @@ async def _close(response: httpx.Response) -> None:
     await response.aclose()
 
 
+# Seconds a response's closing may take when its task is being cancelled (an
+# HTTP/1.1 connection closes at once; an HTTP/2 stream sends a reset first).
+_CLOSE_TIMEOUT: Final = 5.0
+
+
 async def _closed(response: httpx.Response) -> None:
     """Close ``response``, also when the task is being cancelled."""
-    with anyio.CancelScope(shield=True):
+    with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
         await response.aclose()
 
 
@@ -144,7 +149,7 @@ async def _close_unread(responses: list[httpx.Response], kept: httpx.Response | 
     Each still holds its connection, with the rest of its body unread: closing
     it closes the connection (reading the rest could take long, or forever).
     """
-    with anyio.CancelScope(shield=True):
+    with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
         for response in responses:
             if response is not kept:
                 await response.aclose()
