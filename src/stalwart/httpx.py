@@ -28,6 +28,9 @@ What the transport adds to the policy:
 * under an ambient deadline (`~stalwart.deadline`) every attempt tells the
   server how long it has left, in ``x-request-timeout-ms``, and never waits on
   the network longer than that itself;
+* within a trace, every attempt carries it downstream (W3C ``traceparent``,
+  or what the global OpenTelemetry propagator writes), unless the request
+  already carries a ``traceparent`` of its own;
 * with ``per_host=``, every upstream (scheme, host and port) gets a policy of
   its own inside the shared one, typically a `~stalwart.CircuitBreaker`, so
   that one sick upstream does not open the circuit for all;
@@ -54,7 +57,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "stalwart.httpx needs httpx: install it with `pip install 'stalwart[httpx]'`"
     ) from exc
 
-from . import _validate
+from . import _propagation, _validate
 from ._errors import (
     BulkheadFullError,
     CircuitOpenError,
@@ -385,6 +388,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
       timeouts and bulkheads still apply.
     * The request body is read into memory once, so every attempt sends the
       same bytes, streamed bodies included.
+    * Within a trace (a span is current: the policy's, or the request's of
+      your server), every attempt carries it downstream, as the global
+      OpenTelemetry propagator writes it (W3C ``traceparent`` by default), so
+      that the upstream's spans join the trace. A request that already
+      carries a ``traceparent`` (set by an instrumentation of the client)
+      keeps it.
     * Under an ambient deadline (`~stalwart.deadline`, a ``Retry(timeout=)``,
       a `~stalwart.Timeout`), every attempt carries ``deadline_header`` with
       the whole milliseconds left, and its own httpx timeouts (connect, read,
@@ -664,25 +673,35 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
         """One round trip: what the policy calls, retries and times."""
         left = time_left(self._name, "{} {} not sent", request.method, request.url)
-        sent = request if left is None else self._under_deadline(request, left)
+        trace = _propagation.outgoing()
+        if trace and _propagation.TRACEPARENT in request.headers:
+            trace = {}  # the caller's own (an instrumentation's, say) stands
+        sent = request if left is None and not trace else self._copy(request, left, trace)
         response = await self._transport.handle_async_request(sent)
         if self._rules.retryable(response.status_code, request.headers):
             raise await self._failed(request, response)
         return response
 
-    def _under_deadline(self, request: httpx.Request, left: float) -> httpx.Request:
-        """A copy of ``request`` that tells the server, and httpx, the time left."""
+    def _copy(
+        self, request: httpx.Request, left: float | None, trace: dict[str, str]
+    ) -> httpx.Request:
+        """A copy of ``request`` that tells the server, and httpx, the time left.
+
+        It also carries ``trace``, the headers of the current trace context.
+        """
         headers = request.headers.copy()
-        header = self._rules.deadline_header
-        if header is not None:
-            headers[header] = milliseconds(left)
+        headers.update(trace)
         extensions = dict(request.extensions)
-        timeouts: dict[str, float | None] = dict(extensions.get("timeout") or {})
-        for phase in ("connect", "read", "write", "pool"):
-            limit = timeouts.get(phase)
-            if limit is None or limit > left:
-                timeouts[phase] = left
-        extensions["timeout"] = timeouts
+        if left is not None:
+            header = self._rules.deadline_header
+            if header is not None:
+                headers[header] = milliseconds(left)
+            timeouts: dict[str, float | None] = dict(extensions.get("timeout") or {})
+            for phase in ("connect", "read", "write", "pool"):
+                limit = timeouts.get(phase)
+                if limit is None or limit > left:
+                    timeouts[phase] = left
+            extensions["timeout"] = timeouts
         # `stream=` keeps the buffered body and adds no headers of its own.
         return httpx.Request(
             request.method,
