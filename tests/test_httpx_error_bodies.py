@@ -248,3 +248,18 @@ async def test_a_hedged_request_closes_its_oversized_responses(server: Running) 
             response = await http.get("/huge", params={"key": key, "fail": "2"})
         assert (response.status_code, response.text) == (200, "fine")
         await until(lambda: server.upstream.ended.get(key) == 2, "both 503s' sending ended")
+
+
+@PART_READ
+@pytest.mark.anyio
+async def test_a_retry_gets_the_connection_an_oversized_response_held(server: Running) -> None:
+    key = server.upstream.key()
+    one = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1))
+    async with httpx.AsyncClient(
+        transport=ResilientTransport(sw.Retry(attempts=2, backoff=NO_WAIT), transport=one),
+        base_url=server.url,
+        timeout=httpx.Timeout(10.0, pool=2.0),
+    ) as http:
+        with anyio.fail_after(20):
+            response = await http.get("/huge", params={"key": key})
+    assert (response.status_code, response.text) == (200, "fine")

@@ -114,8 +114,9 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _MAX_KEPT_BODY: Final = 1_048_576
 """Bytes of a retryable response's body read into memory, at most.
 
-A longer body is left unread, its connection open, until the request ends:
-its response is closed then, unless it is the one the caller gets back."""
+A longer body is left unread, its connection open, until the request's next
+attempt starts (with a hedge: until the request ends): its response is closed
+then, unless it is the one the caller gets back."""
 
 # The oversized retryable responses of the request being sent (None outside
 # `handle_async_request`): a list shared with the tasks its policy starts.
@@ -177,8 +178,8 @@ class RetryableStatusError(httpx.HTTPStatusError):
             ``.text`` and ``.json()`` work (its connection is already back
             in the pool). A body longer than 1 MiB is not read: that
             response is left unread (``.aread()`` it to see the body), and
-            closed, with its connection, when the request ends, unless it
-            is the response returned.
+            closed, with its connection, when the next attempt starts or
+            the request ends, unless it is the response returned.
         retry_after: the server's ``Retry-After`` in seconds, or None.
     """
 
@@ -359,8 +360,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     * A response whose status is in ``retry_statuses`` fails the attempt with
       `RetryableStatusError` (after its body is read, so the connection goes
       back to the pool; a body longer than 1 MiB is left unread instead, and
-      its connection closed when the request ends, so that a huge or endless
-      error page is never held in memory). Its ``retry_after`` is the
+      its connection closed before the next attempt, so that a huge or
+      endless error page is never held in memory). Its ``retry_after`` is the
       server's ``Retry-After``
       (see `parse_retry_after`), which `~stalwart.Retry` honours as a minimum
       delay, as far as the deadline allows. When the policy gives up on it,
@@ -673,6 +674,13 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
         """One round trip: what the policy calls, retries and times."""
         left = time_left(self._name, "{} {} not sent", request.method, request.url)
+        if self._hedge is None:
+            earlier = _unread.get()
+            if earlier:
+                # Superseded by this attempt: their connections go now, not when
+                # the request ends, or a pool of few connections would starve it.
+                await _close_unread(earlier, None)
+                earlier.clear()
         trace = _propagation.outgoing()
         if trace and _propagation.TRACEPARENT in request.headers:
             trace = {}  # the caller's own (an instrumentation's, say) stands
