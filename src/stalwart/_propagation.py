@@ -1,7 +1,8 @@
 """W3C trace context across the wire, for the integrations that own both ends.
 
-The gRPC interceptors and the aiohttp middlewares carry the current trace
-from a caller to the service it calls, so that the spans of every hop of a
+The gRPC interceptors, the aiohttp middlewares, and httpx's
+``ResilientTransport`` with the ASGI ``DeadlineMiddleware``, carry the
+current trace from a caller to the service it calls, so that the spans of every hop of a
 request (stalwart's own and any others) share one trace id. They use
 OpenTelemetry's propagation API, so the global propagator decides what
 travels (W3C ``traceparent``/``tracestate`` and baggage by default, or

@@ -28,6 +28,9 @@ What the transport adds to the policy:
 * under an ambient deadline (`~stalwart.deadline`) every attempt tells the
   server how long it has left, in ``x-request-timeout-ms``, and never waits on
   the network longer than that itself;
+* within a trace, every attempt carries it downstream (W3C ``traceparent``,
+  or what the global OpenTelemetry propagator writes), unless the request
+  already carries a ``traceparent`` of its own;
 * with ``per_host=``, every upstream (scheme, host and port) gets a policy of
   its own inside the shared one, typically a `~stalwart.CircuitBreaker`, so
   that one sick upstream does not open the circuit for all;
@@ -40,9 +43,12 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Final, final
+
+import anyio
 
 try:
     import httpx
@@ -51,7 +57,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "stalwart.httpx needs httpx: install it with `pip install 'stalwart[httpx]'`"
     ) from exc
 
-from . import _validate
+from . import _propagation, _validate
 from ._errors import (
     BulkheadFullError,
     CircuitOpenError,
@@ -105,6 +111,19 @@ DEFAULT_MAX_HOSTS: Final = 100
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
+_MAX_KEPT_BODY: Final = 1_048_576
+"""Bytes of a retryable response's body read into memory, at most.
+
+A longer body is left unread, its connection open, until the request's next
+attempt starts (with a hedge: until the request ends): its response is closed
+then, unless it is the one the caller gets back."""
+
+# The oversized retryable responses of the request being sent (None outside
+# `handle_async_request`): a list shared with the tasks its policy starts.
+_unread: ContextVar[list[httpx.Response] | None] = ContextVar(
+    "stalwart.httpx unread responses", default=None
+)
+
 _Send = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
 _Origin = tuple[str, bytes, int | None]  # scheme, raw host, port (None: the default)
 # An upstream's own hedge, and `policy` bound around it (its `per_host` policy
@@ -115,6 +134,29 @@ _Host = tuple[Hedge, _Send]
 async def _close(response: httpx.Response) -> None:
     """Release a response that lost a hedged race: its connection goes back to the pool."""
     await response.aclose()
+
+
+# Seconds a response's closing may take when its task is being cancelled (an
+# HTTP/1.1 connection closes at once; an HTTP/2 stream sends a reset first).
+_CLOSE_TIMEOUT: Final = 5.0
+
+
+async def _closed(response: httpx.Response) -> None:
+    """Close ``response``, also when the task is being cancelled."""
+    with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+        await response.aclose()
+
+
+async def _close_unread(responses: list[httpx.Response], kept: httpx.Response | None) -> None:
+    """Close the oversized retryable responses a request discarded (all but ``kept``).
+
+    Each still holds its connection, with the rest of its body unread: closing
+    it closes the connection (reading the rest could take long, or forever).
+    """
+    with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+        for response in responses:
+            if response is not kept:
+                await response.aclose()
 
 
 class RetryableStatusError(httpx.HTTPStatusError):
@@ -134,7 +176,10 @@ class RetryableStatusError(httpx.HTTPStatusError):
         request: the caller's request.
         response: the response, read into memory: ``response.content``,
             ``.text`` and ``.json()`` work (its connection is already back
-            in the pool).
+            in the pool). A body longer than 1 MiB is not read: that
+            response is left unread (``.aread()`` it to see the body), and
+            closed, with its connection, when the next attempt starts or
+            the request ends, unless it is the response returned.
         retry_after: the server's ``Retry-After`` in seconds, or None.
     """
 
@@ -257,6 +302,35 @@ def _origin_text(origin: _Origin) -> str:
     return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
 
 
+@final
+class _Unread(httpx.AsyncByteStream):
+    """A response's body: the chunks already read, then the rest, still on the wire."""
+
+    __slots__ = ("_head", "_response", "_rest")
+
+    def __init__(
+        self, head: list[bytes], rest: AsyncIterator[bytes], response: httpx.Response
+    ) -> None:
+        self._head = head
+        self._rest = rest
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        head, self._head = self._head, []
+        for chunk in head:
+            yield chunk
+        async for chunk in self._rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            close = getattr(self._rest, "aclose", None)
+            if close is not None:
+                await close()
+        finally:
+            await self._response.aclose()
+
+
 def _in_memory(response: httpx.Response, body: bytes, request: httpx.Request) -> httpx.Response:
     """A copy of ``response`` whose (still encoded) body is ``body``."""
     return httpx.Response(
@@ -285,7 +359,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     * A response whose status is in ``retry_statuses`` fails the attempt with
       `RetryableStatusError` (after its body is read, so the connection goes
-      back to the pool). Its ``retry_after`` is the server's ``Retry-After``
+      back to the pool; a body longer than 1 MiB is left unread instead, and
+      its connection closed before the next attempt, so that a huge or
+      endless error page is never held in memory). Its ``retry_after`` is the
+      server's ``Retry-After``
       (see `parse_retry_after`), which `~stalwart.Retry` honours as a minimum
       delay, as far as the deadline allows. When the policy gives up on it,
       the last response is returned, as it would be without the transport.
@@ -312,6 +389,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
       timeouts and bulkheads still apply.
     * The request body is read into memory once, so every attempt sends the
       same bytes, streamed bodies included.
+    * Within a trace (a span is current: the policy's, or the request's of
+      your server), every attempt carries it downstream, as the global
+      OpenTelemetry propagator writes it (W3C ``traceparent`` by default), so
+      that the upstream's spans join the trace. A request that already
+      carries a ``traceparent`` (set by an instrumentation of the client)
+      keeps it.
     * Under an ambient deadline (`~stalwart.deadline`, a ``Retry(timeout=)``,
       a `~stalwart.Timeout`), every attempt carries ``deadline_header`` with
       the whole milliseconds left, and its own httpx timeouts (connect, read,
@@ -544,6 +627,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         await request.aread()
         retryable = self._rules.repeatable(request.method, request.headers)
         send = self._send if self._hedge is None else self._send_to(request.url)
+        unread: list[httpx.Response] = []
+        token = _unread.set(unread)
+        kept: httpx.Response | None = None
         try:
             if retryable:
                 return await send(request)
@@ -553,7 +639,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if exc.request is not request:
                 raise
             if exc._body is None:
-                return exc.response
+                kept = exc.response  # its body too long to read: left on the wire
+                return kept
             # A fresh copy, unread: the caller may stream it, raw or decoded.
             return _in_memory(exc.response, exc._body, request)
         except StalwartError as exc:
@@ -561,6 +648,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if translated is None:
                 raise
             raise translated from exc
+        finally:
+            _unread.reset(token)
+            if unread:
+                await _close_unread(unread, kept)
 
     def _send_to(self, url: httpx.URL) -> _Send:
         """``policy`` around the hedge of ``url``'s origin (made on first use)."""
@@ -583,25 +674,42 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
         """One round trip: what the policy calls, retries and times."""
         left = time_left(self._name, "{} {} not sent", request.method, request.url)
-        sent = request if left is None else self._under_deadline(request, left)
+        if self._hedge is None:
+            earlier = _unread.get()
+            if earlier:
+                # Superseded by this attempt: their connections go now, not when
+                # the request ends, or a pool of few connections would starve it.
+                await _close_unread(earlier, None)
+                earlier.clear()
+        trace = _propagation.outgoing()
+        if trace and _propagation.TRACEPARENT in request.headers:
+            trace = {}  # the caller's own (an instrumentation's, say) stands
+        sent = request if left is None and not trace else self._copy(request, left, trace)
         response = await self._transport.handle_async_request(sent)
         if self._rules.retryable(response.status_code, request.headers):
             raise await self._failed(request, response)
         return response
 
-    def _under_deadline(self, request: httpx.Request, left: float) -> httpx.Request:
-        """A copy of ``request`` that tells the server, and httpx, the time left."""
+    def _copy(
+        self, request: httpx.Request, left: float | None, trace: dict[str, str]
+    ) -> httpx.Request:
+        """A copy of ``request`` that tells the server, and httpx, the time left.
+
+        It also carries ``trace``, the headers of the current trace context.
+        """
         headers = request.headers.copy()
-        header = self._rules.deadline_header
-        if header is not None:
-            headers[header] = milliseconds(left)
+        headers.update(trace)
         extensions = dict(request.extensions)
-        timeouts: dict[str, float | None] = dict(extensions.get("timeout") or {})
-        for phase in ("connect", "read", "write", "pool"):
-            limit = timeouts.get(phase)
-            if limit is None or limit > left:
-                timeouts[phase] = left
-        extensions["timeout"] = timeouts
+        if left is not None:
+            header = self._rules.deadline_header
+            if header is not None:
+                headers[header] = milliseconds(left)
+            timeouts: dict[str, float | None] = dict(extensions.get("timeout") or {})
+            for phase in ("connect", "read", "write", "pool"):
+                limit = timeouts.get(phase)
+                if limit is None or limit > left:
+                    timeouts[phase] = left
+            extensions["timeout"] = timeouts
         # `stream=` keeps the buffered body and adds no headers of its own.
         return httpx.Request(
             request.method,
@@ -621,12 +729,25 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         """
         stream = response.stream
         assert isinstance(stream, httpx.AsyncByteStream)  # as httpx.AsyncClient asserts
+        length = response.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > _MAX_KEPT_BODY:
+            return self._oversized(request, response, stream)  # not even started
+        # The stream itself, not `aiter_raw()`: a response built in memory
+        # (a MockTransport's) counts as consumed yet still yields its bytes.
+        chunks = stream.__aiter__()
+        head: list[bytes] = []
+        size = 0
         try:
-            # The stream itself, not `aiter_raw()`: a response built in memory
-            # (a MockTransport's) counts as consumed yet still yields its bytes.
-            body = b"".join([chunk async for chunk in stream])
-        finally:
-            await response.aclose()
+            async for chunk in chunks:
+                head.append(chunk)
+                size += len(chunk)
+                if size > _MAX_KEPT_BODY:
+                    return self._oversized(request, response, _Unread(head, chunks, response))
+        except BaseException:
+            await _closed(response)
+            raise
+        await _closed(response)
+        body = b"".join(head)
         kept = _in_memory(response, body, request)
         try:
             kept.read()  # so that `.content`, `.text` and `.json()` work in predicates
@@ -641,6 +762,33 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         )
         error._body = body
         return error
+
+    def _oversized(
+        self, request: httpx.Request, response: httpx.Response, body: httpx.AsyncByteStream
+    ) -> RetryableStatusError:
+        """The error of a retryable response whose body is too long to keep in memory.
+
+        Its response is left unread (``body`` is its stream, with any chunks
+        already read put back in front): the request closes it when it ends
+        (`_close_unread`), unless it is the response the caller gets.
+        """
+        unread = httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=body,
+            extensions=response.extensions,
+            request=request,
+        )
+        pending = _unread.get()
+        # Outside `handle_async_request` (a subclass's own call): nobody would close it.
+        assert pending is not None, "ResilientTransport._attempt runs in handle_async_request"
+        pending.append(unread)
+        return RetryableStatusError(
+            f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}",
+            request=request,
+            response=unread,
+            retry_after=response_retry_after(response.headers),
+        )
 
     async def __aenter__(self) -> ResilientTransport:
         await self._transport.__aenter__()

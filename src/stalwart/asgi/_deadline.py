@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import final
+from typing import Final, final
 
-from .. import _clock
+from .. import _clock, _propagation
 from .._deadline import deadline
 from .._errors import DeadlineExceeded
 from .._http import (
@@ -15,6 +15,8 @@ from .._http import (
 )
 from .._transport import first_value
 from ._types import ASGIApp, Receive, Scope, Send, _send_problem, _Watched
+
+_TRACEPARENT: Final = _propagation.TRACEPARENT.encode()
 
 
 @final
@@ -42,6 +44,14 @@ class DeadlineMiddleware:
 
     The time a request spends on the network before it reaches the app is
     not deducted: the app gets the full limit from when it starts.
+
+    The trace its caller sent (W3C ``traceparent``, or what the global
+    OpenTelemetry propagator reads) is the current one while the app runs,
+    so that stalwart's spans, and the ``traceparent`` that
+    `stalwart.httpx.ResilientTransport` sends on, join the caller's trace.
+    Where a span is already current (a server instrumentation such as
+    ``opentelemetry-instrumentation-asgi`` made the request's span), it
+    stays so.
 
     Args:
         app: the ASGI application to protect.
@@ -95,6 +105,15 @@ class DeadlineMiddleware:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
+        headers = scope["headers"]
+        if first_value(headers, _TRACEPARENT) is None:
+            await self._serve(scope, receive, send)
+            return
+        pairs = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+        with _propagation.extracted(pairs):
+            await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         seconds = self.timeout_for(scope)
         if seconds is None:
             await self._app(scope, receive, send)
