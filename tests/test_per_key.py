@@ -322,6 +322,32 @@ async def test_a_dropped_keys_metrics_stop_being_exported() -> None:
     assert _metrics.collector_for(registry).retired() == 0
 
 
+async def test_a_dropped_keys_metrics_stop_being_exported_while_its_policy_lives_on() -> None:
+    # A traceback, or a call still running, can keep a dropped key's policy
+    # alive: its series go all the same, at once, not at the next collection.
+    registry = CollectorRegistry()
+    per_key = sw.PerKey(Factory(sw.Telemetry(registry=registry)), key="host", max_keys=1)
+    guarded = per_key(fetch)
+    await guarded("a")
+    kept = per_key.get("a")
+    await guarded("b")
+    assert kept is not None
+    state = "stalwart_circuit_state"
+    assert sample(registry, state, policy="upstream a", state="closed") is None
+    assert (
+        sample(
+            registry,
+            "stalwart_calls_total",
+            policy="upstream a",
+            kind="circuit_breaker",
+            outcome="success",
+        )
+        is None
+    )
+    assert sample(registry, state, policy="upstream b", state="closed") == 1.0
+    assert kept.state is sw.CircuitState.CLOSED  # and it still works, unseen
+
+
 async def test_a_key_that_comes_back_is_exported_again() -> None:
     registry = CollectorRegistry()
     per_key = sw.PerKey(Factory(sw.Telemetry(registry=registry)), key="host", max_keys=1)

@@ -18,8 +18,8 @@ upstream host, keeps bounded metric state whatever names it uses.
 
 A keyed policy (`PerKey`) that drops a key's policies goes further: it notes
 which metrics objects building them made (`capturing`) and has them
-*forgotten* (`Collector.forget`): once no policy holds them, they are dropped
-instead of retired, and no longer exported at all.
+*forgotten* (`Collector.forget`): no longer exported from then on, and once
+no policy holds them, dropped instead of retired.
 """
 
 from __future__ import annotations
@@ -495,10 +495,12 @@ class Collector:
             del self._metrics[key]
 
     def forget(self, key: tuple[str, str]) -> None:
-        """Stop exporting ``key``'s metrics (``(kind, name)``) once no policy holds them.
+        """Stop exporting ``key``'s metrics (``(kind, name)``) now.
 
-        Held now: dropped when released instead of retired (unless a policy
-        of that kind and name registers again before). Retired already:
+        Held still (a call that was running, a traceback that keeps the
+        policy): no longer exported, and dropped when released instead of
+        retired, unless a policy of that kind and name registers again
+        before (then exported again, counts and all). Retired already:
         dropped now.
         """
         with self._lock:
@@ -524,7 +526,8 @@ class Collector:
     def _families(self, *, fill: bool) -> Iterator[Metric]:
         with self._lock:
             self._settle()
-            everything = list(self._metrics.items())
+            forgotten = self._forgotten
+            everything = [item for item in self._metrics.items() if item[0] not in forgotten]
             retired = set(self._retired)
             buckets = self.buckets
         with _declared_lock:
