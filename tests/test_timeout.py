@@ -338,6 +338,9 @@ async def test_a_nearer_ambient_deadline_sets_the_limit(registry: CollectorRegis
             await timeout(sleeper)(30.0)
         assert info.value.timeout == pytest.approx(2.0)
         assert info.value.policy == "t"
+        assert str(info.value) == (
+            "'t' timed out after 2s, the ambient deadline's time left (nearer than its own 10s)"
+        )
     assert anyio.current_time() - start == pytest.approx(2.0)
     assert sample(registry, "stalwart_timeouts_total", policy="t") == 1
 
@@ -409,6 +412,7 @@ async def test_nested_timeouts_the_inner_nearer_one_fires() -> None:
     with pytest.raises(sw.DeadlineExceeded) as info:
         await outer(inner(sleeper))(3.0)
     assert info.value.policy == "inner"
+    assert str(info.value) == "'inner' timed out after 1s"  # its own limit
 
 
 async def test_nested_timeouts_the_outer_nearer_one_is_claimed_by_the_inner() -> None:

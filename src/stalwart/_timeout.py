@@ -107,9 +107,13 @@ class Timeout(Policy):
     def deadline_exceeded(self, timeout: float) -> DeadlineExceeded:
         if observed(self._telemetry):
             self.report(TimedOut, timeout=timeout)
-        return DeadlineExceeded(
-            f"{self._name!r} timed out after {timeout:g}s", policy=self._name, timeout=timeout
-        )
+        message = f"{self._name!r} timed out after {timeout:g}s"
+        if timeout < self._seconds:
+            # Operators read this: the Timeout's own limit never ran out.
+            message += (
+                f", the ambient deadline's time left (nearer than its own {self._seconds:g}s)"
+            )
+        return DeadlineExceeded(message, policy=self._name, timeout=timeout)
 
     def __repr__(self) -> str:
         return f"Timeout({self._seconds:g}, name={self._name!r})"
