@@ -16,6 +16,7 @@ import collections
 import hashlib
 import logging
 import math
+import re
 import secrets
 import socket
 import sys
@@ -46,11 +47,21 @@ _log = logging.getLogger("stalwart.redis")
 #: the one a ``Sentinel`` gives for its master), or of a Redis Cluster.
 AnyClient = _aioredis.Redis | _aioredis.RedisCluster
 
+
+class RedisCannotServe(_rx.ConnectionError):
+    """Redis answered that it cannot serve now (BUSY, NOREPLICAS, MISCONF): unavailable.
+
+    redis-py raises those replies as a plain ``ResponseError``, as it does a
+    bug's; `_Client._eval` raises this instead (see `_CANNOT_SERVE`).
+    """
+
+
 # Errors that mean "Redis cannot be reached or cannot serve now", as opposed
 # to a bug (a script error, a key of the wrong type): the first kind makes a
 # store unavailable, the second propagates as it is.
 _UNAVAILABLE: Final = (
-    _rx.ConnectionError,  # also refused, reset, auth, loading, too many connections
+    _rx.ConnectionError,  # also refused, reset, auth, loading, too many connections,
+    # and RedisCannotServe
     _rx.TimeoutError,
     TimeoutError,  # our own bound on every request
     OSError,
@@ -67,6 +78,14 @@ _UNAVAILABLE: Final = (
     _rx.ClusterCrossSlotError,
     _rx.RedisClusterException,
 )
+# Error replies by which a Redis that runs says that it cannot serve now, as
+# a Redis that is down cannot: it is running a script that went on too long
+# (BUSY), it refuses writes for want of replicas (NOREPLICAS, with
+# min-replicas-to-write) or because its last snapshot failed (MISCONF, with
+# stop-writes-on-bgsave-error). Read from the reply's text, which redis-py
+# prefixes with "Command # <n> (...) of pipeline caused error: " when it
+# comes from a pipeline (a script loaded again after NOSCRIPT).
+_CANNOT_SERVE: Final = re.compile(r"(?:^|caused error: )(BUSY|NOREPLICAS|MISCONF)\b")
 _DEADLINE_PASSED: Final = TimeoutError("the ambient deadline has passed")
 _CLUSTER_HINT: Final = (
     " (this Redis is a cluster node: give RedisStore a redis.asyncio.RedisCluster client)"
@@ -289,8 +308,14 @@ class _Client:
         if _clock.asyncio_loop() is None:
             _raise_if_trio()
         try:
-            async with _within(self._timeout if within is None else within):
-                reply = await script.run(self._client, keys, args, cluster=self._cluster)
+            try:
+                async with _within(self._timeout if within is None else within):
+                    reply = await script.run(self._client, keys, args, cluster=self._cluster)
+            except _rx.ResponseError as exc:
+                refusal = _cannot_serve(exc)
+                if refusal is None:
+                    raise
+                raise refusal from exc
         except _UNAVAILABLE as exc:
             if self._healthy:
                 self._healthy = False
@@ -539,8 +564,24 @@ def _leaf(exc: BaseException) -> BaseException:
     return next(iter(_leaves(exc)), exc)
 
 
+def _cannot_serve(exc: _rx.ResponseError) -> RedisCannotServe | None:
+    """``exc`` as Redis saying it cannot serve now, or None if it says something else.
+
+    From the reply's text: redis-py before 8 keeps no error code.
+    """
+    text = str(exc)
+    found = _CANNOT_SERVE.search(text)
+    if found is None:
+        return None
+    return RedisCannotServe(text[found.start(1) :])
+
+
 def _is_unavailable(exc: BaseException) -> bool:
-    return all(isinstance(one, _UNAVAILABLE) for one in _leaves(exc))
+    return all(
+        isinstance(one, _UNAVAILABLE)
+        or (isinstance(one, _rx.ResponseError) and _cannot_serve(one) is not None)
+        for one in _leaves(exc)
+    )
 
 
 def _never_sent(exc: BaseException) -> bool:
