@@ -10,6 +10,8 @@ statistics are then this test's alone) and stop it by its process.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any
 
@@ -17,10 +19,12 @@ import pytest
 import redis
 
 import stalwart as sw
+from stalwart import CircuitState
 from stalwart.redis import RedisStore
+from stalwart.redis._client import _digest
 
 from . import redis_support
-from .redis_support import private_redis
+from .redis_support import Boom, breaker, private_redis
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
 
@@ -30,12 +34,18 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
     return ("asyncio", {})
 
 
+CLOSED, OPEN = CircuitState.CLOSED, CircuitState.OPEN
+
 runs: list[str] = []
 
 
 async def charge(payment: str) -> str:
     runs.append(payment)
     return f"charged {payment}"
+
+
+async def boom() -> str:
+    raise Boom
 
 
 def scripts_run(port: int) -> int:
@@ -75,3 +85,54 @@ async def test_a_claim_that_never_expires_is_given_a_lease_instead_of_holding_th
     # A claim, a look, a claim, and storing the result, give or take a few
     # looks and renewals: not one look per millisecond.
     assert scripts < 20, scripts
+
+
+async def test_a_key_of_another_type_fails_a_call_with_an_error_naming_it_and_the_fix() -> None:
+    async with redis_support.opened_store(name="orders-redis") as store:
+        scope = f"idempotency:{__name__}.charge"
+        record = store._record_key(scope, "p-1")
+        await store.client.set(record, "written by another program")
+        guarded = sw.Idempotency(key="payment", store=store)(charge)
+        runs.clear()
+        with pytest.raises(redis.ResponseError) as info:
+            await guarded("p-1")
+        assert runs == []
+        message = str(info.value)
+        assert message.startswith("Redis store 'orders-redis': the claim script failed on ")
+        assert record in message
+        assert "WRONGTYPE" in message
+        assert f"prefix {store.prefix!r}" in message
+
+
+async def test_a_breaker_key_of_another_type_does_not_stop_the_others_being_followed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="stalwart.redis")
+    async with (
+        redis_support.opened_store(reconcile_interval=0.05) as first,
+        RedisStore(first.client, prefix=first.prefix, reconcile_interval=0.05) as second,
+    ):
+        damaged = first._key("circuit", _digest("damaged"))
+        await first.client.set(damaged, "written by another program")
+        mine = [breaker(first, "damaged"), breaker(first, "healthy", open_for=30.0)]
+        theirs = [breaker(second, "damaged"), breaker(second, "healthy", open_for=30.0)]
+        await first.sync()  # reads every record, the damaged one too
+        await second.sync()
+        with pytest.raises(Boom):
+            await mine[1](boom)()
+        assert mine[1].state is OPEN
+        await redis_support.until(lambda: theirs[1].state is OPEN)  # by pub/sub
+        # Re-read every 50 ms, and still followed: the damaged key is
+        # reported once by each store, and its breakers go on alone.
+        await asyncio.sleep(0.3)
+        assert theirs[1].state is OPEN
+        assert theirs[0].state is CLOSED
+        warned = [r for r in caplog.records if "did not write (not a hash)" in r.getMessage()]
+        assert len(warned) == 2
+        assert "'damaged'" in warned[0].getMessage()
+        # Deleted: the key holds a record again once a breaker writes one.
+        await first.client.delete(damaged)
+        with pytest.raises(Boom):
+            await mine[0](boom)()
+        await redis_support.until(lambda: theirs[0].state is OPEN)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

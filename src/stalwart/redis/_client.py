@@ -313,9 +313,11 @@ class _Client:
                     reply = await script.run(self._client, keys, args, cluster=self._cluster)
             except _rx.ResponseError as exc:
                 refusal = _cannot_serve(exc)
-                if refusal is None:
+                if refusal is not None:
+                    raise refusal from exc
+                if type(exc) is not _rx.ResponseError:
                     raise
-                raise refusal from exc
+                raise self._script_failed(script, keys, exc) from exc
         except _UNAVAILABLE as exc:
             if self._healthy:
                 self._healthy = False
@@ -330,6 +332,22 @@ class _Client:
             self._healthy = True
             _log.info("Redis store %r: Redis reachable again", self._name)
         return reply
+
+    def _script_failed(
+        self, script: Script, keys: Sequence[str], exc: _rx.ResponseError
+    ) -> _rx.ResponseError:
+        """``exc``, an error of ``script``'s, saying which store, script and record it is."""
+        where = f" on {keys[0]!r}" if keys else ""
+        hint = ""
+        if str(exc).startswith("WRONGTYPE"):
+            hint = (
+                " (that key holds something that stalwart did not write: does another "
+                f"program use the prefix {self._prefix!r}? Delete the key, or give the store "
+                "a prefix of its own)"
+            )
+        return _rx.ResponseError(
+            f"Redis store {self._name!r}: the {script.name} script failed{where}: {exc}{hint}"
+        )
 
     def _hint(self, exc: BaseException) -> str:
         """Why a cluster's answer makes a plain client's store unavailable ("" otherwise)."""

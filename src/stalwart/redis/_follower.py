@@ -239,7 +239,27 @@ class _Follower(_Client):
     async def _read_batch(self, batch: Sequence[_Circuit]) -> None:
         reply = await self._eval(_scripts.READ_CIRCUITS, [c.key for c in batch], ())
         for i, circuit in enumerate(batch):
-            circuit.learn(_scripts.circuit_record(*reply[5 * i : 5 * i + 5]))
+            fields = reply[5 * i : 5 * i + 5]
+            if fields[0] == b"foreign":
+                if not circuit.foreign:
+                    circuit.foreign = True
+                    _log.warning(
+                        "Redis store %r: the key of breaker %r (%s) holds something that "
+                        "stalwart did not write (not a hash): the breakers of that name go on "
+                        "alone until it is deleted",
+                        self._name,
+                        circuit.name,
+                        circuit.key,
+                    )
+                continue
+            if circuit.foreign:
+                circuit.foreign = False
+                _log.info(
+                    "Redis store %r: the key of breaker %r holds its record again",
+                    self._name,
+                    circuit.name,
+                )
+            circuit.learn(_scripts.circuit_record(*fields))
 
     async def _read_circuits_by_slot(self, circuits: Sequence[_Circuit]) -> None:
         """Read records on a cluster: one script per hash slot, `_READ_FANOUT` at once.
