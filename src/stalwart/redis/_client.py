@@ -187,6 +187,7 @@ class _Client:
         "_prefix",
         "_skew",
         "_timeout",
+        "_told_trio",
         "_users",
     )
 
@@ -206,6 +207,7 @@ class _Client:
         self._timeout = _validate.duration("timeout", timeout, positive=True)
         self._name = _validate.name(name)
         self._healthy = True
+        self._told_trio = False  # the error of a use from trio was logged
         # Redis's clock minus the loop's, in milliseconds, as last seen in a
         # reply (None: not yet; see `_not_after`).
         self._skew: float | None = None
@@ -306,7 +308,7 @@ class _Client:
         if self._closed and not closing:
             raise self._closed_error()
         if _clock.asyncio_loop() is None:
-            _raise_if_trio()
+            self._refuse_trio()
         try:
             try:
                 async with _within(self._timeout if within is None else within):
@@ -348,6 +350,24 @@ class _Client:
         return _rx.ResponseError(
             f"Redis store {self._name!r}: the {script.name} script failed{where}: {exc}{hint}"
         )
+
+    def _refuse_trio(self) -> None:
+        """Raise `RuntimeError` if trio runs the calling task (and log it, the first time).
+
+        Logged once, loudly: a breaker keeps its own state when its store
+        fails, and would otherwise go on unshared without a word.
+        """
+        try:
+            _raise_if_trio()
+        except RuntimeError:
+            if not self._told_trio:
+                self._told_trio = True
+                _log.error(
+                    "Redis store %r: used from trio; it runs on asyncio only, so the "
+                    "breakers, limits and idempotency records given it are not shared",
+                    self._name,
+                )
+            raise
 
     def _hint(self, exc: BaseException) -> str:
         """Why a cluster's answer makes a plain client's store unavailable ("" otherwise)."""

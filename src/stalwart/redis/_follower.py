@@ -36,7 +36,6 @@ from ._client import (
     _leaf,
     _log,
     _ours,
-    _raise_if_trio,
     _stop,
     _text,
     _within,
@@ -175,7 +174,7 @@ class _Follower(_Client):
         task = self._task
         info = _clock.asyncio_loop()
         if info is None:
-            _raise_if_trio()
+            self._refuse_trio()
             return
         if task is not None and not task.done() and task.get_loop() is info.loop:
             self._wake.fire()
