@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -46,6 +47,10 @@ async def charge(payment: str) -> str:
 
 async def boom() -> str:
     raise Boom
+
+
+async def ok() -> str:
+    return "ok"
 
 
 def scripts_run(port: int) -> int:
@@ -136,3 +141,30 @@ async def test_a_breaker_key_of_another_type_does_not_stop_the_others_being_foll
             await mine[0](boom)()
         await redis_support.until(lambda: theirs[0].state is OPEN)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        "inf",
+        "nan",
+        "1e300",
+        "not a number",
+        f"{time.time() * 1000.0:.3f}",  # a time in milliseconds: years ahead, in seconds
+    ],
+)
+async def test_a_rate_limit_bucket_that_stalwart_did_not_write_is_read_as_empty(
+    foreign: str,
+) -> None:
+    """Such a value, kept without an expiry, would refuse every call for ever; it is replaced."""
+    async with redis_support.opened_store() as store:
+        limiter = sw.RateLimiter(rate=1, per=3600, store=store, name="partner")
+        bucket = store._bucket("partner", None)
+        await store.client.set(bucket, foreign)
+        assert await limiter(ok)() == "ok"
+        with pytest.raises(sw.RateLimitExceeded):  # and the limit holds again
+            await limiter(ok)()
+        assert 0 < await store.client.pttl(bucket) <= 3600 * 1000
+        written = await store.client.get(bucket)
+        assert written is not None
+        assert math.isfinite(float(written))
