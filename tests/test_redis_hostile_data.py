@@ -168,3 +168,15 @@ async def test_a_rate_limit_bucket_that_stalwart_did_not_write_is_read_as_empty(
         written = await store.client.get(bucket)
         assert written is not None
         assert math.isfinite(float(written))
+
+
+@pytest.mark.parametrize("held", ["2", "many", "-5"])
+async def test_a_bulkhead_holder_without_a_lease_holds_no_permit(held: str) -> None:
+    """Permits are always leased: one held without a lease would keep the fleet full for ever."""
+    async with redis_support.opened_store() as store:
+        bulkhead = sw.Bulkhead(2, max_queued=0, store=store, name="ledger", batch=0)
+        counts, _, _ = store._bulkhead_keys("ledger")
+        await store.client.hset(counts, "written-by-hand", held)
+        with sw.deadline(5.0):
+            assert list(await asyncio.gather(bulkhead(ok)(), bulkhead(ok)())) == ["ok", "ok"]
+        assert await store.client.hget(counts, "written-by-hand") is None
