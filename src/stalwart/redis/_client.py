@@ -341,7 +341,7 @@ class _Client:
         """``exc``, an error of ``script``'s, saying which store, script and record it is."""
         where = f" on {keys[0]!r}" if keys else ""
         hint = ""
-        if str(exc).startswith("WRONGTYPE"):
+        if "WRONGTYPE" in str(exc):  # also as a pipeline reports it (after NOSCRIPT)
             hint = (
                 " (that key holds something that stalwart did not write: does another "
                 f"program use the prefix {self._prefix!r}? Delete the key, or give the store "
