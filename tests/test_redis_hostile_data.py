@@ -190,3 +190,27 @@ async def test_a_bulkhead_holder_without_a_lease_holds_no_permit(held: str) -> N
         with sw.deadline(5.0):
             assert list(await asyncio.gather(bulkhead(ok)(), bulkhead(ok)())) == ["ok", "ok"]
         assert await store.client.hget(counts, "written-by-hand") is None
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        b"open 99999999999999 60000 0 0",  # a version of the year 5138
+        b"open 5 1000000000000000000000000000000 0 0",  # opened for 10**27 seconds
+    ],
+)
+async def test_a_forged_message_cannot_open_the_fleets_breakers_beyond_repair(
+    forged: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Adopted, it would keep every replica open: none would ask Redis again, nor heed a reset."""
+    async with redis_support.opened_store(reconcile_interval=0.05) as store:
+        cb = breaker(store)
+        await store.sync()
+        await store.client.publish(store._key("circuit", _digest("dep")), forged)
+        await redis_support.until(
+            lambda: any("ignored a message" in r.getMessage() for r in caplog.records)
+        )
+        assert cb.state is CLOSED
+        assert await cb(ok)() == "ok"
+        await store.transition("dep", 0, OPEN, 10.0)  # a real one still gets through
+        await redis_support.until(lambda: cb.state is OPEN)

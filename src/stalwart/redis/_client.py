@@ -410,6 +410,12 @@ class _Client:
         last = sent + 2.0 * self._timeout + margin
         return math.ceil(last * 1000.0 + skew), last
 
+    def _redis_now_ms(self) -> float:
+        """Redis's clock now, in ms: as the last reply taught it, else this host's wall clock."""
+        if self._skew is None:
+            return time.time() * 1000.0
+        return _clock.now() * 1000.0 + self._skew
+
     def _learn_clock(self, server_ms: Any) -> None:
         """Redis said its time was ``server_ms`` just now: keep how its clock differs."""
         self._skew = float(server_ms) - _clock.now() * 1000.0
