@@ -403,7 +403,7 @@ class _Client:
         """
         skew = self._skew
         if skew is None:
-            skew = (time.time() - sent) * 1000.0  # the wall clock, read only here
+            skew = (time.time() - sent) * 1000.0  # the wall clock (see also `_redis_now_ms`)
             margin = _UNLEARNT_MARGIN
         else:
             margin = _LATE_MARGIN
