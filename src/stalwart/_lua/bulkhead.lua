@@ -43,11 +43,20 @@ for _, lapsed in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
 end
 redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
 
-local mine = tonumber(redis.call('HGET', counts, member) or '0')
+-- Permits are held under a lease, always written with them: a holder without
+-- one, or holding what is not a count (written by something else than
+-- stalwart, or damaged), would keep its permits for ever; it holds none.
 local total = 0
-for _, held in ipairs(redis.call('HVALS', counts)) do
-  total = total + tonumber(held)
+local flat_counts = redis.call('HGETALL', counts)
+for i = 1, #flat_counts, 2 do
+  local holder, held = flat_counts[i], tonumber(flat_counts[i + 1])
+  if held == nil or held ~= held or held < 0 or not redis.call('ZSCORE', leases, holder) then
+    redis.call('HDEL', counts, holder)
+  else
+    total = total + held
+  end
 end
+local mine = tonumber(redis.call('HGET', counts, member) or '0')
 
 local granted = 0
 if delta < 0 then

@@ -17,4 +17,8 @@ if not h[1] then
 end
 if h[1] == 'd' then return {'done', now, h[2], h[3]} end
 if h[4] == ARGV[1] then return {'leased', now} end
+-- A claim always expires with its lease. One that never would (written by
+-- hand, or by something else than stalwart) gets this claim's lease: it
+-- lapses then, and the key is free again, instead of being held for ever.
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 return {'running', now, h[2]}

@@ -13,7 +13,9 @@ KEYS[1]  the bucket: a string holding the theoretical arrival time (TAT),
          lands in a valid slot. RedisStore names it like its other records
          (<prefix>rate:<limiter>:<key>, the digests a hash tag on a
          cluster: <prefix>rate:{<limiter>:<key>}, spreading one limiter's
-         keys over the nodes).
+         keys over the nodes). A value this script did not write (not a
+         finite number, without an expiry, or ahead of its expiry) is read
+         as an empty bucket and overwritten: see foreign() below.
 
 ARGV[1]  'reserve' or 'cancel'.
 
@@ -62,6 +64,18 @@ local function store(key, tat, now)
   end
 end
 
+-- Is the bucket's TAT one that this script did not write (another program's,
+-- or damaged)? Such a value could refuse every call for ever: a TAT that is
+-- not a finite number, or, on the server's clock, one without an expiry or
+-- further ahead than its expiry (this script always sets one, at the TAT).
+-- It is then read as an empty bucket, and overwritten.
+local function foreign(key, tat, now, given_now)
+  if tat ~= tat or tat == math.huge then return true end
+  if given_now ~= nil and given_now ~= '' then return false end
+  local left = redis.call('PTTL', key)
+  return left < 0 or tat - now > left / 1000 + 1
+end
+
 local op = ARGV[1]
 local key = KEYS[1]
 
@@ -72,6 +86,10 @@ if op == 'reserve' then
   local now = clock(ARGV[5])
   local stored = redis.call('GET', key)
   local tat = stored and tonumber(stored) or -math.huge
+  if stored and foreign(key, tat, now, ARGV[5]) then
+    stored = false
+    tat = -math.huge
+  end
   local turn = tat - tau
   local after
   if turn <= now then

@@ -27,6 +27,7 @@ class _Circuit:
 
     __slots__ = (
         "channel",
+        "foreign",
         "key",
         "learned_at",
         "listeners",
@@ -48,6 +49,7 @@ class _Circuit:
         self.record = CircuitRecord(_CLOSED, 0)
         self.learned_at: float | None = None  # loop time at which `record` was current
         self.needs_read = False  # subscribed anew: read the record, messages may be missed
+        self.foreign = False  # its key holds something else than a record (logged once)
 
     def cached(self, now: float | None) -> CircuitRecord:
         """The last record known, its open period counted down to ``now``."""

@@ -16,6 +16,7 @@ import collections
 import hashlib
 import logging
 import math
+import re
 import secrets
 import socket
 import sys
@@ -46,11 +47,21 @@ _log = logging.getLogger("stalwart.redis")
 #: the one a ``Sentinel`` gives for its master), or of a Redis Cluster.
 AnyClient = _aioredis.Redis | _aioredis.RedisCluster
 
+
+class RedisCannotServe(_rx.ConnectionError):
+    """Redis answered that it cannot serve now (BUSY, NOREPLICAS, MISCONF): unavailable.
+
+    redis-py raises those replies as a plain ``ResponseError``, as it does a
+    bug's; `_Client._eval` raises this instead (see `_CANNOT_SERVE`).
+    """
+
+
 # Errors that mean "Redis cannot be reached or cannot serve now", as opposed
 # to a bug (a script error, a key of the wrong type): the first kind makes a
 # store unavailable, the second propagates as it is.
 _UNAVAILABLE: Final = (
-    _rx.ConnectionError,  # also refused, reset, auth, loading, too many connections
+    _rx.ConnectionError,  # also refused, reset, auth, loading, too many connections,
+    # and RedisCannotServe
     _rx.TimeoutError,
     TimeoutError,  # our own bound on every request
     OSError,
@@ -67,6 +78,14 @@ _UNAVAILABLE: Final = (
     _rx.ClusterCrossSlotError,
     _rx.RedisClusterException,
 )
+# Error replies by which a Redis that runs says that it cannot serve now, as
+# a Redis that is down cannot: it is running a script that went on too long
+# (BUSY), it refuses writes for want of replicas (NOREPLICAS, with
+# min-replicas-to-write) or because its last snapshot failed (MISCONF, with
+# stop-writes-on-bgsave-error). Read from the reply's text, which redis-py
+# prefixes with "Command # <n> (...) of pipeline caused error: " when it
+# comes from a pipeline (a script loaded again after NOSCRIPT).
+_CANNOT_SERVE: Final = re.compile(r"(?:^|caused error: )(BUSY|NOREPLICAS|MISCONF)\b")
 _DEADLINE_PASSED: Final = TimeoutError("the ambient deadline has passed")
 _CLUSTER_HINT: Final = (
     " (this Redis is a cluster node: give RedisStore a redis.asyncio.RedisCluster client)"
@@ -168,6 +187,7 @@ class _Client:
         "_prefix",
         "_skew",
         "_timeout",
+        "_told_trio",
         "_users",
     )
 
@@ -187,6 +207,7 @@ class _Client:
         self._timeout = _validate.duration("timeout", timeout, positive=True)
         self._name = _validate.name(name)
         self._healthy = True
+        self._told_trio = False  # the error of a use from trio was logged
         # Redis's clock minus the loop's, in milliseconds, as last seen in a
         # reply (None: not yet; see `_not_after`).
         self._skew: float | None = None
@@ -287,10 +308,18 @@ class _Client:
         if self._closed and not closing:
             raise self._closed_error()
         if _clock.asyncio_loop() is None:
-            _raise_if_trio()
+            self._refuse_trio()
         try:
-            async with _within(self._timeout if within is None else within):
-                reply = await script.run(self._client, keys, args, cluster=self._cluster)
+            try:
+                async with _within(self._timeout if within is None else within):
+                    reply = await script.run(self._client, keys, args, cluster=self._cluster)
+            except _rx.ResponseError as exc:
+                refusal = _cannot_serve(exc)
+                if refusal is not None:
+                    raise refusal from exc
+                if type(exc) is not _rx.ResponseError:
+                    raise
+                raise self._script_failed(script, keys, exc) from exc
         except _UNAVAILABLE as exc:
             if self._healthy:
                 self._healthy = False
@@ -305,6 +334,40 @@ class _Client:
             self._healthy = True
             _log.info("Redis store %r: Redis reachable again", self._name)
         return reply
+
+    def _script_failed(
+        self, script: Script, keys: Sequence[str], exc: _rx.ResponseError
+    ) -> _rx.ResponseError:
+        """``exc``, an error of ``script``'s, saying which store, script and record it is."""
+        where = f" on {keys[0]!r}" if keys else ""
+        hint = ""
+        if "WRONGTYPE" in str(exc):  # also as a pipeline reports it (after NOSCRIPT)
+            hint = (
+                " (that key holds something that stalwart did not write: does another "
+                f"program use the prefix {self._prefix!r}? Delete the key, or give the store "
+                "a prefix of its own)"
+            )
+        return _rx.ResponseError(
+            f"Redis store {self._name!r}: the {script.name} script failed{where}: {exc}{hint}"
+        )
+
+    def _refuse_trio(self) -> None:
+        """Raise `RuntimeError` if trio runs the calling task (and log it, the first time).
+
+        Logged once, loudly: a breaker keeps its own state when its store
+        fails, and would otherwise go on unshared without a word.
+        """
+        try:
+            _raise_if_trio()
+        except RuntimeError:
+            if not self._told_trio:
+                self._told_trio = True
+                _log.error(
+                    "Redis store %r: used from trio; it runs on asyncio only, so the "
+                    "breakers, limits and idempotency records given it are not shared",
+                    self._name,
+                )
+            raise
 
     def _hint(self, exc: BaseException) -> str:
         """Why a cluster's answer makes a plain client's store unavailable ("" otherwise)."""
@@ -340,12 +403,18 @@ class _Client:
         """
         skew = self._skew
         if skew is None:
-            skew = (time.time() - sent) * 1000.0  # the wall clock, read only here
+            skew = (time.time() - sent) * 1000.0  # the wall clock (see also `_redis_now_ms`)
             margin = _UNLEARNT_MARGIN
         else:
             margin = _LATE_MARGIN
         last = sent + 2.0 * self._timeout + margin
         return math.ceil(last * 1000.0 + skew), last
+
+    def _redis_now_ms(self) -> float:
+        """Redis's clock now, in ms: as the last reply taught it, else this host's wall clock."""
+        if self._skew is None:
+            return time.time() * 1000.0
+        return _clock.now() * 1000.0 + self._skew
 
     def _learn_clock(self, server_ms: Any) -> None:
         """Redis said its time was ``server_ms`` just now: keep how its clock differs."""
@@ -539,8 +608,24 @@ def _leaf(exc: BaseException) -> BaseException:
     return next(iter(_leaves(exc)), exc)
 
 
+def _cannot_serve(exc: _rx.ResponseError) -> RedisCannotServe | None:
+    """``exc`` as Redis saying it cannot serve now, or None if it says something else.
+
+    From the reply's text: redis-py before 8 keeps no error code.
+    """
+    text = str(exc)
+    found = _CANNOT_SERVE.search(text)
+    if found is None:
+        return None
+    return RedisCannotServe(text[found.start(1) :])
+
+
 def _is_unavailable(exc: BaseException) -> bool:
-    return all(isinstance(one, _UNAVAILABLE) for one in _leaves(exc))
+    return all(
+        isinstance(one, _UNAVAILABLE)
+        or (isinstance(one, _rx.ResponseError) and _cannot_serve(one) is not None)
+        for one in _leaves(exc)
+    )
 
 
 def _never_sent(exc: BaseException) -> bool:

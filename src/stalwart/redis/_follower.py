@@ -24,11 +24,12 @@ import redis.asyncio as _aioredis
 from redis import exceptions as _rx
 
 from .. import _clock, _validate
-from .._circuit_store import CircuitState
+from .._circuit_store import CircuitRecord, CircuitState
 from . import _scripts
 from ._client import (
     _RECONNECT_MAX,
     _RECONNECT_MIN,
+    MAX_DURATION,
     AnyClient,
     _Client,
     _describe,
@@ -36,7 +37,6 @@ from ._client import (
     _leaf,
     _log,
     _ours,
-    _raise_if_trio,
     _stop,
     _text,
     _within,
@@ -47,6 +47,10 @@ if TYPE_CHECKING:
     from ._idempotency import _Watch
 
 _READ_BATCH: Final = 500
+# How far ahead of Redis's clock (as this store knows it) a record's version
+# may be in a message: a day, far more than clocks and bursts of changes
+# move it (see `_Follower._plausible`).
+_AHEAD_MS: Final = 86_400_000.0
 # On a cluster: at most this many slots' reads in flight at once (each takes
 # a connection of its node's pool).
 _READ_FANOUT: Final = 32
@@ -175,7 +179,7 @@ class _Follower(_Client):
         task = self._task
         info = _clock.asyncio_loop()
         if info is None:
-            _raise_if_trio()
+            self._refuse_trio()
             return
         if task is not None and not task.done() and task.get_loop() is info.loop:
             self._wake.fire()
@@ -239,7 +243,27 @@ class _Follower(_Client):
     async def _read_batch(self, batch: Sequence[_Circuit]) -> None:
         reply = await self._eval(_scripts.READ_CIRCUITS, [c.key for c in batch], ())
         for i, circuit in enumerate(batch):
-            circuit.learn(_scripts.circuit_record(*reply[5 * i : 5 * i + 5]))
+            fields = reply[5 * i : 5 * i + 5]
+            if fields[0] == b"foreign":
+                if not circuit.foreign:
+                    circuit.foreign = True
+                    _log.warning(
+                        "Redis store %r: the key of breaker %r (%s) holds something that "
+                        "stalwart did not write (not a hash): the breakers of that name go on "
+                        "alone until it is deleted",
+                        self._name,
+                        circuit.name,
+                        circuit.key,
+                    )
+                continue
+            if circuit.foreign:
+                circuit.foreign = False
+                _log.info(
+                    "Redis store %r: the key of breaker %r holds its record again",
+                    self._name,
+                    circuit.name,
+                )
+            circuit.learn(_scripts.circuit_record(*fields))
 
     async def _read_circuits_by_slot(self, circuits: Sequence[_Circuit]) -> None:
         """Read records on a cluster: one script per hash slot, `_READ_FANOUT` at once.
@@ -426,6 +450,20 @@ class _Follower(_Client):
             if message is not None:
                 self._dispatch(message)
 
+    def _plausible(self, record: CircuitRecord) -> bool:
+        """Could ``record``, from a message, have been written by a store's script?
+
+        Its version is the time of the change on Redis's clock, in ms (or
+        one more than the version before, when that is later), and its open
+        period at most `MAX_DURATION`. A message naming a version far ahead
+        would make every replica ignore the true records after it (they all
+        have older versions) until it restarts; so would one with an
+        unending open period, during which a breaker never asks Redis again.
+        """
+        return (
+            record.version <= self._redis_now_ms() + _AHEAD_MS and record.open_for <= MAX_DURATION
+        )
+
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if isinstance(kind, bytes):
@@ -447,6 +485,15 @@ class _Follower(_Client):
                 except (TypeError, ValueError):
                     # Not one of ours: someone else published on the channel.
                     _log.warning("Redis store %r: ignored a message %r", self._name, data)
+                    return
+                if not self._plausible(record):
+                    _log.warning(
+                        "Redis store %r: ignored a message %r: its version is ahead of Redis's "
+                        "clock, or its open period longer than a store keeps (not one of "
+                        "stalwart's)",
+                        self._name,
+                        data,
+                    )
                     return
                 circuit.learn(record)
                 return

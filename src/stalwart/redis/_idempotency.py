@@ -193,12 +193,10 @@ class _Idempotency(_Follower):
                 left = end - _clock.now()
                 if left <= 0:
                     return None
-                lease_left = int(reply[2]) / 1000.0
-                pause = min(
-                    left,
-                    lease_left + 0.001 if lease_left > 0 else 0.001,
-                    _SAFETY_POLL if watch.confirmed else _UNCONFIRMED_POLL,
-                )
+                pause = min(left, _SAFETY_POLL if watch.confirmed else _UNCONFIRMED_POLL)
+                lease_left = int(reply[2])
+                if lease_left >= 0:  # PTTL: -1 for a claim that never expires (not ours)
+                    pause = min(pause, lease_left / 1000.0 + 0.001)
                 await watch.changed.wait(changed, pause)
         finally:
             self._unwatch(name, watch)

@@ -148,7 +148,8 @@ ASSIGN: Final = Script("assign")
 ACQUIRE_TRIAL: Final = Script("acquire_trial")
 #: Gives a trial permit back, counting its success once (see ``release_trial.lua``).
 RELEASE_TRIAL: Final = Script("release_trial")
-#: KEYS: circuits. Returns their records, flattened.
+#: KEYS: circuits. Returns their records, flattened ("foreign" for a key that
+#: holds something else than a record).
 READ_CIRCUITS: Final = Script("read_circuits")
 #: Claims an idempotency key for a token (see ``claim.lua``).
 CLAIM: Final = Script("claim")
