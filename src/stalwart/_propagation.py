@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import Token
 from typing import Final
 
 from opentelemetry import context as _context
 from opentelemetry import propagate as _propagate
 from opentelemetry import trace as _trace
+from opentelemetry.context import Context
 
 __all__ = ["TRACEPARENT", "extracted", "outgoing"]
 
@@ -50,18 +52,29 @@ def extracted(headers: Iterable[tuple[str, str]]) -> Iterator[None]:
     ``headers`` are (lower-case name, value) pairs. Does nothing when they
     carry no ``traceparent`` or when a valid span is already current.
     """
+    token = attach(headers)
+    try:
+        yield
+    finally:
+        if token is not None:
+            _context.detach(token)
+
+
+def attach(headers: Iterable[tuple[str, str]]) -> Token[Context] | None:
+    """What `extracted` does on entering: the token to `detach` with, or None if nothing was."""
+    headers = list(headers)
     if (
         not any(name == TRACEPARENT for name, _ in headers)
         or _trace.get_current_span().get_span_context().is_valid
     ):
-        yield
-        return
+        return None
     carrier: dict[str, str] = {}
     for name, value in headers:
         if isinstance(value, str):  # binary gRPC metadata ("-bin") carries no trace context
             carrier.setdefault(name, value)
-    token = _context.attach(_propagate.extract(carrier))
-    try:
-        yield
-    finally:
-        _context.detach(token)
+    return _context.attach(_propagate.extract(carrier))
+
+
+def detach(token: Token[Context]) -> None:
+    """Undo an `attach` that returned ``token``."""
+    _context.detach(token)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Final, final
 
 from .. import _clock, _propagation
@@ -14,7 +15,7 @@ from .._http import (
     header_name,
 )
 from .._transport import first_value
-from ._types import ASGIApp, Receive, Scope, Send, _send_problem, _Watched
+from ._types import ASGIApp, Message, Receive, Scope, Send, _send_problem
 
 _TRACEPARENT: Final = _propagation.TRACEPARENT.encode()
 
@@ -106,30 +107,40 @@ class DeadlineMiddleware:
             await self._app(scope, receive, send)
             return
         headers = scope["headers"]
-        if first_value(headers, _TRACEPARENT) is None:
-            await self._serve(scope, receive, send)
-            return
-        pairs = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
-        with _propagation.extracted(pairs):
-            await self._serve(scope, receive, send)
-
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        seconds = self.timeout_for(scope)
-        if seconds is None:
-            await self._app(scope, receive, send)
-            return
-        watched = _Watched(send)
-        scope_deadline = deadline(seconds, name="DeadlineMiddleware")
+        # Written out in one coroutine, not split in two: this runs per request.
+        token = None
+        if first_value(headers, _TRACEPARENT) is not None:
+            token = _propagation.attach(
+                (name.decode("latin-1"), value.decode("latin-1")) for name, value in headers
+            )
         try:
-            with scope_deadline:
-                await self._app(scope, receive, watched)
-        except DeadlineExceeded:
-            # The app's own errors (an inner Timeout it let through) are not
-            # ours to answer: only the expiry of this request's deadline is.
-            if _clock.now() < scope_deadline.when:
-                raise
-            if not watched.started:
-                await _send_problem(send, 504, "Gateway Timeout", deadline_passed(seconds))
+            seconds = self.timeout_for(scope)
+            if seconds is None:
+                await self._app(scope, receive, send)
+                return
+            started = False
+
+            def watched(message: Message) -> Awaitable[None]:
+                # A call per message, not a coroutine: the server's own awaitable.
+                nonlocal started
+                if message["type"] == "http.response.start":
+                    started = True
+                return send(message)
+
+            scope_deadline = deadline(seconds, name="DeadlineMiddleware")
+            try:
+                with scope_deadline:
+                    await self._app(scope, receive, watched)
+            except DeadlineExceeded:
+                # The app's own errors (an inner Timeout it let through) are not
+                # ours to answer: only the expiry of this request's deadline is.
+                if _clock.now() < scope_deadline.when:
+                    raise
+                if not started:
+                    await _send_problem(send, 504, "Gateway Timeout", deadline_passed(seconds))
+        finally:
+            if token is not None:
+                _propagation.detach(token)
 
     def __repr__(self) -> str:
         return f"DeadlineMiddleware({self._app!r}, max_timeout={self._limits.max_timeout})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import final
 
 from .._errors import StalwartError
@@ -10,7 +11,7 @@ from .._http import (
     error_rule,
     retry_after_header,
 )
-from ._types import ASGIApp, Receive, Scope, Send, _log, _send_problem, _Watched
+from ._types import ASGIApp, Message, Receive, Scope, Send, _log, _send_problem
 
 
 def _alone(error: BaseException) -> BaseException:
@@ -89,11 +90,19 @@ class ErrorMiddleware:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        watched = _Watched(send)
+        started = False
+
+        def watched(message: Message) -> Awaitable[None]:
+            # A call per message, not a coroutine: the server's own awaitable.
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            return send(message)
+
         try:
             await self._app(scope, receive, watched)
         except Exception as exc:
-            found = None if watched.started else _stalwart_error(exc)
+            found = None if started else _stalwart_error(exc)
             if found is None:
                 raise
             error, rule = found

@@ -10,7 +10,7 @@ from collections.abc import (
     Mapping,
     MutableMapping,
 )
-from typing import Any, final
+from typing import Any
 
 from .._http import (
     PROBLEM_JSON,
@@ -45,22 +45,6 @@ async def _send_problem(
     fields.extend(headers)
     await send({"type": "http.response.start", "status": status, "headers": fields})
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-@final
-class _Watched:
-    """The app's ``send``: passes every message on, notes when the response starts."""
-
-    __slots__ = ("send", "started")
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.started = False
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.started = True
-        await self.send(message)
 
 
 _log = logging.getLogger("stalwart.asgi")
