@@ -10,6 +10,7 @@ when it chooses, so races between processes can be staged exactly.
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import weakref
 from collections.abc import Callable, Coroutine
@@ -474,6 +475,51 @@ async def test_with_its_store_down_a_breaker_still_opens_and_closes_alone() -> N
     await anyio.sleep(1.0)
     assert await attempt(cb(ok)) == "ok"  # a trial under the local limit
     assert cb.state is CLOSED
+
+
+class Refusing(SharedStore):
+    """A store that answers every request with an outage, as a Redis store reports one."""
+
+    async def round_trip(self) -> None:
+        self.requests += 1
+        raise sw.StoreUnavailable("redis unreachable", policy="store")
+
+
+async def test_failed_requests_to_the_store_are_counted_and_a_fault_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = CollectorRegistry()
+    telemetry = sw.Telemetry(registry=registry)
+    cb = sw.CircuitBreaker(
+        name="dep", consecutive_failures=1, open_for=1.0, store=Down(Server()), telemetry=telemetry
+    )
+    with caplog.at_level(logging.ERROR, logger="stalwart"):
+        await attempt(cb(boom))  # a transition the store did not take
+        await anyio.sleep(1.0)
+        await attempt(cb(boom))  # a trial permit, then a transition
+    failed = sample(registry, "stalwart_circuit_store_unavailable_total", policy="dep")
+    assert failed == 3.0
+    # Not an outage the store reports (StoreUnavailable): a fault, said once.
+    [logged] = [r for r in caplog.records if "decides alone" in r.getMessage()]
+    assert "'dep'" in logged.getMessage()
+    assert "ConnectionError" in logged.getMessage()
+    assert logged.exc_info is not None
+
+
+async def test_an_outage_the_store_reports_is_counted_not_logged_by_the_breaker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = CollectorRegistry()
+    cb = sw.CircuitBreaker(
+        name="dep",
+        consecutive_failures=1,
+        store=Refusing(Server()),
+        telemetry=sw.Telemetry(registry=registry),
+    )
+    with caplog.at_level(logging.DEBUG, logger="stalwart"):
+        await attempt(cb(boom))
+    assert sample(registry, "stalwart_circuit_store_unavailable_total", policy="dep") == 1.0
+    assert not [r for r in caplog.records if "decides alone" in r.getMessage()]
 
 
 async def test_with_its_store_down_a_cancelled_trial_still_gives_its_slot_back() -> None:

@@ -28,6 +28,7 @@ How it stays cheap:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -39,7 +40,7 @@ import anyio
 
 from . import _clock, _telemetry, _validate
 from ._circuit_store import CircuitRecord, CircuitState, CircuitStore
-from ._errors import CircuitOpenError
+from ._errors import CircuitOpenError, StoreUnavailable
 from ._matchers import ExceptionMatcher, Matcher
 from ._metrics import REJECTED, MetricFamily, PolicyMetrics
 from ._policy import AsyncCallable, Binding, Policy
@@ -49,6 +50,8 @@ from ._telemetry import Telemetry
 from ._warnings import warn
 from ._windows import CountRing, CountWindow, Ring, TimeWindow, ring_for
 from .events import CallRejected, CircuitStateChanged
+
+_log = logging.getLogger("stalwart")
 
 __all__ = ["CircuitBreaker", "CircuitBreakerMode", "CircuitBreakerStatistics", "CircuitState"]
 
@@ -139,12 +142,14 @@ class CircuitBreakerMetrics(PolicyMetrics):
     """A `CircuitBreaker`'s: its state (written at each transition), transitions, rejections."""
 
     exclusive = True
-    __slots__ = ("state", "transitions")
+    __slots__ = ("state", "store_fault_logged", "store_unavailable", "transitions")
 
     def __init__(self, kind: str, name: str) -> None:
         super().__init__(kind, name)
         self.state = "closed"
         self.transitions: dict[tuple[str, str], int] = {}
+        self.store_unavailable = 0
+        self.store_fault_logged = False  # kept here: no slot on every breaker for it
 
     def transition(self, from_state: str, to_state: str) -> None:
         key = (from_state, to_state)
@@ -175,6 +180,12 @@ class CircuitBreakerMetrics(PolicyMetrics):
         ),
         MetricFamily(
             "stalwart_circuit_rejected", "counter", "Calls an open circuit rejected.", "rejected"
+        ),
+        MetricFamily(
+            "stalwart_circuit_store_unavailable",
+            "counter",
+            "Requests of a circuit breaker to its store that failed (it then decided alone).",
+            "store_unavailable",
         ),
     )
 
@@ -772,8 +783,8 @@ class CircuitBreaker(Policy):
                 left = max(0.0, (now if since is None else since) + period - now)
             try:
                 record = await store.transition(self._name, expected, state, left)
-            except Exception:  # noqa: BLE001 - the caller's own outcome must not be masked
-                pass  # the store is unreachable: decide alone, catch up with its next push
+            except Exception as error:  # noqa: BLE001 - the caller's own outcome must not be masked
+                self._store_failed(error)  # decide alone, catch up with its next push
             else:
                 self._on_answer(record)
                 return
@@ -929,8 +940,9 @@ class CircuitBreaker(Policy):
                     refused = await store.acquire_trial(self._name, version, limit)
                 else:
                     refused = await store.acquire_trial(self._name, version, limit, lease=timeout)
-            except Exception:  # noqa: BLE001
-                refused = None  # the store is unreachable: the local limit alone applies
+            except Exception as error:  # noqa: BLE001 - the call must not fail for the store
+                self._store_failed(error)
+                refused = None  # the local limit alone applies
             except BaseException:
                 self._end_trial(trial)
                 raise
@@ -941,6 +953,26 @@ class CircuitBreaker(Policy):
             if self._version == version:
                 return trial
             # The state moved on while we asked: this permit is void; look again.
+
+    def _store_failed(self, error: Exception) -> None:
+        """The store did not answer: count it; log, once, a failure that is not an outage.
+
+        `StoreUnavailable` is an outage the store reports itself; anything
+        else (a key of the wrong type, a refused permission) is a fault
+        that stays until someone fixes it, and the breaker would otherwise
+        go on alone without a word.
+        """
+        metrics = self._metrics
+        metrics.store_unavailable += 1
+        if isinstance(error, StoreUnavailable) or metrics.store_fault_logged:
+            return
+        metrics.store_fault_logged = True
+        _log.error(
+            "circuit breaker %r decides alone: its store failed with %s (logged once)",
+            self._name,
+            type(error).__name__,
+            exc_info=error,
+        )
 
     def _end_trial(self, trial: _Trial) -> bool:
         """Free the local slot of ``trial``; False if its period is over."""

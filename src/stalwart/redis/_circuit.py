@@ -15,7 +15,16 @@ from collections.abc import Callable
 from .. import _clock
 from .._circuit_store import CircuitRecord, CircuitState, Listener, _weakly
 from . import _scripts
-from ._client import _DEADLINE_PASSED, _digest, _log, _ms, _now_or_none, _Settlement, _void_key
+from ._client import (
+    _DEADLINE_PASSED,
+    _UNAVAILABLE,
+    _digest,
+    _log,
+    _ms,
+    _now_or_none,
+    _Settlement,
+    _void_key,
+)
 from ._follower import _Follower
 
 _CLOSED = CircuitState.CLOSED
@@ -108,23 +117,30 @@ class _Circuits(_Follower):
     async def transition(
         self, key: str, expected_version: int, state: CircuitState, open_for: float
     ) -> CircuitRecord:
-        """See `CircuitStore.transition`: one script, published to every replica."""
+        """See `CircuitStore.transition`: one script, published to every replica.
+
+        Raises `StoreUnavailable` if Redis cannot be reached (the breaker
+        then decides alone, and counts it).
+        """
         circuit = self._circuit(key)
         self._follow_soon()
-        if self._assignments:
-            await self._flush_assignments()
         opening = state is _OPEN
-        reply = await self._eval(
-            _scripts.TRANSITION,
-            (circuit.key, circuit.trials),
-            (
-                expected_version,
-                "open" if opening else "closed",
-                _ms("open_for", open_for) if opening and open_for > 0 else 0,
-                circuit.channel,
-                circuit.name,
-            ),
-        )
+        try:
+            if self._assignments:
+                await self._flush_assignments()
+            reply = await self._eval(
+                _scripts.TRANSITION,
+                (circuit.key, circuit.trials),
+                (
+                    expected_version,
+                    "open" if opening else "closed",
+                    _ms("open_for", open_for) if opening and open_for > 0 else 0,
+                    circuit.channel,
+                    circuit.name,
+                ),
+            )
+        except _UNAVAILABLE as exc:
+            raise self._unavailable("transition", exc) from exc
         record = _scripts.circuit_record(*reply)
         circuit.learn(record)
         return record
@@ -143,7 +159,10 @@ class _Circuits(_Follower):
         circuit = self._circuit(key)
         self._follow_soon()
         if self._assignments:
-            await self._flush_assignments()
+            try:
+                await self._flush_assignments()
+            except _UNAVAILABLE as exc:
+                raise self._unavailable("trial permit", exc) from exc
         held = self._trial_lease if lease is None else lease
         lease_ms = _ms("trial_lease", held)
         reply, token = await self._take(
