@@ -69,7 +69,7 @@ async def test_without_a_queue_excess_calls_are_rejected_at_once() -> None:
             await guarded()
         assert anyio.current_time() == start
         assert info.value.policy == "pdf"
-        assert str(info.value) == "bulkhead 'pdf' is full: 2 of 2 slots taken here, 0 calls queued"
+        assert str(info.value) == "bulkhead 'pdf' is full: 2 of 2 slots taken, 0 calls queued"
         gate.open()
 
 
@@ -83,7 +83,7 @@ async def test_the_refusal_says_one_slot_and_one_call_in_the_singular() -> None:
         with pytest.raises(sw.BulkheadFullError) as info:
             await guarded()
         gate.open()
-    assert str(info.value) == "bulkhead 'pdf' is full: 1 of 1 slot taken here, 1 call queued"
+    assert str(info.value) == "bulkhead 'pdf' is full: 1 of 1 slot taken, 1 call queued"
 
 
 async def test_the_queue_is_bounded() -> None:

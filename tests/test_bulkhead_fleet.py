@@ -123,8 +123,12 @@ async def test_a_call_that_may_not_wait_asks_the_store_once_then_is_refused() ->
         tg.start_soon(hold)
         await anyio.sleep(0.1)
         before = store.requests["adjust_permits"]
-        with pytest.raises(sw.BulkheadFullError, match="in the fleet"):
+        with pytest.raises(sw.BulkheadFullError) as refused:
             await call()
+        assert str(refused.value) == (
+            f"bulkhead {NAME!r} is full: the fleet's limit of 1 is reached (0 running here), "
+            "0 calls queued"
+        )
         assert store.requests["adjust_permits"] - before <= 2  # its ask (and a give-back)
         release.set()
 
@@ -244,6 +248,24 @@ async def test_an_unreachable_store_falls_back_on_the_local_limit_then_recovers(
             tg.start_soon(bulkhead.call, occupancy.work, 1.0)
         await anyio.sleep(0.1)
         assert bulkhead.in_flight == 6  # the fleet's limit again
+
+
+async def test_a_refusal_while_the_store_is_away_says_so() -> None:
+    store = FleetStore()
+    bulkhead = fleet_bulkhead(store, 10, local_limit=1)
+    release = anyio.Event()
+    store.down = True
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(bulkhead.call, release.wait)
+        await anyio.sleep(0.1)
+        assert bulkhead.statistics().degraded
+        with pytest.raises(sw.BulkheadFullError) as refused:
+            await bulkhead.call(release.wait)
+        release.set()
+    assert str(refused.value) == (
+        f"bulkhead {NAME!r} is full: its store is away, and this process runs 1 of the 1 "
+        "calls it may run alone, 0 calls queued"
+    )
 
 
 async def test_a_hung_store_degrades_before_the_callers_deadline() -> None:

@@ -401,13 +401,23 @@ class Bulkhead(Policy):
                 fleet.wake()
 
     def _reject(self, start: float | None) -> NoReturn:
-        where = "" if self._fleet is None else " in the fleet"
         queued = self._queue.queued
-        message = (
-            f"bulkhead {self._name!r} is full: {self._in_flight} of {self._max} "
-            f"slot{'' if self._max == 1 else 's'} taken here{where}, "
-            f"{queued} call{'' if queued == 1 else 's'} queued"
-        )
+        waiting = f"{queued} call{'' if queued == 1 else 's'} queued"
+        fleet = self._fleet
+        if fleet is None:
+            taken = f"slot{'' if self._max == 1 else 's'} taken"
+            message = f"bulkhead {self._name!r} is full: {self._in_flight} of {self._max} {taken}"
+        elif fleet.degraded:
+            message = (
+                f"bulkhead {self._name!r} is full: its store is away, and this process runs "
+                f"{self._in_flight} of the {fleet.local_limit} calls it may run alone"
+            )
+        else:
+            message = (
+                f"bulkhead {self._name!r} is full: the fleet's limit of {self._max} is reached "
+                f"({self._in_flight} running here)"
+            )
+        message = f"{message}, {waiting}"
         refuse(self, start, "bulkhead_full", None, BulkheadFullError(message, policy=self._name))
 
     def __repr__(self) -> str:
