@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -19,6 +20,7 @@ import stalwart as sw
 from stalwart.asgi import IdempotencyMiddleware
 from stalwart.redis import RedisStore
 
+from . import redis_support
 from .redis_support import opened_store
 
 pytestmark = [pytest.mark.redis, pytest.mark.realtime]
@@ -109,3 +111,26 @@ async def test_the_same_store_shares_the_breakers(replicas: tuple[Service, Servi
         await a.breaker(bank_down)()
     await b.store.sync()
     assert b.breaker.state is sw.CircuitState.OPEN
+
+
+async def test_requests_bypassed_while_redis_is_down_are_not_each_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = redis_support.client(redis_support.closed_port_url())
+    try:
+        store = RedisStore(client, timeout=0.2, on_unavailable="bypass")
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 201, "headers": []})
+            await send({"type": "http.response.body", "body": b"made"})
+
+        transport = httpx.ASGITransport(app=IdempotencyMiddleware(app, store=store))
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as http:
+            with caplog.at_level(logging.INFO, logger="stalwart"):
+                for _ in range(3):
+                    answer = await http.post("/orders", headers={"Idempotency-Key": "k-1"})
+                    assert answer.status_code == 201  # run, without de-duplication
+        assert [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()] == []
+        assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        await client.aclose()

@@ -7,6 +7,7 @@ restart, a port where nothing listens, or a socket that never answers.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -134,15 +135,21 @@ async def test_a_hung_redis_holds_a_call_no_longer_than_its_deadline() -> None:
             await client.aclose()
 
 
-async def test_bypass_runs_calls_without_deduplication_while_redis_is_down() -> None:
+async def test_bypass_runs_calls_without_deduplication_while_redis_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     client = redis_support.client(redis_support.closed_port_url())
     try:
         store = RedisStore(client, timeout=0.2, on_unavailable="bypass")
         guarded = sw.Idempotency(key="payment", store=store)(charge)
         runs.clear()
-        assert await guarded("p-1") == "charged p-1"
-        assert await guarded("p-1") == "charged p-1"
+        with caplog.at_level(logging.INFO, logger="stalwart"):
+            assert await guarded("p-1") == "charged p-1"
+            assert await guarded("p-1") == "charged p-1"
         assert runs == ["p-1", "p-1"]  # the price of availability: no de-duplication
+        # The outage is logged once, by the store; not once per call bypassed.
+        assert [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()] == []
+        assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1
     finally:
         await client.aclose()
 

@@ -431,7 +431,9 @@ class Idempotency(Policy):
         except BaseException:
             await keeper.release(lease)
             raise
-        if not stored:
+        # A bypassed lease held nothing: the store that was away let the call
+        # run, and logs its outage itself, once, not per call it let through.
+        if not stored and not lease.bypassed:
             _log.warning(
                 "idempotency policy %r: the result of a call of %s was not stored (its claim "
                 "ended before the call did, or the store did not answer in time: a shared "

@@ -54,6 +54,10 @@ class Lease:
             call runs), or ``None`` when it lasts until completed or
             released, because its holder cannot vanish without the store
             knowing (an in-process store).
+        bypassed: the lease holds nothing: the store could not be reached
+            and let the call run without de-duplication (``RedisStore(...,
+            on_unavailable="bypass")``); nothing is stored for it, and the
+            store reports its outage itself, not each call it let through.
     """
 
     scope: str
@@ -61,6 +65,7 @@ class Lease:
     fingerprint: str | None
     token: str = ""
     duration: float | None = None
+    bypassed: bool = False
 
 
 @final

@@ -644,7 +644,7 @@ class IdempotencyMiddleware:
             )
             await keeper.release(lease)
             return
-        if not stored:
+        if not stored and not lease.bypassed:  # a bypass: the store logs its outage once
             _log.warning(
                 "IdempotencyMiddleware %r: the claim on a key ended before its request did "
                 "(lease expired or store unreachable); the response was not stored",

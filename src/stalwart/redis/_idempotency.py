@@ -82,7 +82,7 @@ class _Idempotency(_Follower):
             )
         except StoreUnavailable:
             if self._on_unavailable == "bypass":
-                return Lease(scope, key, fingerprint, "", None)
+                return Lease(scope, key, fingerprint, "", None, bypassed=True)
             raise
         status = reply[0]
         if status == b"leased":
