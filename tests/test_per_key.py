@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 from collections import OrderedDict
 from typing import Any, assert_type
 
@@ -346,6 +347,25 @@ async def test_a_dropped_keys_metrics_stop_being_exported_while_its_policy_lives
     )
     assert sample(registry, state, policy="upstream b", state="closed") == 1.0
     assert kept.state is sw.CircuitState.CLOSED  # and it still works, unseen
+
+
+async def test_a_dropped_key_back_while_its_old_policy_lives_is_no_name_clash() -> None:
+    registry = CollectorRegistry()
+    per_key = sw.PerKey(Factory(sw.Telemetry(registry=registry)), key="host", max_keys=1)
+    guarded = per_key(fetch)
+    await guarded("a")
+    old = per_key.get("a")  # a call still running through it, say
+    await guarded("b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sw.StalwartWarning)
+        await guarded("a")  # back: a new breaker of the same name
+    new = per_key.get("a")
+    assert new is not None
+    assert new is not old
+    calls = {"kind": "circuit_breaker", "outcome": "success"}
+    assert sample(registry, "stalwart_calls_total", policy="upstream a", **calls) == 1.0
+    state = "stalwart_circuit_state"
+    assert sample(registry, state, policy="upstream a", state="closed") == 1.0
 
 
 async def test_a_key_that_comes_back_is_exported_again() -> None:

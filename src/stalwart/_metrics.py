@@ -406,6 +406,7 @@ class Collector:
         key = (kind, name)
         with self._lock:
             self._settle()
+            forgotten = key in self._forgotten
             self._forgotten.discard(key)  # in use again
             if buckets is not None:
                 if self.buckets is None:
@@ -417,6 +418,12 @@ class Collector:
                     )
             hold = self._holds.get(key)
             registration = None if hold is None else hold()
+            if registration is not None and forgotten:
+                # A key a PerKey dropped, back while its old policy lives on (a
+                # call still running through it): the new policy is no clash and
+                # shares nothing with it; the old one counts on, unexported.
+                registration = None
+                del self._metrics[key]
             suspect = False
             if registration is None:
                 metrics = self._metrics.get(key)
@@ -499,9 +506,9 @@ class Collector:
 
         Held still (a call that was running, a traceback that keeps the
         policy): no longer exported, and dropped when released instead of
-        retired, unless a policy of that kind and name registers again
-        before (then exported again, counts and all). Retired already:
-        dropped now.
+        retired. A policy of that kind and name that registers before then
+        gets metrics of its own, exported, and no clash is suspected. Retired
+        already: dropped now.
         """
         with self._lock:
             self._settle()
