@@ -134,3 +134,50 @@ async def test_requests_bypassed_while_redis_is_down_are_not_each_logged(
         assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1
     finally:
         await client.aclose()
+
+
+async def test_a_request_cancelled_while_redis_hangs_goes_at_once_and_frees_its_key() -> None:
+    with redis_support.private_redis() as server:
+        client = redis_support.client(server.url)
+        try:
+            async with RedisStore(client, timeout=5.0) as store:
+                started = asyncio.Event()
+                runs: list[int] = []
+
+                async def app(scope: Any, receive: Any, send: Any) -> None:
+                    runs.append(1)
+                    if not started.is_set():
+                        started.set()
+                        server.pause()  # Redis hangs while the request runs
+                        await asyncio.sleep(30)
+                    await send({"type": "http.response.start", "status": 201, "headers": []})
+                    await send({"type": "http.response.body", "body": b"made"})
+
+                middleware = IdempotencyMiddleware(app, store=store)
+                scope = {
+                    "type": "http",
+                    "method": "POST",
+                    "path": "/orders",
+                    "headers": [(b"idempotency-key", b"k-7")],
+                }
+
+                async def receive() -> dict[str, Any]:
+                    return {"type": "http.request", "body": b"", "more_body": False}
+
+                async def send(message: Any) -> None:
+                    return None
+
+                task = asyncio.create_task(middleware(scope, receive, send))
+                await started.wait()
+                start = asyncio.get_running_loop().time()
+                task.cancel()  # the client went away, say
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert asyncio.get_running_loop().time() - start < 1.0  # not the store's 5 s
+                server.resume()
+                await redis_support.until(lambda: not store._pending, within=10.0)
+                await middleware(scope, receive, send)  # the key was freed: it runs
+                assert runs == [1, 1]
+        finally:
+            server.resume()
+            await client.aclose()

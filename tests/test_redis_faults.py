@@ -251,3 +251,72 @@ async def test_a_breaker_that_went_on_alone_adopts_the_fleets_state() -> None:
         finally:
             await one.aclose()
             await two.aclose()
+
+
+async def test_a_caller_cancelled_while_its_result_is_stored_goes_at_once() -> None:
+    # The store finishes a cancelled write in the background, so the policy
+    # does not shield it: the caller is not held for the store's timeout.
+    with private_redis() as server:
+        client = redis_support.client(server.url)
+        try:
+            async with RedisStore(client, timeout=5.0) as store:
+                ran = asyncio.Event()
+                charged: list[str] = []
+
+                async def charge_then_stall(payment: str) -> str:
+                    charged.append(payment)
+                    if not ran.is_set():
+                        ran.set()
+                        server.pause()  # Redis hangs before the result is stored
+                    return f"charged {payment}"
+
+                guarded = sw.Idempotency(key="payment", store=store)(charge_then_stall)
+                task = asyncio.create_task(guarded("p-9"))
+                await ran.wait()
+                await asyncio.sleep(0.1)  # the result is on its way to the hung Redis
+                clock = Clock()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert clock() < 1.0  # not the store's 5 s
+                server.resume()
+                # Stored from the background once Redis answers again: replayed.
+                await redis_support.until(lambda: not store._pending, within=10.0)
+                assert await guarded("p-9") == "charged p-9"
+                assert charged == ["p-9"]
+        finally:
+            server.resume()
+            await client.aclose()
+
+
+async def test_a_caller_cancelled_while_its_call_runs_goes_at_once_and_frees_the_key() -> None:
+    with private_redis() as server:
+        client = redis_support.client(server.url)
+        try:
+            async with RedisStore(client, timeout=5.0) as store:
+                started = asyncio.Event()
+                charged: list[str] = []
+
+                async def slow_charge(payment: str) -> str:
+                    charged.append(payment)
+                    if not started.is_set():
+                        started.set()
+                        server.pause()  # Redis hangs while the call runs
+                        await asyncio.sleep(30)
+                    return f"charged {payment}"
+
+                guarded = sw.Idempotency(key="payment", store=store)(slow_charge)
+                task = asyncio.create_task(guarded("p-10"))
+                await started.wait()
+                clock = Clock()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert clock() < 1.0  # not the store's 5 s, freeing the key
+                server.resume()
+                await redis_support.until(lambda: not store._pending, within=10.0)
+                assert await guarded("p-10") == "charged p-10"  # the key was freed
+                assert charged == ["p-10", "p-10"]
+        finally:
+            server.resume()
+            await client.aclose()

@@ -423,13 +423,14 @@ class Idempotency(Policy):
         keeper = self._keeper
         try:
             result = await keeper.run(lease, fn, *args, **kwargs)
-        except BaseException:
-            await keeper.release(lease)
+        except BaseException as exc:
+            await keeper.release(lease, cancelled=is_cancellation(type(exc)))
             raise
         try:
             stored = await keeper.complete(lease, result, ttl=self._ttl)
-        except BaseException:
-            await keeper.release(lease)
+        except BaseException as exc:
+            if not keeper.handed_over(exc):
+                await keeper.release(lease)
             raise
         # A bypassed lease held nothing: the store that was away let the call
         # run, and logs its outage itself, once, not per call it let through.
@@ -581,19 +582,33 @@ class LeaseKeeper:
     of it (best effort: a failed renewal is logged and the work goes on). On a
     shared store, storing the outcome and freeing the key are shielded from
     cancellation for up to 10 seconds, so a cancelled holder does not leave its
-    key claimed until the lease runs out (a store may wait less: ``RedisStore``
-    stops at the ambient deadline, and finishes in the background). Freeing
+    key claimed until the lease runs out; a store that finishes them in the
+    background when cancelled (``RedisStore``: ``settles_in_background``) is
+    not shielded, and a cancelled holder leaves them to it at once. Freeing
     never raises: the holder's own outcome is what propagates.
     """
 
-    __slots__ = ("_label", "_shield", "_store", "_work")
+    __slots__ = ("_background", "_label", "_shield", "_store", "_work")
 
     def __init__(self, store: IdempotencyStore, label: str, *, work: str = "call") -> None:
         self._store = store
         self._label = label  # who is logging, e.g. "idempotency policy 'charge'"
         self._work = work  # what the holder runs: "call", "request"
+        # A store that finishes a cancelled write in the background
+        # (RedisStore): shielding it would hold a cancelled caller for the
+        # store's timeout, for nothing.
+        self._background = bool(getattr(store, "settles_in_background", False))
         # The in-process store never suspends: nothing there to shield.
-        self._shield = type(store) is not MemoryStore
+        self._shield = type(store) is not MemoryStore and not self._background
+
+    def handed_over(self, error: BaseException) -> bool:
+        """Did ``complete`` raise ``error`` having left the write to the store's background?
+
+        A cancelled ``complete`` of a store that settles in the background:
+        the result is stored as soon as the store can, so the key must not
+        be freed.
+        """
+        return self._background and is_cancellation(type(error))
 
     async def run(
         self, lease: Lease, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
@@ -628,10 +643,21 @@ class LeaseKeeper:
             return await self._store.complete(lease, value, ttl=ttl)
         return False  # the store did not answer in time: the result is not stored
 
-    async def release(self, lease: Lease) -> None:
-        """Free the key; never raises (the lease frees it if this fails)."""
+    async def release(self, lease: Lease, *, cancelled: bool = False) -> None:
+        """Free the key; never raises (the lease frees it if this fails).
+
+        ``cancelled``: the holder was cancelled. A store that settles in the
+        background is then handed the release at once, not awaited: the
+        cancelled caller goes now, and the key is freed as soon as the
+        store can.
+        """
         try:
             if not self._shield:
+                if cancelled and self._background:
+                    with anyio.CancelScope() as handed:
+                        handed.cancel()  # its first wait leaves the release to the background
+                        await self._store.release(lease)
+                    return
                 await self._store.release(lease)
                 return
             with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True) as cleanup:

@@ -137,10 +137,14 @@ class IdempotencyStore(Protocol):
     still frees its key; a shared store should still bound its own network
     waits, by the ambient deadline too (`stalwart.remaining`), and may
     finish in the background what did not get through in time (as
-    ``RedisStore`` does). A claim whose request fails or is cancelled after
-    it may have reached a shared store must not stay held: ``RedisStore``
-    names each claim by a token of its own choosing and gives it back. If
-    ``release`` never gets through (the process died, the network is down),
+    ``RedisStore`` does). A store that finishes them in the background
+    when they are cancelled, too, says so with a true
+    ``settles_in_background`` attribute: callers then do not shield them,
+    and a cancelled caller goes at once instead of waiting for the store.
+    A claim whose request fails or is cancelled after it may have reached
+    a shared store must not stay held: ``RedisStore`` names each claim by
+    a token of its own choosing and gives it back. If ``release`` never
+    gets through (the process died, the network is down),
     the lease's expiry frees the key.
 
     **Limits.** A store that keeps durations where they are bounded says so

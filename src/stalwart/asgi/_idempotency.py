@@ -15,6 +15,7 @@ from collections.abc import (
 from typing import Any, Final, TypeAlias, final
 
 from .. import _telemetry, _validate
+from .._deadline import is_cancellation
 from .._errors import StoreUnavailable
 from .._http import (
     IDEMPOTENCY_HEADER,
@@ -627,8 +628,8 @@ class IdempotencyMiddleware:
         keeper = self._keeper
         try:
             await keeper.run(lease, self._app, scope, receive_body, recorder)
-        except BaseException:
-            await keeper.release(lease)
+        except BaseException as exc:
+            await keeper.release(lease, cancelled=is_cancellation(type(exc)))
             raise
         record = recorder.record()
         if record is None:

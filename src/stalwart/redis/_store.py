@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import Final, cast, final
+from typing import ClassVar, Final, cast, final
 
 from redis.asyncio import RedisCluster
 
@@ -184,6 +184,10 @@ class RedisStore(_Idempotency, _Circuits, _RateLimits, _Budgets, _Bulkheads):
             its permit, and its success does not count.
         name: the store's name, reported as ``policy`` by `StoreUnavailable`.
     """
+
+    #: ``complete`` and ``release`` of an idempotency record, cancelled, finish
+    #: in the background (see `IdempotencyStore`): callers need not shield them.
+    settles_in_background: ClassVar[bool] = True
 
     __slots__ = ("_codec", "_on_unavailable", "_trial_lease")
 
