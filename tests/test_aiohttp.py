@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
@@ -74,11 +75,20 @@ class Upstream:
         if len(seen) <= int(query.get("fail", "0")):
             if "dribble" in query:  # the start of a body, and the rest that late
                 dribbled = web.StreamResponse(status=503)
+                dribbled.content_length = len(b"busy busy")  # stated: the client reads it
                 await dribbled.prepare(request)
                 await dribbled.write(b"busy ")
                 await asyncio.sleep(float(query["dribble"]))
                 await dribbled.write(b"busy")
                 return dribbled
+            if "endless" in query:  # a 503 whose body never ends (no stated length)
+                endless = web.StreamResponse(status=503)
+                await endless.prepare(request)
+                while True:
+                    await endless.write(b"busy " * 1000)
+                    await asyncio.sleep(0.01)
+            if "big" in query:  # a 503 with a stated length over what the client keeps
+                return web.Response(status=503, body=b"b" * int(query["big"]))
             headers = {"Retry-After": query["retry_after"]} if "retry_after" in query else {}
             return web.Response(
                 status=int(query.get("status", "503")), text="busy " * 100, headers=headers
@@ -414,6 +424,40 @@ async def test_no_connection_is_leaked(server: Server) -> None:
             status = await asyncio.wait_for(fetch_status(http, server.key()), 5)
             assert status == 200
         assert len(connector._acquired) == 0
+
+
+async def test_a_503_whose_body_never_ends_is_not_read_and_its_connection_not_kept(
+    server: Server,
+) -> None:
+    connector = aiohttp.TCPConnector(limit=1)  # the retry needs the one connection
+    middleware = ResilientMiddleware(sw.Retry(attempts=2, backoff=NO_WAIT))
+    key = server.key()
+    async with aiohttp.ClientSession(
+        base_url=server.url, connector=connector, middlewares=[middleware]
+    ) as http:
+        with anyio.fail_after(5):
+            async with http.get("/flaky", params={"key": key, "fail": 1, "endless": 1}) as r:
+                assert r.status == 200
+        assert len(connector._acquired) == 0
+    assert len(server.hits(key)) == 2
+
+
+async def test_a_503_over_a_mebibyte_is_read_by_the_caller_only_if_it_is_the_last(
+    server: Server,
+) -> None:
+    size = 3 * 1024 * 1024
+    connector = aiohttp.TCPConnector(limit=1)
+    middleware = ResilientMiddleware(sw.Retry(attempts=3, backoff=NO_WAIT))
+    key = server.key()
+    async with aiohttp.ClientSession(
+        base_url=server.url, connector=connector, middlewares=[middleware]
+    ) as http:
+        with anyio.fail_after(10):
+            async with http.get("/flaky", params={"key": key, "fail": 9, "big": size}) as r:
+                assert r.status == 503
+                assert len(await r.read()) == size  # whole, as without the middleware
+        assert len(connector._acquired) == 0
+    assert len(server.hits(key)) == 3
 
 
 async def test_the_servers_span_joins_the_callers_trace(

@@ -109,9 +109,12 @@ class RetryableStatusError(aiohttp.ClientResponseError):
     ``request_info``, and ``Retry(on=aiohttp.ClientError)`` matches it.
 
     Attributes:
-        response: the response, its body read into memory (``await
-            response.text()`` and ``.json()`` work; its connection is
-            already back in the pool).
+        response: the response. Its body is read into memory when it states
+            a length of at most 1 MiB (``await response.text()`` and
+            ``.json()`` work; its connection is back in the pool); a longer
+            one, or one of no stated length, is left unread: the caller
+            reads it whole if it gets this response, else its connection is
+            closed when the next attempt starts.
         retry_after: the server's ``Retry-After`` in seconds, or None.
     """
 
@@ -169,6 +172,9 @@ class ClientBulkheadFull(aiohttp.ClientConnectionError, BulkheadFullError):
 class ClientRateLimited(aiohttp.ClientConnectionError, RateLimitExceeded):
     """`~stalwart.RateLimitExceeded` from the policy, as an ``aiohttp.ClientConnectionError``."""
 
+
+_MAX_KEPT_BODY: Final = 1_048_576
+"""Bytes of a retryable response's body read into memory, at most (its stated length)."""
 
 _CLIENT_ERROR_FOR: Final[dict[type[StalwartError], type[aiohttp.ClientError]]] = by_kind(
     ClientDeadlineExceeded, ClientCircuitOpen, ClientBulkheadFull, ClientRateLimited
@@ -374,14 +380,23 @@ class ResilientMiddleware:
         trace = _propagation.outgoing()
         if trace and _propagation.TRACEPARENT not in request.headers:
             request.headers.update(trace)
+        # A new attempt: no earlier response is handed back to the caller now,
+        # so give back their connections (closing those whose body is unread).
+        for earlier in received:
+            earlier.release()
         try:
             response = await handler(request)
             received.append(response)
             if self._rules.retryable(response.status, request.headers):
-                # Read whole, so that predicates and the caller can read it: its
-                # end gives the connection back to the pool. (Not release(): a
-                # released response's read() fails, and the caller may get it.)
-                await response.read()
+                length = response.content_length
+                if length is not None and length <= _MAX_KEPT_BODY:
+                    # Read whole, so that the caller can read it: its end gives
+                    # the connection back to the pool. (Not release(): a
+                    # released response's read() fails, and the caller may
+                    # get it.) Longer, or of no stated length (an endless
+                    # one hung the request): left unread, for the caller if
+                    # it is the last, else closed when the next attempt starts.
+                    await response.read()
                 retry_after = response_retry_after(response.headers)
                 raise RetryableStatusError(response, retry_after=retry_after)
         except TimeoutError as error:
