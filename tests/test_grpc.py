@@ -597,6 +597,55 @@ async def test_a_stream_whose_retries_run_out_fails_with_its_status(server: Serv
     assert len(server.hits(key)) == 2
 
 
+async def test_a_retried_streams_attempt_is_sent_with_what_is_left_of_the_deadline(
+    server: Server,
+) -> None:
+    key = server.key()
+    wait = sw.Backoff(initial=0.5, maximum=0.5, jitter="none")
+    async with channel(server, ClientInterceptor(sw.Retry(attempts=2, backoff=wait))) as ch:
+        with sw.deadline(3.0):
+            assert [m async for m in stream(ch)(ask(key, fail=1))] == [b"2:0", b"2:1", b"2:2"]
+    first, second = server.hits(key)
+    assert first.time_remaining is not None
+    assert second.time_remaining is not None
+    waited = second.at - first.at
+    assert waited >= 0.5
+    # Not the 3 s the first attempt had: what was left of them when it was sent.
+    assert second.time_remaining <= 3.0 - waited + SKEW
+
+
+async def test_a_stream_whose_deadline_passes_before_its_first_message_raises_it() -> None:
+    # As for a unary call: when grpc's timer ends the stream at the caller's
+    # deadline (a hair before stalwart's), the caller's deadline reports it.
+    late = aio.AioRpcError(
+        grpc.StatusCode.DEADLINE_EXCEEDED, aio.Metadata(), aio.Metadata(), "Deadline Exceeded"
+    )
+
+    class TimedOutStream:
+        ended = False
+
+        async def read(self) -> Any:
+            if not self.ended:  # then a done call: its status at once
+                self.ended = True
+                await asyncio.sleep(0.28)  # grpc's timer, for a timeout of 0.3 s
+            raise late
+
+        def cancel(self) -> None:
+            return None
+
+        def done(self) -> bool:
+            return True
+
+    async def continuation(details: Any, request: Any) -> Any:
+        return TimedOutStream()
+
+    interceptor = ClientInterceptor(sw.Retry(attempts=1))
+    details = call_details("/test.Flaky/Stream")
+    with pytest.raises(sw.DeadlineExceeded), sw.deadline(0.3):
+        messages = await interceptor.streaming.intercept_unary_stream(continuation, details, b"")
+        [m async for m in messages]
+
+
 # -- stalwart's errors both ways -------------------------------------------------------
 
 

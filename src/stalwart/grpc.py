@@ -42,6 +42,7 @@ import inspect
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextvars import ContextVar
 from typing import Any, Final, final
 
 try:
@@ -52,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "stalwart.grpc needs grpcio: install it with `pip install 'stalwart[grpc]'`"
     ) from exc
 
-from . import _propagation, _validate
+from . import _clock, _propagation, _validate
 from ._deadline import deadline, remaining
 from ._errors import (
     BulkheadFullError,
@@ -127,6 +128,10 @@ them after the pushback the server sent.
 _PUSHBACK: Final = re.compile(r"\d{1,10}")
 # How long to let stalwart's own deadline catch up with grpc's timer (below).
 _DEADLINE_GRACE: Final = 0.05
+
+# The deadline of the caller of a server-streaming call, on the loop's clock
+# (None: none), for its attempts, which run inside the policy's own deadlines.
+_STREAM_END: Final[ContextVar[float | None]] = ContextVar("stalwart_grpc_stream_end", default=None)
 
 # A stream whose first message is still to be read (or whose status is the answer).
 _UNREAD: Final = object()
@@ -564,14 +569,16 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
     ) -> Any:
         # The stream's timeout is the caller's deadline, read here, outside the
         # policy: a Timeout in the policy bounds an attempt, which ends with
-        # the first message, not the stream the caller reads after it.
+        # the first message, not the stream the caller reads after it. Kept
+        # as a moment, so that each attempt is sent with what is left of it.
         left = remaining()
-        if left is not None and (details.timeout is None or left < details.timeout):
-            details = details._replace(timeout=left)  # type: ignore[attr-defined]
+        token = _STREAM_END.set(None if left is None else _clock.now() + left)
         try:
             call, first = await self._through(_STREAM, continuation, details, request)
         except RetryableRpcError as failed:
             call, first = failed.call, _UNREAD
+        finally:
+            _STREAM_END.reset(token)
         # The caller meets a failed call's AioRpcError reading it. (Not the call
         # itself: once read() has been used, grpc forbids iterating it.)
         return _messages(call, first)
@@ -637,12 +644,12 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         self, continuation: _Continuation, details: aio.ClientCallDetails, request: Any
     ) -> tuple[Any, Any]:
         """One attempt of a server-streaming call, up to its first message."""
-        sent, ours = self._outgoing(details, bounded=False)
+        sent, ours = self._outgoing(details, stream=True)
         call = await continuation(sent, request)
         try:
             first = await call.read()
         except aio.AioRpcError as error:
-            await self._failed(call, error, ours)
+            await self._failed(call, error, ours, stream=True)
             return call, _UNREAD  # a status that is the answer: the caller meets it reading
         except asyncio.CancelledError:
             call.cancel()
@@ -650,17 +657,22 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
         return call, first
 
     def _outgoing(
-        self, details: aio.ClientCallDetails, *, bounded: bool = True
+        self, details: aio.ClientCallDetails, *, stream: bool = False
     ) -> tuple[aio.ClientCallDetails, bool]:
         """The call's details for one attempt; and whether its timeout is the ambient deadline.
 
-        ``bounded``: the attempt's timeout is the ambient deadline, when
-        nearer (a stream's is set before the policy: see `_intercept_stream`).
+        The attempt's timeout is the time left of the ambient deadline, when
+        nearer than the call's own; for a ``stream``, of the caller's
+        deadline as of the call (see `_intercept_stream`), not of a deadline
+        of the policy's, which bounds its first message only.
         """
         timeout = details.timeout
         ours = False
         left = time_left(self._name, "{!r} not called", details.method)
-        if bounded and left is not None and (timeout is None or left < timeout):
+        if stream:
+            end = _STREAM_END.get()
+            left = None if end is None else end - _clock.now()
+        if left is not None and (timeout is None or left < timeout):
             timeout, ours = left, True
         metadata = details.metadata
         trace = _propagation.outgoing()
@@ -672,7 +684,9 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
             return details, ours
         return details._replace(timeout=timeout, metadata=metadata), ours  # type: ignore[attr-defined]
 
-    async def _failed(self, call: Any, error: aio.AioRpcError, ours: bool) -> None:
+    async def _failed(
+        self, call: Any, error: aio.AioRpcError, ours: bool, *, stream: bool = False
+    ) -> None:
         """Raise what a failed attempt means to the policy; return if the status is the answer."""
         code = error.code()
         if code in self._codes and not _too_large(code, error):
@@ -680,7 +694,7 @@ class ClientInterceptor(aio.UnaryUnaryClientInterceptor):
             raise RetryableRpcError(
                 error, call=call, retry_after=None if pushback is None else parse_pushback(pushback)
             ) from None
-        if code is grpc.StatusCode.DEADLINE_EXCEEDED and ours and _passing():
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED and ours and _passing(stream):
             # grpc's timer and stalwart's deadline end the call at the same
             # instant; when grpc's ran first, stalwart's fires in a moment
             # and cancels this attempt, so the deadline that passed reports
@@ -715,9 +729,13 @@ def _too_large(code: grpc.StatusCode, error: aio.AioRpcError) -> bool:
     )
 
 
-def _passing() -> bool:
-    """Is the ambient deadline (the timeout an attempt was sent with) passing now?"""
-    left = remaining()
+def _passing(stream: bool = False) -> bool:
+    """Is the deadline an attempt was sent with (the ambient one; a stream's caller's) passing?"""
+    if stream:
+        end = _STREAM_END.get()
+        left = None if end is None else end - _clock.now()
+    else:
+        left = remaining()
     return left is not None and left <= _DEADLINE_GRACE
 
 
