@@ -640,12 +640,29 @@ async def test_a_websocket_runs_without_a_deadline(header: dict[str, str]) -> No
     finally:
         await runner.cleanup()
     assert seen == [None]
-    assert (
-        DeadlineMiddleware(default_timeout=0.2).timeout_for(
-            make_mocked_request("GET", "/", headers={"Upgrade": "WebSocket"})
-        )
-        is None
-    )
+    handshake = {
+        "Upgrade": "WebSocket",
+        "Connection": "keep-alive, Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    middleware = DeadlineMiddleware(default_timeout=0.2)
+    assert middleware.timeout_for(make_mocked_request("GET", "/", headers=handshake)) is None
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [
+        ("POST", {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "x"}),
+        ("GET", {"Upgrade": "websocket"}),  # no Connection: upgrade, no key
+        ("GET", {"Upgrade": "websocket", "Connection": "Upgrade"}),  # no key
+    ],
+)
+def test_a_request_that_only_claims_to_be_a_websocket_keeps_its_deadline(
+    method: str, headers: dict[str, str]
+) -> None:
+    middleware = DeadlineMiddleware(default_timeout=5.0, max_timeout=10.0)
+    request = make_mocked_request(method, "/charge", headers=headers)
+    assert middleware.timeout_for(request) == 5.0
 
 
 def test_the_server_middlewares_options_are_validated() -> None:

@@ -423,6 +423,22 @@ def _release(received: list[aiohttp.ClientResponse], kept: aiohttp.ClientRespons
 # -- the server side --------------------------------------------------------------------
 
 
+def _websocket_handshake(request: web.BaseRequest) -> bool:
+    """Is ``request`` a WebSocket handshake (RFC 6455, 4.1), not one that merely says so?
+
+    A header alone is the client's word: any request could claim ``Upgrade:
+    websocket`` to run without a deadline.
+    """
+    headers = request.headers
+    connection = (part.strip().lower() for part in headers.get("Connection", "").split(","))
+    return (
+        request.method == "GET"
+        and headers.get("Upgrade", "").strip().lower() == "websocket"
+        and "upgrade" in connection
+        and bool(headers.get("Sec-WebSocket-Key"))
+    )
+
+
 def _problem(
     status: int,
     title: str,
@@ -455,9 +471,11 @@ class DeadlineMiddleware:
     capped at ``max_timeout``; a request without a usable value gets
     ``default_timeout`` (None: no deadline). A malformed value is ignored as
     if absent: a caller's typo never turns into a 500. A WebSocket handshake
-    (``Upgrade: websocket``) gets no deadline: a deadline bounds a request,
+    (a ``GET`` with ``Connection: upgrade``, ``Upgrade: websocket`` and a
+    ``Sec-WebSocket-Key``) gets no deadline: a deadline bounds a request,
     not a connection that stays open as long as its peers want (as
-    `stalwart.asgi` leaves ``websocket`` scopes alone).
+    `stalwart.asgi` leaves ``websocket`` scopes alone). Any other request
+    keeps its deadline, whatever ``Upgrade`` header it carries.
 
     The handler then runs inside ``stalwart.deadline(limit)``:
     `stalwart.remaining` reports the time left, every stalwart policy
@@ -506,7 +524,7 @@ class DeadlineMiddleware:
 
     def timeout_for(self, request: web.BaseRequest) -> float | None:
         """The deadline, in seconds, that this request gets (None: none)."""
-        if request.headers.get("Upgrade", "").strip().lower() == "websocket":
+        if _websocket_handshake(request):
             return None  # a connection that lasts as long as its peers want
         value = None if self._header is None else request.headers.get(self._header)
         # A character beyond ASCII becomes "?", which makes the value malformed.
