@@ -506,6 +506,36 @@ async def test_failed_requests_to_the_store_are_counted_and_a_fault_logged_once(
     assert logged.exc_info is not None
 
 
+class LosesGiveBacks(SharedStore):
+    """A store that takes everything but the trial permits given back."""
+
+    async def release_trial(self, key: str, version: int, succeeded: bool) -> int:
+        self.requests += 1
+        raise ConnectionError("store down")
+
+
+@pytest.mark.parametrize("trial", ["succeeds", "is cancelled"])
+async def test_a_trial_permit_that_could_not_be_given_back_is_counted(trial: str) -> None:
+    registry = CollectorRegistry()
+    cb = sw.CircuitBreaker(
+        name="dep",
+        consecutive_failures=1,
+        open_for=1.0,
+        store=LosesGiveBacks(Server()),
+        telemetry=sw.Telemetry(registry=registry),
+    )
+    await attempt(cb(boom))
+    await anyio.sleep(1.0)
+    if trial == "succeeds":
+        assert await attempt(cb(ok)) == "ok"  # its permit is not given back...
+        assert cb.state is CLOSED  # ...and its success counts all the same
+    else:
+        with anyio.move_on_after(0.5):
+            await cb(ok)(5.0)
+        assert cb.statistics().trial_calls == 0
+    assert sample(registry, "stalwart_circuit_store_unavailable_total", policy="dep") == 1.0
+
+
 async def test_an_outage_the_store_reports_is_counted_not_logged_by_the_breaker(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -27,7 +27,6 @@ How it stays cheap:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -1006,8 +1005,11 @@ class CircuitBreaker(Policy):
             if store is not None:
                 # Often a cancelled trial: without a shield the permit would
                 # stay taken (fleet-wide) until the store let it lapse.
-                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                    await store.release_trial(self._name, version, False)
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await store.release_trial(self._name, version, False)
+                    except Exception as error:  # noqa: BLE001 - the trial's own outcome goes on
+                        self._store_failed(error)
             return
         if kind == _FAILURE or rules.is_slow(now - start):
             await self._transition(version, _OPEN)
@@ -1015,8 +1017,10 @@ class CircuitBreaker(Policy):
         self._successes += 1
         successes = self._successes  # what counts if the store is unreachable
         if store is not None:
-            with contextlib.suppress(Exception):
+            try:
                 successes = await store.release_trial(self._name, version, True)
+            except Exception as error:  # noqa: BLE001 - the call succeeded all the same
+                self._store_failed(error)
         if successes >= rules.half_open_calls:
             await self._transition(version, _CLOSED)
 

@@ -215,9 +215,13 @@ class _Circuits(_Follower):
         within = self._time_left()
         if within <= 0.0:
             raise self._unavailable(settlement.what, _DEADLINE_PASSED)
-        return int(
-            await self._eval(settlement.script, settlement.keys, settlement.args, within=within)
-        )
+        try:
+            reply = await self._eval(
+                settlement.script, settlement.keys, settlement.args, within=within
+            )
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(settlement.what, exc, within) from exc
+        return int(reply)
 
     def assign(self, key: str, state: CircuitState) -> None:
         """See `CircuitStore.assign`: written by the background task, in order.
