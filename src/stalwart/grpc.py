@@ -43,7 +43,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
-from typing import Any, Final, final
+from typing import Any, ClassVar, Final, final
 
 try:
     import grpc
@@ -739,14 +739,29 @@ def _passing(stream: bool = False) -> bool:
     return left is not None and left <= _DEADLINE_GRACE
 
 
-@final
-class StreamingInterceptor(aio.UnaryStreamClientInterceptor):
-    """The unary-stream half of a `ClientInterceptor`: see `ClientInterceptor.streaming`."""
+class _Half:
+    """What each half of a `ClientInterceptor` is: that interceptor, for another kind of call."""
 
     __slots__ = ("_interceptor",)
+    _named: ClassVar[str]  # the ClientInterceptor property that gives it
 
     def __init__(self, interceptor: ClientInterceptor) -> None:
-        self._interceptor = _half_of(interceptor)
+        if not isinstance(interceptor, ClientInterceptor):
+            raise TypeError(
+                f"interceptor must be a ClientInterceptor, not {type(interceptor).__name__}"
+            )
+        self._interceptor = interceptor
+
+    def __repr__(self) -> str:
+        return f"{self._interceptor!r}.{self._named}"
+
+
+@final
+class StreamingInterceptor(_Half, aio.UnaryStreamClientInterceptor):
+    """The unary-stream half of a `ClientInterceptor`: see `ClientInterceptor.streaming`."""
+
+    __slots__ = ()
+    _named = "streaming"
 
     async def intercept_unary_stream(
         self,
@@ -756,62 +771,37 @@ class StreamingInterceptor(aio.UnaryStreamClientInterceptor):
     ) -> Any:
         return await self._interceptor._intercept_stream(continuation, client_call_details, request)
 
-    def __repr__(self) -> str:
-        return f"{self._interceptor!r}.streaming"
-
 
 @final
-class ClientStreamingInterceptor(aio.StreamUnaryClientInterceptor):
+class ClientStreamingInterceptor(_Half, aio.StreamUnaryClientInterceptor):
     """The stream-unary half of a `ClientInterceptor`: see `ClientInterceptor.client_streaming`."""
 
-    __slots__ = ("_interceptor",)
-
-    def __init__(self, interceptor: ClientInterceptor) -> None:
-        self._interceptor = _half_of(interceptor)
+    __slots__ = ()
+    _named = "client_streaming"
 
     async def intercept_stream_unary(
-        self,
-        continuation: _Continuation,
-        client_call_details: aio.ClientCallDetails,
-        request_iterator: Any,
+        self, continuation: _Continuation, client_call_details: aio.ClientCallDetails, requests: Any
     ) -> Any:
-        return await self._interceptor._intercept_request_stream(
-            continuation, client_call_details, request_iterator
+        interceptor = self._interceptor
+        return await interceptor._intercept_request_stream(
+            continuation, client_call_details, requests
         )
-
-    def __repr__(self) -> str:
-        return f"{self._interceptor!r}.client_streaming"
 
 
 @final
-class BidiStreamingInterceptor(aio.StreamStreamClientInterceptor):
+class BidiStreamingInterceptor(_Half, aio.StreamStreamClientInterceptor):
     """The stream-stream half of a `ClientInterceptor`: see `ClientInterceptor.bidi_streaming`."""
 
-    __slots__ = ("_interceptor",)
-
-    def __init__(self, interceptor: ClientInterceptor) -> None:
-        self._interceptor = _half_of(interceptor)
+    __slots__ = ()
+    _named = "bidi_streaming"
 
     async def intercept_stream_stream(
-        self,
-        continuation: _Continuation,
-        client_call_details: aio.ClientCallDetails,
-        request_iterator: Any,
+        self, continuation: _Continuation, client_call_details: aio.ClientCallDetails, requests: Any
     ) -> Any:
-        return await self._interceptor._intercept_request_stream(
-            continuation, client_call_details, request_iterator
+        interceptor = self._interceptor
+        return await interceptor._intercept_request_stream(
+            continuation, client_call_details, requests
         )
-
-    def __repr__(self) -> str:
-        return f"{self._interceptor!r}.bidi_streaming"
-
-
-def _half_of(interceptor: ClientInterceptor) -> ClientInterceptor:
-    if not isinstance(interceptor, ClientInterceptor):
-        raise TypeError(
-            f"interceptor must be a ClientInterceptor, not {type(interceptor).__name__}"
-        )
-    return interceptor
 
 
 async def _messages(call: Any, first: Any) -> AsyncIterator[Any]:
