@@ -263,3 +263,24 @@ async def test_a_retry_gets_the_connection_an_oversized_response_held(server: Ru
         with anyio.fail_after(20):
             response = await http.get("/huge", params={"key": key})
     assert (response.status_code, response.text) == (200, "fine")
+
+
+@PART_READ
+@pytest.mark.anyio
+async def test_a_hedge_gets_the_connection_an_oversized_response_held(server: Running) -> None:
+    # A failed attempt starts the hedge at once; the hedge needs the one
+    # connection the failed attempt's unread 503 holds.
+    key = server.upstream.key()
+    one = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1))
+    hedged = sw.Hedge(hedges=1, delay=30.0, name="huge hedge, one connection")
+    async with httpx.AsyncClient(
+        transport=ResilientTransport(
+            sw.Retry(attempts=2, backoff=NO_WAIT), transport=one, hedge=hedged
+        ),
+        base_url=server.url,
+        timeout=httpx.Timeout(10.0, pool=2.0),
+    ) as http:
+        with anyio.fail_after(20):
+            response = await http.get("/huge", params={"key": key, "fail": "2"})
+    assert (response.status_code, response.text) == (200, "fine")
+    assert server.upstream.hits[key] == 3

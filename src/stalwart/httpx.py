@@ -115,8 +115,8 @@ _MAX_KEPT_BODY: Final = 1_048_576
 """Bytes of a retryable response's body read into memory, at most.
 
 A longer body is left unread, its connection open, until the request's next
-attempt starts (with a hedge: until the request ends): its response is closed
-then, unless it is the one the caller gets back."""
+attempt starts (a hedge's too): its response is closed then, or when the
+request ends, unless it is the one the caller gets back."""
 
 # The oversized retryable responses of the request being sent (None outside
 # `handle_async_request`): a list shared with the tasks its policy starts.
@@ -674,13 +674,16 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
         """One round trip: what the policy calls, retries and times."""
         left = time_left(self._name, "{} {} not sent", request.method, request.url)
-        if self._hedge is None:
-            earlier = _unread.get()
-            if earlier:
-                # Superseded by this attempt: their connections go now, not when
-                # the request ends, or a pool of few connections would starve it.
-                await _close_unread(earlier, None)
-                earlier.clear()
+        earlier = _unread.get()
+        if earlier:
+            # Superseded by this attempt: their connections go now, not when
+            # the request ends, or a pool of few connections would starve it.
+            # (Hedged too: an attempt that failed before this one started can
+            # no longer be the last failure.) Taken before awaiting: a hedge
+            # running beside this attempt may add its own meanwhile.
+            superseded = earlier[:]
+            earlier.clear()
+            await _close_unread(superseded, None)
         trace = _propagation.outgoing()
         if trace and _propagation.TRACEPARENT in request.headers:
             trace = {}  # the caller's own (an instrumentation's, say) stands
