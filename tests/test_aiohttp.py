@@ -166,6 +166,14 @@ def session(
     return aiohttp.ClientSession(base_url=server.url, middlewares=[middleware])
 
 
+def one_connection(server: Server, *, attempts: int) -> aiohttp.ClientSession:
+    """A session with one connection at most: what holds it blocks the next request."""
+    middleware = ResilientMiddleware(sw.Retry(attempts=attempts, backoff=NO_WAIT))
+    return aiohttp.ClientSession(
+        base_url=server.url, connector=aiohttp.TCPConnector(limit=1), middlewares=[middleware]
+    )
+
+
 # -- the client middleware --------------------------------------------------------------
 
 
@@ -415,30 +423,22 @@ async def fetch_status(http: aiohttp.ClientSession, key: str) -> int:
 
 
 async def test_no_connection_is_leaked(server: Server) -> None:
-    connector = aiohttp.TCPConnector(limit=1)
-    middleware = ResilientMiddleware(sw.Retry(attempts=3, backoff=NO_WAIT))
-    async with aiohttp.ClientSession(
-        base_url=server.url, connector=connector, middlewares=[middleware]
-    ) as http:
+    async with one_connection(server, attempts=3) as http:
         for _ in range(3):  # one connection for all: a leaked one would block the next
             status = await asyncio.wait_for(fetch_status(http, server.key()), 5)
             assert status == 200
-        assert len(connector._acquired) == 0
+        assert len(http.connector._acquired) == 0  # type: ignore[union-attr]
 
 
 async def test_a_503_whose_body_never_ends_is_not_read_and_its_connection_not_kept(
     server: Server,
 ) -> None:
-    connector = aiohttp.TCPConnector(limit=1)  # the retry needs the one connection
-    middleware = ResilientMiddleware(sw.Retry(attempts=2, backoff=NO_WAIT))
     key = server.key()
-    async with aiohttp.ClientSession(
-        base_url=server.url, connector=connector, middlewares=[middleware]
-    ) as http:
+    async with one_connection(server, attempts=2) as http:  # the retry needs that one
         with anyio.fail_after(5):
             async with http.get("/flaky", params={"key": key, "fail": 1, "endless": 1}) as r:
                 assert r.status == 200
-        assert len(connector._acquired) == 0
+        assert len(http.connector._acquired) == 0  # type: ignore[union-attr]
     assert len(server.hits(key)) == 2
 
 
@@ -446,17 +446,13 @@ async def test_a_503_over_a_mebibyte_is_read_by_the_caller_only_if_it_is_the_las
     server: Server,
 ) -> None:
     size = 3 * 1024 * 1024
-    connector = aiohttp.TCPConnector(limit=1)
-    middleware = ResilientMiddleware(sw.Retry(attempts=3, backoff=NO_WAIT))
     key = server.key()
-    async with aiohttp.ClientSession(
-        base_url=server.url, connector=connector, middlewares=[middleware]
-    ) as http:
+    async with one_connection(server, attempts=3) as http:
         with anyio.fail_after(10):
             async with http.get("/flaky", params={"key": key, "fail": 9, "big": size}) as r:
                 assert r.status == 503
                 assert len(await r.read()) == size  # whole, as without the middleware
-        assert len(connector._acquired) == 0
+        assert len(http.connector._acquired) == 0  # type: ignore[union-attr]
     assert len(server.hits(key)) == 3
 
 

@@ -141,17 +141,12 @@ async def _close(response: httpx.Response) -> None:
 _CLOSE_TIMEOUT: Final = 5.0
 
 
-async def _closed(response: httpx.Response) -> None:
-    """Close ``response``, also when the task is being cancelled."""
-    with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
-        await response.aclose()
-
-
 async def _close_unread(responses: list[httpx.Response], kept: httpx.Response | None) -> None:
-    """Close the oversized retryable responses a request discarded (all but ``kept``).
+    """Close the retryable responses a request discarded (all but ``kept``), also when cancelled.
 
-    Each still holds its connection, with the rest of its body unread: closing
-    it closes the connection (reading the rest could take long, or forever).
+    An oversized one still holds its connection, with the rest of its body
+    unread: closing it closes the connection (reading the rest could take
+    long, or forever).
     """
     with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
         for response in responses:
@@ -747,9 +742,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 if size > _MAX_KEPT_BODY:
                     return self._oversized(request, response, _Unread(head, chunks, response))
         except BaseException:
-            await _closed(response)
+            await _close_unread([response], None)
             raise
-        await _closed(response)
+        await _close_unread([response], None)
         body = b"".join(head)
         kept = _in_memory(response, body, request)
         try:
@@ -772,8 +767,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         """The error of a retryable response whose body is too long to keep in memory.
 
         Its response is left unread (``body`` is its stream, with any chunks
-        already read put back in front): the request closes it when it ends
-        (`_close_unread`), unless it is the response the caller gets.
+        already read put back in front): it is closed (`_close_unread`) when
+        the request's next attempt starts or the request ends, unless it is
+        the response the caller gets.
         """
         unread = httpx.Response(
             response.status_code,
